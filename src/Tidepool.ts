@@ -1,0 +1,19 @@
+import { Layer } from "effect"
+import { SecretCache } from "./auth/index.ts"
+import type { Tenant } from "./config/index.ts"
+import { Listeners } from "./listener/index.ts"
+import { PoolRegistry } from "./pool/index.ts"
+import { SessionRegistry } from "./session/index.ts"
+import { TenantRegistry } from "./tenants/index.ts"
+
+/**
+ * The whole data plane as one layer: listeners over sessions over pools. Needs AppConfig. Building it
+ * binds the ports; releasing it is the graceful shutdown (drain, then close every pool).
+ */
+export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
+  Listeners.Default.pipe(
+    Layer.provideMerge(PoolRegistry.Default),
+    Layer.provideMerge(
+      Layer.mergeAll(SessionRegistry.Default, SecretCache.Default, TenantRegistry.fromTenants(tenants))
+    )
+  )

@@ -1,0 +1,2 @@
+export { type AuthChannel, authenticateScram } from "./ClientAuth.ts"
+export { SecretCache } from "./SecretCache.ts"

@@ -1,0 +1,55 @@
+import { Console, Effect, Layer } from "effect"
+import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
+import { Listeners } from "../listener/index.ts"
+import { tidepoolLayer } from "../Tidepool.ts"
+import { loggerLayer } from "../telemetry/index.ts"
+
+/** AppConfig (defaults < config file `server:` < environment) plus the logger it configures. */
+export const runtimeLayer = (file: ConfigFileContents | undefined) =>
+  Layer.unwrapEffect(
+    Effect.map(AppConfig.pipe(Effect.provide(AppConfig.layerFromFile(file))), (config) =>
+      Layer.merge(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel))
+    )
+  )
+
+/**
+ * The first SIGTERM/SIGINT starts the graceful shutdown (Effect's runMain interrupts the main fiber);
+ * a second one means "now".
+ */
+export const installSignals = (): void => {
+  let signals = 0
+  const onSignal = () => {
+    if (++signals > 1) process.exit(1)
+  }
+  process.on("SIGTERM", onSignal)
+  process.on("SIGINT", onSignal)
+}
+
+/** `tidepool serve`: the production command. */
+export const serve = (configFile: string | undefined) =>
+  Effect.gen(function* () {
+    const file = configFile === undefined ? undefined : yield* loadConfigFile(configFile)
+    return yield* Effect.gen(function* () {
+      const listeners = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
+      const { sessionPort } = yield* Effect.provide(Listeners, listeners)
+      const config = yield* AppConfig
+      yield* Effect.logInfo(
+        `tidepool listening on ${config.listenAddr}: session mode port ${sessionPort}; ${file?.tenants.length ?? 0} tenant(s)`
+      )
+      installSignals()
+      return yield* Effect.never
+    }).pipe(Effect.scoped, Effect.provide(runtimeLayer(file)))
+  }).pipe(
+    Effect.catchTags({
+      ConfigError: (e) =>
+        Effect.zipRight(
+          Console.error(e.message),
+          Effect.sync(() => process.exit(1))
+        ),
+      ListenError: (e) =>
+        Effect.zipRight(
+          Console.error(`tidepool: ${e.message}`),
+          Effect.sync(() => process.exit(1))
+        )
+    })
+  )

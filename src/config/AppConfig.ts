@@ -1,0 +1,411 @@
+import { isIP } from "node:net"
+import { Config, ConfigProvider, Context, Effect, Either, Layer, Option } from "effect"
+import * as EffectConfigError from "effect/ConfigError"
+import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
+
+export type LogLevel = "trace" | "debug" | "info" | "warning" | "error" | "none"
+export type LogFormat = "json" | "pretty"
+
+export interface AppConfigShape {
+  readonly listenAddr: string
+  readonly transactionPort: number
+  readonly sessionPort: number
+  readonly apiPort: number
+  readonly dataDir: string
+  readonly logLevel: LogLevel
+  readonly logFormat: LogFormat
+  /** The whole startup + authentication exchange; exceeding it is EAUTHTIMEOUT. */
+  readonly handshakeTimeoutMs: number
+  readonly authFailureDelayMs: number
+  readonly upstreamConnectTimeoutMs: number
+  /** How long SIGTERM waits for clients to drain before closing them. */
+  readonly shutdownTimeoutMs: number
+  /** Largest client message accepted, in bytes. */
+  readonly maxMessageSize: number
+  /** 0 disables the idle reap. */
+  readonly serverIdleTimeoutMs: number
+  /** 0 disables the lifetime limit. */
+  readonly serverLifetimeMs: number
+  /** Grace period an empty pool keeps its servers before shutting down. */
+  readonly poolShutdownAfterMs: number
+  readonly configFile: Option.Option<string>
+}
+
+/** The settings that come from the environment or the config file's `server:` section. */
+export type SettingField = Exclude<keyof AppConfigShape, "configFile">
+
+export interface SettingSpec<A> {
+  readonly env: string
+  /** Key in the config file's `server:` section. */
+  readonly fileKey: string
+  readonly type: string
+  readonly description: string
+  readonly default: () => A
+  readonly parse: (raw: string) => Either.Either<A, string>
+}
+
+// Node's timers overflow above 2^31-1 ms and then fire at once, so a large
+// timeout would silently become no timeout at all.
+export const maxTimerMs = 2_147_483_647
+
+const integer =
+  (min: number, max: number, what: string) =>
+  (raw: string): Either.Either<number, string> => {
+    const text = raw.trim()
+    const n = /^-?\d+$/.test(text) ? Number(text) : Number.NaN
+    return Number.isSafeInteger(n) && n >= min && n <= max
+      ? Either.right(n)
+      : Either.left(`expected ${what} between ${min} and ${max}, got ${JSON.stringify(raw)}`)
+  }
+
+const port = integer(0, 65535, "a port number")
+const millis = (min: number) => integer(min, maxTimerMs, "a duration in milliseconds")
+
+const oneOf =
+  <A extends string>(values: ReadonlyArray<A>) =>
+  (raw: string): Either.Either<A, string> => {
+    const text = raw.trim().toLowerCase()
+    const found = values.find((v) => v === text)
+    return found === undefined
+      ? Either.left(`expected one of ${values.join(", ")}, got ${JSON.stringify(raw)}`)
+      : Either.right(found)
+  }
+
+const nonEmpty = (raw: string): Either.Either<string, string> =>
+  raw.trim() === "" ? Either.left("must not be empty") : Either.right(raw.trim())
+
+const hostname = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
+
+const listenAddress = (raw: string): Either.Either<string, string> => {
+  const text = raw.trim()
+  return isIP(text) !== 0 || (text.length <= 253 && hostname.test(text))
+    ? Either.right(text)
+    : Either.left(`expected an IP address or host name, got ${JSON.stringify(raw)}`)
+}
+
+export const logLevels: ReadonlyArray<LogLevel> = ["trace", "debug", "info", "warning", "error", "none"]
+
+const defaultLogFormat = (): LogFormat => (process.stdout.isTTY === true ? "pretty" : "json")
+
+/**
+ * Every setting, in the order docs/configuration.md lists them. The environment
+ * variable names follow Supavisor where it has the setting, else `TIDEPOOL_*`.
+ */
+export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShape[K]> } = {
+  listenAddr: {
+    env: "TIDEPOOL_LISTEN_ADDR",
+    fileKey: "listen_addr",
+    type: "IP address or host name",
+    description: "Address the proxy ports and the HTTP API listen on",
+    default: () => "0.0.0.0",
+    parse: listenAddress
+  },
+  transactionPort: {
+    env: "PROXY_PORT_TRANSACTION",
+    fileKey: "proxy_port_transaction",
+    type: "port (0 = any free port)",
+    description: "Transaction-mode proxy port",
+    default: () => 6543,
+    parse: port
+  },
+  sessionPort: {
+    env: "PROXY_PORT_SESSION",
+    fileKey: "proxy_port_session",
+    type: "port (0 = any free port)",
+    description: "Session-mode proxy port",
+    default: () => 5432,
+    parse: port
+  },
+  apiPort: {
+    env: "PORT",
+    fileKey: "port",
+    type: "port (0 = any free port)",
+    description: "HTTP management API and /metrics port",
+    default: () => 4000,
+    parse: port
+  },
+  dataDir: {
+    env: "TIDEPOOL_DATA_DIR",
+    fileKey: "data_dir",
+    type: "path",
+    description: "Directory for Tidepool's own state (the embedded tenant store)",
+    default: () => "./.tidepool",
+    parse: nonEmpty
+  },
+  logLevel: {
+    env: "TIDEPOOL_LOG_LEVEL",
+    fileKey: "log_level",
+    type: logLevels.join(" | "),
+    description: "Least severe log level written",
+    default: () => "info",
+    parse: oneOf(logLevels)
+  },
+  logFormat: {
+    env: "TIDEPOOL_LOG_FORMAT",
+    fileKey: "log_format",
+    type: "json | pretty",
+    description: "Log line format; defaults to pretty when stdout is a terminal, else json",
+    default: defaultLogFormat,
+    parse: oneOf<LogFormat>(["json", "pretty"])
+  },
+  handshakeTimeoutMs: {
+    env: "TIDEPOOL_HANDSHAKE_TIMEOUT",
+    fileKey: "handshake_timeout",
+    type: "milliseconds",
+    description: "Time a client has for the whole startup and authentication exchange (EAUTHTIMEOUT)",
+    default: () => 15_000,
+    parse: millis(1)
+  },
+  authFailureDelayMs: {
+    env: "TIDEPOOL_AUTH_FAILURE_DELAY",
+    fileKey: "auth_failure_delay",
+    type: "milliseconds",
+    description: "Delay before answering a wrong password or unknown tenant/user",
+    default: () => 500,
+    parse: millis(0)
+  },
+  upstreamConnectTimeoutMs: {
+    env: "TIDEPOOL_UPSTREAM_CONNECT_TIMEOUT",
+    fileKey: "upstream_connect_timeout",
+    type: "milliseconds",
+    description: "Time allowed to connect and log in to an upstream PostgreSQL server",
+    default: () => 5_000,
+    parse: millis(1)
+  },
+  shutdownTimeoutMs: {
+    env: "TIDEPOOL_SHUTDOWN_TIMEOUT",
+    fileKey: "shutdown_timeout",
+    type: "milliseconds",
+    description: "On SIGTERM, how long to let clients drain before closing them",
+    default: () => 30_000,
+    parse: millis(0)
+  },
+  maxMessageSize: {
+    env: "TIDEPOOL_MAX_MESSAGE_SIZE",
+    fileKey: "max_message_size",
+    type: "bytes",
+    description: "Largest message a client may send (PostgreSQL's own limit is 1 GiB)",
+    default: () => 1_073_741_824,
+    parse: integer(1024, 1_073_741_824, "a size in bytes")
+  },
+  serverIdleTimeoutMs: {
+    env: "TIDEPOOL_SERVER_IDLE_TIMEOUT",
+    fileKey: "server_idle_timeout",
+    type: "milliseconds (0 = never)",
+    description: "Close an upstream connection idle in the pool this long",
+    default: () => 300_000,
+    parse: millis(0)
+  },
+  serverLifetimeMs: {
+    env: "TIDEPOOL_SERVER_LIFETIME",
+    fileKey: "server_lifetime",
+    type: "milliseconds (0 = never)",
+    description: "Close an upstream connection this old when it is next idle",
+    default: () => 3_600_000,
+    parse: millis(0)
+  },
+  poolShutdownAfterMs: {
+    env: "TIDEPOOL_POOL_SHUTDOWN_AFTER",
+    fileKey: "pool_shutdown_after",
+    type: "milliseconds",
+    description: "Keep a pool's servers this long after its last client leaves",
+    default: () => 120_000,
+    parse: millis(0)
+  }
+}
+
+export const settingFields = Object.keys(settings) as ReadonlyArray<SettingField>
+
+export const configFileEnv = "TIDEPOOL_CONFIG"
+
+/** Every environment variable AppConfig reads. */
+export const envNames: ReadonlyArray<string> = [...settingFields.map((f) => settings[f].env), configFileEnv]
+
+const settingConfig = <A>(spec: SettingSpec<A>): Config.Config<A> =>
+  // The raw value is read as a string and parsed above the provider: a
+  // provider-level parse failure would make `ConfigProvider.orElse` fall back
+  // to the file and silently ignore a malformed environment variable.
+  Config.suspend(() =>
+    Config.string(spec.env).pipe(
+      Config.mapOrFail((raw) => Either.mapLeft(spec.parse(raw), (reason) => EffectConfigError.InvalidData([], reason))),
+      Config.withDefault(spec.default()),
+      Config.withDescription(`${spec.description} (${spec.type})`)
+    )
+  )
+
+type Settings = Omit<AppConfigShape, "configFile">
+
+/** The settings alone, field by field, without cross-field checks. */
+export const settingsConfig: Config.Config<Settings> = Config.all({
+  listenAddr: settingConfig(settings.listenAddr),
+  transactionPort: settingConfig(settings.transactionPort),
+  sessionPort: settingConfig(settings.sessionPort),
+  apiPort: settingConfig(settings.apiPort),
+  dataDir: settingConfig(settings.dataDir),
+  logLevel: settingConfig(settings.logLevel),
+  logFormat: settingConfig(settings.logFormat),
+  handshakeTimeoutMs: settingConfig(settings.handshakeTimeoutMs),
+  authFailureDelayMs: settingConfig(settings.authFailureDelayMs),
+  upstreamConnectTimeoutMs: settingConfig(settings.upstreamConnectTimeoutMs),
+  shutdownTimeoutMs: settingConfig(settings.shutdownTimeoutMs),
+  maxMessageSize: settingConfig(settings.maxMessageSize),
+  serverIdleTimeoutMs: settingConfig(settings.serverIdleTimeoutMs),
+  serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
+  poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs)
+})
+
+const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
+
+// Two listeners on one port fail at bind time with EADDRINUSE, which names
+// neither setting; catching it here names both.
+const checkPorts = (s: Settings): Either.Either<Settings, EffectConfigError.ConfigError> => {
+  const errors: Array<EffectConfigError.ConfigError> = []
+  portFields.forEach((field, i) => {
+    const clash = portFields.slice(0, i).find((other) => s[other] !== 0 && s[other] === s[field])
+    if (clash !== undefined) {
+      errors.push(
+        EffectConfigError.InvalidData(
+          [settings[field].env],
+          `port ${s[field]} is also ${settings[clash].env} (server: ${settings[clash].fileKey}); the listener ports must differ`
+        )
+      )
+    }
+  })
+  return errors.length === 0 ? Either.right(s) : Either.left(errors.reduce(EffectConfigError.And))
+}
+
+export const configFileConfig: Config.Config<Option.Option<string>> = Config.option(Config.string(configFileEnv)).pipe(
+  // `TIDEPOOL_CONFIG=` in a compose file means "no file", not a file named "".
+  Config.map(Option.filter((path) => path.trim() !== "")),
+  Config.withDescription("Path of a YAML or JSON config file (`tidepool serve --config FILE` wins over it)")
+)
+
+export const appConfigConfig: Config.Config<AppConfigShape> = Config.all({
+  settings: settingsConfig.pipe(Config.mapOrFail(checkPorts)),
+  configFile: configFileConfig
+}).pipe(Config.map(({ configFile, settings }) => ({ ...settings, configFile })))
+
+/** Turns Effect's ConfigError tree into one problem per failing setting. */
+export const problemsFromConfigError = (
+  error: EffectConfigError.ConfigError,
+  pathOf: (path: ReadonlyArray<string>) => string = (path) => path.join(".")
+): Array<ConfigProblem> => {
+  const walk = (e: EffectConfigError.ConfigError): Array<ConfigProblem> => {
+    switch (e._op) {
+      case "And":
+        return [...walk(e.left), ...walk(e.right)]
+      case "Or":
+        // Env missing but file invalid (or the reverse): only the real failure matters.
+        if (EffectConfigError.isMissingDataOnly(e.left)) return walk(e.right)
+        if (EffectConfigError.isMissingDataOnly(e.right)) return walk(e.left)
+        return [...walk(e.left), ...walk(e.right)]
+      case "MissingData":
+        return [{ path: pathOf(e.path), reason: "is required" }]
+      case "InvalidData":
+      case "SourceUnavailable":
+      case "Unsupported":
+        return [{ path: pathOf(e.path), reason: e.message }]
+    }
+  }
+  const seen = new Set<string>()
+  return walk(error).filter((p) => {
+    const key = `${p.path}\u0000${p.reason}`
+    if (seen.has(key)) return false
+    seen.add(key)
+    return true
+  })
+}
+
+export type ServerValue = string | number | boolean
+
+/** A config file's `server:` section as written; values are checked by the same parsers as the environment. */
+export type ServerSection = { readonly [key: string]: ServerValue | undefined }
+
+const fieldByFileKey: ReadonlyMap<string, SettingField> = new Map(settingFields.map((f) => [settings[f].fileKey, f]))
+
+/** Keys a config file's `server:` section accepts: the environment names lower-cased, `tidepool_` dropped. */
+export const serverKeys: ReadonlyArray<string> = settingFields.map((f) => settings[f].fileKey)
+
+/** A `server:` section as a ConfigProvider keyed by environment name, to sit behind the environment. */
+export const fileConfigProvider = (server: ServerSection): ConfigProvider.ConfigProvider =>
+  ConfigProvider.fromMap(
+    new Map(
+      Object.entries(server).flatMap(([key, value]) => {
+        const field = fieldByFileKey.get(key)
+        return field === undefined || value === undefined ? [] : [[settings[field].env, String(value)] as const]
+      })
+    )
+  )
+
+/** The precedence rule: environment, then the file's `server:` section, then the built-in defaults. */
+export const configProviderFor = (
+  server: ServerSection,
+  env: ConfigProvider.ConfigProvider = ConfigProvider.fromEnv()
+): ConfigProvider.ConfigProvider => env.pipe(ConfigProvider.orElse(() => fileConfigProvider(server)))
+
+/** Loads AppConfig from the given provider, reporting problems by environment variable name. */
+export const loadAppConfig = (provider: ConfigProvider.ConfigProvider): Effect.Effect<AppConfigShape, ConfigError> =>
+  Effect.withConfigProvider(appConfigConfig, provider).pipe(
+    Effect.mapError((error) => new ConfigError({ problems: problemsFromConfigError(error) }))
+  )
+
+const defaults = (): AppConfigShape => ({
+  listenAddr: settings.listenAddr.default(),
+  transactionPort: settings.transactionPort.default(),
+  sessionPort: settings.sessionPort.default(),
+  apiPort: settings.apiPort.default(),
+  dataDir: settings.dataDir.default(),
+  logLevel: settings.logLevel.default(),
+  logFormat: settings.logFormat.default(),
+  handshakeTimeoutMs: settings.handshakeTimeoutMs.default(),
+  authFailureDelayMs: settings.authFailureDelayMs.default(),
+  upstreamConnectTimeoutMs: settings.upstreamConnectTimeoutMs.default(),
+  shutdownTimeoutMs: settings.shutdownTimeoutMs.default(),
+  maxMessageSize: settings.maxMessageSize.default(),
+  serverIdleTimeoutMs: settings.serverIdleTimeoutMs.default(),
+  serverLifetimeMs: settings.serverLifetimeMs.default(),
+  poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),
+  configFile: Option.none()
+})
+
+/**
+ * Process-wide settings. `AppConfig.layer` reads only the current
+ * ConfigProvider (the environment by default); `tidepool serve` uses
+ * `ConfigFile.layer`, which also applies the config file's `server:` section.
+ */
+export class AppConfig extends Context.Tag("tidepool/AppConfig")<AppConfig, AppConfigShape>() {
+  static readonly config = appConfigConfig
+
+  static readonly layer: Layer.Layer<AppConfig, ConfigError> = Layer.effect(
+    this,
+    Effect.configProviderWith(loadAppConfig)
+  )
+
+  /** Built-in defaults with `overrides` on top. Not validated: in-process callers (tests) are trusted. */
+  static readonly make = (overrides: Partial<AppConfigShape> = {}): AppConfigShape => ({
+    ...defaults(),
+    ...overrides
+  })
+
+  static readonly layerFrom = (overrides: Partial<AppConfigShape> = {}): Layer.Layer<AppConfig> =>
+    Layer.succeed(this, this.make(overrides))
+
+  /**
+   * What `tidepool serve` runs with: the environment (the current
+   * ConfigProvider) over the loaded config file's `server:` section over the
+   * defaults. Without a file this is `layer`.
+   */
+  static readonly layerFromFile = (
+    file: { readonly file: Option.Option<string>; readonly server: ServerSection } | undefined
+  ): Layer.Layer<AppConfig, ConfigError> =>
+    file === undefined
+      ? this.layer
+      : Layer.effect(
+          this,
+          Effect.configProviderWith((env) => loadAppConfig(configProviderFor(file.server, env))).pipe(
+            Effect.map((config) => (Option.isSome(file.file) ? { ...config, configFile: file.file } : config))
+          )
+        )
+
+  static readonly envNames = envNames
+}

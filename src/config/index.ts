@@ -1,0 +1,4 @@
+export * from "./AppConfig.ts"
+export * from "./ConfigError.ts"
+export * from "./ConfigFile.ts"
+export * from "./Tenant.ts"

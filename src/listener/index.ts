@@ -1,0 +1,1 @@
+export { boundPort, ListenError, Listeners, listen } from "./Listener.ts"

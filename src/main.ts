@@ -1,0 +1,59 @@
+#!/usr/bin/env node
+import { parseArgs } from "node:util"
+import { NodeRuntime } from "@effect/platform-node"
+import { Console, Effect } from "effect"
+import { configCheck } from "./cli/configCheck.ts"
+import { demo } from "./cli/demo.ts"
+import { serve } from "./cli/serve.ts"
+
+const VERSION = "0.1.0"
+
+const HELP = `tidepool ${VERSION} — multi-tenant PostgreSQL connection pooler
+
+Usage:
+  tidepool serve [--config FILE]   run the pooler (config file also from TIDEPOOL_CONFIG)
+  tidepool demo                    run the pooler with an embedded PostgreSQL as tenant "demo"
+  tidepool config check FILE       validate a config file and list every problem
+  tidepool --help | --version
+
+Ports: session mode PROXY_PORT_SESSION (5432), transaction mode PROXY_PORT_TRANSACTION (6543),
+HTTP API PORT (4000). Every setting: docs/configuration.md.
+`
+
+const usage = (message: string) =>
+  Effect.zipRight(
+    Console.error(`${message}\n\n${HELP}`),
+    Effect.sync(() => process.exit(2))
+  )
+
+const main = Effect.suspend(() => {
+  const { values, positionals } = parseArgs({
+    args: process.argv.slice(2),
+    allowPositionals: true,
+    strict: false,
+    options: {
+      config: { type: "string", short: "c" },
+      help: { type: "boolean", short: "h" },
+      version: { type: "boolean", short: "v" }
+    }
+  })
+  if (values.help) return Console.log(HELP)
+  if (values.version) return Console.log(VERSION)
+  const [command, ...rest] = positionals
+  const configFile = typeof values.config === "string" ? values.config : process.env.TIDEPOOL_CONFIG
+  switch (command) {
+    case "serve":
+      return serve(configFile)
+    case "demo":
+      return demo
+    case "config":
+      if (rest[0] === "check" && rest[1] !== undefined) return configCheck(rest[1])
+      return usage("usage: tidepool config check FILE")
+    case undefined:
+      return Console.log(HELP)
+    default:
+      return usage(`unknown command: ${command}`)
+  }
+})
+
+NodeRuntime.runMain(main, { disableErrorReporting: true })

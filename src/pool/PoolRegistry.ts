@@ -1,0 +1,72 @@
+import { Effect, Exit, Scope } from "effect"
+import { AppConfig } from "../config/index.ts"
+import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
+
+interface Entry {
+  readonly pool: TenantPool
+  readonly scope: Scope.CloseableScope
+  emptySince: number
+}
+
+/**
+ * Supervises every pool on this node: starts one on first use, reaps idle servers on one coarse
+ * timer, and shuts a pool down after it has had no clients for a grace period (keeping its warm
+ * servers meanwhile avoids cold-start storms when clients reconnect).
+ */
+export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolRegistry", {
+  scoped: Effect.gen(function* () {
+    const config = yield* AppConfig
+    const registryScope = yield* Effect.scope
+    const pools = new Map<string, Entry>()
+
+    const closeEntry = (key: string, entry: Entry) =>
+      Effect.suspend(() => {
+        if (pools.get(key) === entry) pools.delete(key)
+        return Scope.close(entry.scope, Exit.void)
+      })
+
+    const get = (settings: PoolSettings): Effect.Effect<TenantPool> =>
+      Effect.suspend(() => {
+        const existing = pools.get(settings.key)
+        if (existing !== undefined && !existing.pool.isClosed) return Effect.succeed(existing.pool)
+        return Effect.gen(function* () {
+          const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
+          const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
+          pools.set(settings.key, { pool, scope, emptySince: Date.now() })
+          yield* Effect.logDebug("pool started").pipe(
+            Effect.annotateLogs({ tenant: settings.tenant, user: settings.user, mode: settings.mode })
+          )
+          return pool
+        })
+      })
+
+    const sweep = Effect.suspend(() => {
+      const now = Date.now()
+      const stale: Array<[string, Entry]> = []
+      for (const [key, entry] of pools) {
+        entry.pool.reap(now)
+        const s = entry.pool.stats
+        if (s.clients > 0 || s.busy > 0) entry.emptySince = now
+        else if (now - entry.emptySince >= config.poolShutdownAfterMs) stale.push([key, entry])
+      }
+      return Effect.forEach(stale, ([key, entry]) => closeEntry(key, entry), { discard: true })
+    })
+
+    yield* sweep.pipe(
+      Effect.delay(Math.min(1000, config.serverIdleTimeoutMs)),
+      Effect.forever,
+      Effect.interruptible,
+      Effect.forkScoped
+    )
+
+    yield* Effect.addFinalizer(() =>
+      Effect.forEach([...pools], ([key, entry]) => closeEntry(key, entry), { discard: true })
+    )
+
+    return {
+      get,
+      /** Every live pool, for stats and admin views. */
+      all: (): ReadonlyArray<TenantPool> => [...pools.values()].map((e) => e.pool)
+    } as const
+  })
+}) {}

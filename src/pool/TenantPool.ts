@@ -1,0 +1,283 @@
+import { Effect, Exit, FiberSet, type Scope } from "effect"
+import { type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { connect, type ServerConnection, type ServerHandler, type UpstreamTarget } from "../upstream/index.ts"
+
+export type PoolMode = "transaction" | "session"
+
+export interface PoolSettings {
+  readonly key: string
+  readonly tenant: string
+  readonly user: string
+  readonly database: string
+  readonly mode: PoolMode
+  /** Exact cap on server connections, open or opening. */
+  readonly size: number
+  readonly maxClients: number
+  readonly checkoutTimeoutMs: number
+  readonly serverIdleTimeoutMs: number
+  readonly serverLifetimeMs: number
+  /** After a failed connect, new connects wait this long; waiting clients get the error at once. */
+  readonly connectBackoffMs: number
+  readonly target: UpstreamTarget
+}
+
+/** Called exactly once per checkout: with a server, or with the reason there is none. */
+export type CheckoutCallback = (error: TidepoolError | undefined, server: ServerConnection | undefined) => void
+
+export interface Waiter {
+  readonly callback: CheckoutCallback
+  readonly deadline: number
+  cancelled: boolean
+}
+
+/**
+ * The pool of one (tenant, user, mode, database). Checkout and release are plain synchronous
+ * callbacks (DESIGN §4): an idle server is lent at once, otherwise the caller joins a FIFO queue with
+ * a deadline. Connects run as fibers in the pool's scope, so closing the pool interrupts them.
+ */
+export class TenantPool {
+  private readonly idle: Array<ServerConnection> = []
+  private readonly waiters: Array<Waiter> = []
+  private readonly busy = new Set<ServerConnection>()
+  private opening = 0
+  private lastConnectError: TidepoolError | undefined = undefined
+  private lastConnectErrorAt = 0
+  private deadlineTimer: NodeJS.Timeout | undefined = undefined
+  private closed = false
+  /** Clients attached to this pool (session mode: each holds or awaits a server). */
+  clients = 0
+
+  constructor(
+    readonly settings: PoolSettings,
+    private readonly runFork: <A, E>(effect: Effect.Effect<A, E>) => void
+  ) {}
+
+  get total(): number {
+    return this.idle.length + this.busy.size + this.opening
+  }
+
+  get stats() {
+    return {
+      idle: this.idle.length,
+      busy: this.busy.size,
+      opening: this.opening,
+      waiting: this.waiters.length,
+      clients: this.clients
+    }
+  }
+
+  /** Lends a server: synchronously when one is idle, else when one frees up, opens, or the wait times out. */
+  checkout(callback: CheckoutCallback): Waiter | undefined {
+    if (this.closed) {
+      callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
+      return undefined
+    }
+    const server = this.takeIdle()
+    if (server !== undefined) {
+      callback(undefined, server)
+      return undefined
+    }
+    if (this.total >= this.settings.size && this.inBackoff() && this.busy.size + this.idle.length === 0) {
+      callback(this.lastConnectError, undefined)
+      return undefined
+    }
+    const waiter: Waiter = { callback, deadline: Date.now() + this.settings.checkoutTimeoutMs, cancelled: false }
+    this.waiters.push(waiter)
+    this.armDeadline()
+    this.grow()
+    return waiter
+  }
+
+  /** The client went away while waiting. */
+  cancel(waiter: Waiter): void {
+    waiter.cancelled = true
+    const i = this.waiters.indexOf(waiter)
+    if (i >= 0) this.waiters.splice(i, 1)
+  }
+
+  /** Returns a server that is idle and in a known state. Anything else must go through `discard`. */
+  release(server: ServerConnection): void {
+    this.busy.delete(server)
+    if (this.closed || !server.isIdle || this.expired(server, Date.now())) {
+      server.close("released")
+      this.afterShrink()
+      return
+    }
+    server.lastUsedAt = Date.now()
+    const waiter = this.nextWaiter()
+    if (waiter !== undefined) {
+      this.lend(server, waiter)
+      return
+    }
+    this.watchIdle(server)
+    this.idle.push(server)
+  }
+
+  /** Closes a server whose state is unknown (client vanished mid-transaction, protocol error). */
+  discard(server: ServerConnection, reason: string): void {
+    this.busy.delete(server)
+    server.destroy(reason)
+    this.afterShrink()
+  }
+
+  /** Closes idle servers past the idle timeout or lifetime. Called by the registry's coarse timer. */
+  reap(now: number): void {
+    for (let i = this.idle.length - 1; i >= 0; i--) {
+      const server = this.idle[i]!
+      if (this.expired(server, now) || now - server.lastUsedAt >= this.settings.serverIdleTimeoutMs) {
+        this.idle.splice(i, 1)
+        server.handler = undefined
+        server.close("idle timeout")
+      }
+    }
+  }
+
+  /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */
+  close(): void {
+    if (this.closed) return
+    this.closed = true
+    if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
+    for (const w of this.waiters.splice(0))
+      w.callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
+    for (const s of this.idle.splice(0)) {
+      s.handler = undefined
+      s.close("pool closed")
+    }
+  }
+
+  get isClosed(): boolean {
+    return this.closed
+  }
+
+  private expired(server: ServerConnection, now: number): boolean {
+    return this.settings.serverLifetimeMs > 0 && now - server.createdAt >= this.settings.serverLifetimeMs
+  }
+
+  private takeIdle(): ServerConnection | undefined {
+    // LIFO: the most recently used server has warm caches, and cold ones age out by the idle timeout.
+    for (;;) {
+      const server = this.idle.pop()
+      if (server === undefined) return undefined
+      if (server.closed) continue
+      server.handler = undefined
+      this.busy.add(server)
+      return server
+    }
+  }
+
+  private lend(server: ServerConnection, waiter: Waiter): void {
+    server.handler = undefined
+    this.busy.add(server)
+    waiter.callback(undefined, server)
+  }
+
+  private nextWaiter(): Waiter | undefined {
+    for (;;) {
+      const w = this.waiters.shift()
+      if (w === undefined || !w.cancelled) return w
+    }
+  }
+
+  private inBackoff(): boolean {
+    return this.lastConnectError !== undefined && Date.now() - this.lastConnectErrorAt < this.settings.connectBackoffMs
+  }
+
+  /** Opens servers for waiters, up to the exact cap, unless a recent connect failed. */
+  private grow(): void {
+    while (!this.closed && this.waiters.length > this.opening && this.total < this.settings.size) {
+      if (this.inBackoff()) return
+      this.opening++
+      this.runFork(
+        connect(this.settings.target).pipe(
+          Effect.exit,
+          Effect.tap((exit) =>
+            Effect.sync(() => {
+              this.opening--
+              if (Exit.isSuccess(exit)) this.onOpened(exit.value)
+              else this.onConnectFailed(exit)
+            })
+          )
+        )
+      )
+    }
+  }
+
+  private onOpened(server: ServerConnection): void {
+    this.lastConnectError = undefined
+    if (this.closed) {
+      server.close("pool closed")
+      return
+    }
+    this.busy.add(server)
+    this.release(server)
+  }
+
+  private onConnectFailed(exit: Exit.Exit<ServerConnection, TidepoolError>): void {
+    if (Exit.isSuccess(exit)) return
+    const failure = exit.cause._tag === "Fail" ? exit.cause.error : undefined
+    if (failure === undefined) return // interrupted: the pool is closing
+    this.lastConnectError = failure
+    this.lastConnectErrorAt = Date.now()
+    // Nobody can be served soon if no server is alive: tell every waiter now instead of at their deadline.
+    if (this.busy.size + this.idle.length === 0) {
+      for (const w of this.waiters.splice(0)) if (!w.cancelled) w.callback(failure, undefined)
+    } else {
+      const w = this.nextWaiter()
+      w?.callback(failure, undefined)
+    }
+  }
+
+  private afterShrink(): void {
+    if (this.waiters.length > 0) this.grow()
+  }
+
+  private armDeadline(): void {
+    if (this.deadlineTimer !== undefined) return
+    const head = this.waiters.find((w) => !w.cancelled)
+    if (head === undefined) return
+    this.deadlineTimer = setTimeout(this.onDeadline, Math.max(0, head.deadline - Date.now()))
+  }
+
+  private readonly onDeadline = (): void => {
+    this.deadlineTimer = undefined
+    const now = Date.now()
+    const mode = this.settings.mode === "session" ? "Session" : "Transaction"
+    while (this.waiters.length > 0 && this.waiters[0]!.deadline <= now) {
+      const w = this.waiters.shift()!
+      if (!w.cancelled) w.callback(tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode), undefined)
+    }
+    this.armDeadline()
+  }
+
+  /** While idle, a server speaks only if it is dying (admin shutdown, pg_terminate_backend). */
+  private watchIdle(server: ServerConnection): void {
+    const handler: ServerHandler = {
+      onData: () => {
+        this.removeIdle(server)
+        server.destroy("unexpected message while idle")
+        this.afterShrink()
+      },
+      onClose: () => {
+        this.removeIdle(server)
+        this.afterShrink()
+      }
+    }
+    server.handler = handler
+  }
+
+  private removeIdle(server: ServerConnection): void {
+    const i = this.idle.indexOf(server)
+    if (i >= 0) this.idle.splice(i, 1)
+  }
+}
+
+/** Builds a pool whose connect fibers live in the current scope. */
+export const makeTenantPool = (settings: PoolSettings): Effect.Effect<TenantPool, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const run = yield* FiberSet.makeRuntime<never, unknown, unknown>()
+    const pool = new TenantPool(settings, (effect) => {
+      run(effect as Effect.Effect<unknown, unknown, never>)
+    })
+    yield* Effect.addFinalizer(() => Effect.sync(() => pool.close()))
+    return pool
+  })

@@ -1,0 +1,295 @@
+import type * as net from "node:net"
+import { Effect, Exit } from "effect"
+import { authenticateScram, SecretCache } from "../auth/index.ts"
+import {
+  AppConfig,
+  allowListOf,
+  isAllowed,
+  type Tenant,
+  type User,
+  userMaxClients,
+  userPoolSize
+} from "../config/index.ts"
+import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
+import { type PoolMode, PoolRegistry, type TenantPool } from "../pool/index.ts"
+import {
+  authenticationOk,
+  backendKeyData,
+  negotiateProtocolVersion,
+  parameterStatus,
+  readyForQuery
+} from "../protocol/index.ts"
+import { TenantRegistry } from "../tenants/index.ts"
+import { cancel, type ServerConnection } from "../upstream/index.ts"
+import { ClientSocket } from "./ClientSocket.ts"
+import { type ClientIdentity, resolveIdentity } from "./identity.ts"
+import { SessionRegistry } from "./SessionRegistry.ts"
+import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
+
+/**
+ * Startup settings a client may carry to its server. Anything else a client sends (including `-c`
+ * settings in `options`) is not applied upstream: `-c work_mem=2047GB` must not reach a shared server.
+ */
+export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
+  "application_name",
+  "client_encoding",
+  "datestyle",
+  "intervalstyle",
+  "timezone",
+  "search_path",
+  "extra_float_digits",
+  "bytea_output",
+  "lc_monetary",
+  "lc_numeric",
+  "lc_time"
+])
+
+/** Fields every log line of this session carries. */
+interface LogContext {
+  tenant?: string
+  user?: string
+  mode: PoolMode
+  peer_ip: string
+}
+
+interface Authenticated {
+  readonly tenant: Tenant
+  readonly user: User
+  readonly identity: ClientIdentity
+  readonly database: string
+  readonly settings: ReadonlyMap<string, string>
+}
+
+const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
+
+/** The client's settings that differ from what the server reports, as one SET batch. */
+const settingsToApply = (server: ServerConnection, settings: ReadonlyMap<string, string>): string => {
+  const current = new Map<string, string>()
+  for (const [name, value] of server.parameters) current.set(name.toLowerCase(), value)
+  const statements: Array<string> = []
+  for (const [name, value] of settings) {
+    if (current.get(name) !== value) statements.push(`SET ${name} = ${quoteLiteral(value)}`)
+  }
+  return statements.join("; ")
+}
+
+const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
+  `${tenant}\u0000${user}\u0000${mode}\u0000${database}`
+
+/**
+ * One client connection, from its first byte to its close: handshake, tenant resolution, SCRAM,
+ * attach to a server, then the relay. Its scope owns the server it holds: whatever way the session
+ * ends, the server goes back reset or is closed, never leaked and never reused dirty.
+ */
+export const clientSession = (socket: net.Socket, mode: PoolMode) =>
+  Effect.gen(function* () {
+    const config = yield* AppConfig
+    const client = new ClientSocket(socket)
+    const log: LogContext = { mode, peer_ip: client.remoteAddress }
+
+    const body = Effect.gen(function* () {
+      const auth = yield* handshake(client, log).pipe(
+        Effect.timeoutFail({
+          duration: config.handshakeTimeoutMs,
+          onTimeout: () => tidepoolError("EAUTHTIMEOUT")
+        })
+      )
+      if (auth === undefined) return // a CancelRequest, handled
+      yield* attach(client, auth, mode)
+    })
+
+    yield* body.pipe(
+      Effect.catchAll((error) =>
+        Effect.zipRight(
+          Effect.sync(() => client.fail(error)),
+          error.code === "ECLIENTSOCKETCLOSED"
+            ? Effect.logDebug(error.message)
+            : Effect.logWarning(error.message).pipe(Effect.annotateLogs({ code: error.code }))
+        )
+      ),
+      Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
+      Effect.annotateLogs(log as unknown as Record<string, unknown>),
+      Effect.ensuring(Effect.sync(() => socket.destroySoon()))
+    )
+  }).pipe(Effect.scoped, Effect.withSpan("client.session", { root: true }))
+
+const handshake = (client: ClientSocket, log: LogContext) =>
+  Effect.gen(function* () {
+    const config = yield* AppConfig
+    const tenants = yield* TenantRegistry
+    const sessions = yield* SessionRegistry
+    const secrets = yield* SecretCache
+
+    let startup: Readonly<Record<string, string>> | undefined
+    while (startup === undefined) {
+      const packet = yield* client.readStartup
+      switch (packet._tag) {
+        case "SSLRequest":
+        case "GSSENCRequest":
+          client.write(Buffer.from("N"))
+          break
+        case "CancelRequest":
+          yield* sessions.cancel(packet.processId, packet.secretKey)
+          client.socket.destroy()
+          return undefined
+        case "StartupMessage":
+          if (packet.protocolMinor > 0 || packet.protocolOptions.length > 0) {
+            client.write(negotiateProtocolVersion(0, packet.protocolOptions))
+          }
+          startup = packet.parameters
+      }
+    }
+
+    const identity = resolveIdentity(startup)
+    if ("_tag" in identity) return yield* identity
+    log.user = identity.user
+    if (identity.tenant === undefined) return yield* tidepoolError("ENOIDENTIFIER")
+    log.tenant = identity.tenant
+    const notFound = Effect.zipRight(
+      Effect.sleep(config.authFailureDelayMs),
+      Effect.fail(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
+    )
+    const tenant = tenants.get(identity.tenant)
+    if (tenant === undefined) return yield* notFound
+    const users = tenant.users.filter((u) => (u.db_user_alias ?? u.db_user) === identity.user)
+    if (users.length > 1) return yield* tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant)
+    const user = users[0]
+    if (user === undefined) return yield* notFound
+    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip))
+      return yield* tidepoolError("EADDRNOTALLOWED", log.peer_ip)
+    if (tenant.enforce_ssl) return yield* tidepoolError("ESSLREQUIRED", identity.user)
+
+    if (user.db_password === undefined) {
+      return yield* Effect.zipRight(
+        Effect.sleep(config.authFailureDelayMs),
+        Effect.fail(tidepoolError("EWRONGPASSWORD", identity.user))
+      )
+    }
+    const secret = secrets.forPassword(tenant.external_id, user.db_user, user.db_password)
+    yield* authenticateScram(client, secret, identity.user, config.authFailureDelayMs).pipe(
+      Effect.withSpan("client.auth", {
+        attributes: { "tidepool.tenant": tenant.external_id, "db.user": identity.user, method: "scram-sha-256" }
+      })
+    )
+    client.write(authenticationOk())
+
+    const settings = new Map<string, string>()
+    for (const [name, value] of identity.settings) if (FORWARDED_PARAMETERS.has(name)) settings.set(name, value)
+    for (const [name, value] of Object.entries(startup)) {
+      const lower = name.toLowerCase()
+      if (FORWARDED_PARAMETERS.has(lower)) settings.set(lower, value)
+    }
+    return {
+      tenant,
+      user,
+      identity,
+      database: identity.database ?? tenant.db_database,
+      settings
+    } satisfies Authenticated
+  })
+
+/** Lends a server from the pool as an Effect; interruption withdraws the request. */
+const checkout = (pool: TenantPool) =>
+  Effect.async<ServerConnection, TidepoolError>((resume) => {
+    const waiter = pool.checkout((error, server) => {
+      resume(server !== undefined ? Effect.succeed(server) : Effect.fail(error!))
+    })
+    return Effect.sync(() => {
+      if (waiter !== undefined) pool.cancel(waiter)
+    })
+  })
+
+/** Puts a server back: reset when its state is known and clean enough to reset, closed otherwise. */
+const giveBack = (pool: TenantPool, server: ServerConnection) =>
+  Effect.gen(function* () {
+    if (server.closed || server.pending > 0) {
+      pool.discard(server, "client left mid-request")
+      return
+    }
+    const reset = Effect.gen(function* () {
+      if (server.txStatus !== 0x49) yield* server.simpleQuery("ROLLBACK")
+      yield* server.simpleQuery("DISCARD ALL")
+    })
+    const exit = yield* reset.pipe(Effect.timeout(5000), Effect.exit)
+    if (Exit.isSuccess(exit) && server.isIdle) pool.release(server)
+    else pool.discard(server, "reset failed")
+  })
+
+const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
+  Effect.gen(function* () {
+    const config = yield* AppConfig
+    const registry = yield* PoolRegistry
+    const sessions = yield* SessionRegistry
+    const { tenant, user, database } = auth
+    const size = userPoolSize(tenant, user)
+    const pool = yield* registry.get({
+      key: poolKey(tenant.external_id, user.db_user_alias ?? user.db_user, mode, database),
+      tenant: tenant.external_id,
+      user: user.db_user,
+      database,
+      mode,
+      size,
+      maxClients: userMaxClients(tenant, user),
+      checkoutTimeoutMs: user.pool_checkout_timeout,
+      serverIdleTimeoutMs: config.serverIdleTimeoutMs,
+      serverLifetimeMs: config.serverLifetimeMs,
+      connectBackoffMs: 2500,
+      target: {
+        host: tenant.db_host,
+        port: tenant.db_port,
+        database,
+        user: user.db_user,
+        password: user.db_password,
+        connectTimeoutMs: config.upstreamConnectTimeoutMs
+      }
+    })
+    if (mode === "session" && pool.clients >= size) return yield* tidepoolError("EMAXCONNSESSION", size)
+    if (pool.clients >= pool.settings.maxClients) return yield* tidepoolError("EMAXCONN", pool.settings.maxClients)
+    yield* Effect.acquireRelease(
+      Effect.sync(() => pool.clients++),
+      () => Effect.sync(() => pool.clients--)
+    )
+
+    const server = yield* Effect.acquireRelease(checkout(pool), (server) => giveBack(pool, server))
+    const sql = settingsToApply(server, auth.settings)
+    if (sql !== "") {
+      const applied = yield* server.simpleQuery(sql).pipe(Effect.either)
+      if (applied._tag === "Left") return yield* upstreamError({ ...applied.left, code: applied.left.sqlstate })
+    }
+
+    let relay: SessionRelay | undefined
+    let drainRequested = false
+    const key = yield* Effect.acquireRelease(
+      Effect.sync(() =>
+        sessions.register({
+          cancel: () => cancel(server.target, server.backendPid, server.backendSecret),
+          drain: () => {
+            drainRequested = true
+            relay?.drain()
+          }
+        })
+      ),
+      (key) => Effect.sync(() => sessions.unregister(key))
+    )
+
+    const greeting: Array<Buffer> = []
+    for (const [name, value] of server.parameters) greeting.push(parameterStatus(name, value))
+    greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
+    client.write(Buffer.concat(greeting))
+
+    const end = yield* Effect.async<RelayEnd>((resume) => {
+      relay = new SessionRelay(client.socket, server, config.maxMessageSize, (end) => resume(Effect.succeed(end)))
+      relay.start(client.detach())
+      if (drainRequested) relay.drain()
+    })
+    switch (end._tag) {
+      case "ClientError":
+        return yield* end.error
+      case "ServerClosed":
+        return yield* tidepoolError("ESERVERCLOSED", end.reason)
+      case "Drained":
+        return yield* tidepoolError("EADMINSHUTDOWN")
+      default:
+        return
+    }
+  })

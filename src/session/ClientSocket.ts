@@ -1,0 +1,123 @@
+import type * as net from "node:net"
+import { Effect } from "effect"
+import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { decodeStartupPacket, ProtocolError, type StartupPacket } from "../protocol/index.ts"
+
+/** Authentication messages are small; anything bigger is not a password or SASL exchange. */
+const MAX_AUTH_MESSAGE = 10_000
+
+/**
+ * A client socket during the control-plane phase (startup and authentication): reads are Effects
+ * that wait for bytes. When the relay takes over, `detach` hands back whatever was read ahead.
+ */
+export class ClientSocket {
+  private buffered: Buffer = Buffer.alloc(0)
+  private wake: (() => void) | undefined = undefined
+  closed = false
+
+  constructor(readonly socket: net.Socket) {
+    socket.on("data", this.onData)
+    socket.on("close", this.onClose)
+    socket.on("error", this.onError)
+  }
+
+  private readonly onData = (chunk: Buffer) => {
+    this.buffered = this.buffered.length === 0 ? chunk : Buffer.concat([this.buffered, chunk])
+    this.notify()
+  }
+  private readonly onClose = () => {
+    this.closed = true
+    this.notify()
+  }
+  private readonly onError = () => {
+    // 'close' follows; the session reports the loss once.
+  }
+  private notify(): void {
+    const wake = this.wake
+    this.wake = undefined
+    wake?.()
+  }
+
+  get remoteAddress(): string {
+    return normalizeAddress(this.socket.remoteAddress ?? "")
+  }
+
+  /** Waits until more bytes arrive; fails with ECLIENTSOCKETCLOSED when the client went away. */
+  private readonly more: Effect.Effect<void, TidepoolError> = Effect.async<void, TidepoolError>((resume) => {
+    if (this.closed) {
+      resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+      return
+    }
+    this.wake = () => resume(this.closed ? Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")) : Effect.void)
+    return Effect.sync(() => {
+      this.wake = undefined
+    })
+  })
+
+  readonly readStartup: Effect.Effect<StartupPacket, TidepoolError> = Effect.gen(this, function* () {
+    for (;;) {
+      const result = decodeStartupPacket(this.buffered)
+      if (result instanceof ProtocolError) {
+        return yield* result.reason === "StartupPacketTooLarge"
+          ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
+          : tidepoolError("ESTARTUPMESSAGE", result.message)
+      }
+      if (result !== undefined) {
+        this.buffered = this.buffered.subarray(result.consumed)
+        return result.packet
+      }
+      yield* this.more
+    }
+  })
+
+  /** Reads one typed message during authentication (PasswordMessage/SASL responses are all 'p'). */
+  readonly readMessage: Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError> = Effect.gen(
+    this,
+    function* () {
+      for (;;) {
+        if (this.buffered.length >= 5) {
+          const length = this.buffered.readInt32BE(1)
+          if (length < 4 || length > MAX_AUTH_MESSAGE) {
+            return yield* tidepoolError("EAUTHPROTOCOL", `invalid message length ${length}`)
+          }
+          if (this.buffered.length >= 1 + length) {
+            const type = this.buffered[0]!
+            const body = this.buffered.subarray(5, 1 + length)
+            this.buffered = this.buffered.subarray(1 + length)
+            return { type, body }
+          }
+        }
+        yield* this.more
+      }
+    }
+  )
+
+  write(data: Buffer): void {
+    if (!this.closed && this.socket.writable) this.socket.write(data)
+  }
+
+  /** Sends the error (unless it is log-only) and closes the connection. */
+  fail(error: TidepoolError): void {
+    if (!this.closed && this.socket.writable && error.severity !== "LOG") {
+      this.socket.end(renderErrorResponse(error))
+    } else {
+      this.socket.end()
+    }
+    this.socket.destroySoon()
+  }
+
+  /**
+   * Stops the control-plane reader and returns the bytes read ahead, which belong to the relay.
+   */
+  detach(): Buffer {
+    this.socket.off("data", this.onData)
+    this.socket.off("close", this.onClose)
+    const rest = this.buffered
+    this.buffered = Buffer.alloc(0)
+    return rest
+  }
+}
+
+/** `::ffff:1.2.3.4` → `1.2.3.4`, so allow lists and logs speak IPv4 for IPv4 clients. */
+export const normalizeAddress = (address: string): string =>
+  address.startsWith("::ffff:") && address.includes(".") ? address.slice(7) : address

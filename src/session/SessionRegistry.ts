@@ -1,0 +1,53 @@
+import { randomInt } from "node:crypto"
+import { Effect } from "effect"
+
+/** What the registry needs from a live client session. */
+export interface SessionHandle {
+  /** Cancels the query running on the client's server, if any. */
+  readonly cancel: () => Effect.Effect<void>
+  /** Shutdown: end the session now if it is between transactions, else at the next boundary. */
+  readonly drain: () => void
+}
+
+export interface SessionKey {
+  readonly processId: number
+  readonly secretKey: number
+}
+
+/**
+ * Live client sessions by the pooler-issued BackendKeyData. Clients never see a real backend's key:
+ * their CancelRequest is matched here and re-sent to whichever server they hold, so one client can
+ * never cancel another's query by guessing.
+ */
+export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool/SessionRegistry", {
+  sync: () => {
+    const sessions = new Map<number, { readonly secretKey: number; readonly handle: SessionHandle }>()
+    return {
+      register: (handle: SessionHandle): SessionKey => {
+        let processId: number
+        do processId = randomInt(1, 2 ** 31 - 1)
+        while (sessions.has(processId))
+        const secretKey = randomInt(-(2 ** 31), 2 ** 31 - 1)
+        sessions.set(processId, { secretKey, handle })
+        return { processId, secretKey }
+      },
+      unregister: (key: SessionKey): void => {
+        sessions.delete(key.processId)
+      },
+      cancel: (processId: number, secretKey: Buffer): Effect.Effect<boolean> =>
+        Effect.suspend(() => {
+          const entry = sessions.get(processId)
+          if (entry === undefined || secretKey.length !== 4 || secretKey.readInt32BE(0) !== entry.secretKey) {
+            return Effect.succeed(false)
+          }
+          return Effect.as(entry.handle.cancel(), true)
+        }),
+      drainAll: (): void => {
+        for (const { handle } of sessions.values()) handle.drain()
+      },
+      get size(): number {
+        return sessions.size
+      }
+    } as const
+  }
+}) {}

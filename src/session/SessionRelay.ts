@@ -1,0 +1,118 @@
+import type * as net from "node:net"
+import type { TidepoolError } from "../errors/index.ts"
+import { tidepoolError } from "../errors/index.ts"
+import { MessageScanner } from "../protocol/index.ts"
+import type { ServerConnection } from "../upstream/index.ts"
+
+export type RelayEnd =
+  | { readonly _tag: "ClientTerminated" }
+  | { readonly _tag: "ClientClosed" }
+  | { readonly _tag: "ClientError"; readonly error: TidepoolError }
+  | { readonly _tag: "ServerClosed"; readonly reason: string }
+  | { readonly _tag: "Drained" }
+
+const Q = 0x51
+const S = 0x53
+const F = 0x46
+const X = 0x58
+
+/**
+ * Session-mode data plane: plain callbacks that forward chunks both ways untouched, with backpressure.
+ * The client side is framed only to count the ReadyForQuery messages owed (so the session knows
+ * whether its server is idle) and to keep the client's Terminate from closing a pooled server.
+ */
+export class SessionRelay {
+  private readonly scanner: MessageScanner
+  private terminateSeen = false
+  private terminateAt = 0
+  private ended = false
+  private draining = false
+
+  constructor(
+    private readonly client: net.Socket,
+    private readonly server: ServerConnection,
+    maxMessageSize: number,
+    private readonly onEnd: (end: RelayEnd) => void
+  ) {
+    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "" })
+  }
+
+  start(readAhead: Buffer): void {
+    this.server.handler = { onData: this.onServerData, onClose: this.onServerClose }
+    this.client.on("data", this.onClientData)
+    this.client.on("close", this.onClientClose)
+    if (readAhead.length > 0) this.onClientData(readAhead)
+    if (this.client.destroyed) this.onClientClose()
+  }
+
+  /** Ends the session at the next transaction boundary (now, if the server is idle). */
+  drain(): void {
+    this.draining = true
+    if (this.server.isIdle) this.end({ _tag: "Drained" })
+  }
+
+  private readonly onClientMessage = (type: number): void => {
+    if (type === Q || type === S || type === F) this.server.pending++
+    else if (type === X && !this.terminateSeen) {
+      this.terminateSeen = true
+      this.terminateAt = this.scanner.messageStart
+    }
+  }
+
+  private readonly onClientData = (chunk: Buffer): void => {
+    if (this.ended) return
+    const error = this.scanner.feed(chunk)
+    if (error !== undefined) {
+      this.end({
+        _tag: "ClientError",
+        error:
+          error.reason === "MessageTooLarge"
+            ? tidepoolError("EMESSAGETOOLARGE", error.size ?? 0, error.max ?? 0)
+            : tidepoolError("EPROTOCOL", error.message)
+      })
+      return
+    }
+    if (this.terminateSeen) {
+      if (this.terminateAt > 0) this.server.write(chunk.subarray(0, this.terminateAt))
+      // A Terminate whose first byte went out with an earlier chunk has reached the server: it is closing.
+      else if (this.terminateAt < 0) this.server.destroy("client Terminate split across reads")
+      this.end({ _tag: "ClientTerminated" })
+      return
+    }
+    if (!this.server.write(chunk)) {
+      this.client.pause()
+      this.server.socket.once("drain", this.resumeClient)
+    }
+  }
+
+  private readonly onServerData = (chunk: Buffer): void => {
+    if (this.ended) return
+    if (!this.client.write(chunk)) {
+      this.server.socket.pause()
+      this.client.once("drain", this.resumeServer)
+    }
+    if (this.draining && this.server.isIdle) this.end({ _tag: "Drained" })
+  }
+
+  private readonly resumeClient = (): void => {
+    if (!this.ended) this.client.resume()
+  }
+  private readonly resumeServer = (): void => {
+    this.server.socket.resume()
+  }
+
+  private readonly onClientClose = (): void => this.end({ _tag: "ClientClosed" })
+  private readonly onServerClose = (reason: string): void => this.end({ _tag: "ServerClosed", reason })
+
+  private end(end: RelayEnd): void {
+    if (this.ended) return
+    this.ended = true
+    this.client.off("data", this.onClientData)
+    this.client.off("close", this.onClientClose)
+    this.client.off("drain", this.resumeServer)
+    this.server.socket.off("drain", this.resumeClient)
+    this.server.handler = undefined
+    this.server.socket.resume()
+    this.onEnd(end)
+  }
+}

@@ -1,0 +1,62 @@
+import { Cause, HashMap, Layer, List, Logger, LogLevel, Redacted } from "effect"
+
+export type LogFormat = "json" | "pretty"
+
+/** Log annotation keys that may appear in a line; anything else is dropped so secrets cannot leak by accident. */
+const FIELDS = ["code", "tenant", "user", "mode", "db_name", "peer_ip", "pool", "server", "port", "reason"] as const
+
+const render = (value: unknown): unknown => (Redacted.isRedacted(value) ? "<redacted>" : value)
+
+const fieldsOf = (annotations: HashMap.HashMap<string, unknown>): Record<string, unknown> => {
+  const out: Record<string, unknown> = {}
+  for (const key of FIELDS) {
+    const v = HashMap.get(annotations, key)
+    if (v._tag === "Some" && v.value !== undefined) out[key] = render(v.value)
+  }
+  return out
+}
+
+const messageOf = (message: unknown): string => {
+  const parts = Array.isArray(message) ? message : [message]
+  return parts.map((p) => (typeof p === "string" ? p : JSON.stringify(render(p)))).join(" ")
+}
+
+/** One JSON object per line: level, time, msg, then the session's fields (DESIGN §7). */
+const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, spans }) => {
+  const line: Record<string, unknown> = {
+    level: logLevel.label.toLowerCase(),
+    time: date.toISOString(),
+    msg: messageOf(message),
+    ...fieldsOf(annotations)
+  }
+  if (!Cause.isEmpty(cause)) line.cause = Cause.pretty(cause, { renderErrorCause: true })
+  const span = List.head(spans)
+  if (span._tag === "Some") line.span = span.value.label
+  process.stdout.write(`${JSON.stringify(line)}\n`)
+})
+
+const prettyLogger = Logger.make(({ logLevel, message, annotations, date, cause }) => {
+  const fields = Object.entries(fieldsOf(annotations))
+    .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
+    .join(" ")
+  const extra = Cause.isEmpty(cause) ? "" : `\n${Cause.pretty(cause)}`
+  process.stdout.write(
+    `${date.toISOString().slice(11, 23)} ${logLevel.label.padEnd(7)} ${messageOf(message)}${fields ? ` ${fields}` : ""}${extra}\n`
+  )
+})
+
+const levels: Record<string, LogLevel.LogLevel> = {
+  trace: LogLevel.Trace,
+  debug: LogLevel.Debug,
+  info: LogLevel.Info,
+  warning: LogLevel.Warning,
+  error: LogLevel.Error,
+  none: LogLevel.None
+}
+
+/** Replaces Effect's default logger with Tidepool's. */
+export const loggerLayer = (format: LogFormat, level: string): Layer.Layer<never> =>
+  Layer.merge(
+    Logger.replace(Logger.defaultLogger, format === "json" ? jsonLogger : prettyLogger),
+    Logger.minimumLogLevel(levels[level] ?? LogLevel.Info)
+  )

@@ -1,0 +1,1 @@
+export { type LogFormat, loggerLayer } from "./Logger.ts"

@@ -1,0 +1,1 @@
+export { TenantRegistry } from "./TenantRegistry.ts"

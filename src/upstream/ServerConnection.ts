@@ -1,0 +1,293 @@
+import * as net from "node:net"
+import { Effect, Queue, Redacted } from "effect"
+import { serialize } from "pg-protocol"
+import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
+import {
+  cancelRequest,
+  decodeErrorFields,
+  decodeParameterStatus,
+  MessageScanner,
+  md5Password,
+  ScramClient,
+  startupMessage
+} from "../protocol/index.ts"
+
+/** Where and as whom a server connection logs in. */
+export interface UpstreamTarget {
+  readonly host: string
+  readonly port: number
+  readonly database: string
+  readonly user: string
+  readonly password: Redacted.Redacted<string> | undefined
+  readonly connectTimeoutMs: number
+}
+
+/** What the relay currently serving a client wants to hear from this server. */
+export interface ServerHandler {
+  /** Called once per chunk, after the chunk has been scanned (status, parameters are up to date). */
+  readonly onData: (chunk: Buffer) => void
+  readonly onClose: (reason: string) => void
+}
+
+interface LoginMessage {
+  readonly type: number
+  readonly body: Buffer
+}
+
+const Z = 0x5a
+const S = 0x53
+const E = 0x45
+const K = 0x4b
+const R = 0x52
+
+let nextId = 1
+
+/**
+ * One upstream socket, logged in. It tracks only what a pooler must know to lend it safely: the
+ * transaction status of the last ReadyForQuery, how many ReadyForQuery messages are still owed, and
+ * the parameters the server reported. Who reads its bytes is decided by `handler` (a relay, the
+ * pool's idle watch, or a control-plane query), so one scanner serves every phase.
+ */
+export class ServerConnection {
+  readonly id = nextId++
+  readonly parameters = new Map<string, string>()
+  backendPid = 0
+  backendSecret: Buffer = Buffer.alloc(0)
+  /** Transaction status byte of the last ReadyForQuery: I, T or E. */
+  txStatus = 0x49
+  /** ReadyForQuery messages owed for Query/Sync/FunctionCall messages sent. */
+  pending = 0
+  /** SQLSTATE of the last ErrorResponse seen, for reporting a loss mid-transaction. */
+  lastErrorCode: string | undefined = undefined
+  readonly createdAt = Date.now()
+  lastUsedAt = Date.now()
+  closed = false
+  closeReason = ""
+  handler: ServerHandler | undefined = undefined
+  private loginSink: ((m: LoginMessage) => void) | undefined = undefined
+  private readonly scanner: MessageScanner
+
+  constructor(
+    readonly socket: net.Socket,
+    readonly target: UpstreamTarget
+  ) {
+    this.scanner = new MessageScanner(this.onMessage, { maxMessageSize: 0, inspect: "ZSEKR" })
+    socket.on("data", this.onSocketData)
+    socket.on("close", this.onSocketClose)
+    socket.on("error", this.onSocketError)
+  }
+
+  private readonly onMessage = (type: number, length: number, body: Buffer | undefined, start: number): void => {
+    if (type === Z) {
+      this.txStatus = body![start]!
+      if (this.pending > 0) this.pending--
+    } else if (type === S) {
+      const [name, value] = decodeParameterStatus(body!, start, start + length)
+      this.parameters.set(name, value)
+    } else if (type === E) {
+      this.lastErrorCode = decodeErrorFields(body!, start, start + length).C
+    }
+    if (this.loginSink !== undefined) {
+      this.loginSink({
+        type,
+        body: Buffer.from(body === undefined ? Buffer.alloc(0) : body.subarray(start, start + length))
+      })
+    }
+  }
+
+  private readonly onSocketData = (chunk: Buffer): void => {
+    const err = this.scanner.feed(chunk)
+    if (err !== undefined) {
+      this.destroy(`invalid data from server: ${err.message}`)
+      return
+    }
+    this.handler?.onData(chunk)
+  }
+
+  private readonly onSocketError = (err: Error): void => {
+    this.closeReason ||= err.message
+  }
+
+  private readonly onSocketClose = (): void => {
+    if (!this.closed) {
+      this.closed = true
+      this.closeReason ||= "server closed the connection"
+    }
+    this.loginSink?.({ type: -1, body: Buffer.alloc(0) })
+    this.handler?.onClose(this.closeReason)
+  }
+
+  /** Idle and in a known state: safe to lend to another client. */
+  get isIdle(): boolean {
+    return !this.closed && this.pending === 0 && this.txStatus === 0x49
+  }
+
+  write(data: Buffer): boolean {
+    return this.socket.write(data)
+  }
+
+  /** Polite close: Terminate, then end. */
+  close(reason: string): void {
+    if (this.closed) return
+    this.closed = true
+    this.closeReason = reason
+    if (this.socket.writable) this.socket.end(serialize.end())
+    else this.socket.destroy()
+  }
+
+  destroy(reason: string): void {
+    this.closed = true
+    this.closeReason ||= reason
+    this.socket.destroy()
+  }
+
+  /**
+   * Runs `sql` as a simple query from the control plane (reset, SET) and waits for its ReadyForQuery.
+   * Fails with the server's error; the connection is then still usable if it reports idle.
+   */
+  readonly simpleQuery = (sql: string): Effect.Effect<void, TidepoolError> =>
+    Effect.gen(this, function* () {
+      const messages = yield* Queue.unbounded<LoginMessage>()
+      this.loginSink = (m) => Queue.unsafeOffer(messages, m)
+      this.pending++
+      this.socket.write(serialize.query(sql))
+      let error: TidepoolError | undefined
+      for (;;) {
+        const m = yield* Queue.take(messages)
+        if (m.type === -1) return yield* tidepoolError("ESERVERCLOSED", this.closeReason)
+        if (m.type === E && error === undefined) error = upstreamError(fieldsOf(m.body))
+        if (m.type === Z) break
+      }
+      if (error !== undefined) return yield* error
+    }).pipe(
+      Effect.ensuring(
+        Effect.sync(() => {
+          this.loginSink = undefined
+        })
+      )
+    )
+
+  /** Logs in after the socket connected: startup, authentication, parameters, key data, ReadyForQuery. */
+  readonly login = (): Effect.Effect<void, TidepoolError> =>
+    Effect.gen(this, function* () {
+      const messages = yield* Queue.unbounded<LoginMessage>()
+      this.loginSink = (m) => Queue.unsafeOffer(messages, m)
+      const next = Effect.flatMap(Queue.take(messages), (m) =>
+        m.type === -1 ? Effect.fail(connectFailed(this.closeReason)) : Effect.succeed(m)
+      )
+      const { user, database, password } = this.target
+      this.socket.write(startupMessage({ user, database, client_encoding: "UTF8" }))
+      let scram: ScramClient | undefined
+      for (;;) {
+        const m = yield* next
+        if (m.type === E) return yield* upstreamError(fieldsOf(m.body))
+        if (m.type === K) {
+          this.backendPid = m.body.readInt32BE(0)
+          this.backendSecret = Buffer.from(m.body.subarray(4))
+          continue
+        }
+        if (m.type === Z) return
+        if (m.type !== R) continue
+        const code = m.body.readInt32BE(0)
+        switch (code) {
+          case 0:
+            break
+          case 3:
+            this.socket.write(serialize.password(yield* requirePassword(password, user)))
+            break
+          case 5:
+            this.socket.write(
+              serialize.password(md5Password(user, yield* requirePassword(password, user), m.body.subarray(4, 8)))
+            )
+            break
+          case 10: {
+            const mechanisms = m.body.subarray(4).toString("utf8").split("\0")
+            if (!mechanisms.includes("SCRAM-SHA-256")) {
+              return yield* connectFailed(`server offers no supported SASL mechanism (${mechanisms.join(", ")})`)
+            }
+            scram = new ScramClient({ password: yield* requirePassword(password, user) })
+            this.socket.write(serialize.sendSASLInitialResponseMessage("SCRAM-SHA-256", scram.clientFirst()))
+            break
+          }
+          case 11: {
+            const final = scram?.handleServerFirst(m.body.subarray(4).toString("utf8"))
+            if (typeof final !== "string") return yield* connectFailed("invalid SCRAM server-first message")
+            this.socket.write(serialize.sendSCRAMClientFinalMessage(final))
+            break
+          }
+          case 12: {
+            const ok = scram?.verifyServerFinal(m.body.subarray(4).toString("utf8"))
+            if (ok !== true) return yield* connectFailed("server signature mismatch in SCRAM exchange")
+            break
+          }
+          default:
+            return yield* connectFailed(`unsupported authentication request ${code}`)
+        }
+      }
+    }).pipe(
+      Effect.ensuring(
+        Effect.sync(() => {
+          this.loginSink = undefined
+        })
+      )
+    )
+}
+
+const fieldsOf = (body: Buffer) => {
+  const f = decodeErrorFields(body, 0, body.length)
+  return { code: f.C, message: f.M, detail: f.D, hint: f.H }
+}
+
+const connectFailed = (reason: string) =>
+  upstreamError({ code: "08006", message: `Failed to connect to database: ${reason}` })
+
+const requirePassword = (password: Redacted.Redacted<string> | undefined, user: string) =>
+  password === undefined
+    ? Effect.fail(connectFailed(`the server asked for a password for user "${user}" and none is configured`))
+    : Effect.succeed(Redacted.value(password))
+
+/**
+ * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
+ * the socket is already destroyed.
+ */
+export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget) {
+  yield* Effect.annotateCurrentSpan({ "db.host": target.host, "db.port": target.port, "db.user": target.user })
+  const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
+    const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
+    const onError = (err: NodeJS.ErrnoException) => {
+      s.destroy()
+      resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
+    }
+    s.once("error", onError)
+    s.once("connect", () => {
+      s.off("error", onError)
+      resume(Effect.succeed(s))
+    })
+    return Effect.sync(() => s.destroy())
+  }).pipe(
+    Effect.timeoutFail({
+      duration: target.connectTimeoutMs,
+      onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
+    })
+  )
+  const conn = new ServerConnection(socket, target)
+  yield* conn.login().pipe(
+    Effect.timeoutFail({
+      duration: target.connectTimeoutMs,
+      onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
+    }),
+    Effect.tapError(() => Effect.sync(() => conn.destroy("login failed")))
+  )
+  return conn
+})
+
+/** Sends a CancelRequest for `pid` on a fresh connection to the server's address. Best effort. */
+export const cancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
+  Effect.async<void>((resume) => {
+    const s = net.connect({ host: target.host, port: target.port })
+    const packet = cancelRequest(pid, secret)
+    s.once("connect", () => s.end(packet))
+    s.once("error", () => resume(Effect.void))
+    s.once("close", () => resume(Effect.void))
+    return Effect.sync(() => s.destroy())
+  })

@@ -1,0 +1,1 @@
+export { cancel, connect, ServerConnection, type ServerHandler, type UpstreamTarget } from "./ServerConnection.ts"

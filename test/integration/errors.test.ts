@@ -1,0 +1,193 @@
+import * as net from "node:net"
+import pg from "pg"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { backendKeyData } from "../../src/protocol/index.ts"
+import { freePort } from "../support/ports.ts"
+import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+
+let db: PostgresServer
+let tidepool: RunningTidepool
+let deadPort: number
+
+beforeAll(async () => {
+  db = await startPostgres({ roles: [{ name: "app", password: "app-secret" }] })
+  deadPort = await freePort()
+  tidepool = await startTidepool({
+    tenants: [
+      {
+        external_id: "acme",
+        db_host: db.host,
+        db_port: db.port,
+        db_database: "postgres",
+        users: [
+          { db_user: "app", db_password: "app-secret", pool_size: 2 },
+          // The pooler accepts this user, but the database does not know its password.
+          { db_user_alias: "stale", db_user: "app", db_password: "not-the-db-password", pool_size: 2 }
+        ]
+      },
+      {
+        external_id: "gone",
+        db_host: "127.0.0.1",
+        db_port: deadPort,
+        db_database: "postgres",
+        users: [{ db_user: "app", db_password: "app-secret", pool_size: 2 }]
+      }
+    ],
+    config: { handshakeTimeoutMs: 300 }
+  })
+})
+
+afterAll(async () => {
+  await tidepool?.stop()
+  await db?.stop()
+})
+
+const failToConnect = async (config: pg.ClientConfig) => {
+  const client = new pg.Client({ host: tidepool.host, port: tidepool.sessionPort, database: "postgres", ...config })
+  return client.connect().then(
+    async () => {
+      await client.end()
+      throw new Error("connected, expected an error")
+    },
+    (e: pg.DatabaseError) => ({ code: e.code, message: e.message, severity: e.severity })
+  )
+}
+
+/** Sends raw bytes as the first packet and collects the ErrorResponse fields. */
+const rawError = (bytes: Buffer): Promise<Record<string, string>> =>
+  new Promise((resolve, reject) => {
+    const socket = net.connect(tidepool.sessionPort, "127.0.0.1", () => socket.write(bytes))
+    let received = Buffer.alloc(0)
+    socket.on("data", (chunk) => {
+      received = Buffer.concat([received, chunk])
+    })
+    socket.on("error", reject)
+    socket.on("close", () => {
+      if (received[0] !== 0x45) return reject(new Error(`expected ErrorResponse, got ${received.toString("hex")}`))
+      const fields: Record<string, string> = {}
+      let i = 5
+      while (i < received.length && received[i] !== 0) {
+        const end = received.indexOf(0, i + 1)
+        fields[String.fromCharCode(received[i]!)] = received.toString("utf8", i + 1, end)
+        i = end + 1
+      }
+      resolve(fields)
+    })
+  })
+
+describe("client-visible errors", () => {
+  it("EWRONGPASSWORD", async () => {
+    expect(await failToConnect({ user: "app.acme", password: "wrong" })).toMatchObject({
+      code: "28P01",
+      message: 'password authentication failed for user "app"'
+    })
+  })
+
+  it("ENOTFOUND for an unknown tenant and an unknown user", async () => {
+    expect(await failToConnect({ user: "app.nobody", password: "x" })).toMatchObject({
+      code: "XX000",
+      message: "(ENOTFOUND) tenant/user app.nobody not found"
+    })
+    expect(await failToConnect({ user: "ghost.acme", password: "x" })).toMatchObject({
+      message: "(ENOTFOUND) tenant/user ghost.acme not found"
+    })
+  })
+
+  it("ENOIDENTIFIER", async () => {
+    expect(await failToConnect({ user: "app", password: "x" })).toMatchObject({
+      code: "XX000",
+      message: "(ENOIDENTIFIER) no tenant identifier provided (external_id or sni_hostname required)"
+    })
+  })
+
+  it("EINVALIDUSERINFO", async () => {
+    expect(await failToConnect({ user: `${"u".repeat(64)}.acme`, password: "x" })).toMatchObject({
+      code: "XX000",
+      message: '(EINVALIDUSERINFO) Authentication error, reason: "Invalid format for user or db_name"'
+    })
+  })
+
+  it("resolves the tenant from options=reference", async () => {
+    const client = new pg.Client({
+      host: tidepool.host,
+      port: tidepool.sessionPort,
+      user: "app",
+      password: "app-secret",
+      database: "postgres",
+      options: "-c reference=acme"
+    })
+    await client.connect()
+    expect((await client.query("SELECT current_user AS u")).rows[0].u).toBe("app")
+    await client.end()
+  })
+
+  it("EAUTHTIMEOUT when the client stalls in the handshake", async () => {
+    // A startup packet, then silence where the SASL response should be.
+    const startup = Buffer.from("\0\0\0\0\0\x03\0\0user\0app.acme\0database\0postgres\0\0", "latin1")
+    startup.writeInt32BE(startup.length, 0)
+    const fields = await new Promise<string>((resolve, reject) => {
+      const socket = net.connect(tidepool.sessionPort, "127.0.0.1", () => socket.write(startup))
+      let received = Buffer.alloc(0)
+      socket.on("data", (c) => {
+        received = Buffer.concat([received, c])
+      })
+      socket.on("error", reject)
+      socket.on("close", () => resolve(received.toString("latin1")))
+    })
+    expect(fields).toContain("C08006")
+    expect(fields).toContain("(EAUTHTIMEOUT) timeout while waiting for message")
+  })
+
+  it("ESTARTUPPACKETTOOLARGE", async () => {
+    const header = Buffer.alloc(8)
+    header.writeInt32BE(20_000, 0)
+    header.writeInt32BE(196608, 4)
+    const fields = await rawError(header)
+    expect(fields.C).toBe("08P01")
+    expect(fields.M).toBe("(ESTARTUPPACKETTOOLARGE) Startup packet too large: 20000 bytes (max 10000 bytes)")
+  })
+
+  it("ESTARTUPMESSAGE", async () => {
+    const packet = Buffer.alloc(8)
+    packet.writeInt32BE(8, 0)
+    packet.writeInt32BE(0x00020000, 4) // protocol 2.0
+    const fields = await rawError(packet)
+    expect(fields.C).toBe("08P01")
+    expect(fields.M).toMatch(/^\(ESTARTUPMESSAGE\) Invalid startup message: /)
+  })
+
+  it("ECHECKOUTFAILED: an unreachable upstream answers 08006 at once", async () => {
+    expect(await failToConnect({ user: "app.gone", password: "app-secret" })).toMatchObject({
+      code: "08006",
+      message: "Failed to connect to database: connection refused"
+    })
+  })
+
+  it("ECHECKOUTFAILED: the upstream's own login error is passed on", async () => {
+    expect(await failToConnect({ user: "stale.acme", password: "not-the-db-password" })).toMatchObject({
+      code: "28P01",
+      message: 'password authentication failed for user "app"'
+    })
+  })
+
+  it("keeps serving others after garbage", async () => {
+    await rawError(Buffer.from("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    const client = new pg.Client({ connectionString: tidepool.url({ user: "app.acme", password: "app-secret" }) })
+    await client.connect()
+    expect((await client.query("SELECT 1 AS one")).rows[0].one).toBe(1)
+    await client.end()
+  })
+
+  it("ignores a CancelRequest with a wrong key", async () => {
+    const packet = Buffer.alloc(16)
+    packet.writeInt32BE(16, 0)
+    packet.writeInt32BE(80877102, 4)
+    backendKeyData(1, 2).copy(packet, 8, 5, 13)
+    await new Promise<void>((resolve) => {
+      const socket = net.connect(tidepool.sessionPort, "127.0.0.1", () => socket.write(packet))
+      socket.on("close", () => resolve())
+      socket.on("error", () => resolve())
+    })
+  })
+})

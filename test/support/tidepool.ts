@@ -1,0 +1,56 @@
+import { Layer, ManagedRuntime, Schema } from "effect"
+import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
+import { Listeners } from "../../src/listener/index.ts"
+import type { PoolRegistry } from "../../src/pool/index.ts"
+import { tidepoolLayer } from "../../src/Tidepool.ts"
+import { loggerLayer } from "../../src/telemetry/index.ts"
+
+export interface TidepoolOptions {
+  /** Tenants in the config file / API shape; decoded with the real schema. */
+  readonly tenants: ReadonlyArray<unknown>
+  readonly config?: Partial<AppConfigShape>
+}
+
+export interface RunningTidepool {
+  readonly host: "127.0.0.1"
+  readonly sessionPort: number
+  readonly runtime: ManagedRuntime.ManagedRuntime<Listeners | PoolRegistry | AppConfig, unknown>
+  /** A connection URL through the session port. */
+  url(options: { user: string; password: string; database?: string }): string
+  /** Graceful shutdown, as on SIGTERM. */
+  stop(): Promise<void>
+}
+
+/** Tidepool in-process on free ports, with test-friendly defaults (no failure delay, quiet logs). */
+export const startTidepool = async (options: TidepoolOptions): Promise<RunningTidepool> => {
+  const tenants = Schema.decodeUnknownSync(Schema.Array(Tenant))(options.tenants)
+  const config = AppConfig.make({
+    listenAddr: "127.0.0.1",
+    sessionPort: 0,
+    transactionPort: 0,
+    apiPort: 0,
+    authFailureDelayMs: 0,
+    shutdownTimeoutMs: 5_000,
+    logLevel: (process.env.TIDEPOOL_TEST_LOG_LEVEL as AppConfigShape["logLevel"] | undefined) ?? "none",
+    logFormat: "pretty",
+    ...options.config
+  })
+  const layer = tidepoolLayer(tenants).pipe(
+    Layer.provideMerge(Layer.succeed(AppConfig, config)),
+    Layer.provide(loggerLayer(config.logFormat, config.logLevel))
+  )
+  const runtime = ManagedRuntime.make(layer)
+  const listeners = await runtime.runPromise(Listeners)
+  let stopped: Promise<void> | undefined
+  return {
+    host: "127.0.0.1",
+    sessionPort: listeners.sessionPort,
+    runtime,
+    url: ({ user, password, database }) =>
+      `postgresql://${encodeURIComponent(user)}:${encodeURIComponent(password)}@127.0.0.1:${listeners.sessionPort}/${encodeURIComponent(database ?? "postgres")}`,
+    stop: () => {
+      stopped ??= runtime.dispose()
+      return stopped
+    }
+  }
+}

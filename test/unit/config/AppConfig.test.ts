@@ -1,0 +1,139 @@
+import { describe, expect, it } from "@effect/vitest"
+import { ConfigProvider, Effect, Layer, Option } from "effect"
+import { AppConfig, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
+
+const env = (entries: Record<string, string>) => ConfigProvider.fromMap(new Map(Object.entries(entries)))
+
+describe("AppConfig", () => {
+  it.effect("uses the documented defaults when nothing is set", () =>
+    Effect.gen(function* () {
+      const config = yield* loadAppConfig(env({}))
+      expect(config).toMatchObject({
+        listenAddr: "0.0.0.0",
+        transactionPort: 6543,
+        sessionPort: 5432,
+        apiPort: 4000,
+        dataDir: "./.tidepool",
+        logLevel: "info",
+        handshakeTimeoutMs: 15000,
+        authFailureDelayMs: 500,
+        upstreamConnectTimeoutMs: 5000,
+        shutdownTimeoutMs: 30000,
+        maxMessageSize: 1073741824,
+        serverIdleTimeoutMs: 300000,
+        serverLifetimeMs: 3600000,
+        poolShutdownAfterMs: 120000
+      })
+      expect(["json", "pretty"]).toContain(config.logFormat)
+      expect(config.configFile).toEqual(Option.none())
+      expect(config).toEqual(AppConfig.make({ logFormat: config.logFormat }))
+    })
+  )
+
+  it.effect("reads the environment variables", () =>
+    Effect.gen(function* () {
+      const config = yield* loadAppConfig(
+        env({
+          TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+          PROXY_PORT_TRANSACTION: "7000",
+          PROXY_PORT_SESSION: "0",
+          PORT: "0",
+          TIDEPOOL_LOG_LEVEL: "DEBUG",
+          TIDEPOOL_LOG_FORMAT: "pretty",
+          TIDEPOOL_HANDSHAKE_TIMEOUT: "1000",
+          TIDEPOOL_CONFIG: "/etc/tidepool.yaml"
+        })
+      )
+      expect(config).toMatchObject({
+        listenAddr: "127.0.0.1",
+        transactionPort: 7000,
+        sessionPort: 0,
+        apiPort: 0,
+        logLevel: "debug",
+        logFormat: "pretty",
+        handshakeTimeoutMs: 1000,
+        configFile: Option.some("/etc/tidepool.yaml")
+      })
+    })
+  )
+
+  it.effect("reports every invalid variable at once, by name", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(
+        loadAppConfig(
+          env({
+            PORT: "abc",
+            PROXY_PORT_SESSION: "70000",
+            TIDEPOOL_LOG_LEVEL: "verbose",
+            TIDEPOOL_HANDSHAKE_TIMEOUT: "0",
+            TIDEPOOL_SERVER_LIFETIME: "99999999999",
+            TIDEPOOL_LISTEN_ADDR: "not an address"
+          })
+        )
+      )
+      expect(error._tag).toBe("ConfigError")
+      expect(error.problems.map((p) => p.path).sort()).toEqual(
+        [
+          "PORT",
+          "PROXY_PORT_SESSION",
+          "TIDEPOOL_LOG_LEVEL",
+          "TIDEPOOL_HANDSHAKE_TIMEOUT",
+          "TIDEPOOL_SERVER_LIFETIME",
+          "TIDEPOOL_LISTEN_ADDR"
+        ].sort()
+      )
+      expect(error.message).toContain('PORT: expected a port number between 0 and 65535, got "abc"')
+      expect(error.message).toContain("TIDEPOOL_LOG_LEVEL: expected one of trace, debug, info, warning, error, none")
+      expect(error.message.split("\n")).toHaveLength(7)
+    })
+  )
+
+  it.effect("rejects two listeners on one port", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(loadAppConfig(env({ PORT: "6543" })))
+      expect(error.problems).toEqual([
+        {
+          path: "PORT",
+          reason:
+            "port 6543 is also PROXY_PORT_TRANSACTION (server: proxy_port_transaction); the listener ports must differ"
+        }
+      ])
+      // 0 means "any free port", so several zeros do not clash.
+      yield* loadAppConfig(env({ PORT: "0", PROXY_PORT_SESSION: "0", PROXY_PORT_TRANSACTION: "0" }))
+    })
+  )
+
+  it.effect("treats an empty TIDEPOOL_CONFIG as no file", () =>
+    Effect.gen(function* () {
+      const config = yield* loadAppConfig(env({ TIDEPOOL_CONFIG: "" }))
+      expect(config.configFile).toEqual(Option.none())
+    })
+  )
+
+  it.effect("layer reads the current ConfigProvider", () =>
+    Effect.gen(function* () {
+      const config = yield* AppConfig
+      expect(config.apiPort).toBe(4100)
+    }).pipe(Effect.provide(AppConfig.layer.pipe(Layer.provide(Layer.setConfigProvider(env({ PORT: "4100" }))))))
+  )
+
+  it.effect("layerFrom builds one in-process", () =>
+    Effect.gen(function* () {
+      const config = yield* AppConfig
+      expect(config.transactionPort).toBe(0)
+      expect(config.sessionPort).toBe(5432)
+    }).pipe(Effect.provide(AppConfig.layerFrom({ transactionPort: 0 })))
+  )
+
+  it("names every setting once, in both sources", () => {
+    const envs = settingFields.map((f) => settings[f].env)
+    const keys = settingFields.map((f) => settings[f].fileKey)
+    expect(new Set(envs).size).toBe(envs.length)
+    expect(new Set(keys).size).toBe(keys.length)
+    expect(envNames).toEqual([...envs, "TIDEPOOL_CONFIG"])
+    for (const field of settingFields) {
+      // The documented rule: env name lower-cased, `tidepool_` prefix dropped.
+      expect(settings[field].fileKey).toBe(settings[field].env.toLowerCase().replace(/^tidepool_/, ""))
+    }
+  })
+})

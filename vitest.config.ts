@@ -1,0 +1,14 @@
+import { defineConfig } from "vitest/config"
+
+export default defineConfig({
+  test: {
+    include: ["test/**/*.test.ts"],
+    testTimeout: 60_000,
+    hookTimeout: 120_000,
+    pool: "forks",
+    // Integration tests start real PostgreSQL servers; two cores, so keep parallelism modest.
+    maxWorkers: 2,
+    minWorkers: 1,
+    sequence: { hooks: "stack" }
+  }
+})
