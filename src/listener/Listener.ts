@@ -43,15 +43,20 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
     const fibers = yield* FiberSet.make()
     const run = yield* FiberSet.runtime(fibers)<Effect.Effect.Context<ReturnType<typeof clientSession>>>()
 
-    yield* Effect.addFinalizer(() =>
-      Effect.gen(function* () {
-        const left = yield* FiberSet.size(fibers)
-        if (left === 0) return
-        yield* Effect.logInfo(`draining ${left} client session(s)`)
-        sessions.drainAll()
-        yield* FiberSet.awaitEmpty(fibers).pipe(Effect.timeout(config.shutdownTimeoutMs), Effect.ignore)
-      })
-    )
+    const servers: Array<net.Server> = []
+    /**
+     * Stop accepting, then give sessions until their next transaction boundary (bounded by the drain
+     * timeout). Idempotent; run on SIGTERM before anything else is torn down, and again as a finalizer.
+     */
+    const shutdown = Effect.gen(function* () {
+      for (const server of servers.splice(0)) server.close()
+      const left = yield* FiberSet.size(fibers)
+      if (left === 0) return
+      yield* Effect.logInfo(`draining ${left} client session(s)`)
+      sessions.drainAll()
+      yield* FiberSet.awaitEmpty(fibers).pipe(Effect.timeout(config.shutdownTimeoutMs), Effect.ignore)
+    })
+    yield* Effect.addFinalizer(() => shutdown)
 
     const door = (mode: PoolMode, port: number, envVar: string) =>
       listen({
@@ -64,8 +69,10 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
       })
 
     const session = yield* door("session", config.sessionPort, "PROXY_PORT_SESSION")
+    servers.push(session)
     return {
-      sessionPort: boundPort(session)
+      sessionPort: boundPort(session),
+      shutdown
     } as const
   })
 }) {}

@@ -62,15 +62,20 @@ interface Authenticated {
 
 const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 
-/** The client's settings that differ from what the server reports, as one SET batch. */
+/**
+ * The client's settings that differ from what the server reports, applied like startup parameters
+ * are: `set_config` takes the raw value string, where `SET` would re-parse it (a list like
+ * `search_path=a,b` must not become one quoted name).
+ */
 const settingsToApply = (server: ServerConnection, settings: ReadonlyMap<string, string>): string => {
   const current = new Map<string, string>()
   for (const [name, value] of server.parameters) current.set(name.toLowerCase(), value)
-  const statements: Array<string> = []
+  const calls: Array<string> = []
   for (const [name, value] of settings) {
-    if (current.get(name) !== value) statements.push(`SET ${name} = ${quoteLiteral(value)}`)
+    if (current.get(name) !== value)
+      calls.push(`pg_catalog.set_config(${quoteLiteral(name)}, ${quoteLiteral(value)}, false)`)
   }
-  return statements.join("; ")
+  return calls.length === 0 ? "" : `SELECT ${calls.join(", ")}`
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
@@ -102,13 +107,14 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
       Effect.catchAll((error) =>
         Effect.zipRight(
           Effect.sync(() => client.fail(error)),
-          error.code === "ECLIENTSOCKETCLOSED"
+          // Annotated here, not up front: tenant and user are learnt during the handshake.
+          (error.code === "ECLIENTSOCKETCLOSED"
             ? Effect.logDebug(error.message)
-            : Effect.logWarning(error.message).pipe(Effect.annotateLogs({ code: error.code }))
+            : Effect.logWarning(error.message)
+          ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
         )
       ),
       Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
-      Effect.annotateLogs(log as unknown as Record<string, unknown>),
       Effect.ensuring(Effect.sync(() => socket.destroySoon()))
     )
   }).pipe(Effect.scoped, Effect.withSpan("client.session", { root: true }))
@@ -282,6 +288,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       relay.start(client.detach())
       if (drainRequested) relay.drain()
     })
+    yield* Effect.logDebug(`relay ended: ${end._tag}`)
     switch (end._tag) {
       case "ClientError":
         return yield* end.error

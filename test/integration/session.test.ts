@@ -138,7 +138,7 @@ describe("session mode with node-postgres", () => {
         "SELECT current_setting('application_name') AS app, current_setting('search_path') AS path, current_setting('work_mem') AS mem"
       )
       expect(rows[0].app).toBe("billing-worker")
-      expect(rows[0].path).toBe("pg_catalog, public")
+      expect(rows[0].path).toBe("pg_catalog,public")
       // -c settings outside the forwarded set never reach a shared server.
       expect(rows[0].mem).not.toBe("2047GB")
     } finally {

@@ -6,7 +6,7 @@ describe("error catalog", () => {
   it("docs/errors.md lists every code with its SQLSTATE and nothing else", () => {
     const doc = readFileSync(new URL("../../../docs/errors.md", import.meta.url), "utf8")
     const documented = new Map<string, string>()
-    for (const m of doc.matchAll(/^\| `([A-Z0-9]+)` \| `([0-9A-Z]{5})` \|/gm)) documented.set(m[1]!, m[2]!)
+    for (const m of doc.matchAll(/^\| `([A-Z0-9]+)`\s*\| `([0-9A-Z]{5})`\s*\|/gm)) documented.set(m[1]!, m[2]!)
     const catalogued = new Map(errorCodes.map((c) => [c, catalog[c].sqlstate]))
     expect(Object.fromEntries(documented)).toEqual(Object.fromEntries(catalogued))
   })

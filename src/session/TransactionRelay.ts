@@ -1,0 +1,434 @@
+import type * as net from "node:net"
+import { tidepoolError } from "../errors/index.ts"
+import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
+import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
+import type { ServerConnection, ServerHandler } from "../upstream/index.ts"
+import type { RelayEnd } from "./SessionRelay.ts"
+
+// Client message types the relay must tell apart (DESIGN §4).
+const Q = 0x51 // Query
+const S = 0x53 // Sync
+const F = 0x46 // FunctionCall
+const X = 0x58 // Terminate
+const H = 0x48 // Flush
+const COPY_DATA = 0x64 // d
+const COPY_DONE = 0x63 // c
+const COPY_FAIL = 0x66 // f
+
+/** The answer to a bare Sync when no server is held; never mutated, so one instance serves every client. */
+const READY_IDLE = readyForQuery("I")
+
+/**
+ * Transaction-mode data plane (DESIGN §3 step 7, REFERENCE §2): a server is borrowed from the pool
+ * when the client sends something and given back at the first transaction boundary. Plain callbacks,
+ * no Effect, no Promise, no per-message allocation: client chunks are framed only to count the
+ * ReadyForQuery messages they will produce and to spot Terminate, then forwarded untouched.
+ *
+ * ## When a server goes back to the pool (the release rule)
+ *
+ * A held server is released as soon as all of these hold:
+ *
+ * 1. `server.pending === 0` — every ReadyForQuery owed for a Query, Sync or FunctionCall we forwarded
+ *    has arrived;
+ * 2. `server.txStatus === 'I'` — the last of them says no transaction is open ('T'/'E' keep it);
+ * 3. `!open` — no extended-protocol request is waiting for its Sync. `open` becomes true on any
+ *    message that starts or continues an extended-protocol exchange (Parse, Bind, Describe, Execute,
+ *    Close, and any type we do not know) and false on Query, Sync or FunctionCall, which conclude
+ *    one. A `Parse/Bind/Execute/Flush` batch has pending 0 but the server is mid-request (and after
+ *    an error it discards everything until Sync), so pending alone is not enough. Flush (H) and the
+ *    COPY sub-protocol messages (CopyData, CopyDone, CopyFail) leave `open` unchanged: Flush only
+ *    asks for output already owed, and COPY messages either belong to a COPY started by a counted
+ *    Query/Execute (whose ReadyForQuery comes after CopyDone/CopyFail) or are ignored by the server
+ *    outside COPY. So `Q "COPY … FROM STDIN"`, CopyData…, CopyDone releases at its ReadyForQuery;
+ * 4. `!partial` — the bytes forwarded end on a message boundary (no half-sent message).
+ *
+ * This is checked after each server chunk has been handed to the client socket (so the final bytes
+ * are already queued for the client when the server moves on), after each client chunk (a trailing
+ * Flush or CopyData can be the last thing needed), and right after a checkout. Because a client
+ * chunk is counted before it is written, a query the client pipelined behind the final
+ * ReadyForQuery keeps the server held.
+ *
+ * ## Ending
+ *
+ * The relay ends exactly once (`onEnd`) and leaves no listener behind. Whatever ends it, a held server
+ * is released if the rule above holds, otherwise closed: discarded (socket destroyed) when the client
+ * vanished, broke the protocol or the server died; closed politely (pending bytes flushed, then
+ * Terminate) when the client sent Terminate, so that what it sent before Terminate still runs, as it
+ * would on a direct connection. The client's Terminate itself never reaches a pooled server: it is
+ * recognised from its type byte, even when the rest of it is still to arrive.
+ *
+ * ## Extension points
+ *
+ * Prepared-statement renaming hooks into `onClientMessage` (inspect P/B/D/C and rewrite instead of
+ * forwarding the chunk as-is); re-applying the client's settings hooks into `attach` (before the
+ * queued client bytes are written).
+ */
+export class TransactionRelay {
+  private readonly scanner: MessageScanner
+  private readonly handler: ServerHandler
+
+  /** The server lent to this client, if any. */
+  private held: ServerConnection | undefined = undefined
+  /** A checkout is in flight (`waiter` is set when it did not complete synchronously). */
+  private waiting = false
+  private waiter: ReturnType<TenantPool["checkout"]> = undefined
+  /** Client chunks (or a prefix of one) read while no server was held, kept by reference. */
+  private readonly queue: Array<Buffer> = []
+  /** ReadyForQuery producers in `queue`, added to the server's `pending` when it arrives. */
+  private queuedProducers = 0
+
+  // State of what the (held or awaited) server received from this client; see the release rule.
+  private open = false
+  private partial = false
+
+  // Per-chunk scan results, written by `onClientMessage` during `scanner.feed`.
+  private chunkProducers = 0
+  private chunkSyncs = 0
+  private chunkMessages = 0
+  private chunkOpen = false
+  /** End offset of the last complete message in the chunk; -1 when the chunk began mid-message. */
+  private chunkEnd = 0
+  /** Offset of the Terminate's type byte in the current chunk, or -1. */
+  private terminateAt = -1
+
+  // Flow control. The client is paused while a checkout waits, while the server's socket is full
+  // (`serverBlocked`), and while the client's socket is full with no server held (bare Sync answers);
+  // the held server is paused while the client's socket is full.
+  private serverBlocked = false
+  private clientBlocked = false
+  private clientPaused = false
+  private serverPaused = false
+
+  /** Client sent Terminate; we are only waiting for a server to run what it sent before it. */
+  private terminating = false
+  private draining = false
+  private ended = false
+
+  constructor(
+    private readonly client: net.Socket,
+    private readonly pool: TenantPool,
+    maxMessageSize: number,
+    private readonly onEnd: (end: RelayEnd) => void
+  ) {
+    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "" })
+    this.handler = { onData: this.onServerData, onClose: this.onServerClose }
+  }
+
+  /** The server held right now, for CancelRequest routing. */
+  get server(): ServerConnection | undefined {
+    return this.held
+  }
+
+  /** Takes over the client socket; `readAhead` holds bytes the handshake read past its end. */
+  start(readAhead: Buffer): void {
+    if (this.ended) return
+    this.client.on("data", this.onClientData)
+    this.client.on("close", this.onClientClose)
+    if (readAhead.length > 0) this.onClientData(readAhead)
+    if (!this.ended && this.client.destroyed) this.onClientClose()
+  }
+
+  /** Shutdown: ends now if no server is held, otherwise at the next release point (after releasing). */
+  drain(): void {
+    if (this.ended) return
+    this.draining = true
+    const server = this.held
+    if (server === undefined) this.end({ _tag: "Drained" })
+    else if (this.releasable(server)) this.releaseAtBoundary(server)
+  }
+
+  /**
+   * Ends now, whatever the state (for the session's interruption finalizer: a client that does not
+   * read may never let its socket close). A held server is released only if the release rule holds,
+   * otherwise discarded; a waiting checkout is cancelled. Ends with `Drained`.
+   */
+  abort(): void {
+    this.end({ _tag: "Drained" })
+  }
+
+  // ---- client → server ------------------------------------------------------------------------
+
+  private readonly onClientMessage = (type: number): void => {
+    if (this.terminateAt >= 0) return // nothing after Terminate counts
+    const scanner = this.scanner
+    this.chunkEnd = scanner.messageEnd
+    if (type === Q || type === F) {
+      this.chunkProducers++
+      this.chunkOpen = false
+    } else if (type === S) {
+      this.chunkProducers++
+      this.chunkSyncs++
+      this.chunkOpen = false
+    } else if (type === X) {
+      // A Terminate that began in an earlier chunk is caught there (see onClientData); 0 is a safe fallback.
+      this.terminateAt = Math.max(scanner.messageStart, 0)
+      return
+    } else if (type !== H && type !== COPY_DATA && type !== COPY_DONE && type !== COPY_FAIL) {
+      this.chunkOpen = true
+    }
+    this.chunkMessages++
+  }
+
+  private readonly onClientData = (chunk: Buffer): void => {
+    if (this.ended || this.terminating) return
+    const scanner = this.scanner
+    this.chunkProducers = 0
+    this.chunkSyncs = 0
+    this.chunkMessages = 0
+    this.chunkOpen = this.open
+    this.chunkEnd = scanner.atBoundary ? 0 : -1
+    this.terminateAt = -1
+    const startsAtBoundary = this.chunkEnd === 0
+    const error = scanner.feed(chunk)
+    if (this.terminateAt < 0) {
+      if (error !== undefined) {
+        this.end({ _tag: "ClientError", error: protocolFailure(error) })
+        return
+      }
+      // A message that starts here and ends in a later chunk: if it is a Terminate, stop before it.
+      if (!scanner.atBoundary && this.chunkEnd >= 0 && chunk[this.chunkEnd] === X) this.terminateAt = this.chunkEnd
+    }
+    let data = chunk
+    if (this.terminateAt >= 0) {
+      this.terminating = true
+      data = this.terminateAt === chunk.length ? chunk : chunk.subarray(0, this.terminateAt)
+      this.partial = false
+    } else {
+      this.partial = !scanner.atBoundary
+    }
+    this.open = this.chunkOpen
+
+    const server = this.held
+    if (server !== undefined) {
+      server.pending += this.chunkProducers
+      if (data.length > 0 && !server.write(data)) this.blockOnServer(server)
+      if (this.terminating) this.end({ _tag: "ClientTerminated" })
+      else if (this.releasable(server)) this.releaseAtBoundary(server)
+      return
+    }
+
+    this.queuedProducers += this.chunkProducers
+    if (this.waiting) {
+      if (data.length > 0) this.queue.push(data)
+      return
+    }
+    if (this.terminating) {
+      // Run what came before Terminate only if it can have an effect: a Query, a FunctionCall, or
+      // extended-protocol work concluded by a Sync (without Sync it would be rolled back anyway).
+      if (this.chunkProducers === 0 || this.chunkMessages === this.chunkSyncs) {
+        this.end({ _tag: "ClientTerminated" })
+        return
+      }
+    } else if (startsAtBoundary && !this.partial && this.chunkMessages > 0 && this.chunkMessages === this.chunkSyncs) {
+      this.answerSyncs(this.chunkSyncs)
+      return
+    }
+    if (data.length > 0) this.queue.push(data)
+    this.checkout()
+  }
+
+  /** Bare Syncs with no server held: each gets ReadyForQuery 'I' from us. */
+  private answerSyncs(count: number): void {
+    this.queuedProducers -= count
+    let ok = true
+    for (let i = 0; i < count; i++) ok = this.client.write(READY_IDLE)
+    if (!ok) this.blockOnClient()
+  }
+
+  private checkout(): void {
+    this.waiting = true
+    const waiter = this.pool.checkout(this.onCheckout)
+    if (this.waiting) {
+      this.waiter = waiter
+      this.flow()
+    }
+  }
+
+  private readonly onCheckout: CheckoutCallback = (error, server) => {
+    this.waiting = false
+    this.waiter = undefined
+    if (this.ended) {
+      // Not expected (the waiter is cancelled when the relay ends), but never strand a server.
+      if (server !== undefined) this.pool.release(server)
+      return
+    }
+    if (server === undefined) {
+      this.end({
+        _tag: "ClientError",
+        error: error ?? tidepoolError("ESERVERCLOSED", "no server available")
+      })
+      return
+    }
+    this.attach(server)
+  }
+
+  /** Takes a freshly lent server: owes it the queued producers, writes the queued bytes. */
+  private attach(server: ServerConnection): void {
+    this.held = server
+    server.handler = this.handler
+    server.pending += this.queuedProducers
+    this.queuedProducers = 0
+    // Later: re-apply the client's settings / re-prepare statements here, before the client's bytes.
+    const queue = this.queue
+    let ok = true
+    if (queue.length === 1) {
+      ok = server.write(queue[0]!)
+    } else if (queue.length > 1) {
+      server.socket.cork()
+      for (let i = 0; i < queue.length; i++) ok = server.write(queue[i]!)
+      server.socket.uncork()
+    }
+    queue.length = 0
+    if (!ok) this.blockOnServer(server)
+    if (this.terminating) this.end({ _tag: "ClientTerminated" })
+    else if (this.releasable(server)) this.releaseAtBoundary(server)
+    else this.flow()
+  }
+
+  // ---- server → client ------------------------------------------------------------------------
+
+  private readonly onServerData = (chunk: Buffer): void => {
+    const server = this.held
+    if (server === undefined || this.ended) return
+    if (!this.client.write(chunk)) this.blockOnClient()
+    if (this.releasable(server)) this.releaseAtBoundary(server)
+  }
+
+  private readonly onServerClose = (reason: string): void => {
+    if (this.held === undefined || this.ended) return
+    this.end({ _tag: "ServerClosed", reason })
+  }
+
+  // ---- release --------------------------------------------------------------------------------
+
+  /** The release rule (see the class comment). */
+  private releasable(server: ServerConnection): boolean {
+    return server.isIdle && !this.open && !this.partial
+  }
+
+  /** Releases the held server at a transaction boundary; ends the relay there when draining. */
+  private releaseAtBoundary(server: ServerConnection): void {
+    this.detach(server)
+    this.pool.release(server)
+    if (this.draining) this.end({ _tag: "Drained" })
+    else this.flow()
+  }
+
+  /** Stops listening to `server` and leaves its socket flowing, so the pool (or the next client) can read it. */
+  private detach(server: ServerConnection): void {
+    this.held = undefined
+    server.handler = undefined
+    if (this.serverBlocked) {
+      this.serverBlocked = false
+      server.socket.off("drain", this.onServerDrain)
+    }
+    if (this.serverPaused) {
+      this.serverPaused = false
+      server.socket.resume()
+    }
+  }
+
+  // ---- flow control ---------------------------------------------------------------------------
+
+  private blockOnServer(server: ServerConnection): void {
+    if (this.serverBlocked) return
+    this.serverBlocked = true
+    server.socket.once("drain", this.onServerDrain)
+    this.flow()
+  }
+
+  private blockOnClient(): void {
+    if (this.clientBlocked) return
+    this.clientBlocked = true
+    this.client.once("drain", this.onClientDrain)
+    this.flow()
+  }
+
+  private readonly onServerDrain = (): void => {
+    this.serverBlocked = false
+    this.flow()
+  }
+
+  private readonly onClientDrain = (): void => {
+    this.clientBlocked = false
+    this.flow()
+  }
+
+  /** Pauses or resumes each side to match the current state; calls only on change. */
+  private flow(): void {
+    if (this.ended) return
+    const server = this.held
+    const pauseClient = this.waiting || this.serverBlocked || (this.clientBlocked && server === undefined)
+    if (pauseClient !== this.clientPaused) {
+      this.clientPaused = pauseClient
+      if (pauseClient) this.client.pause()
+      else this.client.resume()
+    }
+    if (server !== undefined && this.clientBlocked !== this.serverPaused) {
+      this.serverPaused = this.clientBlocked
+      if (this.clientBlocked) server.socket.pause()
+      else server.socket.resume()
+    }
+  }
+
+  // ---- ending ---------------------------------------------------------------------------------
+
+  private readonly onClientClose = (): void => {
+    // After Terminate the client may close at once; what it sent before still runs (see attach).
+    if (this.terminating) return
+    this.end({ _tag: "ClientClosed" })
+  }
+
+  private end(end: RelayEnd): void {
+    if (this.ended) return
+    this.ended = true
+    const client = this.client
+    client.off("data", this.onClientData)
+    client.off("close", this.onClientClose)
+    client.off("drain", this.onClientDrain)
+    if (this.waiter !== undefined) {
+      this.pool.cancel(this.waiter)
+      this.waiter = undefined
+    }
+    this.waiting = false
+    this.queue.length = 0
+    const server = this.held
+    if (server !== undefined) this.giveBack(server, end)
+    this.onEnd(end)
+  }
+
+  /** Puts the held server back when the release rule holds; closes it otherwise, never reusing it. */
+  private giveBack(server: ServerConnection, end: RelayEnd): void {
+    const clean = this.releasable(server)
+    this.detach(server)
+    if (clean) {
+      this.pool.release(server)
+    } else if (end._tag === "ClientTerminated" && !server.closed) {
+      // Polite close: bytes already written (what preceded Terminate) reach the server before its
+      // own Terminate, so they run as on a direct connection. `release` of a closed server only does
+      // the pool's bookkeeping. (TenantPool.retire would say this directly; see the report.)
+      server.close("client terminated mid-transaction")
+      this.pool.release(server)
+    } else {
+      this.pool.discard(server, discardReason(end))
+    }
+  }
+}
+
+const protocolFailure = (error: ProtocolError) =>
+  error.reason === "MessageTooLarge"
+    ? tidepoolError("EMESSAGETOOLARGE", error.size ?? 0, error.max ?? 0)
+    : tidepoolError("EPROTOCOL", error.message)
+
+const discardReason = (end: RelayEnd): string => {
+  switch (end._tag) {
+    case "ClientClosed":
+      return "client disconnected mid-transaction"
+    case "ClientError":
+      return `client error (${end.error.code}) mid-transaction`
+    case "ServerClosed":
+      return end.reason
+    default:
+      return "relay ended mid-transaction"
+  }
+}

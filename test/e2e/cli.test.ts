@@ -1,0 +1,170 @@
+import { execFile } from "node:child_process"
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { tmpdir } from "node:os"
+import * as path from "node:path"
+import { promisify } from "node:util"
+import pg from "pg"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { peakRssKb, runCli } from "../support/cli.ts"
+import { freePort } from "../support/ports.ts"
+import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+
+const run = promisify(execFile)
+const hasPsql = await run("psql", ["--version"]).then(
+  () => true,
+  () => false
+)
+
+let db: PostgresServer
+let dir: string
+
+beforeAll(async () => {
+  db = await startPostgres({ roles: [{ name: "app", password: "app-secret", superuser: true }] })
+  dir = mkdtempSync(path.join(tmpdir(), "tidepool-cli-"))
+  // The demo runs PostgreSQL as an unprivileged user when we are root; it must reach its data dir.
+  chmodSync(dir, 0o755)
+})
+
+afterAll(async () => {
+  await db?.stop()
+  if (dir) rmSync(dir, { recursive: true, force: true })
+})
+
+const ports = async () => ({
+  PROXY_PORT_SESSION: String(await freePort()),
+  PROXY_PORT_TRANSACTION: String(await freePort()),
+  PORT: String(await freePort()),
+  TIDEPOOL_LISTEN_ADDR: "127.0.0.1"
+})
+
+describe("tidepool serve", () => {
+  it("streams 250 MB of results in bounded memory, then shuts down gracefully on SIGTERM", async () => {
+    const config = path.join(dir, "tidepool.yaml")
+    writeFileSync(
+      config,
+      [
+        "tenants:",
+        "  - external_id: acme",
+        `    db_host: ${db.host}`,
+        `    db_port: ${db.port}`,
+        "    db_database: postgres",
+        "    users:",
+        "      - db_user: app",
+        "        db_password: app-secret",
+        "        pool_size: 4"
+      ].join("\n")
+    )
+    const env = await ports()
+    const cli = runCli(["serve", "--config", config], {
+      ...env,
+      TIDEPOOL_SHUTDOWN_TIMEOUT: "20000",
+      TIDEPOOL_LOG_LEVEL: "debug"
+    })
+    try {
+      await cli.waitFor(/tidepool listening/)
+      const url = `postgresql://app.acme:app-secret@127.0.0.1:${env.PROXY_PORT_SESSION}/postgres`
+
+      if (hasPsql) {
+        await run("psql", [url, "-XAtc", "SELECT 1"])
+        const before = await peakRssKb(cli.child.pid!)
+        // 50 000 rows of 1 000 bytes; psql reads it all, the pooler must only pass it through.
+        const { stdout } = await run(
+          "sh",
+          ["-c", `psql '${url}' -XAtc "SELECT repeat('x', 1000) FROM generate_series(1, 50000)" | wc -c`],
+          { maxBuffer: 1024 * 1024 }
+        )
+        expect(Number(stdout.trim())).toBe(50_000 * 1001)
+        // 200 MB more through COPY: memory that grew with the payload would show here.
+        const copy = await run(
+          "sh",
+          [
+            "-c",
+            `psql '${url}' -XAtc "COPY (SELECT repeat('y', 1000) FROM generate_series(1, 200000)) TO STDOUT" | wc -c`
+          ],
+          { maxBuffer: 1024 * 1024 }
+        )
+        expect(Number(copy.stdout.trim())).toBe(200_000 * 1001)
+        const grown = (await peakRssKb(cli.child.pid!)) - before
+        expect(grown).toBeLessThan(64 * 1024)
+      } else {
+        console.log("psql not found: skipping the 50 MB streaming check")
+      }
+
+      const client = new pg.Client({ connectionString: url })
+      const ended = new Promise<{ code?: string }>((resolve) =>
+        client.on("error", (e) => resolve(e as { code?: string }))
+      )
+      await client.connect()
+      const sleeping = client.query("SELECT pg_sleep(1) AS slept, 'finished' AS state")
+      for (;;) {
+        const rows = await db.query(
+          "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(1)%' AND state = 'active'"
+        )
+        if (rows.length > 0) break
+      }
+      cli.child.kill("SIGTERM")
+      await cli.waitFor(/draining 1 client session/)
+      const refused = await new pg.Client({ connectionString: url }).connect().then(
+        () => "connected",
+        (e: NodeJS.ErrnoException) => e.code
+      )
+      expect(refused).toBe("ECONNREFUSED")
+      expect((await sleeping).rows[0].state).toBe("finished")
+      expect((await ended).code).toBe("57P01")
+      expect(await cli.exited).toBe(0)
+    } catch (e) {
+      console.log(cli.output())
+      throw e
+    } finally {
+      cli.child.kill("SIGKILL")
+    }
+  })
+
+  it("fails start-up naming the variable of a taken port", async () => {
+    const env = await ports()
+    const taken = await new Promise<import("node:net").Server>((resolve) => {
+      import("node:net").then(({ createServer }) => {
+        const s = createServer()
+        s.listen(Number(env.PROXY_PORT_SESSION), "127.0.0.1", () => resolve(s))
+      })
+    })
+    try {
+      const cli = runCli(["serve"], env)
+      expect(await cli.exited).toBe(1)
+      expect(cli.output()).toContain("PROXY_PORT_SESSION")
+    } finally {
+      taken.close()
+    }
+  })
+
+  it("lists every problem of an invalid config file", async () => {
+    const bad = path.join(dir, "bad.yaml")
+    writeFileSync(
+      bad,
+      ["tenants:", "  - external_id: acme", "    db_host: localhost", "    db_port: nope", "    users: []"].join("\n")
+    )
+    const cli = runCli(["config", "check", bad], {})
+    expect(await cli.exited).toBe(1)
+    expect(cli.output()).toContain("db_port")
+    expect(cli.output()).toContain("db_database")
+  })
+})
+
+describe("tidepool demo", () => {
+  it("starts an embedded PostgreSQL and prints a string a client connects with", async () => {
+    const env = await ports()
+    const cli = runCli(["demo"], { ...env, TIDEPOOL_DATA_DIR: path.join(dir, "demo") })
+    try {
+      const [, url] = await cli.waitFor(/psql '(postgresql:\/\/[^']+)'/)
+      const client = new pg.Client({ connectionString: url })
+      await client.connect()
+      const { rows } = await client.query("SELECT current_user AS who")
+      expect(rows[0].who).toBe("postgres")
+      await client.end()
+      cli.child.kill("SIGTERM")
+      expect(await cli.exited).toBe(0)
+    } finally {
+      cli.child.kill("SIGKILL")
+    }
+  })
+})
