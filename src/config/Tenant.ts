@@ -154,7 +154,7 @@ const userFields = {
   db_password: Schema.Redacted(Str),
   pool_size: optional(PositiveInt),
   mode_type: withDefault(ModeType, () => "transaction" as const),
-  max_clients: optional(PositiveInt),
+  max_clients: optional(NonNegativeInt),
   pool_checkout_timeout: withDefault(PositiveInt, () => 60_000),
   is_manager: withDefault(Bool, () => false)
 }
@@ -172,7 +172,7 @@ const UserOutput = Schema.Struct({
   db_password: Schema.RedactedFromSelf(Schema.String),
   pool_size: optional(PositiveInt),
   mode_type: ModeType,
-  max_clients: optional(PositiveInt),
+  max_clients: optional(NonNegativeInt),
   pool_checkout_timeout: PositiveInt,
   is_manager: Schema.Boolean
 })
@@ -264,7 +264,7 @@ const TenantFields = Schema.Struct({
   require_user: withDefault(Bool, () => true),
   auth_query: optional(NonEmpty),
   default_pool_size: withDefault(PositiveInt, () => 15),
-  default_max_clients: withDefault(PositiveInt, () => 1000),
+  default_max_clients: withDefault(NonNegativeInt, () => 1000),
   /** Milliseconds; 0 = never. */
   client_idle_timeout: withDefault(NonNegativeInt, () => 0),
   /** Seconds; 0 = never. */

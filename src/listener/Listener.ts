@@ -68,9 +68,11 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
         }
       })
 
+    const transaction = yield* door("transaction", config.transactionPort, "PROXY_PORT_TRANSACTION")
     const session = yield* door("session", config.sessionPort, "PROXY_PORT_SESSION")
-    servers.push(session)
+    servers.push(transaction, session)
     return {
+      transactionPort: boundPort(transaction),
       sessionPort: boundPort(session),
       shutdown
     } as const

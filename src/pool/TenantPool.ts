@@ -46,6 +46,10 @@ export class TenantPool {
   private closed = false
   /** Clients attached to this pool (session mode: each holds or awaits a server). */
   clients = 0
+  /** ParameterStatus of the pool's first server right after login: the pristine session defaults. */
+  parameters: ReadonlyMap<string, string> | undefined = undefined
+  /** `name=value` settings a server of this pool has accepted, so they need no check at connect. */
+  readonly knownSettings = new Set<string>()
 
   constructor(
     readonly settings: PoolSettings,
@@ -117,6 +121,13 @@ export class TenantPool {
   discard(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
     server.destroy(reason)
+    this.afterShrink()
+  }
+
+  /** Closes a server politely: bytes already written reach it first (it runs them, then reads Terminate). */
+  retire(server: ServerConnection, reason: string): void {
+    this.busy.delete(server)
+    server.close(reason)
     this.afterShrink()
   }
 
@@ -204,6 +215,7 @@ export class TenantPool {
 
   private onOpened(server: ServerConnection): void {
     this.lastConnectError = undefined
+    this.parameters ??= new Map(server.parameters)
     if (this.closed) {
       server.close("pool closed")
       return

@@ -25,24 +25,8 @@ import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
 import { SessionRegistry } from "./SessionRegistry.ts"
 import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
-
-/**
- * Startup settings a client may carry to its server. Anything else a client sends (including `-c`
- * settings in `options`) is not applied upstream: `-c work_mem=2047GB` must not reach a shared server.
- */
-export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
-  "application_name",
-  "client_encoding",
-  "datestyle",
-  "intervalstyle",
-  "timezone",
-  "search_path",
-  "extra_float_digits",
-  "bytea_output",
-  "lc_monetary",
-  "lc_numeric",
-  "lc_time"
-])
+import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsQuery } from "./settings.ts"
+import { TransactionRelay } from "./TransactionRelay.ts"
 
 /** Fields every log line of this session carries. */
 interface LogContext {
@@ -60,22 +44,12 @@ interface Authenticated {
   readonly settings: ReadonlyMap<string, string>
 }
 
-const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
-
-/**
- * The client's settings that differ from what the server reports, applied like startup parameters
- * are: `set_config` takes the raw value string, where `SET` would re-parse it (a list like
- * `search_path=a,b` must not become one quoted name).
- */
-const settingsToApply = (server: ServerConnection, settings: ReadonlyMap<string, string>): string => {
-  const current = new Map<string, string>()
-  for (const [name, value] of server.parameters) current.set(name.toLowerCase(), value)
-  const calls: Array<string> = []
-  for (const [name, value] of settings) {
-    if (current.get(name) !== value)
-      calls.push(`pg_catalog.set_config(${quoteLiteral(name)}, ${quoteLiteral(value)}, false)`)
-  }
-  return calls.length === 0 ? "" : `SELECT ${calls.join(", ")}`
+/** Gives a server the client's settings; a value the server rejects is the client's error. */
+const applySettings = (server: ServerConnection, settings: ReadonlyMap<string, string>) => {
+  const sql = settingsQuery(server, settings)
+  return sql === ""
+    ? Effect.void
+    : server.simpleQuery(sql).pipe(Effect.mapError((e) => upstreamError({ ...e, code: e.sqlstate })))
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
@@ -215,10 +189,42 @@ const giveBack = (pool: TenantPool, server: ServerConnection) =>
     const reset = Effect.gen(function* () {
       if (server.txStatus !== 0x49) yield* server.simpleQuery("ROLLBACK")
       yield* server.simpleQuery("DISCARD ALL")
+      server.resetSettings()
     })
     const exit = yield* reset.pipe(Effect.timeout(5000), Effect.exit)
     if (Exit.isSuccess(exit) && server.isIdle) pool.release(server)
     else pool.discard(server, "reset failed")
+  })
+
+/**
+ * Session mode: the client's server for life, given the client's startup settings (a value the
+ * server rejects is the client's error, as on a direct connection).
+ */
+const attachSession = (pool: TenantPool, startup: ReadonlyMap<string, string>) =>
+  Effect.gen(function* () {
+    const server = yield* Effect.acquireRelease(checkout(pool), (server) => giveBack(pool, server))
+    yield* applySettings(server, startup)
+    return { server, settings: startup, reported: [...server.parameters] }
+  })
+
+/**
+ * Transaction mode: no server is held between transactions, so connecting needs one only to learn
+ * the pool's parameters (first client) or to check startup settings no server of the pool has
+ * accepted yet. Everything else comes from the pool's pristine parameters.
+ */
+const attachTransaction = (pool: TenantPool, startup: ReadonlyMap<string, string>) =>
+  Effect.gen(function* () {
+    const unchecked = [...startup].filter(([name, value]) => !pool.knownSettings.has(`${name}=${value}`))
+    if (pool.parameters === undefined || unchecked.length > 0) {
+      const server = yield* checkout(pool)
+      yield* applySettings(server, startup).pipe(Effect.ensuring(Effect.sync(() => pool.release(server))))
+      // Bounded: a pool seeing endless distinct application_names re-checks rather than grows.
+      if (pool.knownSettings.size > 1000) pool.knownSettings.clear()
+      for (const [name, value] of startup) pool.knownSettings.add(`${name}=${value}`)
+    }
+    const pristine = pool.parameters ?? new Map<string, string>()
+    const settings = clientSettings(pristine, startup)
+    return { server: undefined, settings, reported: reportedParameters(pristine, settings) }
   })
 
 const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
@@ -256,19 +262,22 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       () => Effect.sync(() => pool.clients--)
     )
 
-    const server = yield* Effect.acquireRelease(checkout(pool), (server) => giveBack(pool, server))
-    const sql = settingsToApply(server, auth.settings)
-    if (sql !== "") {
-      const applied = yield* server.simpleQuery(sql).pipe(Effect.either)
-      if (applied._tag === "Left") return yield* upstreamError({ ...applied.left, code: applied.left.sqlstate })
-    }
+    const { server, settings, reported } =
+      mode === "session" ? yield* attachSession(pool, auth.settings) : yield* attachTransaction(pool, auth.settings)
+    const greeting: Array<Buffer> = []
+    for (const [name, value] of reported) greeting.push(parameterStatus(name, value))
 
-    let relay: SessionRelay | undefined
+    let relay: SessionRelay | TransactionRelay | undefined
     let drainRequested = false
     const key = yield* Effect.acquireRelease(
       Effect.sync(() =>
         sessions.register({
-          cancel: () => cancel(server.target, server.backendPid, server.backendSecret),
+          cancel: () => {
+            // Only the query running for this client right now; a client between transactions holds
+            // no server, and its cancel does nothing (no delayed cancel hitting someone else's query).
+            const held = relay instanceof TransactionRelay ? relay.server : server!
+            return held === undefined ? Effect.void : cancel(held.target, held.backendPid, held.backendSecret)
+          },
           drain: () => {
             drainRequested = true
             relay?.drain()
@@ -277,16 +286,20 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
     )
-
-    const greeting: Array<Buffer> = []
-    for (const [name, value] of server.parameters) greeting.push(parameterStatus(name, value))
     greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
     client.write(Buffer.concat(greeting))
 
     const end = yield* Effect.async<RelayEnd>((resume) => {
-      relay = new SessionRelay(client.socket, server, config.maxMessageSize, (end) => resume(Effect.succeed(end)))
-      relay.start(client.detach())
-      if (drainRequested) relay.drain()
+      const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
+      const r =
+        server !== undefined
+          ? new SessionRelay(client.socket, server, config.maxMessageSize, onEnd)
+          : new TransactionRelay(client.socket, pool, config.maxMessageSize, settings, onEnd)
+      relay = r
+      // Same tick as detach: once the handshake reader lets go, unread bytes must reach the relay.
+      r.start(client.detach())
+      if (drainRequested) r.drain()
+      return Effect.sync(() => r.abort())
     })
     yield* Effect.logDebug(`relay ended: ${end._tag}`)
     switch (end._tag) {

@@ -51,6 +51,11 @@ export class SessionRelay {
     if (this.server.isIdle) this.end({ _tag: "Drained" })
   }
 
+  /** Ends now (the session is being interrupted); the session's finalizer decides the server's fate. */
+  abort(): void {
+    this.end({ _tag: "Drained" })
+  }
+
   private readonly onClientMessage = (type: number): void => {
     if (type === Q || type === S || type === F) this.server.pending++
     else if (type === X && !this.terminateSeen) {

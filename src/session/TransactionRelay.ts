@@ -4,6 +4,7 @@ import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
 import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
 import type { ServerConnection, ServerHandler } from "../upstream/index.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
+import { adoptSettings, settingsQuery } from "./settings.ts"
 
 // Client message types the relay must tell apart (DESIGN §4).
 const Q = 0x51 // Query
@@ -103,11 +104,18 @@ export class TransactionRelay {
   private terminating = false
   private draining = false
   private ended = false
+  /** The held server's `parameterChanges` when it was lent: a difference means the client SET something. */
+  private changesAtAttach = 0
 
+  /**
+   * @param settings the client's session settings (lower-cased names); re-applied silently whenever
+   *   a transaction lands on a server whose values differ, and updated from what the client SETs.
+   */
   constructor(
     private readonly client: net.Socket,
     private readonly pool: TenantPool,
     maxMessageSize: number,
+    private readonly settings: Map<string, string>,
     private readonly onEnd: (end: RelayEnd) => void
   ) {
     this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "" })
@@ -268,7 +276,10 @@ export class TransactionRelay {
     server.handler = this.handler
     server.pending += this.queuedProducers
     this.queuedProducers = 0
-    // Later: re-apply the client's settings / re-prepare statements here, before the client's bytes.
+    // Another client may have left different settings on this server: restore ours first.
+    const sql = settingsQuery(server, this.settings)
+    if (sql !== "") server.sendSilently(sql)
+    this.changesAtAttach = server.parameterChanges
     const queue = this.queue
     let ok = true
     if (queue.length === 1) {
@@ -316,6 +327,7 @@ export class TransactionRelay {
 
   /** Stops listening to `server` and leaves its socket flowing, so the pool (or the next client) can read it. */
   private detach(server: ServerConnection): void {
+    if (server.parameterChanges !== this.changesAtAttach) adoptSettings(this.settings, server)
     this.held = undefined
     server.handler = undefined
     if (this.serverBlocked) {
@@ -405,10 +417,8 @@ export class TransactionRelay {
       this.pool.release(server)
     } else if (end._tag === "ClientTerminated" && !server.closed) {
       // Polite close: bytes already written (what preceded Terminate) reach the server before its
-      // own Terminate, so they run as on a direct connection. `release` of a closed server only does
-      // the pool's bookkeeping. (TenantPool.retire would say this directly; see the report.)
-      server.close("client terminated mid-transaction")
-      this.pool.release(server)
+      // own Terminate, so they run as on a direct connection.
+      this.pool.retire(server, "client terminated mid-transaction")
     } else {
       this.pool.discard(server, discardReason(end))
     }

@@ -1,2 +1,3 @@
-export { clientSession, FORWARDED_PARAMETERS } from "./ClientSession.ts"
+export { clientSession } from "./ClientSession.ts"
 export { type SessionHandle, type SessionKey, SessionRegistry } from "./SessionRegistry.ts"
+export { FORWARDED_PARAMETERS, TRACKED_PARAMETERS } from "./settings.ts"

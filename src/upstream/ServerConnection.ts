@@ -51,6 +51,17 @@ let nextId = 1
 export class ServerConnection {
   readonly id = nextId++
   readonly parameters = new Map<string, string>()
+  /**
+   * What this session's settings are, as far as the pooler knows, by lower-cased name: every value the
+   * server reported, plus what the pooler applied itself (settings PostgreSQL does not report).
+   */
+  readonly settings = new Map<string, string>()
+  /** Bumped on every ParameterStatus: a relay compares it to learn whether its client changed a setting. */
+  parameterChanges = 0
+  /** ReadyForQuery messages whose replies belong to the pooler, not the client (see `sendSilently`). */
+  private silent = 0
+  /** Offset in the current chunk where the client's bytes resume after a silent reply, or -1. */
+  private silentEnd = -1
   backendPid = 0
   backendSecret: Buffer = Buffer.alloc(0)
   /** Transaction status byte of the last ReadyForQuery: I, T or E. */
@@ -81,9 +92,12 @@ export class ServerConnection {
     if (type === Z) {
       this.txStatus = body![start]!
       if (this.pending > 0) this.pending--
+      if (this.silent > 0 && --this.silent === 0) this.silentEnd = this.scanner.messageEnd
     } else if (type === S) {
       const [name, value] = decodeParameterStatus(body!, start, start + length)
       this.parameters.set(name, value)
+      this.settings.set(name.toLowerCase(), value)
+      this.parameterChanges++
     } else if (type === E) {
       this.lastErrorCode = decodeErrorFields(body!, start, start + length).C
     }
@@ -96,12 +110,26 @@ export class ServerConnection {
   }
 
   private readonly onSocketData = (chunk: Buffer): void => {
+    const silentBefore = this.silent
+    this.silentEnd = -1
     const err = this.scanner.feed(chunk)
     if (err !== undefined) {
       this.destroy(`invalid data from server: ${err.message}`)
       return
     }
-    this.handler?.onData(chunk)
+    if (silentBefore === 0) this.handler?.onData(chunk)
+    else if (this.silentEnd >= 0 && this.silentEnd < chunk.length) this.handler?.onData(chunk.subarray(this.silentEnd))
+  }
+
+  /**
+   * Sends a simple query whose whole reply (rows, notices, ParameterStatus, ReadyForQuery) is kept
+   * from the relay's handler; the relay's next bytes follow it in order. Used to re-apply a client's
+   * settings before its transaction. Settings the query changes are tracked as usual.
+   */
+  sendSilently(sql: string): void {
+    this.pending++
+    this.silent++
+    this.socket.write(serialize.query(sql))
   }
 
   private readonly onSocketError = (err: Error): void => {
@@ -115,6 +143,12 @@ export class ServerConnection {
     }
     this.loginSink?.({ type: -1, body: Buffer.alloc(0) })
     this.handler?.onClose(this.closeReason)
+  }
+
+  /** After DISCARD ALL: only what the server reports is known; settings the pooler applied are gone. */
+  resetSettings(): void {
+    this.settings.clear()
+    for (const [name, value] of this.parameters) this.settings.set(name.toLowerCase(), value)
   }
 
   /** Idle and in a known state: safe to lend to another client. */

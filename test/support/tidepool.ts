@@ -14,9 +14,10 @@ export interface TidepoolOptions {
 export interface RunningTidepool {
   readonly host: "127.0.0.1"
   readonly sessionPort: number
+  readonly transactionPort: number
   readonly runtime: ManagedRuntime.ManagedRuntime<Listeners | PoolRegistry | AppConfig, unknown>
-  /** A connection URL through the session port. */
-  url(options: { user: string; password: string; database?: string }): string
+  /** A connection URL through the session port (or the transaction port with `mode: "transaction"`). */
+  url(options: { user: string; password: string; database?: string; mode?: "session" | "transaction" }): string
   /** Graceful shutdown, as on SIGTERM. */
   stop(): Promise<void>
 }
@@ -45,9 +46,10 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
   return {
     host: "127.0.0.1",
     sessionPort: listeners.sessionPort,
+    transactionPort: listeners.transactionPort,
     runtime,
-    url: ({ user, password, database }) =>
-      `postgresql://${encodeURIComponent(user)}:${encodeURIComponent(password)}@127.0.0.1:${listeners.sessionPort}/${encodeURIComponent(database ?? "postgres")}`,
+    url: ({ user, password, database, mode }) =>
+      `postgresql://${encodeURIComponent(user)}:${encodeURIComponent(password)}@127.0.0.1:${mode === "transaction" ? listeners.transactionPort : listeners.sessionPort}/${encodeURIComponent(database ?? "postgres")}`,
     stop: () => {
       stopped ??= runtime.dispose()
       return stopped

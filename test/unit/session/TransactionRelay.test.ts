@@ -226,7 +226,7 @@ const setup = async (options: Options = {}) => {
       onEnd = resolve
     })
     let calls = 0
-    const relay = new TransactionRelay(socket, pool, options.maxMessageSize ?? 1 << 20, (end) => {
+    const relay = new TransactionRelay(socket, pool, options.maxMessageSize ?? 1 << 20, new Map(), (end) => {
       calls++
       expect(calls).toBe(1)
       onEnd(end)

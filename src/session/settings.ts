@@ -1,0 +1,87 @@
+import type { ServerConnection } from "../upstream/index.ts"
+
+/**
+ * Startup settings a client may carry to its server, by lower-cased name. Anything else a client
+ * sends (including `-c` settings in `options`) is not applied upstream: `-c work_mem=2047GB` must not
+ * reach a shared server.
+ */
+export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
+  "application_name",
+  "client_encoding",
+  "datestyle",
+  "intervalstyle",
+  "timezone",
+  "search_path",
+  "standard_conforming_strings",
+  "extra_float_digits",
+  "bytea_output",
+  "lc_monetary",
+  "lc_numeric",
+  "lc_time"
+])
+
+/**
+ * Settings PostgreSQL reports with ParameterStatus that a client may change with SET. In transaction
+ * mode these follow the client from server to server (PgBouncer's approach); settings the server
+ * does not report cannot be observed when a client SETs them, so only their startup values follow.
+ */
+export const TRACKED_PARAMETERS: ReadonlyArray<string> = [
+  "application_name",
+  "client_encoding",
+  "datestyle",
+  "intervalstyle",
+  "timezone",
+  "search_path",
+  "standard_conforming_strings"
+]
+
+const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
+
+/**
+ * The query that gives `server` the client's `desired` settings, or "" when it has them all. Uses
+ * `set_config`, which takes the raw value string like a startup parameter does (where `SET` would
+ * re-parse it: a list such as `search_path=a,b` must not become one quoted name). The server's
+ * recorded settings are updated on the assumption that the query succeeds; reported ones are
+ * confirmed by the ParameterStatus it causes.
+ */
+export const settingsQuery = (server: ServerConnection, desired: ReadonlyMap<string, string>): string => {
+  let calls = ""
+  for (const [name, value] of desired) {
+    if (server.settings.get(name) === value) continue
+    calls += `${calls === "" ? "SELECT " : ", "}pg_catalog.set_config(${quoteLiteral(name)}, ${quoteLiteral(value)}, false)`
+    server.settings.set(name, value)
+  }
+  return calls
+}
+
+/** After a client's transaction: what it SET on the server is now its own state. */
+export const adoptSettings = (desired: Map<string, string>, server: ServerConnection): void => {
+  for (const name of TRACKED_PARAMETERS) {
+    const value = server.settings.get(name)
+    if (value !== undefined) desired.set(name, value)
+  }
+}
+
+/**
+ * A transaction-mode client's settings: the pool's pristine server defaults for every tracked
+ * setting, overlaid with what the client asked for at startup. Spelling out the defaults is what
+ * resets a server another client left with, say, a different TimeZone.
+ */
+export const clientSettings = (
+  pristine: ReadonlyMap<string, string>,
+  startup: ReadonlyMap<string, string>
+): Map<string, string> => {
+  const settings = new Map<string, string>()
+  for (const [name, value] of pristine) {
+    const lower = name.toLowerCase()
+    if (TRACKED_PARAMETERS.includes(lower)) settings.set(lower, value)
+  }
+  for (const [name, value] of startup) settings.set(name, value)
+  return settings
+}
+
+/** ParameterStatus values for a client's greeting: the server's, with the client's own settings shown. */
+export const reportedParameters = (
+  parameters: ReadonlyMap<string, string>,
+  settings: ReadonlyMap<string, string>
+): Array<[string, string]> => [...parameters].map(([name, value]) => [name, settings.get(name.toLowerCase()) ?? value])

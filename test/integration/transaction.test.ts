@@ -1,0 +1,283 @@
+import { execFile } from "node:child_process"
+import { promisify } from "node:util"
+import { Effect } from "effect"
+import pg from "pg"
+import { serialize } from "pg-protocol"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { PoolRegistry } from "../../src/pool/index.ts"
+import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { RawClient } from "../support/raw.ts"
+import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+
+const run = promisify(execFile)
+const hasPgbench = await run("pgbench", ["--version"]).then(
+  () => true,
+  () => false
+)
+
+let db: PostgresServer
+let tidepool: RunningTidepool
+
+const PASSWORD = "app-secret"
+
+beforeAll(async () => {
+  db = await startPostgres({
+    roles: [{ name: "app", password: PASSWORD, superuser: true }],
+    settings: { max_connections: "200" }
+  })
+  await db.query("CREATE TABLE counters (id int PRIMARY KEY, n int NOT NULL)")
+  await db.query("INSERT INTO counters SELECT g, 0 FROM generate_series(1, 10) g")
+  tidepool = await startTidepool({
+    tenants: [
+      {
+        external_id: "acme",
+        db_host: db.host,
+        db_port: db.port,
+        db_database: "postgres",
+        users: [
+          { db_user: "app", db_password: PASSWORD, pool_size: 5 },
+          { db_user_alias: "pair", db_user: "app", db_password: PASSWORD, pool_size: 2, pool_checkout_timeout: 500 },
+          { db_user_alias: "solo", db_user: "app", db_password: PASSWORD, pool_size: 1 },
+          { db_user_alias: "closed", db_user: "app", db_password: PASSWORD, pool_size: 1, max_clients: 0 }
+        ]
+      }
+    ]
+  })
+})
+
+afterAll(async () => {
+  await tidepool?.stop()
+  await db?.stop()
+})
+
+const client = async (user = "app.acme", config: pg.ClientConfig = {}) => {
+  const c = new pg.Client({
+    connectionString: tidepool.url({ user, password: PASSWORD, mode: "transaction" }),
+    ...config
+  })
+  await c.connect()
+  return c
+}
+
+const poolStats = (alias: string) =>
+  tidepool.runtime.runPromise(
+    Effect.map(
+      PoolRegistry,
+      (r) => r.all().find((p) => p.settings.key.includes(`\u0000${alias}\u0000transaction`))!.stats
+    )
+  )
+
+const serverCount = async () =>
+  Number(
+    (
+      await db.query<{ n: string }>(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'"
+      )
+    )[0]!.n
+  )
+
+describe("transaction mode", () => {
+  it("200 clients × 20 transactions share 5 servers, with exact results", async () => {
+    await db.query("UPDATE counters SET n = 0")
+    let running = true
+    let maxServers = 0
+    const sampler = (async () => {
+      while (running) maxServers = Math.max(maxServers, await serverCount())
+    })()
+    const clients = await Promise.all(Array.from({ length: 200 }, () => client()))
+    try {
+      await Promise.all(
+        clients.map(async (c, i) => {
+          for (let t = 0; t < 20; t++) {
+            await c.query("BEGIN")
+            await c.query("UPDATE counters SET n = n + 1 WHERE id = $1", [(i % 10) + 1])
+            await c.query("COMMIT")
+          }
+        })
+      )
+    } finally {
+      running = false
+      await sampler
+      await Promise.all(clients.map((c) => c.end()))
+    }
+    const rows = await db.query<{ total: string }>("SELECT sum(n) AS total FROM counters")
+    expect(Number(rows[0]!.total)).toBe(200 * 20)
+    expect(maxServers).toBeGreaterThan(0)
+    expect(maxServers).toBeLessThanOrEqual(5)
+  })
+
+  it("keeps one backend for the whole of a transaction", async () => {
+    const a = await client()
+    const b = await client()
+    try {
+      await a.query("BEGIN")
+      const pids = new Set<number>()
+      for (let i = 0; i < 5; i++) {
+        pids.add((await a.query("SELECT pg_backend_pid() AS pid")).rows[0].pid)
+        await b.query("SELECT 1") // another client's traffic in between must not take A's server
+      }
+      await a.query("COMMIT")
+      expect(pids.size).toBe(1)
+    } finally {
+      await a.end()
+      await b.end()
+    }
+  })
+
+  it("answers 50 pipelined queries in one write and then releases the server", async () => {
+    const raw = await RawClient.connect(tidepool.transactionPort, "solo.acme", PASSWORD)
+    try {
+      raw.write(Buffer.concat(Array.from({ length: 50 }, (_, i) => serialize.query(`SELECT ${i} AS n`))))
+      const messages = await raw.untilReady(50)
+      expect(messages.filter((m) => m.type === "Z")).toHaveLength(50)
+      expect(messages.filter((m) => m.type === "D")).toHaveLength(50)
+      expect((await poolStats("solo")).busy).toBe(0)
+      // pool_size 1: a second client only gets through if the server really went back.
+      const other = await client("solo.acme")
+      expect((await other.query("SELECT 'next' AS who")).rows[0].who).toBe("next")
+      await other.end()
+    } finally {
+      raw.close()
+    }
+  })
+
+  it("ECHECKOUTTIMEOUT when every server is held past the checkout timeout", async () => {
+    const holders = [await client("pair.acme"), await client("pair.acme")]
+    try {
+      await Promise.all(holders.map((h) => h.query("BEGIN")))
+      await Promise.all(holders.map((h) => h.query("SELECT 1")))
+      const third = await client("pair.acme")
+      const error = await third.query("SELECT 1").then(
+        () => undefined,
+        (e: pg.DatabaseError) => e
+      )
+      expect(error?.code).toBe("XX000")
+      expect(error?.message).toBe(
+        "(ECHECKOUTTIMEOUT) unable to check out connection from the pool after 500ms in Transaction mode"
+      )
+      await third.end().catch(() => {})
+    } finally {
+      await Promise.all(holders.map((h) => h.query("COMMIT").then(() => h.end())))
+    }
+  })
+
+  it("EMAXCONN when the pool's client limit is reached", async () => {
+    const error = await client("closed.acme").then(
+      (c) => c.end().then(() => undefined),
+      (e: pg.DatabaseError) => e
+    )
+    expect(error?.code).toBe("XX000")
+    expect(error?.message).toBe("(EMAXCONN) max client connections reached, limit: 0")
+  })
+
+  it("a client that vanishes inside a transaction does not keep its row locks", async () => {
+    const a = await client()
+    a.on("error", () => {})
+    await a.query("BEGIN")
+    await a.query("SELECT * FROM counters WHERE id = 1 FOR UPDATE")
+    ;(a as unknown as { connection: { stream: { destroy(): void } } }).connection.stream.destroy()
+    const b = await client()
+    try {
+      await b.query("BEGIN")
+      await b.query("SET LOCAL lock_timeout = '30s'")
+      await b.query("UPDATE counters SET n = n WHERE id = 1")
+      await b.query("COMMIT")
+    } finally {
+      await b.end()
+    }
+  })
+
+  it("keeps each client's settings its own across shared servers", async () => {
+    // pool_size 2 ("pair"): A and B share both servers in turn.
+    const a = await client("pair.acme", { options: "-c TimeZone=Asia/Tokyo", application_name: "client-a" })
+    const b = await client("pair.acme", { application_name: "client-b" })
+    const show = async (c: pg.Client) =>
+      (
+        await c.query(
+          "SELECT current_setting('TimeZone') AS tz, current_setting('application_name') AS app, pg_backend_pid() AS pid"
+        )
+      ).rows[0] as { tz: string; app: string; pid: number }
+    try {
+      await a.query("SET application_name = 'client-a-renamed'")
+      const seenByA = await show(a)
+      expect(seenByA).toMatchObject({ tz: "Asia/Tokyo", app: "client-a-renamed" })
+      // B on whichever server, A's settings must not show.
+      const pidsB = new Set<number>()
+      for (let i = 0; i < 4; i++) {
+        const seen = await show(b)
+        pidsB.add(seen.pid)
+        expect(seen.tz).not.toBe("Asia/Tokyo")
+        expect(seen.app).toBe("client-b")
+      }
+      // B holds one server; A must run on the other and still see its own values.
+      await b.query("BEGIN")
+      const pidHeldByB = (await show(b)).pid
+      const again = await show(a)
+      expect(again.pid).not.toBe(pidHeldByB)
+      expect(again).toMatchObject({ tz: "Asia/Tokyo", app: "client-a-renamed" })
+      await b.query("COMMIT")
+      // And B, landing wherever A has been, still sees its own.
+      expect(await show(b)).toMatchObject({ app: "client-b" })
+      expect((await show(b)).tz).not.toBe("Asia/Tokyo")
+      expect(pidsB.size + 1).toBeGreaterThan(1)
+    } finally {
+      await a.end()
+      await b.end()
+    }
+  })
+
+  it("cancels the query running for the cancelling client, and only it", async () => {
+    const victim = await client()
+    const bystander = await client()
+    try {
+      const query = new pg.Query("SELECT pg_sleep(30)")
+      const sleeping = new Promise<{ code?: string } | undefined>((resolve) => {
+        query.on("error", (e) => resolve(e as { code?: string }))
+        query.on("end", () => resolve(undefined))
+      })
+      victim.query(query)
+      const other = bystander.query("SELECT pg_sleep(0.5), 'done' AS state")
+      for (;;) {
+        const rows = await db.query(
+          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+        )
+        if (rows.length > 0) break
+      }
+      const canceller = new pg.Client({ host: "127.0.0.1", port: tidepool.transactionPort })
+      ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
+      expect((await sleeping)?.code).toBe("57014")
+      expect((await other).rows[0].state).toBe("done")
+      // The victim's connection is still good.
+      expect((await victim.query("SELECT 1 AS one")).rows[0].one).toBe(1)
+    } finally {
+      await victim.end()
+      await bystander.end()
+    }
+  })
+
+  it("replaces an idle server killed by pg_terminate_backend without any client noticing", async () => {
+    const c = await client("solo.acme")
+    try {
+      const pid = (await c.query("SELECT pg_backend_pid() AS pid")).rows[0].pid as number
+      await db.query("SELECT pg_terminate_backend($1)", [pid])
+      for (;;) {
+        const rows = await db.query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", [pid])
+        if (rows.length === 0) break
+      }
+      const next = await c.query("SELECT pg_backend_pid() AS pid")
+      expect(next.rows[0].pid).not.toBe(pid)
+    } finally {
+      await c.end()
+    }
+  })
+
+  it.skipIf(!hasPgbench)("pgbench -S -c 50 through pool_size 5 has no failed transactions", async () => {
+    await run("pgbench", ["-i", "-s", "1", "-q", db.url({ user: "app", password: PASSWORD })])
+    const url = tidepool.url({ user: "app.acme", password: PASSWORD, mode: "transaction" })
+    const { stdout } = await run("pgbench", ["-S", "-c", "50", "-j", "2", "-T", "10", url], {
+      maxBuffer: 16 * 1024 * 1024
+    })
+    expect(stdout).toMatch(/number of failed transactions: 0 \(0\.000%\)/)
+    expect(Number(stdout.match(/number of transactions actually processed: (\d+)/)?.[1])).toBeGreaterThan(0)
+  })
+})
