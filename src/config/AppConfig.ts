@@ -28,6 +28,8 @@ export interface AppConfigShape {
   readonly serverLifetimeMs: number
   /** Grace period an empty pool keeps its servers before shutting down. */
   readonly poolShutdownAfterMs: number
+  /** Servers each pool keeps open even when idle (never more than its pool size). */
+  readonly minPoolSize: number
   readonly configFile: Option.Option<string>
 }
 
@@ -211,6 +213,14 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Keep a pool's servers this long after its last client leaves",
     default: () => 120_000,
     parse: millis(0)
+  },
+  minPoolSize: {
+    env: "TIDEPOOL_MIN_POOL_SIZE",
+    fileKey: "min_pool_size",
+    type: "integer",
+    description: "Warm servers each live pool keeps open while idle (capped at the pool size)",
+    default: () => 1,
+    parse: integer(0, 1000, "an integer")
   }
 }
 
@@ -251,7 +261,8 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   maxMessageSize: settingConfig(settings.maxMessageSize),
   serverIdleTimeoutMs: settingConfig(settings.serverIdleTimeoutMs),
   serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
-  poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs)
+  poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs),
+  minPoolSize: settingConfig(settings.minPoolSize)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -365,6 +376,7 @@ const defaults = (): AppConfigShape => ({
   serverIdleTimeoutMs: settings.serverIdleTimeoutMs.default(),
   serverLifetimeMs: settings.serverLifetimeMs.default(),
   poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),
+  minPoolSize: settings.minPoolSize.default(),
   configFile: Option.none()
 })
 

@@ -44,7 +44,7 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       const now = Date.now()
       const stale: Array<[string, Entry]> = []
       for (const [key, entry] of pools) {
-        entry.pool.reap(now)
+        entry.pool.maintain(now)
         const s = entry.pool.stats
         if (s.clients > 0 || s.busy > 0) entry.emptySince = now
         else if (now - entry.emptySince >= config.poolShutdownAfterMs) stale.push([key, entry])
@@ -52,12 +52,7 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       return Effect.forEach(stale, ([key, entry]) => closeEntry(key, entry), { discard: true })
     })
 
-    yield* sweep.pipe(
-      Effect.delay(Math.min(1000, config.serverIdleTimeoutMs)),
-      Effect.forever,
-      Effect.interruptible,
-      Effect.forkScoped
-    )
+    yield* sweep.pipe(Effect.delay(1000), Effect.forever, Effect.interruptible, Effect.forkScoped)
 
     yield* Effect.addFinalizer(() =>
       Effect.forEach([...pools], ([key, entry]) => closeEntry(key, entry), { discard: true })

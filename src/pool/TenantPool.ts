@@ -14,7 +14,10 @@ export interface PoolSettings {
   readonly size: number
   readonly maxClients: number
   readonly checkoutTimeoutMs: number
+  /** 0 keeps idle servers forever. */
   readonly serverIdleTimeoutMs: number
+  /** Servers kept open while idle (warm minimum), never more than `size`. */
+  readonly minSize: number
   readonly serverLifetimeMs: number
   /** After a failed connect, new connects wait this long; waiting clients get the error at once. */
   readonly connectBackoffMs: number
@@ -24,8 +27,29 @@ export interface PoolSettings {
 /** Called exactly once per checkout: with a server, or with the reason there is none. */
 export type CheckoutCallback = (error: TidepoolError | undefined, server: ServerConnection | undefined) => void
 
+/**
+ * Running totals for one pool, updated in place on the hot path (plain number fields: no
+ * allocation, no Effect). The observability layer reads them to export metrics.
+ */
+export class PoolCounters {
+  checkouts = 0
+  /** Checkouts that had to queue, and the total time they waited. */
+  checkoutsWaited = 0
+  checkoutWaitMs = 0
+  checkoutTimeouts = 0
+  /** Transactions completed (transaction mode: one per release at a transaction boundary). */
+  transactions = 0
+  /** Query, Sync and FunctionCall messages clients sent. */
+  queries = 0
+  clientBytes = 0
+  serverBytes = 0
+  serverConnects = 0
+  serverConnectFailures = 0
+}
+
 export interface Waiter {
   readonly callback: CheckoutCallback
+  readonly since: number
   readonly deadline: number
   cancelled: boolean
 }
@@ -50,6 +74,7 @@ export class TenantPool {
   parameters: ReadonlyMap<string, string> | undefined = undefined
   /** `name=value` settings a server of this pool has accepted, so they need no check at connect. */
   readonly knownSettings = new Set<string>()
+  readonly counters = new PoolCounters()
 
   constructor(
     readonly settings: PoolSettings,
@@ -62,6 +87,7 @@ export class TenantPool {
 
   get stats() {
     return {
+      counters: this.counters,
       idle: this.idle.length,
       busy: this.busy.size,
       opening: this.opening,
@@ -78,6 +104,7 @@ export class TenantPool {
     }
     const server = this.takeIdle()
     if (server !== undefined) {
+      this.counters.checkouts++
       callback(undefined, server)
       return undefined
     }
@@ -85,7 +112,8 @@ export class TenantPool {
       callback(this.lastConnectError, undefined)
       return undefined
     }
-    const waiter: Waiter = { callback, deadline: Date.now() + this.settings.checkoutTimeoutMs, cancelled: false }
+    const now = Date.now()
+    const waiter: Waiter = { callback, since: now, deadline: now + this.settings.checkoutTimeoutMs, cancelled: false }
     this.waiters.push(waiter)
     this.armDeadline()
     this.grow()
@@ -131,16 +159,26 @@ export class TenantPool {
     this.afterShrink()
   }
 
-  /** Closes idle servers past the idle timeout or lifetime. Called by the registry's coarse timer. */
-  reap(now: number): void {
-    for (let i = this.idle.length - 1; i >= 0; i--) {
+  /**
+   * Closes idle servers past their lifetime, and those idle longer than the idle timeout while more
+   * than the warm minimum are open; then opens servers up to the warm minimum. Called by the
+   * registry's coarse timer.
+   */
+  maintain(now: number): void {
+    const { serverIdleTimeoutMs, minSize, size } = this.settings
+    // Oldest first: the idle list is used LIFO, so its head has waited longest.
+    for (let i = 0; i < this.idle.length; ) {
       const server = this.idle[i]!
-      if (this.expired(server, now) || now - server.lastUsedAt >= this.settings.serverIdleTimeoutMs) {
+      const idleTooLong = serverIdleTimeoutMs > 0 && now - server.lastUsedAt >= serverIdleTimeoutMs
+      if (this.expired(server, now) || (idleTooLong && this.total > minSize)) {
         this.idle.splice(i, 1)
         server.handler = undefined
-        server.close("idle timeout")
+        server.close(idleTooLong ? "idle timeout" : "lifetime reached")
+      } else {
+        i++
       }
     }
+    while (!this.closed && this.total < Math.min(minSize, size) && !this.inBackoff()) this.open()
   }
 
   /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */
@@ -179,6 +217,10 @@ export class TenantPool {
   private lend(server: ServerConnection, waiter: Waiter): void {
     server.handler = undefined
     this.busy.add(server)
+    const counters = this.counters
+    counters.checkouts++
+    counters.checkoutsWaited++
+    counters.checkoutWaitMs += Date.now() - waiter.since
     waiter.callback(undefined, server)
   }
 
@@ -197,24 +239,29 @@ export class TenantPool {
   private grow(): void {
     while (!this.closed && this.waiters.length > this.opening && this.total < this.settings.size) {
       if (this.inBackoff()) return
-      this.opening++
-      this.runFork(
-        connect(this.settings.target).pipe(
-          Effect.exit,
-          Effect.tap((exit) =>
-            Effect.sync(() => {
-              this.opening--
-              if (Exit.isSuccess(exit)) this.onOpened(exit.value)
-              else this.onConnectFailed(exit)
-            })
-          )
+      this.open()
+    }
+  }
+
+  private open(): void {
+    this.opening++
+    this.runFork(
+      connect(this.settings.target).pipe(
+        Effect.exit,
+        Effect.tap((exit) =>
+          Effect.sync(() => {
+            this.opening--
+            if (Exit.isSuccess(exit)) this.onOpened(exit.value)
+            else this.onConnectFailed(exit)
+          })
         )
       )
-    }
+    )
   }
 
   private onOpened(server: ServerConnection): void {
     this.lastConnectError = undefined
+    this.counters.serverConnects++
     this.parameters ??= new Map(server.parameters)
     if (this.closed) {
       server.close("pool closed")
@@ -228,6 +275,7 @@ export class TenantPool {
     if (Exit.isSuccess(exit)) return
     const failure = exit.cause._tag === "Fail" ? exit.cause.error : undefined
     if (failure === undefined) return // interrupted: the pool is closing
+    this.counters.serverConnectFailures++
     this.lastConnectError = failure
     this.lastConnectErrorAt = Date.now()
     // Nobody can be served soon if no server is alive: tell every waiter now instead of at their deadline.
@@ -256,7 +304,9 @@ export class TenantPool {
     const mode = this.settings.mode === "session" ? "Session" : "Transaction"
     while (this.waiters.length > 0 && this.waiters[0]!.deadline <= now) {
       const w = this.waiters.shift()!
-      if (!w.cancelled) w.callback(tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode), undefined)
+      if (w.cancelled) continue
+      this.counters.checkoutTimeouts++
+      w.callback(tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode), undefined)
     }
     this.armDeadline()
   }

@@ -1,2 +1,9 @@
 export { PoolRegistry } from "./PoolRegistry.ts"
-export { type CheckoutCallback, makeTenantPool, type PoolMode, type PoolSettings, TenantPool } from "./TenantPool.ts"
+export {
+  type CheckoutCallback,
+  makeTenantPool,
+  PoolCounters,
+  type PoolMode,
+  type PoolSettings,
+  TenantPool
+} from "./TenantPool.ts"

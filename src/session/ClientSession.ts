@@ -244,6 +244,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       maxClients: userMaxClients(tenant, user),
       checkoutTimeoutMs: user.pool_checkout_timeout,
       serverIdleTimeoutMs: config.serverIdleTimeoutMs,
+      minSize: config.minPoolSize,
       serverLifetimeMs: config.serverLifetimeMs,
       connectBackoffMs: 2500,
       target: {
@@ -293,7 +294,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
       const r =
         server !== undefined
-          ? new SessionRelay(client.socket, server, config.maxMessageSize, onEnd)
+          ? new SessionRelay(client.socket, server, config.maxMessageSize, pool.counters, onEnd)
           : new TransactionRelay(client.socket, pool, config.maxMessageSize, settings, onEnd)
       relay = r
       // Same tick as detach: once the handshake reader lets go, unread bytes must reach the relay.

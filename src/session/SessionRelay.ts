@@ -1,6 +1,7 @@
 import type * as net from "node:net"
 import type { TidepoolError } from "../errors/index.ts"
 import { tidepoolError } from "../errors/index.ts"
+import type { PoolCounters } from "../pool/index.ts"
 import { MessageScanner } from "../protocol/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 
@@ -32,6 +33,7 @@ export class SessionRelay {
     private readonly client: net.Socket,
     private readonly server: ServerConnection,
     maxMessageSize: number,
+    private readonly counters: PoolCounters,
     private readonly onEnd: (end: RelayEnd) => void
   ) {
     this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "" })
@@ -57,8 +59,10 @@ export class SessionRelay {
   }
 
   private readonly onClientMessage = (type: number): void => {
-    if (type === Q || type === S || type === F) this.server.pending++
-    else if (type === X && !this.terminateSeen) {
+    if (type === Q || type === S || type === F) {
+      this.server.pending++
+      this.counters.queries++
+    } else if (type === X && !this.terminateSeen) {
       this.terminateSeen = true
       this.terminateAt = this.scanner.messageStart
     }
@@ -66,6 +70,7 @@ export class SessionRelay {
 
   private readonly onClientData = (chunk: Buffer): void => {
     if (this.ended) return
+    this.counters.clientBytes += chunk.length
     const error = this.scanner.feed(chunk)
     if (error !== undefined) {
       this.end({
@@ -92,6 +97,7 @@ export class SessionRelay {
 
   private readonly onServerData = (chunk: Buffer): void => {
     if (this.ended) return
+    this.counters.serverBytes += chunk.length
     if (!this.client.write(chunk)) {
       this.server.socket.pause()
       this.client.once("drain", this.resumeServer)

@@ -206,6 +206,9 @@ export class TransactionRelay {
     }
     this.open = this.chunkOpen
 
+    const counters = this.pool.counters
+    counters.queries += this.chunkProducers
+    counters.clientBytes += chunk.length
     const server = this.held
     if (server !== undefined) {
       server.pending += this.chunkProducers
@@ -301,6 +304,7 @@ export class TransactionRelay {
   private readonly onServerData = (chunk: Buffer): void => {
     const server = this.held
     if (server === undefined || this.ended) return
+    this.pool.counters.serverBytes += chunk.length
     if (!this.client.write(chunk)) this.blockOnClient()
     if (this.releasable(server)) this.releaseAtBoundary(server)
   }
@@ -319,6 +323,7 @@ export class TransactionRelay {
 
   /** Releases the held server at a transaction boundary; ends the relay there when draining. */
   private releaseAtBoundary(server: ServerConnection): void {
+    this.pool.counters.transactions++
     this.detach(server)
     this.pool.release(server)
     if (this.draining) this.end({ _tag: "Drained" })

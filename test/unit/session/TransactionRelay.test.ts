@@ -181,6 +181,7 @@ const setup = async (options: Options = {}) => {
       maxClients: 100,
       checkoutTimeoutMs: options.checkoutTimeoutMs ?? 30_000,
       serverIdleTimeoutMs: 60_000,
+      minSize: 0,
       serverLifetimeMs: 0,
       connectBackoffMs: 1000,
       target
