@@ -31,10 +31,10 @@ export const serve = (configFile: string | undefined) =>
     const file = configFile === undefined ? undefined : yield* loadConfigFile(configFile)
     return yield* Effect.gen(function* () {
       const listeners = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
-      const { sessionPort, shutdown } = yield* Effect.provide(Listeners, listeners)
+      const { sessionPort, transactionPort, shutdown } = yield* Effect.provide(Listeners, listeners)
       const config = yield* AppConfig
       yield* Effect.logInfo(
-        `tidepool listening on ${config.listenAddr}: session mode port ${sessionPort}; ${file?.tenants.length ?? 0} tenant(s)`
+        `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}; ${file?.tenants.length ?? 0} tenant(s)`
       )
       installSignals()
       return yield* Effect.never.pipe(Effect.onInterrupt(() => shutdown))
