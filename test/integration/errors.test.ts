@@ -1,9 +1,11 @@
 import * as net from "node:net"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { serialize } from "pg-protocol"
 import { backendKeyData } from "../../src/protocol/index.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { RawClient } from "../support/raw.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
 
 let db: PostgresServer
@@ -27,6 +29,22 @@ beforeAll(async () => {
         ]
       },
       {
+        external_id: "walled",
+        db_host: db.host,
+        db_port: db.port,
+        db_database: "postgres",
+        allow_list: ["10.0.0.0/8"],
+        users: [{ db_user: "app", db_password: "app-secret" }]
+      },
+      {
+        external_id: "secure",
+        db_host: db.host,
+        db_port: db.port,
+        db_database: "postgres",
+        enforce_ssl: true,
+        users: [{ db_user: "app", db_password: "app-secret" }]
+      },
+      {
         external_id: "gone",
         db_host: "127.0.0.1",
         db_port: deadPort,
@@ -34,7 +52,7 @@ beforeAll(async () => {
         users: [{ db_user: "app", db_password: "app-secret", pool_size: 2 }]
       }
     ],
-    config: { handshakeTimeoutMs: 300 }
+    config: { handshakeTimeoutMs: 300, maxMessageSize: 4096 }
   })
 })
 
@@ -169,6 +187,66 @@ describe("client-visible errors", () => {
       code: "28P01",
       message: 'password authentication failed for user "app"'
     })
+  })
+
+  it("EADDRNOTALLOWED", async () => {
+    expect(await failToConnect({ user: "app.walled", password: "app-secret" })).toMatchObject({
+      code: "XX000",
+      message: "(EADDRNOTALLOWED) address not in tenant allow_list: 127.0.0.1"
+    })
+  })
+
+  it("ESSLREQUIRED", async () => {
+    expect(await failToConnect({ user: "app.secure", password: "app-secret" })).toMatchObject({
+      code: "XX000",
+      message: "(ESSLREQUIRED) SSL connection is required for user: app"
+    })
+  })
+
+  const errorFields = (body: Buffer): Record<string, string> => {
+    const fields: Record<string, string> = {}
+    let i = 0
+    while (i < body.length && body[i] !== 0) {
+      const end = body.indexOf(0, i + 1)
+      fields[String.fromCharCode(body[i]!)] = body.toString("utf8", i + 1, end)
+      i = end + 1
+    }
+    return fields
+  }
+
+  for (const port of ["sessionPort", "transactionPort"] as const) {
+    it(`EMESSAGETOOLARGE and EPROTOCOL after login (${port})`, async () => {
+      const big = await RawClient.connect(tidepool[port], "app.acme", "app-secret")
+      big.write(serialize.query(`SELECT '${"x".repeat(5000)}'`))
+      const tooLarge = await big.next()
+      expect(tooLarge.type).toBe("E")
+      expect(errorFields(tooLarge.body)).toMatchObject({ C: "08P01" })
+      expect(errorFields(tooLarge.body).M).toMatch(/^\(EMESSAGETOOLARGE\) message too large: \d+ bytes \(max 4096 bytes\)$/)
+
+      const bad = await RawClient.connect(tidepool[port], "app.acme", "app-secret")
+      bad.write(Buffer.from([0x51, 0, 0, 0, 2]))
+      const invalid = await bad.next()
+      expect(invalid.type).toBe("E")
+      expect(errorFields(invalid.body)).toMatchObject({ C: "08P01" })
+      expect(errorFields(invalid.body).M).toMatch(/^\(EPROTOCOL\) invalid frontend message: /)
+    })
+  }
+
+  it("ESERVERCLOSED when the server dies under a session", async () => {
+    const raw = await RawClient.connect(tidepool.sessionPort, "app.acme", "app-secret")
+    raw.write(serialize.query("SELECT pg_backend_pid()"))
+    const reply = await raw.untilReady(1)
+    const pid = Number(reply.find((m) => m.type === "D")!.body.toString("latin1", 6))
+    await db.query("SELECT pg_terminate_backend($1)", [pid])
+    const errors: Array<Record<string, string>> = []
+    while (!raw.closed || errors.length < 2) {
+      const m = await raw.next().catch(() => undefined)
+      if (m === undefined) break
+      if (m.type === "E") errors.push(errorFields(m.body))
+    }
+    // PostgreSQL's own FATAL is passed on first; then Tidepool says why the session ends.
+    expect(errors.map((e) => e.C)).toEqual(["57P01", "08006"])
+    expect(errors[1]!.M).toMatch(/^\(ESERVERCLOSED\) server connection lost: /)
   })
 
   it("keeps serving others after garbage", async () => {

