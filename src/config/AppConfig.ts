@@ -30,6 +30,8 @@ export interface AppConfigShape {
   readonly poolShutdownAfterMs: number
   /** Servers each pool keeps open even when idle (never more than its pool size). */
   readonly minPoolSize: number
+  /** Pools one tenant may have on this node (EMAXPOOLSREACHED beyond). */
+  readonly maxPoolsPerTenant: number
   readonly configFile: Option.Option<string>
 }
 
@@ -221,6 +223,14 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Warm servers each live pool keeps open while idle (capped at the pool size)",
     default: () => 1,
     parse: integer(0, 1000, "an integer")
+  },
+  maxPoolsPerTenant: {
+    env: "TIDEPOOL_MAX_POOLS_PER_TENANT",
+    fileKey: "max_pools_per_tenant",
+    type: "integer",
+    description: "Pools (user × database × mode) one tenant may have on this node",
+    default: () => 50,
+    parse: integer(1, 100_000, "an integer")
   }
 }
 
@@ -262,7 +272,8 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   serverIdleTimeoutMs: settingConfig(settings.serverIdleTimeoutMs),
   serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
   poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs),
-  minPoolSize: settingConfig(settings.minPoolSize)
+  minPoolSize: settingConfig(settings.minPoolSize),
+  maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -377,6 +388,7 @@ const defaults = (): AppConfigShape => ({
   serverLifetimeMs: settings.serverLifetimeMs.default(),
   poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),
   minPoolSize: settings.minPoolSize.default(),
+  maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
   configFile: Option.none()
 })
 

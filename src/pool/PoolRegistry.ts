@@ -1,5 +1,6 @@
 import { Effect, Exit, Scope } from "effect"
 import { AppConfig } from "../config/index.ts"
+import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
 interface Entry {
@@ -25,10 +26,17 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
         return Scope.close(entry.scope, Exit.void)
       })
 
-    const get = (settings: PoolSettings): Effect.Effect<TenantPool> =>
+    const poolsOf = (tenant: string): number => {
+      let n = 0
+      for (const entry of pools.values()) if (entry.pool.settings.tenant === tenant) n++
+      return n
+    }
+
+    const get = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
       Effect.suspend(() => {
         const existing = pools.get(settings.key)
         if (existing !== undefined && !existing.pool.isClosed) return Effect.succeed(existing.pool)
+        if (poolsOf(settings.tenant) >= config.maxPoolsPerTenant) return Effect.fail(tidepoolError("EMAXPOOLSREACHED"))
         return Effect.gen(function* () {
           const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
           const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))

@@ -108,7 +108,9 @@ export class TenantPool {
       callback(undefined, server)
       return undefined
     }
-    if (this.total >= this.settings.size && this.inBackoff() && this.busy.size + this.idle.length === 0) {
+    // The database just failed to connect and nothing is alive or on its way: say so now rather
+    // than at the checkout deadline.
+    if (this.inBackoff() && this.busy.size + this.idle.length + this.opening === 0) {
       callback(this.lastConnectError, undefined)
       return undefined
     }
@@ -179,6 +181,8 @@ export class TenantPool {
       }
     }
     while (!this.closed && this.total < Math.min(minSize, size) && !this.inBackoff()) this.open()
+    // Waiters queued behind a failed connect get a new attempt once the back-off is over.
+    if (this.waiters.length > 0) this.grow()
   }
 
   /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */

@@ -1,7 +1,7 @@
 import * as net from "node:net"
 import pg from "pg"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { serialize } from "pg-protocol"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { backendKeyData } from "../../src/protocol/index.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
@@ -29,6 +29,13 @@ beforeAll(async () => {
         ]
       },
       {
+        external_id: "many",
+        db_host: db.host,
+        db_port: db.port,
+        db_database: "postgres",
+        users: [{ db_user: "app", db_password: "app-secret" }]
+      },
+      {
         external_id: "walled",
         db_host: db.host,
         db_port: db.port,
@@ -52,7 +59,7 @@ beforeAll(async () => {
         users: [{ db_user: "app", db_password: "app-secret", pool_size: 2 }]
       }
     ],
-    config: { handshakeTimeoutMs: 300, maxMessageSize: 4096 }
+    config: { handshakeTimeoutMs: 300, maxMessageSize: 4096, maxPoolsPerTenant: 3 }
   })
 })
 
@@ -196,6 +203,42 @@ describe("client-visible errors", () => {
     })
   })
 
+  it("EMAXPOOLSREACHED", async () => {
+    await db.query("CREATE DATABASE extra_one")
+    await db.query("CREATE DATABASE extra_two")
+    for (const database of ["postgres", "extra_one", "extra_two"]) {
+      const c = new pg.Client({
+        connectionString: tidepool.url({ user: "app.many", password: "app-secret", database })
+      })
+      await c.connect()
+      await c.end()
+    }
+    expect(await failToConnect({ user: "app.many", password: "app-secret", database: "template1" })).toMatchObject({
+      code: "XX000",
+      message: "(EMAXPOOLSREACHED) max pools count reached"
+    })
+  })
+
+  it("EAUTHPROTOCOL when the client answers SASL with something else", async () => {
+    const startup = Buffer.from("\0\0\0\0\0\x03\0\0user\0app.acme\0database\0postgres\0\0", "latin1")
+    startup.writeInt32BE(startup.length, 0)
+    const text = await new Promise<string>((resolve, reject) => {
+      const socket = net.connect(tidepool.sessionPort, "127.0.0.1", () => socket.write(startup))
+      let received = Buffer.alloc(0)
+      socket.on("data", (c) => {
+        received = Buffer.concat([received, c])
+        // After AuthenticationSASL, send a Query instead of a SASLInitialResponse.
+        if (received[0] === 0x52 && received.length >= 9 && !socket.writableEnded) {
+          socket.write(serialize.query("SELECT 1"))
+        }
+      })
+      socket.on("error", reject)
+      socket.on("close", () => resolve(received.toString("latin1")))
+    })
+    expect(text).toContain("C08P01")
+    expect(text).toContain("(EAUTHPROTOCOL) protocol violation during authentication")
+  })
+
   it("ESSLREQUIRED", async () => {
     expect(await failToConnect({ user: "app.secure", password: "app-secret" })).toMatchObject({
       code: "XX000",
@@ -221,7 +264,9 @@ describe("client-visible errors", () => {
       const tooLarge = await big.next()
       expect(tooLarge.type).toBe("E")
       expect(errorFields(tooLarge.body)).toMatchObject({ C: "08P01" })
-      expect(errorFields(tooLarge.body).M).toMatch(/^\(EMESSAGETOOLARGE\) message too large: \d+ bytes \(max 4096 bytes\)$/)
+      expect(errorFields(tooLarge.body).M).toMatch(
+        /^\(EMESSAGETOOLARGE\) message too large: \d+ bytes \(max 4096 bytes\)$/
+      )
 
       const bad = await RawClient.connect(tidepool[port], "app.acme", "app-secret")
       bad.write(Buffer.from([0x51, 0, 0, 0, 2]))
