@@ -71,10 +71,12 @@ export const demo = Effect.gen(function* () {
   yield* Console.log(
     [
       "",
-      `Tidepool is running in front of an embedded PostgreSQL ${port} (tenant "demo", user postgres, password postgres).`,
+      `Tidepool is running in front of an embedded PostgreSQL on port ${port} (tenant "demo", user postgres, password postgres).`,
       `PostgreSQL data (kept between runs): ${dataDir}`,
       "",
-      "  session mode:",
+      "  transaction mode (a server per transaction; what most applications want):",
+      `    psql 'postgresql://postgres.demo:postgres@${host}:${ports.transactionPort}/postgres'`,
+      "  session mode (a server per connection):",
       `    psql 'postgresql://postgres.demo:postgres@${host}:${ports.sessionPort}/postgres'`,
       "",
       "Press Ctrl+C to stop.",

@@ -155,12 +155,16 @@ describe("tidepool demo", () => {
     const env = await ports()
     const cli = runCli(["demo"], { ...env, TIDEPOOL_DATA_DIR: path.join(dir, "demo") })
     try {
-      const [, url] = await cli.waitFor(/psql '(postgresql:\/\/[^']+)'/)
-      const client = new pg.Client({ connectionString: url })
-      await client.connect()
-      const { rows } = await client.query("SELECT current_user AS who")
-      expect(rows[0].who).toBe("postgres")
-      await client.end()
+      await cli.waitFor(/Press Ctrl\+C/)
+      const urls = [...cli.output().matchAll(/psql '(postgresql:\/\/[^']+)'/g)].map((m) => m[1]!)
+      expect(urls.map((u) => new URL(u).port)).toEqual([env.PROXY_PORT_TRANSACTION, env.PROXY_PORT_SESSION])
+      for (const url of urls) {
+        const client = new pg.Client({ connectionString: url })
+        await client.connect()
+        const { rows } = await client.query("SELECT current_user AS who")
+        expect(rows[0].who).toBe("postgres")
+        await client.end()
+      }
       cli.child.kill("SIGTERM")
       expect(await cli.exited).toBe(0)
     } finally {
