@@ -48,13 +48,22 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
      * Stop accepting, then give sessions until their next transaction boundary (bounded by the drain
      * timeout). Idempotent; run on SIGTERM before anything else is torn down, and again as a finalizer.
      */
+    let drained = false
     const shutdown = Effect.gen(function* () {
       for (const server of servers.splice(0)) server.close()
+      if (drained) return
+      drained = true
       const left = yield* FiberSet.size(fibers)
       if (left === 0) return
       yield* Effect.logInfo(`draining ${left} client session(s)`)
       sessions.drainAll()
-      yield* FiberSet.awaitEmpty(fibers).pipe(Effect.timeout(config.shutdownTimeoutMs), Effect.ignore)
+      // This runs from finalizers and interruption handlers, which are uninterruptible: the wait
+      // must opt in to interruption, or the drain timeout could never cut it short.
+      yield* FiberSet.awaitEmpty(fibers).pipe(
+        Effect.interruptible,
+        Effect.timeout(config.shutdownTimeoutMs),
+        Effect.ignore
+      )
     })
     yield* Effect.addFinalizer(() => shutdown)
 

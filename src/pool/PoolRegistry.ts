@@ -32,7 +32,18 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       return n
     }
 
+    // Creating a pool yields (scope, fibers): one creation at a time, or two clients of a new pool
+    // could each start one and double its cap.
+    const creating = yield* Effect.makeSemaphore(1)
+
     const get = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
+      Effect.suspend(() => {
+        const existing = pools.get(settings.key)
+        if (existing !== undefined && !existing.pool.isClosed) return Effect.succeed(existing.pool)
+        return creating.withPermits(1)(create(settings))
+      })
+
+    const create = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
       Effect.suspend(() => {
         const existing = pools.get(settings.key)
         if (existing !== undefined && !existing.pool.isClosed) return Effect.succeed(existing.pool)

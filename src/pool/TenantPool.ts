@@ -64,6 +64,8 @@ export class TenantPool {
   private readonly waiters: Array<Waiter> = []
   private readonly busy = new Set<ServerConnection>()
   private opening = 0
+  /** Servers closed by the pool whose sockets have not closed yet: their backends may still be running. */
+  private closing = 0
   private lastConnectError: TidepoolError | undefined = undefined
   private lastConnectErrorAt = 0
   private deadlineTimer: NodeJS.Timeout | undefined = undefined
@@ -81,7 +83,13 @@ export class TenantPool {
     private readonly runFork: <A, E>(effect: Effect.Effect<A, E>) => void
   ) {}
 
+  /** Counts every backend that may exist, so the cap holds exactly (see `closing`). */
   get total(): number {
+    return this.live + this.closing
+  }
+
+  /** Servers open or opening that can serve clients. */
+  private get live(): number {
     return this.idle.length + this.busy.size + this.opening
   }
 
@@ -131,9 +139,15 @@ export class TenantPool {
 
   /** Returns a server that is idle and in a known state. Anything else must go through `discard`. */
   release(server: ServerConnection): void {
+    if (server.cancelsInFlight > 0 && !server.closed) {
+      // A cancel meant for the last client's query must not reach the next client's: lend the
+      // server again only once PostgreSQL has taken every cancel sent for it.
+      server.onCancelsDone = () => this.release(server)
+      return
+    }
     this.busy.delete(server)
     if (this.closed || !server.isIdle || this.expired(server, Date.now())) {
-      server.close("released")
+      this.closeCounted(server, "released", false)
       this.afterShrink()
       return
     }
@@ -147,17 +161,30 @@ export class TenantPool {
     this.idle.push(server)
   }
 
+  /** Closes `server` and keeps counting it against the cap until its socket has really closed. */
+  private closeCounted(server: ServerConnection, reason: string, destroy: boolean): void {
+    if (!server.socket.destroyed) {
+      this.closing++
+      server.socket.once("close", () => {
+        this.closing--
+        this.afterShrink()
+      })
+    }
+    if (destroy) server.destroy(reason)
+    else server.close(reason)
+  }
+
   /** Closes a server whose state is unknown (client vanished mid-transaction, protocol error). */
   discard(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
-    server.destroy(reason)
+    this.closeCounted(server, reason, true)
     this.afterShrink()
   }
 
   /** Closes a server politely: bytes already written reach it first (it runs them, then reads Terminate). */
   retire(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
-    server.close(reason)
+    this.closeCounted(server, reason, false)
     this.afterShrink()
   }
 
@@ -172,15 +199,15 @@ export class TenantPool {
     for (let i = 0; i < this.idle.length; ) {
       const server = this.idle[i]!
       const idleTooLong = serverIdleTimeoutMs > 0 && now - server.lastUsedAt >= serverIdleTimeoutMs
-      if (this.expired(server, now) || (idleTooLong && this.total > minSize)) {
+      if (this.expired(server, now) || (idleTooLong && this.live > minSize)) {
         this.idle.splice(i, 1)
         server.handler = undefined
-        server.close(idleTooLong ? "idle timeout" : "lifetime reached")
+        this.closeCounted(server, idleTooLong ? "idle timeout" : "lifetime reached", false)
       } else {
         i++
       }
     }
-    while (!this.closed && this.total < Math.min(minSize, size) && !this.inBackoff()) this.open()
+    while (!this.closed && this.live < Math.min(minSize, size) && this.total < size && !this.inBackoff()) this.open()
     // Waiters queued behind a failed connect get a new attempt once the back-off is over.
     if (this.waiters.length > 0) this.grow()
   }
@@ -320,7 +347,7 @@ export class TenantPool {
     const handler: ServerHandler = {
       onData: () => {
         this.removeIdle(server)
-        server.destroy("unexpected message while idle")
+        this.closeCounted(server, "unexpected message while idle", true)
         this.afterShrink()
       },
       onClose: () => {

@@ -20,12 +20,12 @@ import {
   readyForQuery
 } from "../protocol/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
-import { cancel, type ServerConnection } from "../upstream/index.ts"
+import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
 import { SessionRegistry } from "./SessionRegistry.ts"
 import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
-import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsQuery } from "./settings.ts"
+import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsChange } from "./settings.ts"
 import { TransactionRelay } from "./TransactionRelay.ts"
 
 /** Fields every log line of this session carries. */
@@ -46,10 +46,13 @@ interface Authenticated {
 
 /** Gives a server the client's settings; a value the server rejects is the client's error. */
 const applySettings = (server: ServerConnection, settings: ReadonlyMap<string, string>) => {
-  const sql = settingsQuery(server, settings)
-  return sql === ""
+  const change = settingsChange(server, settings)
+  return change.sql === ""
     ? Effect.void
-    : server.simpleQuery(sql).pipe(Effect.mapError((e) => upstreamError({ ...e, code: e.sqlstate })))
+    : server.simpleQuery(change.sql).pipe(
+        Effect.tap(() => Effect.sync(change.commit)),
+        Effect.mapError((e) => upstreamError({ ...e, code: e.sqlstate }))
+      )
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
@@ -125,26 +128,22 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     log.user = identity.user
     if (identity.tenant === undefined) return yield* tidepoolError("ENOIDENTIFIER")
     log.tenant = identity.tenant
-    const notFound = Effect.zipRight(
-      Effect.sleep(config.authFailureDelayMs),
-      Effect.fail(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
-    )
+    // Every refusal that depends on what exists is answered after the same delay, so timing tells a
+    // prober nothing about which tenants and users exist, and guessing stays slow.
+    const refuse = (error: TidepoolError) =>
+      Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
+    const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
     const tenant = tenants.get(identity.tenant)
     if (tenant === undefined) return yield* notFound
     const users = tenant.users.filter((u) => (u.db_user_alias ?? u.db_user) === identity.user)
-    if (users.length > 1) return yield* tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant)
+    if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
     if (user === undefined) return yield* notFound
-    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip))
-      return yield* tidepoolError("EADDRNOTALLOWED", log.peer_ip)
-    if (tenant.enforce_ssl) return yield* tidepoolError("ESSLREQUIRED", identity.user)
-
-    if (user.db_password === undefined) {
-      return yield* Effect.zipRight(
-        Effect.sleep(config.authFailureDelayMs),
-        Effect.fail(tidepoolError("EWRONGPASSWORD", identity.user))
-      )
+    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip)) {
+      return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
     }
+    if (tenant.enforce_ssl) return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
+
     const secret = secrets.forPassword(tenant.external_id, user.db_user, user.db_password)
     yield* authenticateScram(client, secret, identity.user, config.authFailureDelayMs).pipe(
       Effect.withSpan("client.auth", {
@@ -168,21 +167,37 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     } satisfies Authenticated
   })
 
-/** Lends a server from the pool as an Effect; interruption withdraws the request. */
-const checkout = (pool: TenantPool) =>
-  Effect.async<ServerConnection, TidepoolError>((resume) => {
-    const waiter = pool.checkout((error, server) => {
-      resume(server !== undefined ? Effect.succeed(server) : Effect.fail(error!))
+/**
+ * Lends a server for the current scope; `giveBack` runs when the scope closes. Waiting is
+ * interruptible (shutdown, client gone); a server handed over in the same instant as an interruption
+ * goes straight back to the pool instead of being lost.
+ */
+const lend = (pool: TenantPool, giveBack: (server: ServerConnection) => Effect.Effect<void>) =>
+  Effect.uninterruptibleMask((restore) => {
+    let delivered: ServerConnection | undefined
+    const checkout = Effect.async<ServerConnection, TidepoolError>((resume) => {
+      const waiter = pool.checkout((error, server) => {
+        delivered = server
+        resume(server !== undefined ? Effect.succeed(server) : Effect.fail(error!))
+      })
+      return Effect.sync(() => {
+        if (waiter !== undefined) pool.cancel(waiter)
+      })
     })
-    return Effect.sync(() => {
-      if (waiter !== undefined) pool.cancel(waiter)
-    })
+    return restore(checkout).pipe(
+      Effect.onInterrupt(() =>
+        Effect.sync(() => {
+          if (delivered !== undefined) pool.release(delivered)
+        })
+      ),
+      Effect.tap((server) => Effect.addFinalizer(() => giveBack(server)))
+    )
   })
 
-/** Puts a server back: reset when its state is known and clean enough to reset, closed otherwise. */
-const giveBack = (pool: TenantPool, server: ServerConnection) =>
+/** Puts a session-mode server back: reset when its state is known and resettable, closed otherwise. */
+const resetAndRelease = (pool: TenantPool) => (server: ServerConnection) =>
   Effect.gen(function* () {
-    if (server.closed || server.pending > 0) {
+    if (server.closed || server.pending > 0 || server.inBatch) {
       pool.discard(server, "client left mid-request")
       return
     }
@@ -191,7 +206,8 @@ const giveBack = (pool: TenantPool, server: ServerConnection) =>
       yield* server.simpleQuery("DISCARD ALL")
       server.resetSettings()
     })
-    const exit = yield* reset.pipe(Effect.timeout(5000), Effect.exit)
+    // Finalizers run uninterruptibly: the reset must opt in, or the timeout could never fire.
+    const exit = yield* reset.pipe(Effect.interruptible, Effect.timeout(5000), Effect.exit)
     if (Exit.isSuccess(exit) && server.isIdle) pool.release(server)
     else pool.discard(server, "reset failed")
   })
@@ -202,7 +218,7 @@ const giveBack = (pool: TenantPool, server: ServerConnection) =>
  */
 const attachSession = (pool: TenantPool, startup: ReadonlyMap<string, string>) =>
   Effect.gen(function* () {
-    const server = yield* Effect.acquireRelease(checkout(pool), (server) => giveBack(pool, server))
+    const server = yield* lend(pool, resetAndRelease(pool))
     yield* applySettings(server, startup)
     return { server, settings: startup, reported: [...server.parameters] }
   })
@@ -216,8 +232,12 @@ const attachTransaction = (pool: TenantPool, startup: ReadonlyMap<string, string
   Effect.gen(function* () {
     const unchecked = [...startup].filter(([name, value]) => !pool.knownSettings.has(`${name}=${value}`))
     if (pool.parameters === undefined || unchecked.length > 0) {
-      const server = yield* checkout(pool)
-      yield* applySettings(server, startup).pipe(Effect.ensuring(Effect.sync(() => pool.release(server))))
+      yield* Effect.scoped(
+        Effect.flatMap(
+          lend(pool, (server) => Effect.sync(() => pool.release(server))),
+          (server) => applySettings(server, startup)
+        )
+      )
       // Bounded: a pool seeing endless distinct application_names re-checks rather than grows.
       if (pool.knownSettings.size > 1000) pool.knownSettings.clear()
       for (const [name, value] of startup) pool.knownSettings.add(`${name}=${value}`)
@@ -277,7 +297,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
             // Only the query running for this client right now; a client between transactions holds
             // no server, and its cancel does nothing (no delayed cancel hitting someone else's query).
             const held = relay instanceof TransactionRelay ? relay.server : server!
-            return held === undefined ? Effect.void : cancel(held.target, held.backendPid, held.backendSecret)
+            return held === undefined ? Effect.void : held.cancel
           },
           drain: () => {
             drainRequested = true

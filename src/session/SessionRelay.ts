@@ -16,6 +16,10 @@ const Q = 0x51
 const S = 0x53
 const F = 0x46
 const X = 0x58
+const H = 0x48
+const COPY_DATA = 0x64
+const COPY_DONE = 0x63
+const COPY_FAIL = 0x66
 
 /**
  * Session-mode data plane: plain callbacks that forward chunks both ways untouched, with backpressure.
@@ -59,9 +63,14 @@ export class SessionRelay {
   }
 
   private readonly onClientMessage = (type: number): void => {
+    if (this.terminateSeen) return
     if (type === Q || type === S || type === F) {
       this.server.pending++
+      this.server.inBatch = false
       this.counters.queries++
+    } else if (type !== H && type !== COPY_DATA && type !== COPY_DONE && type !== COPY_FAIL && type !== X) {
+      // Parse, Bind, Describe, Execute, Close…: the server waits for a Sync (see TransactionRelay).
+      this.server.inBatch = true
     } else if (type === X && !this.terminateSeen) {
       this.terminateSeen = true
       this.terminateAt = this.scanner.messageStart

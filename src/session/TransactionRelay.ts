@@ -4,7 +4,7 @@ import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
 import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
 import type { ServerConnection, ServerHandler } from "../upstream/index.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, settingsQuery } from "./settings.ts"
+import { adoptSettings, settingsChange } from "./settings.ts"
 
 // Client message types the relay must tell apart (DESIGN §4).
 const Q = 0x51 // Query
@@ -280,8 +280,12 @@ export class TransactionRelay {
     server.pending += this.queuedProducers
     this.queuedProducers = 0
     // Another client may have left different settings on this server: restore ours first.
-    const sql = settingsQuery(server, this.settings)
-    if (sql !== "") server.sendSilently(sql)
+    const change = settingsChange(server, this.settings)
+    if (change.sql !== "") {
+      server.sendSilently(change.sql)
+      // A silent query that fails closes the server, so the new settings can be recorded now.
+      change.commit()
+    }
     this.changesAtAttach = server.parameterChanges
     const queue = this.queue
     let ok = true
@@ -304,8 +308,10 @@ export class TransactionRelay {
   private readonly onServerData = (chunk: Buffer): void => {
     const server = this.held
     if (server === undefined || this.ended) return
-    this.pool.counters.serverBytes += chunk.length
-    if (!this.client.write(chunk)) this.blockOnClient()
+    if (chunk.length > 0) {
+      this.pool.counters.serverBytes += chunk.length
+      if (!this.client.write(chunk)) this.blockOnClient()
+    }
     if (this.releasable(server)) this.releaseAtBoundary(server)
   }
 

@@ -37,21 +37,45 @@ export const TRACKED_PARAMETERS: ReadonlyArray<string> = [
 
 const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 
+/** A query that gives a server a client's settings, and what to record once it has run. */
+export interface SettingsChange {
+  readonly sql: string
+  /** Records the new settings on the server; call when the query succeeded (or cannot silently fail). */
+  readonly commit: () => void
+}
+
+const NO_CHANGE: SettingsChange = { sql: "", commit: () => {} }
+
 /**
- * The query that gives `server` the client's `desired` settings, or "" when it has them all. Uses
- * `set_config`, which takes the raw value string like a startup parameter does (where `SET` would
- * re-parse it: a list such as `search_path=a,b` must not become one quoted name). The server's
- * recorded settings are updated on the assumption that the query succeeds; reported ones are
- * confirmed by the ParameterStatus it causes.
+ * What gives `server` the client's `desired` settings (sql "" when it has them all). Values go
+ * through `set_config`, which takes the raw string like a startup parameter does (`SET` would
+ * re-parse it: `search_path=a,b` must not become one quoted name). Settings the pooler applied for
+ * an earlier client that PostgreSQL does not report are RESET unless this client wants them too,
+ * so they never carry over.
  */
-export const settingsQuery = (server: ServerConnection, desired: ReadonlyMap<string, string>): string => {
+export const settingsChange = (server: ServerConnection, desired: ReadonlyMap<string, string>): SettingsChange => {
   let calls = ""
+  let resets = ""
+  const set: Array<[string, string]> = []
+  const reset: Array<string> = []
   for (const [name, value] of desired) {
     if (server.settings.get(name) === value) continue
     calls += `${calls === "" ? "SELECT " : ", "}pg_catalog.set_config(${quoteLiteral(name)}, ${quoteLiteral(value)}, false)`
-    server.settings.set(name, value)
+    set.push([name, value])
   }
-  return calls
+  for (const name of server.unreported) {
+    if (desired.has(name)) continue
+    resets += `; RESET ${name}`
+    reset.push(name)
+  }
+  if (set.length === 0 && reset.length === 0) return NO_CHANGE
+  return {
+    sql: calls === "" ? resets.slice(2) : calls + resets,
+    commit: () => {
+      for (const [name, value] of set) server.applied(name, value)
+      for (const name of reset) server.unapplied(name)
+    }
+  }
 }
 
 /** After a client's transaction: what it SET on the server is now its own state. */

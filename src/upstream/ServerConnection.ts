@@ -1,13 +1,16 @@
 import * as net from "node:net"
-import { Effect, Queue, Redacted } from "effect"
+import { Effect, Exit, Queue, Redacted } from "effect"
 import { serialize } from "pg-protocol"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import {
   cancelRequest,
+  decodeAuthentication,
+  decodeBackendKeyData,
   decodeErrorFields,
   decodeParameterStatus,
   MessageScanner,
   md5Password,
+  ProtocolError,
   ScramClient,
   startupMessage
 } from "../protocol/index.ts"
@@ -41,6 +44,7 @@ const K = 0x4b
 const R = 0x52
 
 let nextId = 1
+const EMPTY = Buffer.alloc(0)
 
 /**
  * One upstream socket, logged in. It tracks only what a pooler must know to lend it safely: the
@@ -56,18 +60,31 @@ export class ServerConnection {
    * server reported, plus what the pooler applied itself (settings PostgreSQL does not report).
    */
   readonly settings = new Map<string, string>()
+  /** Settings in `settings` that the pooler applied and PostgreSQL does not report. */
+  readonly unreported = new Set<string>()
   /** Bumped on every ParameterStatus: a relay compares it to learn whether its client changed a setting. */
   parameterChanges = 0
   /** ReadyForQuery messages whose replies belong to the pooler, not the client (see `sendSilently`). */
   private silent = 0
   /** Offset in the current chunk where the client's bytes resume after a silent reply, or -1. */
   private silentEnd = -1
+  /** The server refused a silent query: the client's settings could not be restored. */
+  private silentError: string | undefined = undefined
+  /** CancelRequests sent for this server and not yet answered; the pool holds it back meanwhile. */
+  cancelsInFlight = 0
+  /** Set by the pool when it held this server back for in-flight cancels. */
+  onCancelsDone: (() => void) | undefined = undefined
   backendPid = 0
   backendSecret: Buffer = Buffer.alloc(0)
   /** Transaction status byte of the last ReadyForQuery: I, T or E. */
   txStatus = 0x49
   /** ReadyForQuery messages owed for Query/Sync/FunctionCall messages sent. */
   pending = 0
+  /**
+   * An extended-protocol batch was sent without its Sync (session mode keeps this; transaction mode
+   * tracks it in its relay). Such a server ignores everything until a Sync: it cannot be reset.
+   */
+  inBatch = false
   /** SQLSTATE of the last ErrorResponse seen, for reporting a loss mid-transaction. */
   lastErrorCode: string | undefined = undefined
   readonly createdAt = Date.now()
@@ -99,7 +116,9 @@ export class ServerConnection {
       this.settings.set(name.toLowerCase(), value)
       this.parameterChanges++
     } else if (type === E) {
-      this.lastErrorCode = decodeErrorFields(body!, start, start + length).C
+      const fields = decodeErrorFields(body!, start, start + length)
+      this.lastErrorCode = fields.C
+      if (this.silent > 0) this.silentError ??= fields.M ?? "error"
     }
     if (this.loginSink !== undefined) {
       this.loginSink({
@@ -117,8 +136,16 @@ export class ServerConnection {
       this.destroy(`invalid data from server: ${err.message}`)
       return
     }
+    if (this.silentError !== undefined) {
+      // Running the client's transaction with another client's settings is never an option.
+      this.destroy(`could not restore the client's settings: ${this.silentError}`)
+      return
+    }
     if (silentBefore === 0) this.handler?.onData(chunk)
-    else if (this.silentEnd >= 0 && this.silentEnd < chunk.length) this.handler?.onData(chunk.subarray(this.silentEnd))
+    else if (this.silentEnd >= 0) {
+      // Even when the silent reply ends the chunk, the relay hears of it: it may be releasable now.
+      this.handler?.onData(this.silentEnd < chunk.length ? chunk.subarray(this.silentEnd) : EMPTY)
+    }
   }
 
   /**
@@ -145,10 +172,45 @@ export class ServerConnection {
     this.handler?.onClose(this.closeReason)
   }
 
+  /**
+   * Cancels whatever this server is running, on a separate connection as the protocol requires.
+   * Counted while in flight, so the pool does not lend the server to another client before
+   * PostgreSQL has taken the cancel (which would otherwise hit that client's query).
+   */
+  readonly cancel: Effect.Effect<void> = Effect.suspend(() => {
+    this.cancelsInFlight++
+    return sendCancel(this.target, this.backendPid, this.backendSecret).pipe(
+      Effect.ensuring(
+        Effect.sync(() => {
+          if (--this.cancelsInFlight > 0) return
+          const done = this.onCancelsDone
+          this.onCancelsDone = undefined
+          done?.()
+        })
+      )
+    )
+  })
+
   /** After DISCARD ALL: only what the server reports is known; settings the pooler applied are gone. */
   resetSettings(): void {
     this.settings.clear()
+    this.unreported.clear()
     for (const [name, value] of this.parameters) this.settings.set(name.toLowerCase(), value)
+  }
+
+  /** The pooler set `name` (lower-cased) on this server. */
+  applied(name: string, value: string): void {
+    this.settings.set(name, value)
+    let reported = false
+    for (const key of this.parameters.keys()) if (key.toLowerCase() === name) reported = true
+    if (reported) this.unreported.delete(name)
+    else this.unreported.add(name)
+  }
+
+  /** The pooler RESET `name`, which PostgreSQL does not report: its value is the default again. */
+  unapplied(name: string): void {
+    this.settings.delete(name)
+    this.unreported.delete(name)
   }
 
   /** Idle and in a known state: safe to lend to another client. */
@@ -216,46 +278,46 @@ export class ServerConnection {
         const m = yield* next
         if (m.type === E) return yield* upstreamError(fieldsOf(m.body))
         if (m.type === K) {
-          this.backendPid = m.body.readInt32BE(0)
-          this.backendSecret = Buffer.from(m.body.subarray(4))
+          const key = decodeBackendKeyData(m.body, 0, m.body.length)
+          if (key instanceof ProtocolError) return yield* connectFailed(key.message)
+          this.backendPid = key.processId
+          this.backendSecret = key.secretKey
           continue
         }
         if (m.type === Z) return
         if (m.type !== R) continue
-        const code = m.body.readInt32BE(0)
-        switch (code) {
-          case 0:
+        const auth = decodeAuthentication(m.body, 0, m.body.length)
+        if (auth instanceof ProtocolError) return yield* connectFailed(auth.message)
+        switch (auth._tag) {
+          case "AuthenticationOk":
             break
-          case 3:
+          case "AuthenticationCleartextPassword":
             this.socket.write(serialize.password(yield* requirePassword(password, user)))
             break
-          case 5:
-            this.socket.write(
-              serialize.password(md5Password(user, yield* requirePassword(password, user), m.body.subarray(4, 8)))
-            )
+          case "AuthenticationMD5Password":
+            this.socket.write(serialize.password(md5Password(user, yield* requirePassword(password, user), auth.salt)))
             break
-          case 10: {
-            const mechanisms = m.body.subarray(4).toString("utf8").split("\0")
-            if (!mechanisms.includes("SCRAM-SHA-256")) {
-              return yield* connectFailed(`server offers no supported SASL mechanism (${mechanisms.join(", ")})`)
+          case "AuthenticationSASL": {
+            if (!auth.mechanisms.includes("SCRAM-SHA-256")) {
+              return yield* connectFailed(`server offers no supported SASL mechanism (${auth.mechanisms.join(", ")})`)
             }
             scram = new ScramClient({ password: yield* requirePassword(password, user) })
             this.socket.write(serialize.sendSASLInitialResponseMessage("SCRAM-SHA-256", scram.clientFirst()))
             break
           }
-          case 11: {
-            const final = scram?.handleServerFirst(m.body.subarray(4).toString("utf8"))
+          case "AuthenticationSASLContinue": {
+            const final = scram?.handleServerFirst(auth.data.toString("utf8"))
             if (typeof final !== "string") return yield* connectFailed("invalid SCRAM server-first message")
             this.socket.write(serialize.sendSCRAMClientFinalMessage(final))
             break
           }
-          case 12: {
-            const ok = scram?.verifyServerFinal(m.body.subarray(4).toString("utf8"))
+          case "AuthenticationSASLFinal": {
+            const ok = scram?.verifyServerFinal(auth.data.toString("utf8"))
             if (ok !== true) return yield* connectFailed("server signature mismatch in SCRAM exchange")
             break
           }
-          default:
-            return yield* connectFailed(`unsupported authentication request ${code}`)
+          case "AuthenticationUnsupported":
+            return yield* connectFailed(`unsupported authentication request ${auth.code}`)
         }
       }
     }).pipe(
@@ -310,13 +372,14 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
       duration: target.connectTimeoutMs,
       onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
     }),
-    Effect.tapError(() => Effect.sync(() => conn.destroy("login failed")))
+    // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
+    Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
   )
   return conn
 })
 
 /** Sends a CancelRequest for `pid` on a fresh connection to the server's address. Best effort. */
-export const cancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
+const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
   Effect.async<void>((resume) => {
     const s = net.connect({ host: target.host, port: target.port })
     const packet = cancelRequest(pid, secret)

@@ -1,1 +1,1 @@
-export { cancel, connect, ServerConnection, type ServerHandler, type UpstreamTarget } from "./ServerConnection.ts"
+export { connect, ServerConnection, type ServerHandler, type UpstreamTarget } from "./ServerConnection.ts"

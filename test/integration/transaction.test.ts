@@ -77,7 +77,7 @@ const serverCount = async () =>
   )
 
 describe("transaction mode", () => {
-  it("200 clients × 20 transactions share 5 servers, with exact results", async () => {
+  it("200 clients × 20 transactions share 5 servers, with exact results", { timeout: 180_000 }, async () => {
     await db.query("UPDATE counters SET n = 0")
     let running = true
     let maxServers = 0
@@ -220,6 +220,30 @@ describe("transaction mode", () => {
       expect(await show(b)).toMatchObject({ app: "client-b" })
       expect((await show(b)).tz).not.toBe("Asia/Tokyo")
       expect(pidsB.size + 1).toBeGreaterThan(1)
+    } finally {
+      await a.end()
+      await b.end()
+    }
+  })
+
+  it("does not carry unreported startup settings over to the next client of a server", async () => {
+    // pool_size 1 ("solo"): both clients use the same server.
+    const a = await client("solo.acme", {
+      options: "-c search_path=pg_catalog -c bytea_output=escape -c extra_float_digits=0"
+    })
+    const b = await client("solo.acme")
+    const show = async (c: pg.Client) =>
+      (
+        await c.query(
+          "SELECT current_setting('search_path') AS path, current_setting('bytea_output') AS bytea, current_setting('extra_float_digits') AS digits"
+        )
+      ).rows[0]
+    try {
+      expect(await show(a)).toEqual({ path: "pg_catalog", bytea: "escape", digits: "0" })
+      const seenByB = await show(b)
+      expect(seenByB.path).not.toBe("pg_catalog")
+      expect(seenByB.bytea).toBe("hex")
+      expect(await show(a)).toEqual({ path: "pg_catalog", bytea: "escape", digits: "0" })
     } finally {
       await a.end()
       await b.end()
