@@ -1,5 +1,5 @@
-import { Effect, Exit, FiberSet, type Scope } from "effect"
-import { type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
+import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, type ServerConnection, type ServerHandler, type UpstreamTarget } from "../upstream/index.ts"
 
 export type PoolMode = "transaction" | "session"
@@ -304,8 +304,11 @@ export class TenantPool {
 
   private onConnectFailed(exit: Exit.Exit<ServerConnection, TidepoolError>): void {
     if (Exit.isSuccess(exit)) return
-    const failure = exit.cause._tag === "Fail" ? exit.cause.error : undefined
-    if (failure === undefined) return // interrupted: the pool is closing
+    if (Cause.isInterruptedOnly(exit.cause)) return // the pool is closing
+    // A defect (a bug, or bytes no PostgreSQL would send) is a failed connect like any other.
+    const failure = Option.getOrElse(Cause.failureOption(exit.cause), () =>
+      upstreamError({ code: "08006", message: `Failed to connect to database: ${Cause.squash(exit.cause)}` })
+    )
     this.counters.serverConnectFailures++
     this.lastConnectError = failure
     this.lastConnectErrorAt = Date.now()
