@@ -24,7 +24,7 @@ const messageOf = (message: unknown): string => {
 /** One JSON object per line: level, time, msg, then the session's fields (DESIGN §7). */
 const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, spans }) => {
   const line: Record<string, unknown> = {
-    level: logLevel.label.toLowerCase(),
+    level: logLevel._tag.toLowerCase(),
     time: date.toISOString(),
     msg: messageOf(message),
     ...fieldsOf(annotations)

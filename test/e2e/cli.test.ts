@@ -90,6 +90,29 @@ describe("tidepool serve", () => {
         console.log("psql not found: skipping the 50 MB streaming check")
       }
 
+      // A failed login is logged once, as one JSON line with its code and context, and no secret.
+      const wrong = await new pg.Client({
+        connectionString: `postgresql://app.acme:not-the-password@127.0.0.1:${env.PROXY_PORT_SESSION}/postgres`
+      })
+        .connect()
+        .then(
+          () => undefined,
+          (e: { code?: string }) => e.code
+        )
+      expect(wrong).toBe("28P01")
+      const [line] = await cli.waitFor(/^\{.*"code":"EWRONGPASSWORD".*\}$/m)
+      expect(JSON.parse(line)).toMatchObject({
+        level: "warning",
+        code: "EWRONGPASSWORD",
+        tenant: "acme",
+        user: "app",
+        mode: "session",
+        peer_ip: "127.0.0.1"
+      })
+      expect(JSON.parse(line).time).toMatch(/^\d{4}-\d\d-\d\dT/)
+      expect(cli.output()).not.toContain("not-the-password")
+      expect(cli.output()).not.toContain("app-secret")
+
       const client = new pg.Client({ connectionString: url })
       const ended = new Promise<{ code?: string }>((resolve) =>
         client.on("error", (e) => resolve(e as { code?: string }))
@@ -134,6 +157,14 @@ describe("tidepool serve", () => {
       expect(cli.output()).toContain("PROXY_PORT_SESSION")
     } finally {
       taken.close()
+    }
+  })
+
+  it("documents every command in --help", async () => {
+    const cli = runCli(["--help"], {})
+    expect(await cli.exited).toBe(0)
+    for (const command of ["tidepool serve", "tidepool demo", "tidepool config check"]) {
+      expect(cli.output()).toContain(command)
     }
   })
 
