@@ -279,6 +279,31 @@ describe("transaction mode", () => {
     }
   })
 
+  it("a cancel from a client that holds no server does nothing, even to the query now on its last server", async () => {
+    // pool_size 1 ("solo"): A used the only server, then B runs on it.
+    const a = await client("solo.acme")
+    const b = await client("solo.acme")
+    try {
+      await a.query("SELECT 1")
+      const running = b.query("SELECT pg_sleep(2), 'finished' AS state")
+      for (;;) {
+        const rows = await db.query(
+          "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(2)%' AND state = 'active'"
+        )
+        if (rows.length > 0) break
+      }
+      const canceller = new pg.Client({ host: "127.0.0.1", port: tidepool.transactionPort })
+      const idleQuery = new pg.Query("SELECT 1")
+      ;(a as unknown as { activeQuery: pg.Query }).activeQuery = idleQuery
+      ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(a, idleQuery)
+      expect((await running).rows[0].state).toBe("finished")
+    } finally {
+      ;(a as unknown as { activeQuery: unknown }).activeQuery = null
+      await a.end()
+      await b.end()
+    }
+  })
+
   it("replaces an idle server killed by pg_terminate_backend without any client noticing", async () => {
     const c = await client("solo.acme")
     try {
