@@ -1,0 +1,138 @@
+/** Command-line flags of `npm run bench -- …`. */
+import { parseArgs } from "node:util"
+import type { Protocol } from "./pgbench.ts"
+
+export const TARGETS = ["tidepool", "pgbouncer", "direct"] as const
+export type TargetName = (typeof TARGETS)[number]
+export type PoolMode = "transaction" | "session"
+
+export interface BenchOptions {
+  /** Seconds of load per run after its clients have connected (pgbench's -T is padded for connecting). */
+  readonly duration: number
+  readonly clients: ReadonlyArray<number>
+  readonly protocols: ReadonlyArray<Protocol>
+  readonly targets: ReadonlyArray<TargetName>
+  /** Runs per (protocol, clients, target); the report shows medians. */
+  readonly repeat: number
+  /** Server connections per pool, the same for Tidepool and PgBouncer. */
+  readonly pool: number
+  /** pgbench worker threads (`-j`), capped at the number of clients. */
+  readonly threads: number
+  /** pgbench scale factor (`-i -s`): 100 000 rows of pgbench_accounts each. */
+  readonly scale: number
+  /** Tidepool port (transaction or session) and PgBouncer `pool_mode`. */
+  readonly mode: PoolMode
+  /** Seconds of unmeasured load per target before each protocol's runs; 0 skips it. */
+  readonly warmup: number
+  /** PostgreSQL `max_connections`; direct runs that would not fit are skipped. */
+  readonly maxConnections: number
+  /** Also write the report (markdown) to this file. */
+  readonly out: string | undefined
+}
+
+export const HELP = `npm run bench -- [flags]
+
+Runs pgbench -S (select-only) through Tidepool, PgBouncer and straight to PostgreSQL, one
+PostgreSQL 17 server for all three, and prints a markdown table (TPS, mean and p99 latency,
+pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it stops.
+
+  --duration, -T SECONDS   load per run once its clients have connected (default 10)
+  --clients LIST           client counts (default 1,10,50,200,1000)
+  --protocols LIST         simple, extended (default both)
+  --targets LIST           tidepool, pgbouncer, direct (default all three)
+  --repeat N               runs per cell, interleaved across targets; medians reported (default 1)
+  --pool N                 server connections per pool, Tidepool and PgBouncer alike (default 20)
+  --threads, -j N          pgbench threads (default 2)
+  --scale N                pgbench scale factor (default 10)
+  --mode MODE              transaction (default) or session: Tidepool's port and PgBouncer's pool_mode;
+                           in session mode pooled runs with more clients than --pool are skipped
+  --warmup SECONDS         unmeasured warm-up per target and protocol (default 3; 0 = none)
+  --max-connections N      PostgreSQL max_connections (default 300); direct runs above
+                           N - 2 * pool - 10 clients are skipped
+  --out FILE               also write the report to FILE
+  --help, -h               this text
+`
+
+export class UsageError extends Error {}
+
+const positiveInteger = (flag: string, value: string): number => {
+  const number = Number(value)
+  if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(number) || number < 1) {
+    throw new UsageError(`--${flag}: expected a positive integer, got ${JSON.stringify(value)}`)
+  }
+  return number
+}
+
+const list = <A extends string>(flag: string, value: string, allowed: ReadonlyArray<A>): ReadonlyArray<A> => {
+  const items = value
+    .split(",")
+    .map((item) => item.trim())
+    .filter((item) => item !== "")
+  for (const item of items) {
+    if (!allowed.includes(item as A)) {
+      throw new UsageError(`--${flag}: unknown value ${JSON.stringify(item)} (expected ${allowed.join(", ")})`)
+    }
+  }
+  if (items.length === 0) throw new UsageError(`--${flag}: expected at least one of ${allowed.join(", ")}`)
+  return [...new Set(items as Array<A>)]
+}
+
+/** Parses argv (without node and the script); `undefined` means help was asked for. */
+export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefined => {
+  let parsed: ReturnType<typeof parse>
+  try {
+    parsed = parse(argv)
+  } catch (error) {
+    throw new UsageError((error as Error).message)
+  }
+  const { values, positionals } = parsed
+  if (values.help === true) return undefined
+  if (positionals.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(positionals[0])}`)
+  const mode = values.mode ?? "transaction"
+  if (mode !== "transaction" && mode !== "session") {
+    throw new UsageError(`--mode: expected transaction or session, got ${JSON.stringify(mode)}`)
+  }
+  const warmup =
+    values.warmup === undefined ? 3 : values.warmup.trim() === "0" ? 0 : positiveInteger("warmup", values.warmup)
+  const clients = (values.clients ?? "1,10,50,200,1000")
+    .split(",")
+    .filter((item) => item.trim() !== "")
+    .map((item) => positiveInteger("clients", item))
+  if (clients.length === 0) throw new UsageError("--clients: expected a comma-separated list of client counts")
+  return {
+    duration: positiveInteger("duration", values.duration ?? "10"),
+    clients: [...new Set(clients)],
+    protocols: list("protocols", values.protocols ?? "simple,extended", ["simple", "extended"]),
+    targets: list("targets", values.targets ?? TARGETS.join(","), TARGETS),
+    repeat: positiveInteger("repeat", values.repeat ?? "1"),
+    pool: positiveInteger("pool", values.pool ?? "20"),
+    threads: positiveInteger("threads", values.threads ?? "2"),
+    scale: positiveInteger("scale", values.scale ?? "10"),
+    mode,
+    warmup,
+    maxConnections: positiveInteger("max-connections", values["max-connections"] ?? "300"),
+    out: values.out
+  }
+}
+
+const parse = (argv: ReadonlyArray<string>) =>
+  parseArgs({
+    args: [...argv],
+    allowPositionals: true,
+    strict: true,
+    options: {
+      duration: { type: "string", short: "T" },
+      clients: { type: "string" },
+      protocols: { type: "string" },
+      targets: { type: "string" },
+      repeat: { type: "string" },
+      pool: { type: "string" },
+      threads: { type: "string", short: "j" },
+      scale: { type: "string" },
+      mode: { type: "string" },
+      warmup: { type: "string" },
+      "max-connections": { type: "string" },
+      out: { type: "string" },
+      help: { type: "boolean", short: "h" }
+    }
+  })

@@ -1,0 +1,180 @@
+/** Medians, ratios and the markdown report. */
+import type { BenchOptions, TargetName } from "./options.ts"
+import type { PgbenchResult, Protocol } from "./pgbench.ts"
+
+export interface Measurement {
+  readonly protocol: Protocol
+  readonly clients: number
+  readonly target: TargetName
+  /** One result per repetition, in the order they ran. */
+  readonly runs: ReadonlyArray<PgbenchResult>
+  /** Why the cell was not run. */
+  readonly skipped?: string
+}
+
+export const median = (values: ReadonlyArray<number>): number => {
+  const sorted = values.filter((value) => Number.isFinite(value)).sort((a, b) => a - b)
+  if (sorted.length === 0) return Number.NaN
+  const middle = sorted.length >> 1
+  return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2
+}
+
+const fixed = (value: number | undefined, digits: number) =>
+  value === undefined || !Number.isFinite(value) ? "–" : value.toFixed(digits)
+
+/** The per-repetition ratios a/b (the two ran back to back in each repetition). */
+const pairedRatios = (
+  a: Measurement | undefined,
+  b: Measurement | undefined,
+  metric: (result: PgbenchResult) => number | undefined
+): ReadonlyArray<number> => {
+  if (a === undefined || b === undefined) return []
+  const ratios: Array<number> = []
+  for (let i = 0; i < Math.min(a.runs.length, b.runs.length); i++) {
+    const x = metric(a.runs[i]!)
+    const y = metric(b.runs[i]!)
+    if (x !== undefined && y !== undefined && Number.isFinite(x / y) && y > 0) ratios.push(x / y)
+  }
+  return ratios
+}
+
+/** The median ratio, and with several repetitions their range: `0.72× (0.70–0.75)`. */
+const ratioText = (ratios: ReadonlyArray<number>) => {
+  if (ratios.length === 0) return ""
+  const text = `${median(ratios).toFixed(2)}×`
+  return ratios.length === 1 ? text : `${text} (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)})`
+}
+
+export interface Summary {
+  readonly protocol: Protocol
+  readonly clients: number
+  readonly target: TargetName
+  readonly tps: number
+  readonly meanMs: number
+  readonly p99Ms: number
+  readonly cpuUsPerTx: number | undefined
+  readonly failed: number
+  readonly aborted: number
+}
+
+export const summarize = (measurement: Measurement): Summary => {
+  const cpu = measurement.runs.map((run) => run.cpuUsPerTx).filter((value) => value !== undefined)
+  return {
+    protocol: measurement.protocol,
+    clients: measurement.clients,
+    target: measurement.target,
+    tps: median(measurement.runs.map((run) => run.tps)),
+    meanMs: median(measurement.runs.map((run) => run.meanMs)),
+    p99Ms: median(measurement.runs.map((run) => run.p99Ms)),
+    cpuUsPerTx: cpu.length === 0 ? undefined : median(cpu),
+    failed: measurement.runs.reduce((sum, run) => sum + run.failed, 0),
+    aborted: measurement.runs.reduce((sum, run) => sum + run.aborted, 0)
+  }
+}
+
+/** One line for the progress log. */
+export const describeRun = (result: PgbenchResult): string =>
+  [
+    `${fixed(result.tps, 0)} tps`,
+    `mean ${fixed(result.meanMs, 3)} ms`,
+    `p99 ${fixed(result.p99Ms, 3)} ms`,
+    ...(result.cpuUsPerTx === undefined ? [] : [`${fixed(result.cpuUsPerTx, 1)} µs/tx`]),
+    `over ${fixed(result.measuredS, 1)} s after ${fixed(result.connectMs / 1000, 1)} s connecting`,
+    ...(result.failed > 0 ? [`${result.failed} failed`] : []),
+    ...(result.aborted > 0 ? [`${result.aborted} clients aborted`] : [])
+  ].join(", ")
+
+const TARGET_LABEL: Record<TargetName, string> = { tidepool: "Tidepool", pgbouncer: "PgBouncer", direct: "direct" }
+
+export interface ReportContext {
+  readonly options: BenchOptions
+  readonly machine: ReadonlyArray<string>
+  readonly startedAt: Date
+  readonly finishedAt: Date
+}
+
+export const renderReport = (measurements: ReadonlyArray<Measurement>, context: ReportContext): string => {
+  const { options } = context
+  const find = (protocol: Protocol, clients: number, target: TargetName) =>
+    measurements.find(
+      (m) => m.protocol === protocol && m.clients === clients && m.target === target && m.skipped === undefined
+    )
+  const rows: Array<ReadonlyArray<string>> = []
+  const notes: Array<string> = []
+  for (const measurement of measurements) {
+    const { protocol, clients, target } = measurement
+    const label = [protocol, String(clients), TARGET_LABEL[target]]
+    if (measurement.skipped !== undefined) {
+      rows.push([...label, "skipped", "", "", "", "", "", ""])
+      notes.push(`${protocol}, ${clients} clients, ${TARGET_LABEL[target]}: skipped — ${measurement.skipped}`)
+      continue
+    }
+    const summary = summarize(measurement)
+    const failed = summary.failed + (summary.aborted > 0 ? ` (${summary.aborted} clients aborted)` : "")
+    const pgbouncer = target === "tidepool" ? find(protocol, clients, "pgbouncer") : undefined
+    rows.push([
+      ...label,
+      fixed(summary.tps, 0),
+      fixed(summary.meanMs, 3),
+      fixed(summary.p99Ms, 3),
+      fixed(summary.cpuUsPerTx, 1),
+      failed,
+      ratioText(pairedRatios(measurement, pgbouncer, (run) => run.tps)),
+      ratioText(pairedRatios(measurement, pgbouncer, (run) => run.cpuUsPerTx))
+    ])
+    const where = `${protocol}, ${clients} clients, ${TARGET_LABEL[target]}`
+    for (const run of measurement.runs) {
+      if (run.problem !== "") notes.push(`${where}: ${run.problem.split("\n")[0]}`)
+      if (run.measuredS < 0.8 * options.duration) {
+        notes.push(
+          `${where}: measured over ${fixed(run.measuredS, 1)} s only; connecting the clients took ` +
+            `${fixed(run.connectMs / 1000, 1)} s of pgbench's -T`
+        )
+      }
+    }
+  }
+
+  const header = [
+    "protocol",
+    "clients",
+    "target",
+    "TPS",
+    "mean ms",
+    "p99 ms",
+    "CPU µs/tx",
+    "failed",
+    "TPS vs PgBouncer",
+    "CPU vs PgBouncer"
+  ]
+  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9])
+  const widths = header.map((title, i) => Math.max(title.length, ...rows.map((row) => row[i]!.length)))
+  const line = (cells: ReadonlyArray<string>) =>
+    `| ${cells.map((cell, i) => (numeric.has(i) ? cell.padStart(widths[i]!) : cell.padEnd(widths[i]!))).join(" | ")} |`
+  const rule = `| ${widths.map((width, i) => (numeric.has(i) ? `${"-".repeat(width - 1)}:` : "-".repeat(width))).join(" | ")} |`
+
+  const minutes = (context.finishedAt.getTime() - context.startedAt.getTime()) / 60_000
+  return [
+    `## pgbench -S: Tidepool vs PgBouncer vs direct`,
+    "",
+    `Run ${context.startedAt.toISOString()} (${minutes.toFixed(1)} min). ` +
+      `pgbench -S, scale ${options.scale}, ${options.duration} s of load per run after connecting, -j ${options.threads}, ` +
+      `${options.repeat === 1 ? "1 run per cell" : `median of ${options.repeat} interleaved runs per cell`}; ` +
+      `pool size ${options.pool} (Tidepool and PgBouncer), pool mode ${options.mode}, ` +
+      `PostgreSQL max_connections ${options.maxConnections}.`,
+    "",
+    ...context.machine.map((item) => `- ${item}`),
+    "",
+    line(header),
+    rule,
+    ...rows.map(line),
+    "",
+    "TPS excludes connection set-up (pgbench's figure). Latencies are per transaction, from pgbench's " +
+      "transaction log. CPU µs/tx is the pooler process's user+system CPU time over the steady part of " +
+      "the run divided by the transactions completed in it. Ratios are Tidepool ÷ PgBouncer" +
+      (options.repeat > 1
+        ? ", the median (and range) of the ratios of the runs that ran back to back in each repetition."
+        : "."),
+    ...(notes.length === 0 ? [] : ["", ...notes.map((note) => `- ${note}`)]),
+    ""
+  ].join("\n")
+}

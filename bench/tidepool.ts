@@ -1,0 +1,99 @@
+/** Tidepool as a child process (`tidepool serve --config FILE`), so its CPU time is its own. */
+import * as fs from "node:fs/promises"
+import * as path from "node:path"
+import { Effect, type Scope } from "effect"
+import { runCli } from "../test/support/cli.ts"
+import { freePort } from "../test/support/ports.ts"
+import type { PoolMode } from "./options.ts"
+import type { Endpoint } from "./pgbench.ts"
+import { BenchError, scopedTempDir, terminate } from "./process.ts"
+import { waitUntilServing } from "./ready.ts"
+
+export interface TidepoolOptions {
+  readonly upstream: Endpoint
+  readonly tenant: string
+  readonly poolSize: number
+  readonly maxClients: number
+  readonly mode: PoolMode
+}
+
+export interface RunningTidepool {
+  readonly endpoint: Endpoint
+  readonly pid: number
+}
+
+const configFile = (options: TidepoolOptions) => {
+  const { upstream } = options
+  return JSON.stringify(
+    {
+      tenants: [
+        {
+          external_id: options.tenant,
+          db_host: upstream.host,
+          db_port: upstream.port,
+          db_database: upstream.database,
+          default_pool_size: options.poolSize,
+          default_max_clients: options.maxClients,
+          users: [
+            {
+              db_user: upstream.user,
+              db_password: upstream.password,
+              pool_size: options.poolSize,
+              max_clients: options.maxClients
+            }
+          ]
+        }
+      ]
+    },
+    null,
+    2
+  )
+}
+
+const launch = async (dir: string, options: TidepoolOptions) => {
+  const config = path.join(dir, "tidepool.json")
+  await fs.writeFile(config, configFile(options))
+  const [session, transaction, api] = [await freePort(), await freePort(), await freePort()]
+  const cli = runCli(["serve", "--config", config], {
+    PROXY_PORT_SESSION: String(session),
+    PROXY_PORT_TRANSACTION: String(transaction),
+    PORT: String(api),
+    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+    TIDEPOOL_LOG_LEVEL: "warning",
+    TIDEPOOL_DATA_DIR: path.join(dir, "data"),
+    TIDEPOOL_SHUTDOWN_TIMEOUT: "2000"
+  })
+  let finished: string | undefined
+  void cli.exited.then((code) => {
+    finished = `exit ${code}\n${cli.output().slice(-8000)}`
+  })
+  return { cli, port: options.mode === "transaction" ? transaction : session, exited: () => finished }
+}
+
+/** Tidepool with one tenant in front of `upstream`, for the enclosing scope. */
+export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTidepool, BenchError, Scope.Scope> =>
+  Effect.gen(function* () {
+    const dir = yield* scopedTempDir("tidepool-bench-tidepool-")
+    const launched = yield* Effect.acquireRelease(
+      Effect.promise(() => launch(dir, options)),
+      // SIGTERM starts a graceful shutdown, bounded by TIDEPOOL_SHUTDOWN_TIMEOUT below.
+      (running) => Effect.promise(() => terminate(running.cli.child, 10_000))
+    )
+    const endpoint: Endpoint = {
+      ...options.upstream,
+      host: "127.0.0.1",
+      port: launched.port,
+      user: `${options.upstream.user}.${options.tenant}`
+    }
+    // Start-up is logged at info, which we keep quiet; a query answered is the better signal anyway.
+    yield* waitUntilServing(`Tidepool (${options.mode} port ${launched.port})`, endpoint, launched.exited, 60_000).pipe(
+      Effect.mapError((error) =>
+        options.mode === "transaction"
+          ? new BenchError({
+              message: `${error.message}\n(if this Tidepool build has no transaction-mode listener yet, try --mode session)`
+            })
+          : error
+      )
+    )
+    return { endpoint, pid: launched.cli.child.pid! }
+  })
