@@ -79,6 +79,18 @@ const failToConnect = async (config: pg.ClientConfig) => {
   )
 }
 
+/** ErrorResponse body → fields by their one-letter codes. */
+const errorFields = (body: Buffer): Record<string, string> => {
+  const fields: Record<string, string> = {}
+  let i = 0
+  while (i < body.length && body[i] !== 0) {
+    const end = body.indexOf(0, i + 1)
+    fields[String.fromCharCode(body[i]!)] = body.toString("utf8", i + 1, end)
+    i = end + 1
+  }
+  return fields
+}
+
 /** Sends raw bytes as the first packet and collects the ErrorResponse fields. */
 const rawError = (bytes: Buffer): Promise<Record<string, string>> =>
   new Promise((resolve, reject) => {
@@ -90,14 +102,7 @@ const rawError = (bytes: Buffer): Promise<Record<string, string>> =>
     socket.on("error", reject)
     socket.on("close", () => {
       if (received[0] !== 0x45) return reject(new Error(`expected ErrorResponse, got ${received.toString("hex")}`))
-      const fields: Record<string, string> = {}
-      let i = 5
-      while (i < received.length && received[i] !== 0) {
-        const end = received.indexOf(0, i + 1)
-        fields[String.fromCharCode(received[i]!)] = received.toString("utf8", i + 1, end)
-        i = end + 1
-      }
-      resolve(fields)
+      resolve(errorFields(received.subarray(5)))
     })
   })
 
@@ -245,17 +250,6 @@ describe("client-visible errors", () => {
       message: "(ESSLREQUIRED) SSL connection is required for user: app"
     })
   })
-
-  const errorFields = (body: Buffer): Record<string, string> => {
-    const fields: Record<string, string> = {}
-    let i = 0
-    while (i < body.length && body[i] !== 0) {
-      const end = body.indexOf(0, i + 1)
-      fields[String.fromCharCode(body[i]!)] = body.toString("utf8", i + 1, end)
-      i = end + 1
-    }
-    return fields
-  }
 
   for (const port of ["sessionPort", "transactionPort"] as const) {
     it(`EMESSAGETOOLARGE and EPROTOCOL after login (${port})`, async () => {

@@ -5,6 +5,7 @@ import { promisify } from "node:util"
 import pg from "pg"
 import postgres from "postgres"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { cancelWhileBusy } from "../support/cancel.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
 
@@ -166,25 +167,10 @@ describe("session mode with node-postgres", () => {
     const victim = await connect()
     const bystander = await connect()
     try {
-      const query = new pg.Query("SELECT pg_sleep(30)")
-      const sleeping = new Promise<{ code?: string } | undefined>((resolve) => {
-        query.on("error", (e) => resolve(e as { code?: string }))
-        query.on("end", () => resolve(undefined))
+      expect(await cancelWhileBusy({ db, port: tidepool.sessionPort, victim, bystander })).toEqual({
+        victimCode: "57014",
+        bystanderState: "done"
       })
-      victim.query(query)
-      const other = bystander.query("SELECT pg_sleep(0.5), 'done' AS state")
-      // Cancel once the server really runs the sleep.
-      for (;;) {
-        const rows = await db.query(
-          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
-        )
-        if (rows.length > 0) break
-      }
-      // node-postgres cancels on a new connection with the BackendKeyData the victim received.
-      const canceller = new pg.Client({ host: tidepool.host, port: tidepool.sessionPort })
-      ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
-      expect((await sleeping)?.code).toBe("57014")
-      expect((await other).rows[0].state).toBe("done")
     } finally {
       await victim.end()
       await bystander.end()

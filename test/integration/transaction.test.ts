@@ -5,6 +5,7 @@ import pg from "pg"
 import { serialize } from "pg-protocol"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { PoolRegistry } from "../../src/pool/index.ts"
+import { cancelWhileBusy } from "../support/cancel.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { RawClient } from "../support/raw.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
@@ -254,23 +255,10 @@ describe("transaction mode", () => {
     const victim = await client()
     const bystander = await client()
     try {
-      const query = new pg.Query("SELECT pg_sleep(30)")
-      const sleeping = new Promise<{ code?: string } | undefined>((resolve) => {
-        query.on("error", (e) => resolve(e as { code?: string }))
-        query.on("end", () => resolve(undefined))
+      expect(await cancelWhileBusy({ db, port: tidepool.transactionPort, victim, bystander })).toEqual({
+        victimCode: "57014",
+        bystanderState: "done"
       })
-      victim.query(query)
-      const other = bystander.query("SELECT pg_sleep(0.5), 'done' AS state")
-      for (;;) {
-        const rows = await db.query(
-          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
-        )
-        if (rows.length > 0) break
-      }
-      const canceller = new pg.Client({ host: "127.0.0.1", port: tidepool.transactionPort })
-      ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
-      expect((await sleeping)?.code).toBe("57014")
-      expect((await other).rows[0].state).toBe("done")
       // The victim's connection is still good.
       expect((await victim.query("SELECT 1 AS one")).rows[0].one).toBe(1)
     } finally {
