@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { parseArgs } from "node:util"
 import { NodeRuntime } from "@effect/platform-node"
-import { Console, Effect } from "effect"
+import { Cause, Console, Effect } from "effect"
 import { configCheck } from "./cli/configCheck.ts"
 import { demo } from "./cli/demo.ts"
 import { serve } from "./cli/serve.ts"
@@ -56,4 +56,23 @@ const main = Effect.suspend(() => {
   }
 })
 
-NodeRuntime.runMain(main, { disableErrorReporting: true, disablePrettyLogger: true })
+/**
+ * Whatever stopped a command (an invalid setting, a taken port, a bug) is said in one line on stderr
+ * with exit status 1 — never a silent exit, never a stack trace for an operator's mistake.
+ */
+const reported = main.pipe(
+  Effect.catchAllCause((cause) => {
+    if (Cause.isInterruptedOnly(cause)) return Effect.void
+    const error = Cause.squash(cause)
+    const text =
+      error instanceof Error || (typeof error === "object" && error !== null && "message" in error)
+        ? String((error as { message: unknown }).message)
+        : String(error)
+    return Effect.zipRight(
+      Console.error(`tidepool: ${text}`),
+      Effect.sync(() => process.exit(1))
+    )
+  })
+)
+
+NodeRuntime.runMain(reported, { disableErrorReporting: true, disablePrettyLogger: true })
