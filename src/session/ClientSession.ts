@@ -10,7 +10,7 @@ import {
   userMaxClients,
   userPoolSize
 } from "../config/index.ts"
-import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
+import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { type PoolMode, PoolRegistry, type TenantPool } from "../pool/index.ts"
 import {
   authenticationOk,
@@ -49,10 +49,7 @@ const applySettings = (server: ServerConnection, settings: ReadonlyMap<string, s
   const change = settingsChange(server, settings)
   return change.sql === ""
     ? Effect.void
-    : server.simpleQuery(change.sql).pipe(
-        Effect.tap(() => Effect.sync(change.commit)),
-        Effect.mapError((e) => upstreamError({ ...e, code: e.sqlstate }))
-      )
+    : server.simpleQuery(change.sql).pipe(Effect.tap(() => Effect.sync(change.commit)))
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
