@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto"
 import { Effect, Redacted } from "effect"
 import { createScramSecret, type ScramSecret } from "../protocol/index.ts"
 
@@ -7,15 +8,17 @@ import { createScramSecret, type ScramSecret } from "../protocol/index.ts"
  */
 export class SecretCache extends Effect.Service<SecretCache>()("tidepool/SecretCache", {
   sync: () => {
-    const cache = new Map<string, { readonly password: string; readonly secret: ScramSecret }>()
+    // Keyed by a digest of the password, so the cache notices a change without keeping the plaintext.
+    const cache = new Map<string, { readonly digest: string; readonly secret: ScramSecret }>()
     return {
       forPassword: (tenant: string, user: string, password: Redacted.Redacted<string>): ScramSecret => {
         const key = `${tenant}\u0000${user}`
         const plain = Redacted.value(password)
+        const digest = createHash("sha256").update(plain).digest("base64")
         const hit = cache.get(key)
-        if (hit !== undefined && hit.password === plain) return hit.secret
+        if (hit !== undefined && hit.digest === digest) return hit.secret
         const secret = createScramSecret(plain)
-        cache.set(key, { password: plain, secret })
+        cache.set(key, { digest, secret })
         return secret
       }
     } as const
