@@ -1,19 +1,14 @@
-import { execFile } from "node:child_process"
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
-import { promisify } from "node:util"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { peakRssKb, runCli } from "../support/cli.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { hasTool, run } from "../support/tools.ts"
 
-const run = promisify(execFile)
-const hasPsql = await run("psql", ["--version"]).then(
-  () => true,
-  () => false
-)
+const hasPsql = await hasTool("psql")
 
 let db: PostgresServer
 let dir: string

@@ -1,19 +1,14 @@
-import { execFile } from "node:child_process"
 import { Readable } from "node:stream"
 import { pipeline } from "node:stream/promises"
-import { promisify } from "node:util"
 import pg from "pg"
 import postgres from "postgres"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { cancelWhileBusy } from "../support/cancel.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+import { hasTool, run } from "../support/tools.ts"
 
-const run = promisify(execFile)
-const hasPsql = await run("psql", ["--version"]).then(
-  () => true,
-  () => false
-)
+const hasPsql = await hasTool("psql")
 
 let db: PostgresServer
 let tidepool: RunningTidepool

@@ -1,5 +1,3 @@
-import { execFile } from "node:child_process"
-import { promisify } from "node:util"
 import { Effect } from "effect"
 import pg from "pg"
 import { serialize } from "pg-protocol"
@@ -9,12 +7,9 @@ import { cancelWhileBusy } from "../support/cancel.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { RawClient } from "../support/raw.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+import { hasTool, run } from "../support/tools.ts"
 
-const run = promisify(execFile)
-const hasPgbench = await run("pgbench", ["--version"]).then(
-  () => true,
-  () => false
-)
+const hasPgbench = await hasTool("pgbench")
 
 let db: PostgresServer
 let tidepool: RunningTidepool
