@@ -1,6 +1,6 @@
 import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
-import { connect, type ServerConnection, type ServerHandler, type UpstreamTarget } from "../upstream/index.ts"
+import { connect, type ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
 
 export type PoolMode = "transaction" | "session"
 
@@ -347,7 +347,8 @@ export class TenantPool {
 
   /** While idle, a server speaks only if it is dying (admin shutdown, pg_terminate_backend). */
   private watchIdle(server: ServerConnection): void {
-    const handler: ServerHandler = {
+    // Made once per server, not per release: this runs at every transaction boundary.
+    server.idleHandler ??= {
       onData: () => {
         this.removeIdle(server)
         this.closeCounted(server, "unexpected message while idle", true)
@@ -358,7 +359,7 @@ export class TenantPool {
         this.afterShrink()
       }
     }
-    server.handler = handler
+    server.handler = server.idleHandler
   }
 
   private removeIdle(server: ServerConnection): void {

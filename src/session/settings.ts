@@ -1,29 +1,10 @@
 import type { ServerConnection } from "../upstream/index.ts"
 
 /**
- * Startup settings a client may carry to its server, by lower-cased name. Anything else a client
- * sends (including `-c` settings in `options`) is not applied upstream: `-c work_mem=2047GB` must not
- * reach a shared server.
- */
-export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
-  "application_name",
-  "client_encoding",
-  "datestyle",
-  "intervalstyle",
-  "timezone",
-  "search_path",
-  "standard_conforming_strings",
-  "extra_float_digits",
-  "bytea_output",
-  "lc_monetary",
-  "lc_numeric",
-  "lc_time"
-])
-
-/**
- * Settings PostgreSQL reports with ParameterStatus that a client may change with SET. In transaction
- * mode these follow the client from server to server (PgBouncer's approach); settings the server
- * does not report cannot be observed when a client SETs them, so only their startup values follow.
+ * Settings PostgreSQL reports with ParameterStatus that a client may change with SET, by lower-cased
+ * name. In transaction mode these follow the client from server to server (PgBouncer's approach);
+ * settings the server does not report cannot be observed when a client SETs them, so only their
+ * startup values follow.
  */
 export const TRACKED_PARAMETERS: ReadonlyArray<string> = [
   "application_name",
@@ -34,6 +15,20 @@ export const TRACKED_PARAMETERS: ReadonlyArray<string> = [
   "search_path",
   "standard_conforming_strings"
 ]
+
+/**
+ * Startup settings a client may carry to its server: the tracked ones plus a few that shape results.
+ * Anything else a client sends (including `-c` settings in `options`) is not applied upstream:
+ * `-c work_mem=2047GB` must not reach a shared server.
+ */
+export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
+  ...TRACKED_PARAMETERS,
+  "extra_float_digits",
+  "bytea_output",
+  "lc_monetary",
+  "lc_numeric",
+  "lc_time"
+])
 
 const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 

@@ -92,6 +92,8 @@ export class ServerConnection {
   closed = false
   closeReason = ""
   handler: ServerHandler | undefined = undefined
+  /** The owning pool's handler for while this server sits idle; made once, reused at every release. */
+  idleHandler: ServerHandler | undefined = undefined
   private loginSink: ((m: LoginMessage) => void) | undefined = undefined
   private readonly scanner: MessageScanner
 
