@@ -6,7 +6,7 @@ import { backendKeyData } from "../../src/protocol/index.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { RawClient } from "../support/raw.ts"
-import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
 
 let db: PostgresServer
 let tidepool: RunningTidepool
@@ -19,9 +19,7 @@ beforeAll(async () => {
     tenants: [
       {
         external_id: "acme",
-        db_host: db.host,
-        db_port: db.port,
-        db_database: "postgres",
+        ...upstreamOf(db),
         users: [
           { db_user: "app", db_password: "app-secret", pool_size: 2 },
           // The pooler accepts this user, but the database does not know its password.
@@ -30,24 +28,18 @@ beforeAll(async () => {
       },
       {
         external_id: "many",
-        db_host: db.host,
-        db_port: db.port,
-        db_database: "postgres",
+        ...upstreamOf(db),
         users: [{ db_user: "app", db_password: "app-secret" }]
       },
       {
         external_id: "walled",
-        db_host: db.host,
-        db_port: db.port,
-        db_database: "postgres",
+        ...upstreamOf(db),
         allow_list: ["10.0.0.0/8"],
         users: [{ db_user: "app", db_password: "app-secret" }]
       },
       {
         external_id: "secure",
-        db_host: db.host,
-        db_port: db.port,
-        db_database: "postgres",
+        ...upstreamOf(db),
         enforce_ssl: true,
         users: [{ db_user: "app", db_password: "app-secret" }]
       },

@@ -5,7 +5,7 @@ import postgres from "postgres"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { cancelWhileBusy } from "../support/cancel.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 const hasPsql = await hasTool("psql")
@@ -19,9 +19,7 @@ beforeAll(async () => {
     tenants: [
       {
         external_id: "acme",
-        db_host: db.host,
-        db_port: db.port,
-        db_database: "postgres",
+        ...upstreamOf(db),
         users: [
           { db_user: "app", db_password: "app-secret", pool_size: 3 },
           { db_user_alias: "pair", db_user: "app", db_password: "app-secret", pool_size: 2 }

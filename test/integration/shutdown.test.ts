@@ -1,7 +1,7 @@
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import { startTidepool } from "../support/tidepool.ts"
+import { startTidepool, upstreamOf } from "../support/tidepool.ts"
 
 let db: PostgresServer
 
@@ -20,9 +20,7 @@ describe("graceful shutdown", () => {
         tenants: [
           {
             external_id: "acme",
-            db_host: db.host,
-            db_port: db.port,
-            db_database: "postgres",
+            ...upstreamOf(db),
             users: [{ db_user: "app", db_password: "app-secret", pool_size: 2 }]
           }
         ],

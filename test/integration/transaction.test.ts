@@ -6,7 +6,7 @@ import { PoolRegistry } from "../../src/pool/index.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { RawClient } from "../support/raw.ts"
-import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 const hasPgbench = await hasTool("pgbench")
@@ -27,9 +27,7 @@ beforeAll(async () => {
     tenants: [
       {
         external_id: "acme",
-        db_host: db.host,
-        db_port: db.port,
-        db_database: "postgres",
+        ...upstreamOf(db),
         users: [
           { db_user: "app", db_password: PASSWORD, pool_size: 5 },
           { db_user_alias: "pair", db_user: "app", db_password: PASSWORD, pool_size: 2, pool_checkout_timeout: 500 },

@@ -1,7 +1,7 @@
 import pg from "pg"
 import { describe, expect, it } from "vitest"
 import { type PgAuthMethod, startPostgres } from "../support/postgres.ts"
-import { startTidepool } from "../support/tidepool.ts"
+import { startTidepool, upstreamOf } from "../support/tidepool.ts"
 
 // Tidepool logs in to the database with whatever method its pg_hba.conf asks for.
 describe("upstream login methods", () => {
@@ -12,9 +12,7 @@ describe("upstream login methods", () => {
         tenants: [
           {
             external_id: "acme",
-            db_host: db.host,
-            db_port: db.port,
-            db_database: "postgres",
+            ...upstreamOf(db),
             users: [{ db_user: "app", db_password: "upstream-secret", pool_size: 1 }]
           }
         ]

@@ -56,3 +56,10 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     }
   }
 }
+
+/** A tenant's upstream fields pointing at a test server's `postgres` database. */
+export const upstreamOf = (db: { readonly host: string; readonly port: number }) => ({
+  db_host: db.host,
+  db_port: db.port,
+  db_database: "postgres"
+})
