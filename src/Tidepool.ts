@@ -1,5 +1,5 @@
 import { Layer } from "effect"
-import { SecretCache } from "./auth/index.ts"
+import { CircuitBreaker, SecretCache } from "./auth/index.ts"
 import type { Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
@@ -14,6 +14,11 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
   Listeners.Default.pipe(
     Layer.provideMerge(PoolRegistry.Default),
     Layer.provideMerge(
-      Layer.mergeAll(SessionRegistry.Default, SecretCache.Default, TenantRegistry.fromTenants(tenants))
+      Layer.mergeAll(
+        SessionRegistry.Default,
+        SecretCache.Default,
+        CircuitBreaker.Default,
+        TenantRegistry.fromTenants(tenants)
+      )
     )
   )
