@@ -22,6 +22,12 @@ export interface AppConfigShape {
   readonly shutdownTimeoutMs: number
   /** Largest client message accepted, in bytes. */
   readonly maxMessageSize: number
+  /** Named statements the pooler keeps prepared on each server (transaction mode), LRU-evicted beyond. */
+  readonly preparedCacheSize: number
+  /** Named prepared statements one transaction-mode client may hold (EMAXPREPARED beyond). */
+  readonly maxPreparedStatements: number
+  /** Bytes of statement text one transaction-mode client may hold prepared (EMAXPREPAREDMEM beyond). */
+  readonly maxPreparedMemory: number
   /** 0 disables the idle reap. */
   readonly serverIdleTimeoutMs: number
   /** 0 disables the lifetime limit. */
@@ -192,6 +198,32 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     default: () => 1_073_741_824,
     parse: integer(1024, 1_073_741_824, "a size in bytes")
   },
+  preparedCacheSize: {
+    env: "TIDEPOOL_PREPARED_CACHE_SIZE",
+    fileKey: "prepared_cache_size",
+    type: "integer",
+    description:
+      "Named statements kept prepared on each upstream connection in transaction mode; the least recently used is closed beyond",
+    default: () => 200,
+    parse: integer(1, 100_000, "an integer")
+  },
+  maxPreparedStatements: {
+    env: "TIDEPOOL_MAX_PREPARED_STATEMENTS",
+    fileKey: "max_prepared_statements",
+    type: "integer",
+    description: "Named prepared statements one transaction-mode client may hold at once (EMAXPREPARED beyond)",
+    default: () => 100,
+    parse: integer(1, 1_000_000, "an integer")
+  },
+  maxPreparedMemory: {
+    env: "TIDEPOOL_MAX_PREPARED_MEMORY",
+    fileKey: "max_prepared_memory",
+    type: "bytes",
+    description:
+      "Bytes of prepared statements (their Parse messages) one transaction-mode client may hold (EMAXPREPAREDMEM beyond)",
+    default: () => 1_048_576,
+    parse: integer(1024, 1_073_741_824, "a size in bytes")
+  },
   serverIdleTimeoutMs: {
     env: "TIDEPOOL_SERVER_IDLE_TIMEOUT",
     fileKey: "server_idle_timeout",
@@ -269,6 +301,9 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   upstreamConnectTimeoutMs: settingConfig(settings.upstreamConnectTimeoutMs),
   shutdownTimeoutMs: settingConfig(settings.shutdownTimeoutMs),
   maxMessageSize: settingConfig(settings.maxMessageSize),
+  preparedCacheSize: settingConfig(settings.preparedCacheSize),
+  maxPreparedStatements: settingConfig(settings.maxPreparedStatements),
+  maxPreparedMemory: settingConfig(settings.maxPreparedMemory),
   serverIdleTimeoutMs: settingConfig(settings.serverIdleTimeoutMs),
   serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
   poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs),
@@ -384,6 +419,9 @@ const defaults = (): AppConfigShape => ({
   upstreamConnectTimeoutMs: settings.upstreamConnectTimeoutMs.default(),
   shutdownTimeoutMs: settings.shutdownTimeoutMs.default(),
   maxMessageSize: settings.maxMessageSize.default(),
+  preparedCacheSize: settings.preparedCacheSize.default(),
+  maxPreparedStatements: settings.maxPreparedStatements.default(),
+  maxPreparedMemory: settings.maxPreparedMemory.default(),
   serverIdleTimeoutMs: settings.serverIdleTimeoutMs.default(),
   serverLifetimeMs: settings.serverLifetimeMs.default(),
   poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),

@@ -45,6 +45,12 @@ export class PoolCounters {
   serverBytes = 0
   serverConnects = 0
   serverConnectFailures = 0
+  /** Named statements prepared on servers for clients (transaction mode): first time on a server, */
+  statementsPrepared = 0
+  /** … again on a server that lacked it (the client's statement met another server), */
+  statementsReprepared = 0
+  /** … and closed to keep a server within the statement cache size. */
+  statementsEvicted = 0
 }
 
 export interface Waiter {
@@ -77,6 +83,12 @@ export class TenantPool {
   /** `name=value` settings a server of this pool has accepted, so they need no check at connect. */
   readonly knownSettings = new Set<string>()
   readonly counters = new PoolCounters()
+  /**
+   * Per server-side statement name, bumped when a server reports that the statement's plan went stale
+   * (`cached plan must not change result type` after DDL): a server that prepared it at an older epoch
+   * re-prepares it before the next use, so each client sees that error at most once.
+   */
+  readonly statementEpochs = new Map<string, number>()
 
   constructor(
     readonly settings: PoolSettings,

@@ -15,6 +15,12 @@ export interface MessageScannerOptions {
   readonly maxMessageSize: number
   /** Message types whose bodies the callback reads, as characters, e.g. "ZSEK". */
   readonly inspect: string
+  /**
+   * Never consume a message that is still incomplete at the end of a chunk: `feed` stops at its
+   * start and reports it in `held`/`heldLength`; the caller feeds those bytes again with more data.
+   * For callers that rewrite messages and so must only ever see whole ones.
+   */
+  readonly hold?: boolean
 }
 
 const HEADER = 0
@@ -35,10 +41,21 @@ export class MessageScanner {
   messageStart = -1
   /** Offset in the current chunk just past the current message's last byte. Valid during the callback. */
   messageEnd = -1
+  /**
+   * After `feed`, when the chunk ended inside a message: its type and the offset of its type byte in
+   * that chunk (-1 if it began in an earlier chunk). Lets a caller withhold a message it will drop.
+   */
+  incompleteType = 0
+  incompleteStart = -1
+  /** Hold mode: offset of the incomplete message `feed` stopped at, or -1 when it consumed everything. */
+  held = -1
+  /** Hold mode: total bytes of the held message (type byte included), or 0 while its header is incomplete. */
+  heldLength = 0
 
   private readonly onMessage: MessageCallback
   private readonly inspected: Uint8Array
   private readonly maxMessageSize: number
+  private readonly hold: boolean
   private phase = HEADER
   /** Header bytes of a message whose 5-byte header is split across chunks (0 when none). */
   private headerHave = 0
@@ -53,6 +70,7 @@ export class MessageScanner {
   constructor(onMessage: MessageCallback, options: MessageScannerOptions) {
     this.onMessage = onMessage
     this.maxMessageSize = options.maxMessageSize
+    this.hold = options.hold === true
     this.inspected = new Uint8Array(256)
     for (let i = 0; i < options.inspect.length; i++) {
       const code = options.inspect.charCodeAt(i)
@@ -70,13 +88,22 @@ export class MessageScanner {
     if (this.error !== undefined) return this.error
     const end = chunk.length
     let pos = 0
+    this.held = -1
     if (this.phase !== HEADER || this.headerHave !== 0) {
+      this.incompleteStart = -1
       pos = this.resume(chunk)
       if (pos < 0) return this.error
     }
     while (pos < end) {
       this.type = chunk[pos]
+      this.incompleteType = this.type
+      this.incompleteStart = pos
       if (end - pos < 5) {
+        if (this.hold) {
+          this.held = pos
+          this.heldLength = 0
+          return undefined
+        }
         // Header split across reads: assemble the length word a byte at a time in resume().
         this.length = 0
         this.headerHave = 1
@@ -85,6 +112,7 @@ export class MessageScanner {
       }
       this.length = readInt32(chunk, pos + 1)
       pos = this.begin(chunk, pos + 5, pos)
+      if (pos === -2) return undefined
       if (pos < 0) return this.error
     }
     return undefined
@@ -135,6 +163,11 @@ export class MessageScanner {
       this.messageEnd = bodyEnd
       this.onMessage(this.type, bodyLength, inspected ? chunk : undefined, bodyPos)
       return bodyEnd
+    }
+    if (this.hold && start >= 0) {
+      this.held = start
+      this.heldLength = length + 1
+      return -2
     }
     if (inspected) {
       const partial = Buffer.allocUnsafe(bodyLength)

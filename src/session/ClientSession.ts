@@ -312,7 +312,12 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       const r =
         server !== undefined
           ? new SessionRelay(client.socket, server, config.maxMessageSize, pool.counters, onEnd)
-          : new TransactionRelay(client.socket, pool, config.maxMessageSize, settings, onEnd)
+          : new TransactionRelay(client.socket, pool, config.maxMessageSize, settings, onEnd, {
+              rename: tenant.feature_flags.prepared_statements !== false,
+              cacheSize: config.preparedCacheSize,
+              maxCount: config.maxPreparedStatements,
+              maxMemory: config.maxPreparedMemory
+            })
       relay = r
       // Same tick as detach: once the handshake reader lets go, unread bytes must reach the relay.
       r.start(client.detach())

@@ -3,6 +3,11 @@ import { tidepoolError } from "../errors/index.ts"
 import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
 import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
 import type { ServerConnection, ServerHandler } from "../upstream/index.ts"
+import {
+  defaultPreparedStatementOptions,
+  type PreparedStatementOptions,
+  PreparedStatements
+} from "./PreparedStatements.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
 import { adoptSettings, settingsChange } from "./settings.ts"
 
@@ -41,7 +46,8 @@ const READY_IDLE = readyForQuery("I")
  *    asks for output already owed, and COPY messages either belong to a COPY started by a counted
  *    Query/Execute (whose ReadyForQuery comes after CopyDone/CopyFail) or are ignored by the server
  *    outside COPY. So `Q "COPY … FROM STDIN"`, CopyData…, CopyDone releases at its ReadyForQuery;
- * 4. `!partial` — the bytes forwarded end on a message boundary (no half-sent message).
+ * 4. the bytes forwarded end on a message boundary: always, since only whole messages are forwarded;
+ * 5. the client is not pinned by a SQL-level PREPARE (see below).
  *
  * This is checked after each server chunk has been handed to the client socket (so the final bytes
  * are already queued for the client when the server moves on), after each client chunk (a trailing
@@ -58,15 +64,21 @@ const READY_IDLE = readyForQuery("I")
  * would on a direct connection. The client's Terminate itself never reaches a pooled server: it is
  * recognised from its type byte, even when the rest of it is still to arrive.
  *
- * ## Extension points
+ * ## Named prepared statements
  *
- * Prepared-statement renaming hooks into `onClientMessage` (inspect P/B/D/C and rewrite instead of
- * forwarding the chunk as-is); re-applying the client's settings hooks into `attach` (before the
- * queued client bytes are written).
+ * Client bytes reach a server only as whole messages (the scanner holds back an incomplete one until
+ * it is complete), so `PreparedStatements` can rewrite them at the moment it knows which server they
+ * go to; it follows the server's replies to drop and make up the ones its rewriting changed. A client
+ * that ran SQL-level PREPARE is pinned to its server until it deallocates (`statements.pinned`).
  */
 export class TransactionRelay {
   private readonly scanner: MessageScanner
   private readonly handler: ServerHandler
+  private readonly statements: PreparedStatements
+  /** An incomplete message held back by the scanner, gathered until whole (`carryNeed`: 0 = header incomplete). */
+  private readonly carry: Array<Buffer> = []
+  private carryHave = 0
+  private carryNeed = 0
 
   /** The server lent to this client, if any. */
   private held: ServerConnection | undefined = undefined
@@ -80,15 +92,12 @@ export class TransactionRelay {
 
   // State of what the (held or awaited) server received from this client; see the release rule.
   private open = false
-  private partial = false
 
   // Per-chunk scan results, written by `onClientMessage` during `scanner.feed`.
   private chunkProducers = 0
   private chunkSyncs = 0
   private chunkMessages = 0
   private chunkOpen = false
-  /** End offset of the last complete message in the chunk; -1 when the chunk began mid-message. */
-  private chunkEnd = 0
   /** Offset of the Terminate's type byte in the current chunk, or -1. */
   private terminateAt = -1
 
@@ -116,11 +125,16 @@ export class TransactionRelay {
     private readonly pool: TenantPool,
     maxMessageSize: number,
     private readonly settings: Map<string, string>,
-    private readonly onEnd: (end: RelayEnd) => void
+    private readonly onEnd: (end: RelayEnd) => void,
+    statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
-    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "" })
+    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: true })
     this.handler = { onData: this.onServerData, onClose: this.onServerClose }
+    this.statements = new PreparedStatements(client, pool, statements)
+    this.maxMessageSize = maxMessageSize
   }
+
+  private readonly maxMessageSize: number
 
   /** The server held right now, for CancelRequest routing. */
   get server(): ServerConnection | undefined {
@@ -143,6 +157,7 @@ export class TransactionRelay {
     const server = this.held
     if (server === undefined) this.end({ _tag: "Drained" })
     else if (this.releasable(server)) this.releaseAtBoundary(server)
+    else if (this.atBoundary(server)) this.end({ _tag: "Drained" }) // pinned: its server is closed
   }
 
   /**
@@ -158,8 +173,6 @@ export class TransactionRelay {
 
   private readonly onClientMessage = (type: number): void => {
     if (this.terminateAt >= 0) return // nothing after Terminate counts
-    const scanner = this.scanner
-    this.chunkEnd = scanner.messageEnd
     if (type === Q || type === F) {
       this.chunkProducers++
       this.chunkOpen = false
@@ -168,8 +181,7 @@ export class TransactionRelay {
       this.chunkSyncs++
       this.chunkOpen = false
     } else if (type === X) {
-      // A Terminate that began in an earlier chunk is caught there (see onClientData); 0 is a safe fallback.
-      this.terminateAt = Math.max(scanner.messageStart, 0)
+      this.terminateAt = this.scanner.messageStart
       return
     } else if (type !== H && type !== COPY_DATA && type !== COPY_DONE && type !== COPY_FAIL) {
       this.chunkOpen = true
@@ -177,42 +189,41 @@ export class TransactionRelay {
     this.chunkMessages++
   }
 
-  private readonly onClientData = (chunk: Buffer): void => {
+  private readonly onClientData = (input: Buffer): void => {
     if (this.ended || this.terminating) return
+    this.pool.counters.clientBytes += input.length
+    const chunk = this.carryHave === 0 ? input : this.gather(input)
+    if (chunk === undefined) return
     const scanner = this.scanner
     this.chunkProducers = 0
     this.chunkSyncs = 0
     this.chunkMessages = 0
     this.chunkOpen = this.open
-    this.chunkEnd = scanner.atBoundary ? 0 : -1
     this.terminateAt = -1
-    const startsAtBoundary = this.chunkEnd === 0
     const error = scanner.feed(chunk)
-    if (this.terminateAt < 0) {
-      if (error !== undefined) {
-        this.end({ _tag: "ClientError", error: protocolFailure(error) })
-        return
-      }
-      // A message that starts here and ends in a later chunk: if it is a Terminate, stop before it.
-      if (!scanner.atBoundary && this.chunkEnd >= 0 && chunk[this.chunkEnd] === X) this.terminateAt = this.chunkEnd
+    if (this.terminateAt < 0 && error !== undefined) {
+      this.end({ _tag: "ClientError", error: protocolFailure(error) })
+      return
     }
     let data = chunk
     if (this.terminateAt >= 0) {
       this.terminating = true
       data = this.terminateAt === chunk.length ? chunk : chunk.subarray(0, this.terminateAt)
-      this.partial = false
-    } else {
-      this.partial = !scanner.atBoundary
+    } else if (scanner.held >= 0) {
+      const tail = chunk.subarray(scanner.held)
+      this.carry.push(tail)
+      this.carryHave = tail.length
+      this.carryNeed = scanner.heldLength
+      data = chunk.subarray(0, scanner.held)
     }
     this.open = this.chunkOpen
+    this.pool.counters.queries += this.chunkProducers
+    if (data.length === 0 && !this.terminating) return
 
-    const counters = this.pool.counters
-    counters.queries += this.chunkProducers
-    counters.clientBytes += chunk.length
     const server = this.held
     if (server !== undefined) {
       server.pending += this.chunkProducers
-      if (data.length > 0 && !server.write(data)) this.blockOnServer(server)
+      if (data.length > 0 && !this.statements.write(server, data)) this.blockOnServer(server)
       if (this.terminating) this.end({ _tag: "ClientTerminated" })
       else if (this.releasable(server)) this.releaseAtBoundary(server)
       return
@@ -230,12 +241,35 @@ export class TransactionRelay {
         this.end({ _tag: "ClientTerminated" })
         return
       }
-    } else if (startsAtBoundary && !this.partial && this.chunkMessages > 0 && this.chunkMessages === this.chunkSyncs) {
+    } else if (this.chunkMessages > 0 && this.chunkMessages === this.chunkSyncs) {
       this.answerSyncs(this.chunkSyncs)
       return
     }
     if (data.length > 0) this.queue.push(data)
     this.checkout()
+  }
+
+  /**
+   * Adds `input` to a held-back incomplete message; returns the bytes to scan once it is whole (an
+   * oversized or malformed header is handed over at once, for the scanner to refuse).
+   */
+  private gather(input: Buffer): Buffer | undefined {
+    const carry = this.carry
+    carry.push(input)
+    this.carryHave += input.length
+    if (this.carryNeed === 0 && this.carryHave >= 5) {
+      const head = carry.length === 1 ? carry[0]! : Buffer.concat(carry)
+      carry.length = 0
+      carry.push(head)
+      const length = head.readInt32BE(1)
+      this.carryNeed = length < 4 || length > this.maxMessageSize ? this.carryHave : length + 1
+    }
+    if (this.carryNeed === 0 || this.carryHave < this.carryNeed) return undefined
+    const whole = carry.length === 1 ? carry[0]! : Buffer.concat(carry, this.carryHave)
+    carry.length = 0
+    this.carryHave = 0
+    this.carryNeed = 0
+    return whole
   }
 
   /** Bare Syncs with no server held: each gets ReadyForQuery 'I' from us. */
@@ -277,6 +311,7 @@ export class TransactionRelay {
   private attach(server: ServerConnection): void {
     this.held = server
     server.handler = this.handler
+    this.statements.attach(server)
     server.pending += this.queuedProducers
     this.queuedProducers = 0
     // Another client may have left different settings on this server: restore ours first.
@@ -290,10 +325,10 @@ export class TransactionRelay {
     const queue = this.queue
     let ok = true
     if (queue.length === 1) {
-      ok = server.write(queue[0]!)
+      ok = this.statements.write(server, queue[0]!)
     } else if (queue.length > 1) {
       server.socket.cork()
-      for (let i = 0; i < queue.length; i++) ok = server.write(queue[i]!)
+      for (let i = 0; i < queue.length; i++) ok = this.statements.write(server, queue[i]!)
       server.socket.uncork()
     }
     queue.length = 0
@@ -310,7 +345,7 @@ export class TransactionRelay {
     if (server === undefined || this.ended) return
     if (chunk.length > 0) {
       this.pool.counters.serverBytes += chunk.length
-      if (!this.client.write(chunk)) this.blockOnClient()
+      if (!this.statements.forward(server, chunk)) this.blockOnClient()
     }
     if (this.releasable(server)) this.releaseAtBoundary(server)
   }
@@ -324,7 +359,12 @@ export class TransactionRelay {
 
   /** The release rule (see the class comment). */
   private releasable(server: ServerConnection): boolean {
-    return server.isIdle && !this.open && !this.partial
+    return server.isIdle && !this.open && !this.statements.pinned
+  }
+
+  /** Between transactions, whether or not the client is pinned to its server. */
+  private atBoundary(server: ServerConnection): boolean {
+    return server.isIdle && !this.open
   }
 
   /** Releases the held server at a transaction boundary; ends the relay there when draining. */
@@ -339,6 +379,7 @@ export class TransactionRelay {
   /** Stops listening to `server` and leaves its socket flowing, so the pool (or the next client) can read it. */
   private detach(server: ServerConnection): void {
     if (server.parameterChanges !== this.changesAtAttach) adoptSettings(this.settings, server)
+    this.statements.detach(server)
     this.held = undefined
     server.handler = undefined
     if (this.serverBlocked) {
@@ -415,6 +456,7 @@ export class TransactionRelay {
     }
     this.waiting = false
     this.queue.length = 0
+    this.carry.length = 0
     const server = this.held
     if (server !== undefined) this.giveBack(server, end)
     this.onEnd(end)
@@ -423,9 +465,13 @@ export class TransactionRelay {
   /** Puts the held server back when the release rule holds; closes it otherwise, never reusing it. */
   private giveBack(server: ServerConnection, end: RelayEnd): void {
     const clean = this.releasable(server)
+    const pinned = !clean && this.atBoundary(server)
     this.detach(server)
     if (clean) {
       this.pool.release(server)
+    } else if (pinned) {
+      // Its SQL-level prepared statements belong to this client: the server goes with it.
+      this.pool.retire(server, "client left with SQL-level prepared statements")
     } else if (end._tag === "ClientTerminated" && !server.closed) {
       // Polite close: bytes already written (what preceded Terminate) reach the server before its
       // own Terminate, so they run as on a direct connection.

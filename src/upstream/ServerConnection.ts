@@ -25,6 +25,20 @@ export interface UpstreamTarget {
   readonly connectTimeoutMs: number
 }
 
+/**
+ * Sees every message of the client's replies (not the pooler's silent ones) before the chunk holding
+ * it reaches `ServerHandler.onData`. Offsets are relative to that chunk; `start` is -1 for a message
+ * that began in an earlier chunk. Bodies of ErrorResponse and CommandComplete are inspected.
+ */
+export type ServerObserver = (
+  type: number,
+  length: number,
+  body: Buffer | undefined,
+  bodyStart: number,
+  start: number,
+  end: number
+) => void
+
 /** What the relay currently serving a client wants to hear from this server. */
 export interface ServerHandler {
   /** Called once per chunk, after the chunk has been scanned (status, parameters are up to date). */
@@ -85,8 +99,17 @@ export class ServerConnection {
    * tracks it in its relay). Such a server ignores everything until a Sync: it cannot be reset.
    */
   inBatch = false
-  /** SQLSTATE of the last ErrorResponse seen, for reporting a loss mid-transaction. */
+  /** SQLSTATE and message of the last ErrorResponse seen, for reporting a loss mid-transaction. */
   lastErrorCode: string | undefined = undefined
+  lastErrorMessage: string | undefined = undefined
+  /**
+   * Named statements the pooler prepared on this session (transaction mode), by server-side name, in
+   * least-recently-used order, with the pool's statement epoch at which each was prepared.
+   */
+  readonly statements = new Map<string, number>()
+  observer: ServerObserver | undefined = undefined
+  /** Where the chunk handed to `onData` starts in the socket's chunk (after a silent reply). */
+  private base = 0
   readonly createdAt = Date.now()
   lastUsedAt = Date.now()
   closed = false
@@ -101,17 +124,21 @@ export class ServerConnection {
     readonly socket: net.Socket,
     readonly target: UpstreamTarget
   ) {
-    this.scanner = new MessageScanner(this.onMessage, { maxMessageSize: 0, inspect: "ZSEKR" })
+    this.scanner = new MessageScanner(this.onMessage, { maxMessageSize: 0, inspect: "ZSEKRC" })
     socket.on("data", this.onSocketData)
     socket.on("close", this.onSocketClose)
     socket.on("error", this.onSocketError)
   }
 
   private readonly onMessage = (type: number, length: number, body: Buffer | undefined, start: number): void => {
+    const silent = this.silent > 0
     if (type === Z) {
       this.txStatus = body![start]!
       if (this.pending > 0) this.pending--
-      if (this.silent > 0 && --this.silent === 0) this.silentEnd = this.scanner.messageEnd
+      if (this.silent > 0 && --this.silent === 0) {
+        this.silentEnd = this.scanner.messageEnd
+        this.base = this.silentEnd
+      }
     } else if (type === S) {
       const [name, value] = decodeParameterStatus(body!, start, start + length)
       this.parameters.set(name, value)
@@ -120,7 +147,21 @@ export class ServerConnection {
     } else if (type === E) {
       const fields = decodeErrorFields(body!, start, start + length)
       this.lastErrorCode = fields.C
+      this.lastErrorMessage = fields.M
       if (this.silent > 0) this.silentError ??= fields.M ?? "error"
+    }
+    const observer = this.observer
+    if (observer !== undefined && !silent) {
+      const scanner = this.scanner
+      const base = this.base
+      observer(
+        type,
+        length,
+        body,
+        start,
+        scanner.messageStart < 0 ? -1 : scanner.messageStart - base,
+        scanner.messageEnd - base
+      )
     }
     if (this.loginSink !== undefined) {
       this.loginSink({
@@ -133,6 +174,7 @@ export class ServerConnection {
   private readonly onSocketData = (chunk: Buffer): void => {
     const silentBefore = this.silent
     this.silentEnd = -1
+    this.base = 0
     const err = this.scanner.feed(chunk)
     if (err !== undefined) {
       this.destroy(`invalid data from server: ${err.message}`)
@@ -193,8 +235,24 @@ export class ServerConnection {
     )
   })
 
+  /** When the current chunk ended inside a message: its type (0 at a message boundary). */
+  get incompleteType(): number {
+    return this.scanner.atBoundary ? 0 : this.scanner.incompleteType
+  }
+
+  /** Where that message starts in the chunk handed to `onData`, or -1 if it began in an earlier chunk. */
+  get incompleteStart(): number {
+    const start = this.scanner.incompleteStart
+    return start < 0 ? -1 : start - this.base
+  }
+
+  get atBoundary(): boolean {
+    return this.scanner.atBoundary
+  }
+
   /** After DISCARD ALL: only what the server reports is known; settings the pooler applied are gone. */
   resetSettings(): void {
+    this.statements.clear()
     this.settings.clear()
     this.unreported.clear()
     for (const [name, value] of this.parameters) this.settings.set(name.toLowerCase(), value)

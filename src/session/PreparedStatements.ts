@@ -1,0 +1,628 @@
+import { createHash } from "node:crypto"
+import type * as net from "node:net"
+import { renderErrorResponse, tidepoolError } from "../errors/index.ts"
+import type { TenantPool } from "../pool/index.ts"
+import type { ServerConnection } from "../upstream/index.ts"
+
+export interface PreparedStatementOptions {
+  /** Rename clients' named statements to shared server-side ones (REFERENCE §7); off = pass through. */
+  readonly rename: boolean
+  /** Statements kept prepared per server; the least recently used is closed beyond. */
+  readonly cacheSize: number
+  /** Named statements one client may hold (EMAXPREPARED). */
+  readonly maxCount: number
+  /** Bytes of Parse messages one client may hold (EMAXPREPAREDMEM). */
+  readonly maxMemory: number
+}
+
+export const defaultPreparedStatementOptions: PreparedStatementOptions = {
+  rename: true,
+  cacheSize: 200,
+  maxCount: 100,
+  maxMemory: 1_048_576
+}
+
+// Frontend message types.
+const PARSE = 0x50
+const BIND = 0x42
+const DESCRIBE = 0x44
+const EXECUTE = 0x45
+const CLOSE = 0x43
+const SYNC = 0x53
+const QUERY = 0x51
+const FUNCTION_CALL = 0x46
+const STATEMENT = 0x53 // 'S' in Describe/Close
+
+// Backend message types.
+const PARSE_COMPLETE = 0x31
+const BIND_COMPLETE = 0x32
+const CLOSE_COMPLETE = 0x33
+const ROW_DESCRIPTION = 0x54
+const NO_DATA = 0x6e
+const COMMAND_COMPLETE = 0x43
+const EMPTY_QUERY = 0x49
+const PORTAL_SUSPENDED = 0x73
+const ERROR = 0x45
+const READY = 0x5a
+
+/**
+ * What each request sent to the server expects back, in order. Kept as a ring of small integers so
+ * tracking a request costs no allocation.
+ */
+enum Expect {
+  /** Query or FunctionCall: everything up to its ReadyForQuery. */
+  Query = 1,
+  Sync = 2,
+  /** The client's own Parse: ParseComplete goes to the client. */
+  Parse = 3,
+  /** A Parse the pooler inserted: its ParseComplete is swallowed. */
+  HiddenParse = 4,
+  /** A Parse the server did not need (it has the statement): ParseComplete is made up in its place. */
+  SyntheticParse = 5,
+  Bind = 6,
+  Describe = 7,
+  Execute = 8,
+  Close = 9,
+  HiddenClose = 10,
+  /** A Close of a client statement: the server keeps it for others; CloseComplete is made up. */
+  SyntheticClose = 11,
+  /** A request made to fail on purpose so the server's state matches PostgreSQL's; the error is replaced. */
+  Fail = 12,
+  /** Bind/Describe of a name the client never prepared: a 26000 from the server is replaced by ours. */
+  UnknownBind = 13,
+  UnknownDescribe = 14
+}
+
+interface Statement {
+  /** The client's name. */
+  readonly name: string
+  readonly serverName: string
+  /** The client's Parse, renamed: what a server lacking the statement is sent. */
+  readonly parse: Buffer
+  readonly bytes: number
+}
+
+const PARSE_COMPLETE_MESSAGE = Buffer.from([PARSE_COMPLETE, 0, 0, 0, 4])
+const CLOSE_COMPLETE_MESSAGE = Buffer.from([CLOSE_COMPLETE, 0, 0, 0, 4])
+
+/** A request that always fails without side effects: Describe of a statement no one can have prepared. */
+const DESCRIBE_MISSING = (() => {
+  const name = Buffer.from("tidepool.missing\0")
+  const m = Buffer.alloc(6 + name.length)
+  m[0] = DESCRIBE
+  m.writeInt32BE(5 + name.length, 1)
+  m[5] = STATEMENT
+  name.copy(m, 6)
+  return m
+})()
+
+const closeStatement = (serverName: string): Buffer => {
+  const len = Buffer.byteLength(serverName)
+  const m = Buffer.alloc(7 + len)
+  m[0] = CLOSE
+  m.writeInt32BE(6 + len, 1)
+  m[5] = STATEMENT
+  m.write(serverName, 6)
+  return m
+}
+
+const TAG_PREPARE = Buffer.from("PREPARE\0")
+const TAG_DEALLOCATE = Buffer.from("DEALLOCATE\0")
+const TAG_DEALLOCATE_ALL = Buffer.from("DEALLOCATE ALL\0")
+const TAG_DISCARD_ALL = Buffer.from("DISCARD ALL\0")
+
+const isTag = (body: Buffer, start: number, length: number, tag: Buffer) =>
+  length === tag.length && body.compare(tag, 0, tag.length, start, start + length) === 0
+
+/** End of the NUL-terminated string starting at `at` (the NUL's offset), or -1. */
+const cstringEnd = (data: Buffer, at: number, end: number): number => {
+  const nul = data.indexOf(0, at)
+  return nul < 0 || nul >= end ? -1 : nul
+}
+
+const formatBytes = (n: number): string =>
+  n % 1_048_576 === 0 ? `${n / 1_048_576}MB` : n % 1024 === 0 ? `${n / 1024}kB` : `${n} bytes`
+
+/**
+ * Named prepared statements in transaction mode (REFERENCE §7), for one client. The client's named
+ * statements are renamed to server-side names derived from their content (`tp_<sha256>`), so clients
+ * preparing the same statement share it on a server; a Bind or Describe landing on a server that
+ * lacks the statement is preceded by the stored Parse, whose ParseComplete is swallowed; a Parse the
+ * server already has is dropped and its ParseComplete made up in the right place of the reply.
+ *
+ * The client→server side rewrites whole messages (the relay only hands over complete ones); the
+ * server→client side follows every reply message through `expect` (a ring of request kinds), drops
+ * what the pooler asked for, and inserts what it made up, forwarding the rest zero-copy.
+ *
+ * It also watches CommandComplete tags for SQL-level `PREPARE`: such a statement lives only on the
+ * server that ran it, so the client is pinned to that server until it deallocates it (`pinned`).
+ * `DEALLOCATE ALL` and `DISCARD ALL` clear both the client's statements and what the pooler knows
+ * the server holds.
+ */
+export class PreparedStatements {
+  private readonly statements = new Map<string, Statement>()
+  private memory = 0
+  /** SQL-level PREPAREs minus DEALLOCATEs on the held server. */
+  private sqlPrepared = 0
+  private server: ServerConnection | undefined = undefined
+
+  // The expectation ring.
+  private kinds = new Uint8Array(64)
+  private refs: Array<unknown> = new Array(64)
+  private head = 0
+  private count = 0
+  /** The server reported an error in an extended-protocol exchange: it skips everything until Sync. */
+  private skipping = false
+
+  // Edits of the server chunk being scanned: drops [at, end) and inserts (end = -1) in offset order.
+  private readonly opAt: Array<number> = []
+  private readonly opEnd: Array<number> = []
+  private readonly opBuf: Array<Buffer | undefined> = []
+  /** Bytes of a reply message that may have to be dropped, held back until it is complete. */
+  private readonly withheld: Array<Buffer> = []
+
+  // Pieces of the client chunk being rewritten; `runStart` is where the untouched run began.
+  private readonly pieces: Array<Buffer> = []
+
+  constructor(
+    private readonly client: net.Socket,
+    private readonly pool: TenantPool,
+    private readonly options: PreparedStatementOptions
+  ) {}
+
+  /** The client ran SQL-level PREPARE: its server must stay with it. */
+  get pinned(): boolean {
+    return this.sqlPrepared > 0
+  }
+
+  attach(server: ServerConnection): void {
+    this.server = server
+    server.observer = this.onServerMessage
+  }
+
+  detach(server: ServerConnection): void {
+    server.observer = undefined
+    this.server = undefined
+    // Empty at a transaction boundary; anything left belongs to a server being closed.
+    if (this.count > 0) this.refs.fill(undefined)
+    this.head = 0
+    this.count = 0
+    this.skipping = false
+    this.opAt.length = 0
+    this.opEnd.length = 0
+    this.opBuf.length = 0
+    this.withheld.length = 0
+  }
+
+  // ---- client → server ------------------------------------------------------------------------
+
+  /** Writes whole client messages to the held server, rewritten as needed. Returns `socket.write`'s answer. */
+  write(server: ServerConnection, data: Buffer): boolean {
+    const rename = this.options.rename
+    const pieces = this.pieces
+    let runStart = 0
+    let pos = 0
+    const end = data.length
+    while (pos < end) {
+      const type = data[pos]!
+      const next = pos + 1 + data.readInt32BE(pos + 1)
+      switch (type) {
+        case QUERY:
+        case FUNCTION_CALL:
+          this.expect(Expect.Query, undefined)
+          break
+        case SYNC:
+          this.expect(Expect.Sync, undefined)
+          break
+        case EXECUTE:
+          this.expect(Expect.Execute, undefined)
+          break
+        case PARSE: {
+          const nameEnd = cstringEnd(data, pos + 5, next)
+          if (!rename || nameEnd <= pos + 5) {
+            this.expect(Expect.Parse, undefined)
+            break
+          }
+          if (pos > runStart) pieces.push(data.subarray(runStart, pos))
+          this.parse(server, data, pos, nameEnd, next)
+          runStart = next
+          break
+        }
+        case BIND: {
+          const portalEnd = cstringEnd(data, pos + 5, next)
+          const nameEnd = portalEnd < 0 ? -1 : cstringEnd(data, portalEnd + 1, next)
+          if (!rename || nameEnd <= portalEnd + 1) {
+            this.expect(Expect.Bind, undefined)
+            break
+          }
+          if (pos > runStart) pieces.push(data.subarray(runStart, pos))
+          this.use(server, data, pos, portalEnd + 1, nameEnd, next, Expect.Bind)
+          runStart = next
+          break
+        }
+        case DESCRIBE:
+        case CLOSE: {
+          const nameEnd = cstringEnd(data, pos + 6, next)
+          if (!rename || data[pos + 5] !== STATEMENT || nameEnd <= pos + 6) {
+            this.expect(type === DESCRIBE ? Expect.Describe : Expect.Close, undefined)
+            break
+          }
+          if (pos > runStart) pieces.push(data.subarray(runStart, pos))
+          if (type === DESCRIBE) this.use(server, data, pos, pos + 6, nameEnd, next, Expect.Describe)
+          else this.close(data.toString("utf8", pos + 6, nameEnd))
+          runStart = next
+          break
+        }
+        // Flush, CopyData/CopyDone/CopyFail and anything else expect no reply of their own.
+      }
+      pos = next
+    }
+    let ok: boolean
+    if (pieces.length === 0) {
+      ok = server.write(data)
+    } else {
+      if (end > runStart) pieces.push(runStart === 0 ? data : data.subarray(runStart, end))
+      const socket = server.socket
+      socket.cork()
+      ok = true
+      for (let i = 0; i < pieces.length; i++) ok = socket.write(pieces[i]!)
+      socket.uncork()
+      pieces.length = 0
+    }
+    // Made-up replies at the head go out now, unless a reply message is half forwarded.
+    if (server.atBoundary && this.withheld.length === 0) this.settle(-1)
+    return ok
+  }
+
+  private parse(server: ServerConnection, data: Buffer, pos: number, nameEnd: number, next: number): void {
+    const name = data.toString("utf8", pos + 5, nameEnd)
+    const bytes = next - pos
+    const refusal = this.statements.has(name)
+      ? tidepoolError("EPREPAREDDUP", name)
+      : this.statements.size >= this.options.maxCount
+        ? tidepoolError("EMAXPREPARED", this.options.maxCount)
+        : this.memory + bytes > this.options.maxMemory
+          ? tidepoolError("EMAXPREPAREDMEM", formatBytes(this.options.maxMemory))
+          : undefined
+    if (refusal !== undefined) {
+      this.fail(refusal)
+      return
+    }
+    // Query text and parameter types: the statement's identity.
+    const serverName = `tp_${createHash("sha256")
+      .update(data.subarray(nameEnd + 1, next))
+      .digest("hex")
+      .slice(0, 40)}`
+    const serverNameBytes = Buffer.byteLength(serverName)
+    const parse = Buffer.allocUnsafe(next - nameEnd + 5 + serverNameBytes)
+    parse[0] = PARSE
+    parse.writeInt32BE(parse.length - 1, 1)
+    parse.write(serverName, 5)
+    data.copy(parse, 5 + serverNameBytes, nameEnd, next)
+    const statement: Statement = { name, serverName, parse, bytes }
+    this.statements.set(name, statement)
+    this.memory += bytes
+    if (this.isCurrentOn(server, serverName)) {
+      this.expect(Expect.SyntheticParse, statement)
+    } else {
+      this.prepareOn(server, statement, false)
+    }
+  }
+
+  /** Bind or Describe of a client statement: make sure the server has it, then use its server-side name. */
+  private use(
+    server: ServerConnection,
+    data: Buffer,
+    pos: number,
+    nameStart: number,
+    nameEnd: number,
+    next: number,
+    kind: Expect.Bind | Expect.Describe
+  ): void {
+    const name = data.toString("utf8", nameStart, nameEnd)
+    const statement = this.statements.get(name)
+    if (statement === undefined) {
+      // Passed as is: it may be a SQL-level PREPAREd statement of this (pinned) client; if not, the
+      // server's "does not exist" comes back as ours.
+      this.pieces.push(data.subarray(pos, next))
+      this.expect(
+        kind === Expect.Bind ? Expect.UnknownBind : Expect.UnknownDescribe,
+        renderErrorResponse(tidepoolError("EPREPAREDNOTFOUND", name))
+      )
+      return
+    }
+    if (!this.isCurrentOn(server, statement.serverName)) this.prepareOn(server, statement, true)
+    const serverName = statement.serverName
+    const serverNameBytes = Buffer.byteLength(serverName)
+    const m = Buffer.allocUnsafe(next - pos - (nameEnd - nameStart) + serverNameBytes)
+    data.copy(m, 0, pos, nameStart)
+    m.writeInt32BE(m.length - 1, 1)
+    m.write(serverName, nameStart - pos)
+    data.copy(m, nameStart - pos + serverNameBytes, nameEnd, next)
+    this.pieces.push(m)
+    this.expect(kind, serverName)
+  }
+
+  private close(name: string): void {
+    const statement = this.statements.get(name)
+    if (statement !== undefined) this.forget(statement)
+    // The server keeps it for other clients (and the cache evicts it in time); a Close of an unknown
+    // name is no error in PostgreSQL either.
+    this.expect(Expect.SyntheticClose, undefined)
+  }
+
+  /** Whether `server` holds the statement, prepared since its plan last went stale; touches the LRU. */
+  private isCurrentOn(server: ServerConnection, serverName: string): boolean {
+    const epoch = server.statements.get(serverName)
+    if (epoch === undefined || epoch !== (this.pool.statementEpochs.get(serverName) ?? 0)) return false
+    server.statements.delete(serverName)
+    server.statements.set(serverName, epoch)
+    return true
+  }
+
+  /** Sends the statement's Parse to a server lacking it (closing a stale copy and evicting as needed). */
+  private prepareOn(server: ServerConnection, statement: Statement, hidden: boolean): void {
+    const cache = server.statements
+    const serverName = statement.serverName
+    const counters = this.pool.counters
+    if (cache.delete(serverName)) this.hiddenClose(serverName)
+    while (cache.size >= this.options.cacheSize) {
+      const oldest = cache.keys().next().value as string
+      cache.delete(oldest)
+      this.hiddenClose(oldest)
+      counters.statementsEvicted++
+    }
+    this.pieces.push(statement.parse)
+    this.expect(hidden ? Expect.HiddenParse : Expect.Parse, hidden ? serverName : statement)
+    cache.set(serverName, this.pool.statementEpochs.get(serverName) ?? 0)
+    if (hidden) counters.statementsReprepared++
+    else counters.statementsPrepared++
+  }
+
+  private hiddenClose(serverName: string): void {
+    this.pieces.push(closeStatement(serverName))
+    this.expect(Expect.HiddenClose, serverName)
+  }
+
+  /** Answers the current request with `error`, making the server fail in its place so its state matches. */
+  private fail(error: ReturnType<typeof tidepoolError>): void {
+    this.pieces.push(DESCRIBE_MISSING)
+    this.expect(Expect.Fail, renderErrorResponse(error))
+  }
+
+  private forget(statement: Statement): void {
+    if (this.statements.get(statement.name) !== statement) return
+    this.statements.delete(statement.name)
+    this.memory -= statement.bytes
+  }
+
+  private expect(kind: Expect, ref: unknown): void {
+    if (this.count === this.kinds.length) this.grow()
+    const i = (this.head + this.count) & (this.kinds.length - 1)
+    this.kinds[i] = kind
+    this.refs[i] = ref
+    this.count++
+  }
+
+  private grow(): void {
+    const size = this.kinds.length
+    const kinds = new Uint8Array(size * 2)
+    const refs: Array<unknown> = new Array(size * 2)
+    for (let i = 0; i < size; i++) {
+      kinds[i] = this.kinds[(this.head + i) & (size - 1)]!
+      refs[i] = this.refs[(this.head + i) & (size - 1)]
+    }
+    this.kinds = kinds
+    this.refs = refs
+    this.head = 0
+  }
+
+  private get headKind(): number {
+    return this.count === 0 ? 0 : this.kinds[this.head]!
+  }
+
+  private get headRef(): unknown {
+    return this.refs[this.head]
+  }
+
+  private shift(): void {
+    this.refs[this.head] = undefined
+    this.head = (this.head + 1) & (this.kinds.length - 1)
+    this.count--
+  }
+
+  // ---- server → client ------------------------------------------------------------------------
+
+  private readonly onServerMessage = (
+    type: number,
+    length: number,
+    body: Buffer | undefined,
+    bodyStart: number,
+    start: number,
+    end: number
+  ): void => {
+    const kind = this.headKind
+    let drop = false
+    let replacement: Buffer | undefined
+    switch (type) {
+      case PARSE_COMPLETE:
+        if (kind === Expect.HiddenParse) drop = true
+        if (kind === Expect.HiddenParse || kind === Expect.Parse) this.shift()
+        break
+      case CLOSE_COMPLETE:
+        if (kind === Expect.HiddenClose) drop = true
+        if (kind === Expect.HiddenClose || kind === Expect.Close) this.shift()
+        break
+      case BIND_COMPLETE:
+        if (kind === Expect.Bind || kind === Expect.UnknownBind) this.shift()
+        break
+      case ROW_DESCRIPTION:
+      case NO_DATA:
+        if (kind === Expect.Describe || kind === Expect.UnknownDescribe) this.shift()
+        break
+      case COMMAND_COMPLETE:
+        this.onTag(body!, bodyStart, length)
+        if (kind === Expect.Execute) this.shift()
+        break
+      case EMPTY_QUERY:
+      case PORTAL_SUSPENDED:
+        if (kind === Expect.Execute) this.shift()
+        break
+      case ERROR:
+        replacement = this.onError(kind)
+        drop = replacement !== undefined
+        break
+      case READY:
+        while (this.count > 0) {
+          const k = this.headKind
+          this.shift()
+          if (k === Expect.Sync || k === Expect.Query) break
+        }
+        this.skipping = false
+        break
+      // Everything else (rows, notices, notifications, ParameterStatus, COPY) passes through.
+    }
+    // Edits in offset order: the held-back start of this message, then its drop and replacement.
+    const withheld = this.withheld
+    if (start < 0 && withheld.length > 0) {
+      if (!drop) for (let i = 0; i < withheld.length; i++) this.insert(0, withheld[i]!)
+      withheld.length = 0
+    }
+    if (drop) {
+      this.opAt.push(start < 0 ? 0 : start)
+      this.opEnd.push(end)
+      this.opBuf.push(undefined)
+    }
+    if (replacement !== undefined) this.insert(end, replacement)
+    this.settle(end)
+  }
+
+  /** An ErrorResponse: returns the pooler's own error to send in its place, if any. */
+  private onError(kind: number): Buffer | undefined {
+    if (kind === 0 || kind === Expect.Query || kind === Expect.Sync) return undefined
+    const server = this.server!
+    const ref = this.headRef
+    let replacement: Buffer | undefined
+    if (kind === Expect.Fail) replacement = ref as Buffer
+    else if ((kind === Expect.UnknownBind || kind === Expect.UnknownDescribe) && server.lastErrorCode === "26000") {
+      replacement = ref as Buffer
+    } else if (
+      (kind === Expect.Bind || kind === Expect.Describe) &&
+      ref !== undefined &&
+      server.lastErrorCode === "0A000" &&
+      server.lastErrorMessage?.startsWith("cached plan must not change result type") === true
+    ) {
+      // Stale everywhere in the pool: every server re-prepares it before its next use.
+      const serverName = ref as string
+      const epoch = this.pool.statementEpochs.get(serverName) ?? 0
+      if (server.statements.get(serverName) === epoch) this.pool.statementEpochs.set(serverName, epoch + 1)
+    }
+    this.undo(kind, ref)
+    this.shift()
+    this.skipping = true
+    return replacement
+  }
+
+  /** A request the server did not carry out (it failed, or was skipped after an error). */
+  private undo(kind: number, ref: unknown): void {
+    const cache = this.server!.statements
+    switch (kind) {
+      case Expect.Parse:
+        if (ref !== undefined) {
+          const statement = ref as Statement
+          cache.delete(statement.serverName)
+          this.forget(statement)
+        }
+        break
+      case Expect.SyntheticParse:
+        this.forget(ref as Statement)
+        break
+      case Expect.HiddenParse:
+        cache.delete(ref as string)
+        break
+      case Expect.HiddenClose:
+        // The server may still hold it: closed again before any new Parse of that name.
+        cache.set(ref as string, -1)
+        break
+    }
+  }
+
+  /** Emits made-up replies that reached the head and drops requests the server skips; `at` = -1: now. */
+  private settle(at: number): void {
+    while (this.count > 0) {
+      const kind = this.headKind
+      if (this.skipping) {
+        if (kind === Expect.Sync || kind === Expect.Query) return
+        this.undo(kind, this.headRef)
+      } else if (kind === Expect.SyntheticParse || kind === Expect.SyntheticClose) {
+        const message = kind === Expect.SyntheticParse ? PARSE_COMPLETE_MESSAGE : CLOSE_COMPLETE_MESSAGE
+        if (at < 0) this.client.write(message)
+        else this.insert(at, message)
+      } else {
+        return
+      }
+      this.shift()
+    }
+  }
+
+  private insert(at: number, message: Buffer): void {
+    this.opAt.push(at)
+    this.opEnd.push(-1)
+    this.opBuf.push(message)
+  }
+
+  private onTag(body: Buffer, start: number, length: number): void {
+    const first = body[start]
+    if (first === 0x50) {
+      if (isTag(body, start, length, TAG_PREPARE)) this.sqlPrepared++
+    } else if (first === 0x44) {
+      if (isTag(body, start, length, TAG_DEALLOCATE)) {
+        if (this.sqlPrepared > 0) this.sqlPrepared--
+      } else if (isTag(body, start, length, TAG_DEALLOCATE_ALL) || isTag(body, start, length, TAG_DISCARD_ALL)) {
+        this.sqlPrepared = 0
+        this.statements.clear()
+        this.memory = 0
+        this.server!.statements.clear()
+      }
+    }
+  }
+
+  /**
+   * Forwards a server chunk to the client with this chunk's edits applied. A reply message that may
+   * have to be dropped and is still incomplete is held back until the rest arrives.
+   */
+  forward(server: ServerConnection, chunk: Buffer): boolean {
+    const client = this.client
+    let limit = chunk.length
+    const incomplete = server.incompleteType
+    if (incomplete === PARSE_COMPLETE || incomplete === CLOSE_COMPLETE || incomplete === ERROR) {
+      const from = Math.max(server.incompleteStart, 0)
+      this.withheld.push(chunk.subarray(from))
+      limit = from
+    }
+    const opAt = this.opAt
+    if (opAt.length === 0) {
+      if (limit === chunk.length) return client.write(chunk)
+      return limit > 0 ? client.write(chunk.subarray(0, limit)) : true
+    }
+    const opEnd = this.opEnd
+    const opBuf = this.opBuf
+    let ok = true
+    let pos = 0
+    client.cork()
+    for (let i = 0; i < opAt.length; i++) {
+      const at = opAt[i]!
+      if (at > pos) ok = client.write(chunk.subarray(pos, at))
+      if (at > pos) pos = at
+      const end = opEnd[i]!
+      if (end < 0) ok = client.write(opBuf[i]!)
+      else pos = end
+    }
+    if (limit > pos) ok = client.write(chunk.subarray(pos, limit))
+    client.uncork()
+    opAt.length = 0
+    opEnd.length = 0
+    opBuf.length = 0
+    return ok
+  }
+}
