@@ -489,7 +489,7 @@ export class PreparedStatements {
       withheld.length = 0
     }
     if (drop) {
-      this.opAt.push(start < 0 ? 0 : start)
+      this.opAt.push(Math.max(start, 0))
       this.opEnd.push(end)
       this.opBuf.push(undefined)
     }
