@@ -38,7 +38,8 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
 
   --duration, -T SECONDS   load per run once its clients have connected (default 10)
   --clients LIST           client counts (default 1,10,50,200,1000)
-  --protocols LIST         simple, extended (default both)
+  --protocols LIST         simple, extended, prepared (default all three; PgBouncer runs
+                           -M extended in the prepared rows: 1.18 cannot pool named statements)
   --targets LIST           tidepool, pgbouncer, direct (default all three)
   --repeat N               runs per cell, interleaved across targets; medians reported (default 1)
   --pool N                 server connections per pool, Tidepool and PgBouncer alike (default 20)
@@ -102,7 +103,7 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
   return {
     duration: positiveInteger("duration", values.duration ?? "10"),
     clients: [...new Set(clients)],
-    protocols: list("protocols", values.protocols ?? "simple,extended", ["simple", "extended"]),
+    protocols: list("protocols", values.protocols ?? "simple,extended,prepared", ["simple", "extended", "prepared"]),
     targets: list("targets", values.targets ?? TARGETS.join(","), TARGETS),
     repeat: positiveInteger("repeat", values.repeat ?? "1"),
     pool: positiveInteger("pool", values.pool ?? "20"),

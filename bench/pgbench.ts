@@ -13,11 +13,17 @@ export interface Endpoint {
   readonly database: string
 }
 
-export type Protocol = "simple" | "extended"
+/**
+ * pgbench's `-M`. `prepared` names statements, which a transaction pooler must support (PgBouncer
+ * before 1.21 cannot: it runs `-M extended` in that row, the closest it can do).
+ */
+export type Protocol = "simple" | "extended" | "prepared"
 
 export interface PgbenchRun {
   readonly endpoint: Endpoint
   readonly protocol: Protocol
+  /** What pgbench actually runs, when it differs from the row's protocol. */
+  readonly pgbenchProtocol?: Protocol
   readonly clients: number
   readonly threads: number
   /** Seconds of load wanted after every client has connected. */
@@ -180,7 +186,7 @@ export const runPgbench = (run: PgbenchRun): Effect.Effect<PgbenchResult, BenchE
       "-S",
       "-n",
       "-M",
-      run.protocol,
+      run.pgbenchProtocol ?? run.protocol,
       "-c",
       String(run.clients),
       "-j",

@@ -114,6 +114,7 @@ const runMatrix = (options: BenchOptions, targets: ReadonlyArray<Target>, workDi
         const result = yield* runPgbench({
           endpoint: target.endpoint,
           protocol,
+          ...(protocol === "prepared" && target.name === "pgbouncer" ? { pgbenchProtocol: "extended" as const } : {}),
           clients,
           threads: options.threads,
           durationS,
