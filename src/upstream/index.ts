@@ -1,1 +1,7 @@
-export { connect, ServerConnection, type ServerHandler, type UpstreamTarget } from "./ServerConnection.ts"
+export {
+  type ConnectOptions,
+  connect,
+  ServerConnection,
+  type ServerHandler,
+  type UpstreamTarget
+} from "./ServerConnection.ts"
