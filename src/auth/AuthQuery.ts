@@ -3,7 +3,7 @@ import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { parseScramSecret, type ScramSecret } from "../protocol/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
-import { connect, type ServerConnection } from "../upstream/index.ts"
+import { connect, type PassthroughKeys, type ServerConnection } from "../upstream/index.ts"
 import { CircuitBreaker } from "./CircuitBreaker.ts"
 
 /** REFERENCE §4: the message of a tenant blocked by the auth_query breaker. */
@@ -13,10 +13,13 @@ export const AUTH_QUERY_BLOCKED =
 /** REFERENCE §4: the EAUTHQUERY reason for a role the database does not know. */
 export const USER_NOT_FOUND = "user not found in the database"
 
+const MD5_SECRET = "MD5 secrets are not supported for auth_query, use require_user instead"
+const INVALID_SECRET = "unsupported or invalid secret format"
+
 /** REFERENCE §3.2: re-fetches after a wrong password, per (tenant, user) and minute. */
 export const REFETCHES_PER_MINUTE = 3
 
-/** The ClientKey (and ServerKey) a pool logs in upstream with for one auth_query user. */
+/** The ClientKey and ServerKey a verified login recovered, for its pools' upstream logins. */
 export interface UpstreamKeys {
   readonly clientKey: Buffer
   readonly serverKey: Buffer
@@ -79,7 +82,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
     const registry = yield* TenantRegistry
     const breaker = yield* CircuitBreaker
     const entries = new Map<string, Entry>()
-    const keys = new Map<string, UpstreamKeys>()
+    const keys = new Map<string, PassthroughKeys>()
     const links = new Map<string, Link>()
     const inflight = new Map<string, Deferred.Deferred<Fetched, TidepoolError>>()
     const refetches = new Map<string, Array<number>>()
@@ -163,7 +166,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         Effect.flatMap((found): Effect.Effect<Fetched, TidepoolError> => {
           if (found === undefined) return Effect.succeed("not found")
           if (found.startsWith("md5")) {
-            return Effect.fail(authQueryError("MD5 secrets are not supported for auth_query, use require_user instead"))
+            return Effect.fail(authQueryError(MD5_SECRET))
           }
           const secret = parseScramSecret(found)
           return secret === undefined
@@ -191,9 +194,29 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
             inflight.delete(k)
             return Deferred.done(started, exit)
           }),
+          // Shutdown interrupts it: waiters must hear of that too, not wait forever.
+          Effect.onInterrupt(() =>
+            Effect.zipRight(
+              Effect.sync(() => inflight.delete(k)),
+              Deferred.interrupt(started)
+            )
+          ),
           Effect.forkIn(serviceScope),
           Effect.zipRight(Deferred.await(started))
         )
+      })
+
+    /**
+     * A role whose secret became unusable (now MD5, or none) must not keep logging in with the old
+     * verifier; an upstream that cannot be asked right now is another matter (that is what the
+     * cache is for).
+     */
+    const forgetUnusable = (tenant: Tenant, user: string, error: TidepoolError) =>
+      Effect.sync(() => {
+        if (error.code === "EAUTHQUERY" && (error.message === MD5_SECRET || error.message === INVALID_SECRET)) {
+          entries.delete(key(tenant.external_id, user))
+          keys.delete(key(tenant.external_id, user))
+        }
       })
 
     /** Records a fetch in the cache; a role that no longer exists takes its key with it. */
@@ -214,51 +237,56 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         isBlocked ? Effect.fail(tidepoolError("ECIRCUITBREAKER", AUTH_QUERY_BLOCKED)) : Effect.void
       )
 
-    /** Re-checks every cached secret; drops the unused, and tenants that are gone or changed. */
-    const recheck = Effect.gen(function* () {
-      const now = yield* Clock.currentTimeMillis
-      const live = new Set<string>()
-      const due: Array<[Tenant, Entry]> = []
-      for (const [k, entry] of entries) {
-        const tenant = registry.get(entry.tenant)
-        if (tenant === undefined || tenant.require_user || sourceOf(tenant) !== entry.source) {
-          entries.delete(k)
-          keys.delete(k)
-        } else if (now - entry.usedAt > config.authQueryCacheTtlMs) {
-          entries.delete(k)
-        } else {
-          live.add(entry.tenant)
-          due.push([tenant, entry])
+    /** Re-checks every cached secret (when `refresh`); drops the unused, and tenants gone or changed. */
+    const recheck = (refresh: boolean) =>
+      Effect.gen(function* () {
+        const now = yield* Clock.currentTimeMillis
+        const live = new Set<string>()
+        const due: Array<[Tenant, Entry]> = []
+        for (const [k, entry] of entries) {
+          const tenant = registry.get(entry.tenant)
+          if (tenant === undefined || tenant.require_user || sourceOf(tenant) !== entry.source) {
+            entries.delete(k)
+            keys.delete(k)
+          } else if (now - entry.usedAt > config.authQueryCacheTtlMs) {
+            entries.delete(k)
+          } else {
+            live.add(entry.tenant)
+            due.push([tenant, entry])
+          }
         }
-      }
-      for (const tenant of [...links.keys()]) if (!live.has(tenant)) dropLink(tenant)
-      for (const [k, times] of refetches) if (times.every((t) => t <= now - 60_000)) refetches.delete(k)
-      yield* Effect.forEach(
-        due,
-        ([tenant, entry]) =>
-          Effect.whenEffect(
-            fetchShared(tenant, entry.user).pipe(
-              Effect.tap((fetched) => store(tenant, entry.user, fetched, now)),
-              Effect.catchAll((error) =>
-                Effect.logWarning(`auth_query re-check failed: ${error.message}`).pipe(
-                  Effect.annotateLogs({ tenant: tenant.external_id, user: entry.user, code: error.code })
+        for (const tenant of [...links.keys()]) if (!live.has(tenant)) dropLink(tenant)
+        for (const [k, times] of refetches) if (times.every((t) => t <= now - 60_000)) refetches.delete(k)
+        if (!refresh) return
+        yield* Effect.forEach(
+          due,
+          ([tenant, entry]) =>
+            Effect.whenEffect(
+              fetchShared(tenant, entry.user).pipe(
+                Effect.tap((fetched) => store(tenant, entry.user, fetched, now)),
+                Effect.catchAll((error) =>
+                  Effect.zipRight(
+                    forgetUnusable(tenant, entry.user, error),
+                    Effect.logWarning(`auth_query re-check failed: ${error.message}`).pipe(
+                      Effect.annotateLogs({ tenant: tenant.external_id, user: entry.user, code: error.code })
+                    )
+                  )
                 )
-              )
+              ),
+              Effect.map(breaker.isAuthQueryBlocked(tenant.external_id), (b) => !b)
             ),
-            Effect.map(breaker.isAuthQueryBlocked(tenant.external_id), (b) => !b)
-          ),
-        { concurrency: 8, discard: true }
-      )
-    })
+          { concurrency: 8, discard: true }
+        )
+      })
 
-    if (config.authQueryRecheckIntervalMs > 0) {
-      const interval = config.authQueryRecheckIntervalMs
-      // Jitter spreads the re-checks of many nodes over time instead of querying in lockstep.
-      const pause = Effect.flatMap(Random.nextIntBetween(interval / 2, (interval * 3) / 2 + 1), (ms) =>
-        Effect.sleep(Duration.millis(ms))
-      )
-      yield* Effect.forkScoped(Effect.forever(Effect.zipRight(pause, recheck)).pipe(Effect.interruptible))
-    }
+    // Jitter spreads the re-checks of many nodes over time instead of querying in lockstep. Without
+    // re-checks, the same loop still drops unused entries and idle connections once a minute.
+    const interval = config.authQueryRecheckIntervalMs > 0 ? config.authQueryRecheckIntervalMs : 60_000
+    const pause = Effect.flatMap(Random.nextIntBetween(interval / 2, (interval * 3) / 2 + 1), (ms) =>
+      Effect.sleep(Duration.millis(ms))
+    )
+    const pass = recheck(config.authQueryRecheckIntervalMs > 0)
+    yield* Effect.forkScoped(Effect.forever(Effect.zipRight(pause, pass)).pipe(Effect.interruptible))
 
     return {
       /**
@@ -295,20 +323,28 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
           }
           recent.push(now)
           refetches.set(k, recent)
-          const fetched = yield* fetchShared(tenant, user).pipe(Effect.option)
+          const fetched = yield* fetchShared(tenant, user).pipe(
+            Effect.tapError((error) => forgetUnusable(tenant, user, error)),
+            Effect.option
+          )
           if (fetched._tag === "None") return false
           store(tenant, user, fetched.value, now)
-          return fetched.value === "not found" || !sameSecret(fetched.value, tried)
+          return fetched.value !== "not found" && !sameSecret(fetched.value, tried)
         }),
 
-      /** Keeps the ClientKey a verified login recovered, for the user's pools to log in upstream. */
+      /**
+       * Keeps the keys a verified login recovered, for the user's pools to log in upstream. When the
+       * upstream refuses them (28P01: the password changed), the cached verifier is stale too:
+       * it is dropped, so the next login fetches the current one instead of failing against it.
+       */
       remember: (tenant: string, user: string, upstream: UpstreamKeys) =>
         Effect.sync(() => {
-          keys.set(key(tenant, user), upstream)
+          const k = key(tenant, user)
+          keys.set(k, { ...upstream, rejected: () => entries.delete(k) })
         }),
 
-      /** The latest verified key of `user`; read at every upstream login of its pools. */
-      keysOf: (tenant: string, user: string): UpstreamKeys | undefined => keys.get(key(tenant, user)),
+      /** The latest verified keys of `user`; read at every upstream login of its pools. */
+      keysOf: (tenant: string, user: string): PassthroughKeys | undefined => keys.get(key(tenant, user)),
 
       /** Forgets a tenant's secrets, keys and connection (tenant changed or deleted). */
       invalidate: (tenant: string) =>
@@ -319,7 +355,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         }),
 
       /** Runs one re-check pass now (the background loop does this every interval). */
-      recheck
+      recheck: recheck(true)
     } as const
   })
 }) {}

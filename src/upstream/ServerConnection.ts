@@ -25,10 +25,15 @@ export interface UpstreamTarget {
   readonly password: Redacted.Redacted<string> | undefined
   /**
    * SCRAM pass-through (auth_query users): the current ClientKey (and ServerKey) to log in with
-   * instead of a password, read at each login so new servers use the latest key.
+   * instead of a password, read at each login so new servers use the latest key. `rejected` hears
+   * of a 28P01 answer to it (the password changed upstream).
    */
-  readonly scramKeys?: () => Extract<ScramClientCredentials, { readonly clientKey: Buffer }> | undefined
+  readonly scramKeys?: () => PassthroughKeys | undefined
   readonly connectTimeoutMs: number
+}
+
+export type PassthroughKeys = Extract<ScramClientCredentials, { readonly clientKey: Buffer }> & {
+  readonly rejected?: () => void
 }
 
 /** How a connection is used; the pool's servers never keep row bodies. */
@@ -340,9 +345,14 @@ export class ServerConnection {
       const { user, database, password } = this.target
       this.socket.write(startupMessage({ user, database, client_encoding: "UTF8" }))
       let scram: ScramClient | undefined
+      let passthrough: PassthroughKeys | undefined
       for (;;) {
         const m = yield* next
-        if (m.type === E) return yield* upstreamError(fieldsOf(m.body))
+        if (m.type === E) {
+          const fields = fieldsOf(m.body)
+          if (fields.code === "28P01") passthrough?.rejected?.()
+          return yield* upstreamError(fields)
+        }
         if (m.type === K) {
           const key = decodeBackendKeyData(m.body, 0, m.body.length)
           if (key instanceof ProtocolError) return yield* connectFailed(key.message)
@@ -367,7 +377,8 @@ export class ServerConnection {
             if (!auth.mechanisms.includes("SCRAM-SHA-256")) {
               return yield* connectFailed(`server offers no supported SASL mechanism (${auth.mechanisms.join(", ")})`)
             }
-            scram = new ScramClient(this.target.scramKeys?.() ?? { password: yield* requirePassword(password, user) })
+            passthrough = this.target.scramKeys?.()
+            scram = new ScramClient(passthrough ?? { password: yield* requirePassword(password, user) })
             this.socket.write(serialize.sendSASLInitialResponseMessage("SCRAM-SHA-256", scram.clientFirst()))
             break
           }

@@ -1,6 +1,7 @@
 export {
   type ConnectOptions,
   connect,
+  type PassthroughKeys,
   ServerConnection,
   type ServerHandler,
   type UpstreamTarget

@@ -46,6 +46,9 @@ beforeAll(async () => {
       { name: "dave", password: "dave-pw" },
       { name: "mallory", password: "mallory-pw" },
       { name: "erin", password: "erin-pw" },
+      { name: "frank", password: "frank-pw" },
+      { name: "grace", password: "grace-pw" },
+      { name: "henry", password: "henry-pw" },
       { name: "app", password: "app-secret" }
     ]
   })
@@ -56,6 +59,7 @@ beforeAll(async () => {
       // The simplest setup: a superuser manager reading pg_authid itself.
       authQueryTenant("aqsuper", AUTHID_QUERY, { db_user: "boss", db_password: "boss-pw", is_manager: true }),
       authQueryTenant("aqlock", FUNCTION_QUERY),
+      authQueryTenant("aqlimit", FUNCTION_QUERY),
       authQueryTenant("aqbroken", "SELECT rolname, rolpassword FROM no_such_table WHERE rolname=$1"),
       authQueryTenant("aqformat", "SELECT rolname, rolpassword, 1 FROM pg_authid WHERE rolname=$1", {
         ...manager,
@@ -198,6 +202,50 @@ describe("auth_query tenants", () => {
     expect(await currentUser(client)).toBe("mallory")
     await client.end()
     await fresh.end()
+  })
+
+  it("drops a verifier the upstream refused the pool's key for, so the next login fetches the new one", async () => {
+    const holder = await connected("henry.aq", "henry-pw", "transaction")
+    const other = await connected("henry.aq", "henry-pw", "transaction")
+    await db.query("ALTER ROLE henry PASSWORD 'henry-new'")
+    // The pool's only server is held, so the other client's query needs a new one, logged in with
+    // the old key: PostgreSQL refuses it.
+    await holder.query("BEGIN")
+    const refused = await other.query("SELECT 1").then(
+      () => undefined,
+      (e: pg.DatabaseError) => e.code
+    )
+    expect(refused).toBe("28P01")
+    await holder.query("COMMIT")
+    // No failed login needed: the refusal already dropped the stale verifier.
+    const fresh = await connected("henry.aq", "henry-new", "transaction")
+    expect(await currentUser(fresh)).toBe("henry")
+    expect(await currentUser(holder)).toBe("henry")
+    for (const c of [holder, other, fresh]) await c.end().catch(() => undefined)
+  })
+
+  it("re-fetches after wrong passwords at most three times a minute", async () => {
+    await (await connected("frank.aqlimit", "frank-pw")).end()
+    // Three wrong passwords re-fetch the (unchanged) secret and use up the minute's re-fetches…
+    for (let i = 0; i < 3; i++) expect(await failure("frank.aqlimit", "wrong")).toMatchObject(wrongPassword("frank"))
+    await db.query("ALTER ROLE frank PASSWORD 'frank-new'")
+    // …so the rotation goes unnoticed by failed logins, however many…
+    for (let i = 0; i < 2; i++)
+      expect(await failure("frank.aqlimit", "frank-new")).toMatchObject(wrongPassword("frank"))
+    // …until the periodic re-check.
+    await recheck()
+    const client = await connected("frank.aqlimit", "frank-new")
+    expect(await currentUser(client)).toBe("frank")
+    await client.end()
+  })
+
+  it("forgets a cached verifier whose role switched to an MD5 password at the next re-check", async () => {
+    await (await connected("grace.aq", "grace-pw")).end()
+    await db.query("SET password_encryption = 'md5'; ALTER ROLE grace PASSWORD 'grace-pw'")
+    await recheck()
+    expect(await failure("grace.aq", "grace-pw")).toMatchObject({
+      message: "(EAUTHQUERY) MD5 secrets are not supported for auth_query, use require_user instead"
+    })
   })
 
   it("EAUTHQUERY: an md5 secret is refused with the MD5 message", async () => {
