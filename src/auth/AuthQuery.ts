@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto"
 import { Clock, Deferred, Duration, Effect, Exit, FiberId, Random, Redacted } from "effect"
 import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
@@ -104,7 +105,11 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
       Effect.gen(function* () {
         const manager = managerOf(tenant)
         if (manager === undefined) return yield* authQueryError("no manager user configured for this tenant")
-        const made = `${tenant.db_host}\u0000${tenant.db_port}\u0000${tenant.db_database}\u0000${manager.db_user}\u0000${Redacted.value(manager.db_password)}`
+        // A digest, so the connection notices new credentials without keeping another plaintext copy.
+        const made = createHash("sha256")
+          .update(`${tenant.db_host}\u0000${tenant.db_port}\u0000${tenant.db_database}\u0000${manager.db_user}\u0000`)
+          .update(Redacted.value(manager.db_password))
+          .digest("base64")
         if (link.conn !== undefined && !link.conn.closed && link.made === made && link.conn.isIdle) return link.conn
         link.conn?.close("auth_query connection replaced")
         link.conn = undefined
@@ -131,7 +136,8 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         if (sql === undefined) return yield* authQueryError("no auth_query configured for this tenant")
         let link = links.get(tenant.external_id)
         if (link === undefined) {
-          link = { conn: undefined, made: "", lock: yield* Effect.makeSemaphore(1) }
+          // Made without yielding: two first fetches of a tenant must not both open a connection.
+          link = { conn: undefined, made: "", lock: Effect.unsafeMakeSemaphore(1) }
           links.set(tenant.external_id, link)
         }
         const current = link
@@ -169,9 +175,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
             return Effect.fail(authQueryError(MD5_SECRET))
           }
           const secret = parseScramSecret(found)
-          return secret === undefined
-            ? Effect.fail(authQueryError("unsupported or invalid secret format"))
-            : Effect.succeed(secret)
+          return secret === undefined ? Effect.fail(authQueryError(INVALID_SECRET)) : Effect.succeed(secret)
         }),
         Effect.withSpan("auth.query", { attributes: { "tidepool.tenant": tenant.external_id, "db.user": user } })
       )
