@@ -20,6 +20,14 @@ const SETUP = `
   REVOKE ALL ON FUNCTION tidepool.get_auth(text) FROM PUBLIC;
   GRANT USAGE ON SCHEMA tidepool TO tidepool_manager;
   GRANT EXECUTE ON FUNCTION tidepool.get_auth(text) TO tidepool_manager;
+  -- The same, counting its calls.
+  CREATE TABLE tidepool.calls (n int NOT NULL);
+  INSERT INTO tidepool.calls VALUES (0);
+  CREATE FUNCTION tidepool.get_auth_counted(p_usename text) RETURNS TABLE (username text, password text)
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog
+    AS $$ UPDATE tidepool.calls SET n = n + 1;
+          SELECT rolname::text, rolpassword::text FROM pg_authid WHERE rolname = p_usename AND rolcanlogin $$;
+  GRANT EXECUTE ON FUNCTION tidepool.get_auth_counted(text) TO tidepool_manager;
 `
 const FUNCTION_QUERY = "SELECT * FROM tidepool.get_auth($1)"
 const AUTHID_QUERY = "SELECT rolname, rolpassword FROM pg_authid WHERE rolname=$1"
@@ -49,6 +57,7 @@ beforeAll(async () => {
       { name: "frank", password: "frank-pw" },
       { name: "grace", password: "grace-pw" },
       { name: "henry", password: "henry-pw" },
+      { name: "ivan", password: "ivan-pw" },
       { name: "app", password: "app-secret" }
     ]
   })
@@ -60,6 +69,7 @@ beforeAll(async () => {
       authQueryTenant("aqsuper", AUTHID_QUERY, { db_user: "boss", db_password: "boss-pw", is_manager: true }),
       authQueryTenant("aqlock", FUNCTION_QUERY),
       authQueryTenant("aqlimit", FUNCTION_QUERY),
+      authQueryTenant("aqcount", "SELECT * FROM tidepool.get_auth_counted($1)"),
       authQueryTenant("aqbroken", "SELECT rolname, rolpassword FROM no_such_table WHERE rolname=$1"),
       authQueryTenant("aqformat", "SELECT rolname, rolpassword, 1 FROM pg_authid WHERE rolname=$1", {
         ...manager,
@@ -138,6 +148,15 @@ describe("auth_query tenants", () => {
     ).toHaveLength(1)
     await session.end()
     await transaction.end()
+  })
+
+  it("runs auth_query once for a storm of logins of one role", async () => {
+    const clients = await Promise.all(
+      Array.from({ length: 20 }, () => connected("ivan.aqcount", "ivan-pw", "transaction"))
+    )
+    expect(await Promise.all(clients.map(currentUser))).toEqual(Array(20).fill("ivan"))
+    expect((await db.query("SELECT n FROM tidepool.calls"))[0].n).toBe(1)
+    await Promise.all(clients.map((c) => c.end()))
   })
 
   it("works with a superuser manager reading pg_authid", async () => {
