@@ -58,6 +58,7 @@ beforeAll(async () => {
       { name: "grace", password: "grace-pw" },
       { name: "henry", password: "henry-pw" },
       { name: "ivan", password: "ivan-pw" },
+      { name: "o'brien; drop table x --", password: "ob-pw" },
       { name: "app", password: "app-secret" }
     ]
   })
@@ -157,6 +158,12 @@ describe("auth_query tenants", () => {
     expect(await Promise.all(clients.map(currentUser))).toEqual(Array(20).fill("ivan"))
     expect((await db.query("SELECT n FROM tidepool.calls"))[0].n).toBe(1)
     await Promise.all(clients.map((c) => c.end()))
+  })
+
+  it("passes the username as a bound parameter, never as SQL", async () => {
+    const client = await connected("o'brien; drop table x --.aqsuper", "ob-pw")
+    expect(await currentUser(client)).toBe("o'brien; drop table x --")
+    await client.end()
   })
 
   it("works with a superuser manager reading pg_authid", async () => {
