@@ -1,5 +1,5 @@
 import { Layer } from "effect"
-import { CircuitBreaker, SecretCache } from "./auth/index.ts"
+import { AuthQuery, CircuitBreaker, SecretCache } from "./auth/index.ts"
 import type { Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
@@ -13,6 +13,7 @@ import { TenantRegistry } from "./tenants/index.ts"
 export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
   Listeners.Default.pipe(
     Layer.provideMerge(PoolRegistry.Default),
+    Layer.provideMerge(AuthQuery.Default),
     Layer.provideMerge(
       Layer.mergeAll(
         SessionRegistry.Default,

@@ -1,4 +1,5 @@
-import { Effect } from "effect"
+import { Effect, Either } from "effect"
+import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import {
   authenticationSASL,
@@ -7,6 +8,10 @@ import {
   type ScramSecret,
   ScramServer
 } from "../protocol/index.ts"
+import type { UpstreamTarget } from "../upstream/index.ts"
+import { AuthQuery, USER_NOT_FOUND } from "./AuthQuery.ts"
+import { CircuitBreaker } from "./CircuitBreaker.ts"
+import { SecretCache } from "./SecretCache.ts"
 
 /** What authentication needs from the client connection: framed reads and writes. */
 export interface AuthChannel {
@@ -61,4 +66,92 @@ export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   }
   channel.write(authenticationSASLFinal(final.serverFinal))
   return final.clientKey
+})
+
+/** REFERENCE §4: the message of an address blocked by the authentication breaker. */
+export const ADDRESS_BLOCKED = "too many authentication failures, new connections are temporarily blocked"
+
+/**
+ * The configured users a client username matches. `require_user: false` tenants have one user, the
+ * manager, and every username maps to it for limits (the secret comes from auth_query). Otherwise the
+ * username is matched against `db_user_alias` (which defaults to `db_user`). The tenant schema
+ * rejects duplicate aliases, so more than one match means the tenant skipped validation.
+ */
+export const matchUsers = (tenant: Tenant, username: string): ReadonlyArray<User> =>
+  tenant.require_user ? tenant.users.filter((u) => u.db_user_alias === username) : tenant.users.slice(0, 1)
+
+/** Who a client's pool logs in upstream as, once the client is authenticated. */
+export interface ClientCredentials {
+  /** The user part of the pool key: one pool per distinct upstream identity. */
+  readonly poolUser: string
+  readonly upstream: Pick<UpstreamTarget, "user" | "password" | "scramKeys">
+}
+
+/**
+ * Authenticates a client of `tenant` with SCRAM-SHA-256, under the authentication breaker of
+ * (tenant, client address). Configured users are checked against a verifier derived from their
+ * stored password; auth_query users against the verifier fetched from the database, whose recovered
+ * ClientKey then logs their pools in upstream (SCRAM pass-through). A wrong password with a cached
+ * auth_query secret re-fetches it first: a changed secret means the cache was stale, not the client
+ * wrong, and the next attempt uses the new one.
+ */
+export const authenticateClient = Effect.fn("client.auth")(function* (
+  channel: AuthChannel,
+  tenant: Tenant,
+  user: User,
+  username: string,
+  address: string
+) {
+  const config = yield* AppConfig
+  const breaker = yield* CircuitBreaker
+  const authQuery = tenant.require_user ? undefined : yield* AuthQuery
+  yield* Effect.annotateCurrentSpan({
+    "tidepool.tenant": tenant.external_id,
+    "db.user": username,
+    method: authQuery === undefined ? "scram-sha-256" : "scram-sha-256 auth_query"
+  })
+  if (yield* breaker.isAddressBlocked(tenant.external_id, address)) {
+    return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
+  }
+  const refuse = (error: TidepoolError) =>
+    Effect.zipRight(
+      Effect.zipRight(breaker.authFailed(tenant.external_id, address), Effect.sleep(config.authFailureDelayMs)),
+      Effect.fail(error)
+    )
+
+  if (authQuery === undefined) {
+    const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
+    const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0))
+    if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
+    yield* breaker.authSucceeded(tenant.external_id, address)
+    return {
+      poolUser: user.db_user_alias,
+      upstream: { user: user.db_user, password: user.db_password }
+    } satisfies ClientCredentials
+  }
+
+  const found = yield* Effect.either(authQuery.secret(tenant, username))
+  if (Either.isLeft(found)) {
+    // An unknown role costs an upstream query: it counts like a wrong password.
+    const unknown = found.left.code === "EAUTHQUERY" && found.left.message === USER_NOT_FOUND
+    return yield* unknown ? refuse(found.left) : found.left
+  }
+  const { secret, fresh } = found.right
+  const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0))
+  if (Either.isLeft(proof)) {
+    if (proof.left.code !== "EWRONGPASSWORD") return yield* proof.left
+    const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))
+    // A stale cache is not the client's failure; the attempt still fails, as the proof was made
+    // with the old salt and cannot be checked against the new verifier.
+    return yield* stale
+      ? Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(proof.left))
+      : refuse(proof.left)
+  }
+  yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.right, serverKey: secret.serverKey })
+  yield* breaker.authSucceeded(tenant.external_id, address)
+  const tenantId = tenant.external_id
+  return {
+    poolUser: username,
+    upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenantId, username) }
+  } satisfies ClientCredentials
 })

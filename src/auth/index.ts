@@ -1,3 +1,11 @@
+export { AUTH_QUERY_BLOCKED, AuthQuery, REFETCHES_PER_MINUTE, type UpstreamKeys, USER_NOT_FOUND } from "./AuthQuery.ts"
 export { AUTH_FAILURES, AUTH_QUERY_FAILURES, type Ban, type BreakerRule, CircuitBreaker } from "./CircuitBreaker.ts"
-export { type AuthChannel, authenticateScram } from "./ClientAuth.ts"
+export {
+  ADDRESS_BLOCKED,
+  type AuthChannel,
+  authenticateClient,
+  authenticateScram,
+  type ClientCredentials,
+  matchUsers
+} from "./ClientAuth.ts"
 export { SecretCache } from "./SecretCache.ts"

@@ -38,6 +38,10 @@ export interface AppConfigShape {
   readonly minPoolSize: number
   /** Pools one tenant may have on this node (EMAXPOOLSREACHED beyond). */
   readonly maxPoolsPerTenant: number
+  /** auth_query secrets unused by any login this long are dropped from the cache. */
+  readonly authQueryCacheTtlMs: number
+  /** How often cached auth_query secrets are re-checked (with jitter); 0 disables the re-check. */
+  readonly authQueryRecheckIntervalMs: number
   readonly configFile: Option.Option<string>
 }
 
@@ -263,6 +267,22 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Pools (user × database × mode) one tenant may have on this node",
     default: () => 50,
     parse: integer(1, 100_000, "an integer")
+  },
+  authQueryCacheTtlMs: {
+    env: "TIDEPOOL_AUTH_QUERY_CACHE_TTL",
+    fileKey: "auth_query_cache_ttl",
+    type: "milliseconds",
+    description: "Drop a cached auth_query secret no login has used for this long",
+    default: () => 86_400_000,
+    parse: millis(1)
+  },
+  authQueryRecheckIntervalMs: {
+    env: "TIDEPOOL_AUTH_QUERY_RECHECK",
+    fileKey: "auth_query_recheck",
+    type: "milliseconds (0 = never)",
+    description: "Re-run auth_query for cached secrets about this often (±50% jitter)",
+    default: () => 15_000,
+    parse: millis(0)
   }
 }
 
@@ -308,7 +328,9 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
   poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs),
   minPoolSize: settingConfig(settings.minPoolSize),
-  maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant)
+  maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant),
+  authQueryCacheTtlMs: settingConfig(settings.authQueryCacheTtlMs),
+  authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -427,6 +449,8 @@ const defaults = (): AppConfigShape => ({
   poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),
   minPoolSize: settings.minPoolSize.default(),
   maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
+  authQueryCacheTtlMs: settings.authQueryCacheTtlMs.default(),
+  authQueryRecheckIntervalMs: settings.authQueryRecheckIntervalMs.default(),
   configFile: Option.none()
 })
 

@@ -1,6 +1,6 @@
 import type * as net from "node:net"
 import { Effect, Exit } from "effect"
-import { authenticateScram, SecretCache } from "../auth/index.ts"
+import { authenticateClient, type ClientCredentials, matchUsers } from "../auth/index.ts"
 import {
   AppConfig,
   allowListOf,
@@ -40,6 +40,7 @@ interface Authenticated {
   readonly tenant: Tenant
   readonly user: User
   readonly identity: ClientIdentity
+  readonly credentials: ClientCredentials
   readonly database: string
   readonly settings: ReadonlyMap<string, string>
 }
@@ -98,7 +99,6 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const config = yield* AppConfig
     const tenants = yield* TenantRegistry
     const sessions = yield* SessionRegistry
-    const secrets = yield* SecretCache
 
     let startup: Readonly<Record<string, string>> | undefined
     while (startup === undefined) {
@@ -132,7 +132,7 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
     const tenant = tenants.get(identity.tenant)
     if (tenant === undefined) return yield* notFound
-    const users = tenant.users.filter((u) => (u.db_user_alias ?? u.db_user) === identity.user)
+    const users = matchUsers(tenant, identity.user)
     if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
     if (user === undefined) return yield* notFound
@@ -141,12 +141,7 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     }
     if (tenant.enforce_ssl) return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
 
-    const secret = secrets.forPassword(tenant.external_id, user.db_user, user.db_password)
-    yield* authenticateScram(client, secret, identity.user, config.authFailureDelayMs).pipe(
-      Effect.withSpan("client.auth", {
-        attributes: { "tidepool.tenant": tenant.external_id, "db.user": identity.user, method: "scram-sha-256" }
-      })
-    )
+    const credentials = yield* authenticateClient(client, tenant, user, identity.user, log.peer_ip)
     client.write(authenticationOk())
 
     const settings = new Map<string, string>()
@@ -159,6 +154,7 @@ const handshake = (client: ClientSocket, log: LogContext) =>
       tenant,
       user,
       identity,
+      credentials,
       database: identity.database ?? tenant.db_database,
       settings
     } satisfies Authenticated
@@ -249,12 +245,12 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
     const config = yield* AppConfig
     const registry = yield* PoolRegistry
     const sessions = yield* SessionRegistry
-    const { tenant, user, database } = auth
+    const { tenant, user, database, credentials } = auth
     const size = userPoolSize(tenant, user)
     const pool = yield* registry.get({
-      key: poolKey(tenant.external_id, user.db_user_alias ?? user.db_user, mode, database),
+      key: poolKey(tenant.external_id, credentials.poolUser, mode, database),
       tenant: tenant.external_id,
-      user: user.db_user,
+      user: credentials.upstream.user,
       database,
       mode,
       size,
@@ -268,8 +264,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
         host: tenant.db_host,
         port: tenant.db_port,
         database,
-        user: user.db_user,
-        password: user.db_password,
+        ...credentials.upstream,
         connectTimeoutMs: config.upstreamConnectTimeoutMs
       }
     })

@@ -12,6 +12,7 @@ import {
   md5Password,
   ProtocolError,
   ScramClient,
+  type ScramClientCredentials,
   startupMessage
 } from "../protocol/index.ts"
 
@@ -22,6 +23,12 @@ export interface UpstreamTarget {
   readonly database: string
   readonly user: string
   readonly password: Redacted.Redacted<string> | undefined
+  /**
+   * SCRAM pass-through (auth_query users): the current ClientKey (and ServerKey) to log in with
+   * instead of a password, read at each login so new servers use the latest key. `rejected` hears
+   * of a 28P01 answer to it (the password changed upstream).
+   */
+  readonly scramKeys?: () => PassthroughKeys | undefined
   readonly connectTimeoutMs: number
 }
 
@@ -38,6 +45,16 @@ export type ServerObserver = (
   start: number,
   end: number
 ) => void
+
+export type PassthroughKeys = Extract<ScramClientCredentials, { readonly clientKey: Buffer }> & {
+  readonly rejected?: () => void
+}
+
+/** How a connection is used; the pool's servers never keep row bodies. */
+export interface ConnectOptions {
+  /** Keep DataRow and RowDescription bodies, for `query` (control-plane connections only). */
+  readonly rows?: boolean
+}
 
 /** What the relay currently serving a client wants to hear from this server. */
 export interface ServerHandler {
@@ -56,6 +73,8 @@ const S = 0x53
 const E = 0x45
 const K = 0x4b
 const R = 0x52
+const D = 0x44
+const T = 0x54
 
 let nextId = 1
 const EMPTY = Buffer.alloc(0)
@@ -122,9 +141,13 @@ export class ServerConnection {
 
   constructor(
     readonly socket: net.Socket,
-    readonly target: UpstreamTarget
+    readonly target: UpstreamTarget,
+    options: ConnectOptions = {}
   ) {
-    this.scanner = new MessageScanner(this.onMessage, { maxMessageSize: 0, inspect: "ZSEKRC" })
+    this.scanner = new MessageScanner(this.onMessage, {
+      maxMessageSize: 0,
+      inspect: options.rows === true ? "ZSEKRCDT" : "ZSEKRC"
+    })
     socket.on("data", this.onSocketData)
     socket.on("close", this.onSocketClose)
     socket.on("error", this.onSocketError)
@@ -323,6 +346,52 @@ export class ServerConnection {
       )
     )
 
+  /**
+   * Runs `sql` with text parameters over the extended protocol (values travel apart from the SQL, so
+   * nothing needs quoting) and returns every row as text, with the column count of the result.
+   * Only on connections made with `{ rows: true }`.
+   */
+  readonly query = (
+    sql: string,
+    params: ReadonlyArray<string>
+  ): Effect.Effect<
+    { readonly columns: number; readonly rows: ReadonlyArray<ReadonlyArray<string | null>> },
+    TidepoolError
+  > =>
+    Effect.gen(this, function* () {
+      const messages = yield* Queue.unbounded<LoginMessage>()
+      this.loginSink = (m) => Queue.unsafeOffer(messages, m)
+      this.pending++
+      this.socket.write(
+        Buffer.concat([
+          serialize.parse({ text: sql }),
+          serialize.bind({ values: [...params] }),
+          serialize.describe({ type: "P" }),
+          serialize.execute(),
+          serialize.sync()
+        ])
+      )
+      let error: TidepoolError | undefined
+      let columns = 0
+      const rows: Array<Array<string | null>> = []
+      for (;;) {
+        const m = yield* Queue.take(messages)
+        if (m.type === -1) return yield* tidepoolError("ESERVERCLOSED", this.closeReason)
+        if (m.type === E && error === undefined) error = upstreamError(fieldsOf(m.body))
+        else if (m.type === T && m.body.length >= 2) columns = m.body.readInt16BE(0)
+        else if (m.type === D) rows.push(decodeDataRow(m.body))
+        else if (m.type === Z) break
+      }
+      if (error !== undefined) return yield* error
+      return { columns, rows }
+    }).pipe(
+      Effect.ensuring(
+        Effect.sync(() => {
+          this.loginSink = undefined
+        })
+      )
+    )
+
   /** Logs in after the socket connected: startup, authentication, parameters, key data, ReadyForQuery. */
   readonly login = (): Effect.Effect<void, TidepoolError> =>
     Effect.gen(this, function* () {
@@ -334,9 +403,14 @@ export class ServerConnection {
       const { user, database, password } = this.target
       this.socket.write(startupMessage({ user, database, client_encoding: "UTF8" }))
       let scram: ScramClient | undefined
+      let passthrough: PassthroughKeys | undefined
       for (;;) {
         const m = yield* next
-        if (m.type === E) return yield* upstreamError(fieldsOf(m.body))
+        if (m.type === E) {
+          const fields = fieldsOf(m.body)
+          if (fields.code === "28P01") passthrough?.rejected?.()
+          return yield* upstreamError(fields)
+        }
         if (m.type === K) {
           const key = decodeBackendKeyData(m.body, 0, m.body.length)
           if (key instanceof ProtocolError) return yield* connectFailed(key.message)
@@ -361,7 +435,8 @@ export class ServerConnection {
             if (!auth.mechanisms.includes("SCRAM-SHA-256")) {
               return yield* connectFailed(`server offers no supported SASL mechanism (${auth.mechanisms.join(", ")})`)
             }
-            scram = new ScramClient({ password: yield* requirePassword(password, user) })
+            passthrough = this.target.scramKeys?.()
+            scram = new ScramClient(passthrough ?? { password: yield* requirePassword(password, user) })
             this.socket.write(serialize.sendSASLInitialResponseMessage("SCRAM-SHA-256", scram.clientFirst()))
             break
           }
@@ -389,6 +464,24 @@ export class ServerConnection {
     )
 }
 
+/** DataRow columns as text (NULL as null); a truncated row yields what could be read. */
+const decodeDataRow = (body: Buffer): Array<string | null> => {
+  const out: Array<string | null> = []
+  if (body.length < 2) return out
+  const count = body.readInt16BE(0)
+  let pos = 2
+  for (let i = 0; i < count && pos + 4 <= body.length; i++) {
+    const length = body.readInt32BE(pos)
+    pos += 4
+    if (length < 0) out.push(null)
+    else {
+      out.push(body.toString("utf8", pos, Math.min(pos + length, body.length)))
+      pos += length
+    }
+  }
+  return out
+}
+
 const fieldsOf = (body: Buffer) => {
   const f = decodeErrorFields(body, 0, body.length)
   return { code: f.C, message: f.M, detail: f.D, hint: f.H }
@@ -406,7 +499,7 @@ const requirePassword = (password: Redacted.Redacted<string> | undefined, user: 
  * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
  * the socket is already destroyed.
  */
-export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget) {
+export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget, options?: ConnectOptions) {
   yield* Effect.annotateCurrentSpan({ "db.host": target.host, "db.port": target.port, "db.user": target.user })
   const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
     const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
@@ -426,7 +519,7 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
       onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
     })
   )
-  const conn = new ServerConnection(socket, target)
+  const conn = new ServerConnection(socket, target, options)
   yield* conn.login().pipe(
     Effect.timeoutFail({
       duration: target.connectTimeoutMs,

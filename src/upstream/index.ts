@@ -1,1 +1,8 @@
-export { connect, ServerConnection, type ServerHandler, type UpstreamTarget } from "./ServerConnection.ts"
+export {
+  type ConnectOptions,
+  connect,
+  type PassthroughKeys,
+  ServerConnection,
+  type ServerHandler,
+  type UpstreamTarget
+} from "./ServerConnection.ts"

@@ -1,9 +1,11 @@
 import { Layer, ManagedRuntime, Schema } from "effect"
+import type { AuthQuery, CircuitBreaker } from "../../src/auth/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
 import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
 import { loggerLayer } from "../../src/telemetry/index.ts"
+import type { TenantRegistry } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
   /** Tenants in the config file / API shape; decoded with the real schema. */
@@ -15,7 +17,10 @@ export interface RunningTidepool {
   readonly host: "127.0.0.1"
   readonly sessionPort: number
   readonly transactionPort: number
-  readonly runtime: ManagedRuntime.ManagedRuntime<Listeners | PoolRegistry | AppConfig, unknown>
+  readonly runtime: ManagedRuntime.ManagedRuntime<
+    Listeners | PoolRegistry | AppConfig | AuthQuery | CircuitBreaker | TenantRegistry,
+    unknown
+  >
   /** A connection URL through the session port (or the transaction port with `mode: "transaction"`). */
   url(options: { user: string; password: string; database?: string; mode?: "session" | "transaction" }): string
   /** Graceful shutdown, as on SIGTERM. */
