@@ -132,13 +132,14 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
     const tenant = tenants.get(identity.tenant)
     if (tenant === undefined) return yield* notFound
+    // Before the user lookup, so an address outside the allow list learns nothing about the users.
+    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip)) {
+      return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
+    }
     const users = matchUsers(tenant, identity.user)
     if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
     if (user === undefined) return yield* notFound
-    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip)) {
-      return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
-    }
     if (tenant.enforce_ssl) return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
 
     const credentials = yield* authenticateClient(client, tenant, user, identity.user, log.peer_ip)
