@@ -22,6 +22,8 @@ export interface AppConfigShape {
   readonly shutdownTimeoutMs: number
   /** Largest client message accepted, in bytes. */
   readonly maxMessageSize: number
+  /** How long a JIT token check (the tenant's API, or its JWKS) may take (EJITREQUESTFAILED beyond). */
+  readonly jitTimeoutMs: number
   /** Named statements the pooler keeps prepared on each server (transaction mode), LRU-evicted beyond. */
   readonly preparedCacheSize: number
   /** Named prepared statements one transaction-mode client may hold (EMAXPREPARED beyond). */
@@ -202,6 +204,15 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     default: () => 1_073_741_824,
     parse: integer(1024, 1_073_741_824, "a size in bytes")
   },
+  jitTimeoutMs: {
+    env: "TIDEPOOL_JIT_TIMEOUT",
+    fileKey: "jit_timeout",
+    type: "milliseconds",
+    description:
+      "How long a JIT token check against the tenant's API may take before the login fails with EJITREQUESTFAILED",
+    default: () => 5_000,
+    parse: millis(1)
+  },
   preparedCacheSize: {
     env: "TIDEPOOL_PREPARED_CACHE_SIZE",
     fileKey: "prepared_cache_size",
@@ -321,6 +332,7 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   upstreamConnectTimeoutMs: settingConfig(settings.upstreamConnectTimeoutMs),
   shutdownTimeoutMs: settingConfig(settings.shutdownTimeoutMs),
   maxMessageSize: settingConfig(settings.maxMessageSize),
+  jitTimeoutMs: settingConfig(settings.jitTimeoutMs),
   preparedCacheSize: settingConfig(settings.preparedCacheSize),
   maxPreparedStatements: settingConfig(settings.maxPreparedStatements),
   maxPreparedMemory: settingConfig(settings.maxPreparedMemory),
@@ -441,6 +453,7 @@ const defaults = (): AppConfigShape => ({
   upstreamConnectTimeoutMs: settings.upstreamConnectTimeoutMs.default(),
   shutdownTimeoutMs: settings.shutdownTimeoutMs.default(),
   maxMessageSize: settings.maxMessageSize.default(),
+  jitTimeoutMs: settings.jitTimeoutMs.default(),
   preparedCacheSize: settings.preparedCacheSize.default(),
   maxPreparedStatements: settings.maxPreparedStatements.default(),
   maxPreparedMemory: settings.maxPreparedMemory.default(),

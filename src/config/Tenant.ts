@@ -295,6 +295,10 @@ const TenantFields = Schema.Struct({
   ),
   use_jit: withDefault(Bool, () => false),
   jit_api_url: optional(HttpUrl),
+  /** HS256/384/512 key for verifying JWT-shaped JIT tokens locally before the API call. */
+  jit_jwt_secret: optional(Schema.Redacted(NonEmpty)),
+  /** JWKS URL for verifying JWT-shaped JIT tokens locally before the API call. */
+  jit_jwks_url: optional(HttpUrl),
   banned_at: optional(DateTime),
   ban_reason: optional(Str),
   banned_until: optional(DateTime),

@@ -1,0 +1,93 @@
+import { timingSafeEqual } from "node:crypto"
+import { FetchHttpClient, HttpBody, HttpClient, HttpClientRequest } from "@effect/platform"
+import { Duration, Effect, Redacted, Schema } from "effect"
+import * as jose from "jose"
+import { AppConfig, type Tenant } from "../config/index.ts"
+import { tidepoolError } from "../errors/index.ts"
+import { createScramSecret, type ScramSecret } from "../protocol/index.ts"
+
+/** Whether a value has a JWT's shape (three base64url parts); such tokens can be verified locally. */
+export const looksLikeJwt = (value: string): boolean => /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/.test(value)
+
+/**
+ * Whether `password` is the one `secret` was made from: the SCRAM verifier, as fetched by auth_query,
+ * is enough to check a cleartext password without ever storing it.
+ */
+export const matchesScramSecret = (password: string, secret: ScramSecret): boolean => {
+  const derived = createScramSecret(password, secret.salt, secret.iterations)
+  return derived.storedKey.length === secret.storedKey.length && timingSafeEqual(derived.storedKey, secret.storedKey)
+}
+
+const JitAnswer = Schema.Struct({ user_role: Schema.Struct({ role: Schema.String }) })
+
+/**
+ * The JIT access API (REFERENCE §3.3): `POST <jit_api_url>` with the token as bearer and
+ * `{"rhost", "role"}`; the grant holds only on 200 with `user_role.role` equal to the role. Every
+ * connection asks anew (no cache), so revoking a token takes effect at once. A tenant with a JWT
+ * verification key (`jit_jwt_secret` or `jit_jwks_url`) has JWT-shaped tokens checked locally first:
+ * a bad signature, or an `exp`/`nbf` out of range, is refused without calling the API.
+ */
+export class JitApi extends Effect.Service<JitApi>()("tidepool/JitApi", {
+  effect: Effect.gen(function* () {
+    const config = yield* AppConfig
+    const http = yield* HttpClient.HttpClient
+    // One remote key set per URL, which jose caches and refreshes itself.
+    const keySets = new Map<string, ReturnType<typeof jose.createRemoteJWKSet>>()
+
+    const verifyLocally = (tenant: Tenant, token: string) =>
+      Effect.tryPromise({
+        try: () => {
+          if (tenant.jit_jwt_secret !== undefined) {
+            return jose.jwtVerify(token, new TextEncoder().encode(Redacted.value(tenant.jit_jwt_secret)))
+          }
+          const url = tenant.jit_jwks_url!
+          let keys = keySets.get(url)
+          if (keys === undefined) {
+            keys = jose.createRemoteJWKSet(new URL(url), { timeoutDuration: config.jitTimeoutMs })
+            keySets.set(url, keys)
+          }
+          return jose.jwtVerify(token, keys)
+        },
+        catch: (e) => e
+      })
+
+    const check = Effect.fn("client.auth.jit")(function* (tenant: Tenant, token: string, role: string, rhost: string) {
+      const unauthorized = tidepoolError("EJITUNAUTHORIZED", role)
+      const failed = tidepoolError("EJITREQUESTFAILED", role)
+      const url = tenant.jit_api_url!
+      yield* Effect.annotateCurrentSpan({ "tidepool.tenant": tenant.external_id, "db.user": role, "jit.url": url })
+      if ((tenant.jit_jwt_secret !== undefined || tenant.jit_jwks_url !== undefined) && looksLikeJwt(token)) {
+        const local = yield* Effect.either(verifyLocally(tenant, token))
+        if (local._tag === "Left") {
+          const e = local.left
+          // A key set that cannot be fetched is the provider's failure, not the token's.
+          if (e instanceof jose.errors.JWKSTimeout || e instanceof TypeError) return yield* failed
+          yield* Effect.annotateCurrentSpan({ "jit.local": "refused" })
+          return yield* unauthorized
+        }
+        yield* Effect.annotateCurrentSpan({ "jit.local": "verified" })
+      }
+      const request = HttpClientRequest.post(url).pipe(
+        HttpClientRequest.bearerToken(token),
+        HttpClientRequest.setBody(HttpBody.unsafeJson({ rhost, role }))
+      )
+      const response = yield* http.execute(request).pipe(
+        Effect.timeoutFail({ duration: Duration.millis(config.jitTimeoutMs), onTimeout: () => failed }),
+        Effect.mapError(() => failed),
+        Effect.scoped
+      )
+      yield* Effect.annotateCurrentSpan({ "http.response.status_code": response.status })
+      if (response.status === 401 || response.status === 403) return yield* unauthorized
+      if (response.status !== 200) return yield* failed
+      const body = yield* response.json.pipe(
+        Effect.flatMap(Schema.decodeUnknown(JitAnswer)),
+        Effect.timeoutFail({ duration: Duration.millis(config.jitTimeoutMs), onTimeout: () => failed }),
+        Effect.mapError(() => failed)
+      )
+      if (body.user_role.role !== role) return yield* unauthorized
+    })
+
+    return { check } as const
+  }),
+  dependencies: [FetchHttpClient.layer]
+}) {}
