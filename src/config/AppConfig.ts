@@ -32,6 +32,11 @@ export interface AppConfigShape {
   readonly minPoolSize: number
   /** Pools one tenant may have on this node (EMAXPOOLSREACHED beyond). */
   readonly maxPoolsPerTenant: number
+  /** Client TLS certificate chain(s), comma-separated and paired with the keys; "" = no client TLS. */
+  readonly downstreamCertPath: string
+  readonly downstreamKeyPath: string
+  /** CA bundle for `upstream_verify: peer` tenants without their own `upstream_tls_ca`; "" = none. */
+  readonly upstreamCaPath: string
   readonly configFile: Option.Option<string>
 }
 
@@ -74,6 +79,15 @@ const oneOf =
       ? Either.left(`expected one of ${values.join(", ")}, got ${JSON.stringify(raw)}`)
       : Either.right(found)
   }
+
+/** Comma-separated file paths; empty means unset. */
+const paths = (raw: string): Either.Either<string, string> => {
+  const list = raw.split(",").map((p) => p.trim())
+  if (raw.trim() === "") return Either.right("")
+  return list.some((p) => p === "")
+    ? Either.left("expected file paths separated by commas")
+    : Either.right(list.join(","))
+}
 
 const nonEmpty = (raw: string): Either.Either<string, string> =>
   raw.trim() === "" ? Either.left("must not be empty") : Either.right(raw.trim())
@@ -231,6 +245,30 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Pools (user × database × mode) one tenant may have on this node",
     default: () => 50,
     parse: integer(1, 100_000, "an integer")
+  },
+  downstreamCertPath: {
+    env: "GLOBAL_DOWNSTREAM_CERT_PATH",
+    fileKey: "global_downstream_cert_path",
+    type: "paths (PEM)",
+    description: "Certificate chain for client TLS; an RSA and an ECDSA chain may be given, separated by a comma",
+    default: () => "",
+    parse: paths
+  },
+  downstreamKeyPath: {
+    env: "GLOBAL_DOWNSTREAM_KEY_PATH",
+    fileKey: "global_downstream_key_path",
+    type: "paths (PEM)",
+    description: "Private key(s) for GLOBAL_DOWNSTREAM_CERT_PATH, in the same order",
+    default: () => "",
+    parse: paths
+  },
+  upstreamCaPath: {
+    env: "GLOBAL_UPSTREAM_CA_PATH",
+    fileKey: "global_upstream_ca_path",
+    type: "path (PEM)",
+    description: "CA certificates for upstream_verify: peer tenants without upstream_tls_ca",
+    default: () => "",
+    parse: paths
   }
 }
 
@@ -273,7 +311,10 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
   poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs),
   minPoolSize: settingConfig(settings.minPoolSize),
-  maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant)
+  maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant),
+  downstreamCertPath: settingConfig(settings.downstreamCertPath),
+  downstreamKeyPath: settingConfig(settings.downstreamKeyPath),
+  upstreamCaPath: settingConfig(settings.upstreamCaPath)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -296,6 +337,21 @@ const checkPorts = (s: Settings): Either.Either<Settings, EffectConfigError.Conf
   return errors.length === 0 ? Either.right(s) : Either.left(errors.reduce(EffectConfigError.And))
 }
 
+// A certificate without its key (or the reverse) would otherwise start a pooler that silently
+// answers every SSLRequest with N.
+const checkTlsPairs = (s: Settings): Either.Either<Settings, EffectConfigError.ConfigError> => {
+  const certs = s.downstreamCertPath === "" ? 0 : s.downstreamCertPath.split(",").length
+  const keys = s.downstreamKeyPath === "" ? 0 : s.downstreamKeyPath.split(",").length
+  if (certs === keys) return Either.right(s)
+  const path = [certs < keys ? settings.downstreamCertPath.env : settings.downstreamKeyPath.env]
+  return Either.left(
+    EffectConfigError.InvalidData(
+      path,
+      `${settings.downstreamCertPath.env} names ${certs} certificate(s) and ${settings.downstreamKeyPath.env} ${keys} key(s); give one key per certificate, in the same order`
+    )
+  )
+}
+
 export const configFileConfig: Config.Config<Option.Option<string>> = Config.option(Config.string(configFileEnv)).pipe(
   // `TIDEPOOL_CONFIG=` in a compose file means "no file", not a file named "".
   Config.map(Option.filter((path) => path.trim() !== "")),
@@ -303,7 +359,7 @@ export const configFileConfig: Config.Config<Option.Option<string>> = Config.opt
 )
 
 export const appConfigConfig: Config.Config<AppConfigShape> = Config.all({
-  settings: settingsConfig.pipe(Config.mapOrFail(checkPorts)),
+  settings: settingsConfig.pipe(Config.mapOrFail(checkPorts), Config.mapOrFail(checkTlsPairs)),
   configFile: configFileConfig
 }).pipe(Config.map(({ configFile, settings }) => ({ ...settings, configFile })))
 
@@ -389,6 +445,9 @@ const defaults = (): AppConfigShape => ({
   poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),
   minPoolSize: settings.minPoolSize.default(),
   maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
+  downstreamCertPath: settings.downstreamCertPath.default(),
+  downstreamKeyPath: settings.downstreamKeyPath.default(),
+  upstreamCaPath: settings.upstreamCaPath.default(),
   configFile: Option.none()
 })
 

@@ -1,1 +1,7 @@
-export { connect, ServerConnection, type ServerHandler, type UpstreamTarget } from "./ServerConnection.ts"
+export {
+  connect,
+  ServerConnection,
+  type ServerHandler,
+  type UpstreamTarget,
+  type UpstreamTlsOptions
+} from "./ServerConnection.ts"
