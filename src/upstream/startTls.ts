@@ -73,7 +73,7 @@ export const startTls = (
         settled = true
         resume(Effect.succeed(s))
       })
-      const onTlsError = (error: Error) => fail(`SSL handshake failed: ${error.message}`)
+      const onTlsError = (error: Error) => fail(`SSL handshake failed: ${error.message.replace(/[:\s]+$/, "")}`)
       s.once("error", onTlsError)
     })
     socket.write(sslRequest())
