@@ -185,8 +185,9 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (reason: string) => `SSL handshake failed: ${reason}`,
-    meaning: "The TLS handshake with the client failed.",
-    remedy: "Check the client's TLS settings and the pooler's certificate."
+    meaning:
+      "The TLS handshake with the client failed (TLS below 1.2, no shared cipher, the client rejected the certificate, not TLS at all). Logged; the client sees the TLS alert. A direct TLS connection without ALPN `postgresql` receives this message.",
+    remedy: "Check the client's TLS settings (sslmode, sslrootcert) and the pooler's certificate; see docs/tls.md."
   }),
   ESSLREQUIRED: entry({
     sqlstate: "XX000",
@@ -201,7 +202,8 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (reason: string) => `Invalid startup message: ${reason}`,
-    meaning: "The first packet was not a valid PostgreSQL startup packet, or asked for an unsupported protocol.",
+    meaning:
+      "The first packet was not a valid PostgreSQL startup packet, asked for an unsupported protocol, or was followed by unencrypted bytes before the SSLRequest was answered (CVE-2021-23214).",
     remedy: "Connect with a PostgreSQL client speaking protocol 3."
   }),
   ESTARTUPPACKETTOOLARGE: entry({
