@@ -471,6 +471,13 @@ describe("certificate reload", () => {
       const renewed = new X509Certificate(certs.renewed.certPem).serialNumber
       await expect.poll(served, { timeout: 10_000 }).toBe(renewed)
 
+      // SIGHUP reloads too (nothing changed here, so the same certificate).
+      const reloads = () => reloading.logs.filter((l) => l.message === "TLS certificate reloaded").length
+      const before = reloads()
+      process.emit("SIGHUP", "SIGHUP")
+      await expect.poll(reloads).toBe(before + 1)
+      expect(await served()).toBe(renewed)
+
       await fs.writeFile(key, "not a key")
       await expect
         .poll(() => reloading.logs.some((l) => l.message.includes("TLS certificate reload failed")), {
