@@ -199,10 +199,14 @@ describe("client TLS", () => {
       })
     })
     expect(answer).toBe("N")
-    // libpq's sslmode=prefer then carries on in plaintext.
-    const client = new pg.Client({ connectionString: plain.url({ user: "app.acme", password: "app-secret" }) })
-    await client.connect()
-    await client.end()
+    // libpq's sslmode=prefer (its default) carries on in plaintext on the same connection.
+    if (hasPsql) {
+      const { stdout } = await psql(psqlUrl(plain.sessionPort, { sslmode: "prefer" }), "\\conninfo")
+      expect(stdout).not.toContain("SSL connection")
+      expect(stdout).toContain('as user "app.acme"')
+      const required = await outcome(psql(psqlUrl(plain.sessionPort, { sslmode: "require" }), "SELECT 1"))
+      expect(required).toMatchObject({ ok: false, stderr: expect.stringMatching(/server does not support SSL/) })
+    }
     await expect(directConnect(plain.sessionPort, { ALPNProtocols: ["postgresql"] })).rejects.toThrow()
   })
 
