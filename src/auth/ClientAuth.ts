@@ -58,6 +58,7 @@ export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   if (!server.mechanisms.includes(mechanism)) {
     return yield* tidepoolError("EAUTHPROTOCOL", `unsupported SASL mechanism ${mechanism}`)
   }
+  yield* Effect.annotateCurrentSpan("mechanism", mechanism)
   const first = server.handleClientFirst(mechanism, data)
   if (!("serverFirst" in first)) return yield* tidepoolError("EAUTHPROTOCOL", first.message)
   channel.write(authenticationSASLContinue(first.serverFirst))

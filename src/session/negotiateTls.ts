@@ -1,9 +1,18 @@
+import type { TLSSocket } from "node:tls"
 import { type Context, Effect } from "effect"
 import { tidepoolError } from "../errors/index.ts"
 import { SSL_REQUEST_CODE } from "../protocol/index.ts"
 import type { TenantRegistry } from "../tenants/index.ts"
 import { ALPN_POSTGRESQL, acceptTls, type DownstreamTls, TLS_HANDSHAKE_RECORD } from "../tls/index.ts"
 import type { ClientSocket } from "./ClientSocket.ts"
+
+/** The session span records how the client's TLS was negotiated, its version and SNI. */
+const annotateTls = (secure: TLSSocket, negotiation: "direct" | "postgres") =>
+  Effect.annotateCurrentSpan({
+    "tls.negotiation": negotiation,
+    "tls.protocol": secure.getProtocol() ?? "unknown",
+    "tls.server_name": typeof secure.servername === "string" ? secure.servername : ""
+  })
 
 const SSL_YES = Buffer.from("S")
 const SSL_NO = Buffer.from("N")
@@ -24,6 +33,7 @@ export const acceptDirectTls = (client: ClientSocket, downstream: DownstreamTls)
     client.sslRequested = true
     const secure = yield* acceptTls({ socket: client.socket, readAhead: client.detach(), context })
     client.adopt(secure)
+    yield* annotateTls(secure, "direct")
     // PostgreSQL 17 insists on ALPN for direct TLS (a cross-protocol attack defence); the refusal
     // goes over the finished TLS channel.
     if (secure.alpnProtocol !== ALPN_POSTGRESQL) {
@@ -51,7 +61,9 @@ export const answerSslRequest = (client: ClientSocket, downstream: DownstreamTls
       return
     }
     client.write(SSL_YES)
-    client.adopt(yield* acceptTls({ socket: client.socket, readAhead: client.detach(), context }))
+    const secure = yield* acceptTls({ socket: client.socket, readAhead: client.detach(), context })
+    client.adopt(secure)
+    yield* annotateTls(secure, "postgres")
   })
 
 /** REFERENCE §1 rule 3: a username without a tenant names the tenant whose `sni_hostname` the client sent. */

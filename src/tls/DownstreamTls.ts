@@ -11,6 +11,19 @@ import { AppConfig, ConfigError, type ConfigProblem, settings } from "../config/
  */
 const RELOAD_DEBOUNCE_MS = 250
 
+interface Loaded {
+  readonly context: tls.SecureContext
+  /** Key type, subject and expiry of each certificate, for the log. */
+  readonly description: string
+  readonly expired: boolean
+}
+
+/** Logged on every load, so operators see which certificate serves and until when. */
+const logLoaded = (what: string, loaded: Loaded) =>
+  loaded.expired
+    ? Effect.logWarning(`${what} (a certificate has EXPIRED; clients will refuse it): ${loaded.description}`)
+    : Effect.logInfo(`${what}: ${loaded.description}`)
+
 const split = (list: string): Array<string> => (list === "" ? [] : list.split(","))
 
 /**
@@ -21,7 +34,7 @@ const split = (list: string): Array<string> => (list === "" ? [] : list.split(",
 const loadContext = (
   certPaths: ReadonlyArray<string>,
   keyPaths: ReadonlyArray<string>
-): Either.Either<tls.SecureContext, ConfigProblem> => {
+): Either.Either<Loaded, ConfigProblem> => {
   const read = (file: string, env: string): Either.Either<Buffer, ConfigProblem> => {
     try {
       return Either.right(readFileSync(file))
@@ -47,12 +60,20 @@ const loadContext = (
   try {
     // OpenSSL keeps one slot per key type, so an RSA certificate with an ECDSA key is not a
     // "mismatch" to it — it would only fail every handshake. Each pair is checked here instead.
-    certs.forEach((cert, i) => {
-      if (!new X509Certificate(cert).checkPrivateKey(createPrivateKey(keys[i]!))) {
-        throw new Error(`${certPaths[i]} does not match the key in ${keyPaths[i]}`)
+    const described = certs.map((pem, i) => {
+      const cert = new X509Certificate(pem)
+      const key = createPrivateKey(keys[i]!)
+      if (!cert.checkPrivateKey(key)) throw new Error(`${certPaths[i]} does not match the key in ${keyPaths[i]}`)
+      return {
+        text: `${key.asymmetricKeyType} ${cert.subject.replaceAll("\n", ", ")} until ${cert.validTo}`,
+        validTo: cert.validTo
       }
     })
-    return Either.right(tls.createSecureContext({ cert: certs, key: keys, minVersion: "TLSv1.2" }))
+    return Either.right({
+      context: tls.createSecureContext({ cert: certs, key: keys, minVersion: "TLSv1.2" }),
+      description: described.map((d) => d.text).join("; "),
+      expired: described.some((d) => Date.parse(d.validTo) < Date.now())
+    })
   } catch (error) {
     // OpenSSL's reason ("key values mismatch", "no start line") names the problem, not the secret.
     const reason = (error as { reason?: string }).reason ?? (error as Error).message
@@ -80,7 +101,8 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
     }
     const initial = loadContext(certPaths, keyPaths)
     if (Either.isLeft(initial)) return yield* new ConfigError({ problems: [initial.left] })
-    let current = initial.right
+    let current = initial.right.context
+    yield* logLoaded("TLS for clients", initial.right)
 
     const reload = Effect.suspend(() => {
       const next = loadContext(certPaths, keyPaths)
@@ -90,8 +112,8 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
           false
         )
       }
-      current = next.right
-      return Effect.as(Effect.logInfo("TLS certificate reloaded"), true)
+      current = next.right.context
+      return Effect.as(logLoaded("TLS certificate reloaded", next.right), true)
     }).pipe(Effect.withSpan("tls.reload"))
 
     const runFork = Runtime.runFork(yield* Effect.runtime<never>())

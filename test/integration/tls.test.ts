@@ -467,6 +467,9 @@ describe("certificate reload", () => {
         return serial
       }
       expect(await served()).toBe(new X509Certificate(certs.rsa.certPem).serialNumber)
+      expect(reloading.logs.map((l) => l.message)).toContain(
+        `TLS for clients: rsa CN=localhost until ${new X509Certificate(certs.rsa.certPem).validTo}`
+      )
       // As a renewal does: new files moved into place.
       await fs.copyFile(certs.renewed.cert, `${cert}.new`)
       await fs.copyFile(certs.renewed.key, `${key}.new`)
@@ -476,7 +479,7 @@ describe("certificate reload", () => {
       await expect.poll(served, { timeout: 10_000 }).toBe(renewed)
 
       // SIGHUP reloads too (nothing changed here, so the same certificate).
-      const reloads = () => reloading.logs.filter((l) => l.message === "TLS certificate reloaded").length
+      const reloads = () => reloading.logs.filter((l) => l.message.startsWith("TLS certificate reloaded")).length
       const before = reloads()
       process.emit("SIGHUP", "SIGHUP")
       await expect.poll(reloads).toBe(before + 1)
