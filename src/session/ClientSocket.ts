@@ -41,6 +41,9 @@ export class ClientSocket {
     socket.on("data", this.onData)
     socket.on("close", this.onClose)
     socket.on("error", this.onError)
+    // A close between the handshake's end and this call would otherwise go unheard. Data is not
+    // lost: the socket buffers it until the 'data' listener above starts the flow.
+    if (socket.destroyed) this.onClose()
   }
 
   private readonly onData = (chunk: Buffer) => {
