@@ -5,6 +5,7 @@ import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
 import { SessionRegistry } from "./session/index.ts"
 import { TenantRegistry } from "./tenants/index.ts"
+import { DownstreamTls, UpstreamTls } from "./tls/index.ts"
 
 /**
  * The whole data plane as one layer: listeners over sessions over pools. Needs AppConfig. Building it
@@ -19,7 +20,9 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
         SessionRegistry.Default,
         SecretCache.Default,
         CircuitBreaker.Default,
-        TenantRegistry.fromTenants(tenants)
+        TenantRegistry.fromTenants(tenants),
+        DownstreamTls.Default,
+        UpstreamTls.Default
       )
     )
   )

@@ -4,6 +4,7 @@ import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { parseScramSecret, type ScramSecret } from "../protocol/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
+import { UpstreamTls } from "../tls/index.ts"
 import { connect, type PassthroughKeys, type ServerConnection } from "../upstream/index.ts"
 import { CircuitBreaker } from "./CircuitBreaker.ts"
 
@@ -82,6 +83,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
     const config = yield* AppConfig
     const registry = yield* TenantRegistry
     const breaker = yield* CircuitBreaker
+    const upstreamTls = yield* UpstreamTls
     const entries = new Map<string, Entry>()
     const keys = new Map<string, PassthroughKeys>()
     const links = new Map<string, Link>()
@@ -108,6 +110,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         // A digest, so the connection notices new credentials without keeping another plaintext copy.
         const made = createHash("sha256")
           .update(`${tenant.db_host}\u0000${tenant.db_port}\u0000${tenant.db_database}\u0000${manager.db_user}\u0000`)
+          .update(JSON.stringify(upstreamTls.optionsFor(tenant) ?? null))
           .update(Redacted.value(manager.db_password))
           .digest("base64")
         if (link.conn !== undefined && !link.conn.closed && link.made === made && link.conn.isIdle) return link.conn
@@ -120,7 +123,8 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
             database: tenant.db_database,
             user: manager.db_user,
             password: manager.db_password,
-            connectTimeoutMs: config.upstreamConnectTimeoutMs
+            connectTimeoutMs: config.upstreamConnectTimeoutMs,
+            tls: upstreamTls.optionsFor(tenant)
           },
           { rows: true }
         ).pipe(Effect.mapError((e) => authQueryError(`auth_query connection failed: ${e.message}`)))

@@ -35,28 +35,35 @@ const expectPasswordMessage = (channel: AuthChannel) =>
  * `failureDelayMs` (slows guessing); malformed messages fail with EAUTHPROTOCOL. Errors go out as an
  * ErrorResponse, never inside server-final (Supavisor #710 broke node-postgres and pgJDBC).
  * Returns the ClientKey recovered from the proof, for SCRAM pass-through upstream.
+ * With `channelBinding` (the TLS connection's tls-server-end-point data) SCRAM-SHA-256-PLUS is
+ * offered first, so `channel_binding=require` clients can prove there is no man in the middle.
  */
 export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   channel: AuthChannel,
   secret: ScramSecret,
   user: string,
-  failureDelayMs: number
+  failureDelayMs: number,
+  channelBinding?: Buffer
 ) {
   const wrongPassword = Effect.zipRight(
     Effect.sleep(failureDelayMs),
     Effect.fail(tidepoolError("EWRONGPASSWORD", user))
   )
-  channel.write(authenticationSASL(["SCRAM-SHA-256"]))
+  const server = new ScramServer(
+    secret,
+    channelBinding === undefined ? {} : { channelBinding: { type: "tls-server-end-point", data: channelBinding } }
+  )
+  channel.write(authenticationSASL(server.mechanisms))
   const initial = yield* expectPasswordMessage(channel)
   const nul = initial.indexOf(0)
   if (nul < 0 || initial.length < nul + 5) return yield* tidepoolError("EAUTHPROTOCOL", "malformed SASLInitialResponse")
   const mechanism = initial.toString("utf8", 0, nul)
   const dataLength = initial.readInt32BE(nul + 1)
   const data = dataLength < 0 ? Buffer.alloc(0) : initial.subarray(nul + 5, nul + 5 + dataLength)
-  if (mechanism !== "SCRAM-SHA-256") {
+  if (!server.mechanisms.includes(mechanism)) {
     return yield* tidepoolError("EAUTHPROTOCOL", `unsupported SASL mechanism ${mechanism}`)
   }
-  const server = new ScramServer(secret)
+  yield* Effect.annotateCurrentSpan("mechanism", mechanism)
   const first = server.handleClientFirst(mechanism, data)
   if (!("serverFirst" in first)) return yield* tidepoolError("EAUTHPROTOCOL", first.message)
   channel.write(authenticationSASLContinue(first.serverFirst))
@@ -100,7 +107,9 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
   tenant: Tenant,
   user: User,
   username: string,
-  address: string
+  address: string,
+  /** The TLS connection's tls-server-end-point data, offering SCRAM-SHA-256-PLUS. */
+  channelBinding?: Buffer
 ) {
   const config = yield* AppConfig
   const breaker = yield* CircuitBreaker
@@ -121,7 +130,7 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
 
   if (authQuery === undefined) {
     const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
-    const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0))
+    const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
     if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
     yield* breaker.authSucceeded(tenant.external_id, address)
     return {
@@ -137,7 +146,7 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
     return yield* unknown ? refuse(found.left) : found.left
   }
   const { secret, fresh } = found.right
-  const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0))
+  const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
   if (Either.isLeft(proof)) {
     if (proof.left.code !== "EWRONGPASSWORD") return yield* proof.left
     const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))

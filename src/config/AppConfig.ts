@@ -44,6 +44,11 @@ export interface AppConfigShape {
   readonly authQueryCacheTtlMs: number
   /** How often cached auth_query secrets are re-checked (with jitter); 0 disables the re-check. */
   readonly authQueryRecheckIntervalMs: number
+  /** Client TLS certificate chain(s), comma-separated and paired with the keys; "" = no client TLS. */
+  readonly downstreamCertPath: string
+  readonly downstreamKeyPath: string
+  /** CA bundle for `upstream_verify: peer` tenants without their own `upstream_tls_ca`; "" = none. */
+  readonly upstreamCaPath: string
   readonly configFile: Option.Option<string>
 }
 
@@ -86,6 +91,15 @@ const oneOf =
       ? Either.left(`expected one of ${values.join(", ")}, got ${JSON.stringify(raw)}`)
       : Either.right(found)
   }
+
+/** Comma-separated file paths; empty means unset. */
+const paths = (raw: string): Either.Either<string, string> => {
+  const list = raw.split(",").map((p) => p.trim())
+  if (raw.trim() === "") return Either.right("")
+  return list.some((p) => p === "")
+    ? Either.left("expected file paths separated by commas")
+    : Either.right(list.join(","))
+}
 
 const nonEmpty = (raw: string): Either.Either<string, string> =>
   raw.trim() === "" ? Either.left("must not be empty") : Either.right(raw.trim())
@@ -294,6 +308,30 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Re-run auth_query for cached secrets about this often (±50% jitter)",
     default: () => 15_000,
     parse: millis(0)
+  },
+  downstreamCertPath: {
+    env: "GLOBAL_DOWNSTREAM_CERT_PATH",
+    fileKey: "global_downstream_cert_path",
+    type: "paths (PEM)",
+    description: "Certificate chain for client TLS; an RSA and an ECDSA chain may be given, separated by a comma",
+    default: () => "",
+    parse: paths
+  },
+  downstreamKeyPath: {
+    env: "GLOBAL_DOWNSTREAM_KEY_PATH",
+    fileKey: "global_downstream_key_path",
+    type: "paths (PEM)",
+    description: "Private key(s) for GLOBAL_DOWNSTREAM_CERT_PATH, in the same order",
+    default: () => "",
+    parse: paths
+  },
+  upstreamCaPath: {
+    env: "GLOBAL_UPSTREAM_CA_PATH",
+    fileKey: "global_upstream_ca_path",
+    type: "path (PEM)",
+    description: "CA certificates for upstream_verify: peer tenants without upstream_tls_ca",
+    default: () => "",
+    parse: paths
   }
 }
 
@@ -342,7 +380,10 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   minPoolSize: settingConfig(settings.minPoolSize),
   maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant),
   authQueryCacheTtlMs: settingConfig(settings.authQueryCacheTtlMs),
-  authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs)
+  authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs),
+  downstreamCertPath: settingConfig(settings.downstreamCertPath),
+  downstreamKeyPath: settingConfig(settings.downstreamKeyPath),
+  upstreamCaPath: settingConfig(settings.upstreamCaPath)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -365,6 +406,21 @@ const checkPorts = (s: Settings): Either.Either<Settings, EffectConfigError.Conf
   return errors.length === 0 ? Either.right(s) : Either.left(errors.reduce(EffectConfigError.And))
 }
 
+// A certificate without its key (or the reverse) would otherwise start a pooler that silently
+// answers every SSLRequest with N.
+const checkTlsPairs = (s: Settings): Either.Either<Settings, EffectConfigError.ConfigError> => {
+  const certs = s.downstreamCertPath === "" ? 0 : s.downstreamCertPath.split(",").length
+  const keys = s.downstreamKeyPath === "" ? 0 : s.downstreamKeyPath.split(",").length
+  if (certs === keys) return Either.right(s)
+  const path = [certs < keys ? settings.downstreamCertPath.env : settings.downstreamKeyPath.env]
+  return Either.left(
+    EffectConfigError.InvalidData(
+      path,
+      `${settings.downstreamCertPath.env} names ${certs} certificate(s) and ${settings.downstreamKeyPath.env} ${keys} key(s); give one key per certificate, in the same order`
+    )
+  )
+}
+
 export const configFileConfig: Config.Config<Option.Option<string>> = Config.option(Config.string(configFileEnv)).pipe(
   // `TIDEPOOL_CONFIG=` in a compose file means "no file", not a file named "".
   Config.map(Option.filter((path) => path.trim() !== "")),
@@ -372,7 +428,7 @@ export const configFileConfig: Config.Config<Option.Option<string>> = Config.opt
 )
 
 export const appConfigConfig: Config.Config<AppConfigShape> = Config.all({
-  settings: settingsConfig.pipe(Config.mapOrFail(checkPorts)),
+  settings: settingsConfig.pipe(Config.mapOrFail(checkPorts), Config.mapOrFail(checkTlsPairs)),
   configFile: configFileConfig
 }).pipe(Config.map(({ configFile, settings }) => ({ ...settings, configFile })))
 
@@ -464,6 +520,9 @@ const defaults = (): AppConfigShape => ({
   maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
   authQueryCacheTtlMs: settings.authQueryCacheTtlMs.default(),
   authQueryRecheckIntervalMs: settings.authQueryRecheckIntervalMs.default(),
+  downstreamCertPath: settings.downstreamCertPath.default(),
+  downstreamKeyPath: settings.downstreamKeyPath.default(),
+  upstreamCaPath: settings.upstreamCaPath.default(),
   configFile: Option.none()
 })
 

@@ -223,9 +223,8 @@ export const tenantIssues = (tenant: unknown): Array<TenantIssue> => {
     }
   }
 
-  if (tenant.upstream_verify === "peer" && !hasText(tenant.upstream_tls_ca)) {
-    issues.push({ path: ["upstream_tls_ca"], message: 'is required when upstream_verify is "peer"' })
-  }
+  // `upstream_verify: peer` without `upstream_tls_ca` is valid: GLOBAL_UPSTREAM_CA_PATH may supply
+  // the CA, which a tenant document cannot know. Without either, connecting fails (ECHECKOUTFAILED).
 
   if (tenant.use_jit === true && !hasText(tenant.jit_api_url)) {
     issues.push({ path: ["jit_api_url"], message: "is required when use_jit is true" })

@@ -185,8 +185,9 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (reason: string) => `SSL handshake failed: ${reason}`,
-    meaning: "The TLS handshake with the client failed.",
-    remedy: "Check the client's TLS settings and the pooler's certificate."
+    meaning:
+      "The TLS handshake with a client failed (TLS below 1.2, no shared cipher, certificate rejected); logged, the client sees the TLS alert. Direct TLS without ALPN `postgresql` gets this message.",
+    remedy: "Check the client's TLS settings (sslmode, sslrootcert) and the pooler's certificate (docs/tls.md)."
   }),
   ESSLREQUIRED: entry({
     sqlstate: "XX000",
@@ -201,7 +202,8 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (reason: string) => `Invalid startup message: ${reason}`,
-    meaning: "The first packet was not a valid PostgreSQL startup packet, or asked for an unsupported protocol.",
+    meaning:
+      "The first packet was not a valid startup packet or asked for an unsupported protocol, or unencrypted bytes followed an SSLRequest before its answer (CVE-2021-23214).",
     remedy: "Connect with a PostgreSQL client speaking protocol 3."
   }),
   ESTARTUPPACKETTOOLARGE: entry({

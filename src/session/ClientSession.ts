@@ -20,9 +20,11 @@ import {
   readyForQuery
 } from "../protocol/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
+import { channelBindingOf, DownstreamTls, UpstreamTls } from "../tls/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
+import { acceptDirectTls, answerSslRequest, tenantBySni } from "./negotiateTls.ts"
 import { SessionRegistry } from "./SessionRegistry.ts"
 import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
 import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsChange } from "./settings.ts"
@@ -90,7 +92,7 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
         )
       ),
       Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
-      Effect.ensuring(Effect.sync(() => socket.destroySoon()))
+      Effect.ensuring(Effect.sync(() => client.socket.destroySoon()))
     )
   }).pipe(Effect.scoped, Effect.withSpan("client.session", { root: true }))
 
@@ -99,12 +101,16 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const config = yield* AppConfig
     const tenants = yield* TenantRegistry
     const sessions = yield* SessionRegistry
+    const downstreamTls = yield* DownstreamTls
 
+    yield* acceptDirectTls(client, downstreamTls)
     let startup: Readonly<Record<string, string>> | undefined
     while (startup === undefined) {
       const packet = yield* client.readStartup
       switch (packet._tag) {
         case "SSLRequest":
+          yield* answerSslRequest(client, downstreamTls)
+          break
         case "GSSENCRequest":
           client.write(Buffer.from("N"))
           break
@@ -120,8 +126,9 @@ const handshake = (client: ClientSocket, log: LogContext) =>
       }
     }
 
-    const identity = resolveIdentity(startup)
-    if ("_tag" in identity) return yield* identity
+    const resolved = resolveIdentity(startup)
+    if ("_tag" in resolved) return yield* resolved
+    const identity = resolved.tenant !== undefined ? resolved : { ...resolved, tenant: tenantBySni(client, tenants) }
     log.user = identity.user
     if (identity.tenant === undefined) return yield* tidepoolError("ENOIDENTIFIER")
     log.tenant = identity.tenant
@@ -140,9 +147,19 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
     if (user === undefined) return yield* notFound
-    if (tenant.enforce_ssl) return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
+    if (tenant.enforce_ssl && client.tls === undefined) {
+      return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
+    }
 
-    const credentials = yield* authenticateClient(client, tenant, user, identity.user, log.peer_ip)
+    const tls = client.tls
+    const credentials = yield* authenticateClient(
+      client,
+      tenant,
+      user,
+      identity.user,
+      log.peer_ip,
+      tls === undefined ? undefined : channelBindingOf(tls)
+    )
     client.write(authenticationOk())
 
     const settings = new Map<string, string>()
@@ -246,6 +263,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
     const config = yield* AppConfig
     const registry = yield* PoolRegistry
     const sessions = yield* SessionRegistry
+    const upstreamTls = yield* UpstreamTls
     const { tenant, user, database, credentials } = auth
     const size = userPoolSize(tenant, user)
     const pool = yield* registry.get({
@@ -266,7 +284,8 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
         port: tenant.db_port,
         database,
         ...credentials.upstream,
-        connectTimeoutMs: config.upstreamConnectTimeoutMs
+        connectTimeoutMs: config.upstreamConnectTimeoutMs,
+        tls: upstreamTls.optionsFor(tenant)
       }
     })
     if (mode === "session" && pool.clients >= size) return yield* tidepoolError("EMAXCONNSESSION", size)

@@ -1,4 +1,5 @@
 import type * as net from "node:net"
+import { TLSSocket } from "node:tls"
 import { Effect } from "effect"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { decodeStartupPacket, ProtocolError, type StartupPacket } from "../protocol/index.ts"
@@ -14,11 +15,35 @@ export class ClientSocket {
   private buffered: Buffer = Buffer.alloc(0)
   private wake: (() => void) | undefined = undefined
   closed = false
+  /** An SSLRequest was answered; PostgreSQL allows one per connection. */
+  sslRequested = false
 
-  constructor(readonly socket: net.Socket) {
+  /** The client's socket; after a TLS upgrade, the TLS socket wrapping the original one. */
+  constructor(public socket: net.Socket) {
     socket.on("data", this.onData)
     socket.on("close", this.onClose)
     socket.on("error", this.onError)
+  }
+
+  /** The TLS socket, when the client upgraded. */
+  get tls(): TLSSocket | undefined {
+    return this.socket instanceof TLSSocket ? this.socket : undefined
+  }
+
+  /** Bytes received and not yet read. */
+  get readAhead(): number {
+    return this.buffered.length
+  }
+
+  /** Continues the control-plane phase on `socket` (the TLS socket that wraps the detached one). */
+  adopt(socket: net.Socket): void {
+    this.socket = socket
+    socket.on("data", this.onData)
+    socket.on("close", this.onClose)
+    socket.on("error", this.onError)
+    // A close between the handshake's end and this call would otherwise go unheard. Data is not
+    // lost: the socket buffers it until the 'data' listener above starts the flow.
+    if (socket.destroyed) this.onClose()
   }
 
   private readonly onData = (chunk: Buffer) => {
@@ -52,6 +77,12 @@ export class ClientSocket {
     return Effect.sync(() => {
       this.wake = undefined
     })
+  })
+
+  /** The first unread byte, waiting for it if need be (a TLS ClientHello starts with 0x16). */
+  readonly peek: Effect.Effect<number, TidepoolError> = Effect.gen(this, function* () {
+    while (this.buffered.length === 0) yield* this.more
+    return this.buffered[0]!
   })
 
   readonly readStartup: Effect.Effect<StartupPacket, TidepoolError> = Effect.gen(this, function* () {

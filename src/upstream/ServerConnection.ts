@@ -15,6 +15,9 @@ import {
   type ScramClientCredentials,
   startupMessage
 } from "../protocol/index.ts"
+import { startTls, type UpstreamTlsOptions } from "./startTls.ts"
+
+export type { UpstreamTlsOptions } from "./startTls.ts"
 
 /** Where and as whom a server connection logs in. */
 export interface UpstreamTarget {
@@ -30,6 +33,8 @@ export interface UpstreamTarget {
    */
   readonly scramKeys?: () => PassthroughKeys | undefined
   readonly connectTimeoutMs: number
+  /** undefined: plaintext. */
+  readonly tls?: UpstreamTlsOptions | undefined
 }
 
 /**
@@ -496,12 +501,11 @@ const requirePassword = (password: Redacted.Redacted<string> | undefined, user: 
     : Effect.succeed(Redacted.value(password))
 
 /**
- * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
- * the socket is already destroyed.
+ * A connected socket to the target, TLS-upgraded when the target asks for it, within the connect
+ * timeout. On failure nothing is left open.
  */
-export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget, options?: ConnectOptions) {
-  yield* Effect.annotateCurrentSpan({ "db.host": target.host, "db.port": target.port, "db.user": target.user })
-  const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
+const openSocket = (target: UpstreamTarget): Effect.Effect<net.Socket, TidepoolError> =>
+  Effect.async<net.Socket, TidepoolError>((resume) => {
     const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
     const onError = (err: NodeJS.ErrnoException) => {
       s.destroy()
@@ -514,11 +518,28 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
     })
     return Effect.sync(() => s.destroy())
   }).pipe(
+    Effect.flatMap(
+      (s): Effect.Effect<net.Socket, TidepoolError> =>
+        target.tls === undefined ? Effect.succeed(s) : startTls(s, target.host, target.tls)
+    ),
     Effect.timeoutFail({
       duration: target.connectTimeoutMs,
       onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
     })
   )
+
+/**
+ * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
+ * the socket is already destroyed.
+ */
+export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget, options?: ConnectOptions) {
+  yield* Effect.annotateCurrentSpan({
+    "db.host": target.host,
+    "db.port": target.port,
+    "db.user": target.user,
+    tls: target.tls !== undefined
+  })
+  const socket = yield* openSocket(target)
   const conn = new ServerConnection(socket, target, options)
   yield* conn.login().pipe(
     Effect.timeoutFail({
@@ -531,13 +552,21 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
   return conn
 })
 
-/** Sends a CancelRequest for `pid` on a fresh connection to the server's address. Best effort. */
+/**
+ * Sends a CancelRequest for `pid` on a fresh connection to the server's address — over TLS when the
+ * server connection uses it, since such a server may refuse plaintext. Best effort; done when the
+ * server closes that connection, i.e. has taken the cancel.
+ */
 const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
-  Effect.async<void>((resume) => {
-    const s = net.connect({ host: target.host, port: target.port })
-    const packet = cancelRequest(pid, secret)
-    s.once("connect", () => s.end(packet))
-    s.once("error", () => resume(Effect.void))
-    s.once("close", () => resume(Effect.void))
-    return Effect.sync(() => s.destroy())
-  })
+  openSocket(target).pipe(
+    Effect.flatMap((s) =>
+      Effect.async<void>((resume) => {
+        s.on("error", () => undefined)
+        s.once("close", () => resume(Effect.void))
+        s.end(cancelRequest(pid, secret))
+        return Effect.sync(() => s.destroy())
+      })
+    ),
+    Effect.timeout(target.connectTimeoutMs),
+    Effect.ignore
+  )

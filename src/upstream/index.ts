@@ -4,5 +4,6 @@ export {
   type PassthroughKeys,
   ServerConnection,
   type ServerHandler,
-  type UpstreamTarget
+  type UpstreamTarget,
+  type UpstreamTlsOptions
 } from "./ServerConnection.ts"

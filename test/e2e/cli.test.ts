@@ -155,6 +155,19 @@ describe("tidepool serve", () => {
     }
   })
 
+  it("fails start-up and config check on an unreadable TLS certificate, naming the variable", async () => {
+    const missing = path.join(dir, "missing.crt")
+    const tls = { GLOBAL_DOWNSTREAM_CERT_PATH: missing, GLOBAL_DOWNSTREAM_KEY_PATH: missing }
+    const serve = runCli(["serve"], { ...(await ports()), ...tls })
+    expect(await serve.exited).toBe(1)
+    expect(serve.output()).toContain(`GLOBAL_DOWNSTREAM_CERT_PATH: cannot read ${missing}: ENOENT`)
+    const empty = path.join(dir, "empty.yaml")
+    writeFileSync(empty, "tenants: []\n")
+    const check = runCli(["config", "check", empty], tls)
+    expect(await check.exited).toBe(1)
+    expect(check.output()).toContain(`GLOBAL_DOWNSTREAM_CERT_PATH: cannot read ${missing}: ENOENT`)
+  })
+
   it("documents every command in --help", async () => {
     const cli = runCli(["--help"], {})
     expect(await cli.exited).toBe(0)

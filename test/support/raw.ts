@@ -44,6 +44,11 @@ export class RawClient {
       socket.once("connect", resolve)
       socket.once("error", reject)
     })
+    return RawClient.login(socket, user, password, database)
+  }
+
+  /** Logs in on an already connected (possibly TLS) socket. */
+  static async login(socket: net.Socket, user: string, password: string, database = "postgres"): Promise<RawClient> {
     const client = new RawClient(socket)
     socket.write(startupMessage({ user, database }))
     const scram = new ScramClient({ password })

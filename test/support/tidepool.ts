@@ -1,4 +1,4 @@
-import { Layer, ManagedRuntime, Schema } from "effect"
+import { HashMap, Layer, Logger, LogLevel, ManagedRuntime, Schema } from "effect"
 import type { AuthQuery, CircuitBreaker } from "../../src/auth/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
 import { Listeners } from "../../src/listener/index.ts"
@@ -11,6 +11,14 @@ export interface TidepoolOptions {
   /** Tenants in the config file / API shape; decoded with the real schema. */
   readonly tenants: ReadonlyArray<unknown>
   readonly config?: Partial<AppConfigShape>
+  /** Keep every log line (debug and up) in `logs` instead of printing them. */
+  readonly captureLogs?: boolean
+}
+
+export interface CapturedLog {
+  readonly level: string
+  readonly message: string
+  readonly code: string | undefined
 }
 
 export interface RunningTidepool {
@@ -21,6 +29,8 @@ export interface RunningTidepool {
     Listeners | PoolRegistry | AppConfig | AuthQuery | CircuitBreaker | TenantRegistry,
     unknown
   >
+  /** Log lines so far, with `captureLogs`. */
+  readonly logs: ReadonlyArray<CapturedLog>
   /** A connection URL through the session port (or the transaction port with `mode: "transaction"`). */
   url(options: { user: string; password: string; database?: string; mode?: "session" | "transaction" }): string
   /** Graceful shutdown, as on SIGTERM. */
@@ -41,9 +51,22 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     logFormat: "pretty",
     ...options.config
   })
+  const logs: Array<CapturedLog> = []
+  const capture = Logger.make(({ logLevel, message, annotations }) => {
+    const code = HashMap.get(annotations, "code")
+    logs.push({
+      level: logLevel.label,
+      message: (Array.isArray(message) ? message : [message]).map(String).join(" "),
+      code: code._tag === "Some" ? String(code.value) : undefined
+    })
+  })
   const layer = tidepoolLayer(tenants).pipe(
     Layer.provideMerge(Layer.succeed(AppConfig, config)),
-    Layer.provide(loggerLayer(config.logFormat, config.logLevel))
+    Layer.provide(
+      options.captureLogs === true
+        ? Layer.merge(Logger.replace(Logger.defaultLogger, capture), Logger.minimumLogLevel(LogLevel.Debug))
+        : loggerLayer(config.logFormat, config.logLevel)
+    )
   )
   const runtime = ManagedRuntime.make(layer)
   const listeners = await runtime.runPromise(Listeners)
@@ -53,6 +76,7 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     sessionPort: listeners.sessionPort,
     transactionPort: listeners.transactionPort,
     runtime,
+    logs,
     url: ({ user, password, database, mode }) =>
       `postgresql://${encodeURIComponent(user)}:${encodeURIComponent(password)}@127.0.0.1:${mode === "transaction" ? listeners.transactionPort : listeners.sessionPort}/${encodeURIComponent(database ?? "postgres")}`,
     stop: () => {

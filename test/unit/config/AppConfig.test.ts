@@ -103,6 +103,29 @@ describe("AppConfig", () => {
     })
   )
 
+  it.effect("pairs TLS certificates with keys", () =>
+    Effect.gen(function* () {
+      const config = yield* loadAppConfig(
+        env({ GLOBAL_DOWNSTREAM_CERT_PATH: " a.crt , b.crt ", GLOBAL_DOWNSTREAM_KEY_PATH: "a.key,b.key" })
+      )
+      expect(config).toMatchObject({
+        downstreamCertPath: "a.crt,b.crt",
+        downstreamKeyPath: "a.key,b.key",
+        upstreamCaPath: ""
+      })
+      const error = yield* Effect.flip(loadAppConfig(env({ GLOBAL_DOWNSTREAM_CERT_PATH: "a.crt" })))
+      expect(error.problems).toEqual([
+        {
+          path: "GLOBAL_DOWNSTREAM_KEY_PATH",
+          reason:
+            "GLOBAL_DOWNSTREAM_CERT_PATH names 1 certificate(s) and GLOBAL_DOWNSTREAM_KEY_PATH 0 key(s); give one key per certificate, in the same order"
+        }
+      ])
+      const empty = yield* Effect.flip(loadAppConfig(env({ GLOBAL_UPSTREAM_CA_PATH: "a.pem,,b.pem" })))
+      expect(empty.problems).toMatchObject([{ path: "GLOBAL_UPSTREAM_CA_PATH" }])
+    })
+  )
+
   it.effect("treats an empty TIDEPOOL_CONFIG as no file", () =>
     Effect.gen(function* () {
       const config = yield* loadAppConfig(env({ TIDEPOOL_CONFIG: "" }))

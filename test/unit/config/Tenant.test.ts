@@ -156,10 +156,10 @@ describe("Tenant", () => {
     })
   )
 
-  it.effect("upstream_verify peer needs a CA, use_jit needs a URL", () =>
+  it.effect("use_jit needs a URL; upstream_verify peer may take its CA from GLOBAL_UPSTREAM_CA_PATH", () =>
     Effect.gen(function* () {
       const problems = yield* problemsOf({ ...minimal, upstream_ssl: true, upstream_verify: "peer", use_jit: true })
-      expect(problems.map((p) => p.path)).toEqual(["upstream_tls_ca", "jit_api_url"])
+      expect(problems.map((p) => p.path)).toEqual(["jit_api_url"])
     })
   )
 
