@@ -1,5 +1,5 @@
 import { Layer } from "effect"
-import { AuthQuery, CircuitBreaker, SecretCache } from "./auth/index.ts"
+import { AuthQuery, CircuitBreaker, JitApi, SecretCache } from "./auth/index.ts"
 import type { Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
@@ -20,6 +20,7 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
         SessionRegistry.Default,
         SecretCache.Default,
         CircuitBreaker.Default,
+        JitApi.Default,
         TenantRegistry.fromTenants(tenants),
         DownstreamTls.Default,
         UpstreamTls.Default

@@ -1,7 +1,9 @@
-import { Effect, Either } from "effect"
+import { createHash } from "node:crypto"
+import { Effect, Either, Redacted } from "effect"
 import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import {
+  authenticationCleartextPassword,
   authenticationSASL,
   authenticationSASLContinue,
   authenticationSASLFinal,
@@ -11,6 +13,7 @@ import {
 import type { UpstreamTarget } from "../upstream/index.ts"
 import { AuthQuery, USER_NOT_FOUND } from "./AuthQuery.ts"
 import { CircuitBreaker } from "./CircuitBreaker.ts"
+import { JitApi, looksLikeToken, passwordKeys } from "./Jit.ts"
 import { SecretCache } from "./SecretCache.ts"
 
 /** What authentication needs from the client connection: framed reads and writes. */
@@ -26,7 +29,10 @@ const expectPasswordMessage = (channel: AuthChannel) =>
     m.type === PASSWORD_MESSAGE
       ? Effect.succeed(m.body)
       : Effect.fail(
-          tidepoolError("EAUTHPROTOCOL", `expected a SASL response, got message type '${String.fromCharCode(m.type)}'`)
+          tidepoolError(
+            "EAUTHPROTOCOL",
+            `expected a password message, got message type '${String.fromCharCode(m.type)}'`
+          )
         )
   )
 
@@ -92,6 +98,18 @@ export interface ClientCredentials {
   /** The user part of the pool key: one pool per distinct upstream identity. */
   readonly poolUser: string
   readonly upstream: Pick<UpstreamTarget, "user" | "password" | "scramKeys">
+  /** JIT token logins: the upstream hop is encrypted whenever the client's is (as in Supavisor). */
+  readonly followClientTls?: boolean
+}
+
+/** How the client reached us, for the choice of method (REFERENCE §3.3). */
+export interface ClientTransport {
+  /** The client is on TLS. */
+  readonly tls: boolean
+  /** The TLS connection's tls-server-end-point data, offering SCRAM-SHA-256-PLUS. */
+  readonly channelBinding: Buffer | undefined
+  /** The client asked for JIT access (`options=--jit=true`). */
+  readonly jit: boolean
 }
 
 /**
@@ -108,9 +126,9 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
   user: User,
   username: string,
   address: string,
-  /** The TLS connection's tls-server-end-point data, offering SCRAM-SHA-256-PLUS. */
-  channelBinding?: Buffer
+  transport: ClientTransport
 ) {
+  const channelBinding = transport.channelBinding
   const config = yield* AppConfig
   const breaker = yield* CircuitBreaker
   const authQuery = tenant.require_user ? undefined : yield* AuthQuery
@@ -127,6 +145,10 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
       Effect.zipRight(breaker.authFailed(tenant.external_id, address), Effect.sleep(config.authFailureDelayMs)),
       Effect.fail(error)
     )
+
+  if (tenant.use_jit && transport.tls)
+    return yield* authenticateCleartext(channel, tenant, user, username, address, transport.jit)
+  if (tenant.use_jit && transport.jit) return yield* tidepoolError("ESSLREQUIRED", username)
 
   if (authQuery === undefined) {
     const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
@@ -162,5 +184,81 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
   return {
     poolUser: username,
     upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenantId, username) }
+  } satisfies ClientCredentials
+})
+
+/**
+ * JIT tenants, TLS clients (REFERENCE §3.3): a cleartext password, accepted when it is the role's
+ * password (checked against its SCRAM verifier, never stored) or a token the tenant's JIT API grants
+ * for the role (asked on every login, so a revoked token stops working at once). Token-shaped values
+ * (a personal access token `sbp_…` or a JWT), and every value of a client that asked for JIT, are
+ * only ever tokens — a role whose database password happens to equal a token (PAM set-ups) still
+ * goes through the API, so revocation holds; other values are only ever passwords. A token logs the
+ * client's pools in upstream with the token itself, the database checking it again (e.g. PAM); each
+ * token gets its own pools, so one person's token never serves another's connection.
+ */
+const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
+  channel: AuthChannel,
+  tenant: Tenant,
+  user: User,
+  username: string,
+  address: string,
+  jitRequested: boolean
+) {
+  const config = yield* AppConfig
+  const breaker = yield* CircuitBreaker
+  const jit = yield* JitApi
+  const authQuery = tenant.require_user ? undefined : yield* AuthQuery
+  const role = authQuery === undefined ? user.db_user : username
+  const refuse = (error: TidepoolError) =>
+    Effect.zipRight(
+      Effect.zipRight(breaker.authFailed(tenant.external_id, address), Effect.sleep(config.authFailureDelayMs)),
+      Effect.fail(error)
+    )
+  channel.write(authenticationCleartextPassword())
+  const message = yield* expectPasswordMessage(channel)
+  const nul = message.indexOf(0)
+  const value = message.toString("utf8", 0, nul < 0 ? message.length : nul)
+  if (value === "") return yield* refuse(tidepoolError("EJITUNAUTHORIZED", role))
+
+  // A token-shaped value, or any value of a client that asked for JIT, is a token; anything else is
+  // only ever the role's password (a mistyped password is never sent to the API).
+  if (!jitRequested && !looksLikeToken(value)) {
+    if (authQuery === undefined) {
+      const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
+      if (passwordKeys(value, secret) !== undefined) {
+        yield* breaker.authSucceeded(tenant.external_id, address)
+        return {
+          poolUser: user.db_user_alias,
+          upstream: { user: user.db_user, password: user.db_password }
+        } satisfies ClientCredentials
+      }
+    } else {
+      const found = yield* Effect.either(authQuery.secret(tenant, username))
+      const keys = Either.isRight(found) ? passwordKeys(value, found.right.secret) : undefined
+      if (keys !== undefined) {
+        yield* authQuery.remember(tenant.external_id, username, keys)
+        yield* breaker.authSucceeded(tenant.external_id, address)
+        const tenantId = tenant.external_id
+        return {
+          poolUser: username,
+          upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenantId, username) }
+        } satisfies ClientCredentials
+      }
+    }
+    return yield* refuse(tidepoolError("EJITUNAUTHORIZED", role))
+  }
+
+  yield* Effect.annotateCurrentSpan({ method: "jit" })
+  const granted = yield* Effect.either(jit.check(tenant, value, role, address))
+  if (Either.isLeft(granted)) {
+    return yield* granted.left.code === "EJITUNAUTHORIZED" ? refuse(granted.left) : granted.left
+  }
+  yield* breaker.authSucceeded(tenant.external_id, address)
+  const digest = createHash("sha256").update(value).digest("base64url").slice(0, 22)
+  return {
+    poolUser: `${authQuery === undefined ? user.db_user_alias : username}\u0000jit\u0000${digest}`,
+    upstream: { user: role, password: Redacted.make(value) },
+    followClientTls: true
   } satisfies ClientCredentials
 })

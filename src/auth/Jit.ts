@@ -1,21 +1,31 @@
-import { timingSafeEqual } from "node:crypto"
+import { createHash, createHmac, pbkdf2Sync, timingSafeEqual } from "node:crypto"
 import { FetchHttpClient, HttpBody, HttpClient, HttpClientRequest } from "@effect/platform"
 import { Duration, Effect, Redacted, Schema } from "effect"
 import * as jose from "jose"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { tidepoolError } from "../errors/index.ts"
-import { createScramSecret, type ScramSecret } from "../protocol/index.ts"
+import { type ScramSecret, saslprep } from "../protocol/index.ts"
 
 /** Whether a value has a JWT's shape (three base64url parts); such tokens can be verified locally. */
 export const looksLikeJwt = (value: string): boolean => /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/.test(value)
 
+/** A personal access token (`sbp_…`) or a JWT: checked by the JIT API, never as a password. */
+export const looksLikeToken = (value: string): boolean => value.startsWith("sbp_") || looksLikeJwt(value)
+
 /**
- * Whether `password` is the one `secret` was made from: the SCRAM verifier, as fetched by auth_query,
- * is enough to check a cleartext password without ever storing it.
+ * Checks a cleartext password against a SCRAM verifier (as auth_query fetches it, so the password is
+ * never stored): the keys it yields when it is the one the verifier was made from, for logging in
+ * upstream by SCRAM pass-through; undefined otherwise.
  */
-export const matchesScramSecret = (password: string, secret: ScramSecret): boolean => {
-  const derived = createScramSecret(password, secret.salt, secret.iterations)
-  return derived.storedKey.length === secret.storedKey.length && timingSafeEqual(derived.storedKey, secret.storedKey)
+export const passwordKeys = (
+  password: string,
+  secret: ScramSecret
+): { readonly clientKey: Buffer; readonly serverKey: Buffer } | undefined => {
+  const salted = pbkdf2Sync(saslprep(password), secret.salt, secret.iterations, 32, "sha256")
+  const clientKey = createHmac("sha256", salted).update("Client Key").digest()
+  const storedKey = createHash("sha256").update(clientKey).digest()
+  const matches = storedKey.length === secret.storedKey.length && timingSafeEqual(storedKey, secret.storedKey)
+  return matches ? { clientKey, serverKey: secret.serverKey } : undefined
 }
 
 const JitAnswer = Schema.Struct({ user_role: Schema.Struct({ role: Schema.String }) })

@@ -8,4 +8,5 @@ export {
   type ClientCredentials,
   matchUsers
 } from "./ClientAuth.ts"
+export { JitApi, looksLikeJwt, looksLikeToken, passwordKeys } from "./Jit.ts"
 export { SecretCache } from "./SecretCache.ts"

@@ -152,14 +152,11 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     }
 
     const tls = client.tls
-    const credentials = yield* authenticateClient(
-      client,
-      tenant,
-      user,
-      identity.user,
-      log.peer_ip,
-      tls === undefined ? undefined : channelBindingOf(tls)
-    )
+    const credentials = yield* authenticateClient(client, tenant, user, identity.user, log.peer_ip, {
+      tls: tls !== undefined,
+      channelBinding: tls === undefined ? undefined : channelBindingOf(tls),
+      jit: identity.jit
+    })
     client.write(authenticationOk())
 
     const settings = new Map<string, string>()
@@ -285,7 +282,11 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
         database,
         ...credentials.upstream,
         connectTimeoutMs: config.upstreamConnectTimeoutMs,
-        tls: upstreamTls.optionsFor(tenant)
+        tls:
+          upstreamTls.optionsFor(tenant) ??
+          (credentials.followClientTls === true && client.tls !== undefined
+            ? { verify: false, ca: undefined }
+            : undefined)
       }
     })
     if (mode === "session" && pool.clients >= size) return yield* tidepoolError("EMAXCONNSESSION", size)

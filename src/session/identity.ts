@@ -8,6 +8,8 @@ export interface ClientIdentity {
   readonly database: string | undefined
   /** `-c name=value` settings from `options`, names lower-cased. */
   readonly settings: ReadonlyMap<string, string>
+  /** `options=--jit=true`: the client asks for JIT access (REFERENCE §3.3). */
+  readonly jit: boolean
 }
 
 /**
@@ -64,6 +66,8 @@ export const resolveIdentity = (parameters: Readonly<Record<string, string>>): C
   const database = parameters.database === undefined || parameters.database === "" ? undefined : parameters.database
   const reference = settings.get("reference")
   settings.delete("reference")
+  const jit = settings.get("jit")?.toLowerCase() === "true"
+  settings.delete("jit")
   let user = rawUser
   let tenant: string | undefined
   if (reference !== undefined) {
@@ -77,5 +81,5 @@ export const resolveIdentity = (parameters: Readonly<Record<string, string>>): C
   }
   if (!validName(user) || (tenant !== undefined && !validName(tenant))) return tidepoolError("EINVALIDUSERINFO")
   if (database !== undefined && !validName(database)) return tidepoolError("EINVALIDUSERINFO")
-  return { user, tenant, database, settings }
+  return { user, tenant, database, settings, jit }
 }
