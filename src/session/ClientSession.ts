@@ -19,7 +19,7 @@ import {
   parameterStatus,
   readyForQuery
 } from "../protocol/index.ts"
-import { TenantRegistry } from "../tenants/index.ts"
+import { banOf, TenantRegistry } from "../tenants/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
@@ -132,6 +132,8 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
     const tenant = tenants.get(identity.tenant)
     if (tenant === undefined) return yield* notFound
+    const ban = banOf(tenant)
+    if (ban !== undefined) return yield* refuse(ban)
     const users = tenant.users.filter((u) => (u.db_user_alias ?? u.db_user) === identity.user)
     if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
@@ -287,6 +289,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
 
     let relay: SessionRelay | TransactionRelay | undefined
     let drainRequested = false
+    let kicked: TidepoolError | undefined
     const key = yield* Effect.acquireRelease(
       Effect.sync(() =>
         sessions.register({
@@ -299,6 +302,12 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
           drain: () => {
             drainRequested = true
             relay?.drain()
+          },
+          tenant: tenant.external_id,
+          user: auth.identity.user,
+          kick: (error) => {
+            kicked = error
+            relay?.abort()
           }
         })
       ),
@@ -317,6 +326,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       // Same tick as detach: once the handshake reader lets go, unread bytes must reach the relay.
       r.start(client.detach())
       if (drainRequested) r.drain()
+      if (kicked !== undefined) r.abort()
       return Effect.sync(() => r.abort())
     })
     yield* Effect.logDebug(`relay ended: ${end._tag}`)
@@ -326,7 +336,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       case "ServerClosed":
         return yield* tidepoolError("ESERVERCLOSED", end.reason)
       case "Drained":
-        return yield* tidepoolError("EADMINSHUTDOWN")
+        return yield* kicked ?? tidepoolError("EADMINSHUTDOWN")
       default:
         return
     }

@@ -1,21 +1,41 @@
-import { Layer, ManagedRuntime, Schema } from "effect"
+import { randomBytes } from "node:crypto"
+import { Effect, Layer, ManagedRuntime, Redacted, Schema } from "effect"
+import { ApiServer } from "../../src/api/index.ts"
+import type { CircuitBreaker } from "../../src/auth/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
 import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
+import type { SessionRegistry } from "../../src/session/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
 import { loggerLayer } from "../../src/telemetry/index.ts"
+import { sqliteStore, type Tenants, Vault } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
   /** Tenants in the config file / API shape; decoded with the real schema. */
   readonly tenants: ReadonlyArray<unknown>
   readonly config?: Partial<AppConfigShape>
+  /**
+   * Where tenants live: `memory` (default) is a fresh in-memory SQLite store with a random vault
+   * key; `config` is what AppConfig says (TIDEPOOL_DATA_DIR's SQLite file, or DATABASE_URL).
+   */
+  readonly store?: "memory" | "config"
+  /** Serve the HTTP API (on a free port, see `apiPort`). */
+  readonly api?: boolean
 }
+
+/** A test's API secret: tokens in tests are signed with it (see test/support/api.ts). */
+export const TEST_JWT_SECRET = "test-api-jwt-secret-0123456789abcdef"
 
 export interface RunningTidepool {
   readonly host: "127.0.0.1"
   readonly sessionPort: number
   readonly transactionPort: number
-  readonly runtime: ManagedRuntime.ManagedRuntime<Listeners | PoolRegistry | AppConfig, unknown>
+  /** The HTTP API's port (0 unless started with `api: true`). */
+  readonly apiPort: number
+  readonly runtime: ManagedRuntime.ManagedRuntime<
+    Listeners | PoolRegistry | AppConfig | Tenants | SessionRegistry | CircuitBreaker | ApiServer,
+    unknown
+  >
   /** A connection URL through the session port (or the transaction port with `mode: "transaction"`). */
   url(options: { user: string; password: string; database?: string; mode?: "session" | "transaction" }): string
   /** Graceful shutdown, as on SIGTERM. */
@@ -34,19 +54,25 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     shutdownTimeoutMs: 5_000,
     logLevel: (process.env.TIDEPOOL_TEST_LOG_LEVEL as AppConfigShape["logLevel"] | undefined) ?? "none",
     logFormat: "pretty",
+    apiJwtSecret: Redacted.make(TEST_JWT_SECRET),
     ...options.config
   })
-  const layer = tidepoolLayer(tenants).pipe(
+  const store = options.store === "config" ? undefined : sqliteStore(":memory:", new Vault(randomBytes(32)))
+  const layer = tidepoolLayer(tenants, {
+    api: options.api ?? false,
+    ...(store !== undefined ? { store } : {})
+  }).pipe(
     Layer.provideMerge(Layer.succeed(AppConfig, config)),
     Layer.provide(loggerLayer(config.logFormat, config.logLevel))
   )
   const runtime = ManagedRuntime.make(layer)
-  const listeners = await runtime.runPromise(Listeners)
+  const { listeners, api } = await runtime.runPromise(Effect.all({ listeners: Listeners, api: ApiServer }))
   let stopped: Promise<void> | undefined
   return {
     host: "127.0.0.1",
     sessionPort: listeners.sessionPort,
     transactionPort: listeners.transactionPort,
+    apiPort: api.port,
     runtime,
     url: ({ user, password, database, mode }) =>
       `postgresql://${encodeURIComponent(user)}:${encodeURIComponent(password)}@127.0.0.1:${mode === "transaction" ? listeners.transactionPort : listeners.sessionPort}/${encodeURIComponent(database ?? "postgres")}`,

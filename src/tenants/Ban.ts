@@ -1,0 +1,12 @@
+import { DateTime } from "effect"
+import type { Tenant } from "../config/index.ts"
+import { type TidepoolError, tidepoolError } from "../errors/index.ts"
+
+/** Whether the tenant is banned right now: banned, and `banned_until` absent or still ahead. */
+export const isBanned = (tenant: Tenant, now: number = Date.now()): boolean =>
+  tenant.banned_at !== undefined &&
+  (tenant.banned_until === undefined || DateTime.toEpochMillis(tenant.banned_until) > now)
+
+/** The error a client of a banned tenant gets, or undefined when the tenant is not banned. */
+export const banOf = (tenant: Tenant): TidepoolError | undefined =>
+  isBanned(tenant) ? tidepoolError("EBANNED", tenant.ban_reason ?? "no reason given") : undefined
