@@ -33,6 +33,8 @@ export interface TenantStoreShape {
    * empty for SQLite, which one node owns.
    */
   readonly changes: Stream.Stream<string, TenantStoreError>
+  /** Sends `payload` on the change channel (PostgreSQL): a listener proves it listens by hearing it. */
+  readonly signal: (payload: string) => Effect.Effect<void, TenantStoreError>
 }
 
 export class TenantStore extends Context.Tag("tidepool/TenantStore")<TenantStore, TenantStoreShape>() {}
@@ -106,14 +108,18 @@ interface Row {
 }
 
 /** The store over any @effect/sql client: only portable SQL (SQLite ≥ 3.35 and PostgreSQL). */
-const makeSqlStore = (
-  kind: "sqlite" | "postgres",
-  vault: Vault,
-  notify: (externalId: string) => Effect.Effect<void, unknown>,
-  changes: Stream.Stream<string, TenantStoreError>
-) =>
+const makeSqlStore = (kind: "sqlite" | "postgres", vault: Vault, changes: Stream.Stream<string, TenantStoreError>) =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
+    // pg_notify rather than PgClient.notify, whose `NOTIFY channel, $1` PostgreSQL rejects.
+    const signal = (payload: string) =>
+      kind === "postgres"
+        ? sql`SELECT pg_notify(${CHANNEL}, ${payload})`.pipe(Effect.asVoid, Effect.mapError(storeError("NOTIFY")))
+        : Effect.void
+    const notify = (externalId: string) =>
+      signal(externalId).pipe(
+        Effect.catchAll((e) => Effect.logWarning(`${e.message}; other nodes see the change at their next refresh`))
+      )
     const toStored = (row: Row) =>
       Effect.map(deserializeTenant(row.config, vault), (tenant) => ({ tenant, version: Number(row.version) }))
     const store: TenantStoreShape = {
@@ -137,7 +143,7 @@ const makeSqlStore = (
             ON CONFLICT (external_id) DO UPDATE
               SET config = excluded.config, version = tidepool_tenants.version + 1, updated_at = excluded.updated_at
             RETURNING version`.pipe(Effect.mapError(storeError("writing a tenant")))
-          yield* notify(tenant.external_id).pipe(Effect.ignore)
+          yield* notify(tenant.external_id)
           return { created: Number(rows[0]?.version) === 1 }
         }),
       remove: (externalId) =>
@@ -146,10 +152,11 @@ const makeSqlStore = (
             yield* sql`DELETE FROM tidepool_tenants WHERE external_id = ${externalId} RETURNING external_id`.pipe(
               Effect.mapError(storeError("deleting a tenant"))
             )
-          if (rows.length > 0) yield* notify(externalId).pipe(Effect.ignore)
+          if (rows.length > 0) yield* notify(externalId)
           return rows.length > 0
         }),
-      changes
+      changes,
+      signal
     }
     return store
   })
@@ -160,7 +167,7 @@ export const sqliteStore = (filename: string, vault: Vault): Layer.Layer<TenantS
     TenantStore,
     Effect.gen(function* () {
       yield* SqliteMigrator.run(migratorOptions).pipe(Effect.mapError(storeError("migrating the SQLite store")))
-      return yield* makeSqlStore("sqlite", vault, () => Effect.void, Stream.empty)
+      return yield* makeSqlStore("sqlite", vault, Stream.empty)
     })
   ).pipe(
     Layer.provide(
@@ -190,7 +197,6 @@ export const postgresStore = (
       return yield* makeSqlStore(
         "postgres",
         vault,
-        (id) => pg.notify(CHANNEL, id),
         pg.listen(CHANNEL).pipe(Stream.mapError(storeError("listening for tenant changes")))
       )
     })

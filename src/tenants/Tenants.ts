@@ -1,4 +1,5 @@
-import { Effect, Layer, Option, Schedule, Stream } from "effect"
+import { randomUUID } from "node:crypto"
+import { Deferred, Effect, Layer, Option, Schedule, Stream } from "effect"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { TenantRegistry } from "./TenantRegistry.ts"
 import { TenantStore, type TenantStoreError } from "./TenantStore.ts"
@@ -85,15 +86,32 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
       all: () => [...byId.values()].map((c) => c.tenant)
     }
 
-    yield* lock.withPermits(1)(reloadAllUnlocked)
-
     if (store.kind === "postgres") {
+      // LISTEN is issued asynchronously: until this node hears its own ping, a change made elsewhere
+      // could slip between the initial load and the listener. Pings carry a space, which no
+      // external_id has.
+      const ping = `ping ${randomUUID()}`
+      const listening = yield* Deferred.make<void>()
       yield* store.changes.pipe(
-        Stream.runForEach((id) => reload(id)),
+        Stream.runForEach((id) => (id.includes(" ") ? Deferred.succeed(listening, undefined) : reload(id))),
         Effect.tapError((e) => Effect.logWarning(`${e.message}; retrying`)),
         Effect.retry(Schedule.spaced("1 second")),
         Effect.forkScoped
       )
+      yield* store.signal(ping).pipe(
+        Effect.zipRight(
+          Deferred.await(listening).pipe(Effect.timeoutFail({ duration: "250 millis", onTimeout: () => "not yet" }))
+        ),
+        Effect.retry(Schedule.recurs(40)),
+        Effect.catchAll(() =>
+          Effect.logWarning("not listening for tenant changes yet; relying on the periodic refresh")
+        )
+      )
+    }
+
+    yield* lock.withPermits(1)(reloadAllUnlocked)
+
+    if (store.kind === "postgres") {
       if (config.tenantRefreshMs > 0) {
         yield* lock
           .withPermits(1)(reloadAllUnlocked)
