@@ -5,8 +5,8 @@ import * as Migrator from "@effect/sql/Migrator"
 import * as SqlClient from "@effect/sql/SqlClient"
 import { PgClient, PgMigrator } from "@effect/sql-pg"
 import { SqliteClient, SqliteMigrator } from "@effect/sql-sqlite-node"
-import { Context, Data, Effect, Layer, type Option, ParseResult, Redacted, Schema, Stream } from "effect"
-import { Tenant } from "../config/index.ts"
+import { Context, Data, Effect, Layer, type Option, Redacted, Schema, Stream } from "effect"
+import { formatProblem, problemsFromParseError, Tenant } from "../config/index.ts"
 import type { Vault } from "./Vault.ts"
 
 export class TenantStoreError extends Data.TaggedError("TenantStoreError")<{ readonly message: string }> {}
@@ -93,10 +93,11 @@ export const deserializeTenant = (text: string, vault: Vault): Effect.Effect<Ten
       users.push({ ...user, db_password: Redacted.value(plain) })
     }
     return yield* decodeTenant({ ...raw, users }).pipe(
+      // Problems are rendered by the config loader's formatter, which never prints a secret.
       Effect.mapError(
         (e) =>
           new TenantStoreError({
-            message: `tenant store: stored tenant ${String(raw.external_id)} no longer validates: ${ParseResult.TreeFormatter.formatErrorSync(e)}`
+            message: `tenant store: stored tenant ${String(raw.external_id)} no longer validates: ${problemsFromParseError(e, raw).map(formatProblem).join("; ")}`
           })
       )
     )

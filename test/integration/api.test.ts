@@ -215,14 +215,14 @@ describe("tenants through the API", () => {
       () => "completed",
       (e: Error) => e.message
     )
-    // The transaction holds its server before the ban lands (the pools endpoint says so).
-    const held = async (): Promise<void> => {
-      const pools = await callApi(tidepool, "GET", "/api/tenants/banme/pools", { token })
-      if (pools.json.data.reduce((n: number, p: { servers_active: number }) => n + p.servers_active, 0) < 2) {
-        return held()
-      }
+    // Both queries are running upstream before the ban lands.
+    const sleepers = async (): Promise<void> => {
+      const rows = await db.query(
+        "select count(*)::int as n from pg_stat_activity where query = 'select pg_sleep(5)' and state = 'active'"
+      )
+      if (rows[0].n < 2) return sleepers()
     }
-    await held()
+    await sleepers()
     expect((await callApi(tidepool, "PATCH", "/api/tenants/banme", { token, body: { banned: true } })).status).toBe(422)
     const ban = await callApi(tidepool, "PATCH", "/api/tenants/banme", {
       token,

@@ -108,6 +108,7 @@ describe("PostgreSQL tenant store (DATABASE_URL)", () => {
     const b = await start(config())
     try {
       const learnt = nextChange(b, "shared")
+      expect((await callApi(a, "GET", "/api/health", { token: null })).status).toBe(204)
       expect((await callApi(a, "PUT", "/api/tenants/shared", { body: tenant("shared") })).status).toBe(201)
       await learnt
       expect(await selectOne(b, "shared")).toBe(1)
