@@ -1,4 +1,4 @@
-import { HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { HttpIncomingMessage, HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { DateTime, Effect, Either, Option, Redacted, Schema } from "effect"
 import { CircuitBreaker } from "../auth/index.ts"
 import {
@@ -49,15 +49,17 @@ const addError = (errors: Record<string, Array<string>>, path: string, message: 
 /** The request body as JSON; a malformed body is the client's error (400), never a crash. */
 const body = Effect.gen(function* () {
   const request = yield* HttpServerRequest.HttpServerRequest
-  const text = yield* Effect.orElseSucceed(request.text, () => "")
-  if (text.trim() === "") return Option.some<unknown>({})
+  // Tenant bodies are a few kB; a megabyte is a mistake or an attack, not a tenant.
+  const text = yield* request.text.pipe(HttpIncomingMessage.withMaxBodySize(Option.some(1_048_576)), Effect.option)
+  if (Option.isNone(text)) return Option.none()
+  if (text.value.trim() === "") return Option.some<unknown>({})
   try {
-    return Option.some<unknown>(JSON.parse(text))
+    return Option.some<unknown>(JSON.parse(text.value))
   } catch {
     return Option.none()
   }
 })
-const badJson = json(400, { error: "invalid JSON body" })
+const badJson = json(400, { error: "invalid JSON body (at most 1 MiB)" })
 
 const idParam = Effect.map(HttpRouter.params, (p) => p.id ?? "")
 
