@@ -200,6 +200,9 @@ export const routes: ReadonlyArray<Route> = [
       }
       const result = yield* Effect.either(tenants.put(tenant))
       if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      yield* Effect.logInfo(
+        result.right.created ? "tenant created through the API" : "tenant replaced through the API"
+      ).pipe(Effect.annotateLogs({ tenant: id }))
       const stored = tenants.get(id) ?? tenant
       return result.right.created
         ? HttpServerResponse.unsafeJson(

@@ -181,12 +181,15 @@ describe("tenants through the API", () => {
     ).toBe(201)
     const a = await connect("resize")
     await a.query("begin")
+    const oldPid = (await a.query("select pg_backend_pid() as pid")).rows[0].pid as number
     const sleeping = a.query("select pg_sleep(1) as slept")
     const put = await callApi(tidepool, "PUT", "/api/tenants/resize", { token, body: tenantBody({}, { pool_size: 3 }) })
     expect(put.status).toBe(200)
     expect((await sleeping).rows).toHaveLength(1)
     await a.query("commit")
     expect(a.errors).toEqual([])
+    // The server opened under the old settings was closed at release, not pooled again.
+    expect((await a.query("select pg_backend_pid() as pid")).rows[0].pid).not.toBe(oldPid)
     // Three transactions open at once: only possible with three servers (the checkout timeout would
     // fail the third under the old size of 1).
     const clients = [a, await connect("resize"), await connect("resize")]

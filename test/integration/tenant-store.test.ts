@@ -82,6 +82,26 @@ describe("SQLite tenant store", () => {
     await second.stop()
   })
 
+  it("config-file tenants win over the store at start, but keep a ban set through the API", async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "tidepool-store-"))
+    dirs.push(dir)
+    const config = { dataDir: dir, vaultEncKey: Redacted.make(key) }
+    const filed = { ...tenant("filed").tenant, default_pool_size: 4 }
+    const first = await startTidepool({ tenants: [filed], api: true, store: "config", config })
+    await callApi(first, "PUT", "/api/tenants/filed", { body: { tenant: { ...filed, default_pool_size: 9 } } })
+    await callApi(first, "PATCH", "/api/tenants/filed", { body: { banned: true, ban_reason: "kept" } })
+    await callApi(first, "PUT", "/api/tenants/apionly", { body: tenant("apionly") })
+    await first.stop()
+    const second = await startTidepool({ tenants: [filed], api: true, store: "config", config })
+    try {
+      const shown = (await callApi(second, "GET", "/api/tenants/filed")).json.data
+      expect(shown).toMatchObject({ default_pool_size: 4, ban_reason: "kept" })
+      expect((await callApi(second, "GET", "/api/tenants/apionly")).status).toBe(200)
+    } finally {
+      await second.stop()
+    }
+  })
+
   it("refuses to start without the key, or with another key, saying so", async () => {
     await expect(start({ dataDir })).rejects.toThrow(/VAULT_ENC_KEY is not set/)
     await expect(start({ dataDir, vaultEncKey: Redacted.make(randomBytes(32).toString("base64")) })).rejects.toThrow(
