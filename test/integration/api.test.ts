@@ -326,6 +326,14 @@ describe("tenants through the API", () => {
   })
 })
 
+describe("API listener", () => {
+  it("fails start-up naming PORT when the port is taken", async () => {
+    await expect(startTidepool({ tenants: [], api: true, config: { apiPort: tidepool.apiPort } })).rejects.toThrow(
+      /port \d+ on 127\.0\.0\.1 is already in use; set PORT to another port/
+    )
+  })
+})
+
 describe("OpenAPI", () => {
   it("documents exactly the routes the router serves", async () => {
     const served = await callApi(tidepool, "GET", "/api/openapi", { token: null })
