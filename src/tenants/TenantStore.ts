@@ -25,6 +25,8 @@ export interface TenantStoreShape {
   readonly kind: "sqlite" | "postgres"
   readonly list: Effect.Effect<ReadonlyArray<StoredTenant>, TenantStoreError>
   readonly get: (externalId: string) => Effect.Effect<Option.Option<StoredTenant>, TenantStoreError>
+  /** Every external_id with its version: what a cache compares to find what changed, cheaply. */
+  readonly versions: Effect.Effect<ReadonlyMap<string, number>, TenantStoreError>
   /** Inserts or replaces; `created` tells which. */
   readonly upsert: (tenant: Tenant) => Effect.Effect<{ readonly created: boolean }, TenantStoreError>
   readonly remove: (externalId: string) => Effect.Effect<boolean, TenantStoreError>
@@ -128,6 +130,13 @@ const makeSqlStore = (kind: "sqlite" | "postgres", vault: Vault, changes: Stream
       list: sql<Row>`SELECT config, version FROM tidepool_tenants ORDER BY external_id`.pipe(
         Effect.mapError(storeError("listing tenants")),
         Effect.flatMap(Effect.forEach(toStored))
+      ),
+      versions: sql<{
+        external_id: string
+        version: number | string
+      }>`SELECT external_id, version FROM tidepool_tenants`.pipe(
+        Effect.mapError(storeError("listing tenant versions")),
+        Effect.map((rows) => new Map(rows.map((r) => [r.external_id, Number(r.version)])))
       ),
       get: (externalId) =>
         sql<Row>`SELECT config, version FROM tidepool_tenants WHERE external_id = ${externalId}`.pipe(

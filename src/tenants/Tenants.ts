@@ -72,10 +72,20 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
         yield* publish({ _tag: "Upserted", before: before?.tenant, after: stored.value.tenant })
       })
 
-    const reloadAllUnlocked = Effect.gen(function* () {
-      const all = yield* store.list
-      const seen = new Set(all.map((s) => s.tenant.external_id))
-      for (const id of [...byId.keys(), ...seen]) yield* reloadUnlocked(id)
+    /** The initial load: one query. */
+    const loadAllUnlocked = Effect.gen(function* () {
+      for (const stored of yield* store.list) {
+        byId.set(stored.tenant.external_id, stored)
+      }
+      index()
+    })
+
+    /** The periodic refresh: versions first, then only the tenants that changed. */
+    const refreshUnlocked = Effect.gen(function* () {
+      const versions = yield* store.versions
+      for (const id of [...byId.keys(), ...versions.keys()]) {
+        if (byId.get(id)?.version !== versions.get(id)) yield* reloadUnlocked(id)
+      }
     })
 
     const reload = (externalId: string) => lock.withPermits(1)(reloadUnlocked(externalId))
@@ -109,12 +119,12 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
       )
     }
 
-    yield* lock.withPermits(1)(reloadAllUnlocked)
+    yield* lock.withPermits(1)(loadAllUnlocked)
 
     if (store.kind === "postgres") {
       if (config.tenantRefreshMs > 0) {
         yield* lock
-          .withPermits(1)(reloadAllUnlocked)
+          .withPermits(1)(refreshUnlocked)
           .pipe(
             Effect.catchAll((e) => Effect.logWarning(e.message)),
             Effect.delay(config.tenantRefreshMs),

@@ -162,4 +162,21 @@ describe("PostgreSQL tenant store (DATABASE_URL)", () => {
       await again.stop()
     }
   })
+
+  it("a change no notification announced is picked up by the periodic refresh", async () => {
+    const node = await start({ ...config(), tenantRefreshMs: 100 })
+    try {
+      expect((await callApi(node, "PUT", "/api/tenants/quiet", { body: tenant("quiet") })).status).toBe(201)
+      const seen = nextChange(node, "quiet")
+      // Behind Tidepool's back: no NOTIFY.
+      const raw = new pg.Client({ connectionString: db.url({ database: "tidepool_store" }) })
+      await raw.connect()
+      await raw.query("DELETE FROM tidepool_tenants WHERE external_id = 'quiet'")
+      await raw.end()
+      await seen
+      expect((await callApi(node, "GET", "/api/tenants/quiet")).status).toBe(404)
+    } finally {
+      await node.stop()
+    }
+  })
 })
