@@ -204,6 +204,36 @@ describe("tenants through the API", () => {
     }
   })
 
+  it("PUT moving a tenant to another server: connected clients stay, later transactions run on the new one; a removed user is disconnected", async () => {
+    const other = await startPostgres({ roles: [{ name: "app", password: "app-secret" }] })
+    try {
+      const token = await good()
+      const users = [
+        { db_user: "app", db_password: "app-secret" },
+        { db_user: "app", db_user_alias: "second", db_password: "app-secret" }
+      ]
+      const body = (server: PostgresServer, list: Array<Record<string, unknown>>) => ({
+        tenant: { ...upstreamOf(server), users: list }
+      })
+      expect((await callApi(tidepool, "PUT", "/api/tenants/moving", { token, body: body(db, users) })).status).toBe(201)
+      const client = await connect("moving")
+      const second = await connect("moving", "transaction", "second")
+      const port = async () => (await client.query("select inet_server_port() as p")).rows[0].p as number
+      expect(await port()).toBe(db.port)
+      expect(
+        (await callApi(tidepool, "PUT", "/api/tenants/moving", { token, body: body(other, [users[0]!]) })).status
+      ).toBe(200)
+      expect(await port()).toBe(other.port)
+      expect(client.errors).toEqual([])
+      // An idle client hears it at once, as an error event.
+      const kicked = second.errors[0] ?? (await new Promise<Error>((resolve) => second.once("error", resolve)))
+      expect(kicked.message).toBe("(ENOTFOUND) tenant/user second.moving not found")
+      await client.end()
+    } finally {
+      await other.stop()
+    }
+  })
+
   it("ban with a reason ends clients mid-query and refuses new ones; unban and banned_until in the past restore", async () => {
     const token = await good()
     await callApi(tidepool, "PUT", "/api/tenants/banme", { token, body: tenantBody() })
