@@ -141,27 +141,33 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
       get: (id: string) => byId.get(id)?.tenant,
       /** Writes the tenant (keeping its ban state) and applies the change on this node. */
       put: (tenant: Tenant) =>
-        lock.withPermits(1)(
-          Effect.gen(function* () {
-            const existing = yield* store.get(tenant.external_id)
-            const { created } = yield* store.upsert(
-              keepBan(tenant, Option.getOrUndefined(Option.map(existing, (s) => s.tenant)))
-            )
-            yield* reloadUnlocked(tenant.external_id)
-            return { created }
-          })
-        ),
+        lock
+          .withPermits(1)(
+            Effect.gen(function* () {
+              const existing = yield* store.get(tenant.external_id)
+              const { created } = yield* store.upsert(
+                keepBan(tenant, Option.getOrUndefined(Option.map(existing, (s) => s.tenant)))
+              )
+              yield* reloadUnlocked(tenant.external_id)
+              return { created }
+            })
+          )
+          .pipe(Effect.withSpan("tenants.put", { attributes: { "tidepool.tenant": tenant.external_id } })),
       /** Writes the tenant as given, ban fields included (PATCH). */
       replace: (tenant: Tenant) =>
-        lock.withPermits(1)(Effect.zipRight(store.upsert(tenant), reloadUnlocked(tenant.external_id))),
+        lock
+          .withPermits(1)(Effect.zipRight(store.upsert(tenant), reloadUnlocked(tenant.external_id)))
+          .pipe(Effect.withSpan("tenants.replace", { attributes: { "tidepool.tenant": tenant.external_id } })),
       remove: (id: string) =>
-        lock.withPermits(1)(
-          Effect.gen(function* () {
-            const removed = yield* store.remove(id)
-            yield* reloadUnlocked(id)
-            return removed
-          })
-        ),
+        lock
+          .withPermits(1)(
+            Effect.gen(function* () {
+              const removed = yield* store.remove(id)
+              yield* reloadUnlocked(id)
+              return removed
+            })
+          )
+          .pipe(Effect.withSpan("tenants.remove", { attributes: { "tidepool.tenant": id } })),
       reload
     } as const
   })
