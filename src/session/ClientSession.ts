@@ -19,7 +19,7 @@ import {
   parameterStatus,
   readyForQuery
 } from "../protocol/index.ts"
-import { banOf, TenantRegistry } from "../tenants/index.ts"
+import { banOf, revokedSince, TenantRegistry } from "../tenants/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
@@ -313,6 +313,8 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
     )
+    const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
+    if (revoked !== undefined) return yield* revoked
     greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
     client.write(Buffer.concat(greeting))
 

@@ -1,4 +1,4 @@
-export { banOf, isBanned } from "./Ban.ts"
+export { banOf, isBanned, revokedSince } from "./Ban.ts"
 export { TenantRegistry } from "./TenantRegistry.ts"
 export {
   postgresStore,

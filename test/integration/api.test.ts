@@ -280,6 +280,31 @@ describe("tenants through the API", () => {
     expect(await connectFails("banme")).toBeUndefined()
   })
 
+  it("a client between its login and its first server when the ban lands is refused too", async () => {
+    const token = await good()
+    await callApi(tidepool, "PUT", "/api/tenants/racy", { token, body: tenantBody({}, { pool_size: 1 }) })
+    const holder = await connect("racy")
+    await holder.query("begin")
+    // A setting no server of the pool has accepted yet: this login must borrow the busy server first.
+    const late = new pg.Client({
+      connectionString: tidepool.url({ user: "app.racy", password: "app-secret", mode: "transaction" }),
+      application_name: "late"
+    })
+    late.on("error", () => {})
+    const lateOutcome = late.connect().then(
+      () => "connected",
+      (e: Error) => e.message
+    )
+    const waiting = async (): Promise<void> => {
+      const pools = await callApi(tidepool, "GET", "/api/tenants/racy/pools", { token })
+      if (pools.json.data[0]?.clients_waiting !== 1) return waiting()
+    }
+    await waiting()
+    await callApi(tidepool, "PATCH", "/api/tenants/racy", { token, body: { banned: true, ban_reason: "late" } })
+    expect(await lateOutcome).toBe("(EBANNED) tenant is banned: late")
+    await late.end().catch(() => {})
+  })
+
   it("DELETE stops the tenant: its clients get ENOTFOUND, then 404", async () => {
     const token = await good()
     await callApi(tidepool, "PUT", "/api/tenants/doomed", { token, body: tenantBody() })
