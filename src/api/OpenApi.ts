@@ -5,9 +5,15 @@ import type { Route } from "./routes.ts"
 /** `/api/tenants/:id` → `/api/tenants/{id}`. */
 export const openApiPath = (path: string) => path.replace(/:([A-Za-z_]+)/g, "{$1}")
 
+// The PUT body's tenant: `external_id` comes from the URL, and the ban fields only through PATCH.
 const tenantInput = (() => {
-  const { $schema: _, ...schema } = JSONSchema.make(Schema.encodedSchema(Tenant)) as unknown as Record<string, unknown>
-  return schema
+  const { $schema: _, ...schema } = JSONSchema.make(Schema.encodedSchema(Tenant)) as unknown as {
+    $schema: string
+    required: Array<string>
+    properties: Record<string, unknown>
+  }
+  const { banned_at: _a, ban_reason: _r, banned_until: _u, ...properties } = schema.properties
+  return { ...schema, properties, required: schema.required.filter((f) => f !== "external_id") }
 })()
 
 /** The OpenAPI 3.0 document of `routes`, served at /api/openapi. */

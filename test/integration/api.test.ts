@@ -403,6 +403,8 @@ describe("OpenAPI", () => {
       .filter((r) => r !== "GET /api/openapi")
     expect(new Set(documented)).toEqual(new Set(routed))
     expect(routed).toHaveLength(routes.length)
-    expect(doc.components.schemas.TenantInput).toHaveProperty("properties.external_id")
+    const input = doc.components.schemas.TenantInput as { required: Array<string>; properties: object }
+    expect(input.required).toEqual(["db_host", "db_port", "db_database", "users"])
+    expect(Object.keys(input.properties)).not.toContain("ban_reason")
   })
 })
