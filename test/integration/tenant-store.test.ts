@@ -103,10 +103,15 @@ describe("SQLite tenant store", () => {
   })
 
   it("refuses to start without the key, or with another key, saying so", async () => {
-    await expect(start({ dataDir })).rejects.toThrow(/VAULT_ENC_KEY is not set/)
-    await expect(start({ dataDir, vaultEncKey: Redacted.make(randomBytes(32).toString("base64")) })).rejects.toThrow(
-      /VAULT_ENC_KEY differs/
-    )
+    const stored = mkdtempSync(path.join(tmpdir(), "tidepool-store-"))
+    dirs.push(stored)
+    const writer = await start({ dataDir: stored, vaultEncKey: Redacted.make(key) })
+    await callApi(writer, "PUT", "/api/tenants/locked", { body: tenant("locked") })
+    await writer.stop()
+    await expect(start({ dataDir: stored })).rejects.toThrow(/VAULT_ENC_KEY is not set/)
+    await expect(
+      start({ dataDir: stored, vaultEncKey: Redacted.make(randomBytes(32).toString("base64")) })
+    ).rejects.toThrow(/VAULT_ENC_KEY differs/)
     const empty = mkdtempSync(path.join(tmpdir(), "tidepool-store-"))
     dirs.push(empty)
     await expect(

@@ -66,7 +66,13 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     Layer.provide(loggerLayer(config.logFormat, config.logLevel))
   )
   const runtime = ManagedRuntime.make(layer)
-  const { listeners, api } = await runtime.runPromise(Effect.all({ listeners: Listeners, api: ApiServer }))
+  const { listeners, api } = await runtime
+    .runPromise(Effect.all({ listeners: Listeners, api: ApiServer }))
+    .catch(async (error: unknown) => {
+      // Whatever did start (ports, pools) must not outlive a failed start.
+      await runtime.dispose()
+      throw error
+    })
   let stopped: Promise<void> | undefined
   return {
     host: "127.0.0.1",
