@@ -48,18 +48,30 @@ export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool
           }
           return Effect.as(entry.handle.cancel(), true)
         }),
-      /** Ends the sessions of `tenant` for which `errorFor` gives an error; returns how many. */
-      kickTenant: (tenant: string, errorFor: (session: SessionHandle) => TidepoolError | undefined): number => {
-        let n = 0
-        for (const { handle } of [...sessions.values()]) {
-          if (handle.tenant !== tenant) continue
-          const error = errorFor(handle)
-          if (error === undefined) continue
-          handle.kick(error)
-          n++
-        }
-        return n
-      },
+      /**
+       * Ends the sessions of `tenant` for which `errorFor` gives an error, and cancels the queries
+       * they were running upstream (the closed server's backend would otherwise run its query to
+       * the end: PostgreSQL notices a vanished client only when it next writes). Returns how many.
+       */
+      kickTenant: (
+        tenant: string,
+        errorFor: (session: SessionHandle) => TidepoolError | undefined
+      ): Effect.Effect<number> =>
+        Effect.suspend(() => {
+          const cancels: Array<Effect.Effect<void>> = []
+          for (const { handle } of [...sessions.values()]) {
+            if (handle.tenant !== tenant) continue
+            const error = errorFor(handle)
+            if (error === undefined) continue
+            // Taken before the kick, which lets go of the server.
+            cancels.push(handle.cancel())
+            handle.kick(error)
+          }
+          return Effect.as(
+            Effect.forEach(cancels, (c) => c, { concurrency: 16, discard: true }),
+            cancels.length
+          )
+        }),
       /** Sessions of `tenant` right now. */
       countOf: (tenant: string): number => {
         let n = 0

@@ -62,7 +62,7 @@ export class TenantChanges extends Effect.Service<TenantChanges>()("tidepool/Ten
       Effect.gen(function* () {
         if (change._tag === "Removed") {
           const id = change.before.external_id
-          const n = sessions.kickTenant(id, (s) => tidepoolError("ENOTFOUND", s.user, id))
+          const n = yield* sessions.kickTenant(id, (s) => tidepoolError("ENOTFOUND", s.user, id))
           yield* pools.stopTenant(id)
           yield* Effect.logInfo(`tenant deleted: its pools stopped, ${n} client(s) disconnected`).pipe(
             Effect.annotateLogs({ tenant: id })
@@ -73,7 +73,7 @@ export class TenantChanges extends Effect.Service<TenantChanges>()("tidepool/Ten
         const id = after.external_id
         const ban = banOf(after)
         if (ban !== undefined) {
-          const n = sessions.kickTenant(id, () => ban)
+          const n = yield* sessions.kickTenant(id, () => ban)
           if (n > 0) {
             yield* Effect.logInfo(`tenant banned: ${n} client(s) disconnected`).pipe(
               Effect.annotateLogs({ tenant: id })
@@ -83,7 +83,9 @@ export class TenantChanges extends Effect.Service<TenantChanges>()("tidepool/Ten
         if (before === undefined || !configurationChanged(before, after)) return
         if (after.require_user) {
           const aliases = new Set(after.users.map((u) => u.db_user_alias))
-          sessions.kickTenant(id, (s) => (aliases.has(s.user) ? undefined : tidepoolError("ENOTFOUND", s.user, id)))
+          yield* sessions.kickTenant(id, (s) =>
+            aliases.has(s.user) ? undefined : tidepoolError("ENOTFOUND", s.user, id)
+          )
         }
         yield* pools.reconfigure(id, (settings) => retarget(settings, after))
         yield* Effect.logInfo("tenant reconfigured: its pools drain onto the new settings").pipe(
@@ -97,7 +99,7 @@ export class TenantChanges extends Effect.Service<TenantChanges>()("tidepool/Ten
       /** GET …/terminate: stops every pool of the tenant and ends its clients (57P01). */
       terminate: (id: string) =>
         Effect.gen(function* () {
-          const n = sessions.kickTenant(id, () => tidepoolError("EADMINSHUTDOWN"))
+          const n = yield* sessions.kickTenant(id, () => tidepoolError("EADMINSHUTDOWN"))
           yield* pools.stopTenant(id)
           return n
         })

@@ -280,6 +280,31 @@ describe("tenants through the API", () => {
     expect(await connectFails("banme")).toBeUndefined()
   })
 
+  it("a ban cancels the query its clients were running upstream, not just their connection", async () => {
+    const token = await good()
+    await callApi(tidepool, "PUT", "/api/tenants/longrun", { token, body: tenantBody() })
+    const sql = "select pg_sleep(3600) /* longrun */"
+    const running = async (want: number): Promise<void> => {
+      const rows = await db.query("select count(*)::int as n from pg_stat_activity where query = $1", [sql])
+      if (rows[0].n !== want) return running(want)
+    }
+    const clients = [await connect("longrun", "transaction"), await connect("longrun", "session")]
+    const outcomes = clients.map((c) =>
+      c.query(sql).then(
+        () => "completed",
+        (e: Error) => e.message
+      )
+    )
+    await running(2)
+    await callApi(tidepool, "PATCH", "/api/tenants/longrun", { token, body: { banned: true, ban_reason: "runaway" } })
+    expect(await Promise.all(outcomes)).toEqual([
+      "(EBANNED) tenant is banned: runaway",
+      "(EBANNED) tenant is banned: runaway"
+    ])
+    // Without the cancel, the backends would sleep for an hour (and this would time out).
+    await running(0)
+  })
+
   it("a client between its login and its first server when the ban lands is refused too", async () => {
     const token = await good()
     await callApi(tidepool, "PUT", "/api/tenants/racy", { token, body: tenantBody({}, { pool_size: 1 }) })
