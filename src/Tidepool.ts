@@ -1,18 +1,46 @@
-import { Layer } from "effect"
+import { Effect, Layer } from "effect"
+import { ApiServer } from "./api/index.ts"
 import { AuthQuery, CircuitBreaker, JitApi, SecretCache } from "./auth/index.ts"
-import type { Tenant } from "./config/index.ts"
+import type { AppConfig, Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
-import { SessionRegistry } from "./session/index.ts"
-import { TenantRegistry } from "./tenants/index.ts"
+import { SessionRegistry, TenantChanges } from "./session/index.ts"
+import { type TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "./tenants/index.ts"
 import { DownstreamTls, UpstreamTls } from "./tls/index.ts"
 
+export interface TidepoolLayerOptions {
+  /** Where tenants live; default: what AppConfig says (DATABASE_URL, else SQLite in the data dir). */
+  readonly store?: Layer.Layer<TenantStore, TenantStoreError, AppConfig>
+  /** Serve the HTTP API on PORT (default true). */
+  readonly api?: boolean
+}
+
 /**
- * The whole data plane as one layer: listeners over sessions over pools. Needs AppConfig. Building it
- * binds the ports; releasing it is the graceful shutdown (drain, then close every pool).
+ * The config file's tenants, written to the store at start: the file wins over the store for the
+ * tenants it lists (their configuration is replaced on every start), tenants only in the store are
+ * kept, and the ban state stays the store's unless the file sets one.
  */
-export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
-  Listeners.Default.pipe(
+const seedLayer = (tenants: ReadonlyArray<Tenant>) =>
+  Layer.effectDiscard(
+    Effect.flatMap(Tenants, (t) =>
+      Effect.forEach(tenants, (tenant) => (tenant.banned_at !== undefined ? t.replace(tenant) : t.put(tenant)), {
+        discard: true
+      })
+    )
+  )
+
+/**
+ * The whole node as one layer: listeners over sessions over pools, the tenant cache over its
+ * store, and the HTTP API. Needs AppConfig. Building it binds the ports; releasing it is the
+ * graceful shutdown (drain, then close every pool).
+ */
+export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolLayerOptions = {}) => {
+  const tenantsLayer = seedLayer(tenants).pipe(
+    Layer.provideMerge(Tenants.Default),
+    Layer.provideMerge(options.store ?? tenantStoreLayer)
+  )
+  const dataPlane = Listeners.Default.pipe(
+    Layer.provideMerge(TenantChanges.Default),
     Layer.provideMerge(PoolRegistry.Default),
     Layer.provideMerge(AuthQuery.Default),
     Layer.provideMerge(
@@ -21,9 +49,14 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
         SecretCache.Default,
         CircuitBreaker.Default,
         JitApi.Default,
-        TenantRegistry.fromTenants(tenants),
         DownstreamTls.Default,
-        UpstreamTls.Default
+        UpstreamTls.Default,
+        Tenants.registry
       )
-    )
+    ),
+    Layer.provideMerge(tenantsLayer)
   )
+  return options.api === false
+    ? Layer.merge(dataPlane, Layer.succeed(ApiServer, ApiServer.make({ port: 0 })))
+    : ApiServer.Default.pipe(Layer.provideMerge(dataPlane))
+}

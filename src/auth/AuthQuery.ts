@@ -354,11 +354,15 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
       /** The latest verified keys of `user`; read at every upstream login of its pools. */
       keysOf: (tenant: string, user: string): PassthroughKeys | undefined => keys.get(key(tenant, user)),
 
-      /** Forgets a tenant's secrets, keys and connection (tenant changed or deleted). */
-      invalidate: (tenant: string) =>
+      /**
+       * Forgets a tenant's cached secrets and its auth_query connection (the tenant changed), and with
+       * `removed` also the keys its pools log in with. A changed tenant keeps the keys: its pools'
+       * next servers still need them, and a client's next login refreshes them.
+       */
+      invalidate: (tenant: string, removed: boolean) =>
         Effect.sync(() => {
           for (const [k, entry] of entries) if (entry.tenant === tenant) entries.delete(k)
-          for (const k of [...keys.keys()]) if (k.startsWith(key(tenant, ""))) keys.delete(k)
+          if (removed) for (const k of [...keys.keys()]) if (k.startsWith(key(tenant, ""))) keys.delete(k)
           dropLink(tenant)
         }),
 

@@ -1,8 +1,11 @@
+import { randomBytes } from "node:crypto"
 import * as fs from "node:fs/promises"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
-import { Console, Effect, Layer, Schema } from "effect"
-import { AppConfig, Tenant } from "../config/index.ts"
+import { Console, Effect, Layer, Redacted, Schema } from "effect"
+import { SignJWT } from "jose"
+import { ApiServer } from "../api/index.ts"
+import { AppConfig, type AppConfigShape, Tenant } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
 import * as EmbeddedPostgres from "./EmbeddedPostgres.ts"
@@ -53,9 +56,39 @@ const embeddedPostgres = (configured: string) =>
     return server
   })
 
+/**
+ * A secret the demo keeps in its data dir (0600), made on first run: the vault key and the API's
+ * JWT secret, so tenants stored by one run decrypt in the next. Set in the environment, they win.
+ */
+const keptSecret = (dataDir: string, name: string, make: () => string) =>
+  Effect.promise(async () => {
+    const file = path.resolve(dataDir, name)
+    try {
+      return (await fs.readFile(file, "utf8")).trim()
+    } catch {
+      const value = make()
+      await fs.mkdir(path.dirname(file), { recursive: true })
+      await fs.writeFile(file, `${value}\n`, { mode: 0o600 })
+      return value
+    }
+  })
+
+const demoSecrets = (config: AppConfigShape) =>
+  Effect.gen(function* () {
+    const vaultEncKey =
+      config.vaultEncKey ??
+      Redacted.make(yield* keptSecret(config.dataDir, "demo-vault.key", () => randomBytes(32).toString("base64")))
+    const apiJwtSecret =
+      config.apiJwtSecret ??
+      Redacted.make(
+        yield* keptSecret(config.dataDir, "demo-api-jwt.secret", () => randomBytes(32).toString("base64url"))
+      )
+    return { ...config, vaultEncKey, apiJwtSecret }
+  })
+
 /** `tidepool demo`: the pooler in front of an embedded PostgreSQL registered as tenant `demo`. */
 export const demo = Effect.gen(function* () {
-  const config = yield* AppConfig
+  const config = yield* demoSecrets(yield* AppConfig)
   yield* Console.log("starting embedded PostgreSQL …")
   const { port, dataDir } = yield* embeddedPostgres(config.dataDir)
   const tenant = yield* Schema.decodeUnknown(Tenant)({
@@ -65,8 +98,15 @@ export const demo = Effect.gen(function* () {
     db_database: "postgres",
     users: [{ db_user: "postgres", db_password: "postgres", pool_size: 10 }]
   }).pipe(Effect.orDie)
-  const listeners = yield* Layer.build(tidepoolLayer([tenant]))
+  const listeners = yield* Layer.build(tidepoolLayer([tenant]).pipe(Layer.provide(Layer.succeed(AppConfig, config))))
   const ports = yield* Effect.provide(Listeners, listeners)
+  const api = yield* Effect.provide(ApiServer, listeners)
+  const token = yield* Effect.promise(() =>
+    new SignJWT({ role: "demo" })
+      .setProtectedHeader({ alg: "HS256" })
+      .setExpirationTime("24h")
+      .sign(new TextEncoder().encode(Redacted.value(config.apiJwtSecret)))
+  )
   const host = config.listenAddr === "0.0.0.0" || config.listenAddr === "::" ? "127.0.0.1" : config.listenAddr
   yield* Console.log(
     [
@@ -78,6 +118,8 @@ export const demo = Effect.gen(function* () {
       `    psql 'postgresql://postgres.demo:postgres@${host}:${ports.transactionPort}/postgres'`,
       "  session mode (a server per connection):",
       `    psql 'postgresql://postgres.demo:postgres@${host}:${ports.sessionPort}/postgres'`,
+      "  HTTP API (token valid 24 h; see docs/api.md):",
+      `    curl -H 'authorization: Bearer ${token}' http://${host}:${api.port}/api/tenants/demo`,
       "",
       "Press Ctrl+C to stop.",
       ""

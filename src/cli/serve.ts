@@ -1,4 +1,5 @@
 import { Console, Effect, Layer } from "effect"
+import { ApiServer } from "../api/index.ts"
 import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
@@ -32,9 +33,10 @@ export const serve = (configFile: string | undefined) =>
     return yield* Effect.gen(function* () {
       const listeners = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
       const { sessionPort, transactionPort, shutdown } = yield* Effect.provide(Listeners, listeners)
+      const api = yield* Effect.provide(ApiServer, listeners)
       const config = yield* AppConfig
       yield* Effect.logInfo(
-        `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}; ${file?.tenants.length ?? 0} tenant(s)`
+        `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
       installSignals()
       return yield* Effect.never.pipe(Effect.onInterrupt(() => shutdown))
@@ -47,6 +49,16 @@ export const serve = (configFile: string | undefined) =>
           Effect.sync(() => process.exit(1))
         ),
       ListenError: (e) =>
+        Effect.zipRight(
+          Console.error(`tidepool: ${e.message}`),
+          Effect.sync(() => process.exit(1))
+        ),
+      ApiListenError: (e) =>
+        Effect.zipRight(
+          Console.error(`tidepool: ${e.message}`),
+          Effect.sync(() => process.exit(1))
+        ),
+      TenantStoreError: (e) =>
         Effect.zipRight(
           Console.error(`tidepool: ${e.message}`),
           Effect.sync(() => process.exit(1))

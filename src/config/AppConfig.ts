@@ -1,5 +1,5 @@
 import { isIP } from "node:net"
-import { Config, ConfigProvider, Context, Effect, Either, Layer, Option } from "effect"
+import { Config, ConfigProvider, Context, Effect, Either, Layer, Option, Redacted } from "effect"
 import * as EffectConfigError from "effect/ConfigError"
 import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 
@@ -49,6 +49,19 @@ export interface AppConfigShape {
   readonly downstreamKeyPath: string
   /** CA bundle for `upstream_verify: peer` tenants without their own `upstream_tls_ca`; "" = none. */
   readonly upstreamCaPath: string
+  /** postgres:// URL of a shared tenant store; unset = SQLite under dataDir. */
+  readonly databaseUrl: Redacted.Redacted<string> | undefined
+  /** 32-byte AES-256-GCM key for passwords at rest (validated by the vault when used). */
+  readonly vaultEncKey: Redacted.Redacted<string> | undefined
+  readonly apiJwtSecret: Redacted.Redacted<string> | undefined
+  readonly metricsJwtSecret: Redacted.Redacted<string> | undefined
+  /** Claims every API/metrics token must carry with exactly these values. */
+  readonly jwtClaimValidators: Readonly<Record<string, unknown>>
+  /** Refused tokens: the token itself or its SHA-256 (hex). */
+  readonly apiTokenBlocklist: ReadonlyArray<string>
+  readonly metricsTokenBlocklist: ReadonlyArray<string>
+  /** Full reload of a shared (PostgreSQL) tenant store, behind LISTEN/NOTIFY; 0 = never. */
+  readonly tenantRefreshMs: number
   readonly configFile: Option.Option<string>
 }
 
@@ -103,6 +116,47 @@ const paths = (raw: string): Either.Either<string, string> => {
 
 const nonEmpty = (raw: string): Either.Either<string, string> =>
   raw.trim() === "" ? Either.left("must not be empty") : Either.right(raw.trim())
+
+const secret = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> =>
+  raw.trim() === "" ? Either.right(undefined) : Either.right(Redacted.make(raw.trim()))
+
+const postgresUrl = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> => {
+  const text = raw.trim()
+  if (text === "") return Either.right(undefined)
+  // The value is a credential: the message never echoes it.
+  return /^postgres(ql)?:\/\//.test(text)
+    ? Either.right(Redacted.make(text))
+    : Either.left("expected a postgres:// or postgresql:// URL")
+}
+
+const vaultKey = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> => {
+  const text = raw.trim()
+  if (text === "") return Either.right(undefined)
+  if (/^[0-9a-fA-F]{64}$/.test(text)) return Either.right(Redacted.make(text))
+  const bytes = /^[A-Za-z0-9+/_-]+={0,2}$/.test(text) ? Buffer.from(text, "base64").length : -1
+  return bytes === 32
+    ? Either.right(Redacted.make(text))
+    : Either.left("expected 32 bytes as 64 hex characters or base64 (generate one with `openssl rand -base64 32`)")
+}
+
+const claimValidators = (raw: string): Either.Either<Readonly<Record<string, unknown>>, string> => {
+  if (raw.trim() === "") return Either.right({})
+  try {
+    const value: unknown = JSON.parse(raw)
+    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
+      return Either.right(value as Record<string, unknown>)
+    }
+  } catch {}
+  return Either.left('expected a JSON object of claim names to values, e.g. {"role":"service_role"}')
+}
+
+const tokenList = (raw: string): Either.Either<ReadonlyArray<string>, string> =>
+  Either.right(
+    raw
+      .split(",")
+      .map((t) => t.trim())
+      .filter((t) => t !== "")
+  )
 
 const hostname = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
 
@@ -332,6 +386,72 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "CA certificates for upstream_verify: peer tenants without upstream_tls_ca",
     default: () => "",
     parse: paths
+  },
+  databaseUrl: {
+    env: "DATABASE_URL",
+    fileKey: "database_url",
+    type: "postgres:// URL (secret)",
+    description:
+      "Tenant store in PostgreSQL, shared by every node pointing at it; unset = SQLite file tidepool.db in the data dir",
+    default: () => undefined,
+    parse: postgresUrl
+  },
+  vaultEncKey: {
+    env: "VAULT_ENC_KEY",
+    fileKey: "vault_enc_key",
+    type: "32 bytes: 64 hex characters or base64 (secret)",
+    description: "Key that encrypts user passwords in the tenant store (AES-256-GCM); required to store a tenant",
+    default: () => undefined,
+    parse: vaultKey
+  },
+  apiJwtSecret: {
+    env: "API_JWT_SECRET",
+    fileKey: "api_jwt_secret",
+    type: "string (secret)",
+    description: "HMAC secret of the management API's bearer tokens (HS256/384/512); unset = every API call is refused",
+    default: () => undefined,
+    parse: secret
+  },
+  metricsJwtSecret: {
+    env: "METRICS_JWT_SECRET",
+    fileKey: "metrics_jwt_secret",
+    type: "string (secret)",
+    description: "HMAC secret of the bearer tokens for /metrics",
+    default: () => undefined,
+    parse: secret
+  },
+  jwtClaimValidators: {
+    env: "JWT_CLAIM_VALIDATORS",
+    fileKey: "jwt_claim_validators",
+    type: "JSON object",
+    description: "Claims every API and metrics token must carry with exactly these values",
+    default: () => ({}),
+    parse: claimValidators
+  },
+  apiTokenBlocklist: {
+    env: "API_TOKEN_BLOCKLIST",
+    fileKey: "api_token_blocklist",
+    type: "comma-separated tokens or SHA-256 hex digests",
+    description: "Refused API tokens, even when valid",
+    default: () => [],
+    parse: tokenList
+  },
+  metricsTokenBlocklist: {
+    env: "METRICS_TOKEN_BLOCKLIST",
+    fileKey: "metrics_token_blocklist",
+    type: "comma-separated tokens or SHA-256 hex digests",
+    description: "Refused /metrics tokens, even when valid",
+    default: () => [],
+    parse: tokenList
+  },
+  tenantRefreshMs: {
+    env: "TIDEPOOL_TENANT_REFRESH_MS",
+    fileKey: "tenant_refresh_ms",
+    type: "milliseconds (0 = never)",
+    description:
+      "With a PostgreSQL store: full reload of the tenant cache, a backstop to LISTEN/NOTIFY (which applies changes at once)",
+    default: () => 30_000,
+    parse: millis(0)
   }
 }
 
@@ -383,7 +503,15 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs),
   downstreamCertPath: settingConfig(settings.downstreamCertPath),
   downstreamKeyPath: settingConfig(settings.downstreamKeyPath),
-  upstreamCaPath: settingConfig(settings.upstreamCaPath)
+  upstreamCaPath: settingConfig(settings.upstreamCaPath),
+  databaseUrl: settingConfig(settings.databaseUrl),
+  vaultEncKey: settingConfig(settings.vaultEncKey),
+  apiJwtSecret: settingConfig(settings.apiJwtSecret),
+  metricsJwtSecret: settingConfig(settings.metricsJwtSecret),
+  jwtClaimValidators: settingConfig(settings.jwtClaimValidators),
+  apiTokenBlocklist: settingConfig(settings.apiTokenBlocklist),
+  metricsTokenBlocklist: settingConfig(settings.metricsTokenBlocklist),
+  tenantRefreshMs: settingConfig(settings.tenantRefreshMs)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -523,6 +651,14 @@ const defaults = (): AppConfigShape => ({
   downstreamCertPath: settings.downstreamCertPath.default(),
   downstreamKeyPath: settings.downstreamKeyPath.default(),
   upstreamCaPath: settings.upstreamCaPath.default(),
+  databaseUrl: settings.databaseUrl.default(),
+  vaultEncKey: settings.vaultEncKey.default(),
+  apiJwtSecret: settings.apiJwtSecret.default(),
+  metricsJwtSecret: settings.metricsJwtSecret.default(),
+  jwtClaimValidators: settings.jwtClaimValidators.default(),
+  apiTokenBlocklist: settings.apiTokenBlocklist.default(),
+  metricsTokenBlocklist: settings.metricsTokenBlocklist.default(),
+  tenantRefreshMs: settings.tenantRefreshMs.default(),
   configFile: Option.none()
 })
 

@@ -1,6 +1,6 @@
 import { readFile } from "node:fs/promises"
 import { extname } from "node:path"
-import { Config, ConfigProvider, Effect, Either, Option, ParseResult, Schema } from "effect"
+import { Config, ConfigProvider, Effect, Either, Option, ParseResult, Redacted, Schema } from "effect"
 import { type Document, isNode, LineCounter, parseDocument } from "yaml"
 import {
   type AppConfigShape,
@@ -323,12 +323,26 @@ export class ConfigCheckSummary {
       ]),
       "settings (source):",
       ...settingFields.map(
-        (field) => `  ${settings[field].env}=${String(this.settings[field])} (${this.sources[field]})`
+        (field) => `  ${settings[field].env}=${showSetting(this.settings[field])} (${this.sources[field]})`
       )
     ]
     return out.join("\n")
   }
 }
+
+/** Secrets as `<redacted>`, lists comma-separated, objects as JSON, unset as `(unset)`. */
+const showSetting = (value: unknown): string =>
+  value === undefined
+    ? "(unset)"
+    : Redacted.isRedacted(value)
+      ? "<redacted>"
+      : Array.isArray(value)
+        ? value.length === 0
+          ? "(none)"
+          : `${value.length} entr${value.length === 1 ? "y" : "ies"}`
+        : typeof value === "object" && value !== null
+          ? JSON.stringify(value)
+          : String(value)
 
 const plural = (n: number, noun: string) => `${n} ${noun}${n === 1 ? "" : "s"}`
 

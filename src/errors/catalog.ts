@@ -243,7 +243,8 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (reason: string) => `tenant is banned: ${reason}`,
-    meaning: "An operator banned the tenant.",
+    meaning:
+      "An operator banned the tenant (`PATCH /api/tenants/:id`); its connected clients are ended at once, mid-query too.",
     remedy: "Ask the operator; the ban ends when lifted or at `banned_until`."
   }),
   ENOTFOUND: entry({
@@ -251,7 +252,8 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (user: string, tenant: string) => `tenant/user ${user}.${tenant} not found`,
-    meaning: "No tenant with that external_id, or no such user in it.",
+    meaning:
+      "No tenant with that external_id, or no such user in it; also sent to connected clients when their tenant is deleted (or their user removed) through the API.",
     remedy: "Check the username (`user.tenant`) and the tenant's configuration."
   }),
   EWRONGPASSWORD: entry({

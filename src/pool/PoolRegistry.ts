@@ -77,8 +77,31 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       Effect.forEach([...pools], ([key, entry]) => closeEntry(key, entry), { discard: true })
     )
 
+    const ofTenant = (tenant: string) => [...pools].filter(([, e]) => e.pool.settings.tenant === tenant)
+
     return {
       get,
+      /** A tenant's live pools. */
+      poolsOf: (tenant: string): ReadonlyArray<TenantPool> => ofTenant(tenant).map(([, e]) => e.pool),
+      /**
+       * Applies a tenant's new configuration: `update` gives each of its pools new settings (drained
+       * gracefully, see TenantPool.reconfigure), the same settings (left alone) or undefined (its
+       * user is gone: the pool stops).
+       */
+      reconfigure: (tenant: string, update: (settings: PoolSettings) => PoolSettings | undefined) =>
+        Effect.forEach(
+          ofTenant(tenant),
+          ([key, entry]) => {
+            const next = update(entry.pool.settings)
+            if (next === undefined) return closeEntry(key, entry)
+            if (next !== entry.pool.settings) entry.pool.reconfigure(next)
+            return Effect.void
+          },
+          { discard: true }
+        ),
+      /** Stops every pool of a tenant (deleted, terminated); their clients are ended by the caller. */
+      stopTenant: (tenant: string) =>
+        Effect.forEach(ofTenant(tenant), ([key, entry]) => closeEntry(key, entry), { discard: true }),
       /** Every live pool, for stats and admin views. */
       all: (): ReadonlyArray<TenantPool> => [...pools.values()].map((e) => e.pool)
     } as const

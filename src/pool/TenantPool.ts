@@ -76,6 +76,10 @@ export class TenantPool {
   private lastConnectErrorAt = 0
   private deadlineTimer: NodeJS.Timeout | undefined = undefined
   private closed = false
+  /** Bumped by `reconfigure`: servers of an older generation are replaced, never lent again. */
+  private generation = 0
+  /** Busy servers opened under older settings: closed when released instead of pooled. */
+  private readonly stale = new Set<ServerConnection>()
   /** Clients attached to this pool (session mode: each holds or awaits a server). */
   clients = 0
   /** ParameterStatus of the pool's first server right after login: the pristine session defaults. */
@@ -91,7 +95,7 @@ export class TenantPool {
   readonly statementEpochs = new Map<string, number>()
 
   constructor(
-    readonly settings: PoolSettings,
+    public settings: PoolSettings,
     private readonly runFork: <A, E>(effect: Effect.Effect<A, E>) => void
   ) {}
 
@@ -114,6 +118,31 @@ export class TenantPool {
       waiting: this.waiters.length,
       clients: this.clients
     }
+  }
+
+  /** How long the oldest waiting checkout has waited, in ms (0 when nobody waits). */
+  longestWaitMs(now: number = Date.now()): number {
+    for (const w of this.waiters) if (!w.cancelled) return now - w.since
+    return 0
+  }
+
+  /**
+   * Live reconfiguration (a tenant changed): new settings apply to every later checkout. Idle
+   * servers close now; servers lent out finish their transaction (or session) and close on release;
+   * connects in flight under the old settings close when they land. Waiters keep their place.
+   */
+  reconfigure(settings: PoolSettings): void {
+    if (this.closed) return
+    this.settings = settings
+    this.generation++
+    this.parameters = undefined
+    this.knownSettings.clear()
+    for (const server of this.busy) this.stale.add(server)
+    for (const server of this.idle.splice(0)) {
+      server.handler = undefined
+      this.closeCounted(server, "tenant reconfigured", false)
+    }
+    this.afterShrink()
   }
 
   /** Lends a server: synchronously when one is idle, else when one frees up, opens, or the wait times out. */
@@ -158,8 +187,9 @@ export class TenantPool {
       return
     }
     this.busy.delete(server)
-    if (this.closed || !server.isIdle || this.expired(server, Date.now())) {
-      this.closeCounted(server, "released", false)
+    const stale = this.stale.size > 0 && this.stale.delete(server)
+    if (this.closed || stale || !server.isIdle || this.expired(server, Date.now())) {
+      this.closeCounted(server, stale ? "tenant reconfigured" : "released", false)
       this.afterShrink()
       return
     }
@@ -189,6 +219,7 @@ export class TenantPool {
   /** Closes a server whose state is unknown (client vanished mid-transaction, protocol error). */
   discard(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
+    this.stale.delete(server)
     this.closeCounted(server, reason, true)
     this.afterShrink()
   }
@@ -196,6 +227,7 @@ export class TenantPool {
   /** Closes a server politely: bytes already written reach it first (it runs them, then reads Terminate). */
   retire(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
+    this.stale.delete(server)
     this.closeCounted(server, reason, false)
     this.afterShrink()
   }
@@ -288,13 +320,17 @@ export class TenantPool {
 
   private open(): void {
     this.opening++
+    const generation = this.generation
     this.runFork(
       connect(this.settings.target).pipe(
         Effect.exit,
         Effect.tap((exit) =>
           Effect.sync(() => {
             this.opening--
-            if (Exit.isSuccess(exit)) this.onOpened(exit.value)
+            if (Exit.isSuccess(exit) && generation !== this.generation) {
+              this.closeCounted(exit.value, "tenant reconfigured", false)
+              this.afterShrink()
+            } else if (Exit.isSuccess(exit)) this.onOpened(exit.value)
             else this.onConnectFailed(exit)
           })
         )

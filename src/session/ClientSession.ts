@@ -19,7 +19,7 @@ import {
   parameterStatus,
   readyForQuery
 } from "../protocol/index.ts"
-import { TenantRegistry } from "../tenants/index.ts"
+import { banOf, revokedSince, TenantRegistry } from "../tenants/index.ts"
 import { channelBindingOf, DownstreamTls, UpstreamTls } from "../tls/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
@@ -139,6 +139,8 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
     const tenant = tenants.get(identity.tenant)
     if (tenant === undefined) return yield* notFound
+    const ban = banOf(tenant)
+    if (ban !== undefined) return yield* refuse(ban)
     // Before the user lookup, so an address outside the allow list learns nothing about the users.
     if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip)) {
       return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
@@ -303,6 +305,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
 
     let relay: SessionRelay | TransactionRelay | undefined
     let drainRequested = false
+    let kicked: TidepoolError | undefined
     const key = yield* Effect.acquireRelease(
       Effect.sync(() =>
         sessions.register({
@@ -315,11 +318,19 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
           drain: () => {
             drainRequested = true
             relay?.drain()
+          },
+          tenant: tenant.external_id,
+          user: auth.identity.user,
+          kick: (error) => {
+            kicked = error
+            relay?.abort()
           }
         })
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
     )
+    const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
+    if (revoked !== undefined) return yield* revoked
     greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
     client.write(Buffer.concat(greeting))
 
@@ -338,6 +349,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       // Same tick as detach: once the handshake reader lets go, unread bytes must reach the relay.
       r.start(client.detach())
       if (drainRequested) r.drain()
+      if (kicked !== undefined) r.abort()
       return Effect.sync(() => r.abort())
     })
     yield* Effect.logDebug(`relay ended: ${end._tag}`)
@@ -347,7 +359,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
       case "ServerClosed":
         return yield* tidepoolError("ESERVERCLOSED", end.reason)
       case "Drained":
-        return yield* tidepoolError("EADMINSHUTDOWN")
+        return yield* kicked ?? tidepoolError("EADMINSHUTDOWN")
       default:
         return
     }

@@ -1,5 +1,6 @@
 import { randomInt } from "node:crypto"
 import { Effect } from "effect"
+import type { TidepoolError } from "../errors/index.ts"
 
 /** What the registry needs from a live client session. */
 export interface SessionHandle {
@@ -7,6 +8,11 @@ export interface SessionHandle {
   readonly cancel: () => Effect.Effect<void>
   /** Shutdown: end the session now if it is between transactions, else at the next boundary. */
   readonly drain: () => void
+  readonly tenant: string
+  /** The username the client logged in with. */
+  readonly user: string
+  /** Control plane (ban, delete, terminate): end the session now with `error`, even mid-transaction. */
+  readonly kick: (error: TidepoolError) => void
 }
 
 export interface SessionKey {
@@ -42,6 +48,36 @@ export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool
           }
           return Effect.as(entry.handle.cancel(), true)
         }),
+      /**
+       * Ends the sessions of `tenant` for which `errorFor` gives an error, and cancels the queries
+       * they were running upstream (the closed server's backend would otherwise run its query to
+       * the end: PostgreSQL notices a vanished client only when it next writes). Returns how many.
+       */
+      kickTenant: (
+        tenant: string,
+        errorFor: (session: SessionHandle) => TidepoolError | undefined
+      ): Effect.Effect<number> =>
+        Effect.suspend(() => {
+          const cancels: Array<Effect.Effect<void>> = []
+          for (const { handle } of [...sessions.values()]) {
+            if (handle.tenant !== tenant) continue
+            const error = errorFor(handle)
+            if (error === undefined) continue
+            // Taken before the kick, which lets go of the server.
+            cancels.push(handle.cancel())
+            handle.kick(error)
+          }
+          return Effect.as(
+            Effect.forEach(cancels, (c) => c, { concurrency: 16, discard: true }),
+            cancels.length
+          )
+        }),
+      /** Sessions of `tenant` right now. */
+      countOf: (tenant: string): number => {
+        let n = 0
+        for (const { handle } of sessions.values()) if (handle.tenant === tenant) n++
+        return n
+      },
       drainAll: (): void => {
         for (const { handle } of sessions.values()) handle.drain()
       },

@@ -1,3 +1,4 @@
 export { clientSession } from "./ClientSession.ts"
 export { type SessionHandle, type SessionKey, SessionRegistry } from "./SessionRegistry.ts"
 export { FORWARDED_PARAMETERS, TRACKED_PARAMETERS } from "./settings.ts"
+export { retarget, TenantChanges } from "./TenantChanges.ts"

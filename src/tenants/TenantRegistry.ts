@@ -2,8 +2,9 @@ import { Context, Layer } from "effect"
 import type { Tenant } from "../config/index.ts"
 
 /**
- * The tenants this node serves, by external_id and SNI hostname. For now they come from the config
- * file; the tenant store (SQLite/PostgreSQL) will feed the same interface.
+ * The tenants this node serves, by external_id and SNI hostname: synchronous reads for the login
+ * path. At run time `Tenants.registry` provides it from the tenant cache (kept in line with the
+ * store); `fromTenants` is a fixed set, for tests of components that need nothing else.
  */
 export class TenantRegistry extends Context.Tag("tidepool/TenantRegistry")<
   TenantRegistry,

@@ -1,1 +1,13 @@
+export { banOf, isBanned, revokedSince } from "./Ban.ts"
 export { TenantRegistry } from "./TenantRegistry.ts"
+export {
+  postgresStore,
+  type StoredTenant,
+  sqliteStore,
+  TenantStore,
+  TenantStoreError,
+  type TenantStoreShape
+} from "./TenantStore.ts"
+export { type TenantChange, type TenantListener, Tenants } from "./Tenants.ts"
+export { tenantStoreLayer } from "./tenantStoreLayer.ts"
+export { parseVaultKey, Vault, VaultError } from "./Vault.ts"

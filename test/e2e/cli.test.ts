@@ -25,12 +25,17 @@ afterAll(async () => {
   if (dir) rmSync(dir, { recursive: true, force: true })
 })
 
+let runs = 0
 const ports = async () => ({
   PROXY_PORT_SESSION: String(await freePort()),
   PROXY_PORT_TRANSACTION: String(await freePort()),
   PORT: String(await freePort()),
-  TIDEPOOL_LISTEN_ADDR: "127.0.0.1"
+  TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+  // A store of its own per run, never ./.tidepool in the checkout.
+  TIDEPOOL_DATA_DIR: path.join(dir, `data-${++runs}`)
 })
+
+const VAULT_ENC_KEY = "0f".repeat(32)
 
 describe("tidepool serve", () => {
   it("streams 250 MB of results in bounded memory, then shuts down gracefully on SIGTERM", async () => {
@@ -52,6 +57,7 @@ describe("tidepool serve", () => {
     const env = await ports()
     const cli = runCli(["serve", "--config", config], {
       ...env,
+      VAULT_ENC_KEY,
       TIDEPOOL_SHUTDOWN_TIMEOUT: "20000",
       TIDEPOOL_LOG_LEVEL: "debug"
     })
@@ -138,6 +144,31 @@ describe("tidepool serve", () => {
     }
   })
 
+  it("refuses to store the config file's passwords without VAULT_ENC_KEY, saying so", async () => {
+    const config = path.join(dir, "keyless.yaml")
+    writeFileSync(
+      config,
+      [
+        "tenants:",
+        "  - external_id: acme",
+        `    db_host: ${db.host}`,
+        `    db_port: ${db.port}`,
+        "    db_database: postgres",
+        "    users:",
+        "      - db_user: app",
+        "        db_password: app-secret"
+      ].join("\n")
+    )
+    const cli = runCli(["serve", "--config", config], await ports())
+    expect(await cli.exited).toBe(1)
+    expect(cli.output()).toContain("VAULT_ENC_KEY is not set: it is required to store user passwords")
+    expect(cli.output()).not.toContain("app-secret")
+    const malformed = runCli(["serve"], { ...(await ports()), VAULT_ENC_KEY: "too-short" })
+    expect(await malformed.exited).toBe(1)
+    expect(malformed.output()).toContain("VAULT_ENC_KEY")
+    expect(malformed.output()).not.toContain("too-short")
+  })
+
   it("fails start-up naming the variable of a taken port", async () => {
     const env = await ports()
     const taken = await new Promise<import("node:net").Server>((resolve) => {
@@ -204,6 +235,14 @@ describe("tidepool demo", () => {
         expect(rows[0].who).toBe("postgres")
         await client.end()
       }
+      // The printed API line works as printed.
+      const [, token, apiUrl] = cli.output().match(/curl -H 'authorization: Bearer ([^']+)' (\S+)/)!
+      expect(new URL(apiUrl!).port).toBe(env.PORT)
+      const answer = await fetch(apiUrl!, { headers: { authorization: `Bearer ${token}` } })
+      expect(answer.status).toBe(200)
+      const text = await answer.text()
+      expect(JSON.parse(text).data.external_id).toBe("demo")
+      expect(text).not.toContain("db_password")
       cli.child.kill("SIGTERM")
       expect(await cli.exited).toBe(0)
     } finally {

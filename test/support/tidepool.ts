@@ -1,16 +1,26 @@
-import { HashMap, Layer, Logger, LogLevel, ManagedRuntime, Schema } from "effect"
+import { randomBytes } from "node:crypto"
+import { Effect, HashMap, Layer, Logger, LogLevel, ManagedRuntime, Redacted, Schema } from "effect"
+import { ApiServer } from "../../src/api/index.ts"
 import type { AuthQuery, CircuitBreaker } from "../../src/auth/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
 import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
+import type { SessionRegistry } from "../../src/session/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
 import { loggerLayer } from "../../src/telemetry/index.ts"
-import type { TenantRegistry } from "../../src/tenants/index.ts"
+import { sqliteStore, type TenantRegistry, type Tenants, Vault } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
   /** Tenants in the config file / API shape; decoded with the real schema. */
   readonly tenants: ReadonlyArray<unknown>
   readonly config?: Partial<AppConfigShape>
+  /**
+   * Where tenants live: `memory` (default) is a fresh in-memory SQLite store with a random vault
+   * key; `config` is what AppConfig says (TIDEPOOL_DATA_DIR's SQLite file, or DATABASE_URL).
+   */
+  readonly store?: "memory" | "config"
+  /** Serve the HTTP API (on a free port, see `apiPort`). */
+  readonly api?: boolean
   /** Keep every log line (debug and up) in `logs` instead of printing them. */
   readonly captureLogs?: boolean
 }
@@ -21,12 +31,25 @@ export interface CapturedLog {
   readonly code: string | undefined
 }
 
+/** A test's API secret: tokens in tests are signed with it (see test/support/api.ts). */
+export const TEST_JWT_SECRET = "test-api-jwt-secret-0123456789abcdef"
+
 export interface RunningTidepool {
   readonly host: "127.0.0.1"
   readonly sessionPort: number
   readonly transactionPort: number
+  /** The HTTP API's port (0 unless started with `api: true`). */
+  readonly apiPort: number
   readonly runtime: ManagedRuntime.ManagedRuntime<
-    Listeners | PoolRegistry | AppConfig | AuthQuery | CircuitBreaker | TenantRegistry,
+    | Listeners
+    | PoolRegistry
+    | AppConfig
+    | Tenants
+    | TenantRegistry
+    | SessionRegistry
+    | AuthQuery
+    | CircuitBreaker
+    | ApiServer,
     unknown
   >
   /** Log lines so far, with `captureLogs`. */
@@ -49,6 +72,7 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     shutdownTimeoutMs: 5_000,
     logLevel: (process.env.TIDEPOOL_TEST_LOG_LEVEL as AppConfigShape["logLevel"] | undefined) ?? "none",
     logFormat: "pretty",
+    apiJwtSecret: Redacted.make(TEST_JWT_SECRET),
     ...options.config
   })
   const logs: Array<CapturedLog> = []
@@ -60,7 +84,11 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
       code: code._tag === "Some" ? String(code.value) : undefined
     })
   })
-  const layer = tidepoolLayer(tenants).pipe(
+  const store = options.store === "config" ? undefined : sqliteStore(":memory:", new Vault(randomBytes(32)))
+  const layer = tidepoolLayer(tenants, {
+    api: options.api ?? false,
+    ...(store !== undefined ? { store } : {})
+  }).pipe(
     Layer.provideMerge(Layer.succeed(AppConfig, config)),
     Layer.provide(
       options.captureLogs === true
@@ -69,12 +97,19 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     )
   )
   const runtime = ManagedRuntime.make(layer)
-  const listeners = await runtime.runPromise(Listeners)
+  const { listeners, api } = await runtime
+    .runPromise(Effect.all({ listeners: Listeners, api: ApiServer }))
+    .catch(async (error: unknown) => {
+      // Whatever did start (ports, pools) must not outlive a failed start.
+      await runtime.dispose()
+      throw error
+    })
   let stopped: Promise<void> | undefined
   return {
     host: "127.0.0.1",
     sessionPort: listeners.sessionPort,
     transactionPort: listeners.transactionPort,
+    apiPort: api.port,
     runtime,
     logs,
     url: ({ user, password, database, mode }) =>

@@ -1,0 +1,61 @@
+import { JSONSchema, Schema } from "effect"
+import { Tenant } from "../config/index.ts"
+import type { Route } from "./routes.ts"
+
+/** `/api/tenants/:id` → `/api/tenants/{id}`. */
+export const openApiPath = (path: string) => path.replace(/:([A-Za-z_]+)/g, "{$1}")
+
+// The PUT body's tenant: `external_id` comes from the URL, and the ban fields only through PATCH.
+const tenantInput = (() => {
+  const { $schema: _, ...schema } = JSONSchema.make(Schema.encodedSchema(Tenant)) as unknown as {
+    $schema: string
+    required: Array<string>
+    properties: Record<string, unknown>
+  }
+  const { banned_at: _a, ban_reason: _r, banned_until: _u, ...properties } = schema.properties
+  return { ...schema, properties, required: schema.required.filter((f) => f !== "external_id") }
+})()
+
+/** The OpenAPI 3.0 document of `routes`, served at /api/openapi. */
+export const openApiDocument = (routes: ReadonlyArray<Route>) => {
+  const paths: Record<string, Record<string, unknown>> = {}
+  for (const route of routes) {
+    const path = openApiPath(route.path)
+    const params = [...route.path.matchAll(/:([A-Za-z_]+)/g)].map((m) => ({
+      name: m[1],
+      in: "path",
+      required: true,
+      schema: { type: "string" }
+    }))
+    paths[path] ??= {}
+    paths[path][route.method.toLowerCase()] = {
+      summary: route.summary,
+      ...(params.length > 0 ? { parameters: params } : {}),
+      ...(route.public === true ? { security: [] } : {}),
+      ...(route.requestBody !== undefined
+        ? { requestBody: { required: true, content: { "application/json": { schema: route.requestBody } } } }
+        : {}),
+      responses: Object.fromEntries(
+        Object.entries({
+          ...route.responses,
+          ...(route.public === true ? {} : { "403": "missing or refused token (empty body)" })
+        }).map(([status, description]) => [status, { description }])
+      )
+    }
+  }
+  return {
+    openapi: "3.0.3",
+    info: {
+      title: "Tidepool management API",
+      version: "1",
+      description:
+        "Supavisor-compatible tenant management. Every route but health and this document needs `Authorization: Bearer <JWT>`."
+    },
+    components: {
+      securitySchemes: { bearer: { type: "http", scheme: "bearer", bearerFormat: "JWT" } },
+      schemas: { TenantInput: tenantInput }
+    },
+    security: [{ bearer: [] }],
+    paths
+  }
+}

@@ -1,0 +1,4 @@
+export { ApiListenError, ApiServer, apiPolicy, apiRouter, metricsPolicy, requireToken } from "./ApiServer.ts"
+export { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
+export { openApiDocument, openApiPath } from "./OpenApi.ts"
+export { type Route, routes } from "./routes.ts"

@@ -1,0 +1,391 @@
+import { HttpIncomingMessage, HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { DateTime, Effect, Either, Option, Redacted, Schema } from "effect"
+import { CircuitBreaker } from "../auth/index.ts"
+import {
+  type AppConfig,
+  formatPath,
+  problemsFromParseError,
+  strictParseOptions,
+  Tenant,
+  type TenantIssue,
+  tenantIssues
+} from "../config/index.ts"
+import { PoolRegistry } from "../pool/index.ts"
+import { TenantChanges } from "../session/index.ts"
+import { TenantStore, Tenants } from "../tenants/index.ts"
+import { tenantJson } from "./TenantJson.ts"
+import { checkUpstream } from "./UpstreamCheck.ts"
+
+export type Method = "GET" | "PUT" | "PATCH" | "POST" | "DELETE"
+
+/** One route: the router is built from this table, and so is the OpenAPI document. */
+export interface Route {
+  readonly method: Method
+  /** Express-style (`:id`); OpenAPI spells it `{id}`. */
+  readonly path: `/${string}`
+  readonly summary: string
+  /** Public routes need no token. */
+  readonly public?: boolean
+  readonly requestBody?: Readonly<Record<string, unknown>>
+  readonly responses: Readonly<Record<string, string>>
+  readonly handler: Effect.Effect<
+    HttpServerResponse.HttpServerResponse,
+    never,
+    RouteEnv | HttpServerRequest.HttpServerRequest | HttpRouter.RouteContext
+  >
+}
+
+export type RouteEnv = AppConfig | Tenants | TenantStore | TenantChanges | PoolRegistry | CircuitBreaker
+
+const json = (status: number, body: unknown) => HttpServerResponse.unsafeJson(body, { status })
+const notFound = json(404, { error: "not found" })
+const fieldErrors = (errors: Record<string, Array<string>>) => json(422, { errors })
+
+const addError = (errors: Record<string, Array<string>>, path: string, message: string) => {
+  const key = path === "" ? "body" : path
+  errors[key] = [...(errors[key] ?? []), message]
+}
+
+/** The request body as JSON; a malformed body is the client's error (400), never a crash. */
+const body = Effect.gen(function* () {
+  const request = yield* HttpServerRequest.HttpServerRequest
+  // Tenant bodies are a few kB; a megabyte is a mistake or an attack, not a tenant.
+  const text = yield* request.text.pipe(HttpIncomingMessage.withMaxBodySize(Option.some(1_048_576)), Effect.option)
+  if (Option.isNone(text)) return Option.none()
+  if (text.value.trim() === "") return Option.some<unknown>({})
+  try {
+    return Option.some<unknown>(JSON.parse(text.value))
+  } catch {
+    return Option.none()
+  }
+})
+const badJson = json(400, { error: "invalid JSON body (at most 1 MiB)" })
+
+const idParam = Effect.map(HttpRouter.params, (p) => p.id ?? "")
+
+const isRecord = (u: unknown): u is Record<string, unknown> => typeof u === "object" && u !== null && !Array.isArray(u)
+
+const BAN_FIELDS = ["banned_at", "ban_reason", "banned_until"] as const
+
+/** Decodes a PUT body; Left holds the field errors (Supavisor's `{"errors": {field: [msg]}}`). */
+const decodeTenant = (id: string, input: unknown): Either.Either<Tenant, Record<string, Array<string>>> => {
+  const errors: Record<string, Array<string>> = {}
+  if (!isRecord(input) || !isRecord(input.tenant)) {
+    addError(errors, "tenant", "is required (a JSON object of tenant fields)")
+    return Either.left(errors)
+  }
+  const raw = input.tenant
+  if (raw.external_id !== undefined && raw.external_id !== id) {
+    addError(errors, "external_id", "must match the id in the URL")
+  }
+  for (const field of BAN_FIELDS) {
+    if (raw[field] !== undefined) addError(errors, field, "is set only through PATCH /api/tenants/:id")
+  }
+  const candidate = { ...raw, external_id: id }
+  const decoded = Schema.decodeUnknownEither(Tenant, strictParseOptions)(candidate)
+  if (Either.isLeft(decoded)) {
+    for (const p of problemsFromParseError(decoded.left, candidate)) addError(errors, p.path, p.reason)
+  }
+  for (const issue of tenantIssues(candidate) as ReadonlyArray<TenantIssue>) {
+    const path = formatPath(issue.path)
+    if (!(errors[path] ?? []).includes(issue.message)) addError(errors, path, issue.message)
+  }
+  if (Object.keys(errors).length > 0 || Either.isLeft(decoded)) return Either.left(errors)
+  return Either.right(decoded.right)
+}
+
+const Ban = Schema.Struct({
+  banned: Schema.Boolean,
+  ban_reason: Schema.optional(Schema.String),
+  banned_until: Schema.optional(Schema.NullOr(Schema.DateTimeUtc))
+})
+
+const Credentials = Schema.Struct({
+  db_user: Schema.String.pipe(Schema.minLength(1, { message: () => "must not be empty" })),
+  db_password: Schema.String.pipe(Schema.minLength(1, { message: () => "must not be empty" }))
+})
+
+const Addresses = Schema.Struct({ ipv4_addresses: Schema.Array(Schema.String) })
+
+const validate = <A, I>(schema: Schema.Schema<A, I>, input: unknown) =>
+  Either.mapLeft(Schema.decodeUnknownEither(schema, { errors: "all", onExcessProperty: "error" })(input), (e) => {
+    const errors: Record<string, Array<string>> = {}
+    for (const p of problemsFromParseError(e, input)) addError(errors, p.path, p.reason)
+    return errors
+  })
+
+const bansJson = (bans: ReadonlyArray<{ readonly address: string; readonly until: number }>) => ({
+  banned_ipv4_addresses: bans.map((b) => ({ banned_address: b.address, banned_until: Math.ceil(b.until / 1000) }))
+})
+
+const tenantRef = { $ref: "#/components/schemas/TenantInput" }
+
+export const routes: ReadonlyArray<Route> = [
+  {
+    method: "GET",
+    path: "/api/health",
+    summary: "Health: 204, or 503 with the failed checks",
+    public: true,
+    responses: { "204": "healthy", "503": '{"status":"unhealthy","timestamp":…,"failed_checks":[…]}' },
+    handler: Effect.gen(function* () {
+      const store = yield* TenantStore
+      // A name no tenant can have (external_ids have no spaces): a read that touches the database.
+      const ok = yield* store.get("health check").pipe(
+        Effect.as(true),
+        Effect.timeout("2 seconds"),
+        Effect.orElseSucceed(() => false)
+      )
+      return ok
+        ? HttpServerResponse.empty({ status: 204 })
+        : json(503, { status: "unhealthy", timestamp: new Date().toISOString(), failed_checks: ["tenant_store"] })
+    })
+  },
+  {
+    method: "GET",
+    path: "/api/tenants",
+    summary: "List tenants (paginated: ?limit=1..1000, default 100; ?offset, default 0)",
+    responses: { "200": '{"data":[tenant…],"total":n,"limit":n,"offset":n}', "422": "bad limit or offset" },
+    handler: Effect.gen(function* () {
+      const tenants = yield* Tenants
+      const request = yield* HttpServerRequest.HttpServerRequest
+      const url = new URL(request.url, "http://localhost")
+      const limit = Number(url.searchParams.get("limit") ?? "100")
+      const offset = Number(url.searchParams.get("offset") ?? "0")
+      const errors: Record<string, Array<string>> = {}
+      if (!Number.isInteger(limit) || limit < 1 || limit > 1000) addError(errors, "limit", "expected 1 to 1000")
+      if (!Number.isInteger(offset) || offset < 0) addError(errors, "offset", "expected an integer >= 0")
+      if (Object.keys(errors).length > 0) return fieldErrors(errors)
+      const all = [...tenants.registry.all()].sort((a, b) => a.external_id.localeCompare(b.external_id))
+      return json(200, {
+        data: all.slice(offset, offset + limit).map(tenantJson),
+        total: all.length,
+        limit,
+        offset
+      })
+    })
+  },
+  {
+    method: "GET",
+    path: "/api/tenants/:id",
+    summary: "Show a tenant (never with passwords)",
+    responses: { "200": '{"data": tenant}', "404": '{"error":"not found"}' },
+    handler: Effect.gen(function* () {
+      const tenant = (yield* Tenants).get(yield* idParam)
+      return tenant === undefined ? notFound : json(200, { data: tenantJson(tenant) })
+    })
+  },
+  {
+    method: "PUT",
+    path: "/api/tenants/:id",
+    summary:
+      "Create or replace a tenant. New: credentials checked upstream (select version()). Existing: caches cleared, pools drained onto the new settings",
+    requestBody: { type: "object", required: ["tenant"], properties: { tenant: tenantRef } },
+    responses: {
+      "201": '{"data": tenant} + location (created)',
+      "200": '{"data": tenant} (replaced)',
+      "400": '{"error": reason} (upstream check failed, or invalid JSON)',
+      "422": '{"errors": {field: [message]}}'
+    },
+    handler: Effect.gen(function* () {
+      const tenants = yield* Tenants
+      const id = yield* idParam
+      const input = yield* body
+      if (Option.isNone(input)) return badJson
+      const decoded = decodeTenant(id, input.value)
+      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
+      const tenant = decoded.right
+      if (tenants.get(id) === undefined) {
+        const problem = yield* checkUpstream(tenant)
+        if (problem !== undefined) return json(400, { error: problem })
+      }
+      const result = yield* Effect.either(tenants.put(tenant))
+      if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      yield* Effect.logInfo(
+        result.right.created ? "tenant created through the API" : "tenant replaced through the API"
+      ).pipe(Effect.annotateLogs({ tenant: id }))
+      const stored = tenants.get(id) ?? tenant
+      return result.right.created
+        ? HttpServerResponse.unsafeJson(
+            { data: tenantJson(stored) },
+            { status: 201, headers: { location: `/api/tenants/${encodeURIComponent(id)}` } }
+          )
+        : json(200, { data: tenantJson(stored) })
+    })
+  },
+  {
+    method: "PATCH",
+    path: "/api/tenants/:id",
+    summary: "Ban or unban: banning ends every client of the tenant with EBANNED and refuses new ones",
+    requestBody: {
+      type: "object",
+      required: ["banned"],
+      properties: {
+        banned: { type: "boolean" },
+        ban_reason: { type: "string", description: "required when banning" },
+        banned_until: { type: "string", format: "date-time", nullable: true }
+      }
+    },
+    responses: { "200": '{"data": tenant}', "404": '{"error":"not found"}', "422": '{"errors": {…}}' },
+    handler: Effect.gen(function* () {
+      const tenants = yield* Tenants
+      const id = yield* idParam
+      const input = yield* body
+      if (Option.isNone(input)) return badJson
+      const decoded = validate(Ban, input.value)
+      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
+      const ban = decoded.right
+      if (ban.banned && (ban.ban_reason === undefined || ban.ban_reason.trim() === "")) {
+        return fieldErrors({ ban_reason: ["is required when banning"] })
+      }
+      const tenant = tenants.get(id)
+      if (tenant === undefined) return notFound
+      const { banned_at: _a, ban_reason: _r, banned_until: _u, ...rest } = tenant
+      const next: Tenant = ban.banned
+        ? {
+            ...rest,
+            banned_at: DateTime.unsafeNow(),
+            ban_reason: ban.ban_reason!,
+            ...(ban.banned_until != null ? { banned_until: ban.banned_until } : {})
+          }
+        : rest
+      const result = yield* Effect.either(tenants.replace(next))
+      if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      return json(200, { data: tenantJson(tenants.get(id) ?? next) })
+    })
+  },
+  {
+    method: "DELETE",
+    path: "/api/tenants/:id",
+    summary: "Delete a tenant: its pools stop and its clients get ENOTFOUND",
+    responses: { "204": "deleted", "404": '{"error":"not found"}' },
+    handler: Effect.gen(function* () {
+      const removed = yield* Effect.either((yield* Tenants).remove(yield* idParam))
+      if (Either.isLeft(removed)) return json(500, { error: removed.left.message })
+      return removed.right ? HttpServerResponse.empty({ status: 204 }) : notFound
+    })
+  },
+  {
+    method: "GET",
+    path: "/api/tenants/:id/terminate",
+    summary: "Stop every pool of the tenant on this node; its clients get 57P01",
+    responses: { "200": '{"result":"success"}', "404": '{"error":"not found"}' },
+    handler: Effect.gen(function* () {
+      const id = yield* idParam
+      if ((yield* Tenants).get(id) === undefined) return notFound
+      yield* (yield* TenantChanges).terminate(id)
+      return json(200, { result: "success" })
+    })
+  },
+  {
+    method: "POST",
+    path: "/api/tenants/:id/update_auth_credentials",
+    summary: "Rotate the manager user of an auth_query tenant (require_user: false); clients stay connected",
+    requestBody: {
+      type: "object",
+      required: ["db_user", "db_password"],
+      properties: { db_user: { type: "string" }, db_password: { type: "string", writeOnly: true } }
+    },
+    responses: {
+      "204": "updated",
+      "400": '{"error": …} (require_user tenant)',
+      "404": '{"error":"not found"}',
+      "422": '{"errors": {…}}'
+    },
+    handler: Effect.gen(function* () {
+      const tenants = yield* Tenants
+      const id = yield* idParam
+      const input = yield* body
+      if (Option.isNone(input)) return badJson
+      const decoded = validate(Credentials, input.value)
+      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
+      const tenant = tenants.get(id)
+      if (tenant === undefined) return notFound
+      if (tenant.require_user) {
+        return json(400, { error: "the tenant has require_user: true; its users' credentials are set with PUT" })
+      }
+      const { db_user, db_password } = decoded.right
+      const users = tenant.users.map((u) =>
+        u.is_manager
+          ? {
+              ...u,
+              db_user,
+              db_user_alias: u.db_user_alias === u.db_user ? db_user : u.db_user_alias,
+              db_password: Redacted.make(db_password)
+            }
+          : u
+      )
+      const result = yield* Effect.either(tenants.replace({ ...tenant, users }))
+      if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      return HttpServerResponse.empty({ status: 204 })
+    })
+  },
+  {
+    method: "GET",
+    path: "/api/tenants/:id/network_bans",
+    summary: "Client addresses blocked by the authentication circuit breaker (IPv4 and IPv6)",
+    responses: {
+      "200": '{"banned_ipv4_addresses":[{"banned_address":…,"banned_until":<unix s>}]}',
+      "404": '{"error":"not found"}'
+    },
+    handler: Effect.gen(function* () {
+      const id = yield* idParam
+      if ((yield* Tenants).get(id) === undefined) return notFound
+      return json(200, bansJson(yield* (yield* CircuitBreaker).bans(id)))
+    })
+  },
+  {
+    method: "DELETE",
+    path: "/api/tenants/:id/network_bans",
+    summary: "Lift circuit-breaker blocks; answers the blocks left",
+    requestBody: {
+      type: "object",
+      required: ["ipv4_addresses"],
+      properties: { ipv4_addresses: { type: "array", items: { type: "string" } } }
+    },
+    responses: { "200": '{"banned_ipv4_addresses":[…]} (what is left)', "404": '{"error":"not found"}', "422": "…" },
+    handler: Effect.gen(function* () {
+      const id = yield* idParam
+      const input = yield* body
+      if (Option.isNone(input)) return badJson
+      const decoded = validate(Addresses, input.value)
+      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
+      if ((yield* Tenants).get(id) === undefined) return notFound
+      const breaker = yield* CircuitBreaker
+      yield* breaker.clear(id, decoded.right.ipv4_addresses)
+      return json(200, bansJson(yield* breaker.bans(id)))
+    })
+  },
+  {
+    method: "GET",
+    path: "/api/tenants/:id/pools",
+    summary: "This node's pools of the tenant: clients active and waiting, servers active and idle, longest wait",
+    responses: {
+      "200":
+        '{"data":[{"user","database","mode","pool_size","clients_active","clients_waiting","servers_active","servers_idle","servers_opening","longest_wait_ms"}]}',
+      "404": '{"error":"not found"}'
+    },
+    handler: Effect.gen(function* () {
+      const id = yield* idParam
+      if ((yield* Tenants).get(id) === undefined) return notFound
+      const now = Date.now()
+      const pools = (yield* PoolRegistry).poolsOf(id)
+      return json(200, {
+        data: pools.map((pool) => {
+          const s = pool.stats
+          return {
+            user: pool.settings.user,
+            database: pool.settings.database,
+            mode: pool.settings.mode,
+            pool_size: pool.settings.size,
+            clients_active: s.clients,
+            clients_waiting: s.waiting,
+            servers_active: s.busy,
+            servers_idle: s.idle,
+            servers_opening: s.opening,
+            longest_wait_ms: pool.longestWaitMs(now)
+          }
+        })
+      })
+    })
+  }
+]

@@ -1,0 +1,180 @@
+import { randomUUID } from "node:crypto"
+import { Deferred, Effect, Layer, Option, Schedule, Stream } from "effect"
+import { AppConfig, type Tenant } from "../config/index.ts"
+import { TenantRegistry } from "./TenantRegistry.ts"
+import { TenantStore, type TenantStoreError } from "./TenantStore.ts"
+
+/** What changed in the tenant cache; listeners apply it to pools and sessions. */
+export type TenantChange =
+  | { readonly _tag: "Upserted"; readonly before: Tenant | undefined; readonly after: Tenant }
+  | { readonly _tag: "Removed"; readonly before: Tenant }
+
+export type TenantListener = (change: TenantChange) => Effect.Effect<void>
+
+interface Cached {
+  readonly tenant: Tenant
+  readonly version: number
+}
+
+/** Ban fields are set only through PATCH: a PUT or a config-file upsert keeps the stored ones. */
+export const keepBan = (next: Tenant, existing: Tenant | undefined): Tenant => {
+  const { banned_at: _a, ban_reason: _r, banned_until: _u, ...rest } = next
+  if (existing === undefined) return rest
+  return {
+    ...rest,
+    ...(existing.banned_at !== undefined ? { banned_at: existing.banned_at } : {}),
+    ...(existing.ban_reason !== undefined ? { ban_reason: existing.ban_reason } : {}),
+    ...(existing.banned_until !== undefined ? { banned_until: existing.banned_until } : {})
+  }
+}
+
+/**
+ * The tenant cache in front of the store. Reads (the login path) are synchronous map lookups;
+ * every write goes to the store, then reloads that tenant into the cache and tells the listeners
+ * (pool drains, client kicks) before returning, so an API answer means the change is in effect on
+ * this node. Other nodes sharing a PostgreSQL store learn of it by LISTEN/NOTIFY, and a periodic
+ * full reload (TIDEPOOL_TENANT_REFRESH_MS) catches anything a dropped listener connection missed.
+ */
+export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
+  scoped: Effect.gen(function* () {
+    const store = yield* TenantStore
+    const config = yield* AppConfig
+    const byId = new Map<string, Cached>()
+    const bySni = new Map<string, Tenant>()
+    const listeners: Array<TenantListener> = []
+    // Reloads and writes one at a time, so listeners see changes in order and diffs are exact.
+    const lock = yield* Effect.makeSemaphore(1)
+
+    const index = () => {
+      bySni.clear()
+      for (const { tenant } of byId.values()) {
+        if (tenant.sni_hostname !== undefined) bySni.set(tenant.sni_hostname.toLowerCase(), tenant)
+      }
+    }
+
+    const publish = (change: TenantChange) => Effect.forEach(listeners, (l) => l(change), { discard: true })
+
+    /** Brings one tenant of the cache in line with the store. */
+    const reloadUnlocked = (externalId: string): Effect.Effect<void, TenantStoreError> =>
+      Effect.gen(function* () {
+        const stored = yield* store.get(externalId)
+        const before = byId.get(externalId)
+        if (Option.isNone(stored)) {
+          if (before === undefined) return
+          byId.delete(externalId)
+          index()
+          yield* publish({ _tag: "Removed", before: before.tenant })
+          return
+        }
+        if (before !== undefined && before.version === stored.value.version) return
+        byId.set(externalId, stored.value)
+        index()
+        yield* publish({ _tag: "Upserted", before: before?.tenant, after: stored.value.tenant })
+      })
+
+    /** The initial load: one query. */
+    const loadAllUnlocked = Effect.gen(function* () {
+      for (const stored of yield* store.list) {
+        byId.set(stored.tenant.external_id, stored)
+      }
+      index()
+    })
+
+    /** The periodic refresh: versions first, then only the tenants that changed. */
+    const refreshUnlocked = Effect.gen(function* () {
+      const versions = yield* store.versions
+      for (const id of [...byId.keys(), ...versions.keys()]) {
+        if (byId.get(id)?.version !== versions.get(id)) yield* reloadUnlocked(id)
+      }
+    })
+
+    const reload = (externalId: string) => lock.withPermits(1)(reloadUnlocked(externalId))
+
+    const registry: TenantRegistry["Type"] = {
+      get: (id) => byId.get(id)?.tenant,
+      bySni: (host) => bySni.get(host.toLowerCase()),
+      all: () => [...byId.values()].map((c) => c.tenant)
+    }
+
+    if (store.kind === "postgres") {
+      // LISTEN is issued asynchronously: until this node hears its own ping, a change made elsewhere
+      // could slip between the initial load and the listener. Pings carry a space, which no
+      // external_id has.
+      const ping = `ping ${randomUUID()}`
+      const listening = yield* Deferred.make<void>()
+      yield* store.changes.pipe(
+        Stream.runForEach((id) => (id.includes(" ") ? Deferred.succeed(listening, undefined) : reload(id))),
+        Effect.tapError((e) => Effect.logWarning(`${e.message}; retrying`)),
+        Effect.retry(Schedule.spaced("1 second")),
+        Effect.forkScoped
+      )
+      yield* store.signal(ping).pipe(
+        Effect.zipRight(
+          Deferred.await(listening).pipe(Effect.timeoutFail({ duration: "250 millis", onTimeout: () => "not yet" }))
+        ),
+        Effect.retry(Schedule.recurs(40)),
+        Effect.catchAll(() =>
+          Effect.logWarning("not listening for tenant changes yet; relying on the periodic refresh")
+        )
+      )
+    }
+
+    yield* lock.withPermits(1)(loadAllUnlocked)
+
+    if (store.kind === "postgres") {
+      if (config.tenantRefreshMs > 0) {
+        yield* lock
+          .withPermits(1)(refreshUnlocked)
+          .pipe(
+            Effect.catchAll((e) => Effect.logWarning(e.message)),
+            Effect.delay(config.tenantRefreshMs),
+            Effect.forever,
+            Effect.forkScoped
+          )
+      }
+    }
+
+    return {
+      registry,
+      /** Runs `listener` for every later change, before the write that caused it returns. */
+      onChange: (listener: TenantListener) => Effect.sync(() => void listeners.push(listener)),
+      get: (id: string) => byId.get(id)?.tenant,
+      /** Writes the tenant (keeping its ban state) and applies the change on this node. */
+      put: (tenant: Tenant) =>
+        lock
+          .withPermits(1)(
+            Effect.gen(function* () {
+              const existing = yield* store.get(tenant.external_id)
+              const { created } = yield* store.upsert(
+                keepBan(tenant, Option.getOrUndefined(Option.map(existing, (s) => s.tenant)))
+              )
+              yield* reloadUnlocked(tenant.external_id)
+              return { created }
+            })
+          )
+          .pipe(Effect.withSpan("tenants.put", { attributes: { "tidepool.tenant": tenant.external_id } })),
+      /** Writes the tenant as given, ban fields included (PATCH). */
+      replace: (tenant: Tenant) =>
+        lock
+          .withPermits(1)(Effect.zipRight(store.upsert(tenant), reloadUnlocked(tenant.external_id)))
+          .pipe(Effect.withSpan("tenants.replace", { attributes: { "tidepool.tenant": tenant.external_id } })),
+      remove: (id: string) =>
+        lock
+          .withPermits(1)(
+            Effect.gen(function* () {
+              const removed = yield* store.remove(id)
+              yield* reloadUnlocked(id)
+              return removed
+            })
+          )
+          .pipe(Effect.withSpan("tenants.remove", { attributes: { "tidepool.tenant": id } })),
+      reload
+    } as const
+  })
+}) {
+  /** The synchronous read side, for the login path. */
+  static readonly registry = Layer.effect(
+    TenantRegistry,
+    Effect.map(Tenants, (t) => t.registry)
+  )
+}

@@ -1,0 +1,83 @@
+import { randomBytes } from "node:crypto"
+import { describe, expect, it } from "@effect/vitest"
+import { Effect, Redacted, Schema } from "effect"
+import { tenantJson } from "../../../src/api/TenantJson.ts"
+import { Tenant } from "../../../src/config/index.ts"
+import { parseVaultKey, Vault, VaultError } from "../../../src/tenants/index.ts"
+import { deserializeTenant, serializeTenant } from "../../../src/tenants/TenantStore.ts"
+
+describe("parseVaultKey", () => {
+  const key = randomBytes(32)
+
+  it("accepts 32 bytes as 64 hex characters, base64 or base64url", () => {
+    for (const text of [
+      key.toString("hex"),
+      key.toString("base64"),
+      key.toString("base64url"),
+      ` ${key.toString("hex")}\n`
+    ]) {
+      expect(parseVaultKey(text)).toEqual(key)
+    }
+  })
+
+  it("refuses other lengths and encodings with a message that does not echo the key", () => {
+    for (const text of ["", "short", randomBytes(16).toString("base64"), "zz".repeat(32), "é".repeat(44)]) {
+      const result = parseVaultKey(text)
+      expect(result).toBeInstanceOf(VaultError)
+      expect((result as VaultError).message).toMatch(/VAULT_ENC_KEY must be 32 bytes/)
+      if (text.length > 4) expect((result as VaultError).message).not.toContain(text)
+    }
+  })
+})
+
+describe("Vault", () => {
+  const vault = new Vault(randomBytes(32))
+
+  it("round-trips a password; each encryption differs and never contains the plaintext", () => {
+    const a = vault.encrypt(Redacted.make("hunter2"), "acme/app") as string
+    const b = vault.encrypt(Redacted.make("hunter2"), "acme/app") as string
+    expect(a).toMatch(/^v1:/)
+    expect(a).not.toBe(b)
+    expect(a).not.toContain("hunter2")
+    expect(Redacted.value(vault.decrypt(a, "acme/app") as Redacted.Redacted<string>)).toBe("hunter2")
+  })
+
+  it("binds a ciphertext to its tenant and user, and to its key", () => {
+    const sealed = vault.encrypt(Redacted.make("hunter2"), "acme/app") as string
+    expect(vault.decrypt(sealed, "other/app")).toBeInstanceOf(VaultError)
+    const other = new Vault(randomBytes(32)).decrypt(sealed, "acme/app")
+    expect((other as VaultError).message).toMatch(/VAULT_ENC_KEY differs/)
+    expect(vault.decrypt("garbage", "acme/app")).toBeInstanceOf(VaultError)
+  })
+
+  it("without a key, refuses to store a password with a clear message", () => {
+    const result = new Vault(undefined).encrypt(Redacted.make("x"), "acme/app")
+    expect((result as VaultError).message).toMatch(/VAULT_ENC_KEY is not set/)
+  })
+})
+
+describe("stored tenants", () => {
+  const vault = new Vault(randomBytes(32))
+
+  it.effect("keep passwords and the JIT JWT key encrypted, and give them back", () =>
+    Effect.gen(function* () {
+      const tenant = Schema.decodeUnknownSync(Tenant)({
+        external_id: "acme",
+        db_host: "127.0.0.1",
+        db_port: 5432,
+        db_database: "app",
+        use_jit: true,
+        jit_api_url: "https://jit.example/verify",
+        jit_jwt_secret: "jwt-signing-key-hunter3",
+        users: [{ db_user: "app", db_password: "hunter2" }]
+      })
+      const text = yield* serializeTenant(tenant, vault)
+      expect(text).not.toContain("hunter2")
+      expect(text).not.toContain("hunter3")
+      const back = yield* deserializeTenant(text, vault)
+      expect(Redacted.value(back.jit_jwt_secret!)).toBe("jwt-signing-key-hunter3")
+      expect(Redacted.value(back.users[0]!.db_password)).toBe("hunter2")
+      expect(JSON.stringify(tenantJson(back))).not.toMatch(/hunter/)
+    })
+  )
+})
