@@ -16,11 +16,12 @@ export interface MessageScannerOptions {
   /** Message types whose bodies the callback reads, as characters, e.g. "ZSEK". */
   readonly inspect: string
   /**
-   * Never consume a message that is still incomplete at the end of a chunk: `feed` stops at its
-   * start and reports it in `held`/`heldLength`; the caller feeds those bytes again with more data.
-   * For callers that rewrite messages and so must only ever see whole ones.
+   * Message types (as characters) never consumed while incomplete at the end of a chunk: `feed`
+   * stops at the start of such a message and reports it in `held`/`heldLength`, and the caller feeds
+   * those bytes again with more data. A split header is always held then, whatever its type. For
+   * callers that rewrite some messages and so must see them whole; others still stream.
    */
-  readonly hold?: boolean
+  readonly hold?: string
 }
 
 const HEADER = 0
@@ -56,6 +57,7 @@ export class MessageScanner {
   private readonly inspected: Uint8Array
   private readonly maxMessageSize: number
   private readonly hold: boolean
+  private readonly holdTypes: Uint8Array
   private phase = HEADER
   /** Header bytes of a message whose 5-byte header is split across chunks (0 when none). */
   private headerHave = 0
@@ -70,7 +72,9 @@ export class MessageScanner {
   constructor(onMessage: MessageCallback, options: MessageScannerOptions) {
     this.onMessage = onMessage
     this.maxMessageSize = options.maxMessageSize
-    this.hold = options.hold === true
+    this.hold = options.hold !== undefined
+    this.holdTypes = new Uint8Array(256)
+    for (let i = 0; i < (options.hold ?? "").length; i++) this.holdTypes[options.hold!.charCodeAt(i)] = 1
     this.inspected = new Uint8Array(256)
     for (let i = 0; i < options.inspect.length; i++) {
       const code = options.inspect.charCodeAt(i)
@@ -164,7 +168,7 @@ export class MessageScanner {
       this.onMessage(this.type, bodyLength, inspected ? chunk : undefined, bodyPos)
       return bodyEnd
     }
-    if (this.hold && start >= 0) {
+    if (this.hold && start >= 0 && this.holdTypes[this.type] === 1) {
       this.held = start
       this.heldLength = length + 1
       return -2

@@ -32,6 +32,8 @@ const SYNC = 0x53
 const QUERY = 0x51
 const FUNCTION_CALL = 0x46
 const STATEMENT = 0x53 // 'S' in Describe/Close
+const COPY_DONE = 0x63
+const COPY_FAIL = 0x66
 
 // Backend message types.
 const PARSE_COMPLETE = 0x31
@@ -44,6 +46,20 @@ const EMPTY_QUERY = 0x49
 const PORTAL_SUSPENDED = 0x73
 const ERROR = 0x45
 const READY = 0x5a
+const COPY_IN = 0x47
+
+/**
+ * Settings that change what a statement means when it is parsed (how literals are read, which tables
+ * a name means): part of its identity, so clients with different values never share a statement.
+ */
+const PARSE_SETTINGS = [
+  "search_path",
+  "datestyle",
+  "intervalstyle",
+  "timezone",
+  "standard_conforming_strings",
+  "client_encoding"
+] as const
 
 /**
  * What each request sent to the server expects back, in order. Kept as a ring of small integers so
@@ -70,13 +86,17 @@ enum Expect {
   Fail = 12,
   /** Bind/Describe of a name the client never prepared: a 26000 from the server is replaced by ours. */
   UnknownBind = 13,
-  UnknownDescribe = 14
+  UnknownDescribe = 14,
+  /** CopyDone or CopyFail: no reply of its own; marks where a COPY's data ends in the stream. */
+  CopyEnd = 15
 }
 
 interface Statement {
   /** The client's name. */
   readonly name: string
   readonly serverName: string
+  /** `serverName` and its NUL, as Bind and Describe carry it. */
+  readonly serverNameZ: Buffer
   /** The client's Parse, renamed: what a server lacking the statement is sent. */
   readonly parse: Buffer
   readonly bytes: number
@@ -85,9 +105,12 @@ interface Statement {
 const PARSE_COMPLETE_MESSAGE = Buffer.from([PARSE_COMPLETE, 0, 0, 0, 4])
 const CLOSE_COMPLETE_MESSAGE = Buffer.from([CLOSE_COMPLETE, 0, 0, 0, 4])
 
-/** A request that always fails without side effects: Describe of a statement no one can have prepared. */
+/**
+ * A request that always fails without side effects: Describe of a statement no one can have
+ * prepared (longer than SQL identifiers may be, and clients' protocol-level names are renamed).
+ */
 const DESCRIBE_MISSING = (() => {
-  const name = Buffer.from("tidepool.missing\0")
+  const name = Buffer.from("tidepool.missing.statement.that.no.session.can.have.prepared.ever\0")
   const m = Buffer.alloc(6 + name.length)
   m[0] = DESCRIBE
   m.writeInt32BE(5 + name.length, 1)
@@ -153,6 +176,10 @@ export class PreparedStatements {
   private count = 0
   /** The server reported an error in an extended-protocol exchange: it skips everything until Sync. */
   private skipping = false
+  /** The server is in COPY FROM STDIN and the client has not ended the data yet: it ignores Sync. */
+  private copyIn = false
+  /** Bytes of a streamed (not rewritten) client message still to come in later chunks. */
+  private streamRemaining = 0
 
   // Edits of the server chunk being scanned: drops [at, end) and inserts (end = -1) in offset order.
   private readonly opAt: Array<number> = []
@@ -167,7 +194,9 @@ export class PreparedStatements {
   constructor(
     private readonly client: net.Socket,
     private readonly pool: TenantPool,
-    private readonly options: PreparedStatementOptions
+    private readonly options: PreparedStatementOptions,
+    /** The client's session settings (kept current by the relay). */
+    private readonly settings: ReadonlyMap<string, string> = new Map()
   ) {}
 
   /** The client ran SQL-level PREPARE: its server must stay with it. */
@@ -188,6 +217,8 @@ export class PreparedStatements {
     this.head = 0
     this.count = 0
     this.skipping = false
+    this.copyIn = false
+    this.streamRemaining = 0
     this.opAt.length = 0
     this.opEnd.length = 0
     this.opBuf.length = 0
@@ -196,23 +227,36 @@ export class PreparedStatements {
 
   // ---- client → server ------------------------------------------------------------------------
 
-  /** Writes whole client messages to the held server, rewritten as needed. Returns `socket.write`'s answer. */
+  /**
+   * Writes client bytes to the held server, rewritten as needed. Parse, Bind, Describe and Close
+   * arrive whole; other messages may begin or end in another chunk (they stream). Returns
+   * `socket.write`'s answer.
+   */
   write(server: ServerConnection, data: Buffer): boolean {
     const rename = this.options.rename
     const pieces = this.pieces
     let runStart = 0
-    let pos = 0
     const end = data.length
+    let pos = Math.min(this.streamRemaining, end)
+    this.streamRemaining -= pos
     while (pos < end) {
       const type = data[pos]!
       const next = pos + 1 + data.readInt32BE(pos + 1)
+      if (next > end) this.streamRemaining = next - end
       switch (type) {
         case QUERY:
         case FUNCTION_CALL:
           this.expect(Expect.Query, undefined)
           break
         case SYNC:
-          this.expect(Expect.Sync, undefined)
+          // PostgreSQL ignores Sync while it receives COPY data: no ReadyForQuery will answer it.
+          if (this.copyIn) server.pending--
+          else this.expect(Expect.Sync, undefined)
+          break
+        case COPY_DONE:
+        case COPY_FAIL:
+          this.copyIn = false
+          this.expect(Expect.CopyEnd, undefined)
           break
         case EXECUTE:
           this.expect(Expect.Execute, undefined)
@@ -253,7 +297,7 @@ export class PreparedStatements {
           runStart = next
           break
         }
-        // Flush, CopyData/CopyDone/CopyFail and anything else expect no reply of their own.
+        // Flush, CopyData and anything else expect no reply of their own.
       }
       pos = next
     }
@@ -288,18 +332,17 @@ export class PreparedStatements {
       this.fail(refusal)
       return
     }
-    // Query text and parameter types: the statement's identity.
-    const serverName = `tp_${createHash("sha256")
-      .update(data.subarray(nameEnd + 1, next))
-      .digest("hex")
-      .slice(0, 40)}`
+    // Query text, parameter types, and the settings that decide how the text is read: its identity.
+    const hash = createHash("sha256").update(data.subarray(nameEnd + 1, next))
+    for (const setting of PARSE_SETTINGS) hash.update(`\0${setting}=${this.settings.get(setting) ?? ""}`)
+    const serverName = `tp_${hash.digest("hex").slice(0, 40)}`
     const serverNameBytes = Buffer.byteLength(serverName)
     const parse = Buffer.allocUnsafe(next - nameEnd + 5 + serverNameBytes)
     parse[0] = PARSE
     parse.writeInt32BE(parse.length - 1, 1)
     parse.write(serverName, 5)
     data.copy(parse, 5 + serverNameBytes, nameEnd, next)
-    const statement: Statement = { name, serverName, parse, bytes }
+    const statement: Statement = { name, serverName, serverNameZ: Buffer.from(`${serverName}\0`), parse, bytes }
     this.statements.set(name, statement)
     this.memory += bytes
     if (this.isCurrentOn(server, serverName)) {
@@ -332,23 +375,24 @@ export class PreparedStatements {
       return
     }
     if (!this.isCurrentOn(server, statement.serverName)) this.prepareOn(server, statement, true)
-    const serverName = statement.serverName
-    const serverNameBytes = Buffer.byteLength(serverName)
-    const m = Buffer.allocUnsafe(next - pos - (nameEnd - nameStart) + serverNameBytes)
-    data.copy(m, 0, pos, nameStart)
-    m.writeInt32BE(m.length - 1, 1)
-    m.write(serverName, nameStart - pos)
-    data.copy(m, nameStart - pos + serverNameBytes, nameEnd, next)
-    this.pieces.push(m)
-    this.expect(kind, serverName)
+    // The message with the server-side name: a new header, then slices (parameters are not copied).
+    const header = Buffer.allocUnsafe(5)
+    header[0] = data[pos]!
+    header.writeInt32BE(next - pos - 1 - (nameEnd + 1 - nameStart) + statement.serverNameZ.length, 1)
+    const pieces = this.pieces
+    pieces.push(header)
+    if (nameStart > pos + 5) pieces.push(data.subarray(pos + 5, nameStart))
+    pieces.push(statement.serverNameZ)
+    if (next > nameEnd + 1) pieces.push(data.subarray(nameEnd + 1, next))
+    this.expect(kind, statement.serverName)
   }
 
   private close(name: string): void {
     const statement = this.statements.get(name)
     if (statement !== undefined) this.forget(statement)
     // The server keeps it for other clients (and the cache evicts it in time); a Close of an unknown
-    // name is no error in PostgreSQL either.
-    this.expect(Expect.SyntheticClose, undefined)
+    // name is no error in PostgreSQL either. Undone if the server skips it (an earlier error).
+    this.expect(Expect.SyntheticClose, statement)
   }
 
   /** Whether `server` holds the statement, prepared since its plan last went stale; touches the LRU. */
@@ -468,6 +512,9 @@ export class PreparedStatements {
       case PORTAL_SUSPENDED:
         if (kind === Expect.Execute) this.shift()
         break
+      case COPY_IN:
+        this.enterCopyIn()
+        break
       case ERROR:
         replacement = this.onError(kind)
         drop = replacement !== undefined
@@ -499,23 +546,38 @@ export class PreparedStatements {
 
   /** An ErrorResponse: returns the pooler's own error to send in its place, if any. */
   private onError(kind: number): Buffer | undefined {
+    // A COPY that fails ends its data: the client's later Syncs count again.
+    this.copyIn = false
     if (kind === 0 || kind === Expect.Query || kind === Expect.Sync) return undefined
     const server = this.server!
     const ref = this.headRef
+    const code = server.lastErrorCode
     let replacement: Buffer | undefined
     if (kind === Expect.Fail) replacement = ref as Buffer
-    else if ((kind === Expect.UnknownBind || kind === Expect.UnknownDescribe) && server.lastErrorCode === "26000") {
+    else if ((kind === Expect.UnknownBind || kind === Expect.UnknownDescribe) && code === "26000") {
       replacement = ref as Buffer
-    } else if (
-      (kind === Expect.Bind || kind === Expect.Describe) &&
-      ref !== undefined &&
-      server.lastErrorCode === "0A000" &&
-      server.lastErrorMessage?.startsWith("cached plan must not change result type") === true
-    ) {
-      // Stale everywhere in the pool: every server re-prepares it before its next use.
+    } else if ((kind === Expect.Bind || kind === Expect.Describe) && ref !== undefined) {
       const serverName = ref as string
-      const epoch = this.pool.statementEpochs.get(serverName) ?? 0
-      if (server.statements.get(serverName) === epoch) this.pool.statementEpochs.set(serverName, epoch + 1)
+      if (code === "0A000") {
+        // `cached plan must not change result type` (matched by SQLSTATE: the text may be translated):
+        // stale everywhere in the pool, so every server re-prepares it before its next use.
+        const epoch = this.pool.statementEpochs.get(serverName) ?? 0
+        if (server.statements.get(serverName) === epoch) this.pool.statementEpochs.set(serverName, epoch + 1)
+      } else if (code === "26000") {
+        // The server lost it behind the pooler's back (SQL DEALLOCATE, DISCARD in a function):
+        // prepared again at the next use.
+        server.statements.delete(serverName)
+      }
+    } else if ((kind === Expect.Parse || kind === Expect.HiddenParse) && code === "42P05") {
+      // The server has it though the pooler thought not: closed and prepared again at the next use.
+      const serverName = kind === Expect.Parse ? (ref as Statement | undefined)?.serverName : (ref as string)
+      if (serverName !== undefined) {
+        this.undo(kind, ref)
+        this.shift()
+        server.statements.set(serverName, -1)
+        this.skipping = true
+        return undefined
+      }
     }
     this.undo(kind, ref)
     this.shift()
@@ -530,7 +592,8 @@ export class PreparedStatements {
       case Expect.Parse:
         if (ref !== undefined) {
           const statement = ref as Statement
-          cache.delete(statement.serverName)
+          // A stale copy may still be there (its Close may have been skipped too): closed before reuse.
+          if (cache.has(statement.serverName)) cache.set(statement.serverName, -1)
           this.forget(statement)
         }
         break
@@ -538,13 +601,50 @@ export class PreparedStatements {
         this.forget(ref as Statement)
         break
       case Expect.HiddenParse:
-        cache.delete(ref as string)
+        if (cache.has(ref as string)) cache.set(ref as string, -1)
         break
       case Expect.HiddenClose:
         // The server may still hold it: closed again before any new Parse of that name.
         cache.set(ref as string, -1)
         break
+      case Expect.SyntheticClose: {
+        // The Close did not happen: the statement is the client's again, unless the name was reused.
+        const statement = ref as Statement | undefined
+        if (statement !== undefined && !this.statements.has(statement.name)) {
+          this.statements.set(statement.name, statement)
+          this.memory += statement.bytes
+        }
+        break
+      }
     }
+  }
+
+  /**
+   * CopyInResponse: until the client ends the data (CopyDone/CopyFail) PostgreSQL ignores Sync, so
+   * Syncs already sent in that stretch expect no ReadyForQuery, and neither will the ones to come.
+   */
+  private enterCopyIn(): void {
+    const server = this.server!
+    const size = this.kinds.length
+    let ended = false
+    let kept = 1
+    // Keep the head (the COPY's Execute or Query); drop Syncs up to the first CopyEnd.
+    for (let i = 1; i < this.count; i++) {
+      const at = (this.head + i) & (size - 1)
+      const kind = this.kinds[at]!
+      if (!ended && kind === Expect.Sync) {
+        server.pending--
+        continue
+      }
+      if (kind === Expect.CopyEnd) ended = true
+      const to = (this.head + kept) & (size - 1)
+      this.kinds[to] = kind
+      this.refs[to] = this.refs[at]
+      kept++
+    }
+    for (let i = kept; i < this.count; i++) this.refs[(this.head + i) & (size - 1)] = undefined
+    this.count = kept
+    this.copyIn = !ended
   }
 
   /** Emits made-up replies that reached the head and drops requests the server skips; `at` = -1: now. */
@@ -558,11 +658,19 @@ export class PreparedStatements {
         const message = kind === Expect.SyntheticParse ? PARSE_COMPLETE_MESSAGE : CLOSE_COMPLETE_MESSAGE
         if (at < 0) this.client.write(message)
         else this.insert(at, message)
-      } else {
+      } else if (kind !== Expect.CopyEnd) {
         return
       }
       this.shift()
     }
+  }
+
+  /**
+   * After a server chunk: made-up replies that reached the head while a reply was half received (a
+   * silent settings reply, say) go out now, so a client waiting after Flush is not left waiting.
+   */
+  settleAfter(server: ServerConnection): void {
+    if (this.count > 0 && server.atBoundary && this.withheld.length === 0) this.settle(-1)
   }
 
   private insert(at: number, message: Buffer): void {

@@ -46,7 +46,7 @@ const READY_IDLE = readyForQuery("I")
  *    asks for output already owed, and COPY messages either belong to a COPY started by a counted
  *    Query/Execute (whose ReadyForQuery comes after CopyDone/CopyFail) or are ignored by the server
  *    outside COPY. So `Q "COPY … FROM STDIN"`, CopyData…, CopyDone releases at its ReadyForQuery;
- * 4. the bytes forwarded end on a message boundary: always, since only whole messages are forwarded;
+ * 4. `!partial` — the bytes forwarded end on a message boundary (no half-sent message);
  * 5. the client is not pinned by a SQL-level PREPARE (see below).
  *
  * This is checked after each server chunk has been handed to the client socket (so the final bytes
@@ -66,9 +66,9 @@ const READY_IDLE = readyForQuery("I")
  *
  * ## Named prepared statements
  *
- * Client bytes reach a server only as whole messages (the scanner holds back an incomplete one until
- * it is complete), so `PreparedStatements` can rewrite them at the moment it knows which server they
- * go to; it follows the server's replies to drop and make up the ones its rewriting changed. A client
+ * Parse, Bind, Describe and Close reach a server only as whole messages (the scanner holds back an
+ * incomplete one until it is complete; everything else streams), so `PreparedStatements` can rewrite
+ * them at the moment it knows which server they go to; it follows the server's replies to drop and make up the ones its rewriting changed. A client
  * that ran SQL-level PREPARE is pinned to its server until it deallocates (`statements.pinned`).
  */
 export class TransactionRelay {
@@ -92,6 +92,7 @@ export class TransactionRelay {
 
   // State of what the (held or awaited) server received from this client; see the release rule.
   private open = false
+  private partial = false
 
   // Per-chunk scan results, written by `onClientMessage` during `scanner.feed`.
   private chunkProducers = 0
@@ -128,9 +129,10 @@ export class TransactionRelay {
     private readonly onEnd: (end: RelayEnd) => void,
     statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
-    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: true })
+    // Parse, Bind, Describe and Close may be rewritten, so they travel whole; the rest streams.
+    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: "PBDC" })
     this.handler = { onData: this.onServerData, onClose: this.onServerClose }
-    this.statements = new PreparedStatements(client, pool, statements)
+    this.statements = new PreparedStatements(client, pool, statements, settings)
     this.maxMessageSize = maxMessageSize
   }
 
@@ -209,12 +211,16 @@ export class TransactionRelay {
     if (this.terminateAt >= 0) {
       this.terminating = true
       data = this.terminateAt === chunk.length ? chunk : chunk.subarray(0, this.terminateAt)
+      this.partial = false
     } else if (scanner.held >= 0) {
       const tail = chunk.subarray(scanner.held)
       this.carry.push(tail)
       this.carryHave = tail.length
       this.carryNeed = scanner.heldLength
       data = chunk.subarray(0, scanner.held)
+      this.partial = false
+    } else {
+      this.partial = !scanner.atBoundary
     }
     this.open = this.chunkOpen
     this.pool.counters.queries += this.chunkProducers
@@ -347,6 +353,7 @@ export class TransactionRelay {
       this.pool.counters.serverBytes += chunk.length
       if (!this.statements.forward(server, chunk)) this.blockOnClient()
     }
+    this.statements.settleAfter(server)
     if (this.releasable(server)) this.releaseAtBoundary(server)
   }
 
@@ -359,12 +366,12 @@ export class TransactionRelay {
 
   /** The release rule (see the class comment). */
   private releasable(server: ServerConnection): boolean {
-    return server.isIdle && !this.open && !this.statements.pinned
+    return server.isIdle && !this.open && !this.partial && !this.statements.pinned
   }
 
   /** Between transactions, whether or not the client is pinned to its server. */
   private atBoundary(server: ServerConnection): boolean {
-    return server.isIdle && !this.open
+    return server.isIdle && !this.open && !this.partial
   }
 
   /** Releases the held server at a transaction boundary; ends the relay there when draining. */

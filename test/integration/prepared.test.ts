@@ -47,7 +47,9 @@ beforeAll(async () => {
           user("trio", 3),
           user("ddl", 2),
           user("pin", 2),
-          { ...user("solo", 1) }
+          { ...user("solo", 1) },
+          user("one", 1),
+          user("copy", 1)
         ]
       },
       {
@@ -100,6 +102,10 @@ const stats = (alias: string) =>
   )
 
 const types = (messages: ReadonlyArray<RawMessage>) => messages.map((m) => m.type).join("")
+
+const parse = (name: string, text: string) => serialize.parse({ name, text, types: [] })
+const bindExecuteSync = (statement: string) =>
+  Buffer.concat([serialize.bind({ statement }), serialize.execute(), serialize.sync()])
 
 const errorOf = (messages: ReadonlyArray<RawMessage>) => {
   const e = messages.find((m) => m.type === "E")
@@ -443,6 +449,80 @@ describe("named prepared statements in transaction mode", () => {
     const names = (await c.query<{ name: string }>("SELECT name FROM pg_prepared_statements")).rows.map((r) => r.name)
     expect(names).toContain("asis")
     await c.end()
+  })
+
+  it("clients whose settings read the same text differently never share its statement", async () => {
+    const connect = async (datestyle: string) => {
+      const c = new pg.Client({ connectionString: url("one"), options: `-c datestyle=${datestyle}` })
+      await c.connect()
+      return c
+    }
+    const mdy = await connect("ISO,MDY")
+    const dmy = await connect("ISO,DMY")
+    const month = { name: "m", text: "SELECT extract(month FROM '01/02/2024'::date)::int AS m", values: [] }
+    // One server: both statements live on it side by side.
+    for (let i = 0; i < 2; i++) {
+      expect((await mdy.query(month)).rows[0].m).toBe(1)
+      expect((await dmy.query(month)).rows[0].m).toBe(2)
+    }
+    await mdy.end()
+    await dmy.end()
+  })
+
+  it("a statement whose Close and Parse were both skipped after an error is prepared afresh, not refused", async () => {
+    await db.query("CREATE TABLE skipped (v int)")
+    await db.query("INSERT INTO skipped VALUES (7)")
+    const r = await raw("one")
+    const run = async (statement: string) => {
+      r.socket.write(Buffer.concat([parse(statement, "SELECT v FROM skipped"), bindExecuteSync(statement)]))
+      return r.untilReady()
+    }
+    expect(types(await run("s"))).toBe("12DCZ")
+    await db.query("ALTER TABLE skipped ALTER COLUMN v TYPE text")
+    r.socket.write(bindExecuteSync("s"))
+    expect(errorOf(await r.untilReady())?.C).toBe("0A000")
+    // The stale statement's re-prepare (Close + Parse) rides behind an error and is skipped.
+    r.socket.write(
+      Buffer.concat([parse("", "SELEC"), serialize.bind({ statement: "s" }), serialize.execute(), serialize.sync()])
+    )
+    expect(errorOf(await r.untilReady())?.C).toBe("42601")
+    const fresh = await run("s2")
+    expect(types(fresh)).toBe("12DCZ")
+    expect(rowValues(fresh.find((m) => m.type === "D")!)).toEqual(["7"])
+    r.close()
+  })
+
+  it("a Close the server skips after an error leaves the statement in place", async () => {
+    const r = await raw("one")
+    r.socket.write(Buffer.concat([parse("kept", "SELECT 1 AS one"), serialize.sync()]))
+    expect(types(await r.untilReady())).toBe("1Z")
+    r.socket.write(Buffer.concat([parse("", "SELEC"), serialize.close({ type: "S", name: "kept" }), serialize.sync()]))
+    expect(types(await r.untilReady())).toBe("EZ")
+    r.socket.write(bindExecuteSync("kept"))
+    expect(types(await r.untilReady())).toBe("2DCZ")
+    r.close()
+  })
+
+  it("COPY FROM STDIN over the extended protocol: the Sync sent during COPY is ignored, the server comes back", async () => {
+    await db.query("CREATE TABLE copied (v int)")
+    const r = await raw("copy")
+    r.socket.write(
+      Buffer.concat([parse("", "COPY copied FROM STDIN"), serialize.bind({}), serialize.execute(), serialize.sync()])
+    )
+    const started: Array<string> = []
+    while (started.at(-1) !== "G") started.push((await r.next()).type)
+    expect(started.join("")).toBe("12G")
+    r.socket.write(Buffer.concat([serialize.copyData(Buffer.from("1\n2\n")), serialize.copyDone(), serialize.sync()]))
+    expect(types(await r.untilReady())).toBe("CZ")
+    expect((await stats("copy")).busy).toBe(0)
+    // Replies stay in step afterwards: a Parse the server already has gets its made-up ParseComplete.
+    r.socket.write(Buffer.concat([parse("c1", "SELECT count(*) FROM copied"), bindExecuteSync("c1")]))
+    expect(types(await r.untilReady())).toBe("12DCZ")
+    r.socket.write(Buffer.concat([parse("c2", "SELECT count(*) FROM copied"), bindExecuteSync("c2")]))
+    const again = await r.untilReady()
+    expect(types(again)).toBe("12DCZ")
+    expect(rowValues(again.find((m) => m.type === "D")!)).toEqual(["2"])
+    r.close()
   })
 
   it.skipIf(!hasPgbench)("pgbench -M prepared -S -c 50 through pool_size 5 has no failed transactions", async () => {
