@@ -293,7 +293,7 @@ export class PreparedStatements {
           }
           if (pos > runStart) pieces.push(data.subarray(runStart, pos))
           if (type === DESCRIBE) this.use(server, data, pos, pos + 6, nameEnd, next, Expect.Describe)
-          else this.close(data.toString("utf8", pos + 6, nameEnd))
+          else this.close(data.toString("utf8", pos + 6, nameEnd), data.subarray(pos, next))
           runStart = next
           break
         }
@@ -387,8 +387,14 @@ export class PreparedStatements {
     this.expect(kind, statement.serverName)
   }
 
-  private close(name: string): void {
+  private close(name: string, message: Buffer): void {
     const statement = this.statements.get(name)
+    if (statement === undefined && this.sqlPrepared > 0) {
+      // Perhaps a SQL-level PREPAREd statement of this pinned client: the server must close it.
+      this.pieces.push(message)
+      this.expect(Expect.Close, undefined)
+      return
+    }
     if (statement !== undefined) this.forget(statement)
     // The server keeps it for other clients (and the cache evicts it in time); a Close of an unknown
     // name is no error in PostgreSQL either. Undone if the server skips it (an earlier error).
