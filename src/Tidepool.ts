@@ -1,9 +1,11 @@
 import { Layer } from "effect"
+import { AdminControl } from "./admin/index.ts"
 import { AuthQuery, CircuitBreaker, SecretCache } from "./auth/index.ts"
 import type { Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
 import { SessionRegistry } from "./session/index.ts"
+import { EventCounters } from "./telemetry/index.ts"
 import { TenantRegistry } from "./tenants/index.ts"
 
 /**
@@ -14,9 +16,11 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
   Listeners.Default.pipe(
     Layer.provideMerge(PoolRegistry.Default),
     Layer.provideMerge(AuthQuery.Default),
+    Layer.provideMerge(EventCounters.Default),
     Layer.provideMerge(
       Layer.mergeAll(
         SessionRegistry.Default,
+        AdminControl.Default,
         SecretCache.Default,
         CircuitBreaker.Default,
         TenantRegistry.fromTenants(tenants)

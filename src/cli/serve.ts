@@ -1,4 +1,5 @@
 import { Console, Effect, Layer } from "effect"
+import { AdminControl } from "../admin/index.ts"
 import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
@@ -37,7 +38,9 @@ export const serve = (configFile: string | undefined) =>
         `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}; ${file?.tenants.length ?? 0} tenant(s)`
       )
       installSignals()
-      return yield* Effect.never.pipe(Effect.onInterrupt(() => shutdown))
+      // Runs until SIGTERM/SIGINT (interruption) or the admin console's SHUTDOWN.
+      yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(Effect.onInterrupt(() => shutdown))
+      yield* Effect.logInfo("shutdown requested from the admin console")
     }).pipe(Effect.scoped, Effect.provide(runtimeLayer(file)))
   }).pipe(
     Effect.catchTags({

@@ -6,6 +6,12 @@ import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 export type LogLevel = "trace" | "debug" | "info" | "warning" | "error" | "none"
 export type LogFormat = "json" | "pretty"
 
+/** An admin console login: a SCRAM-SHA-256 verifier (as in pg_authid) or a plaintext password. */
+export interface AdminUser {
+  readonly name: string
+  readonly secret: string
+}
+
 export interface AppConfigShape {
   readonly listenAddr: string
   readonly transactionPort: number
@@ -42,6 +48,8 @@ export interface AppConfigShape {
   readonly authQueryCacheTtlMs: number
   /** How often cached auth_query secrets are re-checked (with jitter); 0 disables the re-check. */
   readonly authQueryRecheckIntervalMs: number
+  /** Who may log in to the admin console (database `pgbouncer` or `tidepool`); empty disables it. */
+  readonly adminUsers: ReadonlyArray<AdminUser>
   readonly configFile: Option.Option<string>
 }
 
@@ -87,6 +95,23 @@ const oneOf =
 
 const nonEmpty = (raw: string): Either.Either<string, string> =>
   raw.trim() === "" ? Either.left("must not be empty") : Either.right(raw.trim())
+
+// `name=secret,name=secret`: names have no `=` or `,`, secrets no `,` (verifiers are base64, which has none).
+// Errors never echo the value: it holds secrets.
+const adminUsers = (raw: string): Either.Either<ReadonlyArray<AdminUser>, string> => {
+  const users: Array<AdminUser> = []
+  for (const item of raw.split(",")) {
+    const text = item.trim()
+    if (text === "") continue
+    const eq = text.indexOf("=")
+    const name = eq < 0 ? "" : text.slice(0, eq).trim()
+    const secret = eq < 0 ? "" : text.slice(eq + 1)
+    if (name === "" || secret === "") return Either.left(`expected name=secret entries separated by commas`)
+    if (users.some((u) => u.name === name)) return Either.left(`admin user ${JSON.stringify(name)} is listed twice`)
+    users.push({ name, secret })
+  }
+  return Either.right(users)
+}
 
 const hostname = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
 
@@ -283,6 +308,14 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Re-run auth_query for cached secrets about this often (±50% jitter)",
     default: () => 15_000,
     parse: millis(0)
+  },
+  adminUsers: {
+    env: "TIDEPOOL_ADMIN_USERS",
+    fileKey: "admin_users",
+    type: "name=secret list, comma-separated (secret: SCRAM-SHA-256 verifier or password)",
+    description: "Logins of the PgBouncer-style admin console (database pgbouncer or tidepool); empty disables it",
+    default: () => [],
+    parse: adminUsers
   }
 }
 
@@ -330,7 +363,8 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   minPoolSize: settingConfig(settings.minPoolSize),
   maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant),
   authQueryCacheTtlMs: settingConfig(settings.authQueryCacheTtlMs),
-  authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs)
+  authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs),
+  adminUsers: settingConfig(settings.adminUsers)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -451,6 +485,7 @@ const defaults = (): AppConfigShape => ({
   maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
   authQueryCacheTtlMs: settings.authQueryCacheTtlMs.default(),
   authQueryRecheckIntervalMs: settings.authQueryRecheckIntervalMs.default(),
+  adminUsers: settings.adminUsers.default(),
   configFile: Option.none()
 })
 

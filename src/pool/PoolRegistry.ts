@@ -26,6 +26,13 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
         return Scope.close(entry.scope, Exit.void)
       })
 
+    // PAUSE targets, kept here so that pools started while paused start paused.
+    let pausedAll = false
+    const pausedNames = new Set<string>()
+    const matches = (s: PoolSettings, name: string) => name === s.tenant || name === `${s.tenant}/${s.database}`
+    const isPaused = (s: PoolSettings) =>
+      pausedAll || pausedNames.has(s.tenant) || pausedNames.has(`${s.tenant}/${s.database}`)
+
     const poolsOf = (tenant: string): number => {
       let n = 0
       for (const entry of pools.values()) if (entry.pool.settings.tenant === tenant) n++
@@ -51,6 +58,7 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
         return Effect.gen(function* () {
           const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
           const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
+          if (isPaused(settings)) pool.pause()
           pools.set(settings.key, { pool, scope, emptySince: Date.now() })
           yield* Effect.logDebug("pool started").pipe(
             Effect.annotateLogs({ tenant: settings.tenant, user: settings.user, mode: settings.mode })
@@ -80,7 +88,33 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
     return {
       get,
       /** Every live pool, for stats and admin views. */
-      all: (): ReadonlyArray<TenantPool> => [...pools.values()].map((e) => e.pool)
+      all: (): ReadonlyArray<TenantPool> => [...pools.values()].map((e) => e.pool),
+      /**
+       * Holds new checkouts of every pool, or of one tenant (`name` = external_id) or one tenant
+       * database (`tenant/database`), including pools started later. Returns the pools paused now.
+       */
+      pause: (name?: string): ReadonlyArray<TenantPool> => {
+        if (name === undefined) pausedAll = true
+        else pausedNames.add(name)
+        const paused: Array<TenantPool> = []
+        for (const { pool } of pools.values()) {
+          if (name === undefined || matches(pool.settings, name)) {
+            pool.pause()
+            paused.push(pool)
+          }
+        }
+        return paused
+      },
+      /** Undoes `pause` (without a name: every pause); pools still covered by another PAUSE stay paused. */
+      resume: (name?: string): void => {
+        if (name === undefined) {
+          pausedAll = false
+          pausedNames.clear()
+        } else {
+          pausedNames.delete(name)
+        }
+        for (const { pool } of pools.values()) if (!isPaused(pool.settings)) pool.resume()
+      }
     } as const
   })
 }) {}

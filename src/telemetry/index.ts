@@ -1,1 +1,2 @@
+export { EventCounters, type LabelledCounts } from "./EventCounters.ts"
 export { type LogFormat, loggerLayer } from "./Logger.ts"

@@ -1,10 +1,12 @@
 import { Layer, ManagedRuntime, Schema } from "effect"
+import type { AdminControl } from "../../src/admin/index.ts"
 import type { AuthQuery, CircuitBreaker } from "../../src/auth/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
 import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
+import type { SessionRegistry } from "../../src/session/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
-import { loggerLayer } from "../../src/telemetry/index.ts"
+import { type EventCounters, loggerLayer } from "../../src/telemetry/index.ts"
 import type { TenantRegistry } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
@@ -18,7 +20,15 @@ export interface RunningTidepool {
   readonly sessionPort: number
   readonly transactionPort: number
   readonly runtime: ManagedRuntime.ManagedRuntime<
-    Listeners | PoolRegistry | AppConfig | AuthQuery | CircuitBreaker | TenantRegistry,
+    | Listeners
+    | PoolRegistry
+    | AppConfig
+    | AuthQuery
+    | CircuitBreaker
+    | TenantRegistry
+    | AdminControl
+    | EventCounters
+    | SessionRegistry,
     unknown
   >
   /** A connection URL through the session port (or the transaction port with `mode: "transaction"`). */
