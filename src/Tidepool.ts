@@ -5,7 +5,7 @@ import type { Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
 import { SessionRegistry } from "./session/index.ts"
-import { EventCounters } from "./telemetry/index.ts"
+import { EventCounters, Metrics } from "./telemetry/index.ts"
 import { TenantRegistry } from "./tenants/index.ts"
 
 /**
@@ -13,7 +13,7 @@ import { TenantRegistry } from "./tenants/index.ts"
  * binds the ports; releasing it is the graceful shutdown (drain, then close every pool).
  */
 export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>) =>
-  Listeners.Default.pipe(
+  Layer.merge(Listeners.Default, Metrics.Default).pipe(
     Layer.provideMerge(PoolRegistry.Default),
     Layer.provideMerge(AuthQuery.Default),
     Layer.provideMerge(EventCounters.Default),

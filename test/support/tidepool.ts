@@ -6,7 +6,7 @@ import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
 import type { SessionRegistry } from "../../src/session/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
-import { type EventCounters, loggerLayer } from "../../src/telemetry/index.ts"
+import { type EventCounters, loggerLayer, type Metrics } from "../../src/telemetry/index.ts"
 import type { TenantRegistry } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
@@ -28,7 +28,8 @@ export interface RunningTidepool {
     | TenantRegistry
     | AdminControl
     | EventCounters
-    | SessionRegistry,
+    | SessionRegistry
+    | Metrics,
     unknown
   >
   /** A connection URL through the session port (or the transaction port with `mode: "transaction"`). */
