@@ -7,10 +7,10 @@ import { EventCounters, type LabelledCounts } from "./EventCounters.ts"
 /** Prometheus text exposition format 0.0.4. */
 export const PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-const escape = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")
+const escapeLabel = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")
 
 const labels = (names: ReadonlyArray<string>, values: ReadonlyArray<string>): string =>
-  names.length === 0 ? "" : `{${names.map((name, i) => `${name}="${escape(values[i] ?? "")}"`).join(",")}}`
+  names.length === 0 ? "" : `{${names.map((name, i) => `${name}="${escapeLabel(values[i] ?? "")}"`).join(",")}}`
 
 /** Builds one exposition: every metric's HELP and TYPE once, then its samples. */
 class Exposition {
