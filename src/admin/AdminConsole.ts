@@ -1,5 +1,5 @@
 import { Deferred, Effect, Either } from "effect"
-import { authenticateScram, CircuitBreaker } from "../auth/index.ts"
+import { annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
 import { AppConfig } from "../config/index.ts"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { PoolRegistry, type TenantPool } from "../pool/index.ts"
@@ -79,7 +79,7 @@ export const authenticateAdmin = Effect.fn("client.auth")(function* (
   yield* breaker.authSucceeded(BREAKER_TENANT, address)
   client.write(authenticationOk())
   return { user } satisfies AdminLogin
-})
+}, annotateOutcome)
 
 const HELP = [
   "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|HELP",

@@ -3,13 +3,13 @@ import { AdminControl } from "../admin/index.ts"
 import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
-import { loggerLayer } from "../telemetry/index.ts"
+import { loggerLayer, tracingLayer } from "../telemetry/index.ts"
 
 /** AppConfig (defaults < config file `server:` < environment) plus the logger it configures. */
 export const runtimeLayer = (file: ConfigFileContents | undefined) =>
   Layer.unwrapEffect(
     Effect.map(AppConfig.pipe(Effect.provide(AppConfig.layerFromFile(file))), (config) =>
-      Layer.merge(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel))
+      Layer.mergeAll(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel), tracingLayer())
     )
   )
 

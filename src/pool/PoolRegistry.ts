@@ -1,6 +1,7 @@
 import { Effect, Exit, Scope } from "effect"
 import { AppConfig } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { checkoutSpans } from "./CheckoutSpans.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
 interface Entry {
@@ -59,6 +60,7 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
           const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
           const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
           if (isPaused(settings)) pool.pause()
+          pool.onWaitEnded = checkoutSpans(yield* Effect.tracer, settings)
           pools.set(settings.key, { pool, scope, emptySince: Date.now() })
           yield* Effect.logDebug("pool started").pipe(
             Effect.annotateLogs({ tenant: settings.tenant, user: settings.user, mode: settings.mode })

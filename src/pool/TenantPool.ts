@@ -101,6 +101,8 @@ export class TenantPool {
   readonly knownSettings = new Set<string>()
   readonly counters = new PoolCounters()
   readonly startedAt = Date.now()
+  /** Told when a checkout that queued ends, lent or timed out (tracing: `pool.checkout` spans). */
+  onWaitEnded: ((since: number, queued: number, error: TidepoolError | undefined) => void) | undefined = undefined
   /**
    * Per server-side statement name, bumped when a server reports that the statement's plan went stale
    * (`cached plan must not change result type` after DDL): a server that prepared it at an older epoch
@@ -352,6 +354,7 @@ export class TenantPool {
     const waited = Date.now() - waiter.since
     counters.checkoutWaitMs += waited
     counters.checkoutWait.observe(waited)
+    if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, this.waiters.length, undefined)
     waiter.callback(undefined, server)
   }
 
@@ -440,7 +443,9 @@ export class TenantPool {
       const w = this.waiters.shift()!
       if (w.cancelled) continue
       this.counters.checkoutTimeouts++
-      w.callback(tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode), undefined)
+      const error = tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode)
+      if (this.onWaitEnded !== undefined) this.onWaitEnded(w.since, this.waiters.length, error)
+      w.callback(error, undefined)
     }
     this.armDeadline()
   }

@@ -88,7 +88,11 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
           Effect.sync(() => {
             events.error(log.tenant, error.code)
             client.fail(error)
-          }),
+          }).pipe(
+            Effect.tap(() =>
+              Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" })
+            )
+          ),
           // Annotated here, not up front: tenant and user are learnt during the handshake.
           (error.code === "ECLIENTSOCKETCLOSED"
             ? Effect.logDebug(error.message)

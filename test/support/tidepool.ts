@@ -6,13 +6,15 @@ import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
 import type { SessionRegistry } from "../../src/session/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
-import { type EventCounters, loggerLayer, type Metrics } from "../../src/telemetry/index.ts"
+import { type EventCounters, loggerLayer, type Metrics, tracingLayer } from "../../src/telemetry/index.ts"
 import type { TenantRegistry } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
   /** Tenants in the config file / API shape; decoded with the real schema. */
   readonly tenants: ReadonlyArray<unknown>
   readonly config?: Partial<AppConfigShape>
+  /** OTEL_* variables for the trace exporter (none: no export, as in production). */
+  readonly tracing?: Readonly<Record<string, string>>
 }
 
 export interface RunningTidepool {
@@ -54,7 +56,8 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
   })
   const layer = tidepoolLayer(tenants).pipe(
     Layer.provideMerge(Layer.succeed(AppConfig, config)),
-    Layer.provide(loggerLayer(config.logFormat, config.logLevel))
+    Layer.provide(loggerLayer(config.logFormat, config.logLevel)),
+    Layer.provide(tracingLayer(options.tracing ?? {}))
   )
   const runtime = ManagedRuntime.make(layer)
   const listeners = await runtime.runPromise(Listeners)
