@@ -422,6 +422,8 @@ export class ServerConnection {
         if (m.type !== R) continue
         const auth = decodeAuthentication(m.body, 0, m.body.length)
         if (auth instanceof ProtocolError) return yield* connectFailed(auth.message)
+        const method = LOGIN_METHODS[auth._tag]
+        if (method !== undefined) yield* Effect.annotateCurrentSpan("tidepool.login_method", method)
         switch (auth._tag) {
           case "AuthenticationOk":
             break
@@ -499,37 +501,56 @@ const requirePassword = (password: Redacted.Redacted<string> | undefined, user: 
  * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
  * the socket is already destroyed.
  */
-export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget, options?: ConnectOptions) {
-  yield* Effect.annotateCurrentSpan({ "db.host": target.host, "db.port": target.port, "db.user": target.user })
-  const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
-    const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
-    const onError = (err: NodeJS.ErrnoException) => {
-      s.destroy()
-      resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
-    }
-    s.once("error", onError)
-    s.once("connect", () => {
-      s.off("error", onError)
-      resume(Effect.succeed(s))
+export const connect = Effect.fn("upstream.connect")(
+  function* (target: UpstreamTarget, options?: ConnectOptions) {
+    yield* Effect.annotateCurrentSpan({
+      "db.host": target.host,
+      "db.port": target.port,
+      "db.user": target.user,
+      // Replaced when the server asks for a password (see login).
+      "tidepool.login_method": "trust"
     })
-    return Effect.sync(() => s.destroy())
-  }).pipe(
-    Effect.timeoutFail({
-      duration: target.connectTimeoutMs,
-      onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
-    })
-  )
-  const conn = new ServerConnection(socket, target, options)
-  yield* conn.login().pipe(
-    Effect.timeoutFail({
-      duration: target.connectTimeoutMs,
-      onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
-    }),
-    // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
-    Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
-  )
-  return conn
-})
+    const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
+      const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
+      const onError = (err: NodeJS.ErrnoException) => {
+        s.destroy()
+        resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
+      }
+      s.once("error", onError)
+      s.once("connect", () => {
+        s.off("error", onError)
+        resume(Effect.succeed(s))
+      })
+      return Effect.sync(() => s.destroy())
+    }).pipe(
+      Effect.timeoutFail({
+        duration: target.connectTimeoutMs,
+        onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
+      })
+    )
+    const conn = new ServerConnection(socket, target, options)
+    yield* conn.login().pipe(
+      Effect.timeoutFail({
+        duration: target.connectTimeoutMs,
+        onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
+      }),
+      // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
+      Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
+    )
+    return conn
+  },
+  Effect.tapBoth({
+    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
+    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
+  })
+)
+
+/** DESIGN §7: the `upstream.connect` span's login method, by what the server asked for. */
+const LOGIN_METHODS: Partial<Record<string, string>> = {
+  AuthenticationCleartextPassword: "password",
+  AuthenticationMD5Password: "md5",
+  AuthenticationSASL: "scram-sha-256"
+}
 
 /** Sends a CancelRequest for `pid` on a fresh connection to the server's address. Best effort. */
 const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
