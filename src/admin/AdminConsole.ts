@@ -176,7 +176,11 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
       Effect.forEach(
         // A session-mode client holds its server for life: waiting for it could take forever.
         pools.filter((p) => p.settings.mode === "transaction"),
-        (pool) => Effect.async<void>((resume) => pool.whenQuiet(() => resume(Effect.void))),
+        (pool) =>
+          Effect.async<void>((resume) => {
+            const forget = pool.whenQuiet(() => resume(Effect.void))
+            return Effect.sync(forget)
+          }),
         { discard: true }
       )
 

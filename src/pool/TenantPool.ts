@@ -159,10 +159,17 @@ export class TenantPool {
     this.paused = true
   }
 
-  /** Calls `listener` once no server is lent out: at once if none is. */
-  whenQuiet(listener: () => void): void {
-    if (this.busy.size === 0) listener()
-    else this.quietListeners.push(listener)
+  /** Calls `listener` once no server is lent out: at once if none is. Returns a function that forgets it. */
+  whenQuiet(listener: () => void): () => void {
+    if (this.busy.size === 0) {
+      listener()
+      return () => {}
+    }
+    this.quietListeners.push(listener)
+    return () => {
+      const i = this.quietListeners.indexOf(listener)
+      if (i >= 0) this.quietListeners.splice(i, 1)
+    }
   }
 
   resume(): void {
