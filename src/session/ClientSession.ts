@@ -1,5 +1,5 @@
 import type * as net from "node:net"
-import { Effect, Exit, Fiber } from "effect"
+import { Effect, Exit, Fiber, Logger } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import { authenticateClient, type ClientCredentials, matchUsers } from "../auth/index.ts"
 import {
@@ -20,7 +20,7 @@ import {
   parameterStatus,
   readyForQuery
 } from "../protocol/index.ts"
-import { EventCounters } from "../telemetry/index.ts"
+import { EventCounters, tenantLogLevel } from "../telemetry/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
@@ -79,7 +79,10 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
       )
       if (auth === undefined) return // a CancelRequest, handled
       if ("admin" in auth) return yield* adminConsole(client, auth.admin)
-      yield* attach(client, auth, mode)
+      const level = tenantLogLevel(auth.tenant.feature_flags)
+      yield* level === undefined
+        ? attach(client, auth, mode)
+        : Logger.withMinimumLogLevel(attach(client, auth, mode), level)
     })
 
     yield* body.pipe(

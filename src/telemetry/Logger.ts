@@ -60,6 +60,15 @@ const levels: Record<string, LogLevel.LogLevel> = {
   none: LogLevel.None
 }
 
+/**
+ * A tenant's own log level (`feature_flags.log_level`, e.g. `debug`), for debugging one tenant without
+ * raising the whole node's level; undefined when unset or not a level name.
+ */
+export const tenantLogLevel = (featureFlags: Readonly<Record<string, unknown>>): LogLevel.LogLevel | undefined => {
+  const level = featureFlags.log_level
+  return typeof level === "string" ? levels[level.toLowerCase()] : undefined
+}
+
 /** Replaces Effect's default logger with Tidepool's. */
 export const loggerLayer = (format: LogFormat, level: string): Layer.Layer<never> =>
   Layer.merge(
