@@ -48,6 +48,8 @@ export interface AppConfigShape {
   readonly authQueryCacheTtlMs: number
   /** How often cached auth_query secrets are re-checked (with jitter); 0 disables the re-check. */
   readonly authQueryRecheckIntervalMs: number
+  /** Also trace every Nth checkout that did not wait (0: only waited checkouts are traced). */
+  readonly traceCheckoutEvery: number
   /** Who may log in to the admin console (database `pgbouncer` or `tidepool`); empty disables it. */
   readonly adminUsers: ReadonlyArray<AdminUser>
   readonly configFile: Option.Option<string>
@@ -309,6 +311,14 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     default: () => 15_000,
     parse: millis(0)
   },
+  traceCheckoutEvery: {
+    env: "TIDEPOOL_TRACE_CHECKOUT_EVERY",
+    fileKey: "trace_checkout_every",
+    type: "integer (0 = off)",
+    description: "Besides every checkout that waited, emit a pool.checkout span for every Nth immediate one",
+    default: () => 0,
+    parse: integer(0, 1_000_000_000, "an integer")
+  },
   adminUsers: {
     env: "TIDEPOOL_ADMIN_USERS",
     fileKey: "admin_users",
@@ -364,6 +374,7 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant),
   authQueryCacheTtlMs: settingConfig(settings.authQueryCacheTtlMs),
   authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs),
+  traceCheckoutEvery: settingConfig(settings.traceCheckoutEvery),
   adminUsers: settingConfig(settings.adminUsers)
 })
 
@@ -485,6 +496,7 @@ const defaults = (): AppConfigShape => ({
   maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
   authQueryCacheTtlMs: settings.authQueryCacheTtlMs.default(),
   authQueryRecheckIntervalMs: settings.authQueryRecheckIntervalMs.default(),
+  traceCheckoutEvery: settings.traceCheckoutEvery.default(),
   adminUsers: settings.adminUsers.default(),
   configFile: Option.none()
 })

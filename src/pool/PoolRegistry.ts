@@ -61,6 +61,7 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
           const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
           if (isPaused(settings)) pool.pause()
           pool.onWaitEnded = checkoutSpans(yield* Effect.tracer, settings)
+          pool.sampleEvery = config.traceCheckoutEvery
           pools.set(settings.key, { pool, scope, emptySince: Date.now() })
           yield* Effect.logDebug("pool started").pipe(
             Effect.annotateLogs({ tenant: settings.tenant, user: settings.user, mode: settings.mode })

@@ -103,6 +103,9 @@ export class TenantPool {
   readonly startedAt = Date.now()
   /** Told when a checkout that queued ends, lent or timed out (tracing: `pool.checkout` spans). */
   onWaitEnded: ((since: number, queued: number, error: TidepoolError | undefined) => void) | undefined = undefined
+  /** Also report every Nth immediate checkout to `onWaitEnded` (a sample, with no wait); 0: none. */
+  sampleEvery = 0
+  private sinceSample = 0
   /**
    * Per server-side statement name, bumped when a server reports that the statement's plan went stale
    * (`cached plan must not change result type` after DDL): a server that prepared it at an older epoch
@@ -208,6 +211,10 @@ export class TenantPool {
     const server = this.paused ? undefined : this.takeIdle()
     if (server !== undefined) {
       this.counters.checkouts++
+      if (this.sampleEvery > 0 && ++this.sinceSample >= this.sampleEvery) {
+        this.sinceSample = 0
+        this.onWaitEnded?.(Date.now(), this.waiters.length, undefined)
+      }
       callback(undefined, server)
       return undefined
     }

@@ -61,6 +61,37 @@ describe("tracing", () => {
     expect(tracesEndpoint({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318", OTEL_SDK_DISABLED: "true" })).toBeUndefined()
   })
 
+  it("samples every Nth immediate checkout when TIDEPOOL_TRACE_CHECKOUT_EVERY is set", async () => {
+    const receiver = await startReceiver()
+    const tidepool = await startTidepool({
+      tenants: [{ external_id: "acme", ...upstreamOf(db), users: [{ db_user: "app", db_password: "app-secret" }] }],
+      config: { traceCheckoutEvery: 2 },
+      tracing: { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url, OTEL_EXPORTER_OTLP_PROTOCOL: "http/json" }
+    })
+    try {
+      const client = new pg.Client({
+        connectionString: tidepool.url({ user: "app.acme", password: "app-secret", mode: "transaction" })
+      })
+      await client.connect()
+      // Warm: the first checkout waits for the pool's first server (a waited checkout, always traced).
+      await client.query("SELECT 1")
+      const before = await tidepool.runtime.runPromise(
+        Effect.map(PoolRegistry, (r) => r.all()[0]!.counters.checkoutsWaited)
+      )
+      for (let i = 0; i < 6; i++) await client.query("SELECT 1")
+      const after = await tidepool.runtime.runPromise(
+        Effect.map(PoolRegistry, (r) => r.all()[0]!.counters.checkoutsWaited)
+      )
+      expect(after).toBe(before)
+      await client.end()
+    } finally {
+      await tidepool.stop()
+      receiver.close()
+    }
+    const sampled = receiver.spans.filter((s) => s.name === "pool.checkout" && attrs(s)["tidepool.wait_ms"] === "0")
+    expect(sampled.length).toBeGreaterThanOrEqual(3)
+  })
+
   it("sends client.auth spans (a failed login with error status and code) and pool.checkout spans for waits", async () => {
     const receiver = await startReceiver()
     const tidepool = await startTidepool({
