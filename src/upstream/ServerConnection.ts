@@ -497,60 +497,56 @@ const requirePassword = (password: Redacted.Redacted<string> | undefined, user: 
     ? Effect.fail(connectFailed(`the server asked for a password for user "${user}" and none is configured`))
     : Effect.succeed(Redacted.value(password))
 
-/**
- * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
- * the socket is already destroyed.
- */
-export const connect = Effect.fn("upstream.connect")(
-  function* (target: UpstreamTarget, options?: ConnectOptions) {
-    yield* Effect.annotateCurrentSpan({
-      "db.host": target.host,
-      "db.port": target.port,
-      "db.user": target.user,
-      // Replaced when the server asks for a password (see login).
-      "tidepool.login_method": "trust"
-    })
-    const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
-      const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
-      const onError = (err: NodeJS.ErrnoException) => {
-        s.destroy()
-        resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
-      }
-      s.once("error", onError)
-      s.once("connect", () => {
-        s.off("error", onError)
-        resume(Effect.succeed(s))
-      })
-      return Effect.sync(() => s.destroy())
-    }).pipe(
-      Effect.timeoutFail({
-        duration: target.connectTimeoutMs,
-        onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
-      })
-    )
-    const conn = new ServerConnection(socket, target, options)
-    yield* conn.login().pipe(
-      Effect.timeoutFail({
-        duration: target.connectTimeoutMs,
-        onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
-      }),
-      // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
-      Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
-    )
-    return conn
-  },
-  Effect.tapBoth({
-    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
-    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
-  })
-)
-
 /** DESIGN §7: the `upstream.connect` span's login method, by what the server asked for. */
 const LOGIN_METHODS: Partial<Record<string, string>> = {
   AuthenticationCleartextPassword: "password",
   AuthenticationMD5Password: "md5",
   AuthenticationSASL: "scram-sha-256"
 }
+
+/** DESIGN §7: the `upstream.connect` span says how the attempt ended, and a failure's code. */
+const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
+  Effect.tapBoth(self, {
+    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
+    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
+  })
+
+/**
+ * Opens and logs in a server connection. The caller owns the result and must `close` it; on failure
+ * the socket is already destroyed.
+ */
+export const connect = Effect.fn("upstream.connect")(function* (target: UpstreamTarget, options?: ConnectOptions) {
+  yield* Effect.annotateCurrentSpan({ "db.host": target.host, "db.port": target.port, "db.user": target.user })
+  yield* Effect.annotateCurrentSpan("tidepool.login_method", "trust") // until the server asks for a password
+  const socket = yield* Effect.async<net.Socket, TidepoolError>((resume) => {
+    const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
+    const onError = (err: NodeJS.ErrnoException) => {
+      s.destroy()
+      resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
+    }
+    s.once("error", onError)
+    s.once("connect", () => {
+      s.off("error", onError)
+      resume(Effect.succeed(s))
+    })
+    return Effect.sync(() => s.destroy())
+  }).pipe(
+    Effect.timeoutFail({
+      duration: target.connectTimeoutMs,
+      onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
+    })
+  )
+  const conn = new ServerConnection(socket, target, options)
+  yield* conn.login().pipe(
+    Effect.timeoutFail({
+      duration: target.connectTimeoutMs,
+      onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
+    }),
+    // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
+    Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
+  )
+  return conn
+}, annotateOutcome)
 
 /** Sends a CancelRequest for `pid` on a fresh connection to the server's address. Best effort. */
 const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
