@@ -2,6 +2,7 @@ import * as fs from "node:fs/promises"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
 import { Console, Effect, Layer, Schema } from "effect"
+import { AdminControl } from "../admin/index.ts"
 import { AppConfig, Tenant } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
@@ -84,7 +85,10 @@ export const demo = Effect.gen(function* () {
     ].join("\n")
   )
   installSignals()
-  return yield* Effect.never.pipe(Effect.onInterrupt(() => ports.shutdown))
+  // Until Ctrl+C, or SHUTDOWN from the admin console (TIDEPOOL_ADMIN_USERS), as `serve`.
+  yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(
+    Effect.onInterrupt(() => ports.shutdown)
+  )
 }).pipe(
   Effect.scoped,
   Effect.catchTag("EmbeddedPostgresError", (e) =>
