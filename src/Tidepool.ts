@@ -1,10 +1,12 @@
 import { Effect, Layer } from "effect"
+import { AdminControl } from "./admin/index.ts"
 import { ApiServer } from "./api/index.ts"
 import { AuthQuery, CircuitBreaker, JitApi, SecretCache } from "./auth/index.ts"
 import type { AppConfig, Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
 import { SessionRegistry, TenantChanges } from "./session/index.ts"
+import { EventCounters, Metrics } from "./telemetry/index.ts"
 import { type TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "./tenants/index.ts"
 import { DownstreamTls, UpstreamTls } from "./tls/index.ts"
 
@@ -31,21 +33,23 @@ const seedLayer = (tenants: ReadonlyArray<Tenant>) =>
 
 /**
  * The whole node as one layer: listeners over sessions over pools, the tenant cache over its
- * store, and the HTTP API. Needs AppConfig. Building it binds the ports; releasing it is the
- * graceful shutdown (drain, then close every pool).
+ * store, metrics, and the HTTP API. Needs AppConfig. Building it binds the ports; releasing it is
+ * the graceful shutdown (drain, then close every pool).
  */
 export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolLayerOptions = {}) => {
   const tenantsLayer = seedLayer(tenants).pipe(
     Layer.provideMerge(Tenants.Default),
     Layer.provideMerge(options.store ?? tenantStoreLayer)
   )
-  const dataPlane = Listeners.Default.pipe(
+  const dataPlane = Layer.merge(Listeners.Default, Metrics.Default).pipe(
     Layer.provideMerge(TenantChanges.Default),
     Layer.provideMerge(PoolRegistry.Default),
     Layer.provideMerge(AuthQuery.Default),
+    Layer.provideMerge(EventCounters.Default),
     Layer.provideMerge(
       Layer.mergeAll(
         SessionRegistry.Default,
+        AdminControl.Default,
         SecretCache.Default,
         CircuitBreaker.Default,
         JitApi.Default,

@@ -3,6 +3,7 @@ import { HttpRouter, HttpServer, HttpServerRequest, HttpServerResponse } from "@
 import { NodeHttpServer } from "@effect/platform-node"
 import { Data, Effect, Layer } from "effect"
 import { AppConfig } from "../config/index.ts"
+import { metricsRouter } from "../telemetry/index.ts"
 import { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
 import { openApiDocument } from "./OpenApi.ts"
 import { type Route, type RouteEnv, routes } from "./routes.ts"
@@ -27,7 +28,7 @@ export const apiPolicy = (config: AppConfig["Type"]): JwtPolicy => ({
   blocklist: config.apiTokenBlocklist
 })
 
-/** For GET /metrics (mounted by the metrics module): METRICS_JWT_SECRET and its own blocklist. */
+/** For GET /metrics and /metrics/:tenant: METRICS_JWT_SECRET and its own blocklist. */
 export const metricsPolicy = (config: AppConfig["Type"]): JwtPolicy => ({
   secret: config.metricsJwtSecret,
   claims: config.jwtClaimValidators,
@@ -47,8 +48,6 @@ export const apiRouter = (policy: JwtPolicy, table: ReadonlyArray<Route> = route
       route.public === true ? route.handler : requireToken(policy)(route.handler)
     )
   }
-  // Mount point for GET /metrics and /metrics/:id (the metrics module): wrap its handlers in
-  // `requireToken(metricsPolicy(config))` and concat its router here.
   return router
 }
 
@@ -64,7 +63,11 @@ export class ApiServer extends Effect.Service<ApiServer>()("tidepool/ApiServer",
         "API_JWT_SECRET is not set: every management API call except /api/health is refused (403)"
       )
     }
-    const app = apiRouter(apiPolicy(config)).pipe(
+    const metrics = metricsPolicy(config)
+    const app = HttpRouter.concat(
+      apiRouter(apiPolicy(config)),
+      metricsRouter((request) => verifyBearer(request.headers.authorization, metrics))
+    ).pipe(
       HttpRouter.catchAll(() => Effect.succeed(HttpServerResponse.unsafeJson({ error: "not found" }, { status: 404 })))
     )
     const context = yield* Layer.build(

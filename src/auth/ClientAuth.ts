@@ -93,6 +93,13 @@ export const ADDRESS_BLOCKED = "too many authentication failures, new connection
 export const matchUsers = (tenant: Tenant, username: string): ReadonlyArray<User> =>
   tenant.require_user ? tenant.users.filter((u) => u.db_user_alias === username) : tenant.users.slice(0, 1)
 
+/** DESIGN §7: the `client.auth` span says how the login ended, and a failure's catalogued code. */
+export const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
+  Effect.tapBoth(self, {
+    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
+    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
+  })
+
 /** Who a client's pool logs in upstream as, once the client is authenticated. */
 export interface ClientCredentials {
   /** The user part of the pool key: one pool per distinct upstream identity. */
@@ -185,7 +192,7 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
     poolUser: username,
     upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenantId, username) }
   } satisfies ClientCredentials
-})
+}, annotateOutcome)
 
 /**
  * JIT tenants, TLS clients (REFERENCE §3.3): a cleartext password, accepted when it is the role's

@@ -3,6 +3,7 @@ export { AUTH_FAILURES, AUTH_QUERY_FAILURES, type Ban, type BreakerRule, Circuit
 export {
   ADDRESS_BLOCKED,
   type AuthChannel,
+  annotateOutcome,
   authenticateClient,
   authenticateScram,
   type ClientCredentials,

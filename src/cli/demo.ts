@@ -4,6 +4,7 @@ import { tmpdir } from "node:os"
 import * as path from "node:path"
 import { Console, Effect, Layer, Redacted, Schema } from "effect"
 import { SignJWT } from "jose"
+import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
@@ -126,7 +127,10 @@ export const demo = Effect.gen(function* () {
     ].join("\n")
   )
   installSignals()
-  return yield* Effect.never.pipe(Effect.onInterrupt(() => ports.shutdown))
+  // Until Ctrl+C, or SHUTDOWN from the admin console (TIDEPOOL_ADMIN_USERS), as `serve`.
+  yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(
+    Effect.onInterrupt(() => ports.shutdown)
+  )
 }).pipe(
   Effect.scoped,
   Effect.catchTag("EmbeddedPostgresError", (e) =>

@@ -1,15 +1,16 @@
 import { Console, Effect, Layer } from "effect"
+import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
 import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
-import { loggerLayer } from "../telemetry/index.ts"
+import { loggerLayer, tracingLayer } from "../telemetry/index.ts"
 
 /** AppConfig (defaults < config file `server:` < environment) plus the logger it configures. */
 export const runtimeLayer = (file: ConfigFileContents | undefined) =>
   Layer.unwrapEffect(
     Effect.map(AppConfig.pipe(Effect.provide(AppConfig.layerFromFile(file))), (config) =>
-      Layer.merge(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel))
+      Layer.mergeAll(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel), tracingLayer())
     )
   )
 
@@ -39,7 +40,9 @@ export const serve = (configFile: string | undefined) =>
         `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
       installSignals()
-      return yield* Effect.never.pipe(Effect.onInterrupt(() => shutdown))
+      // Runs until SIGTERM/SIGINT (interruption) or the admin console's SHUTDOWN.
+      yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(Effect.onInterrupt(() => shutdown))
+      yield* Effect.logInfo("shutdown requested from the admin console")
     }).pipe(Effect.scoped, Effect.provide(runtimeLayer(file)))
   }).pipe(
     Effect.catchTags({

@@ -6,6 +6,12 @@ import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 export type LogLevel = "trace" | "debug" | "info" | "warning" | "error" | "none"
 export type LogFormat = "json" | "pretty"
 
+/** An admin console login: a SCRAM-SHA-256 verifier (as in pg_authid) or a plaintext password. */
+export interface AdminUser {
+  readonly name: string
+  readonly secret: string
+}
+
 export interface AppConfigShape {
   readonly listenAddr: string
   readonly transactionPort: number
@@ -62,6 +68,10 @@ export interface AppConfigShape {
   readonly metricsTokenBlocklist: ReadonlyArray<string>
   /** Full reload of a shared (PostgreSQL) tenant store, behind LISTEN/NOTIFY; 0 = never. */
   readonly tenantRefreshMs: number
+  /** Also trace every Nth checkout that did not wait (0: only waited checkouts are traced). */
+  readonly traceCheckoutEvery: number
+  /** Who may log in to the admin console (database `pgbouncer` or `tidepool`); empty disables it. */
+  readonly adminUsers: ReadonlyArray<AdminUser>
   readonly configFile: Option.Option<string>
 }
 
@@ -157,6 +167,22 @@ const tokenList = (raw: string): Either.Either<ReadonlyArray<string>, string> =>
       .map((t) => t.trim())
       .filter((t) => t !== "")
   )
+// `name=secret,name=secret`: names have no `=` or `,`, secrets no `,` (verifiers are base64, which has none).
+// Errors never echo the value: it holds secrets.
+const adminUsers = (raw: string): Either.Either<ReadonlyArray<AdminUser>, string> => {
+  const users: Array<AdminUser> = []
+  for (const item of raw.split(",")) {
+    const text = item.trim()
+    if (text === "") continue
+    const eq = text.indexOf("=")
+    const name = eq < 0 ? "" : text.slice(0, eq).trim()
+    const secret = eq < 0 ? "" : text.slice(eq + 1)
+    if (name === "" || secret === "") return Either.left(`expected name=secret entries separated by commas`)
+    if (users.some((u) => u.name === name)) return Either.left(`admin user ${JSON.stringify(name)} is listed twice`)
+    users.push({ name, secret })
+  }
+  return Either.right(users)
+}
 
 const hostname = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
 
@@ -452,6 +478,22 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
       "With a PostgreSQL store: full reload of the tenant cache, a backstop to LISTEN/NOTIFY (which applies changes at once)",
     default: () => 30_000,
     parse: millis(0)
+  },
+  traceCheckoutEvery: {
+    env: "TIDEPOOL_TRACE_CHECKOUT_EVERY",
+    fileKey: "trace_checkout_every",
+    type: "integer (0 = off)",
+    description: "Besides every checkout that waited, emit a pool.checkout span for every Nth immediate one",
+    default: () => 0,
+    parse: integer(0, 1_000_000_000, "an integer")
+  },
+  adminUsers: {
+    env: "TIDEPOOL_ADMIN_USERS",
+    fileKey: "admin_users",
+    type: "name=secret list, comma-separated (secret: SCRAM-SHA-256 verifier or password)",
+    description: "Logins of the PgBouncer-style admin console (database pgbouncer or tidepool); empty disables it",
+    default: () => [],
+    parse: adminUsers
   }
 }
 
@@ -511,7 +553,9 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   jwtClaimValidators: settingConfig(settings.jwtClaimValidators),
   apiTokenBlocklist: settingConfig(settings.apiTokenBlocklist),
   metricsTokenBlocklist: settingConfig(settings.metricsTokenBlocklist),
-  tenantRefreshMs: settingConfig(settings.tenantRefreshMs)
+  tenantRefreshMs: settingConfig(settings.tenantRefreshMs),
+  traceCheckoutEvery: settingConfig(settings.traceCheckoutEvery),
+  adminUsers: settingConfig(settings.adminUsers)
 })
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
@@ -659,6 +703,8 @@ const defaults = (): AppConfigShape => ({
   apiTokenBlocklist: settings.apiTokenBlocklist.default(),
   metricsTokenBlocklist: settings.metricsTokenBlocklist.default(),
   tenantRefreshMs: settings.tenantRefreshMs.default(),
+  traceCheckoutEvery: settings.traceCheckoutEvery.default(),
+  adminUsers: settings.adminUsers.default(),
   configFile: Option.none()
 })
 

@@ -272,6 +272,24 @@ export const catalog = {
     meaning: "SQL-level PREPARE/EXECUTE was used where it cannot be supported.",
     remedy: "Use protocol-level prepared statements (your driver's default)."
   }),
+  ENOTADMIN: entry({
+    sqlstate: "28000",
+    severity: fatal,
+    prefix: true,
+    text: (user: string) => `user "${user}" may not use the admin console`,
+    meaning:
+      "A client asked for the admin console (database `pgbouncer` or `tidepool`) with a user name that is not in `TIDEPOOL_ADMIN_USERS`.",
+    remedy:
+      "Log in as an admin user, or connect to a tenant database (`user.tenant`); those two database names are reserved."
+  }),
+  EADMINCOMMAND: entry({
+    sqlstate: "42601",
+    severity: "ERROR",
+    prefix: true,
+    text: (reason: string) => reason,
+    meaning: "The admin console did not understand a command, or its argument names no pool.",
+    remedy: "Run `SHOW HELP` for the commands; name pools as `tenant` or `tenant/database`."
+  }),
   EADMINSHUTDOWN: entry({
     sqlstate: "57P01",
     severity: fatal,

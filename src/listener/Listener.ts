@@ -1,5 +1,6 @@
 import * as net from "node:net"
 import { Data, Effect, FiberSet } from "effect"
+import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
 import type { PoolMode } from "../pool/index.ts"
 import { clientSession, SessionRegistry } from "../session/index.ts"
@@ -66,6 +67,17 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
       )
     })
     yield* Effect.addFinalizer(() => shutdown)
+    // The admin console's SHUTDOWN: stop accepting at once; `tidepool serve` then returns, and
+    // releasing this layer drains the sessions exactly as on SIGTERM.
+    const control = yield* AdminControl
+    yield* control.shutdownRequested.pipe(
+      Effect.zipRight(
+        Effect.sync(() => {
+          for (const server of servers) server.close()
+        })
+      ),
+      Effect.forkScoped
+    )
 
     const door = (mode: PoolMode, port: number, envVar: string) =>
       listen({

@@ -1,6 +1,7 @@
 import { Effect, Exit, Scope } from "effect"
 import { AppConfig } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { checkoutSpans } from "./CheckoutSpans.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
 interface Entry {
@@ -25,6 +26,13 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
         if (pools.get(key) === entry) pools.delete(key)
         return Scope.close(entry.scope, Exit.void)
       })
+
+    // PAUSE targets, kept here so that pools started while paused start paused.
+    let pausedAll = false
+    const pausedNames = new Set<string>()
+    const matches = (s: PoolSettings, name: string) => name === s.tenant || name === `${s.tenant}/${s.database}`
+    const isPaused = (s: PoolSettings) =>
+      pausedAll || pausedNames.has(s.tenant) || pausedNames.has(`${s.tenant}/${s.database}`)
 
     const poolsOf = (tenant: string): number => {
       let n = 0
@@ -51,6 +59,9 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
         return Effect.gen(function* () {
           const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
           const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
+          if (isPaused(settings)) pool.pause()
+          pool.onWaitEnded = checkoutSpans(yield* Effect.tracer, settings)
+          pool.sampleEvery = config.traceCheckoutEvery
           pools.set(settings.key, { pool, scope, emptySince: Date.now() })
           yield* Effect.logDebug("pool started").pipe(
             Effect.annotateLogs({ tenant: settings.tenant, user: settings.user, mode: settings.mode })
@@ -103,7 +114,33 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       stopTenant: (tenant: string) =>
         Effect.forEach(ofTenant(tenant), ([key, entry]) => closeEntry(key, entry), { discard: true }),
       /** Every live pool, for stats and admin views. */
-      all: (): ReadonlyArray<TenantPool> => [...pools.values()].map((e) => e.pool)
+      all: (): ReadonlyArray<TenantPool> => [...pools.values()].map((e) => e.pool),
+      /**
+       * Holds new checkouts of every pool, or of one tenant (`name` = external_id) or one tenant
+       * database (`tenant/database`), including pools started later. Returns the pools paused now.
+       */
+      pause: (name?: string): ReadonlyArray<TenantPool> => {
+        if (name === undefined) pausedAll = true
+        else pausedNames.add(name)
+        const paused: Array<TenantPool> = []
+        for (const { pool } of pools.values()) {
+          if (name === undefined || matches(pool.settings, name)) {
+            pool.pause()
+            paused.push(pool)
+          }
+        }
+        return paused
+      },
+      /** Undoes `pause` (without a name: every pause); pools still covered by another PAUSE stay paused. */
+      resume: (name?: string): void => {
+        if (name === undefined) {
+          pausedAll = false
+          pausedNames.clear()
+        } else {
+          pausedNames.delete(name)
+        }
+        for (const { pool } of pools.values()) if (!isPaused(pool.settings)) pool.resume()
+      }
     } as const
   })
 }) {}

@@ -1,6 +1,7 @@
 import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, type ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
+import { LatencyHistogram } from "./Histogram.ts"
 
 export type PoolMode = "transaction" | "session"
 
@@ -51,6 +52,16 @@ export class PoolCounters {
   statementsReprepared = 0
   /** … and closed to keep a server within the statement cache size. */
   statementsEvicted = 0
+  /** Waits of the checkouts that queued (immediate ones are `checkouts - checkoutsWaited`, all 0 s). */
+  readonly checkoutWait = new LatencyHistogram()
+  /** Transaction mode: how long each transaction held its server. */
+  readonly transactionTime = new LatencyHistogram()
+}
+
+/** A server as the admin console and metrics see it. */
+export interface ServerView {
+  readonly server: ServerConnection
+  readonly state: "active" | "idle"
 }
 
 export interface Waiter {
@@ -80,6 +91,12 @@ export class TenantPool {
   private generation = 0
   /** Busy servers opened under older settings: closed when released instead of pooled. */
   private readonly stale = new Set<ServerConnection>()
+  /** PAUSE: nothing is lent (checkouts queue) until `resume`. */
+  private paused = false
+  /** RECONNECT: servers created at or before this instant close instead of being lent again. */
+  private reconnectBefore = 0
+  /** Called once no server is lent out (PAUSE waits for in-flight transactions). */
+  private quietListeners: Array<() => void> = []
   /** Clients attached to this pool (session mode: each holds or awaits a server). */
   clients = 0
   /** ParameterStatus of the pool's first server right after login: the pristine session defaults. */
@@ -87,6 +104,12 @@ export class TenantPool {
   /** `name=value` settings a server of this pool has accepted, so they need no check at connect. */
   readonly knownSettings = new Set<string>()
   readonly counters = new PoolCounters()
+  readonly startedAt = Date.now()
+  /** Told when a checkout that queued ends, lent or timed out (tracing: `pool.checkout` spans). */
+  onWaitEnded: ((since: number, queued: number, error: TidepoolError | undefined) => void) | undefined = undefined
+  /** Also report every Nth immediate checkout to `onWaitEnded` (a sample, with no wait); 0: none. */
+  sampleEvery = 0
+  private sinceSample = 0
   /**
    * Per server-side statement name, bumped when a server reports that the statement's plan went stale
    * (`cached plan must not change result type` after DDL): a server that prepared it at an older epoch
@@ -145,15 +168,82 @@ export class TenantPool {
     this.afterShrink()
   }
 
+  /** Every open server and whether a client holds it (admin views; not for the hot path). */
+  servers(): Array<ServerView> {
+    const out: Array<ServerView> = []
+    for (const server of this.busy) out.push({ server, state: "active" })
+    for (const server of this.idle) out.push({ server, state: "idle" })
+    return out
+  }
+
+  /** When the longest-waiting checkout started (epoch ms), if any is queued. */
+  get oldestWaitSince(): number | undefined {
+    for (const w of this.waiters) if (!w.cancelled) return w.since
+    return undefined
+  }
+
+  get isPaused(): boolean {
+    return this.paused
+  }
+
+  /** PAUSE: new checkouts queue (their deadline still runs) until `resume`; lent servers finish their work. */
+  pause(): void {
+    this.paused = true
+  }
+
+  /** Calls `listener` once no server is lent out: at once if none is. Returns a function that forgets it. */
+  whenQuiet(listener: () => void): () => void {
+    if (this.busy.size === 0) {
+      listener()
+      return () => {}
+    }
+    this.quietListeners.push(listener)
+    return () => {
+      const i = this.quietListeners.indexOf(listener)
+      if (i >= 0) this.quietListeners.splice(i, 1)
+    }
+  }
+
+  resume(): void {
+    if (!this.paused) return
+    this.paused = false
+    for (;;) {
+      if (this.waiters.length === 0) break
+      const server = this.takeIdle()
+      if (server === undefined) break
+      const waiter = this.nextWaiter()
+      if (waiter === undefined) {
+        this.busy.delete(server)
+        this.watchIdle(server)
+        this.idle.push(server)
+        break
+      }
+      // takeIdle marked it busy; lend counts the checkout.
+      this.busy.delete(server)
+      this.lend(server, waiter)
+    }
+    this.grow()
+  }
+
+  /** RECONNECT: every server open now is closed instead of lent again (idle ones at once). */
+  reconnect(): void {
+    this.reconnectBefore = Date.now()
+    this.maintain(this.reconnectBefore)
+  }
+
   /** Lends a server: synchronously when one is idle, else when one frees up, opens, or the wait times out. */
   checkout(callback: CheckoutCallback): Waiter | undefined {
     if (this.closed) {
       callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
       return undefined
     }
-    const server = this.takeIdle()
+    const server = this.paused ? undefined : this.takeIdle()
     if (server !== undefined) {
       this.counters.checkouts++
+      if (this.sampleEvery > 0 && ++this.sinceSample >= this.sampleEvery) {
+        this.sinceSample = 0
+        this.onWaitEnded?.(Date.now(), this.waiters.length, undefined)
+      }
       callback(undefined, server)
       return undefined
     }
@@ -167,7 +257,7 @@ export class TenantPool {
     const waiter: Waiter = { callback, since: now, deadline: now + this.settings.checkoutTimeoutMs, cancelled: false }
     this.waiters.push(waiter)
     this.armDeadline()
-    this.grow()
+    if (!this.paused) this.grow()
     return waiter
   }
 
@@ -187,6 +277,7 @@ export class TenantPool {
       return
     }
     this.busy.delete(server)
+    if (this.quietListeners.length > 0) this.notifyQuiet()
     const stale = this.stale.size > 0 && this.stale.delete(server)
     if (this.closed || stale || !server.isIdle || this.expired(server, Date.now())) {
       this.closeCounted(server, stale ? "tenant reconfigured" : "released", false)
@@ -194,7 +285,7 @@ export class TenantPool {
       return
     }
     server.lastUsedAt = Date.now()
-    const waiter = this.nextWaiter()
+    const waiter = this.paused ? undefined : this.nextWaiter()
     if (waiter !== undefined) {
       this.lend(server, waiter)
       return
@@ -220,6 +311,7 @@ export class TenantPool {
   discard(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
     this.stale.delete(server)
+    if (this.quietListeners.length > 0) this.notifyQuiet()
     this.closeCounted(server, reason, true)
     this.afterShrink()
   }
@@ -228,6 +320,7 @@ export class TenantPool {
   retire(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
     this.stale.delete(server)
+    if (this.quietListeners.length > 0) this.notifyQuiet()
     this.closeCounted(server, reason, false)
     this.afterShrink()
   }
@@ -263,6 +356,7 @@ export class TenantPool {
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
     for (const w of this.waiters.splice(0))
       w.callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
+    for (const listener of this.quietListeners.splice(0)) listener()
     for (const s of this.idle.splice(0)) {
       s.handler = undefined
       s.close("pool closed")
@@ -274,7 +368,15 @@ export class TenantPool {
   }
 
   private expired(server: ServerConnection, now: number): boolean {
-    return this.settings.serverLifetimeMs > 0 && now - server.createdAt >= this.settings.serverLifetimeMs
+    return (
+      server.createdAt <= this.reconnectBefore ||
+      (this.settings.serverLifetimeMs > 0 && now - server.createdAt >= this.settings.serverLifetimeMs)
+    )
+  }
+
+  private notifyQuiet(): void {
+    if (this.busy.size > 0) return
+    for (const listener of this.quietListeners.splice(0)) listener()
   }
 
   private takeIdle(): ServerConnection | undefined {
@@ -295,7 +397,10 @@ export class TenantPool {
     const counters = this.counters
     counters.checkouts++
     counters.checkoutsWaited++
-    counters.checkoutWaitMs += Date.now() - waiter.since
+    const waited = Date.now() - waiter.since
+    counters.checkoutWaitMs += waited
+    counters.checkoutWait.observe(waited)
+    if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, this.waiters.length, undefined)
     waiter.callback(undefined, server)
   }
 
@@ -312,7 +417,7 @@ export class TenantPool {
 
   /** Opens servers for waiters, up to the exact cap, unless a recent connect failed. */
   private grow(): void {
-    while (!this.closed && this.waiters.length > this.opening && this.total < this.settings.size) {
+    while (!this.closed && !this.paused && this.waiters.length > this.opening && this.total < this.settings.size) {
       if (this.inBackoff()) return
       this.open()
     }
@@ -388,7 +493,9 @@ export class TenantPool {
       const w = this.waiters.shift()!
       if (w.cancelled) continue
       this.counters.checkoutTimeouts++
-      w.callback(tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode), undefined)
+      const error = tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode)
+      if (this.onWaitEnded !== undefined) this.onWaitEnded(w.since, this.waiters.length, error)
+      w.callback(error, undefined)
     }
     this.armDeadline()
   }

@@ -1,3 +1,4 @@
+export { LATENCY_BUCKETS_SECONDS, LatencyHistogram } from "./Histogram.ts"
 export { PoolRegistry } from "./PoolRegistry.ts"
 export {
   type CheckoutCallback,
@@ -5,5 +6,6 @@ export {
   PoolCounters,
   type PoolMode,
   type PoolSettings,
+  type ServerView,
   TenantPool
 } from "./TenantPool.ts"

@@ -126,6 +126,64 @@ export const negotiateProtocolVersion = (newestMinor: number, unrecognized: Read
   return buf
 }
 
+/** A result column as the admin console describes it: text-format values of a builtin type. */
+export interface ColumnDescription {
+  readonly name: string
+  /** pg_type OID: 25 text, 20 int8, 23 int4, 16 bool, 1700 numeric. */
+  readonly typeOid: number
+}
+
+const TYPE_SIZES: Readonly<Record<number, number>> = { 16: 1, 20: 8, 23: 4 }
+
+export const rowDescription = (columns: ReadonlyArray<ColumnDescription>): Buffer => {
+  let size = 2
+  for (const c of columns) size += Buffer.byteLength(c.name) + 1 + 18
+  const buf = header(0x54 /* T */, size)
+  buf.writeInt16BE(columns.length, 5)
+  let at = 7
+  for (const c of columns) {
+    at += buf.write(c.name, at)
+    buf[at++] = 0
+    buf.writeInt32BE(0, at) // table OID
+    buf.writeInt16BE(0, at + 4) // column number
+    buf.writeInt32BE(c.typeOid, at + 6)
+    buf.writeInt16BE(TYPE_SIZES[c.typeOid] ?? -1, at + 10)
+    buf.writeInt32BE(-1, at + 12) // type modifier
+    buf.writeInt16BE(0, at + 16) // text format
+    at += 18
+  }
+  return buf
+}
+
+/** One row in text format; `null` is SQL NULL. */
+export const dataRow = (values: ReadonlyArray<string | null>): Buffer => {
+  let size = 2
+  for (const v of values) size += 4 + (v === null ? 0 : Buffer.byteLength(v))
+  const buf = header(0x44 /* D */, size)
+  buf.writeInt16BE(values.length, 5)
+  let at = 7
+  for (const v of values) {
+    if (v === null) {
+      buf.writeInt32BE(-1, at)
+      at += 4
+    } else {
+      const n = buf.write(v, at + 4)
+      buf.writeInt32BE(n, at)
+      at += 4 + n
+    }
+  }
+  return buf
+}
+
+export const commandComplete = (tag: string): Buffer => {
+  const buf = header(0x43 /* C */, Buffer.byteLength(tag) + 1)
+  const n = buf.write(tag, 5)
+  buf[5 + n] = 0
+  return buf
+}
+
+export const emptyQueryResponse = (): Buffer => header(0x49 /* I */, 0)
+
 // ---------------------------------------------------------------------------------------------
 // Decoders. Each takes the body as (buf, start, end) — exactly what MessageScanner hands over.
 

@@ -1,5 +1,6 @@
 import type * as net from "node:net"
-import { Effect, Exit } from "effect"
+import { Effect, Exit, Fiber, Logger } from "effect"
+import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import { authenticateClient, type ClientCredentials, matchUsers } from "../auth/index.ts"
 import {
   AppConfig,
@@ -19,6 +20,7 @@ import {
   parameterStatus,
   readyForQuery
 } from "../protocol/index.ts"
+import { EventCounters, tenantLogLevel } from "../telemetry/index.ts"
 import { banOf, revokedSince, TenantRegistry } from "../tenants/index.ts"
 import { channelBindingOf, DownstreamTls, UpstreamTls } from "../tls/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
@@ -66,6 +68,7 @@ const poolKey = (tenant: string, user: string, mode: PoolMode, database: string)
 export const clientSession = (socket: net.Socket, mode: PoolMode) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
+    const events = yield* EventCounters
     const client = new ClientSocket(socket)
     const log: LogContext = { mode, peer_ip: client.remoteAddress }
 
@@ -77,13 +80,24 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
         })
       )
       if (auth === undefined) return // a CancelRequest, handled
-      yield* attach(client, auth, mode)
+      if ("admin" in auth) return yield* adminConsole(client, auth.admin)
+      const level = tenantLogLevel(auth.tenant.feature_flags)
+      yield* level === undefined
+        ? attach(client, auth, mode)
+        : Logger.withMinimumLogLevel(attach(client, auth, mode), level)
     })
 
     yield* body.pipe(
       Effect.catchAll((error) =>
         Effect.zipRight(
-          Effect.sync(() => client.fail(error)),
+          Effect.sync(() => {
+            events.error(log.tenant, error.code)
+            client.fail(error)
+          }).pipe(
+            Effect.tap(() =>
+              Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" })
+            )
+          ),
           // Annotated here, not up front: tenant and user are learnt during the handshake.
           (error.code === "ECLIENTSOCKETCLOSED"
             ? Effect.logDebug(error.message)
@@ -102,6 +116,7 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     const tenants = yield* TenantRegistry
     const sessions = yield* SessionRegistry
     const downstreamTls = yield* DownstreamTls
+    const events = yield* EventCounters
 
     yield* acceptDirectTls(client, downstreamTls)
     let startup: Readonly<Record<string, string>> | undefined
@@ -126,6 +141,11 @@ const handshake = (client: ClientSocket, log: LogContext) =>
       }
     }
 
+    if (isAdminDatabase(startup.database)) {
+      log.user = startup.user
+      return { admin: yield* authenticateAdmin(client, startup, log.peer_ip) }
+    }
+
     const resolved = resolveIdentity(startup)
     if ("_tag" in resolved) return yield* resolved
     const identity = resolved.tenant !== undefined ? resolved : { ...resolved, tenant: tenantBySni(client, tenants) }
@@ -134,8 +154,10 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     log.tenant = identity.tenant
     // Every refusal that depends on what exists is answered after the same delay, so timing tells a
     // prober nothing about which tenants and users exist, and guessing stays slow.
-    const refuse = (error: TidepoolError) =>
-      Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
+    const refuse = (error: TidepoolError) => {
+      events.loginFailed(identity.tenant, "none", error.code)
+      return Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
+    }
     const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
     const tenant = tenants.get(identity.tenant)
     if (tenant === undefined) return yield* notFound
@@ -154,11 +176,14 @@ const handshake = (client: ClientSocket, log: LogContext) =>
     }
 
     const tls = client.tls
+    const method =
+      tenant.use_jit && tls !== undefined ? "cleartext" : tenant.require_user ? "scram-sha-256" : "auth_query"
     const credentials = yield* authenticateClient(client, tenant, user, identity.user, log.peer_ip, {
       tls: tls !== undefined,
       channelBinding: tls === undefined ? undefined : channelBindingOf(tls),
       jit: identity.jit
-    })
+    }).pipe(Effect.tapError((error) => Effect.sync(() => events.loginFailed(tenant.external_id, method, error.code))))
+    events.loginSucceeded(tenant.external_id, identity.user, method)
     client.write(authenticationOk())
 
     const settings = new Map<string, string>()
@@ -306,9 +331,31 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
     let relay: SessionRelay | TransactionRelay | undefined
     let drainRequested = false
     let kicked: TidepoolError | undefined
+    const self = yield* Effect.withFiberRuntime<Fiber.RuntimeFiber<unknown, unknown>>((fiber) => Effect.succeed(fiber))
     const key = yield* Effect.acquireRelease(
       Effect.sync(() =>
         sessions.register({
+          kill: () => Fiber.interruptFork(self),
+          info: {
+            pool,
+            user: auth.identity.user,
+            address: client.remoteAddress,
+            port: client.socket.remotePort ?? 0,
+            localAddress: client.socket.localAddress ?? "",
+            localPort: client.socket.localPort ?? 0,
+            connectedAt: Date.now(),
+            applicationName: auth.settings.get("application_name") ?? "",
+            tls: client.tls !== undefined,
+            state: () =>
+              relay instanceof TransactionRelay
+                ? relay.server !== undefined
+                  ? "active"
+                  : relay.isWaiting
+                    ? "waiting"
+                    : "idle"
+                : "active",
+            server: () => (relay instanceof TransactionRelay ? relay.server : server)
+          },
           cancel: () => {
             // Only the query running for this client right now; a client between transactions holds
             // no server, and its cancel does nothing (no delayed cancel hitting someone else's query).

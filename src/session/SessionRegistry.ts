@@ -1,6 +1,26 @@
 import { randomInt } from "node:crypto"
 import { Effect } from "effect"
 import type { TidepoolError } from "../errors/index.ts"
+import type { TenantPool } from "../pool/index.ts"
+import type { ServerConnection } from "../upstream/index.ts"
+
+/** What the admin console shows of a logged-in client; built once per session. */
+export interface SessionInfo {
+  readonly pool: TenantPool
+  /** The user name the client logged in with, without the tenant part. */
+  readonly user: string
+  readonly address: string
+  readonly port: number
+  readonly localAddress: string
+  readonly localPort: number
+  /** Epoch ms. */
+  readonly connectedAt: number
+  readonly applicationName: string
+  readonly tls: boolean
+  /** `active`: holds a server; `waiting`: waits for one; `idle`: neither (transaction mode, between transactions). */
+  readonly state: () => "active" | "waiting" | "idle"
+  readonly server: () => ServerConnection | undefined
+}
 
 /** What the registry needs from a live client session. */
 export interface SessionHandle {
@@ -13,6 +33,14 @@ export interface SessionHandle {
   readonly user: string
   /** Control plane (ban, delete, terminate): end the session now with `error`, even mid-transaction. */
   readonly kick: (error: TidepoolError) => void
+  /** Admin KILL: ends the session now (57P01). */
+  readonly kill?: () => Effect.Effect<void>
+  /** Absent for admin console sessions, which are not pooled clients. */
+  readonly info?: SessionInfo
+}
+
+export interface RegisteredSession extends SessionKey {
+  readonly handle: SessionHandle
 }
 
 export interface SessionKey {
@@ -81,6 +109,9 @@ export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool
       drainAll: (): void => {
         for (const { handle } of sessions.values()) handle.drain()
       },
+      /** Every live session, for the admin console and metrics (allocates: not for the hot path). */
+      all: (): Array<RegisteredSession> =>
+        Array.from(sessions, ([processId, { secretKey, handle }]) => ({ processId, secretKey, handle })),
       get size(): number {
         return sessions.size
       }

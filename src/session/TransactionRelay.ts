@@ -116,6 +116,8 @@ export class TransactionRelay {
   private ended = false
   /** The held server's `parameterChanges` when it was lent: a difference means the client SET something. */
   private changesAtAttach = 0
+  /** When the held server was lent (performance.now()), for the transaction duration histogram. */
+  private attachedAt = 0
 
   /**
    * @param settings the client's session settings (lower-cased names); re-applied silently whenever
@@ -141,6 +143,11 @@ export class TransactionRelay {
   /** The server held right now, for CancelRequest routing. */
   get server(): ServerConnection | undefined {
     return this.held
+  }
+
+  /** Waiting for the pool to lend a server (admin console's client state). */
+  get isWaiting(): boolean {
+    return this.waiting
   }
 
   /** Takes over the client socket; `readAhead` holds bytes the handshake read past its end. */
@@ -328,6 +335,7 @@ export class TransactionRelay {
       change.commit()
     }
     this.changesAtAttach = server.parameterChanges
+    this.attachedAt = performance.now()
     const queue = this.queue
     let ok = true
     if (queue.length === 1) {
@@ -377,6 +385,7 @@ export class TransactionRelay {
   /** Releases the held server at a transaction boundary; ends the relay there when draining. */
   private releaseAtBoundary(server: ServerConnection): void {
     this.pool.counters.transactions++
+    this.pool.counters.transactionTime.observe(performance.now() - this.attachedAt)
     this.detach(server)
     this.pool.release(server)
     if (this.draining) this.end({ _tag: "Drained" })

@@ -1,4 +1,10 @@
 export { clientSession } from "./ClientSession.ts"
-export { type SessionHandle, type SessionKey, SessionRegistry } from "./SessionRegistry.ts"
+export {
+  type RegisteredSession,
+  type SessionHandle,
+  type SessionInfo,
+  type SessionKey,
+  SessionRegistry
+} from "./SessionRegistry.ts"
 export { FORWARDED_PARAMETERS, TRACKED_PARAMETERS } from "./settings.ts"
 export { retarget, TenantChanges } from "./TenantChanges.ts"

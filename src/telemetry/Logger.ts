@@ -1,4 +1,4 @@
-import { Cause, HashMap, Layer, List, Logger, LogLevel, Redacted } from "effect"
+import { Cause, Context, FiberRef, FiberRefs, HashMap, Layer, List, Logger, LogLevel, Redacted, Tracer } from "effect"
 
 export type LogFormat = "json" | "pretty"
 
@@ -22,7 +22,7 @@ const messageOf = (message: unknown): string => {
 }
 
 /** One JSON object per line: level, time, msg, then the session's fields (DESIGN §7). */
-const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, spans }) => {
+const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, spans, context }) => {
   const line: Record<string, unknown> = {
     level: logLevel._tag.toLowerCase(),
     time: date.toISOString(),
@@ -32,6 +32,12 @@ const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, s
   if (!Cause.isEmpty(cause)) line.cause = Cause.pretty(cause, { renderErrorCause: true })
   const span = List.head(spans)
   if (span._tag === "Some") line.span = span.value.label
+  // DESIGN §7: inside a span, the line names its trace, so logs and traces join up in Grafana.
+  const current = Context.getOption(FiberRefs.getOrDefault(context, FiberRef.currentContext), Tracer.ParentSpan)
+  if (current._tag === "Some") {
+    line.trace_id = current.value.traceId
+    line.span_id = current.value.spanId
+  }
   process.stdout.write(`${JSON.stringify(line)}\n`)
 })
 
@@ -52,6 +58,15 @@ const levels: Record<string, LogLevel.LogLevel> = {
   warning: LogLevel.Warning,
   error: LogLevel.Error,
   none: LogLevel.None
+}
+
+/**
+ * A tenant's own log level (`feature_flags.log_level`, e.g. `debug`), for debugging one tenant without
+ * raising the whole node's level; undefined when unset or not a level name.
+ */
+export const tenantLogLevel = (featureFlags: Readonly<Record<string, unknown>>): LogLevel.LogLevel | undefined => {
+  const level = featureFlags.log_level
+  return typeof level === "string" ? levels[level.toLowerCase()] : undefined
 }
 
 /** Replaces Effect's default logger with Tidepool's. */

@@ -427,6 +427,8 @@ export class ServerConnection {
         if (m.type !== R) continue
         const auth = decodeAuthentication(m.body, 0, m.body.length)
         if (auth instanceof ProtocolError) return yield* connectFailed(auth.message)
+        const method = LOGIN_METHODS[auth._tag]
+        if (method !== undefined) yield* Effect.annotateCurrentSpan("tidepool.login_method", method)
         switch (auth._tag) {
           case "AuthenticationOk":
             break
@@ -500,6 +502,20 @@ const requirePassword = (password: Redacted.Redacted<string> | undefined, user: 
     ? Effect.fail(connectFailed(`the server asked for a password for user "${user}" and none is configured`))
     : Effect.succeed(Redacted.value(password))
 
+/** DESIGN §7: the `upstream.connect` span's login method, by what the server asked for. */
+const LOGIN_METHODS: Partial<Record<string, string>> = {
+  AuthenticationCleartextPassword: "password",
+  AuthenticationMD5Password: "md5",
+  AuthenticationSASL: "scram-sha-256"
+}
+
+/** DESIGN §7: the `upstream.connect` span says how the attempt ended, and a failure's code. */
+const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
+  Effect.tapBoth(self, {
+    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
+    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
+  })
+
 /**
  * A connected socket to the target, TLS-upgraded when the target asks for it, within the connect
  * timeout. On failure nothing is left open.
@@ -539,6 +555,7 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
     "db.user": target.user,
     tls: target.tls !== undefined
   })
+  yield* Effect.annotateCurrentSpan("tidepool.login_method", "trust") // until the server asks for a password
   const socket = yield* openSocket(target)
   const conn = new ServerConnection(socket, target, options)
   yield* conn.login().pipe(
@@ -550,7 +567,7 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
     Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
   )
   return conn
-})
+}, annotateOutcome)
 
 /**
  * Sends a CancelRequest for `pid` on a fresh connection to the server's address — over TLS when the

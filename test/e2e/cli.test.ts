@@ -169,6 +169,49 @@ describe("tidepool serve", () => {
     expect(malformed.output()).not.toContain("too-short")
   })
 
+  it("exits gracefully on the admin console's SHUTDOWN, after the open transaction ends", async () => {
+    const config = path.join(dir, "shutdown.yaml")
+    writeFileSync(
+      config,
+      [
+        "server:",
+        "  admin_users: ops=ops-secret",
+        "tenants:",
+        "  - external_id: acme",
+        `    db_host: ${db.host}`,
+        `    db_port: ${db.port}`,
+        "    db_database: postgres",
+        "    users:",
+        "      - db_user: app",
+        "        db_password: app-secret"
+      ].join("\n")
+    )
+    const env = await ports()
+    const cli = runCli(["serve", "--config", config], { ...env, VAULT_ENC_KEY, TIDEPOOL_SHUTDOWN_TIMEOUT: "20000" })
+    try {
+      await cli.waitFor(/tidepool listening/)
+      const port = env.PROXY_PORT_TRANSACTION
+      const client = new pg.Client({ connectionString: `postgresql://app.acme:app-secret@127.0.0.1:${port}/postgres` })
+      client.on("error", () => undefined)
+      await client.connect()
+      await client.query("BEGIN")
+      const admin = new pg.Client({ connectionString: `postgresql://ops:ops-secret@127.0.0.1:${port}/pgbouncer` })
+      admin.on("error", () => undefined)
+      await admin.connect()
+      await admin.query("SHUTDOWN")
+      await cli.waitFor(/shutdown requested from the admin console/)
+      // The transaction finishes on its server; the client is closed at its boundary, then the process exits.
+      expect((await client.query("SELECT 1 AS one")).rows[0].one).toBe(1)
+      await client.query("COMMIT").catch(() => undefined)
+      expect(await cli.exited).toBe(0)
+    } catch (e) {
+      console.log(cli.output())
+      throw e
+    } finally {
+      cli.child.kill("SIGKILL")
+    }
+  })
+
   it("fails start-up naming the variable of a taken port", async () => {
     const env = await ports()
     const taken = await new Promise<import("node:net").Server>((resolve) => {

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto"
-import { Effect } from "effect"
+import { Effect, Redacted } from "effect"
 import { generateKeyPair, SignJWT } from "jose"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -12,6 +12,8 @@ import { hasTool, run } from "../support/tools.ts"
 
 const hasPsql = await hasTool("psql")
 if (!hasPsql) console.log("api.test: `psql` is not on PATH, so the psql check is skipped")
+
+const METRICS_SECRET = "test-metrics-jwt-secret-0123456789abcdef"
 
 let db: PostgresServer
 let tidepool: RunningTidepool
@@ -58,7 +60,8 @@ beforeAll(async () => {
     api: true,
     config: {
       jwtClaimValidators: claims,
-      apiTokenBlocklist: [createHash("sha256").update(revoked).digest("hex")]
+      apiTokenBlocklist: [createHash("sha256").update(revoked).digest("hex")],
+      metricsJwtSecret: Redacted.make(METRICS_SECRET)
     }
   })
 })
@@ -71,6 +74,17 @@ afterAll(async () => {
 const good = () => mintToken(claims)
 
 describe("API auth (JWT)", () => {
+  it("serves /metrics on the API port with METRICS_JWT_SECRET tokens only", async () => {
+    const metricsToken = await mintToken(claims, { secret: METRICS_SECRET })
+    const page = await callApi(tidepool, "GET", "/metrics", { token: metricsToken })
+    expect(page.status).toBe(200)
+    expect(page.headers.get("content-type")).toMatch(/^text\/plain/)
+    expect(page.text).toMatch(/^# (HELP|TYPE) /m)
+    expect((await callApi(tidepool, "GET", "/metrics")).status).toBe(403) // an API token is not a metrics token
+    expect((await callApi(tidepool, "GET", "/metrics", { token: null })).status).toBe(403)
+    expect((await callApi(tidepool, "GET", "/metrics/acme", { token: metricsToken })).status).toBe(200)
+  })
+
   it("answers health without a token", async () => {
     expect((await callApi(tidepool, "GET", "/api/health", { token: null })).status).toBe(204)
   })

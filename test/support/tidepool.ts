@@ -1,5 +1,6 @@
 import { randomBytes } from "node:crypto"
 import { Effect, HashMap, Layer, Logger, LogLevel, ManagedRuntime, Redacted, Schema } from "effect"
+import type { AdminControl } from "../../src/admin/index.ts"
 import { ApiServer } from "../../src/api/index.ts"
 import type { AuthQuery, CircuitBreaker } from "../../src/auth/index.ts"
 import { AppConfig, type AppConfigShape, Tenant } from "../../src/config/index.ts"
@@ -7,7 +8,7 @@ import { Listeners } from "../../src/listener/index.ts"
 import type { PoolRegistry } from "../../src/pool/index.ts"
 import type { SessionRegistry } from "../../src/session/index.ts"
 import { tidepoolLayer } from "../../src/Tidepool.ts"
-import { loggerLayer } from "../../src/telemetry/index.ts"
+import { type EventCounters, loggerLayer, type Metrics, tracingLayer } from "../../src/telemetry/index.ts"
 import { sqliteStore, type TenantRegistry, type Tenants, Vault } from "../../src/tenants/index.ts"
 
 export interface TidepoolOptions {
@@ -23,6 +24,8 @@ export interface TidepoolOptions {
   readonly api?: boolean
   /** Keep every log line (debug and up) in `logs` instead of printing them. */
   readonly captureLogs?: boolean
+  /** OTEL_* variables for the trace exporter (none: no export, as in production). */
+  readonly tracing?: Readonly<Record<string, string>>
 }
 
 export interface CapturedLog {
@@ -49,7 +52,10 @@ export interface RunningTidepool {
     | SessionRegistry
     | AuthQuery
     | CircuitBreaker
-    | ApiServer,
+    | ApiServer
+    | AdminControl
+    | EventCounters
+    | Metrics,
     unknown
   >
   /** Log lines so far, with `captureLogs`. */
@@ -94,7 +100,8 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
       options.captureLogs === true
         ? Layer.merge(Logger.replace(Logger.defaultLogger, capture), Logger.minimumLogLevel(LogLevel.Debug))
         : loggerLayer(config.logFormat, config.logLevel)
-    )
+    ),
+    Layer.provide(tracingLayer(options.tracing ?? {}))
   )
   const runtime = ManagedRuntime.make(layer)
   const { listeners, api } = await runtime

@@ -1,0 +1,314 @@
+import { Deferred, Effect, Either } from "effect"
+import { annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
+import { AppConfig } from "../config/index.ts"
+import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { PoolRegistry, type TenantPool } from "../pool/index.ts"
+import {
+  authenticationOk,
+  backendKeyData,
+  commandComplete,
+  createScramSecret,
+  dataRow,
+  emptyQueryResponse,
+  noticeResponse,
+  parameterStatus,
+  parseScramSecret,
+  readyForQuery,
+  rowDescription
+} from "../protocol/index.ts"
+// Not the session index: it re-exports ClientSession, which calls into this module.
+import type { ClientSocket } from "../session/ClientSocket.ts"
+import { SessionRegistry } from "../session/SessionRegistry.ts"
+import { TenantRegistry } from "../tenants/index.ts"
+import { AdminControl } from "./AdminControl.ts"
+import {
+  type AdminSnapshot,
+  type ResultSet,
+  showClients,
+  showConfig,
+  showDatabases,
+  showLists,
+  showPools,
+  showServers,
+  showStats,
+  showUsers,
+  showVersion
+} from "./AdminViews.ts"
+
+/** The database names that mean "the admin console", as in PgBouncer (plus our own name). */
+export const isAdminDatabase = (database: string | undefined): boolean =>
+  database === "pgbouncer" || database === "tidepool"
+
+/** Breaker key of admin logins: failures from one address block it like a tenant's. */
+const BREAKER_TENANT = "\u0000admin"
+
+export interface AdminLogin {
+  readonly user: string
+}
+
+/**
+ * Authenticates an admin console login with SCRAM-SHA-256 against `TIDEPOOL_ADMIN_USERS`. The user
+ * name is taken whole (no tenant part). Refusals come after the failure delay, under the same
+ * per-address breaker as tenant logins.
+ */
+export const authenticateAdmin = Effect.fn("client.auth")(function* (
+  client: ClientSocket,
+  startup: Readonly<Record<string, string>>,
+  address: string
+) {
+  const config = yield* AppConfig
+  const breaker = yield* CircuitBreaker
+  const user = startup.user ?? ""
+  yield* Effect.annotateCurrentSpan({ "db.user": user, method: "scram-sha-256 admin" })
+  if (yield* breaker.isAddressBlocked(BREAKER_TENANT, address)) {
+    return yield* tidepoolError(
+      "ECIRCUITBREAKER",
+      "too many authentication failures, new connections are temporarily blocked"
+    )
+  }
+  const refuse = (error: TidepoolError) =>
+    Effect.zipRight(
+      Effect.zipRight(breaker.authFailed(BREAKER_TENANT, address), Effect.sleep(config.authFailureDelayMs)),
+      Effect.fail(error)
+    )
+  const admin = config.adminUsers.find((u) => u.name === user)
+  if (admin === undefined) return yield* refuse(tidepoolError("ENOTADMIN", user))
+  const secret = parseScramSecret(admin.secret) ?? createScramSecret(admin.secret)
+  const proof = yield* Effect.either(authenticateScram(client, secret, user, 0))
+  if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
+  yield* breaker.authSucceeded(BREAKER_TENANT, address)
+  client.write(authenticationOk())
+  return { user } satisfies AdminLogin
+}, annotateOutcome)
+
+const HELP = [
+  "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|HELP",
+  "PAUSE [db]    hold new transactions (db: tenant or tenant/database); waits for running ones",
+  "RESUME [db]   release held transactions",
+  "RECONNECT [db] replace every server connection once it is idle",
+  "KILL db       close the clients and server connections of db (clients get 57P01)",
+  "RELOAD        nothing to reload: tenants change through the HTTP API",
+  "SHUTDOWN      graceful shutdown of the whole pooler, as on SIGTERM"
+].join("\n")
+
+const Q = 0x51
+const X = 0x58
+const S = 0x53
+
+const render = (out: Array<Buffer>, result: ResultSet, tag: string) => {
+  out.push(rowDescription(result.columns))
+  for (const row of result.rows) out.push(dataRow(row))
+  out.push(commandComplete(tag))
+}
+
+const notice = (message: string, detail?: string) =>
+  noticeResponse({ severity: "NOTICE", code: "00000", message, ...(detail !== undefined ? { detail } : {}) })
+
+/** `"acme/app"`, `'acme/app'` or `acme/app` → `acme/app`. */
+const unquote = (arg: string | undefined): string | undefined =>
+  arg === undefined ? undefined : arg.replace(/^(["'])(.*)\1$/, "$2")
+
+/**
+ * The admin console session: PgBouncer's commands over the simple query protocol. Each statement of
+ * a query string answers on its own; an error ends the query string, not the session.
+ */
+export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
+  Effect.gen(function* () {
+    const config = yield* AppConfig
+    const registry = yield* PoolRegistry
+    const sessions = yield* SessionRegistry
+    const tenants = yield* TenantRegistry
+    const control = yield* AdminControl
+    const drained = yield* Deferred.make<void>()
+
+    const key = yield* Effect.acquireRelease(
+      Effect.sync(() =>
+        sessions.register({
+          cancel: () => Effect.void,
+          drain: () => Deferred.unsafeDone(drained, Effect.void),
+          // No tenant: tenant kicks never match an admin session.
+          tenant: "",
+          user: login.user,
+          kick: () => Deferred.unsafeDone(drained, Effect.void)
+        })
+      ),
+      (key) => Effect.sync(() => sessions.unregister(key))
+    )
+    client.write(
+      Buffer.concat([
+        // psql and drivers need these; server_version is PgBouncer's, so tools treat us as PgBouncer.
+        parameterStatus("server_version", "1.21.0/bouncer"),
+        parameterStatus("server_encoding", "UTF8"),
+        parameterStatus("client_encoding", "UTF8"),
+        parameterStatus("DateStyle", "ISO"),
+        parameterStatus("integer_datetimes", "on"),
+        parameterStatus("standard_conforming_strings", "on"),
+        parameterStatus("application_name", "tidepool"),
+        backendKeyData(key.processId, key.secretKey),
+        readyForQuery("I")
+      ])
+    )
+    yield* Effect.logInfo(`admin console login: ${login.user}`)
+
+    const snapshot = (): AdminSnapshot => ({
+      config,
+      tenants: tenants.all(),
+      pools: registry.all(),
+      sessions: sessions.all(),
+      now: Date.now()
+    })
+
+    /** A db argument must name a tenant (`acme`) or a tenant database (`acme/app`) this node serves. */
+    const target = (arg: string | undefined, required: boolean): Effect.Effect<string | undefined, TidepoolError> => {
+      const name = unquote(arg)
+      if (name === undefined) {
+        return required
+          ? Effect.fail(tidepoolError("EADMINCOMMAND", "this command needs a database name"))
+          : Effect.succeed(undefined)
+      }
+      const tenant = name.includes("/") ? name.slice(0, name.indexOf("/")) : name
+      return tenants.get(tenant) === undefined
+        ? Effect.fail(tidepoolError("EADMINCOMMAND", `no such database: ${name}`))
+        : Effect.succeed(name)
+    }
+    const poolsOf = (name: string | undefined): ReadonlyArray<TenantPool> =>
+      registry
+        .all()
+        .filter(
+          (p) =>
+            name === undefined || name === p.settings.tenant || name === `${p.settings.tenant}/${p.settings.database}`
+        )
+
+    const waitQuiet = (pools: ReadonlyArray<TenantPool>) =>
+      Effect.forEach(
+        // A session-mode client holds its server for life: waiting for it could take forever.
+        pools.filter((p) => p.settings.mode === "transaction"),
+        (pool) =>
+          Effect.async<void>((resume) => {
+            const forget = pool.whenQuiet(() => resume(Effect.void))
+            return Effect.sync(forget)
+          }),
+        { discard: true }
+      )
+
+    const statement = (sql: string, out: Array<Buffer>): Effect.Effect<void, TidepoolError> =>
+      Effect.gen(function* () {
+        const words = sql.trim().split(/\s+/)
+        const command = (words[0] ?? "").toUpperCase()
+        const arg = words[1]
+        if (words.length > 2) {
+          return yield* tidepoolError("EADMINCOMMAND", `too many arguments: ${sql.trim()}`)
+        }
+        switch (command) {
+          case "SHOW": {
+            const what = (arg ?? "").toUpperCase()
+            const views: Record<string, (s: AdminSnapshot) => ResultSet> = {
+              POOLS: showPools,
+              CLIENTS: showClients,
+              SERVERS: showServers,
+              STATS: showStats,
+              DATABASES: showDatabases,
+              USERS: showUsers,
+              CONFIG: showConfig,
+              LISTS: showLists,
+              VERSION: showVersion
+            }
+            if (what === "HELP") {
+              out.push(notice("Console usage", HELP), commandComplete("SHOW"))
+              return
+            }
+            const view = views[what]
+            if (view === undefined)
+              return yield* tidepoolError("EADMINCOMMAND", `unknown SHOW: ${arg ?? ""}; try SHOW HELP`)
+            render(out, view(snapshot()), "SHOW")
+            return
+          }
+          case "PAUSE": {
+            const name = yield* target(arg, false)
+            const paused = registry.pause(name)
+            yield* Effect.logWarning(`admin ${login.user}: PAUSE ${name ?? "(all)"}`)
+            // As PgBouncer: answer once every running transaction has finished.
+            yield* waitQuiet(paused)
+            out.push(commandComplete("PAUSE"))
+            return
+          }
+          case "RESUME": {
+            const name = yield* target(arg, false)
+            registry.resume(name)
+            yield* Effect.logWarning(`admin ${login.user}: RESUME ${name ?? "(all)"}`)
+            out.push(commandComplete("RESUME"))
+            return
+          }
+          case "RECONNECT": {
+            const name = yield* target(arg, false)
+            for (const pool of poolsOf(name)) pool.reconnect()
+            yield* Effect.logWarning(`admin ${login.user}: RECONNECT ${name ?? "(all)"}`)
+            out.push(commandComplete("RECONNECT"))
+            return
+          }
+          case "KILL": {
+            const name = yield* target(arg, true)
+            const pools = new Set(poolsOf(name))
+            yield* Effect.logWarning(`admin ${login.user}: KILL ${name}`)
+            for (const session of sessions.all()) {
+              const info = session.handle.info
+              if (info !== undefined && pools.has(info.pool) && session.handle.kill !== undefined) {
+                yield* session.handle.kill()
+              }
+            }
+            for (const pool of pools) pool.reconnect()
+            out.push(commandComplete("KILL"))
+            return
+          }
+          case "RELOAD":
+            out.push(
+              notice("RELOAD: nothing to reload", "Tenants change through the HTTP API; settings need a restart."),
+              commandComplete("RELOAD")
+            )
+            return
+          case "SHUTDOWN":
+            yield* Effect.logWarning(`admin ${login.user}: SHUTDOWN`)
+            out.push(commandComplete("SHUTDOWN"))
+            yield* control.requestShutdown
+            return
+          default:
+            return yield* tidepoolError("EADMINCOMMAND", `unknown command: ${words[0] ?? ""}; try SHOW HELP`)
+        }
+      })
+
+    const query = (text: string) =>
+      Effect.gen(function* () {
+        const statements = text.split(";").filter((s) => s.trim() !== "")
+        const out: Array<Buffer> = []
+        if (statements.length === 0) out.push(emptyQueryResponse())
+        for (const sql of statements) {
+          const failed = yield* Effect.either(statement(sql, out))
+          if (Either.isLeft(failed)) {
+            out.push(renderErrorResponse(failed.left))
+            break
+          }
+        }
+        out.push(readyForQuery("I"))
+        client.write(Buffer.concat(out))
+      })
+
+    // The extended protocol is refused once per Sync-delimited batch; Sync answers ReadyForQuery.
+    let refusedBatch = false
+    for (;;) {
+      const message = yield* Effect.raceFirst(client.readMessage, Effect.as(Deferred.await(drained), undefined))
+      if (message === undefined) return yield* tidepoolError("EADMINSHUTDOWN")
+      if (message.type === X) return
+      if (message.type === Q) {
+        const nul = message.body.indexOf(0)
+        yield* query(message.body.toString("utf8", 0, nul < 0 ? message.body.length : nul))
+      } else if (message.type === S) {
+        refusedBatch = false
+        client.write(readyForQuery("I"))
+      } else if (!refusedBatch) {
+        refusedBatch = true
+        client.write(
+          renderErrorResponse(tidepoolError("EADMINCOMMAND", "the admin console speaks the simple query protocol only"))
+        )
+      }
+    }
+  }).pipe(Effect.scoped)

@@ -1,0 +1,2 @@
+export { type AdminLogin, adminConsole, authenticateAdmin, isAdminDatabase } from "./AdminConsole.ts"
+export { AdminControl } from "./AdminControl.ts"

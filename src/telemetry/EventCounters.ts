@@ -1,0 +1,48 @@
+import { Effect } from "effect"
+import { TenantRegistry } from "../tenants/index.ts"
+
+/** A counter per distinct label tuple; the key joins the label values with NUL. */
+export type LabelledCounts = Map<string, number>
+
+const bump = (counts: LabelledCounts, key: string) => {
+  counts.set(key, (counts.get(key) ?? 0) + 1)
+}
+
+/**
+ * Counts of control-plane events (client-visible errors, logins) for the metrics exporter. Updated
+ * once per event off the hot path. A tenant label names only a tenant this node serves: a client
+ * asking for tenants that do not exist must not grow the label set (an unknown tenant counts as "").
+ */
+export class EventCounters extends Effect.Service<EventCounters>()("tidepool/EventCounters", {
+  effect: Effect.gen(function* () {
+    const tenants = yield* TenantRegistry
+    const known = (tenant: string | undefined) =>
+      tenant !== undefined && tenants.get(tenant) !== undefined ? tenant : ""
+    /** tenant, code */
+    const errors: LabelledCounts = new Map()
+    /** tenant, user, method */
+    const joinsOk: LabelledCounts = new Map()
+    /** tenant, method, reason (the error code) */
+    const joinsFail: LabelledCounts = new Map()
+    return {
+      errors,
+      joinsOk,
+      joinsFail,
+      /** A client-visible error (or a log-only one such as ECLIENTSOCKETCLOSED), by code. */
+      error: (tenant: string | undefined, code: string): void => bump(errors, `${known(tenant)}\u0000${code}`),
+      loginSucceeded: (tenant: string, user: string, method: string): void =>
+        bump(joinsOk, `${known(tenant)}\u0000${user}\u0000${method}`),
+      loginFailed: (tenant: string | undefined, method: string, code: string): void =>
+        bump(joinsFail, `${known(tenant)}\u0000${method}\u0000${code}`),
+      /** Drops the series of tenants this node no longer serves (a deleted tenant's series disappear). */
+      prune: (): void => {
+        for (const counts of [errors, joinsOk, joinsFail]) {
+          for (const key of counts.keys()) {
+            const tenant = key.slice(0, key.indexOf("\u0000"))
+            if (tenant !== "" && tenants.get(tenant) === undefined) counts.delete(key)
+          }
+        }
+      }
+    } as const
+  })
+}) {}

@@ -1,0 +1,370 @@
+import { monitorEventLoopDelay } from "node:perf_hooks"
+import { Effect } from "effect"
+import { LATENCY_BUCKETS_SECONDS, type LatencyHistogram, PoolRegistry, type TenantPool } from "../pool/index.ts"
+import { TenantRegistry } from "../tenants/index.ts"
+import { EventCounters, type LabelledCounts } from "./EventCounters.ts"
+
+/** Prometheus text exposition format 0.0.4. */
+export const PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+const escapeLabel = (value: string) => value.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")
+
+const labels = (names: ReadonlyArray<string>, values: ReadonlyArray<string>): string =>
+  names.length === 0 ? "" : `{${names.map((name, i) => `${name}="${escapeLabel(values[i] ?? "")}"`).join(",")}}`
+
+/** Builds one exposition: every metric's HELP and TYPE once, then its samples. */
+class Exposition {
+  private readonly lines: Array<string> = []
+
+  family(name: string, type: "counter" | "gauge" | "histogram", help: string): void {
+    this.lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`)
+  }
+
+  sample(name: string, labelText: string, value: number): void {
+    this.lines.push(`${name}${labelText} ${Number.isFinite(value) ? value : 0}`)
+  }
+
+  text(): string {
+    return `${this.lines.join("\n")}\n`
+  }
+}
+
+const POOL_LABELS = ["tenant", "user", "mode", "db_name"] as const
+
+/** Pools merged by label set (two aliases of one database user share a label set, and must share a series). */
+const poolGroups = (pools: ReadonlyArray<TenantPool>) => {
+  const groups = new Map<string, Array<TenantPool>>()
+  for (const pool of pools) {
+    const { tenant, user, mode, database } = pool.settings
+    const key = labels(POOL_LABELS, [tenant, user, mode, database])
+    const group = groups.get(key)
+    if (group === undefined) groups.set(key, [pool])
+    else group.push(pool)
+  }
+  return groups
+}
+
+interface PoolMetric {
+  readonly name: string
+  readonly type: "counter" | "gauge"
+  readonly help: string
+  readonly value: (pool: TenantPool) => number
+}
+
+/** REFERENCE §8, Supavisor's names under `tidepool_` (see docs/observability.md for the mapping). */
+const POOL_METRICS: ReadonlyArray<PoolMetric> = [
+  {
+    name: "tidepool_connections_active",
+    type: "gauge",
+    help: "Clients attached to the pool.",
+    value: (p) => p.clients
+  },
+  {
+    name: "tidepool_clients_waiting",
+    type: "gauge",
+    help: "Checkouts queued for a server (clients waiting).",
+    value: (p) => p.stats.waiting
+  },
+  {
+    name: "tidepool_pool_connections_checked_out",
+    type: "gauge",
+    help: "Server connections lent to clients (active).",
+    value: (p) => p.stats.busy
+  },
+  {
+    name: "tidepool_pool_connections_idle",
+    type: "gauge",
+    help: "Server connections idle in the pool.",
+    value: (p) => p.stats.idle
+  },
+  {
+    name: "tidepool_pool_connections_opening",
+    type: "gauge",
+    help: "Server connections being opened.",
+    value: (p) => p.stats.opening
+  },
+  {
+    name: "tidepool_db_connection_count",
+    type: "gauge",
+    help: "Server connections that may exist (open, opening or closing), bounded by the pool size.",
+    value: (p) => p.total
+  },
+  {
+    name: "tidepool_pool_size",
+    type: "gauge",
+    help: "The pool's cap on server connections.",
+    value: (p) => p.settings.size
+  },
+  {
+    name: "tidepool_pool_paused",
+    type: "gauge",
+    help: "1 while an admin PAUSE holds the pool.",
+    value: (p) => (p.isPaused ? 1 : 0)
+  },
+  {
+    name: "tidepool_pool_checkouts_total",
+    type: "counter",
+    help: "Servers lent to clients.",
+    value: (p) => p.counters.checkouts
+  },
+  {
+    name: "tidepool_pool_checkout_timeouts_total",
+    type: "counter",
+    help: "Checkouts that gave up waiting (ECHECKOUTTIMEOUT).",
+    value: (p) => p.counters.checkoutTimeouts
+  },
+  {
+    name: "tidepool_transactions_total",
+    type: "counter",
+    help: "Transactions completed (transaction mode: one per server release).",
+    value: (p) => p.counters.transactions
+  },
+  {
+    name: "tidepool_client_queries_count_total",
+    type: "counter",
+    help: "Query, Sync and FunctionCall messages clients sent (transaction mode).",
+    value: (p) => p.counters.queries
+  },
+  {
+    name: "tidepool_client_network_recv_bytes_total",
+    type: "counter",
+    help: "Bytes received from clients (and relayed to servers).",
+    value: (p) => p.counters.clientBytes
+  },
+  {
+    name: "tidepool_client_network_send_bytes_total",
+    type: "counter",
+    help: "Bytes received from servers (and relayed to clients).",
+    value: (p) => p.counters.serverBytes
+  },
+  {
+    name: "tidepool_db_handler_started_total",
+    type: "counter",
+    help: "Server connections opened.",
+    value: (p) => p.counters.serverConnects
+  },
+  {
+    name: "tidepool_db_connect_failures_total",
+    type: "counter",
+    help: "Server connection attempts that failed.",
+    value: (p) => p.counters.serverConnectFailures
+  },
+  {
+    name: "tidepool_prepared_statements_prepared_total",
+    type: "counter",
+    help: "Named statements prepared on a server for the first time.",
+    value: (p) => p.counters.statementsPrepared
+  },
+  {
+    name: "tidepool_prepared_statements_reprepared_total",
+    type: "counter",
+    help: "Named statements prepared again on a server that lacked them.",
+    value: (p) => p.counters.statementsReprepared
+  },
+  {
+    name: "tidepool_prepared_statements_evicted_count_total",
+    type: "counter",
+    help: "Named statements closed to keep a server within its statement cache.",
+    value: (p) => p.counters.statementsEvicted
+  }
+]
+
+/** Adds one histogram's samples; `zeros` are observations of 0 s not stored in the histogram. */
+const histogram = (
+  out: Exposition,
+  name: string,
+  labelNames: ReadonlyArray<string>,
+  labelValues: ReadonlyArray<string>,
+  parts: ReadonlyArray<{ readonly histogram: LatencyHistogram; readonly zeros: number }>
+) => {
+  let cumulative = 0
+  let sumMs = 0
+  let count = 0
+  for (const part of parts) {
+    cumulative += part.zeros
+    sumMs += part.histogram.sumMs
+    count += part.histogram.count + part.zeros
+  }
+  const names = [...labelNames, "le"]
+  LATENCY_BUCKETS_SECONDS.forEach((bound, i) => {
+    for (const part of parts) cumulative += part.histogram.counts[i] ?? 0
+    out.sample(`${name}_bucket`, labels(names, [...labelValues, String(bound)]), cumulative)
+  })
+  out.sample(`${name}_bucket`, labels(names, [...labelValues, "+Inf"]), count)
+  out.sample(`${name}_sum`, labels(labelNames, labelValues), sumMs / 1000)
+  out.sample(`${name}_count`, labels(labelNames, labelValues), count)
+}
+
+const counted = (
+  out: Exposition,
+  name: string,
+  help: string,
+  labelNames: ReadonlyArray<string>,
+  counts: LabelledCounts,
+  tenant: string | undefined
+) => {
+  out.family(name, "counter", help)
+  for (const [key, value] of counts) {
+    const values = key.split("\u0000")
+    if (tenant !== undefined && values[0] !== tenant) continue
+    out.sample(name, labels(labelNames, values), value)
+  }
+}
+
+/**
+ * Renders Prometheus metrics from the live pools and the event counters at scrape time: nothing is
+ * kept per series between scrapes, so a pool that is gone (or a deleted tenant's counters, pruned
+ * here) simply disappears from the next exposition.
+ */
+export class Metrics extends Effect.Service<Metrics>()("tidepool/Metrics", {
+  scoped: Effect.gen(function* () {
+    const registry = yield* PoolRegistry
+    const tenants = yield* TenantRegistry
+    const events = yield* EventCounters
+    const loopDelay = yield* Effect.acquireRelease(
+      Effect.sync(() => {
+        const h = monitorEventLoopDelay({ resolution: 10 })
+        h.enable()
+        return h
+      }),
+      (h) => Effect.sync(() => h.disable())
+    )
+
+    const processMetrics = (out: Exposition) => {
+      const memory = process.memoryUsage()
+      const cpu = process.cpuUsage()
+      const gauge = (name: string, help: string, value: number, type: "gauge" | "counter" = "gauge") => {
+        out.family(name, type, help)
+        out.sample(name, "", value)
+      }
+      gauge(
+        "process_cpu_seconds_total",
+        "User and system CPU time spent, in seconds.",
+        (cpu.user + cpu.system) / 1e6,
+        "counter"
+      )
+      gauge("process_resident_memory_bytes", "Resident memory size in bytes.", memory.rss)
+      gauge(
+        "process_start_time_seconds",
+        "Start time of the process since the Unix epoch, in seconds.",
+        Math.round(Date.now() / 1000 - process.uptime())
+      )
+      gauge("nodejs_heap_size_used_bytes", "V8 heap in use, in bytes.", memory.heapUsed)
+      gauge("nodejs_heap_size_total_bytes", "V8 heap allocated, in bytes.", memory.heapTotal)
+      gauge(
+        "nodejs_external_memory_bytes",
+        "Memory of C++ objects bound to JavaScript (buffers), in bytes.",
+        memory.external
+      )
+      // Event-loop delay since the previous full scrape: how long a client's bytes could wait before
+      // the pooler looked at them.
+      gauge(
+        "nodejs_eventloop_lag_mean_seconds",
+        "Mean event-loop delay since the previous scrape, in seconds.",
+        loopDelay.count > 0 ? loopDelay.mean / 1e9 : 0
+      )
+      gauge(
+        "nodejs_eventloop_lag_p99_seconds",
+        "99th percentile event-loop delay since the previous scrape, in seconds.",
+        loopDelay.count > 0 ? loopDelay.percentile(99) / 1e9 : 0
+      )
+      gauge(
+        "nodejs_eventloop_lag_max_seconds",
+        "Largest event-loop delay since the previous scrape, in seconds.",
+        loopDelay.count > 0 ? loopDelay.max / 1e9 : 0
+      )
+      loopDelay.reset()
+      const resources = process.getActiveResourcesInfo()
+      gauge(
+        "tidepool_open_sockets",
+        "Open TCP sockets (clients, servers and HTTP).",
+        resources.filter((r) => r === "TCPSocketWrap").length
+      )
+    }
+
+    /** The exposition for every tenant, or only one tenant's series (`/metrics/:tenant`, no process metrics). */
+    const render = (tenant?: string): string => {
+      events.prune()
+      const out = new Exposition()
+      const pools = registry.all().filter((p) => tenant === undefined || p.settings.tenant === tenant)
+      const groups = poolGroups(pools)
+      for (const metric of POOL_METRICS) {
+        out.family(metric.name, metric.type, metric.help)
+        for (const [labelText, group] of groups) {
+          let value = 0
+          for (const pool of group) value += metric.value(pool)
+          out.sample(metric.name, labelText, value)
+        }
+      }
+      out.family(
+        "tidepool_pool_checkout_duration_seconds",
+        "histogram",
+        "Time a checkout waited for a server, in seconds."
+      )
+      for (const group of groups.values()) {
+        const { tenant: t, user, mode, database } = group[0]!.settings
+        histogram(
+          out,
+          "tidepool_pool_checkout_duration_seconds",
+          POOL_LABELS,
+          [t, user, mode, database],
+          group.map((p) => ({
+            histogram: p.counters.checkoutWait,
+            zeros: p.counters.checkouts - p.counters.checkoutsWaited
+          }))
+        )
+      }
+      out.family(
+        "tidepool_client_query_duration_seconds",
+        "histogram",
+        "Time a transaction held its server (transaction mode), in seconds."
+      )
+      for (const group of groups.values()) {
+        const { tenant: t, user, mode, database } = group[0]!.settings
+        if (mode !== "transaction") continue
+        histogram(
+          out,
+          "tidepool_client_query_duration_seconds",
+          POOL_LABELS,
+          [t, user, mode, database],
+          group.map((p) => ({ histogram: p.counters.transactionTime, zeros: 0 }))
+        )
+      }
+      counted(
+        out,
+        "tidepool_client_errors_total",
+        "Errors sent to clients (or logged for them), by code.",
+        ["tenant", "code"],
+        events.errors,
+        tenant
+      )
+      counted(
+        out,
+        "tidepool_client_joins_ok_total",
+        "Successful client logins, by method.",
+        ["tenant", "user", "method"],
+        events.joinsOk,
+        tenant
+      )
+      counted(
+        out,
+        "tidepool_client_joins_fail_total",
+        "Refused client logins, by method and reason (error code).",
+        ["tenant", "method", "reason"],
+        events.joinsFail,
+        tenant
+      )
+      if (tenant === undefined) {
+        const active = new Set(registry.all().map((p) => p.settings.tenant))
+        out.family("tidepool_tenants_active", "gauge", "Tenants with at least one live pool.")
+        out.sample("tidepool_tenants_active", "", active.size)
+        out.family("tidepool_tenants_configured", "gauge", "Tenants this node serves.")
+        out.sample("tidepool_tenants_configured", "", tenants.all().length)
+        processMetrics(out)
+      }
+      return out.text()
+    }
+
+    return { render } as const
+  })
+}) {}

@@ -1,0 +1,33 @@
+import { HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { Effect } from "effect"
+import { Metrics, PROMETHEUS_CONTENT_TYPE } from "./Metrics.ts"
+
+/**
+ * Decides whether a scrape may read metrics (the API server checks the `METRICS_JWT_SECRET` bearer
+ * token). Refusals answer 403 with an empty body, as every API route (REFERENCE §5).
+ */
+export type MetricsAuthorizer = (request: HttpServerRequest.HttpServerRequest) => Effect.Effect<boolean>
+
+const forbidden = HttpServerResponse.empty({ status: 403 })
+
+/** `GET /metrics` (every tenant plus process metrics) and `GET /metrics/:tenant` (that tenant's series). */
+export const metricsRouter = (authorize: MetricsAuthorizer) =>
+  HttpRouter.empty.pipe(
+    HttpRouter.get(
+      "/metrics",
+      Effect.gen(function* () {
+        if (!(yield* authorize(yield* HttpServerRequest.HttpServerRequest))) return forbidden
+        const metrics = yield* Metrics
+        return HttpServerResponse.text(metrics.render(), { contentType: PROMETHEUS_CONTENT_TYPE })
+      })
+    ),
+    HttpRouter.get(
+      "/metrics/:tenant",
+      Effect.gen(function* () {
+        if (!(yield* authorize(yield* HttpServerRequest.HttpServerRequest))) return forbidden
+        const { tenant } = yield* HttpRouter.params
+        const metrics = yield* Metrics
+        return HttpServerResponse.text(metrics.render(tenant ?? ""), { contentType: PROMETHEUS_CONTENT_TYPE })
+      })
+    )
+  )
