@@ -20,7 +20,7 @@ import {
   parameterStatus,
   readyForQuery
 } from "../protocol/index.ts"
-import { EventCounters, tenantLogLevel } from "../telemetry/index.ts"
+import { clientTraceParent, EventCounters, tenantLogLevel } from "../telemetry/index.ts"
 import { banOf, revokedSince, TenantRegistry } from "../tenants/index.ts"
 import { channelBindingOf, DownstreamTls, UpstreamTls } from "../tls/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
@@ -71,56 +71,67 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
     const events = yield* EventCounters
     const client = new ClientSocket(socket)
     const log: LogContext = { mode, peer_ip: client.remoteAddress }
+    const timedOut = () => tidepoolError("EAUTHTIMEOUT")
+    const startedAt = Date.now()
 
-    const body = Effect.gen(function* () {
-      const auth = yield* handshake(client, log).pipe(
-        Effect.timeoutFail({
-          duration: config.handshakeTimeoutMs,
-          onTimeout: () => tidepoolError("EAUTHTIMEOUT")
-        })
-      )
-      if (auth === undefined) return // a CancelRequest, handled
-      if ("admin" in auth) return yield* adminConsole(client, auth.admin)
-      const level = tenantLogLevel(auth.tenant.feature_flags)
-      yield* level === undefined
-        ? attach(client, auth, mode)
-        : Logger.withMinimumLogLevel(attach(client, auth, mode), level)
-    })
-
-    yield* body.pipe(
-      Effect.catchAll((error) =>
-        Effect.zipRight(
-          Effect.sync(() => {
-            events.error(log.tenant, error.code)
-            client.fail(error)
-          }).pipe(
-            Effect.tap(() =>
-              Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" })
-            )
-          ),
-          // Annotated here, not up front: tenant and user are learnt during the handshake.
-          (error.code === "ECLIENTSOCKETCLOSED"
-            ? Effect.logDebug(error.message)
-            : Effect.logWarning(error.message)
-          ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
+    const fail = (error: TidepoolError) =>
+      Effect.zipRight(
+        Effect.sync(() => {
+          events.error(log.tenant, error.code)
+          client.fail(error)
+        }).pipe(
+          Effect.tap(() =>
+            Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" })
+          )
+        ),
+        // Annotated here, not up front: tenant and user are learnt during the handshake.
+        (error.code === "ECLIENTSOCKETCLOSED" ? Effect.logDebug(error.message) : Effect.logWarning(error.message)).pipe(
+          Effect.annotateLogs({ ...log, code: error.code })
         )
-      ),
+      )
+
+    const session = (startup: Readonly<Record<string, string>>) =>
+      Effect.gen(function* () {
+        const auth = yield* handshake(client, log, startup).pipe(
+          Effect.timeoutFail({
+            duration: Math.max(0, config.handshakeTimeoutMs - (Date.now() - startedAt)),
+            onTimeout: timedOut
+          })
+        )
+        if ("admin" in auth) return yield* adminConsole(client, auth.admin)
+        const level = tenantLogLevel(auth.tenant.feature_flags)
+        yield* level === undefined
+          ? attach(client, auth, mode)
+          : Logger.withMinimumLogLevel(attach(client, auth, mode), level)
+      }).pipe(Effect.catchAll(fail))
+
+    // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
+    yield* readStartup(client).pipe(
+      Effect.timeoutFail({ duration: config.handshakeTimeoutMs, onTimeout: timedOut }),
+      Effect.flatMap((startup) => {
+        if (startup === undefined) return Effect.void // a CancelRequest, handled
+        const parent = clientTraceParent(startup)
+        return session(startup).pipe(
+          Effect.withSpan("client.session", parent === undefined ? { root: true } : { parent })
+        )
+      }),
+      Effect.catchAll((error) => fail(error).pipe(Effect.withSpan("client.session", { root: true }))),
       Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
       Effect.ensuring(Effect.sync(() => client.socket.destroySoon()))
     )
-  }).pipe(Effect.scoped, Effect.withSpan("client.session", { root: true }))
+  }).pipe(Effect.scoped)
 
-const handshake = (client: ClientSocket, log: LogContext) =>
+/**
+ * The startup phase: TLS negotiation (SSLRequest or direct TLS), CancelRequest (handled here; then
+ * undefined), and the StartupMessage's parameters.
+ */
+const readStartup = (client: ClientSocket) =>
   Effect.gen(function* () {
-    const config = yield* AppConfig
-    const tenants = yield* TenantRegistry
     const sessions = yield* SessionRegistry
     const downstreamTls = yield* DownstreamTls
-    const events = yield* EventCounters
 
     yield* acceptDirectTls(client, downstreamTls)
-    let startup: Readonly<Record<string, string>> | undefined
-    while (startup === undefined) {
+    for (;;) {
       const packet = yield* client.readStartup
       switch (packet._tag) {
         case "SSLRequest":
@@ -137,9 +148,16 @@ const handshake = (client: ClientSocket, log: LogContext) =>
           if (packet.protocolMinor > 0 || packet.protocolOptions.length > 0) {
             client.write(negotiateProtocolVersion(0, packet.protocolOptions))
           }
-          startup = packet.parameters
+          return packet.parameters
       }
     }
+  })
+
+const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Record<string, string>>) =>
+  Effect.gen(function* () {
+    const config = yield* AppConfig
+    const tenants = yield* TenantRegistry
+    const events = yield* EventCounters
 
     if (isAdminDatabase(startup.database)) {
       log.user = startup.user

@@ -15,6 +15,9 @@ interface OtlpValue {
 }
 interface OtlpSpan {
   readonly name: string
+  readonly traceId?: string
+  readonly spanId?: string
+  readonly parentSpanId?: string
   readonly attributes: ReadonlyArray<{ readonly key: string; readonly value: OtlpValue }>
   readonly status?: { readonly code?: number }
 }
@@ -55,6 +58,43 @@ afterAll(async () => {
 })
 
 describe("tracing", () => {
+  it("a client's W3C traceparent (options or application_name) parents its session span", async () => {
+    const receiver = await startReceiver()
+    const tidepool = await startTidepool({
+      tenants: [{ external_id: "acme", ...upstreamOf(db), users: [{ db_user: "app", db_password: "app-secret" }] }],
+      tracing: { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url, OTEL_EXPORTER_OTLP_PROTOCOL: "http/json" }
+    })
+    const viaOptions = { trace: "4bf92f3577b34da6a3ce929d0e0e4736", span: "00f067aa0ba902b7" }
+    const viaName = { trace: "0af7651916cd43dd8448eb211c80319c", span: "b7ad6b7169203331" }
+    try {
+      const connect = async (config: pg.ClientConfig) => {
+        const c = new pg.Client({
+          connectionString: tidepool.url({ user: "app.acme", password: "app-secret", mode: "transaction" }),
+          ...config
+        })
+        await c.connect()
+        await c.query("SELECT 1")
+        await c.end()
+      }
+      await connect({ options: `-c traceparent=00-${viaOptions.trace}-${viaOptions.span}-01` })
+      await connect({ application_name: `billing traceparent=00-${viaName.trace}-${viaName.span}-01` })
+      await connect({})
+    } finally {
+      await tidepool.stop()
+      receiver.close()
+    }
+    const sessions = receiver.spans.filter((s) => s.name === "client.session")
+    const joined = (ids: { trace: string; span: string }) =>
+      sessions.find((s) => s.traceId === ids.trace && s.parentSpanId === ids.span)
+    expect(joined(viaOptions)).toBeDefined()
+    expect(joined(viaName)).toBeDefined()
+    // Its children stay in the client's trace.
+    const auth = receiver.spans.filter((s) => s.name === "client.auth" && s.traceId === viaOptions.trace)
+    expect(auth).toHaveLength(1)
+    // Without one, the session is a root of its own trace.
+    expect(sessions.filter((s) => s.parentSpanId === undefined || s.parentSpanId === "")).toHaveLength(1)
+  })
+
   it("exports nothing unless an OTLP endpoint is configured", () => {
     expect(tracesEndpoint({})).toBeUndefined()
     expect(tracesEndpoint({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318/" })).toBe("http://c:4318/v1/traces")
