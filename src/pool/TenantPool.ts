@@ -56,6 +56,10 @@ export class PoolCounters {
   readonly checkoutWait = new LatencyHistogram()
   /** Transaction mode: how long each transaction held its server. */
   readonly transactionTime = new LatencyHistogram()
+  /** From a client's TCP connect to its first ReadyForQuery (TLS, authentication, attach). */
+  readonly clientConnect = new LatencyHistogram()
+  /** From a client's TCP connect to its disconnect. */
+  readonly clientLifetime = new LatencyHistogram()
 }
 
 /** A server as the admin console and metrics see it. */

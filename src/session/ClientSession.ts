@@ -101,8 +101,8 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
         if ("admin" in auth) return yield* adminConsole(client, auth.admin)
         const level = tenantLogLevel(auth.tenant.feature_flags)
         yield* level === undefined
-          ? attach(client, auth, mode)
-          : Logger.withMinimumLogLevel(attach(client, auth, mode), level)
+          ? attach(client, auth, mode, startedAt)
+          : Logger.withMinimumLogLevel(attach(client, auth, mode, startedAt), level)
       }).pipe(Effect.catchAll(fail))
 
     // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
@@ -300,7 +300,7 @@ const attachTransaction = (pool: TenantPool, startup: ReadonlyMap<string, string
     return { server: undefined, settings, reported: reportedParameters(pristine, settings) }
   })
 
-const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
+const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, startedAt: number) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const registry = yield* PoolRegistry
@@ -338,7 +338,11 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
     if (pool.clients >= pool.settings.maxClients) return yield* tidepoolError("EMAXCONN", pool.settings.maxClients)
     yield* Effect.acquireRelease(
       Effect.sync(() => pool.clients++),
-      () => Effect.sync(() => pool.clients--)
+      () =>
+        Effect.sync(() => {
+          pool.clients--
+          pool.counters.clientLifetime.observe(Date.now() - startedAt)
+        })
     )
 
     const { server, settings, reported } =
@@ -398,6 +402,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode) =>
     if (revoked !== undefined) return yield* revoked
     greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
     client.write(Buffer.concat(greeting))
+    pool.counters.clientConnect.observe(Date.now() - startedAt)
 
     const end = yield* Effect.async<RelayEnd>((resume) => {
       const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))

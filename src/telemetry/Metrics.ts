@@ -314,6 +314,30 @@ export class Metrics extends Effect.Service<Metrics>()("tidepool/Metrics", {
           }))
         )
       }
+      for (const [name, help, pick] of [
+        [
+          "tidepool_client_connection_duration_seconds",
+          "Time from a client's TCP connect to its first ReadyForQuery (TLS, authentication, attach), in seconds.",
+          (p: TenantPool) => p.counters.clientConnect
+        ],
+        [
+          "tidepool_client_connection_lifetime_seconds",
+          "How long clients stayed connected, in seconds (observed when they leave).",
+          (p: TenantPool) => p.counters.clientLifetime
+        ]
+      ] as const) {
+        out.family(name, "histogram", help)
+        for (const group of groups.values()) {
+          const { tenant: t, user, mode, database } = group[0]!.settings
+          histogram(
+            out,
+            name,
+            POOL_LABELS,
+            [t, user, mode, database],
+            group.map((p) => ({ histogram: pick(p), zeros: 0 }))
+          )
+        }
+      }
       out.family(
         "tidepool_client_query_duration_seconds",
         "histogram",

@@ -82,6 +82,9 @@ describe("/metrics", () => {
       expect(m.value("tidepool_pool_checkout_duration_seconds_count", acme)).toBe(checkouts)
       expect(m.value("tidepool_pool_checkout_duration_seconds_bucket", { ...acme, le: "+Inf" })).toBe(checkouts)
       expect(m.value("tidepool_connections_active", acme)).toBe(2)
+      // Two clients of acme connected and still there: two connects, no lifetime yet.
+      expect(m.value("tidepool_client_connection_duration_seconds_count", acme)).toBe(2)
+      expect(m.value("tidepool_client_connection_lifetime_seconds_count", acme)).toBe(0)
       expect(m.value("tidepool_clients_waiting", acme)).toBe(0)
       expect(m.value("tidepool_pool_connections_idle", acme)).toBe(1)
       expect(m.value("tidepool_pool_size", acme)).toBe(1)
