@@ -119,6 +119,22 @@ export interface ClientTransport {
   readonly jit: boolean
 }
 
+/** A failed login: counted by the address breaker, answered after the delay that slows guessing. */
+const refuser = (breaker: CircuitBreaker, delayMs: number, tenant: string, address: string) => (error: TidepoolError) =>
+  Effect.zipRight(Effect.zipRight(breaker.authFailed(tenant, address), Effect.sleep(delayMs)), Effect.fail(error))
+
+/** A configured user's pools log in with its stored password. */
+const stored = (user: User): ClientCredentials => ({
+  poolUser: user.db_user_alias,
+  upstream: { user: user.db_user, password: user.db_password }
+})
+
+/** An auth_query user's pools log in with the keys of its latest verified login (SCRAM pass-through). */
+const passThrough = (authQuery: AuthQuery, tenant: string, username: string): ClientCredentials => ({
+  poolUser: username,
+  upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenant, username) }
+})
+
 /**
  * Authenticates a client of `tenant` with SCRAM-SHA-256, under the authentication breaker of
  * (tenant, client address). Configured users are checked against a verifier derived from their
@@ -147,11 +163,7 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
   if (yield* breaker.isAddressBlocked(tenant.external_id, address)) {
     return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
   }
-  const refuse = (error: TidepoolError) =>
-    Effect.zipRight(
-      Effect.zipRight(breaker.authFailed(tenant.external_id, address), Effect.sleep(config.authFailureDelayMs)),
-      Effect.fail(error)
-    )
+  const refuse = refuser(breaker, config.authFailureDelayMs, tenant.external_id, address)
 
   if (tenant.use_jit && transport.tls)
     return yield* authenticateCleartext(channel, tenant, user, username, address, transport.jit)
@@ -162,10 +174,7 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
     const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
     if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
     yield* breaker.authSucceeded(tenant.external_id, address)
-    return {
-      poolUser: user.db_user_alias,
-      upstream: { user: user.db_user, password: user.db_password }
-    } satisfies ClientCredentials
+    return stored(user)
   }
 
   const found = yield* Effect.either(authQuery.secret(tenant, username))
@@ -187,11 +196,7 @@ export const authenticateClient = Effect.fn("client.auth")(function* (
   }
   yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.right, serverKey: secret.serverKey })
   yield* breaker.authSucceeded(tenant.external_id, address)
-  const tenantId = tenant.external_id
-  return {
-    poolUser: username,
-    upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenantId, username) }
-  } satisfies ClientCredentials
+  return passThrough(authQuery, tenant.external_id, username)
 }, annotateOutcome)
 
 /**
@@ -217,11 +222,7 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
   const jit = yield* JitApi
   const authQuery = tenant.require_user ? undefined : yield* AuthQuery
   const role = authQuery === undefined ? user.db_user : username
-  const refuse = (error: TidepoolError) =>
-    Effect.zipRight(
-      Effect.zipRight(breaker.authFailed(tenant.external_id, address), Effect.sleep(config.authFailureDelayMs)),
-      Effect.fail(error)
-    )
+  const refuse = refuser(breaker, config.authFailureDelayMs, tenant.external_id, address)
   channel.write(authenticationCleartextPassword())
   const message = yield* expectPasswordMessage(channel)
   const nul = message.indexOf(0)
@@ -235,10 +236,7 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
       const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
       if (passwordKeys(value, secret) !== undefined) {
         yield* breaker.authSucceeded(tenant.external_id, address)
-        return {
-          poolUser: user.db_user_alias,
-          upstream: { user: user.db_user, password: user.db_password }
-        } satisfies ClientCredentials
+        return stored(user)
       }
     } else {
       const found = yield* Effect.either(authQuery.secret(tenant, username))
@@ -246,11 +244,7 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
       if (keys !== undefined) {
         yield* authQuery.remember(tenant.external_id, username, keys)
         yield* breaker.authSucceeded(tenant.external_id, address)
-        const tenantId = tenant.external_id
-        return {
-          poolUser: username,
-          upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenantId, username) }
-        } satisfies ClientCredentials
+        return passThrough(authQuery, tenant.external_id, username)
       }
     }
     return yield* refuse(tidepoolError("EJITUNAUTHORIZED", role))
