@@ -131,6 +131,43 @@ describe("JIT API", () => {
   )
 })
 
+describe("JIT with a JWKS", () => {
+  it.live("verifies JWT-shaped tokens against the tenant's JWKS before asking the API", () =>
+    Effect.gen(function* () {
+      const { publicKey, privateKey } = yield* Effect.promise(() => jose.generateKeyPair("RS256"))
+      const jwk = { ...(yield* Effect.promise(() => jose.exportJWK(publicKey))), kid: "k1", alg: "RS256", use: "sig" }
+      const jwks = http.createServer((_req, res) => {
+        res.writeHead(200, { "content-type": "application/json" })
+        res.end(JSON.stringify({ keys: [jwk] }))
+      })
+      jwks.listen(0, "127.0.0.1")
+      yield* Effect.promise(() => once(jwks, "listening"))
+      const t = tenant({ jit_jwks_url: `http://127.0.0.1:${(jwks.address() as AddressInfo).port}/jwks.json` })
+      const sign = (key: Parameters<jose.SignJWT["sign"]>[0], alg: string, exp: number) =>
+        Effect.promise(() =>
+          new jose.SignJWT({}).setProtectedHeader({ alg, kid: "k1" }).setExpirationTime(exp).sign(key)
+        )
+      const now = Math.floor(Date.now() / 1000)
+      const good = yield* sign(privateKey, "RS256", now + 600)
+      const expired = yield* sign(privateKey, "RS256", now - 600)
+      const other = yield* Effect.promise(() => jose.generateKeyPair("RS256"))
+      const forged = yield* sign(other.privateKey, "RS256", now + 600)
+      for (const token of [good, expired, forged]) answers.set(token, { status: 200, role: "app" })
+      seen.length = 0
+      expect(yield* codeOf(expired, "app", t)).toBe("EJITUNAUTHORIZED")
+      expect(yield* codeOf(forged, "app", t)).toBe("EJITUNAUTHORIZED")
+      expect(seen).toEqual([])
+      expect(yield* codeOf(good, "app", t)).toBe("ok")
+      expect(seen.length).toBe(1)
+      // A JWKS that cannot be reached is the provider's failure, not the token's.
+      jwks.closeAllConnections()
+      jwks.close()
+      const unreachable = tenant({ jit_jwks_url: "http://127.0.0.1:1/jwks.json" })
+      expect(yield* codeOf(good, "app", unreachable)).toBe("EJITREQUESTFAILED")
+    })
+  )
+})
+
 describe("JIT helpers", () => {
   it("tells JWT-shaped tokens from others", () => {
     expect(looksLikeJwt("eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYXBwIn0.c2ln")).toBe(true)
