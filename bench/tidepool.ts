@@ -1,4 +1,5 @@
 /** Tidepool as a child process (`tidepool serve --config FILE`), so its CPU time is its own. */
+import { randomBytes } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { Effect, type Scope } from "effect"
@@ -61,6 +62,8 @@ const launch = async (dir: string, options: TidepoolOptions) => {
     TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
     TIDEPOOL_LOG_LEVEL: "warning",
     TIDEPOOL_DATA_DIR: path.join(dir, "data"),
+    // The tenant's password is stored in the tenant store, encrypted under a key of this run's own.
+    VAULT_ENC_KEY: randomBytes(32).toString("hex"),
     TIDEPOOL_SHUTDOWN_TIMEOUT: "2000"
   })
   let finished: string | undefined
