@@ -37,23 +37,30 @@ const ports = async () => ({
 
 const VAULT_ENC_KEY = "0f".repeat(32)
 
+/** A config file with tenant `acme` on the test database (user app / app-secret), plus `server:` lines. */
+const writeConfig = (name: string, options: { server?: ReadonlyArray<string>; user?: ReadonlyArray<string> } = {}) => {
+  const file = path.join(dir, name)
+  writeFileSync(
+    file,
+    [
+      ...(options.server !== undefined ? ["server:", ...options.server.map((line) => `  ${line}`)] : []),
+      "tenants:",
+      "  - external_id: acme",
+      `    db_host: ${db.host}`,
+      `    db_port: ${db.port}`,
+      "    db_database: postgres",
+      "    users:",
+      "      - db_user: app",
+      "        db_password: app-secret",
+      ...(options.user ?? []).map((line) => `        ${line}`)
+    ].join("\n")
+  )
+  return file
+}
+
 describe("tidepool serve", () => {
   it("streams 250 MB of results in bounded memory, then shuts down gracefully on SIGTERM", async () => {
-    const config = path.join(dir, "tidepool.yaml")
-    writeFileSync(
-      config,
-      [
-        "tenants:",
-        "  - external_id: acme",
-        `    db_host: ${db.host}`,
-        `    db_port: ${db.port}`,
-        "    db_database: postgres",
-        "    users:",
-        "      - db_user: app",
-        "        db_password: app-secret",
-        "        pool_size: 4"
-      ].join("\n")
-    )
+    const config = writeConfig("tidepool.yaml", { user: ["pool_size: 4"] })
     const env = await ports()
     const cli = runCli(["serve", "--config", config], {
       ...env,
@@ -145,20 +152,7 @@ describe("tidepool serve", () => {
   })
 
   it("refuses to store the config file's passwords without VAULT_ENC_KEY, saying so", async () => {
-    const config = path.join(dir, "keyless.yaml")
-    writeFileSync(
-      config,
-      [
-        "tenants:",
-        "  - external_id: acme",
-        `    db_host: ${db.host}`,
-        `    db_port: ${db.port}`,
-        "    db_database: postgres",
-        "    users:",
-        "      - db_user: app",
-        "        db_password: app-secret"
-      ].join("\n")
-    )
+    const config = writeConfig("keyless.yaml")
     const cli = runCli(["serve", "--config", config], await ports())
     expect(await cli.exited).toBe(1)
     expect(cli.output()).toContain("VAULT_ENC_KEY is not set: it is required to store user passwords")
@@ -170,22 +164,7 @@ describe("tidepool serve", () => {
   })
 
   it("exits gracefully on the admin console's SHUTDOWN, after the open transaction ends", async () => {
-    const config = path.join(dir, "shutdown.yaml")
-    writeFileSync(
-      config,
-      [
-        "server:",
-        "  admin_users: ops=ops-secret",
-        "tenants:",
-        "  - external_id: acme",
-        `    db_host: ${db.host}`,
-        `    db_port: ${db.port}`,
-        "    db_database: postgres",
-        "    users:",
-        "      - db_user: app",
-        "        db_password: app-secret"
-      ].join("\n")
-    )
+    const config = writeConfig("shutdown.yaml", { server: ["admin_users: ops=ops-secret"] })
     const env = await ports()
     const cli = runCli(["serve", "--config", config], { ...env, VAULT_ENC_KEY, TIDEPOOL_SHUTDOWN_TIMEOUT: "20000" })
     try {
