@@ -2,7 +2,7 @@ import { createHash } from "node:crypto"
 import type * as net from "node:net"
 import { renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
-import type { ServerConnection } from "../upstream/index.ts"
+import type { ServerConnection, ServerObserver } from "../upstream/index.ts"
 
 export interface PreparedStatementOptions {
   /** Rename clients' named statements to shared server-side ones (REFERENCE §7); off = pass through. */
@@ -483,14 +483,7 @@ export class PreparedStatements {
 
   // ---- server → client ------------------------------------------------------------------------
 
-  private readonly onServerMessage = (
-    type: number,
-    length: number,
-    body: Buffer | undefined,
-    bodyStart: number,
-    start: number,
-    end: number
-  ): void => {
+  private readonly onServerMessage: ServerObserver = (type, length, body, bodyStart, start, end) => {
     const kind = this.headKind
     let drop = false
     let replacement: Buffer | undefined

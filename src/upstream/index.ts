@@ -4,6 +4,7 @@ export {
   type PassthroughKeys,
   ServerConnection,
   type ServerHandler,
+  type ServerObserver,
   type UpstreamTarget,
   type UpstreamTlsOptions
 } from "./ServerConnection.ts"
