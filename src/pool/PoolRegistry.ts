@@ -4,6 +4,9 @@ import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { checkoutSpans } from "./CheckoutSpans.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
+/** The tracer Effect runs with when no exporter is configured (see telemetry/Tracing.ts). */
+const builtInTracer = Effect.runSync(Effect.tracer)
+
 interface Entry {
   readonly pool: TenantPool
   readonly scope: Scope.CloseableScope
@@ -60,8 +63,12 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
           const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
           const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
           if (isPaused(settings)) pool.pause()
-          pool.onWaitEnded = checkoutSpans(yield* Effect.tracer, settings)
-          pool.sampleEvery = config.traceCheckoutEvery
+          const tracer = yield* Effect.tracer
+          // Effect's built-in tracer exports nothing: spans made for it would be work for no one.
+          if (tracer !== builtInTracer) {
+            pool.onWaitEnded = checkoutSpans(tracer, settings)
+            pool.sampleEvery = config.traceCheckoutEvery
+          }
           pools.set(settings.key, { pool, scope, emptySince: Date.now() })
           yield* Effect.logDebug("pool started").pipe(
             Effect.annotateLogs({ tenant: settings.tenant, user: settings.user, mode: settings.mode })

@@ -406,6 +406,8 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, start
 
     const end = yield* Effect.async<RelayEnd>((resume) => {
       const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
+      // Same tick as the relay's start: once the handshake reader lets go, unread bytes must reach the relay.
+      const { readAhead, reads } = client.takeOver()
       const r =
         server !== undefined
           ? new SessionRelay(client.socket, server, config.maxMessageSize, pool.counters, onEnd)
@@ -416,8 +418,7 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, start
               maxMemory: config.maxPreparedMemory
             })
       relay = r
-      // Same tick as detach: once the handshake reader lets go, unread bytes must reach the relay.
-      r.start(client.detach())
+      r.start(readAhead, reads)
       if (drainRequested) r.drain()
       if (kicked !== undefined) r.abort()
       return Effect.sync(() => r.abort())

@@ -1,8 +1,9 @@
-import type * as net from "node:net"
+import * as net from "node:net"
 import { TLSSocket } from "node:tls"
 import { Effect } from "effect"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { decodeStartupPacket, ProtocolError, type StartupPacket } from "../protocol/index.ts"
+import { ReadBuffer } from "../upstream/index.ts"
 
 /** Authentication messages are small; anything bigger is not a password or SASL exchange. */
 const MAX_AUTH_MESSAGE = 10_000
@@ -135,6 +136,38 @@ export class ClientSocket {
       this.socket.end()
     }
     this.socket.destroySoon()
+  }
+
+  /**
+   * Ends the control-plane phase: returns the bytes read ahead, which belong to the relay, and how
+   * the relay reads from now on. A plaintext connection moves to a socket that reads into the
+   * shared `ReadBuffer` (the relay then copies what it keeps); Node's net.Server cannot make its
+   * sockets that way, so the accepted socket's handle is handed to a new `net.Socket`, which is safe
+   * only while nothing is queued on either side of the old one. Otherwise (TLS, or bytes queued)
+   * the socket stays and 'data' events carry the reads (`reads` undefined).
+   */
+  takeOver(): { readonly readAhead: Buffer; readonly reads: ReadBuffer | undefined } {
+    const readAhead = this.detach()
+    const old = this.socket as net.Socket & { _handle?: { readStop?: unknown } | null }
+    const handle = old._handle
+    if (
+      old instanceof TLSSocket ||
+      old.destroyed ||
+      old.readableLength > 0 ||
+      old.writableLength > 0 ||
+      typeof handle?.readStop !== "function"
+    ) {
+      return { readAhead, reads: undefined }
+    }
+    const reads = ReadBuffer.shared()
+    const moved = new net.Socket({ handle, onread: reads.onread } as net.SocketConstructorOpts)
+    // The old socket lets go of the handle (destroying it now closes nothing) and, being destroyed,
+    // no longer counts as one of its server's connections.
+    old._handle = null
+    old.destroy()
+    moved.on("error", this.onError)
+    this.socket = moved
+    return { readAhead, reads }
   }
 
   /**

@@ -699,12 +699,24 @@ export class PreparedStatements {
    * have to be dropped and is still incomplete is held back until the rest arrives.
    */
   forward(server: ServerConnection, chunk: Buffer): boolean {
+    // The chunk may be a view of the server's read buffer (see ReadBuffer): copied if it would queue
+    // behind bytes the client has not taken yet, retained if these writes leave it queued.
+    const client = this.client
+    const reads = server.reads
+    if (reads === undefined) return this.send(server, chunk)
+    if (reads.shared || client.writableLength > 0) return this.send(server, Buffer.from(chunk))
+    const ok = this.send(server, chunk)
+    if (client.writableLength > 0) reads.retain()
+    return ok
+  }
+
+  private send(server: ServerConnection, chunk: Buffer): boolean {
     const client = this.client
     let limit = chunk.length
     const incomplete = server.incompleteType
     if (incomplete === PARSE_COMPLETE || incomplete === CLOSE_COMPLETE || incomplete === ERROR) {
       const from = Math.max(server.incompleteStart, 0)
-      this.withheld.push(chunk.subarray(from))
+      this.withheld.push(Buffer.from(chunk.subarray(from)))
       limit = from
     }
     const opAt = this.opAt

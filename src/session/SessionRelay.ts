@@ -3,7 +3,7 @@ import type { TidepoolError } from "../errors/index.ts"
 import { tidepoolError } from "../errors/index.ts"
 import type { PoolCounters } from "../pool/index.ts"
 import { MessageScanner } from "../protocol/index.ts"
-import type { ServerConnection } from "../upstream/index.ts"
+import { type ReadBuffer, type ServerConnection, writeChunk } from "../upstream/index.ts"
 
 export type RelayEnd =
   | { readonly _tag: "ClientTerminated" }
@@ -26,12 +26,15 @@ const COPY_FAIL = 0x66
  * The client side is framed only to count the ReadyForQuery messages owed (so the session knows
  * whether its server is idle) and to keep the client's Terminate from closing a pooled server.
  */
+const ignore = (_chunk: Buffer): void => {}
+
 export class SessionRelay {
   private readonly scanner: MessageScanner
   private terminateSeen = false
   private terminateAt = 0
   private ended = false
   private draining = false
+  private reads: ReadBuffer | undefined = undefined
 
   constructor(
     private readonly client: net.Socket,
@@ -43,9 +46,15 @@ export class SessionRelay {
     this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "" })
   }
 
-  start(readAhead: Buffer): void {
+  /**
+   * Takes over the client socket; `readAhead` holds bytes the handshake read past its end, `reads`
+   * is the socket's ReadBuffer when it reads into one (else 'data' events).
+   */
+  start(readAhead: Buffer, reads?: ReadBuffer): void {
     this.server.handler = { onData: this.onServerData, onClose: this.onServerClose }
-    this.client.on("data", this.onClientData)
+    this.reads = reads
+    if (reads !== undefined) reads.sink = this.onClientData
+    else this.client.on("data", this.onClientData)
     this.client.on("close", this.onClientClose)
     if (readAhead.length > 0) this.onClientData(readAhead)
     if (this.client.destroyed) this.onClientClose()
@@ -92,13 +101,13 @@ export class SessionRelay {
       return
     }
     if (this.terminateSeen) {
-      if (this.terminateAt > 0) this.server.write(chunk.subarray(0, this.terminateAt))
+      if (this.terminateAt > 0) writeChunk(this.server.socket, chunk.subarray(0, this.terminateAt), this.reads)
       // A Terminate whose first byte went out with an earlier chunk has reached the server: it is closing.
       else if (this.terminateAt < 0) this.server.destroy("client Terminate split across reads")
       this.end({ _tag: "ClientTerminated" })
       return
     }
-    if (!this.server.write(chunk)) {
+    if (!writeChunk(this.server.socket, chunk, this.reads)) {
       this.client.pause()
       this.server.socket.once("drain", this.resumeClient)
     }
@@ -107,7 +116,7 @@ export class SessionRelay {
   private readonly onServerData = (chunk: Buffer): void => {
     if (this.ended) return
     this.counters.serverBytes += chunk.length
-    if (!this.client.write(chunk)) {
+    if (!writeChunk(this.client, chunk, this.server.reads)) {
       this.server.socket.pause()
       this.client.once("drain", this.resumeServer)
     }
@@ -127,6 +136,7 @@ export class SessionRelay {
   private end(end: RelayEnd): void {
     if (this.ended) return
     this.ended = true
+    if (this.reads !== undefined) this.reads.sink = ignore
     this.client.off("data", this.onClientData)
     this.client.off("close", this.onClientClose)
     this.client.off("drain", this.resumeServer)

@@ -2,14 +2,14 @@ import type * as net from "node:net"
 import { tidepoolError } from "../errors/index.ts"
 import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
 import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
-import type { ServerConnection, ServerHandler } from "../upstream/index.ts"
+import type { ReadBuffer, ServerConnection, ServerHandler } from "../upstream/index.ts"
 import {
   defaultPreparedStatementOptions,
   type PreparedStatementOptions,
   PreparedStatements
 } from "./PreparedStatements.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, settingsChange } from "./settings.ts"
+import { adoptSettings, settingsChange, settingsKey } from "./settings.ts"
 
 // Client message types the relay must tell apart (DESIGN §4).
 const Q = 0x51 // Query
@@ -20,6 +20,8 @@ const H = 0x48 // Flush
 const COPY_DATA = 0x64 // d
 const COPY_DONE = 0x63 // c
 const COPY_FAIL = 0x66 // f
+
+const ignore = (_chunk: Buffer): void => {}
 
 /** The answer to a bare Sync when no server is held; never mutated, so one instance serves every client. */
 const READY_IDLE = readyForQuery("I")
@@ -80,6 +82,7 @@ export class TransactionRelay {
   private carryHave = 0
   private carryNeed = 0
 
+  private reads: ReadBuffer | undefined = undefined
   /** The server lent to this client, if any. */
   private held: ServerConnection | undefined = undefined
   /** A checkout is in flight (`waiter` is set when it did not complete synchronously). */
@@ -102,9 +105,11 @@ export class TransactionRelay {
   /** Offset of the Terminate's type byte in the current chunk, or -1. */
   private terminateAt = -1
 
-  // Flow control. The client is paused while a checkout waits, while the server's socket is full
-  // (`serverBlocked`), and while the client's socket is full with no server held (bare Sync answers);
-  // the held server is paused while the client's socket is full.
+  // Flow control. The client is paused when it sends more while a checkout waits (`backlog`; not
+  // at the first chunk: a client that waits for its answer is never paused and resumed), while the
+  // server's socket is full (`serverBlocked`), and while the client's socket is full with no server
+  // held (bare Sync answers); the held server is paused while the client's socket is full.
+  private backlog = false
   private serverBlocked = false
   private clientBlocked = false
   private clientPaused = false
@@ -136,7 +141,11 @@ export class TransactionRelay {
     this.handler = { onData: this.onServerData, onClose: this.onServerClose }
     this.statements = new PreparedStatements(client, pool, statements, settings)
     this.maxMessageSize = maxMessageSize
+    this.settingsKey = settingsKey(settings)
   }
+
+  /** `settings` as a `settingsKey`, kept current with it. */
+  private settingsKey: string
 
   private readonly maxMessageSize: number
 
@@ -150,10 +159,16 @@ export class TransactionRelay {
     return this.waiting
   }
 
-  /** Takes over the client socket; `readAhead` holds bytes the handshake read past its end. */
-  start(readAhead: Buffer): void {
+  /**
+   * Takes over the client socket; `readAhead` holds bytes the handshake read past its end, `reads`
+   * is the socket's ReadBuffer when it reads into one (shared: every chunk is copied on arrival,
+   * since the relay keeps or writes all of it), else 'data' events.
+   */
+  start(readAhead: Buffer, reads?: ReadBuffer): void {
     if (this.ended) return
-    this.client.on("data", this.onClientData)
+    this.reads = reads
+    if (reads !== undefined) reads.sink = this.onClientView
+    else this.client.on("data", this.onClientData)
     this.client.on("close", this.onClientClose)
     if (readAhead.length > 0) this.onClientData(readAhead)
     if (!this.ended && this.client.destroyed) this.onClientClose()
@@ -196,6 +211,10 @@ export class TransactionRelay {
       this.chunkOpen = true
     }
     this.chunkMessages++
+  }
+
+  private readonly onClientView = (view: Buffer): void => {
+    this.onClientData(Buffer.from(view))
   }
 
   private readonly onClientData = (input: Buffer): void => {
@@ -245,6 +264,8 @@ export class TransactionRelay {
     this.queuedProducers += this.chunkProducers
     if (this.waiting) {
       if (data.length > 0) this.queue.push(data)
+      this.backlog = true
+      this.flow()
       return
     }
     if (this.terminating) {
@@ -296,14 +317,12 @@ export class TransactionRelay {
   private checkout(): void {
     this.waiting = true
     const waiter = this.pool.checkout(this.onCheckout)
-    if (this.waiting) {
-      this.waiter = waiter
-      this.flow()
-    }
+    if (this.waiting) this.waiter = waiter
   }
 
   private readonly onCheckout: CheckoutCallback = (error, server) => {
     this.waiting = false
+    this.backlog = false
     this.waiter = undefined
     if (this.ended) {
       // Not expected (the waiter is cancelled when the relay ends), but never strand a server.
@@ -328,11 +347,14 @@ export class TransactionRelay {
     server.pending += this.queuedProducers
     this.queuedProducers = 0
     // Another client may have left different settings on this server: restore ours first.
-    const change = settingsChange(server, this.settings)
-    if (change.sql !== "") {
-      server.sendSilently(change.sql)
-      // A silent query that fails closes the server, so the new settings can be recorded now.
-      change.commit()
+    if (server.syncedTo !== this.settingsKey) {
+      const change = settingsChange(server, this.settings)
+      if (change.sql !== "") {
+        server.sendSilently(change.sql)
+        // A silent query that fails closes the server, so the new settings can be recorded now.
+        change.commit()
+      }
+      server.syncedTo = this.settingsKey
     }
     this.changesAtAttach = server.parameterChanges
     this.attachedAt = performance.now()
@@ -394,7 +416,10 @@ export class TransactionRelay {
 
   /** Stops listening to `server` and leaves its socket flowing, so the pool (or the next client) can read it. */
   private detach(server: ServerConnection): void {
-    if (server.parameterChanges !== this.changesAtAttach) adoptSettings(this.settings, server)
+    if (server.parameterChanges !== this.changesAtAttach) {
+      adoptSettings(this.settings, server)
+      this.settingsKey = settingsKey(this.settings)
+    }
     this.statements.detach(server)
     this.held = undefined
     server.handler = undefined
@@ -438,7 +463,7 @@ export class TransactionRelay {
   private flow(): void {
     if (this.ended) return
     const server = this.held
-    const pauseClient = this.waiting || this.serverBlocked || (this.clientBlocked && server === undefined)
+    const pauseClient = this.backlog || this.serverBlocked || (this.clientBlocked && server === undefined)
     if (pauseClient !== this.clientPaused) {
       this.clientPaused = pauseClient
       if (pauseClient) this.client.pause()
@@ -463,6 +488,7 @@ export class TransactionRelay {
     if (this.ended) return
     this.ended = true
     const client = this.client
+    if (this.reads !== undefined) this.reads.sink = ignore
     client.off("data", this.onClientData)
     client.off("close", this.onClientClose)
     client.off("drain", this.onClientDrain)
@@ -471,6 +497,7 @@ export class TransactionRelay {
       this.waiter = undefined
     }
     this.waiting = false
+    this.backlog = false
     this.queue.length = 0
     this.carry.length = 0
     const server = this.held

@@ -73,6 +73,16 @@ export const settingsChange = (server: ServerConnection, desired: ReadonlyMap<st
   }
 }
 
+/**
+ * One string per distinct set of client settings (names and values cannot hold NUL): equal keys mean
+ * equal settings, so a server synchronised for one client needs nothing for the next with the same key.
+ */
+export const settingsKey = (settings: ReadonlyMap<string, string>): string => {
+  let key = ""
+  for (const [name, value] of settings) key += `${name}\0${value}\0`
+  return key
+}
+
 /** After a client's transaction: what it SET on the server is now its own state. */
 export const adoptSettings = (desired: Map<string, string>, server: ServerConnection): void => {
   for (const name of TRACKED_PARAMETERS) {

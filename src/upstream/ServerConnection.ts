@@ -15,6 +15,7 @@ import {
   type ScramClientCredentials,
   startupMessage
 } from "../protocol/index.ts"
+import { ReadBuffer } from "./ReadBuffer.ts"
 import { startTls, type UpstreamTlsOptions } from "./startTls.ts"
 
 export type { UpstreamTlsOptions } from "./startTls.ts"
@@ -102,6 +103,11 @@ export class ServerConnection {
   readonly unreported = new Set<string>()
   /** Bumped on every ParameterStatus: a relay compares it to learn whether its client changed a setting. */
   parameterChanges = 0
+  /**
+   * The client settings (as a `settingsKey`) this session was last brought in line with; cleared
+   * whenever its settings change. Lets a relay skip comparing settings when they cannot differ.
+   */
+  syncedTo: string | undefined = undefined
   /** ReadyForQuery messages whose replies belong to the pooler, not the client (see `sendSilently`). */
   private silent = 0
   /** Offset in the current chunk where the client's bytes resume after a silent reply, or -1. */
@@ -144,16 +150,22 @@ export class ServerConnection {
   private loginSink: ((m: LoginMessage) => void) | undefined = undefined
   private readonly scanner: MessageScanner
 
+  /**
+   * @param reads the socket's own `ReadBuffer` when it was opened with one (plaintext): the chunks
+   *   handed to `onData` are then views of it (see `writeChunk`). Otherwise 'data' events.
+   */
   constructor(
     readonly socket: net.Socket,
     readonly target: UpstreamTarget,
-    options: ConnectOptions = {}
+    options: ConnectOptions = {},
+    readonly reads?: ReadBuffer
   ) {
     this.scanner = new MessageScanner(this.onMessage, {
       maxMessageSize: 0,
       inspect: options.rows === true ? "ZSEKRCDT" : "ZSEKRC"
     })
-    socket.on("data", this.onSocketData)
+    if (reads !== undefined) reads.sink = this.onSocketData
+    else socket.on("data", this.onSocketData)
     socket.on("close", this.onSocketClose)
     socket.on("error", this.onSocketError)
   }
@@ -172,6 +184,7 @@ export class ServerConnection {
       this.parameters.set(name, value)
       this.settings.set(name.toLowerCase(), value)
       this.parameterChanges++
+      this.syncedTo = undefined
     } else if (type === E) {
       const fields = decodeErrorFields(body!, start, start + length)
       this.lastErrorCode = fields.C
@@ -280,6 +293,7 @@ export class ServerConnection {
 
   /** After DISCARD ALL: only what the server reports is known; settings the pooler applied are gone. */
   resetSettings(): void {
+    this.syncedTo = undefined
     this.statements.clear()
     this.settings.clear()
     this.unreported.clear()
@@ -288,6 +302,7 @@ export class ServerConnection {
 
   /** The pooler set `name` (lower-cased) on this server. */
   applied(name: string, value: string): void {
+    this.syncedTo = undefined
     this.settings.set(name, value)
     let reported = false
     for (const key of this.parameters.keys()) if (key.toLowerCase() === name) reported = true
@@ -297,6 +312,7 @@ export class ServerConnection {
 
   /** The pooler RESET `name`, which PostgreSQL does not report: its value is the default again. */
   unapplied(name: string): void {
+    this.syncedTo = undefined
     this.settings.delete(name)
     this.unreported.delete(name)
   }
@@ -520,9 +536,15 @@ const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
  * A connected socket to the target, TLS-upgraded when the target asks for it, within the connect
  * timeout. On failure nothing is left open.
  */
-const openSocket = (target: UpstreamTarget): Effect.Effect<net.Socket, TidepoolError> =>
+const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<net.Socket, TidepoolError> =>
   Effect.async<net.Socket, TidepoolError>((resume) => {
-    const s = net.connect({ host: target.host, port: target.port, noDelay: true, keepAlive: true })
+    const s = net.connect({
+      host: target.host,
+      port: target.port,
+      noDelay: true,
+      keepAlive: true,
+      ...(reads !== undefined ? { onread: reads.onread } : {})
+    })
     const onError = (err: NodeJS.ErrnoException) => {
       s.destroy()
       resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
@@ -556,8 +578,10 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
     tls: target.tls !== undefined
   })
   yield* Effect.annotateCurrentSpan("tidepool.login_method", "trust") // until the server asks for a password
-  const socket = yield* openSocket(target)
-  const conn = new ServerConnection(socket, target, options)
+  // TLS reads go through the TLS socket's stream, so only plaintext servers read into a ReadBuffer.
+  const reads = target.tls === undefined ? ReadBuffer.own() : undefined
+  const socket = yield* openSocket(target, reads)
+  const conn = new ServerConnection(socket, target, options, reads)
   yield* conn.login().pipe(
     Effect.timeoutFail({
       duration: target.connectTimeoutMs,

@@ -1,3 +1,4 @@
+export { ReadBuffer, writeChunk } from "./ReadBuffer.ts"
 export {
   type ConnectOptions,
   connect,

@@ -1,4 +1,4 @@
-import { X509Certificate } from "node:crypto"
+import { createHash, X509Certificate } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as net from "node:net"
 import * as path from "node:path"
@@ -294,6 +294,31 @@ describe("client TLS", () => {
     expect(received.toString()).toContain(
       "(ESTARTUPMESSAGE) Invalid startup message: unsupported frontend protocol 1234.5679"
     )
+  })
+
+  it.each(PORTS)("a large result reaches a TLS client intact (%s)", async (port) => {
+    // What the pooler relays from the server is a view of a reused read buffer (src/upstream/
+    // ReadBuffer.ts), handed to the TLS socket; a buffer overwritten too soon would show in the rows.
+    const client = await connectPg({
+      port: tidepool[port],
+      user: "app.acme",
+      password: "app-secret",
+      ssl: { rejectUnauthorized: false }
+    })
+    const { rows } = await client.query<{ i: number; h: string }>(
+      "SELECT i, md5(i::text) AS h FROM generate_series(1, 100000) i"
+    )
+    const wrong = rows.findIndex(
+      (row, index) =>
+        row.i !== index + 1 ||
+        row.h !==
+          createHash("md5")
+            .update(String(index + 1))
+            .digest("hex")
+    )
+    expect(wrong).toBe(-1)
+    expect(rows).toHaveLength(100000)
+    await client.end()
   })
 
   it("caps TLS records at 8 KB so libpq's async API never stalls on a large result", async () => {

@@ -16,6 +16,8 @@ export class RawClient {
   private readonly messages: Array<RawMessage> = []
   private wake: (() => void) | undefined
   closed = false
+  /** When set, messages go here as they arrive instead of being queued for `next()`. */
+  onMessage: ((message: RawMessage) => void) | undefined = undefined
 
   private constructor(readonly socket: net.Socket) {
     socket.on("data", (chunk: Buffer) => {
@@ -23,10 +25,12 @@ export class RawClient {
       while (this.buffered.length >= 5) {
         const length = this.buffered.readInt32BE(1)
         if (this.buffered.length < 1 + length) break
-        this.messages.push({
+        const message = {
           type: String.fromCharCode(this.buffered[0]!),
           body: Buffer.from(this.buffered.subarray(5, 1 + length))
-        })
+        }
+        if (this.onMessage !== undefined) this.onMessage(message)
+        else this.messages.push(message)
         this.buffered = this.buffered.subarray(1 + length)
       }
       this.wake?.()
