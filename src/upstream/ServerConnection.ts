@@ -39,8 +39,8 @@ export interface UpstreamTarget {
 }
 
 /**
- * Sees every message of the client's replies (not the pooler's silent ones) before the chunk holding
- * it reaches `ServerHandler.onData`. Offsets are relative to that chunk; `start` is -1 for a message
+ * Sees every message of the client's replies (not the pooler's silent ones) but DataRow — the bulk
+ * of most replies, which no observer needs — before the chunk holding it reaches `ServerHandler.onData`. Offsets are relative to that chunk; `start` is -1 for a message
  * that began in an earlier chunk. Bodies of ErrorResponse and CommandComplete are inspected.
  */
 export type ServerObserver = (
@@ -192,7 +192,7 @@ export class ServerConnection {
       if (this.silent > 0) this.silentError ??= fields.M ?? "error"
     }
     const observer = this.observer
-    if (observer !== undefined && !silent) {
+    if (observer !== undefined && !silent && type !== D) {
       const scanner = this.scanner
       const base = this.base
       observer(
