@@ -2,7 +2,9 @@
 import { parseArgs } from "node:util"
 import type { Protocol } from "./pgbench.ts"
 
-export const TARGETS = ["tidepool", "pgbouncer", "direct"] as const
+export const TARGETS = ["tidepool", "pgbouncer", "direct", "node-relay"] as const
+/** What runs without `--targets`; `node-relay` (the floor of a Node.js relay) only on request. */
+export const DEFAULT_TARGETS: ReadonlyArray<TargetName> = ["tidepool", "pgbouncer", "direct"]
 export type TargetName = (typeof TARGETS)[number]
 export type PoolMode = "transaction" | "session"
 
@@ -40,7 +42,9 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
   --clients LIST           client counts (default 1,10,50,200,1000)
   --protocols LIST         simple, extended, prepared (default all three; PgBouncer runs
                            -M extended in the prepared rows: 1.18 cannot pool named statements)
-  --targets LIST           tidepool, pgbouncer, direct (default all three)
+  --targets LIST           tidepool, pgbouncer, direct (default: these three), node-relay (the
+                           floor of a Node.js relay: bench/relayFloor.ts, no pooling, a
+                           server connection per client)
   --repeat N               runs per cell, interleaved across targets; medians reported (default 1)
   --pool N                 server connections per pool, Tidepool and PgBouncer alike (default 20)
   --threads, -j N          pgbench threads (default 2)
@@ -104,7 +108,7 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
     duration: positiveInteger("duration", values.duration ?? "10"),
     clients: [...new Set(clients)],
     protocols: list("protocols", values.protocols ?? "simple,extended,prepared", ["simple", "extended", "prepared"]),
-    targets: list("targets", values.targets ?? TARGETS.join(","), TARGETS),
+    targets: list("targets", values.targets ?? DEFAULT_TARGETS.join(","), TARGETS),
     repeat: positiveInteger("repeat", values.repeat ?? "1"),
     pool: positiveInteger("pool", values.pool ?? "20"),
     threads: positiveInteger("threads", values.threads ?? "2"),

@@ -84,7 +84,12 @@ export const describeRun = (result: PgbenchResult): string =>
     ...(result.aborted > 0 ? [`${result.aborted} clients aborted`] : [])
   ].join(", ")
 
-const TARGET_LABEL: Record<TargetName, string> = { tidepool: "Tidepool", pgbouncer: "PgBouncer", direct: "direct" }
+const TARGET_LABEL: Record<TargetName, string> = {
+  tidepool: "Tidepool",
+  pgbouncer: "PgBouncer",
+  direct: "direct",
+  "node-relay": "Node relay"
+}
 
 export interface ReportContext {
   readonly options: BenchOptions
@@ -111,7 +116,8 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     }
     const summary = summarize(measurement)
     const failed = summary.failed + (summary.aborted > 0 ? ` (${summary.aborted} clients aborted)` : "")
-    const pgbouncer = target === "tidepool" ? find(protocol, clients, "pgbouncer") : undefined
+    const pgbouncer =
+      target === "tidepool" || target === "node-relay" ? find(protocol, clients, "pgbouncer") : undefined
     rows.push([
       ...label,
       fixed(summary.tps, 0),
@@ -174,6 +180,10 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     "TPS excludes connection set-up (pgbench's figure). Latencies are per transaction, from pgbench's " +
       "transaction log. CPU µs/tx is the pooler process's user+system CPU time over the steady part of " +
       "the run divided by the transactions completed in it. Ratios are Tidepool ÷ PgBouncer" +
+      (options.targets.includes("node-relay")
+        ? " (and Node relay ÷ PgBouncer: the Node relay, bench/relayFloor.ts, gives each client a " +
+          "PostgreSQL connection of its own and only copies bytes, the floor of what a Node.js relay costs)"
+        : "") +
       (options.repeat > 1
         ? ", the median (and range) of the ratios of the runs that ran back to back in each repetition."
         : "."),

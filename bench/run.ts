@@ -18,6 +18,7 @@ import { type BenchOptions, HELP, parseOptions, TARGETS, type TargetName, UsageE
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
+import { startRelayFloor } from "./relayFloorProcess.ts"
 import { describeRun, type Measurement, renderReport } from "./report.ts"
 import { startTidepool } from "./tidepool.ts"
 
@@ -60,11 +61,11 @@ const postgres = (options: BenchOptions) =>
 
 /** Why `target` does not run with `clients` clients, if it does not. */
 const skipReason = (options: BenchOptions, target: TargetName, clients: number): string | undefined => {
-  if (target === "direct") {
-    const pools = options.targets.filter((name) => name !== "direct").length
+  if (target === "direct" || target === "node-relay") {
+    const pools = options.targets.filter((name) => name === "tidepool" || name === "pgbouncer").length
     const available = options.maxConnections - pools * options.pool - SPARE_CONNECTIONS
     return clients > available
-      ? `${clients} clients exceed the ${available} connections PostgreSQL has left for direct clients ` +
+      ? `${clients} clients exceed the ${available} connections PostgreSQL has left for unpooled clients ` +
           `(max_connections ${options.maxConnections}, minus ${pools} × pool ${options.pool} and ${SPARE_CONNECTIONS} spare)`
       : undefined
   }
@@ -227,6 +228,9 @@ const bench = (options: BenchOptions) =>
           mode: options.mode
         })
         targets.push({ name, ...running })
+      } else if (name === "node-relay") {
+        yield* progress("starting the Node.js relay (floor)")
+        targets.push({ name, ...(yield* startRelayFloor(direct)) })
       } else {
         targets.push({ name, endpoint: direct, pid: undefined })
       }
