@@ -51,9 +51,10 @@ export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   failureDelayMs: number,
   channelBinding?: Buffer
 ) {
+  // Made only when a proof is wrong: an error captures a stack trace, which every login would pay for.
   const wrongPassword = Effect.zipRight(
     Effect.sleep(failureDelayMs),
-    Effect.fail(tidepoolError("EWRONGPASSWORD", user))
+    Effect.failSync(() => tidepoolError("EWRONGPASSWORD", user))
   )
   const server = new ScramServer(
     secret,

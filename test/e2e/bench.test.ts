@@ -1,0 +1,56 @@
+import { spawn } from "node:child_process"
+import { fileURLToPath } from "node:url"
+import { describe, expect, it } from "vitest"
+import { hasTool } from "../support/tools.ts"
+
+const hasPgbench = await hasTool("pgbench")
+const root = fileURLToPath(new URL("../..", import.meta.url))
+
+/** Runs `npm run bench -- …` as a user would; resolves with its exit code and output. */
+const bench = (args: ReadonlyArray<string>) =>
+  new Promise<{ readonly code: number | null; readonly stdout: string; readonly stderr: string }>((resolve) => {
+    const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", ...args], { cwd: root })
+    let stdout = ""
+    let stderr = ""
+    child.stdout.on("data", (chunk: Buffer) => {
+      stdout += chunk.toString()
+    })
+    child.stderr.on("data", (chunk: Buffer) => {
+      stderr += chunk.toString()
+    })
+    child.on("close", (code) => resolve({ code, stdout, stderr }))
+  })
+
+// The benchmark is not part of the suite's timing, but it must keep working: it broke silently
+// once (a setting it did not pass). One second per cell, the targets CI has (no PgBouncer there).
+describe("npm run bench", () => {
+  it.skipIf(!hasPgbench)(
+    "runs a smoke cell through Tidepool, the Node relay and direct, and reports it",
+    async () => {
+      const { code, stdout, stderr } = await bench([
+        "--duration",
+        "1",
+        "--clients",
+        "2",
+        "--protocols",
+        "simple",
+        "--targets",
+        "tidepool,direct,node-relay",
+        "--warmup",
+        "0",
+        "--scale",
+        "1"
+      ])
+      expect(code, stderr).toBe(0)
+      for (const target of ["Tidepool", "direct", "Node relay"]) {
+        const row = stdout.split("\n").find((line) => line.startsWith(`| simple `) && line.includes(`| ${target} `))
+        expect(row, `${target} row in:\n${stdout}`).toBeDefined()
+        const cells = row!.split("|").map((cell) => cell.trim())
+        // TPS above zero, no failed transaction.
+        expect(Number(cells[4])).toBeGreaterThan(0)
+        expect(cells[8]).toBe("0")
+      }
+    },
+    120_000
+  )
+})
