@@ -176,9 +176,11 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
       events.loginFailed(identity.tenant, "none", error.code)
       return Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
     }
-    const notFound = refuse(tidepoolError("ENOTFOUND", identity.user, identity.tenant))
+    // A function: `refuse` counts the failure when called, so it must be called only on failure.
+    const tenantName = identity.tenant
+    const notFound = () => refuse(tidepoolError("ENOTFOUND", identity.user, tenantName))
     const tenant = tenants.get(identity.tenant)
-    if (tenant === undefined) return yield* notFound
+    if (tenant === undefined) return yield* notFound()
     const ban = banOf(tenant)
     if (ban !== undefined) return yield* refuse(ban)
     // Before the user lookup, so an address outside the allow list learns nothing about the users.
@@ -188,7 +190,7 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
     const users = matchUsers(tenant, identity.user)
     if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
-    if (user === undefined) return yield* notFound
+    if (user === undefined) return yield* notFound()
     if (tenant.enforce_ssl && client.tls === undefined) {
       return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
     }

@@ -100,6 +100,10 @@ describe("/metrics", () => {
       expect(m.value("tidepool_client_joins_ok_total", { tenant: "acme", user: "app", method: "scram-sha-256" })).toBe(
         2
       )
+      // Only the wrong password failed for acme: successful logins count no failure of any kind.
+      expect(
+        m.samples.filter((s) => s.name === "tidepool_client_joins_fail_total" && s.labels.tenant === "acme")
+      ).toHaveLength(1)
       // An unknown tenant is counted without its name: clients cannot grow the label set.
       expect(m.value("tidepool_client_errors_total", { tenant: "", code: "ENOTFOUND" })).toBe(1)
       expect(m.samples.some((s) => s.labels.tenant === "nosuch")).toBe(false)
