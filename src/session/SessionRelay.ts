@@ -21,13 +21,13 @@ const COPY_DATA = 0x64
 const COPY_DONE = 0x63
 const COPY_FAIL = 0x66
 
+const ignore = (_chunk: Buffer): void => {}
+
 /**
  * Session-mode data plane: plain callbacks that forward chunks both ways untouched, with backpressure.
  * The client side is framed only to count the ReadyForQuery messages owed (so the session knows
  * whether its server is idle) and to keep the client's Terminate from closing a pooled server.
  */
-const ignore = (_chunk: Buffer): void => {}
-
 export class SessionRelay {
   private readonly scanner: MessageScanner
   private terminateSeen = false

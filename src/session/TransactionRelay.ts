@@ -30,7 +30,9 @@ const READY_IDLE = readyForQuery("I")
  * Transaction-mode data plane (DESIGN §3 step 7, REFERENCE §2): a server is borrowed from the pool
  * when the client sends something and given back at the first transaction boundary. Plain callbacks,
  * no Effect, no Promise, no per-message allocation: client chunks are framed only to count the
- * ReadyForQuery messages they will produce and to spot Terminate, then forwarded untouched.
+ * ReadyForQuery messages they will produce and to spot Terminate, then forwarded untouched (a
+ * plaintext client's chunk is first copied out of the shared read buffer, once per read; server
+ * chunks are forwarded as views of their connection's read buffer, see `ReadBuffer`).
  *
  * ## When a server goes back to the pool (the release rule)
  *

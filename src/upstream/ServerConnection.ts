@@ -40,8 +40,9 @@ export interface UpstreamTarget {
 
 /**
  * Sees every message of the client's replies (not the pooler's silent ones) but DataRow — the bulk
- * of most replies, which no observer needs — before the chunk holding it reaches `ServerHandler.onData`. Offsets are relative to that chunk; `start` is -1 for a message
- * that began in an earlier chunk. Bodies of ErrorResponse and CommandComplete are inspected.
+ * of most replies, which no observer needs — before the chunk holding it reaches
+ * `ServerHandler.onData`. Offsets are relative to that chunk; `start` is -1 for a message that began
+ * in an earlier chunk. Bodies of ErrorResponse and CommandComplete are inspected.
  */
 export type ServerObserver = (
   type: number,
