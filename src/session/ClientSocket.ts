@@ -143,8 +143,9 @@ export class ClientSocket {
    * the relay reads from now on. A plaintext connection moves to a socket that reads into the
    * shared `ReadBuffer` (the relay then copies what it keeps); Node's net.Server cannot make its
    * sockets that way, so the accepted socket's handle is handed to a new `net.Socket`, which is safe
-   * only while nothing is queued on either side of the old one. Otherwise (TLS, or bytes queued)
-   * the socket stays and 'data' events carry the reads (`reads` undefined).
+   * only while nothing is queued on either side of the old one and neither side has ended.
+   * Otherwise (TLS, bytes queued, a client already gone) the socket stays and 'data' events carry
+   * the reads (`reads` undefined).
    */
   takeOver(): { readonly readAhead: Buffer; readonly reads: ReadBuffer | undefined } {
     const readAhead = this.detach()
@@ -153,6 +154,10 @@ export class ClientSocket {
     if (
       old instanceof TLSSocket ||
       old.destroyed ||
+      // The client's end already arrived (a shutdown may be in flight on the handle): the moved
+      // socket would never hear of it.
+      old.readableEnded ||
+      old.writableEnded ||
       old.readableLength > 0 ||
       old.writableLength > 0 ||
       typeof handle?.readStop !== "function"

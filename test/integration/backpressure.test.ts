@@ -1,10 +1,12 @@
 import { createHash } from "node:crypto"
-import type * as net from "node:net"
+import * as net from "node:net"
 import { Effect } from "effect"
 import pg from "pg"
 import { serialize } from "pg-protocol"
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest"
 import { PoolRegistry } from "../../src/pool/index.ts"
+import { ScramClient, startupMessage } from "../../src/protocol/index.ts"
+import { SessionRegistry } from "../../src/session/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { RawClient as Raw, type RawClient } from "../support/raw.ts"
 import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
@@ -140,5 +142,44 @@ describe.each(["transaction", "session"] as const)("backpressure (%s mode)", (mo
     })
     client.close()
     await holder.end()
+  })
+})
+
+describe("handing the client to the relay", () => {
+  const sessions = () =>
+    tidepool.runtime.runPromise(Effect.map(SessionRegistry, (registry) => registry.countOf("acme")))
+
+  it.each([
+    ["sends Terminate and closes", true],
+    ["closes without Terminate", false]
+  ] as const)("a client that %s right behind its last login message leaves no session behind", async (_, terminate) => {
+    for (const mode of ["transaction", "session"] as const) {
+      const socket = net.connect(mode === "transaction" ? tidepool.transactionPort : tidepool.sessionPort, "127.0.0.1")
+      await new Promise((resolve) => socket.once("connect", resolve))
+      socket.on("error", () => {})
+      socket.write(startupMessage({ user: "app.acme", database: "postgres" }))
+      const scram = new ScramClient({ password: PASSWORD })
+      let buffered = Buffer.alloc(0)
+      const closed = new Promise((resolve) => socket.once("close", resolve))
+      socket.on("data", (chunk: Buffer) => {
+        buffered = Buffer.concat([buffered, chunk])
+        while (buffered.length >= 5 && buffered.length >= 1 + buffered.readInt32BE(1)) {
+          const type = buffered[0]
+          const body = buffered.subarray(5, 1 + buffered.readInt32BE(1))
+          buffered = buffered.subarray(1 + buffered.readInt32BE(1))
+          if (type !== 0x52) continue
+          const code = body.readInt32BE(0)
+          if (code === 10) {
+            socket.write(serialize.sendSASLInitialResponseMessage("SCRAM-SHA-256", scram.clientFirst()))
+          } else if (code === 11) {
+            // The last login message and the goodbye in one go, before any answer.
+            const final = serialize.sendSCRAMClientFinalMessage(scram.handleServerFirst(body.subarray(4)) as string)
+            socket.end(terminate ? Buffer.concat([final, serialize.end()]) : final)
+          }
+        }
+      })
+      await closed
+    }
+    await vi.waitFor(async () => expect(await sessions()).toBe(0), { timeout: 10_000, interval: 20 })
   })
 })
