@@ -2,7 +2,7 @@ import { createHash } from "node:crypto"
 import type * as net from "node:net"
 import { renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
-import type { ServerConnection, ServerObserver } from "../upstream/index.ts"
+import { type ServerConnection, type ServerObserver, writeChunk } from "../upstream/index.ts"
 
 export interface PreparedStatementOptions {
   /** Rename clients' named statements to shared server-side ones (REFERENCE §7); off = pass through. */
@@ -699,18 +699,13 @@ export class PreparedStatements {
    * have to be dropped and is still incomplete is held back until the rest arrives.
    */
   forward(server: ServerConnection, chunk: Buffer): boolean {
-    // The chunk may be a view of the server's read buffer (see ReadBuffer): copied if it would queue
-    // behind bytes the client has not taken yet, retained if these writes leave it queued.
-    const client = this.client
-    const reads = server.reads
-    if (reads === undefined) return this.send(server, chunk)
-    if (reads.shared || client.writableLength > 0) return this.send(server, Buffer.from(chunk))
-    const ok = this.send(server, chunk)
-    if (client.writableLength > 0) reads.retain()
-    return ok
+    // The chunk may be a view of the server's read buffer (see ReadBuffer).
+    return writeChunk(this.client, chunk, server.reads, this.send)
   }
 
-  private send(server: ServerConnection, chunk: Buffer): boolean {
+  /** Writes a server chunk (the held server's) to the client with this chunk's edits applied. */
+  private readonly send = (chunk: Buffer): boolean => {
+    const server = this.server!
     const client = this.client
     let limit = chunk.length
     const incomplete = server.incompleteType

@@ -35,6 +35,8 @@ export class SessionRelay {
   private ended = false
   private draining = false
   private reads: ReadBuffer | undefined = undefined
+  private readonly toServer = (chunk: Buffer): boolean => this.server.write(chunk)
+  private readonly toClient = (chunk: Buffer): boolean => this.client.write(chunk)
 
   constructor(
     private readonly client: net.Socket,
@@ -101,13 +103,14 @@ export class SessionRelay {
       return
     }
     if (this.terminateSeen) {
-      if (this.terminateAt > 0) writeChunk(this.server.socket, chunk.subarray(0, this.terminateAt), this.reads)
+      if (this.terminateAt > 0)
+        writeChunk(this.server.socket, chunk.subarray(0, this.terminateAt), this.reads, this.toServer)
       // A Terminate whose first byte went out with an earlier chunk has reached the server: it is closing.
       else if (this.terminateAt < 0) this.server.destroy("client Terminate split across reads")
       this.end({ _tag: "ClientTerminated" })
       return
     }
-    if (!writeChunk(this.server.socket, chunk, this.reads)) {
+    if (!writeChunk(this.server.socket, chunk, this.reads, this.toServer)) {
       this.client.pause()
       this.server.socket.once("drain", this.resumeClient)
     }
@@ -116,7 +119,7 @@ export class SessionRelay {
   private readonly onServerData = (chunk: Buffer): void => {
     if (this.ended) return
     this.counters.serverBytes += chunk.length
-    if (!writeChunk(this.client, chunk, this.server.reads)) {
+    if (!writeChunk(this.client, chunk, this.server.reads, this.toClient)) {
       this.server.socket.pause()
       this.client.once("drain", this.resumeServer)
     }

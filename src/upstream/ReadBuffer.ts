@@ -66,15 +66,21 @@ export class ReadBuffer {
 }
 
 /**
- * Writes a chunk that is a view of `reads` (undefined: a chunk of its own, written as is). A view
- * of a shared buffer is copied; one of an own buffer is copied if `socket` already has bytes queued
- * (the write would queue behind them, and a small chunk would keep a whole read buffer alive), and
- * retained if the write itself left it queued. Returns `write`'s answer.
+ * Writes a chunk that is a view of `reads` (undefined: a chunk of its own, passed as is) through
+ * `write`, which writes it (or its edited pieces) to `socket`. A view of a shared buffer is copied;
+ * one of an own buffer is copied if `socket` already has bytes queued (the write would queue behind
+ * them, and a small chunk would keep a whole read buffer alive), and retained if the write itself
+ * left it queued. Returns `write`'s answer. `write` should be made once, not per call (hot path).
  */
-export const writeChunk = (socket: net.Socket, chunk: Buffer, reads: ReadBuffer | undefined): boolean => {
-  if (reads === undefined) return socket.write(chunk)
-  if (reads.shared || socket.writableLength > 0) return socket.write(Buffer.from(chunk))
-  const ok = socket.write(chunk)
+export const writeChunk = (
+  socket: net.Socket,
+  chunk: Buffer,
+  reads: ReadBuffer | undefined,
+  write: (chunk: Buffer) => boolean
+): boolean => {
+  if (reads === undefined) return write(chunk)
+  if (reads.shared || socket.writableLength > 0) return write(Buffer.from(chunk))
+  const ok = write(chunk)
   if (socket.writableLength > 0) reads.retain()
   return ok
 }
