@@ -10,9 +10,9 @@ let sharedBuffer: Buffer | undefined
 
 /**
  * Reads of a plaintext socket into a reused buffer, through Node's `onread` socket option: no
- * Buffer is allocated and nothing goes through the stream machinery per read (measured: a tenth of
- * the relay's CPU per transaction). The chunk handed to `sink` is a view of that buffer, valid only
- * until `sink` returns.
+ * Buffer is allocated and nothing goes through the stream machinery per read (docs/benchmarks.md,
+ * "Where the time goes", has the measurements). The chunk handed to `sink` is a view of that
+ * buffer, valid only until `sink` returns.
  *
  * - `own()`: a buffer of the socket's own (server connections: few, busy). Whoever keeps a chunk
  *   longer — a write the other socket could not finish at once keeps it queued — calls `retain()`,
