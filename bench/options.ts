@@ -52,8 +52,8 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
   --mode MODE              transaction (default) or session: Tidepool's port and PgBouncer's pool_mode;
                            in session mode pooled runs with more clients than --pool are skipped
   --warmup SECONDS         unmeasured warm-up per target and protocol (default 3; 0 = none)
-  --max-connections N      PostgreSQL max_connections (default 300); direct runs above
-                           N - 2 * pool - 10 clients are skipped
+  --max-connections N      PostgreSQL max_connections (default 300); direct and node-relay runs
+                           above N - 2 * pool - 10 clients are skipped
   --out FILE               also write the report to FILE
   --help, -h               this text
 `
