@@ -264,14 +264,6 @@ export const catalog = {
     meaning: "The password the client proved does not match the user's.",
     remedy: "Use the right password. Failures are answered after a delay to slow guessing."
   }),
-  EPSSIMPLEQUERY: entry({
-    sqlstate: "XX000",
-    severity: "ERROR",
-    prefix: true,
-    text: () => "transaction mode only supports prepared statements using the Extended Query Protocol",
-    meaning: "SQL-level PREPARE/EXECUTE was used where it cannot be supported.",
-    remedy: "Use protocol-level prepared statements (your driver's default)."
-  }),
   ENOTADMIN: entry({
     sqlstate: "28000",
     severity: fatal,
