@@ -2,7 +2,7 @@ import * as net from "node:net"
 import pg from "pg"
 import { serialize } from "pg-protocol"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { backendKeyData } from "../../src/protocol/index.ts"
+import { cancelRequest } from "../../src/protocol/index.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { RawClient } from "../support/raw.ts"
@@ -96,6 +96,18 @@ const rawError = (bytes: Buffer): Promise<Record<string, string>> =>
       if (received[0] !== 0x45) return reject(new Error(`expected ErrorResponse, got ${received.toString("hex")}`))
       resolve(errorFields(received.subarray(5)))
     })
+  })
+
+/**
+ * Sends a CancelRequest on a connection of its own, as libpq does: without closing our side, so the
+ * close comes from Tidepool, which closes once it has dealt with the request (a client's FIN would
+ * make Node close the socket at once, before the cancel went anywhere).
+ */
+const sendCancel = (port: number, processId: number, secretKey: Buffer): Promise<void> =>
+  new Promise((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1", () => socket.write(cancelRequest(processId, secretKey)))
+    socket.on("error", reject)
+    socket.on("close", () => resolve())
   })
 
 describe("client-visible errors", () => {
@@ -288,15 +300,62 @@ describe("client-visible errors", () => {
     await client.end()
   })
 
-  it("ignores a CancelRequest with a wrong key", async () => {
-    const packet = Buffer.alloc(16)
-    packet.writeInt32BE(16, 0)
-    packet.writeInt32BE(80877102, 4)
-    backendKeyData(1, 2).copy(packet, 8, 5, 13)
-    await new Promise<void>((resolve) => {
-      const socket = net.connect(tidepool.sessionPort, "127.0.0.1", () => socket.write(packet))
-      socket.on("close", () => resolve())
-      socket.on("error", () => resolve())
+  for (const port of ["sessionPort", "transactionPort"] as const) {
+    it(`a CancelRequest with a wrong key cancels nothing; the right key cancels (${port})`, async () => {
+      // Work that only ends when the test says so: blocked on an advisory lock a direct connection
+      // holds (the victim's is a transaction lock, so no pooled server keeps it). A pg_sleep would end
+      // by itself, and a cancel that arrived too late would go unseen.
+      const lock = port === "sessionPort" ? 71_001 : 71_002
+      const holder = new pg.Client({ connectionString: db.url() })
+      await holder.connect()
+      const victim = new pg.Client({
+        connectionString: tidepool.url({
+          user: "app.acme",
+          password: "app-secret",
+          mode: port === "sessionPort" ? "session" : "transaction"
+        })
+      })
+      await victim.connect()
+      try {
+        // Resolves once the query waits on the lock, with its outcome still to come.
+        const blocked = async (): Promise<{ outcome: Promise<string> }> => {
+          const sql = `SELECT pg_advisory_xact_lock(${lock}), 'done' AS state`
+          const outcome = victim.query(sql).then(
+            (r) => r.rows[0].state as string,
+            (e: { code?: string }) => `error ${e.code}`
+          )
+          for (;;) {
+            const rows = await db.query(
+              "SELECT 1 FROM pg_stat_activity WHERE query = $1 AND wait_event_type = 'Lock'",
+              [sql]
+            )
+            if (rows.length > 0) return { outcome }
+          }
+        }
+        await holder.query("SELECT pg_advisory_lock($1)", [lock])
+        const { processID, secretKey } = victim as unknown as { processID: number; secretKey: number }
+        const right = Buffer.alloc(4)
+        right.writeInt32BE(secretKey)
+        const wrong = Buffer.from(right)
+        wrong[3]! ^= 1
+        const first = (await blocked()).outcome
+        // Tidepool closes a cancel connection once the cancel is dispatched, and a dispatched cancel
+        // is done when PostgreSQL has taken it: whatever these would cancel is cancelled by now.
+        await sendCancel(tidepool[port], processID, wrong)
+        await sendCancel(tidepool[port], processID ^ 1, right)
+        // A protocol 3.2 key that starts with the right four bytes is still not the key.
+        await sendCancel(tidepool[port], processID, Buffer.concat([right, Buffer.alloc(28, 7)]))
+        await holder.query("SELECT pg_advisory_unlock($1)", [lock])
+        expect(await first).toBe("done")
+
+        await holder.query("SELECT pg_advisory_lock($1)", [lock])
+        const second = (await blocked()).outcome
+        await sendCancel(tidepool[port], processID, right)
+        expect(await second).toBe("error 57014")
+      } finally {
+        await victim.end()
+        await holder.end()
+      }
     })
-  })
+  }
 })
