@@ -1,4 +1,4 @@
-import { Clock, Effect } from "effect"
+import { Effect, type Scope } from "effect"
 
 /** A sliding-window failure counter that blocks a key for a while once it trips. */
 export interface BreakerRule {
@@ -20,45 +20,120 @@ export interface Ban {
   readonly until: number
 }
 
+/** A key's recent failures, its checks under way, and the attempts waiting for room among them. */
+interface KeyState {
+  failures: Array<number>
+  running: number
+  readonly waiting: Set<() => void>
+}
+
 class Breaker {
-  private readonly failures = new Map<string, Array<number>>()
+  private readonly keys = new Map<string, KeyState>()
   private readonly blocked = new Map<string, number>()
 
-  constructor(private readonly rule: BreakerRule) {}
+  constructor(
+    private readonly rule: BreakerRule,
+    private readonly now: () => number
+  ) {}
 
-  isBlocked(key: string, now: number): boolean {
+  isBlocked(key: string): boolean {
     const until = this.blocked.get(key)
     if (until === undefined) return false
-    if (until > now) return true
+    if (until > this.now()) return true
     this.blocked.delete(key)
     return false
   }
 
-  /** Records a failure; true when this failure trips the breaker. */
-  fail(key: string, now: number): boolean {
-    const since = now - this.rule.windowMs
-    const times = (this.failures.get(key) ?? []).filter((t) => t > since)
-    times.push(now)
-    if (times.length < this.rule.failures) {
-      this.failures.set(key, times)
-      return false
+  private state(key: string): KeyState {
+    let state = this.keys.get(key)
+    if (state === undefined) {
+      state = { failures: [], running: 0, waiting: new Set() }
+      this.keys.set(key, state)
     }
-    this.failures.delete(key)
-    this.blocked.set(key, now + this.rule.blockMs)
+    return state
+  }
+
+  private recentFailures(state: KeyState): number {
+    const since = this.now() - this.rule.windowMs
+    if (state.failures.length > 0 && state.failures[0]! <= since)
+      state.failures = state.failures.filter((t) => t > since)
+    return state.failures.length
+  }
+
+  /**
+   * Starts a check for `key` when failures and checks under way leave room for one more (so no more
+   * checks can run than the failures that trip the breaker); "full" when they do not yet.
+   */
+  tryBegin(key: string): "started" | "blocked" | "full" {
+    if (this.isBlocked(key)) return "blocked"
+    const state = this.state(key)
+    if (this.recentFailures(state) + state.running >= this.rule.failures) return "full"
+    state.running++
+    return "started"
+  }
+
+  /** Calls `wake` when a check of `key` ends or the key is cleared; returns how to stop waiting. */
+  waitForRoom(key: string, wake: () => void): () => void {
+    const state = this.state(key)
+    state.waiting.add(wake)
+    return () => {
+      state.waiting.delete(wake)
+      this.forgetIfIdle(key, state)
+    }
+  }
+
+  /** A check begun with `tryBegin` ended; a failed one counts, and true means it tripped the breaker. */
+  end(key: string, outcome: "succeeded" | "failed" | "abandoned"): boolean {
+    const state = this.state(key)
+    state.running--
+    const tripped = outcome === "failed" ? this.fail(key) : false
+    if (outcome === "succeeded") state.failures = []
+    this.wake(key)
+    return tripped
+  }
+
+  /** Records a failure that was not a check (a refusal before one); true when it trips the breaker. */
+  fail(key: string): boolean {
+    const state = this.state(key)
+    this.recentFailures(state)
+    state.failures.push(this.now())
+    if (state.failures.length < this.rule.failures) return false
+    state.failures = []
+    this.blocked.set(key, this.now() + this.rule.blockMs)
+    // Attempts waiting for room learn that the address is blocked now.
+    this.wake(key)
     return true
   }
 
   succeed(key: string): void {
-    this.failures.delete(key)
+    const state = this.keys.get(key)
+    if (state === undefined) return
+    state.failures = []
+    this.wake(key)
   }
 
   clear(key: string): void {
-    this.failures.delete(key)
+    const state = this.keys.get(key)
+    if (state !== undefined) state.failures = []
     this.blocked.delete(key)
+    this.wake(key)
+  }
+
+  private wake(key: string): void {
+    const state = this.keys.get(key)
+    if (state === undefined) return
+    // Every waiter tries again, oldest first; those that find no room wait again.
+    for (const wake of [...state.waiting]) wake()
+    this.forgetIfIdle(key, state)
+  }
+
+  private forgetIfIdle(key: string, state: KeyState): void {
+    if (state.running === 0 && state.waiting.size === 0 && state.failures.length === 0) this.keys.delete(key)
   }
 
   /** Live blocks whose key starts with `prefix`. */
-  entries(prefix: string, now: number): Array<[string, number]> {
+  entries(prefix: string): Array<[string, number]> {
+    const now = this.now()
     const out: Array<[string, number]> = []
     for (const [key, until] of this.blocked) {
       if (until <= now) this.blocked.delete(key)
@@ -68,55 +143,113 @@ class Breaker {
   }
 
   /** Drops failure histories that can no longer trip anything, so probing from many addresses stays bounded. */
-  sweep(now: number): void {
-    const since = now - this.rule.windowMs
-    for (const [key, times] of this.failures) if (times[times.length - 1]! <= since) this.failures.delete(key)
+  sweep(): void {
+    const now = this.now()
+    for (const [key, state] of this.keys) {
+      this.recentFailures(state)
+      this.forgetIfIdle(key, state)
+    }
     for (const [key, until] of this.blocked) if (until <= now) this.blocked.delete(key)
   }
 }
 
 const addressKey = (tenant: string, address: string) => `${tenant}\u0000${address}`
 
+/** REFERENCE §4: the message of an address blocked by the authentication breaker. */
+export const ADDRESS_BLOCKED = "too many authentication failures, new connections are temporarily blocked"
+
+/**
+ * A password check under way for one (tenant, address). It counts toward the breaker from its start:
+ * as a failure if it fails, not at all once it succeeds or ends without a verdict.
+ */
+export interface AuthAttempt {
+  /** The client proved its password: the address's failures are forgotten. */
+  readonly succeeded: Effect.Effect<void>
+  /** A wrong password (or a role the database does not know); true when it trips the breaker. */
+  readonly failed: Effect.Effect<boolean>
+}
+
 /**
  * Authentication circuit breakers (REFERENCE §3.2). Per (tenant, client address): too many wrong
  * passwords block the address (`ECIRCUITBREAKER`), listed and cleared through the `network_bans`
- * API. Per tenant: repeated `auth_query` failures block the tenant's logins briefly so a broken
- * upstream is not hammered. State is per node and in memory, as in Supavisor.
+ * API. A password check counts from the moment it starts, so concurrent attempts cannot outrun the
+ * count: at most `failures` checks run at once per key, later ones wait for a verdict (a success
+ * frees room at once; failures fill it until the key trips and the waiters are refused). Per tenant:
+ * repeated `auth_query` failures block the tenant's logins briefly so a broken upstream is not
+ * hammered. State is per node and in memory, as in Supavisor.
  */
 export class CircuitBreaker extends Effect.Service<CircuitBreaker>()("tidepool/CircuitBreaker", {
   scoped: Effect.gen(function* () {
-    const auth = new Breaker(AUTH_FAILURES)
-    const authQuery = new Breaker(AUTH_QUERY_FAILURES)
+    const clock = yield* Effect.clock
+    const now = () => clock.unsafeCurrentTimeMillis()
+    const auth = new Breaker(AUTH_FAILURES, now)
+    const authQuery = new Breaker(AUTH_QUERY_FAILURES, now)
     yield* Effect.forkScoped(
-      Effect.gen(function* () {
-        const now = yield* Clock.currentTimeMillis
-        auth.sweep(now)
-        authQuery.sweep(now)
+      Effect.sync(() => {
+        auth.sweep()
+        authQuery.sweep()
       }).pipe(Effect.delay("60 seconds"), Effect.forever)
     )
-    const now = Clock.currentTimeMillis
+
+    const waitForRoom = (key: string) =>
+      Effect.async<void>((resume) => {
+        const stop = auth.waitForRoom(key, () => {
+          stop()
+          resume(Effect.void)
+        })
+        return Effect.sync(stop)
+      })
+
+    /**
+     * Starts a password check from `address` to `tenant`, waiting while the key has no room;
+     * undefined when the address is blocked. The check stops counting when the scope closes unless
+     * it ended with `succeeded` or `failed` (the client left, broke the protocol, or the upstream
+     * failed: no password was judged).
+     */
+    const attempt = (tenant: string, address: string): Effect.Effect<AuthAttempt | undefined, never, Scope.Scope> => {
+      const key = addressKey(tenant, address)
+      return Effect.uninterruptibleMask((restore) =>
+        Effect.gen(function* () {
+          for (;;) {
+            // Checked and taken in one synchronous step: no other login can slip in between.
+            const started = auth.tryBegin(key)
+            if (started === "blocked") return undefined
+            if (started === "started") break
+            yield* restore(waitForRoom(key))
+          }
+          let open = true
+          const end = (outcome: "succeeded" | "failed" | "abandoned") =>
+            Effect.sync(() => {
+              if (!open) return false
+              open = false
+              return auth.end(key, outcome)
+            })
+          yield* Effect.addFinalizer(() => end("abandoned"))
+          return { succeeded: Effect.asVoid(end("succeeded")), failed: end("failed") } satisfies AuthAttempt
+        })
+      )
+    }
+
     return {
+      attempt,
       /** Whether logins from `address` to `tenant` are blocked right now. */
       isAddressBlocked: (tenant: string, address: string) =>
-        Effect.map(now, (t) => auth.isBlocked(addressKey(tenant, address), t)),
-      /** A wrong password from `address`; true when it trips the breaker. */
-      authFailed: (tenant: string, address: string) =>
-        Effect.map(now, (t) => auth.fail(addressKey(tenant, address), t)),
+        Effect.sync(() => auth.isBlocked(addressKey(tenant, address))),
+      /** A failure from `address` that was not a password check (a refusal before one); true when it trips the breaker. */
+      authFailed: (tenant: string, address: string) => Effect.sync(() => auth.fail(addressKey(tenant, address))),
       authSucceeded: (tenant: string, address: string) => Effect.sync(() => auth.succeed(addressKey(tenant, address))),
       /** The addresses currently blocked for `tenant`. */
       bans: (tenant: string) =>
-        Effect.map(
-          now,
-          (t): ReadonlyArray<Ban> =>
-            auth.entries(addressKey(tenant, ""), t).map(([address, until]) => ({ address, until }))
+        Effect.sync(
+          (): ReadonlyArray<Ban> => auth.entries(addressKey(tenant, "")).map(([address, until]) => ({ address, until }))
         ),
       /** Lifts the blocks of `addresses` for `tenant`. */
       clear: (tenant: string, addresses: ReadonlyArray<string>) =>
         Effect.sync(() => {
           for (const address of addresses) auth.clear(addressKey(tenant, address))
         }),
-      isAuthQueryBlocked: (tenant: string) => Effect.map(now, (t) => authQuery.isBlocked(tenant, t)),
-      authQueryFailed: (tenant: string) => Effect.map(now, (t) => authQuery.fail(tenant, t)),
+      isAuthQueryBlocked: (tenant: string) => Effect.sync(() => authQuery.isBlocked(tenant)),
+      authQueryFailed: (tenant: string) => Effect.sync(() => authQuery.fail(tenant)),
       authQuerySucceeded: (tenant: string) => Effect.sync(() => authQuery.succeed(tenant))
     } as const
   })

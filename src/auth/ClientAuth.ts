@@ -12,7 +12,7 @@ import {
 } from "../protocol/index.ts"
 import type { UpstreamTarget } from "../upstream/index.ts"
 import { AuthQuery, USER_NOT_FOUND } from "./AuthQuery.ts"
-import { CircuitBreaker } from "./CircuitBreaker.ts"
+import { ADDRESS_BLOCKED, AUTH_FAILURES, type AuthAttempt, CircuitBreaker } from "./CircuitBreaker.ts"
 import { JitApi, looksLikeToken, passwordKeys } from "./Jit.ts"
 import { SecretCache } from "./SecretCache.ts"
 
@@ -20,6 +20,8 @@ import { SecretCache } from "./SecretCache.ts"
 export interface AuthChannel {
   readonly readMessage: Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError>
   readonly write: (data: Buffer) => void
+  /** The login is refused: read nothing more from the client (its refusal comes after a delay). */
+  readonly stopReading?: () => void
 }
 
 const PASSWORD_MESSAGE = 0x70 // 'p'
@@ -82,8 +84,7 @@ export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   return final.clientKey
 })
 
-/** REFERENCE §4: the message of an address blocked by the authentication breaker. */
-export const ADDRESS_BLOCKED = "too many authentication failures, new connections are temporarily blocked"
+export { ADDRESS_BLOCKED } from "./CircuitBreaker.ts"
 
 /**
  * The configured users a client username matches. `require_user: false` tenants have one user, the
@@ -120,9 +121,24 @@ export interface ClientTransport {
   readonly jit: boolean
 }
 
-/** A failed login: counted by the address breaker, answered after the delay that slows guessing. */
-const refuser = (breaker: CircuitBreaker, delayMs: number, tenant: string, address: string) => (error: TidepoolError) =>
-  Effect.zipRight(Effect.zipRight(breaker.authFailed(tenant, address), Effect.sleep(delayMs)), Effect.fail(error))
+/**
+ * A failed login: counted by the address breaker, answered after the delay that slows guessing,
+ * reading nothing from the client meanwhile. The failure that trips the breaker is logged: the
+ * refusals that follow are logged at debug level only (a flood would otherwise flood the log too).
+ */
+const refuser =
+  (channel: AuthChannel, attempt: AuthAttempt, delayMs: number, who: Readonly<Record<string, string>>) =>
+  (error: TidepoolError) =>
+    Effect.gen(function* () {
+      if (yield* attempt.failed) {
+        yield* Effect.logWarning(
+          `${who.peer_ip} blocked for ${AUTH_FAILURES.blockMs / 1000} s after ${AUTH_FAILURES.failures} failed logins`
+        ).pipe(Effect.annotateLogs({ ...who, code: "ECIRCUITBREAKER" }))
+      }
+      channel.stopReading?.()
+      yield* Effect.sleep(delayMs)
+      return yield* error
+    })
 
 /** A configured user's pools log in with its stored password. */
 const stored = (user: User): ClientCredentials => ({
@@ -138,67 +154,77 @@ const passThrough = (authQuery: AuthQuery, tenant: string, username: string): Cl
 
 /**
  * Authenticates a client of `tenant` with SCRAM-SHA-256, under the authentication breaker of
- * (tenant, client address). Configured users are checked against a verifier derived from their
+ * (tenant, client address), which counts the attempt from its start (at most its threshold of
+ * checks run at once per address; more wait their turn). Configured users are checked against a verifier derived from their
  * stored password; auth_query users against the verifier fetched from the database, whose recovered
  * ClientKey then logs their pools in upstream (SCRAM pass-through). A wrong password with a cached
  * auth_query secret re-fetches it first: a changed secret means the cache was stale, not the client
  * wrong, and the next attempt uses the new one.
  */
-export const authenticateClient = Effect.fn("client.auth")(function* (
-  channel: AuthChannel,
-  tenant: Tenant,
-  user: User,
-  username: string,
-  address: string,
-  transport: ClientTransport
-) {
-  const channelBinding = transport.channelBinding
-  const config = yield* AppConfig
-  const breaker = yield* CircuitBreaker
-  const authQuery = tenant.require_user ? undefined : yield* AuthQuery
-  yield* Effect.annotateCurrentSpan({
-    "tidepool.tenant": tenant.external_id,
-    "db.user": username,
-    method: authQuery === undefined ? "scram-sha-256" : "scram-sha-256 auth_query"
-  })
-  if (yield* breaker.isAddressBlocked(tenant.external_id, address)) {
-    return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
-  }
-  const refuse = refuser(breaker, config.authFailureDelayMs, tenant.external_id, address)
+export const authenticateClient = Effect.fn("client.auth")(
+  function* (
+    channel: AuthChannel,
+    tenant: Tenant,
+    user: User,
+    username: string,
+    address: string,
+    transport: ClientTransport
+  ) {
+    const channelBinding = transport.channelBinding
+    const config = yield* AppConfig
+    const breaker = yield* CircuitBreaker
+    const authQuery = tenant.require_user ? undefined : yield* AuthQuery
+    yield* Effect.annotateCurrentSpan({
+      "tidepool.tenant": tenant.external_id,
+      "db.user": username,
+      method: authQuery === undefined ? "scram-sha-256" : "scram-sha-256 auth_query"
+    })
+    // No password is judged here: the refusal does not count toward the breaker.
+    if (tenant.use_jit && transport.jit && !transport.tls) return yield* tidepoolError("ESSLREQUIRED", username)
+    const attempt = yield* breaker.attempt(tenant.external_id, address)
+    if (attempt === undefined) return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
+    const refuse = refuser(channel, attempt, config.authFailureDelayMs, {
+      tenant: tenant.external_id,
+      user: username,
+      peer_ip: address
+    })
 
-  if (tenant.use_jit && transport.tls)
-    return yield* authenticateCleartext(channel, tenant, user, username, address, transport.jit)
-  if (tenant.use_jit && transport.jit) return yield* tidepoolError("ESSLREQUIRED", username)
+    if (tenant.use_jit && transport.tls) {
+      return yield* authenticateCleartext(channel, tenant, user, username, address, transport.jit, attempt)
+    }
 
-  if (authQuery === undefined) {
-    const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
+    if (authQuery === undefined) {
+      const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
+      const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
+      if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
+      yield* attempt.succeeded
+      return stored(user)
+    }
+
+    const found = yield* Effect.either(authQuery.secret(tenant, username))
+    if (Either.isLeft(found)) {
+      // An unknown role costs an upstream query: it counts like a wrong password.
+      const unknown = found.left.code === "EAUTHQUERY" && found.left.message === USER_NOT_FOUND
+      return yield* unknown ? refuse(found.left) : found.left
+    }
+    const { secret, fresh } = found.right
     const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
-    if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
-    yield* breaker.authSucceeded(tenant.external_id, address)
-    return stored(user)
-  }
-
-  const found = yield* Effect.either(authQuery.secret(tenant, username))
-  if (Either.isLeft(found)) {
-    // An unknown role costs an upstream query: it counts like a wrong password.
-    const unknown = found.left.code === "EAUTHQUERY" && found.left.message === USER_NOT_FOUND
-    return yield* unknown ? refuse(found.left) : found.left
-  }
-  const { secret, fresh } = found.right
-  const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
-  if (Either.isLeft(proof)) {
-    if (proof.left.code !== "EWRONGPASSWORD") return yield* proof.left
-    const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))
-    // A stale cache is not the client's failure; the attempt still fails, as the proof was made
-    // with the old salt and cannot be checked against the new verifier.
-    return yield* stale
-      ? Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(proof.left))
-      : refuse(proof.left)
-  }
-  yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.right, serverKey: secret.serverKey })
-  yield* breaker.authSucceeded(tenant.external_id, address)
-  return passThrough(authQuery, tenant.external_id, username)
-}, annotateOutcome)
+    if (Either.isLeft(proof)) {
+      if (proof.left.code !== "EWRONGPASSWORD") return yield* proof.left
+      const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))
+      // A stale cache is not the client's failure; the attempt still fails, as the proof was made
+      // with the old salt and cannot be checked against the new verifier.
+      return yield* stale
+        ? Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(proof.left))
+        : refuse(proof.left)
+    }
+    yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.right, serverKey: secret.serverKey })
+    yield* attempt.succeeded
+    return passThrough(authQuery, tenant.external_id, username)
+  },
+  Effect.scoped,
+  annotateOutcome
+)
 
 /**
  * JIT tenants, TLS clients (REFERENCE §3.3): a cleartext password, accepted when it is the role's
@@ -216,14 +242,18 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
   user: User,
   username: string,
   address: string,
-  jitRequested: boolean
+  jitRequested: boolean,
+  attempt: AuthAttempt
 ) {
   const config = yield* AppConfig
-  const breaker = yield* CircuitBreaker
   const jit = yield* JitApi
   const authQuery = tenant.require_user ? undefined : yield* AuthQuery
   const role = authQuery === undefined ? user.db_user : username
-  const refuse = refuser(breaker, config.authFailureDelayMs, tenant.external_id, address)
+  const refuse = refuser(channel, attempt, config.authFailureDelayMs, {
+    tenant: tenant.external_id,
+    user: username,
+    peer_ip: address
+  })
   channel.write(authenticationCleartextPassword())
   const message = yield* expectPasswordMessage(channel)
   const nul = message.indexOf(0)
@@ -236,7 +266,7 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
     if (authQuery === undefined) {
       const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
       if (passwordKeys(value, secret) !== undefined) {
-        yield* breaker.authSucceeded(tenant.external_id, address)
+        yield* attempt.succeeded
         return stored(user)
       }
     } else {
@@ -244,7 +274,7 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
       const keys = Either.isRight(found) ? passwordKeys(value, found.right.secret) : undefined
       if (keys !== undefined) {
         yield* authQuery.remember(tenant.external_id, username, keys)
-        yield* breaker.authSucceeded(tenant.external_id, address)
+        yield* attempt.succeeded
         return passThrough(authQuery, tenant.external_id, username)
       }
     }
@@ -256,7 +286,7 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
   if (Either.isLeft(granted)) {
     return yield* granted.left.code === "EJITUNAUTHORIZED" ? refuse(granted.left) : granted.left
   }
-  yield* breaker.authSucceeded(tenant.external_id, address)
+  yield* attempt.succeeded
   const digest = createHash("sha256").update(value).digest("base64url").slice(0, 22)
   return {
     poolUser: `${authQuery === undefined ? user.db_user_alias : username}\u0000jit\u0000${digest}`,

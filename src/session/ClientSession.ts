@@ -1,7 +1,14 @@
 import type * as net from "node:net"
 import { Effect, Exit, Fiber, Logger } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
-import { authenticateClient, type ClientCredentials, matchUsers } from "../auth/index.ts"
+import {
+  ADDRESS_BLOCKED,
+  AUTH_FAILURES,
+  authenticateClient,
+  CircuitBreaker,
+  type ClientCredentials,
+  matchUsers
+} from "../auth/index.ts"
 import {
   AppConfig,
   allowListOf,
@@ -84,10 +91,13 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
             Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" })
           )
         ),
-        // Annotated here, not up front: tenant and user are learnt during the handshake.
-        (error.code === "ECLIENTSOCKETCLOSED" ? Effect.logDebug(error.message) : Effect.logWarning(error.message)).pipe(
-          Effect.annotateLogs({ ...log, code: error.code })
-        )
+        // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
+        // address's refusals are a flood's: the block itself was logged once when it began.
+        (error.code === "ECLIENTSOCKETCLOSED" ||
+        (error.code === "ECIRCUITBREAKER" && error.message.endsWith(ADDRESS_BLOCKED))
+          ? Effect.logDebug(error.message)
+          : Effect.logWarning(error.message)
+        ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
       )
 
     const session = (startup: Readonly<Record<string, string>>) =>
@@ -153,11 +163,21 @@ const readStartup = (client: ClientSocket) =>
     }
   })
 
+/** Breaker key of logins naming a tenant that does not exist (tenant ids cannot contain NUL). */
+const UNKNOWN_TENANTS = "\u0000unknown"
+
+/** Once per block: the refusals that follow are logged at debug level only. */
+const logBlocked = (log: LogContext, breakerKey: string) =>
+  Effect.logWarning(
+    `${log.peer_ip} blocked for ${AUTH_FAILURES.blockMs / 1000} s after ${AUTH_FAILURES.failures} failed logins${breakerKey === UNKNOWN_TENANTS ? " naming tenants that do not exist" : ""}`
+  ).pipe(Effect.annotateLogs({ ...log, code: "ECIRCUITBREAKER" }))
+
 const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Record<string, string>>) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const tenants = yield* TenantRegistry
     const events = yield* EventCounters
+    const breaker = yield* CircuitBreaker
 
     if (isAdminDatabase(startup.database)) {
       log.user = startup.user
@@ -171,16 +191,27 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
     if (identity.tenant === undefined) return yield* tidepoolError("ENOIDENTIFIER")
     log.tenant = identity.tenant
     // Every refusal that depends on what exists is answered after the same delay, so timing tells a
-    // prober nothing about which tenants and users exist, and guessing stays slow.
+    // prober nothing about which tenants and users exist, and guessing stays slow. Nothing more is
+    // read from a refused client: its bytes stay in the kernel (and its sends block) meanwhile.
     const refuse = (error: TidepoolError) => {
+      client.stopReading()
       events.loginFailed(identity.tenant, "none", error.code)
       return Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
     }
-    // A function: `refuse` counts the failure when called, so it must be called only on failure.
+    // A name that does not exist is a guess: it counts toward the address's breaker like a wrong
+    // password (unknown tenants under one key per address, so made-up names cannot grow the state).
     const tenantName = identity.tenant
-    const notFound = () => refuse(tidepoolError("ENOTFOUND", identity.user, tenantName))
+    const notFound = (breakerKey: string) =>
+      Effect.gen(function* () {
+        if (yield* breaker.isAddressBlocked(breakerKey, log.peer_ip)) {
+          events.loginFailed(identity.tenant, "none", "ECIRCUITBREAKER")
+          return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
+        }
+        if (yield* breaker.authFailed(breakerKey, log.peer_ip)) yield* logBlocked(log, breakerKey)
+        return yield* refuse(tidepoolError("ENOTFOUND", identity.user, tenantName))
+      })
     const tenant = tenants.get(identity.tenant)
-    if (tenant === undefined) return yield* notFound()
+    if (tenant === undefined) return yield* notFound(UNKNOWN_TENANTS)
     const ban = banOf(tenant)
     if (ban !== undefined) return yield* refuse(ban)
     // Before the user lookup, so an address outside the allow list learns nothing about the users.
@@ -190,7 +221,7 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
     const users = matchUsers(tenant, identity.user)
     if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
     const user = users[0]
-    if (user === undefined) return yield* notFound()
+    if (user === undefined) return yield* notFound(tenant.external_id)
     if (tenant.enforce_ssl && client.tls === undefined) {
       return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
     }
@@ -268,12 +299,23 @@ const resetAndRelease = (pool: TenantPool) => (server: ServerConnection) =>
   })
 
 /**
+ * The wait for a server at login: bounded by the pool's checkout timeout (ECHECKOUTTIMEOUT), as every
+ * wait for a server is, not by the handshake timeout, so a login in a busy moment waits as long as a
+ * query would; and given up as soon as the client leaves, so a server is not lent to nobody.
+ */
+const lendToClient = (
+  client: ClientSocket,
+  pool: TenantPool,
+  giveBack: (server: ServerConnection) => Effect.Effect<void>
+) => Effect.raceFirst(lend(pool, giveBack), client.gone)
+
+/**
  * Session mode: the client's server for life, given the client's startup settings (a value the
  * server rejects is the client's error, as on a direct connection).
  */
-const attachSession = (pool: TenantPool, startup: ReadonlyMap<string, string>) =>
+const attachSession = (client: ClientSocket, pool: TenantPool, startup: ReadonlyMap<string, string>) =>
   Effect.gen(function* () {
-    const server = yield* lend(pool, resetAndRelease(pool))
+    const server = yield* lendToClient(client, pool, resetAndRelease(pool))
     yield* applySettings(server, startup)
     return { server, settings: startup, reported: [...server.parameters] }
   })
@@ -283,13 +325,13 @@ const attachSession = (pool: TenantPool, startup: ReadonlyMap<string, string>) =
  * the pool's parameters (first client) or to check startup settings no server of the pool has
  * accepted yet. Everything else comes from the pool's pristine parameters.
  */
-const attachTransaction = (pool: TenantPool, startup: ReadonlyMap<string, string>) =>
+const attachTransaction = (client: ClientSocket, pool: TenantPool, startup: ReadonlyMap<string, string>) =>
   Effect.gen(function* () {
     const unchecked = [...startup].filter(([name, value]) => !pool.knownSettings.has(`${name}=${value}`))
     if (pool.parameters === undefined || unchecked.length > 0) {
       yield* Effect.scoped(
         Effect.flatMap(
-          lend(pool, (server) => Effect.sync(() => pool.release(server))),
+          lendToClient(client, pool, (server) => Effect.sync(() => pool.release(server))),
           (server) => applySettings(server, startup)
         )
       )
@@ -348,7 +390,9 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, start
     )
 
     const { server, settings, reported } =
-      mode === "session" ? yield* attachSession(pool, auth.settings) : yield* attachTransaction(pool, auth.settings)
+      mode === "session"
+        ? yield* attachSession(client, pool, auth.settings)
+        : yield* attachTransaction(client, pool, auth.settings)
     const greeting: Array<Buffer> = []
     for (const [name, value] of reported) greeting.push(parameterStatus(name, value))
 

@@ -9,12 +9,24 @@ import { ReadBuffer } from "../upstream/index.ts"
 const MAX_AUTH_MESSAGE = 10_000
 
 /**
- * A client socket during the control-plane phase (startup and authentication): reads are Effects
- * that wait for bytes. When the relay takes over, `detach` hands back whatever was read ahead.
+ * Bytes held before reading pauses. Above every message the control plane reads (startup packets
+ * and authentication messages are at most 10 000 bytes), so a waiting reader always has a whole
+ * message or a refusal; what a client sends beyond it waits in the kernel, not in our memory, until
+ * the relay takes the socket (docs/operations.md, "Limits per client").
+ */
+export const READ_AHEAD_LIMIT = 16 * 1024
+
+/**
+ * A client socket during the control-plane phase (startup, authentication, the wait for a server):
+ * reads are Effects that wait for bytes. Reading pauses once `READ_AHEAD_LIMIT` bytes are held and
+ * resumes only when a read needs more, so a client that streams while it waits (for a server, or for
+ * its refusal) costs a bounded buffer and pushes back through TCP. When the relay takes over,
+ * `takeOver` hands it whatever was read ahead.
  */
 export class ClientSocket {
   private buffered: Buffer = Buffer.alloc(0)
   private wake: (() => void) | undefined = undefined
+  private onGone: (() => void) | undefined = undefined
   closed = false
   /** An SSLRequest was answered; PostgreSQL allows one per connection. */
   sslRequested = false
@@ -48,12 +60,17 @@ export class ClientSocket {
   }
 
   private readonly onData = (chunk: Buffer) => {
+    // Bounded by the pause below, so joining chunks stays linear in what a client sends.
     this.buffered = this.buffered.length === 0 ? chunk : Buffer.concat([this.buffered, chunk])
+    if (this.buffered.length >= READ_AHEAD_LIMIT) this.socket.pause()
     this.notify()
   }
   private readonly onClose = () => {
     this.closed = true
     this.notify()
+    const gone = this.onGone
+    this.onGone = undefined
+    gone?.()
   }
   private readonly onError = () => {
     // 'close' follows; the session reports the loss once.
@@ -75,8 +92,24 @@ export class ClientSocket {
       return
     }
     this.wake = () => resume(this.closed ? Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")) : Effect.void)
+    if (this.socket.isPaused()) this.socket.resume()
     return Effect.sync(() => {
       this.wake = undefined
+    })
+  })
+
+  /**
+   * Fails with ECLIENTSOCKETCLOSED once the client has gone; never succeeds. Heard while reading
+   * flows: a client paused at the read-ahead limit is found gone only when next read.
+   */
+  readonly gone: Effect.Effect<never, TidepoolError> = Effect.async<never, TidepoolError>((resume) => {
+    if (this.closed) {
+      resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+      return
+    }
+    this.onGone = () => resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+    return Effect.sync(() => {
+      this.onGone = undefined
     })
   })
 
@@ -128,8 +161,17 @@ export class ClientSocket {
     if (!this.closed && this.socket.writable) this.socket.write(data)
   }
 
+  /**
+   * Reads nothing more until a read asks for it: a refused client's bytes stay in the kernel (and
+   * its sends block) rather than being read only to be thrown away.
+   */
+  stopReading(): void {
+    this.socket.pause()
+  }
+
   /** Sends the error (unless it is log-only) and closes the connection. */
   fail(error: TidepoolError): void {
+    this.socket.pause()
     if (!this.closed && this.socket.writable && error.severity !== "LOG") {
       this.socket.end(renderErrorResponse(error))
     } else {
@@ -162,6 +204,9 @@ export class ClientSocket {
       old.writableLength > 0 ||
       typeof handle?.readStop !== "function"
     ) {
+      // Paused while it waited (read-ahead limit): the relay's 'data' listener would not restart
+      // the flow by itself.
+      if (old.isPaused()) old.resume()
       return { readAhead, reads: undefined }
     }
     const reads = ReadBuffer.shared()

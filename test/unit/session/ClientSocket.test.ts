@@ -1,7 +1,79 @@
 import { once } from "node:events"
 import * as net from "node:net"
+import { Effect } from "effect"
 import { afterEach, describe, expect, it } from "vitest"
-import { ClientSocket } from "../../../src/session/ClientSocket.ts"
+import { startupMessage } from "../../../src/protocol/index.ts"
+import { ClientSocket, READ_AHEAD_LIMIT } from "../../../src/session/ClientSocket.ts"
+
+/*
+ * While nobody reads (the session waits for a server, or for its refusal delay), a client that keeps
+ * sending must cost a bounded buffer: reading pauses, and TCP pushes back on the sender.
+ */
+
+/** Node reads at most 64 KiB at a time, and a paused stream still fills its own buffer once. */
+const NODE_READ = 64 * 1024
+const HELD_AT_MOST = READ_AHEAD_LIMIT + NODE_READ
+/** What a paused socket may have read: what it holds, then its stream buffer's high-water mark and the read that filled it. */
+const readAtMost = (socket: net.Socket) => HELD_AT_MOST + socket.readableHighWaterMark + NODE_READ
+
+const pattern = (size: number) => {
+  const bytes = Buffer.allocUnsafe(size)
+  for (let i = 0; i < size; i++) bytes[i] = (i * 7 + (i >>> 16)) & 0xff
+  return bytes
+}
+
+/** Resolves when `done()` holds after a 'data' event of `socket` (read after the ClientSocket's own listener). */
+const afterData = (socket: net.Socket, done: () => boolean) =>
+  new Promise<void>((resolve) => {
+    const check = () => {
+      if (!done()) return
+      socket.off("data", check)
+      resolve()
+    }
+    socket.on("data", check)
+  })
+
+describe("ClientSocket read-ahead", () => {
+  it("pauses at its limit while nobody reads, and the relay still gets every byte in order", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted)
+    const sent = pattern(40 * 1024 * 1024)
+    const flushed = new Promise<void>((resolve) => peer.write(sent, () => resolve()))
+    // Unbounded, the socket reads all 40 MB (nobody reads them); bounded, it pauses at the limit.
+    await afterData(accepted, () => accepted.isPaused() || accepted.bytesRead >= 8 * 1024 * 1024)
+    expect(accepted.isPaused()).toBe(true)
+    expect(client.readAhead).toBeGreaterThanOrEqual(READ_AHEAD_LIMIT)
+    expect(client.readAhead).toBeLessThanOrEqual(HELD_AT_MOST)
+    expect(accepted.bytesRead).toBeLessThanOrEqual(readAtMost(accepted))
+
+    // The relay's turn: what was held comes first, then the rest as it arrives.
+    const { readAhead, reads } = client.takeOver()
+    const received: Array<Buffer> = [Buffer.from(readAhead)]
+    let total = readAhead.length
+    const all = new Promise<void>((resolve) => {
+      const take = (chunk: Buffer) => {
+        received.push(Buffer.from(chunk))
+        total += chunk.length
+        if (total >= sent.length) resolve()
+      }
+      if (reads !== undefined) reads.sink = take
+      else client.socket.on("data", take)
+    })
+    await all
+    await flushed
+    expect(Buffer.concat(received).equals(sent)).toBe(true)
+  })
+
+  it("reads again when a read needs more than the held bytes", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted)
+    client.stopReading()
+    // A startup packet whose parameters arrive only after the socket was paused.
+    peer.write(startupMessage({ user: "app.acme", database: "postgres" }))
+    const packet = await Effect.runPromise(client.readStartup)
+    expect(packet._tag).toBe("StartupMessage")
+  })
+})
 
 /*
  * `takeOver` moves a plaintext client's handle to a socket that reads into the shared ReadBuffer.
