@@ -264,6 +264,16 @@ export const catalog = {
     meaning: "The password the client proved does not match the user's.",
     remedy: "Use the right password. Failures are answered after a delay to slow guessing."
   }),
+  ETLSRELOAD: entry({
+    sqlstate: "F0000",
+    severity: "LOG",
+    prefix: true,
+    text: (reason: string) => reason,
+    meaning:
+      "Log only: a reload of the client TLS certificate failed (a file unreadable or invalid, or certificate and key not matching; the current certificate stays in use), or a certificate directory cannot be watched, so renewals there take effect only on SIGHUP. The message names the file or directory.",
+    remedy:
+      "Fix the files named (certificate and key must match), then rewrite them or send SIGHUP; for a watch failure check that the directory exists and the inotify limits (`fs.inotify.max_user_watches`)."
+  }),
   ENOTADMIN: entry({
     sqlstate: "28000",
     severity: fatal,

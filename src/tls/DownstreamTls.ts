@@ -1,9 +1,10 @@
-import { createPrivateKey, X509Certificate } from "node:crypto"
+import { createPrivateKey, type KeyObject, X509Certificate } from "node:crypto"
 import { type FSWatcher, readFileSync, watch } from "node:fs"
 import * as path from "node:path"
 import * as tls from "node:tls"
 import { Effect, Either, Runtime } from "effect"
 import { AppConfig, ConfigError, type ConfigProblem, settings } from "../config/index.ts"
+import { tidepoolError } from "../errors/index.ts"
 
 /**
  * Certificate renewals write the certificate and the key as separate steps (or swap a symlinked
@@ -25,6 +26,17 @@ const logLoaded = (what: string, loaded: Loaded) =>
     : Effect.logInfo(`${what}: ${loaded.description}`)
 
 const split = (list: string): Array<string> => (list === "" ? [] : list.split(","))
+
+/** Coded, so an alert can match it: a renewal that does not take effect fails quietly otherwise. */
+const logReloadProblem = (reason: string) => {
+  const error = tidepoolError("ETLSRELOAD", reason)
+  return Effect.logWarning(error.message).pipe(Effect.annotateLogs({ code: error.code }))
+}
+
+const errorCode = (error: unknown): string => (error as NodeJS.ErrnoException).code ?? String(error)
+
+// OpenSSL's reason ("key values mismatch", "no start line") names the problem, not the secret.
+const opensslReason = (error: unknown): string => (error as { reason?: string }).reason ?? (error as Error).message
 
 /**
  * Reads the certificate/key pairs into one SecureContext (several pairs: one per key type, so an
@@ -57,27 +69,43 @@ const loadContext = (
     if (Either.isLeft(key)) return Either.left(key.left)
     keys.push(key.right)
   }
-  try {
+  const invalid = (env: string, what: string) =>
+    Either.left<ConfigProblem>({ path: env, reason: `invalid certificate or key: ${what}` })
+  const described: Array<{ readonly text: string; readonly validTo: string }> = []
+  for (const [i, pem] of certs.entries()) {
+    let cert: X509Certificate
+    let key: KeyObject
+    try {
+      cert = new X509Certificate(pem)
+    } catch (error) {
+      return invalid(settings.downstreamCertPath.env, `${certPaths[i]}: ${opensslReason(error)}`)
+    }
+    try {
+      key = createPrivateKey(keys[i]!)
+    } catch (error) {
+      return invalid(settings.downstreamKeyPath.env, `${keyPaths[i]}: ${opensslReason(error)}`)
+    }
     // OpenSSL keeps one slot per key type, so an RSA certificate with an ECDSA key is not a
     // "mismatch" to it — it would only fail every handshake. Each pair is checked here instead.
-    const described = certs.map((pem, i) => {
-      const cert = new X509Certificate(pem)
-      const key = createPrivateKey(keys[i]!)
-      if (!cert.checkPrivateKey(key)) throw new Error(`${certPaths[i]} does not match the key in ${keyPaths[i]}`)
-      return {
-        text: `${key.asymmetricKeyType} ${cert.subject.replaceAll("\n", ", ")} until ${cert.validTo}`,
-        validTo: cert.validTo
-      }
+    if (!cert.checkPrivateKey(key)) {
+      return invalid(settings.downstreamCertPath.env, `${certPaths[i]} does not match the key in ${keyPaths[i]}`)
+    }
+    described.push({
+      text: `${key.asymmetricKeyType} ${cert.subject.replaceAll("\n", ", ")} until ${cert.validTo}`,
+      validTo: cert.validTo
     })
+  }
+  try {
     return Either.right({
       context: tls.createSecureContext({ cert: certs, key: keys, minVersion: "TLSv1.2" }),
       description: described.map((d) => d.text).join("; "),
       expired: described.some((d) => Date.parse(d.validTo) < Date.now())
     })
   } catch (error) {
-    // OpenSSL's reason ("key values mismatch", "no start line") names the problem, not the secret.
-    const reason = (error as { reason?: string }).reason ?? (error as Error).message
-    return Either.left({ path: settings.downstreamCertPath.env, reason: `invalid certificate or key: ${reason}` })
+    return invalid(
+      settings.downstreamCertPath.env,
+      `${[...certPaths, ...keyPaths].join(", ")}: ${opensslReason(error)}`
+    )
   }
 }
 
@@ -108,7 +136,7 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
       const next = loadContext(certPaths, keyPaths)
       if (Either.isLeft(next)) {
         return Effect.as(
-          Effect.logWarning(`TLS certificate reload failed, keeping the current one: ${next.left.reason}`),
+          logReloadProblem(`TLS certificate reload failed, keeping the current one: ${next.left.reason}`),
           false
         )
       }
@@ -124,7 +152,11 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
       timer.unref()
     }
     const onHangup = () => runFork(reload)
-    yield* Effect.acquireRelease(
+    const unwatched = (dir: string, how: string, error: unknown) =>
+      logReloadProblem(
+        `${how} ${dir} for certificate changes (${errorCode(error)}): renewals written there are picked up on SIGHUP only`
+      )
+    const { failures } = yield* Effect.acquireRelease(
       Effect.sync(() => {
         process.on("SIGHUP", onHangup)
         // Directories, not files: renewals usually replace the file (rename, symlink swap), which a
@@ -132,26 +164,30 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
         const watched = [...certPaths, ...keyPaths]
         const names = new Set(watched.map((file) => path.basename(file)))
         const watchers: Array<FSWatcher> = []
+        const failures: Array<{ readonly dir: string; readonly error: unknown }> = []
         for (const dir of new Set(watched.map((file) => path.dirname(path.resolve(file))))) {
           try {
             const watcher = watch(dir, { persistent: false }, (_event, name) => {
               if (name === null || names.has(name) || name.startsWith("..")) scheduleReload()
             })
-            watcher.on("error", () => undefined)
+            // Node closes a watcher that reports an error: from then on only SIGHUP reloads.
+            watcher.on("error", (error) => runFork(unwatched(dir, "stopped watching", error)))
             watchers.push(watcher)
-          } catch {
-            // No watch (the directory went away, inotify limits): SIGHUP still reloads.
+          } catch (error) {
+            // The directory went away, or inotify's limits (fs.inotify.max_user_watches) are reached.
+            failures.push({ dir, error })
           }
         }
-        return watchers
+        return { watchers, failures }
       }),
-      (watchers) =>
+      ({ watchers }) =>
         Effect.sync(() => {
           process.off("SIGHUP", onHangup)
           clearTimeout(timer)
           for (const watcher of watchers) watcher.close()
         })
     )
+    yield* Effect.forEach(failures, ({ dir, error }) => unwatched(dir, "cannot watch", error), { discard: true })
     return {
       context: (): tls.SecureContext | undefined => current,
       reload
