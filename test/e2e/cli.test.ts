@@ -229,6 +229,26 @@ describe("tidepool serve", () => {
     }
   })
 
+  it("config check warns that serve will need VAULT_ENC_KEY for the file's passwords, and says how to make one", async () => {
+    const config = writeConfig("keyless-check.yaml")
+    const keyless = runCli(["config", "check", config], { VAULT_ENC_KEY: "" })
+    expect(await keyless.exited).toBe(0)
+    expect(keyless.output()).toContain(`${config}: OK`)
+    expect(keyless.output()).toContain(
+      "warning: VAULT_ENC_KEY is not set, and `tidepool serve` will refuse to start with this file"
+    )
+    expect(keyless.output()).toContain("openssl rand -base64 32")
+    const keyed = runCli(["config", "check", config], { VAULT_ENC_KEY })
+    expect(await keyed.exited).toBe(0)
+    expect(keyed.output()).not.toContain("warning")
+    // No tenant, no password to store: nothing to warn about.
+    const empty = path.join(dir, "no-tenants.yaml")
+    writeFileSync(empty, "tenants: []\n")
+    const bare = runCli(["config", "check", empty], { VAULT_ENC_KEY: "" })
+    expect(await bare.exited).toBe(0)
+    expect(bare.output()).not.toContain("warning")
+  })
+
   it("lists every problem of an invalid config file", async () => {
     const bad = path.join(dir, "bad.yaml")
     writeFileSync(
