@@ -2,6 +2,7 @@ import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, type ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
 import { LatencyHistogram } from "./Histogram.ts"
+import { StatementRegistry } from "./StatementRegistry.ts"
 
 export type PoolMode = "transaction" | "session"
 
@@ -114,12 +115,8 @@ export class TenantPool {
   /** Also report every Nth immediate checkout to `onWaitEnded` (a sample, with no wait); 0: none. */
   sampleEvery = 0
   private sinceSample = 0
-  /**
-   * Per server-side statement name, bumped when a server reports that the statement's plan went stale
-   * (`cached plan must not change result type` after DDL): a server that prepared it at an older epoch
-   * re-prepares it before the next use, so each client sees that error at most once.
-   */
-  readonly statementEpochs = new Map<string, number>()
+  /** Server-side statements shared by this pool's clients (transaction mode): which parsed, which went stale. */
+  readonly statements = new StatementRegistry()
 
   constructor(
     public settings: PoolSettings,

@@ -1,5 +1,6 @@
 export { LATENCY_BUCKETS_SECONDS, LatencyHistogram } from "./Histogram.ts"
 export { PoolRegistry } from "./PoolRegistry.ts"
+export { StatementRegistry } from "./StatementRegistry.ts"
 export {
   type CheckoutCallback,
   makeTenantPool,

@@ -12,6 +12,8 @@ export interface ErrorFields {
   readonly message: string
   readonly detail?: string
   readonly hint?: string
+  /** The source routine (R): some drivers act on it, e.g. postgres.js re-prepares on `RevalidateCachedQuery`. */
+  readonly routine?: string
 }
 
 const header = (type: number, bodyLength: number): Buffer => {
@@ -95,6 +97,7 @@ const fieldList = (type: number, fields: ErrorFields): Buffer => {
   ]
   if (fields.detail !== undefined) entries.push([0x44 /* D */, noNul(fields.detail)])
   if (fields.hint !== undefined) entries.push([0x48 /* H */, noNul(fields.hint)])
+  if (fields.routine !== undefined) entries.push([0x52 /* R */, noNul(fields.routine)])
   let size = 1
   for (const [, value] of entries) size += Buffer.byteLength(value) + 2
   const buf = header(type, size)

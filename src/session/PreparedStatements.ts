@@ -2,6 +2,7 @@ import { createHash } from "node:crypto"
 import type * as net from "node:net"
 import { renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
+import { errorResponse, readyForQuery } from "../protocol/index.ts"
 import { type ServerConnection, type ServerObserver, writeChunk } from "../upstream/index.ts"
 
 export interface PreparedStatementOptions {
@@ -29,6 +30,7 @@ const DESCRIBE = 0x44
 const EXECUTE = 0x45
 const CLOSE = 0x43
 const SYNC = 0x53
+const FLUSH = 0x48
 const QUERY = 0x51
 const FUNCTION_CALL = 0x46
 const STATEMENT = 0x53 // 'S' in Describe/Close
@@ -40,6 +42,7 @@ const PARSE_COMPLETE = 0x31
 const BIND_COMPLETE = 0x32
 const CLOSE_COMPLETE = 0x33
 const ROW_DESCRIPTION = 0x54
+const PARAMETER_DESCRIPTION = 0x74
 const NO_DATA = 0x6e
 const COMMAND_COMPLETE = 0x43
 const EMPTY_QUERY = 0x49
@@ -88,7 +91,9 @@ enum Expect {
   UnknownBind = 13,
   UnknownDescribe = 14,
   /** CopyDone or CopyFail: no reply of its own; marks where a COPY's data ends in the stream. */
-  CopyEnd = 15
+  CopyEnd = 15,
+  /** A Sync whose ReadyForQuery belongs to the pooler (an exchange it runs again, see `retry`). */
+  HiddenSync = 16
 }
 
 interface Statement {
@@ -100,9 +105,21 @@ interface Statement {
   /** The client's Parse, renamed: what a server lacking the statement is sent. */
   readonly parse: Buffer
   readonly bytes: number
+  /** The pool's statement clock (`StatementRegistry`) when the client parsed it. */
+  readonly parsedAt: number
+  /**
+   * The clock when a Bind or Describe of it by this client last succeeded, -1 before the first: the
+   * client has seen the statement's result type as of then.
+   */
+  usedAt: number
 }
 
 const PARSE_COMPLETE_MESSAGE = Buffer.from([PARSE_COMPLETE, 0, 0, 0, 4])
+const READY_IDLE = readyForQuery("I")
+const SYNC_MESSAGE = Buffer.from([SYNC, 0, 0, 0, 4])
+const EMPTY = Buffer.alloc(0)
+/** In the edit list: where a held ParameterDescription is kept from, or written to (see `params`). */
+const PARAMS_MARK = Buffer.alloc(0)
 const CLOSE_COMPLETE_MESSAGE = Buffer.from([CLOSE_COMPLETE, 0, 0, 0, 4])
 
 /**
@@ -142,6 +159,25 @@ const cstringEnd = (data: Buffer, at: number, end: number): number => {
   const nul = data.indexOf(0, at)
   return nul < 0 || nul >= end ? -1 : nul
 }
+
+const IDLE = 0x49 // 'I'
+
+// States of an exchange that may run again (`watchFirstUse`).
+const RETRY_NONE = 0
+/** Its first Bind or Describe was written; its bytes are kept until its Sync. */
+const RETRY_WATCH = 1
+/** Its Sync was written and nothing after it: it can run again. */
+const RETRY_READY = 2
+/** Beyond this, an exchange is not kept for running again. */
+const RETRY_MAX_BYTES = 65_536
+
+/** What PostgreSQL says when a statement's result type changed since it was prepared (postgres.js re-prepares on its routine). */
+const STALE_PLAN = errorResponse({
+  severity: "ERROR",
+  code: "0A000",
+  message: "cached plan must not change result type",
+  routine: "RevalidateCachedQuery"
+})
 
 const formatBytes = (n: number): string =>
   n % 1_048_576 === 0 ? `${n / 1_048_576}MB` : n % 1024 === 0 ? `${n / 1024}kB` : `${n} bytes`
@@ -191,6 +227,21 @@ export class PreparedStatements {
   // Pieces of the client chunk being rewritten; `runStart` is where the untouched run began.
   private readonly pieces: Array<Buffer> = []
 
+  /** Requests ever added to and taken from the ring: a request's sequence number names it. */
+  private pushed = 0
+  private shifted = 0
+  // An exchange that may run again (see `watchFirstUse`): its state, the sequence number of its
+  // first request (the Bind or Describe), and a copy of its client bytes.
+  private retryState = RETRY_NONE
+  private retrySeq = -1
+  private readonly retryKept: Array<Buffer> = []
+  private retryBytes = 0
+  /** The exchange is being written again: it is not watched a second time. */
+  private retrying = false
+  /** A watched Describe's ParameterDescription, held until the Describe succeeds (dropped if it runs again). */
+  private params: Buffer | undefined = undefined
+  private paramsWanted = false
+
   constructor(
     private readonly client: net.Socket,
     private readonly pool: TenantPool,
@@ -223,6 +274,9 @@ export class PreparedStatements {
     this.opEnd.length = 0
     this.opBuf.length = 0
     this.withheld.length = 0
+    this.cancelRetry()
+    this.params = undefined
+    this.paramsWanted = false
   }
 
   // ---- client → server ------------------------------------------------------------------------
@@ -233,25 +287,47 @@ export class PreparedStatements {
    * `socket.write`'s answer.
    */
   write(server: ServerConnection, data: Buffer): boolean {
+    const ok = this.rewrite(server, data)
+    // Made-up replies at the head go out now, unless a reply message is half forwarded.
+    if (server.atBoundary && this.withheld.length === 0) this.settle(-1)
+    return ok
+  }
+
+  private rewrite(server: ServerConnection, data: Buffer): boolean {
     const rename = this.options.rename
     const pieces = this.pieces
     let runStart = 0
     const end = data.length
     let pos = Math.min(this.streamRemaining, end)
     this.streamRemaining -= pos
+    // Bytes of an exchange that may have to run again (see `watchFirstUse`): [keepFrom, keepTo).
+    let keepFrom = this.retryState === RETRY_WATCH ? 0 : -1
+    let keepTo = end
+    if (this.retryState === RETRY_READY && pos > 0) this.keep(data.subarray(0, pos)) // the rest of its Sync
     while (pos < end) {
       const type = data[pos]!
       const next = pos + 1 + data.readInt32BE(pos + 1)
       if (next > end) this.streamRemaining = next - end
+      if (this.retryState === RETRY_READY) {
+        // The client went on past that exchange: running it again would reorder its requests.
+        this.cancelRetry()
+        keepFrom = -1
+      }
       switch (type) {
         case QUERY:
         case FUNCTION_CALL:
           this.expect(Expect.Query, undefined)
+          if (this.retryState === RETRY_WATCH) this.cancelRetry()
+          keepFrom = -1
           break
         case SYNC:
           // PostgreSQL ignores Sync while it receives COPY data: no ReadyForQuery will answer it.
           if (this.copyIn) server.pending--
           else this.expect(Expect.Sync, undefined)
+          if (this.retryState === RETRY_WATCH) {
+            this.retryState = RETRY_READY
+            keepTo = next
+          }
           break
         case COPY_DONE:
         case COPY_FAIL:
@@ -281,6 +357,7 @@ export class PreparedStatements {
           }
           if (pos > runStart) pieces.push(data.subarray(runStart, pos))
           this.use(server, data, pos, portalEnd + 1, nameEnd, next, Expect.Bind)
+          if (this.retryState === RETRY_WATCH && keepFrom < 0) keepFrom = pos
           runStart = next
           break
         }
@@ -292,8 +369,12 @@ export class PreparedStatements {
             break
           }
           if (pos > runStart) pieces.push(data.subarray(runStart, pos))
-          if (type === DESCRIBE) this.use(server, data, pos, pos + 6, nameEnd, next, Expect.Describe)
-          else this.close(data.toString("utf8", pos + 6, nameEnd), data.subarray(pos, next))
+          if (type === DESCRIBE) {
+            this.use(server, data, pos, pos + 6, nameEnd, next, Expect.Describe)
+            if (this.retryState === RETRY_WATCH && keepFrom < 0) keepFrom = pos
+          } else {
+            this.close(data.toString("utf8", pos + 6, nameEnd), data.subarray(pos, next))
+          }
           runStart = next
           break
         }
@@ -301,9 +382,12 @@ export class PreparedStatements {
       }
       pos = next
     }
+    if (keepFrom >= 0 && this.retryState !== RETRY_NONE) this.keep(data.subarray(keepFrom, keepTo))
     let ok: boolean
-    if (pieces.length === 0) {
+    if (runStart === 0) {
       ok = server.write(data)
+    } else if (pieces.length === 0 && runStart >= end) {
+      ok = true // every message was answered by the pooler (a Parse the server already has)
     } else {
       if (end > runStart) pieces.push(runStart === 0 ? data : data.subarray(runStart, end))
       const socket = server.socket
@@ -313,44 +397,163 @@ export class PreparedStatements {
       socket.uncork()
       pieces.length = 0
     }
-    // Made-up replies at the head go out now, unless a reply message is half forwarded.
-    if (server.atBoundary && this.withheld.length === 0) this.settle(-1)
     return ok
+  }
+
+  /** Keeps a copy of client bytes of an exchange that may run again; gives up beyond `RETRY_MAX_BYTES`. */
+  private keep(bytes: Buffer): void {
+    this.retryBytes += bytes.length
+    if (this.retryBytes > RETRY_MAX_BYTES) this.cancelRetry()
+    else this.retryKept.push(Buffer.from(bytes))
+  }
+
+  private cancelRetry(): void {
+    this.retryState = RETRY_NONE
+    this.retrySeq = -1
+    this.retryKept.length = 0
+    this.retryBytes = 0
   }
 
   private parse(server: ServerConnection, data: Buffer, pos: number, nameEnd: number, next: number): void {
     const name = data.toString("utf8", pos + 5, nameEnd)
-    const bytes = next - pos
-    const refusal = this.statements.has(name)
+    const refusal = this.refusal(name, next - pos)
+    if (refusal !== undefined) {
+      this.fail(refusal)
+      return
+    }
+    const statement = this.register(name, data, pos, nameEnd, next)
+    if (this.isCurrentOn(server, statement.serverName)) {
+      this.expect(Expect.SyntheticParse, statement)
+    } else {
+      this.prepareOn(server, statement, false)
+    }
+  }
+
+  /** Why a Parse of `name` (`bytes` long) is refused, if it is. */
+  private refusal(name: string, bytes: number) {
+    return this.statements.has(name)
       ? tidepoolError("EPREPAREDDUP", name)
       : this.statements.size >= this.options.maxCount
         ? tidepoolError("EMAXPREPARED", this.options.maxCount)
         : this.memory + bytes > this.options.maxMemory
           ? tidepoolError("EMAXPREPAREDMEM", formatBytes(this.options.maxMemory))
           : undefined
-    if (refusal !== undefined) {
-      this.fail(refusal)
-      return
-    }
+  }
+
+  /** The server-side name of the Parse at `nameEnd` (the end of its client-side name). */
+  private serverNameOf(data: Buffer, nameEnd: number, next: number): string {
     // Query text, parameter types, and the settings that decide how the text is read: its identity.
     const hash = createHash("sha256").update(data.subarray(nameEnd + 1, next))
     for (const setting of PARSE_SETTINGS) hash.update(`\0${setting}=${this.settings.get(setting) ?? ""}`)
-    const serverName = `tp_${hash.digest("hex").slice(0, 40)}`
-    const serverNameBytes = Buffer.byteLength(serverName)
+    return `tp_${hash.digest("hex").slice(0, 40)}`
+  }
+
+  /** Records the client's statement from its Parse message at [`pos`, `next`). */
+  private register(
+    name: string,
+    data: Buffer,
+    pos: number,
+    nameEnd: number,
+    next: number,
+    serverName?: string
+  ): Statement {
+    const bytes = next - pos
+    const server = serverName ?? this.serverNameOf(data, nameEnd, next)
+    const serverNameBytes = Buffer.byteLength(server)
     const parse = Buffer.allocUnsafe(next - nameEnd + 5 + serverNameBytes)
     parse[0] = PARSE
     parse.writeInt32BE(parse.length - 1, 1)
-    parse.write(serverName, 5)
+    parse.write(server, 5)
     data.copy(parse, 5 + serverNameBytes, nameEnd, next)
-    const statement: Statement = { name, serverName, serverNameZ: Buffer.from(`${serverName}\0`), parse, bytes }
+    const statement: Statement = {
+      name,
+      serverName: server,
+      serverNameZ: Buffer.from(`${server}\0`),
+      parse,
+      bytes,
+      parsedAt: this.pool.statements.tick(),
+      usedAt: -1
+    }
     this.statements.set(name, statement)
     this.memory += bytes
-    if (this.isCurrentOn(server, serverName)) {
-      this.expect(Expect.SyntheticParse, statement)
-    } else {
-      this.prepareOn(server, statement, false)
-    }
+    return statement
   }
+
+  /**
+   * Answers, with no server, a client chunk made only of Parse messages of statements this pool has
+   * already seen parse, Close of statements, Flush and Sync: the relay calls it when the client holds
+   * no server and has nothing queued, so no transaction is open. The statements are prepared on a
+   * server at their first Bind or Describe. Without this, a client that prepares synchronously on
+   * one connection while it holds servers on others (pgbench `-M prepared` runs several clients per
+   * thread) waits for a server that only it can give back. The price: a Parse that would now fail
+   * (the table it names was dropped since it last parsed) fails at its first Bind or Describe.
+   *
+   * Returns -1 when the chunk needs a server (nothing was done), else 1, or 0 when the client's
+   * socket is full.
+   */
+  answerAlone(data: Buffer): number {
+    if (!this.options.rename) return -1
+    const end = data.length
+    const names = this.aloneNames
+    names.length = 0
+    let count = this.statements.size
+    let memory = this.memory
+    let size = 0
+    let pos = 0
+    while (pos < end) {
+      const type = data[pos]!
+      const next = pos + 1 + data.readInt32BE(pos + 1)
+      if (next > end) return -1
+      if (type === PARSE) {
+        const nameEnd = cstringEnd(data, pos + 5, next)
+        if (nameEnd <= pos + 5) return -1
+        const name = data.toString("utf8", pos + 5, nameEnd)
+        if (this.statements.has(name) || names.includes(name)) return -1
+        const serverName = this.serverNameOf(data, nameEnd, next)
+        if (!this.pool.statements.isParsed(serverName)) return -1
+        count++
+        memory += next - pos
+        if (count > this.options.maxCount || memory > this.options.maxMemory) return -1
+        names.push(name, serverName)
+        size += PARSE_COMPLETE_MESSAGE.length
+      } else if (type === CLOSE) {
+        const nameEnd = cstringEnd(data, pos + 6, next)
+        if (data[pos + 5] !== STATEMENT || nameEnd <= pos + 6) return -1
+        size += CLOSE_COMPLETE_MESSAGE.length
+      } else if (type === SYNC) {
+        size += READY_IDLE.length
+      } else if (type !== FLUSH) {
+        return -1
+      }
+      pos = next
+    }
+    const reply = Buffer.allocUnsafe(size)
+    let at = 0
+    let parsed = 0
+    pos = 0
+    while (pos < end) {
+      const type = data[pos]!
+      const next = pos + 1 + data.readInt32BE(pos + 1)
+      if (type === PARSE) {
+        const nameEnd = cstringEnd(data, pos + 5, next)
+        this.register(names[parsed]!, data, pos, nameEnd, next, names[parsed + 1]!)
+        parsed += 2
+        at += PARSE_COMPLETE_MESSAGE.copy(reply, at)
+      } else if (type === CLOSE) {
+        const statement = this.statements.get(data.toString("utf8", pos + 6, cstringEnd(data, pos + 6, next)))
+        if (statement !== undefined) this.forget(statement)
+        at += CLOSE_COMPLETE_MESSAGE.copy(reply, at)
+      } else if (type === SYNC) {
+        at += READY_IDLE.copy(reply, at)
+      }
+      pos = next
+    }
+    names.length = 0
+    return this.client.write(reply) ? 1 : 0
+  }
+
+  /** Scratch for `answerAlone`: client name, server-side name, per Parse. */
+  private readonly aloneNames: Array<string> = []
 
   /** Bind or Describe of a client statement: make sure the server has it, then use its server-side name. */
   private use(
@@ -374,7 +577,21 @@ export class PreparedStatements {
       )
       return
     }
-    if (!this.isCurrentOn(server, statement.serverName)) this.prepareOn(server, statement, true)
+    const registry = this.pool.statements
+    if (statement.usedAt >= 0 && registry.staleSince(statement.serverName, statement.usedAt)) {
+      // Its result type changed after this client last used it: on its own connection PostgreSQL
+      // would refuse it too. Once: from now on the client gets the statement as it is now.
+      statement.usedAt = registry.now
+      this.pieces.push(DESCRIBE_MISSING)
+      this.expect(Expect.Fail, STALE_PLAN)
+      return
+    }
+    const stamp = server.statements.get(statement.serverName)
+    if (stamp === undefined || !this.isCurrentOn(server, statement.serverName)) {
+      this.prepareOn(server, statement, true)
+    } else if (statement.usedAt < 0 && stamp < statement.parsedAt && this.retryState === RETRY_NONE) {
+      this.watchFirstUse(server)
+    }
     // The message with the server-side name: a new header, then slices (parameters are not copied).
     const header = Buffer.allocUnsafe(5)
     header[0] = data[pos]!
@@ -384,7 +601,25 @@ export class PreparedStatements {
     if (nameStart > pos + 5) pieces.push(data.subarray(pos + 5, nameStart))
     pieces.push(statement.serverNameZ)
     if (next > nameEnd + 1) pieces.push(data.subarray(nameEnd + 1, next))
-    this.expect(kind, statement.serverName)
+    if (this.retryState === RETRY_WATCH && this.retrySeq < 0) this.retrySeq = this.pushed
+    this.expect(kind, statement)
+  }
+
+  /**
+   * The first use of a statement by this client lands on a copy prepared before the client's Parse:
+   * if the objects it names changed in between, the server reports `cached plan must not change
+   * result type`, which PostgreSQL would not have said to this client (its Parse came after the
+   * change). When this Bind or Describe opens its exchange with no transaction open, the exchange
+   * can be run again on a fresh copy: `write` keeps its bytes until its Sync (see `retry`).
+   */
+  private watchFirstUse(server: ServerConnection): void {
+    if (server.txStatus !== IDLE || this.retrying) return
+    for (let i = 0; i < this.count; i++) {
+      const kind = this.kinds[(this.head + i) & (this.kinds.length - 1)]!
+      if (kind !== Expect.SyntheticParse && kind !== Expect.SyntheticClose) return
+    }
+    this.retryState = RETRY_WATCH
+    this.retrySeq = -1
   }
 
   private close(name: string, message: Buffer): void {
@@ -403,10 +638,10 @@ export class PreparedStatements {
 
   /** Whether `server` holds the statement, prepared since its plan last went stale; touches the LRU. */
   private isCurrentOn(server: ServerConnection, serverName: string): boolean {
-    const epoch = server.statements.get(serverName)
-    if (epoch === undefined || epoch !== (this.pool.statementEpochs.get(serverName) ?? 0)) return false
+    const stamp = server.statements.get(serverName)
+    if (stamp === undefined || !this.pool.statements.isCurrent(serverName, stamp)) return false
     server.statements.delete(serverName)
-    server.statements.set(serverName, epoch)
+    server.statements.set(serverName, stamp)
     return true
   }
 
@@ -424,7 +659,7 @@ export class PreparedStatements {
     }
     this.pieces.push(statement.parse)
     this.expect(hidden ? Expect.HiddenParse : Expect.Parse, hidden ? serverName : statement)
-    cache.set(serverName, this.pool.statementEpochs.get(serverName) ?? 0)
+    cache.set(serverName, this.pool.statements.tick())
     if (hidden) counters.statementsReprepared++
     else counters.statementsPrepared++
   }
@@ -452,6 +687,7 @@ export class PreparedStatements {
     this.kinds[i] = kind
     this.refs[i] = ref
     this.count++
+    this.pushed++
   }
 
   private grow(): void {
@@ -479,6 +715,7 @@ export class PreparedStatements {
     this.refs[this.head] = undefined
     this.head = (this.head + 1) & (this.kinds.length - 1)
     this.count--
+    this.shifted++
   }
 
   // ---- server → client ------------------------------------------------------------------------
@@ -486,10 +723,19 @@ export class PreparedStatements {
   private readonly onServerMessage: ServerObserver = (type, length, body, bodyStart, start, end) => {
     const kind = this.headKind
     let drop = false
+    /** The dropped message is kept (`params`) to be written later. */
+    let capture = false
+    /** The kept ParameterDescription goes out before this message. */
+    let prefix = false
     let replacement: Buffer | undefined
     switch (type) {
       case PARSE_COMPLETE:
-        if (kind === Expect.HiddenParse) drop = true
+        if (kind === Expect.HiddenParse) {
+          drop = true
+          this.pool.statements.markParsed(this.headRef as string)
+        } else if (kind === Expect.Parse && this.headRef !== undefined) {
+          this.pool.statements.markParsed((this.headRef as Statement).serverName)
+        }
         if (kind === Expect.HiddenParse || kind === Expect.Parse) this.shift()
         break
       case CLOSE_COMPLETE:
@@ -497,11 +743,25 @@ export class PreparedStatements {
         if (kind === Expect.HiddenClose || kind === Expect.Close) this.shift()
         break
       case BIND_COMPLETE:
-        if (kind === Expect.Bind || kind === Expect.UnknownBind) this.shift()
+        if (kind === Expect.Bind) this.used()
+        else if (kind === Expect.UnknownBind) this.shift()
+        break
+      case PARAMETER_DESCRIPTION:
+        // A Describe that may run again answers twice if it fails after this: held until it succeeds.
+        if (kind === Expect.Describe && this.retrySeq === this.shifted && this.retryState !== RETRY_NONE) {
+          drop = true
+          capture = true
+          this.paramsWanted = true
+        }
         break
       case ROW_DESCRIPTION:
       case NO_DATA:
-        if (kind === Expect.Describe || kind === Expect.UnknownDescribe) this.shift()
+        if (kind === Expect.Describe) {
+          prefix = this.paramsWanted
+          this.used()
+        } else if (kind === Expect.UnknownDescribe) {
+          this.shift()
+        }
         break
       case COMMAND_COMPLETE:
         this.onTag(body!, bodyStart, length)
@@ -523,24 +783,38 @@ export class PreparedStatements {
           const k = this.headKind
           this.shift()
           if (k === Expect.Sync || k === Expect.Query) break
+          if (k === Expect.HiddenSync) {
+            drop = true
+            break
+          }
         }
         this.skipping = false
         break
       // Everything else (rows, notices, notifications, ParameterStatus, COPY) passes through.
     }
     // Edits in offset order: the held-back start of this message, then its drop and replacement.
+    if (prefix) this.insert(Math.max(start, 0), PARAMS_MARK)
     const withheld = this.withheld
     if (start < 0 && withheld.length > 0) {
-      if (!drop) for (let i = 0; i < withheld.length; i++) this.insert(0, withheld[i]!)
+      if (capture) this.params = Buffer.concat(withheld)
+      else if (!drop) for (let i = 0; i < withheld.length; i++) this.insert(0, withheld[i]!)
       withheld.length = 0
     }
     if (drop) {
       this.opAt.push(Math.max(start, 0))
       this.opEnd.push(end)
-      this.opBuf.push(undefined)
+      this.opBuf.push(capture ? PARAMS_MARK : undefined)
     }
     if (replacement !== undefined) this.insert(end, replacement)
     this.settle(end)
+  }
+
+  /** The client's Bind or Describe at the head succeeded: it has seen the statement's result type. */
+  private used(): void {
+    const statement = this.headRef as Statement | undefined
+    if (statement !== undefined) statement.usedAt = this.pool.statements.now
+    if (this.retrySeq === this.shifted) this.cancelRetry()
+    this.shift()
   }
 
   /** An ErrorResponse: returns the pooler's own error to send in its place, if any. */
@@ -556,12 +830,21 @@ export class PreparedStatements {
     else if ((kind === Expect.UnknownBind || kind === Expect.UnknownDescribe) && code === "26000") {
       replacement = ref as Buffer
     } else if ((kind === Expect.Bind || kind === Expect.Describe) && ref !== undefined) {
-      const serverName = ref as string
+      const statement = ref as Statement
+      const serverName = statement.serverName
       if (code === "0A000") {
         // `cached plan must not change result type` (matched by SQLSTATE: the text may be translated):
         // stale everywhere in the pool, so every server re-prepares it before its next use.
-        const epoch = this.pool.statementEpochs.get(serverName) ?? 0
-        if (server.statements.get(serverName) === epoch) this.pool.statementEpochs.set(serverName, epoch + 1)
+        const stamp = server.statements.get(serverName)
+        if (stamp !== undefined && this.pool.statements.isCurrent(serverName, stamp)) {
+          this.pool.statements.markStale(serverName)
+        }
+        if (this.retrySeq === this.shifted && this.retryState !== RETRY_NONE && this.streamRemaining === 0) {
+          this.retry(server, statement)
+          return EMPTY
+        }
+        // The client sees the error: it has seen the statement's new result type by now.
+        statement.usedAt = this.pool.statements.now
       } else if (code === "26000") {
         // The server lost it behind the pooler's back (SQL DEALLOCATE, DISCARD in a function):
         // prepared again at the next use.
@@ -578,10 +861,48 @@ export class PreparedStatements {
         return undefined
       }
     }
+    if (kind === Expect.Parse && ref !== undefined) this.pool.statements.forgetParsed((ref as Statement).serverName)
+    else if (kind === Expect.HiddenParse) this.pool.statements.forgetParsed(ref as string)
     this.undo(kind, ref)
     this.shift()
     this.skipping = true
     return replacement
+  }
+
+  /**
+   * Runs the watched exchange (see `watchFirstUse`) again on a fresh copy of its statement, in place
+   * of the error its first request got: the server skips the rest of the exchange up to a Sync whose
+   * ReadyForQuery is the pooler's (the client's own Sync, or one of ours when the client has not sent
+   * it yet), then the statement is prepared again and the client's bytes are written once more.
+   */
+  private retry(server: ServerConnection, statement: Statement): void {
+    const kept = this.retryKept.splice(0)
+    this.params = undefined
+    this.paramsWanted = false
+    const ready = this.retryState === RETRY_READY
+    this.cancelRetry()
+    this.shift()
+    this.skipping = true
+    if (ready) {
+      const mask = this.kinds.length - 1
+      for (let i = 0; i < this.count; i++) {
+        const at = (this.head + i) & mask
+        if (this.kinds[at] === Expect.Sync) {
+          this.kinds[at] = Expect.HiddenSync
+          break
+        }
+      }
+    } else {
+      this.expect(Expect.HiddenSync, undefined)
+    }
+    // Closed and prepared again before the Bind or Describe that is written again below.
+    server.statements.set(statement.serverName, -1)
+    server.pending++
+    if (!ready) server.write(SYNC_MESSAGE)
+    this.retrying = true
+    for (const bytes of kept) this.rewrite(server, bytes)
+    this.retrying = false
+    this.pool.counters.statementsReprepared++
   }
 
   /** A request the server did not carry out (it failed, or was skipped after an error). */
@@ -651,7 +972,7 @@ export class PreparedStatements {
     while (this.count > 0) {
       const kind = this.headKind
       if (this.skipping) {
-        if (kind === Expect.Sync || kind === Expect.Query) return
+        if (kind === Expect.Sync || kind === Expect.Query || kind === Expect.HiddenSync) return
         this.undo(kind, this.headRef)
       } else if (kind === Expect.SyntheticParse || kind === Expect.SyntheticClose) {
         const message = kind === Expect.SyntheticParse ? PARSE_COMPLETE_MESSAGE : CLOSE_COMPLETE_MESSAGE
@@ -709,7 +1030,13 @@ export class PreparedStatements {
     const client = this.client
     let limit = chunk.length
     const incomplete = server.incompleteType
-    if (incomplete === PARSE_COMPLETE || incomplete === CLOSE_COMPLETE || incomplete === ERROR) {
+    if (
+      incomplete === PARSE_COMPLETE ||
+      incomplete === CLOSE_COMPLETE ||
+      incomplete === ERROR ||
+      ((this.retryState !== RETRY_NONE || this.paramsWanted) &&
+        (incomplete === PARAMETER_DESCRIPTION || incomplete === ROW_DESCRIPTION || incomplete === NO_DATA))
+    ) {
       const from = Math.max(server.incompleteStart, 0)
       this.withheld.push(Buffer.from(chunk.subarray(from)))
       limit = from
@@ -729,8 +1056,20 @@ export class PreparedStatements {
       if (at > pos) ok = client.write(chunk.subarray(pos, at))
       if (at > pos) pos = at
       const end = opEnd[i]!
-      if (end < 0) ok = client.write(opBuf[i]!)
-      else pos = end
+      const buf = opBuf[i]
+      if (buf === PARAMS_MARK) {
+        if (end >= 0 && this.paramsWanted) {
+          const tail = chunk.subarray(at, end)
+          this.params = this.params === undefined ? Buffer.from(tail) : Buffer.concat([this.params, tail])
+        } else if (end < 0 && this.params !== undefined) {
+          ok = client.write(this.params)
+          this.params = undefined
+          this.paramsWanted = false
+        }
+      } else if (end < 0) {
+        ok = client.write(buf!)
+      }
+      if (end >= 0) pos = end
     }
     if (limit > pos) ok = client.write(chunk.subarray(pos, limit))
     client.uncork()

@@ -280,6 +280,14 @@ export class TransactionRelay {
     } else if (this.chunkMessages > 0 && this.chunkMessages === this.chunkSyncs) {
       this.answerSyncs(this.chunkSyncs)
       return
+    } else if (!this.partial && this.queue.length === 0) {
+      // Parse, Close, Flush and Sync alone may not need a server (see PreparedStatements.answerAlone).
+      const answered = this.statements.answerAlone(data)
+      if (answered >= 0) {
+        this.queuedProducers -= this.chunkSyncs
+        if (answered === 0) this.blockOnClient()
+        return
+      }
     }
     if (data.length > 0) this.queue.push(data)
     this.checkout()
