@@ -774,10 +774,12 @@ export class PreparedStatements {
       case COPY_IN:
         this.enterCopyIn()
         break
-      case ERROR:
-        replacement = this.onError(kind)
+      case ERROR: {
+        const ref = this.headRef
+        replacement = this.onError(kind) ?? this.clientNamed(kind, ref, body!, bodyStart, length)
         drop = replacement !== undefined
         break
+      }
       case READY:
         while (this.count > 0) {
           const k = this.headKind
@@ -815,6 +817,25 @@ export class PreparedStatements {
     if (statement !== undefined) statement.usedAt = this.pool.statements.now
     if (this.retrySeq === this.shifted) this.cancelRetry()
     this.shift()
+  }
+
+  /**
+   * An error about a renamed statement names it as the client does (`bind message supplies 0
+   * parameters, but prepared statement "q" requires 1`): the pooler's `tp_…` names stay internal.
+   */
+  private clientNamed(kind: number, ref: unknown, body: Buffer, start: number, length: number): Buffer | undefined {
+    if ((kind !== Expect.Bind && kind !== Expect.Describe && kind !== Expect.Parse) || ref === undefined) {
+      return undefined
+    }
+    const statement = ref as Statement
+    const text = body.toString("utf8", start, start + length)
+    if (!text.includes(statement.serverName)) return undefined
+    const fields = Buffer.from(text.replaceAll(statement.serverName, statement.name), "utf8")
+    const message = Buffer.allocUnsafe(5 + fields.length)
+    message[0] = ERROR
+    message.writeInt32BE(4 + fields.length, 1)
+    fields.copy(message, 5)
+    return message
   }
 
   /** An ErrorResponse: returns the pooler's own error to send in its place, if any. */

@@ -182,6 +182,25 @@ describe("named prepared statements in transaction mode", () => {
     r.close()
   })
 
+  it("errors about a statement name it as the client did, never by the pooler's internal name", async () => {
+    const r = await raw("app")
+    r.socket.write(
+      Buffer.concat([
+        serialize.parse({ name: "needs_one", text: "SELECT $1::int AS v", types: [] }),
+        serialize.bind({ statement: "needs_one", values: [] }),
+        serialize.execute(),
+        serialize.sync()
+      ])
+    )
+    const failed = await r.untilReady()
+    expect(types(failed)).toBe("1EZ")
+    const error = errorOf(failed)!
+    expect(error.C).toBe("08P01")
+    expect(error.M).toContain('prepared statement "needs_one"')
+    expect(JSON.stringify(error)).not.toContain("tp_")
+    r.close()
+  })
+
   it("a failed Parse leaves no name behind: the fixed statement can reuse it", async () => {
     const r = await raw("app")
     r.socket.write(Buffer.concat([serialize.parse({ name: "retry", text: "SELEC 1", types: [] }), serialize.sync()]))
