@@ -1,4 +1,4 @@
-import { Console, Effect, Layer } from "effect"
+import { Cause, Console, Effect, Exit, Layer, Runtime } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
 import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
@@ -16,12 +16,17 @@ export const runtimeLayer = (file: ConfigFileContents | undefined) =>
 
 /**
  * The first SIGTERM/SIGINT starts the graceful shutdown (Effect's runMain interrupts the main fiber);
- * a second one means "now".
+ * a second one means "now", and says so: the sessions still draining are cut without 57P01.
  */
-export const installSignals = (): void => {
+export const installSignals = (log: (message: string) => void = () => undefined): void => {
   let signals = 0
-  const onSignal = () => {
-    if (++signals > 1) process.exit(1)
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (++signals === 1) {
+      log(`${signal} received: shutting down gracefully (a second signal exits at once)`)
+      return
+    }
+    log(`second signal (${signal}): exiting now with status 1, without waiting for the drain`)
+    process.exit(1)
   }
   process.on("SIGTERM", onSignal)
   process.on("SIGINT", onSignal)
@@ -39,11 +44,21 @@ export const serve = (configFile: string | undefined) =>
       yield* Effect.logInfo(
         `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
-      installSignals()
+      const runtime = yield* Effect.runtime<never>()
+      installSignals((message) => Runtime.runSync(runtime)(Effect.logWarning(message)))
       // Runs until SIGTERM/SIGINT (interruption) or the admin console's SHUTDOWN.
       yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(Effect.onInterrupt(() => shutdown))
       yield* Effect.logInfo("shutdown requested from the admin console")
-    }).pipe(Effect.scoped, Effect.provide(runtimeLayer(file)))
+    }).pipe(
+      Effect.scoped,
+      // After the scope: sessions drained or closed, servers closed, listeners and the API stopped.
+      Effect.onExit((exit) =>
+        Exit.isSuccess(exit) || Cause.isInterruptedOnly(exit.cause)
+          ? Effect.logInfo(`tidepool stopped: exiting with status 0 after ${Math.round(process.uptime())} s`)
+          : Effect.void
+      ),
+      Effect.provide(runtimeLayer(file))
+    )
   }).pipe(
     Effect.catchTags({
       ConfigError: (e) =>

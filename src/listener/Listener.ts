@@ -3,7 +3,7 @@ import { Data, Effect, FiberSet } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
 import type { PoolMode } from "../pool/index.ts"
-import { clientSession, SessionRegistry } from "../session/index.ts"
+import { clientSession, type RegisteredSession, SessionRegistry } from "../session/index.ts"
 
 export class ListenError extends Data.TaggedError("ListenError")<{ readonly message: string }> {}
 
@@ -31,6 +31,45 @@ export const listen = (options: {
 
 export const boundPort = (server: net.Server): number => (server.address() as net.AddressInfo).port
 
+const T = 0x54
+const E = 0x45
+
+/**
+ * What keeps a session from ending at once when drained, or undefined when nothing does. A client
+ * idle in a transaction is named as such: only its client can end it early, else it holds the
+ * shutdown for the whole drain timeout.
+ */
+const holding = (
+  session: RegisteredSession
+): { readonly idleInTransaction: boolean; readonly text: string } | undefined => {
+  const info = session.handle.info
+  if (info === undefined) return undefined
+  const server = info.server()
+  const state =
+    server !== undefined && !server.closed
+      ? server.pending > 0
+        ? "running a query"
+        : server.txStatus === T
+          ? "idle in transaction"
+          : server.txStatus === E
+            ? "idle in a failed transaction"
+            : undefined
+      : info.state() === "waiting"
+        ? "waiting for a server"
+        : undefined
+  if (state === undefined) return undefined
+  return {
+    idleInTransaction: state.startsWith("idle in"),
+    text: `${session.handle.tenant}/${info.user} ${info.address}:${info.port} (${info.pool.settings.mode} mode, ${info.applicationName === "" ? "" : `application_name ${info.applicationName}, `}${state})`
+  }
+}
+
+/** At most this many sessions are named in one log line; the rest are counted. */
+const NAMED = 20
+
+const named = (texts: ReadonlyArray<string>): string =>
+  texts.length <= NAMED ? texts.join("; ") : `${texts.slice(0, NAMED).join("; ")}; and ${texts.length - NAMED} more`
+
 /**
  * The client-facing front doors. Each accepted socket runs a ClientSession fiber in one FiberSet.
  * Closing the scope is the graceful shutdown (DESIGN §5): stop accepting, let every session reach
@@ -56,15 +95,46 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
       drained = true
       const left = yield* FiberSet.size(fibers)
       if (left === 0) return
-      yield* Effect.logInfo(`draining ${left} client session(s)`)
+      const timeoutMs = config.shutdownTimeoutMs
+      const registered = sessions.all()
+      const holders = registered.flatMap((s) => holding(s) ?? [])
+      const loggingIn = Math.max(0, left - registered.length)
+      yield* Effect.logInfo(
+        `shutdown: stopped accepting connections; draining ${left} client session(s), each closed at its next transaction boundary, for at most ${timeoutMs} ms${loggingIn > 0 ? ` (${loggingIn} still logging in)` : ""}`
+      )
+      const idle = holders.filter((h) => h.idleInTransaction)
+      if (idle.length > 0) {
+        yield* Effect.logWarning(
+          `shutdown: ${idle.length} session(s) idle in a transaction hold the shutdown until their client ends the transaction, at most for the whole drain timeout (${timeoutMs} ms): ${named(idle.map((h) => h.text))}`
+        )
+      }
+      const busy = holders.filter((h) => !h.idleInTransaction)
+      if (busy.length > 0) {
+        yield* Effect.logInfo(
+          `shutdown: waiting for ${busy.length} session(s) to reach a transaction boundary: ${named(busy.map((h) => h.text))}`
+        )
+      }
+      const startedAt = Date.now()
       sessions.drainAll()
       // This runs from finalizers and interruption handlers, which are uninterruptible: the wait
       // must opt in to interruption, or the drain timeout could never cut it short.
-      yield* FiberSet.awaitEmpty(fibers).pipe(
+      const ended = yield* FiberSet.awaitEmpty(fibers).pipe(
         Effect.interruptible,
-        Effect.timeout(config.shutdownTimeoutMs),
-        Effect.ignore
+        Effect.timeout(timeoutMs),
+        Effect.option
       )
+      if (ended._tag === "Some") {
+        yield* Effect.logInfo(`shutdown: every client session ended within ${Date.now() - startedAt} ms`)
+        return
+      }
+      // Whoever is left is interrupted when the FiberSet closes, right after this: 57P01 each.
+      const still = yield* FiberSet.size(fibers)
+      const remaining = sessions.all()
+      const stillHolding = remaining.flatMap((s) => holding(s)?.text ?? [])
+      const stillLoggingIn = Math.max(0, still - remaining.length)
+      yield* Effect.logWarning(
+        `shutdown: drain timeout (${timeoutMs} ms) reached; force-closing ${still} client session(s) with 57P01${stillHolding.length > 0 ? `: ${named(stillHolding)}` : ""}${stillLoggingIn > 0 ? `${stillHolding.length > 0 ? ";" : ":"} ${stillLoggingIn} still logging in` : ""}`
+      ).pipe(Effect.annotateLogs({ code: "EADMINSHUTDOWN" }))
     })
     yield* Effect.addFinalizer(() => shutdown)
     // The admin console's SHUTDOWN: stop accepting at once; `tidepool serve` then returns, and
@@ -85,7 +155,7 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
         port,
         envVar,
         onConnection: (socket) => {
-          run(clientSession(socket, mode))
+          run(clientSession(socket, mode, () => drained))
         }
       })
 

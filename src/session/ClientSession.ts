@@ -1,5 +1,5 @@
 import type * as net from "node:net"
-import { Effect, Exit, Fiber, Logger } from "effect"
+import { Cause, Effect, Exit, Fiber, Logger } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -71,8 +71,10 @@ const poolKey = (tenant: string, user: string, mode: PoolMode, database: string)
  * One client connection, from its first byte to its close: handshake, tenant resolution, SCRAM,
  * attach to a server, then the relay. Its scope owns the server it holds: whatever way the session
  * ends, the server goes back reset or is closed, never leaked and never reused dirty.
+ * `shuttingDown` says whether the listeners are draining: a login that completes then is refused
+ * with 57P01, like the sessions the drain closes.
  */
-export const clientSession = (socket: net.Socket, mode: PoolMode) =>
+export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: () => boolean = () => false) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const events = yield* EventCounters
@@ -111,8 +113,8 @@ export const clientSession = (socket: net.Socket, mode: PoolMode) =>
         if ("admin" in auth) return yield* adminConsole(client, auth.admin)
         const level = tenantLogLevel(auth.tenant.feature_flags)
         yield* level === undefined
-          ? attach(client, auth, mode, startedAt)
-          : Logger.withMinimumLogLevel(attach(client, auth, mode, startedAt), level)
+          ? attach(client, auth, mode, startedAt, shuttingDown)
+          : Logger.withMinimumLogLevel(attach(client, auth, mode, startedAt, shuttingDown), level)
       }).pipe(Effect.catchAll(fail))
 
     // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
@@ -344,7 +346,13 @@ const attachTransaction = (client: ClientSocket, pool: TenantPool, startup: Read
     return { server: undefined, settings, reported: reportedParameters(pristine, settings) }
   })
 
-const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, startedAt: number) =>
+const attach = (
+  client: ClientSocket,
+  auth: Authenticated,
+  mode: PoolMode,
+  startedAt: number,
+  shuttingDown: () => boolean
+) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const registry = yield* PoolRegistry
@@ -444,6 +452,10 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, start
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
     )
+    // A login that ends while the pooler drains was registered too late to be drained: it is told
+    // now, as a drained client would be, instead of being greeted and then held until the timeout.
+    // Checked after registering, so a drain that starts in between has drained this session anyway.
+    if (shuttingDown()) return yield* tidepoolError("EADMINSHUTDOWN")
     const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
     if (revoked !== undefined) return yield* revoked
     greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
@@ -475,6 +487,10 @@ const attach = (client: ClientSocket, auth: Authenticated, mode: PoolMode, start
         return yield* end.error
       case "ServerClosed":
         return yield* tidepoolError("ESERVERCLOSED", end.reason)
+      case "Fault":
+        // A bug of ours: the operator gets the cause and stack, the client only the code.
+        yield* Effect.logError("internal error in the relay; the session was closed", Cause.die(end.cause))
+        return yield* tidepoolError("EINTERNAL")
       case "Drained":
         return yield* kicked ?? tidepoolError("EADMINSHUTDOWN")
       default:

@@ -4,12 +4,12 @@ import pg from "pg"
 import { serialize } from "pg-protocol"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import { PoolRegistry } from "../../src/pool/index.ts"
-import { ScramClient, startupMessage } from "../../src/protocol/index.ts"
+import { startupMessage } from "../../src/protocol/index.ts"
 import { READ_AHEAD_LIMIT } from "../../src/session/ClientSocket.ts"
 import { EventCounters } from "../../src/telemetry/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import type { RawMessage } from "../support/raw.ts"
 import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
+import { loginUntilOk, Wire } from "../support/wire.ts"
 
 /*
  * Hostile input on the login path: clients that stream while they wait, floods of refused logins,
@@ -78,73 +78,10 @@ const poolerSideOf = async (client: net.Socket): Promise<net.Socket> => {
   return found!
 }
 
-/** Backend messages of a raw connection, in order. */
-class Wire {
-  private buffered = Buffer.alloc(0)
-  private readonly queue: Array<RawMessage> = []
-  private wake: (() => void) | undefined
-  closed = false
-
-  constructor(readonly socket: net.Socket) {
-    socket.on("data", (chunk: Buffer) => {
-      this.buffered = Buffer.concat([this.buffered, chunk])
-      while (this.buffered.length >= 5) {
-        const length = this.buffered.readInt32BE(1)
-        if (this.buffered.length < 1 + length) break
-        this.queue.push({
-          type: String.fromCharCode(this.buffered[0]!),
-          body: Buffer.from(this.buffered.subarray(5, 1 + length))
-        })
-        this.buffered = this.buffered.subarray(1 + length)
-      }
-      this.wake?.()
-    })
-    socket.on("close", () => {
-      this.closed = true
-      this.wake?.()
-    })
-    socket.on("error", () => undefined)
-  }
-
-  async next(): Promise<RawMessage> {
-    for (;;) {
-      const m = this.queue.shift()
-      if (m !== undefined) return m
-      if (this.closed) throw new Error("connection closed")
-      await new Promise<void>((resolve) => {
-        this.wake = resolve
-      })
-      this.wake = undefined
-    }
-  }
-}
-
 const connectRaw = async (port: number) => {
-  const socket = net.connect(port, "127.0.0.1")
-  sockets.push(socket)
-  await once(socket, "connect")
-  return socket
-}
-
-/** Logs in with SCRAM and returns right after AuthenticationOk: the pooler may still be looking for a server. */
-const loginUntilOk = async (port: number, username: string, parameters: Record<string, string> = {}) => {
-  const socket = await connectRaw(port)
-  const wire = new Wire(socket)
-  socket.write(startupMessage({ user: username, database: "postgres", ...parameters }))
-  const scram = new ScramClient({ password: "app-secret" })
-  for (;;) {
-    const m = await wire.next()
-    if (m.type === "E") throw new Error(`login failed: ${m.body.toString("latin1")}`)
-    if (m.type !== "R") continue
-    const code = m.body.readInt32BE(0)
-    if (code === 0) return wire
-    if (code === 10) socket.write(serialize.sendSASLInitialResponseMessage("SCRAM-SHA-256", scram.clientFirst()))
-    else if (code === 11) {
-      const final = scram.handleServerFirst(m.body.subarray(4).toString())
-      if (typeof final !== "string") throw new Error("bad server-first")
-      socket.write(serialize.sendSCRAMClientFinalMessage(final))
-    }
-  }
+  const wire = await Wire.connect(port)
+  sockets.push(wire.socket)
+  return wire
 }
 
 /** The pool of tenant `acme`'s user `app` in transaction mode. */
@@ -185,7 +122,8 @@ describe("a client that sends while its login waits for a server", () => {
     await holder.connect()
     await holder.query("BEGIN") // holds the pool's only server
     // A setting no server of the pool has accepted yet must be tried on one: the login waits.
-    const wire = await loginUntilOk(tidepool.transactionPort, "app.acme", { application_name: "streamer" })
+    const wire = await connectRaw(tidepool.transactionPort)
+    await loginUntilOk(wire, "app.acme", "app-secret", { application_name: "streamer" })
     const pooler = await poolerSideOf(wire.socket)
     const literal = "x".repeat(MiB)
     const queries = Array.from({ length: 40 }, () => serialize.query(`SELECT length('${literal}') AS n`))
@@ -220,7 +158,8 @@ describe("a client that sends while its login waits for a server", () => {
     await holder.connect()
     await holder.query("BEGIN")
     const pool = await acmePool(tidepool)
-    const wire = await loginUntilOk(tidepool.transactionPort, "app.acme", { application_name: "leaver" })
+    const wire = await connectRaw(tidepool.transactionPort)
+    await loginUntilOk(wire, "app.acme", "app-secret", { application_name: "leaver" })
     await until("the login to wait for a server", () => pool.stats.waiting === 1)
     wire.socket.destroy()
     await until("the waiting login to leave the queue", () => pool.stats.waiting === 0)
@@ -247,8 +186,8 @@ describe("a client that sends while its login waits for a server", () => {
 describe("refused logins", () => {
   it("read nothing past the refusal while they wait out the failure delay", async () => {
     const tidepool = await start([{ external_id: "acme", users: [user()] }], { authFailureDelayMs: 500 })
-    const socket = await connectRaw(tidepool.sessionPort)
-    const wire = new Wire(socket)
+    const wire = await connectRaw(tidepool.sessionPort)
+    const socket = wire.socket
     const pooler = await poolerSideOf(socket)
     socket.write(startupMessage({ user: "app.nowhere", database: "postgres" }))
     socket.write(Buffer.alloc(40 * MiB, 0x51))
