@@ -18,14 +18,14 @@ export const runtimeLayer = (file: ConfigFileContents | undefined) =>
  * The first SIGTERM/SIGINT starts the graceful shutdown (Effect's runMain interrupts the main fiber);
  * a second one means "now", and says so: the sessions still draining are cut without 57P01.
  */
-export const installSignals = (log: (message: string) => void = () => undefined): void => {
+export const installSignals = (log: (level: "info" | "warning", message: string) => void = () => undefined): void => {
   let signals = 0
   const onSignal = (signal: NodeJS.Signals) => {
     if (++signals === 1) {
-      log(`${signal} received: shutting down gracefully (a second signal exits at once)`)
+      log("info", `${signal} received: shutting down gracefully (a second signal exits at once)`)
       return
     }
-    log(`second signal (${signal}): exiting now with status 1, without waiting for the drain`)
+    log("warning", `second signal (${signal}): exiting now with status 1, without waiting for the drain`)
     process.exit(1)
   }
   process.on("SIGTERM", onSignal)
@@ -45,7 +45,9 @@ export const serve = (configFile: string | undefined) =>
         `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
       const runtime = yield* Effect.runtime<never>()
-      installSignals((message) => Runtime.runSync(runtime)(Effect.logWarning(message)))
+      installSignals((level, message) =>
+        Runtime.runSync(runtime)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
+      )
       // Runs until SIGTERM/SIGINT (interruption) or the admin console's SHUTDOWN.
       yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(Effect.onInterrupt(() => shutdown))
       yield* Effect.logInfo("shutdown requested from the admin console")

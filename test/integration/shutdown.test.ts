@@ -190,7 +190,10 @@ describe("tidepool serve's shutdown logs", () => {
         .filter((l) => l.startsWith("{"))
         .map((l) => JSON.parse(l) as { level: string; msg: string; code?: string })
       const said = lines.map((l) => l.msg)
-      expect(said).toContain("SIGTERM received: shutting down gracefully (a second signal exits at once)")
+      expect(lines.find((l) => l.msg.startsWith("SIGTERM received"))).toMatchObject({
+        level: "info",
+        msg: "SIGTERM received: shutting down gracefully (a second signal exits at once)"
+      })
       expect(
         lines.find((l) =>
           l.msg.startsWith("shutdown: drain timeout (300 ms) reached; force-closing 1 client session(s)")
