@@ -10,13 +10,19 @@ const builtInTracer = Effect.runSync(Effect.tracer)
 interface Entry {
   readonly pool: TenantPool
   readonly scope: Scope.CloseableScope
+  /** Since when the pool has had no client and lent no server; also moved by every `get`. */
   emptySince: number
 }
+
+/** How often idle servers are reaped and warm minimums restored. */
+const SWEEP_MS = 1000
 
 /**
  * Supervises every pool on this node: starts one on first use, reaps idle servers on one coarse
  * timer, and shuts a pool down after it has had no clients for a grace period (keeping its warm
- * servers meanwhile avoids cold-start storms when clients reconnect).
+ * servers meanwhile avoids cold-start storms when clients reconnect). A pool with no client and no
+ * server at all (its database missing or down) has nothing to keep warm: it shuts down at the next
+ * sweep, so that logins naming databases that fail cannot fill the tenant's pool cap.
  */
 export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolRegistry", {
   scoped: Effect.gen(function* () {
@@ -50,7 +56,11 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
     const get = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
       Effect.suspend(() => {
         const existing = pools.get(settings.key)
-        if (existing !== undefined && !existing.pool.isClosed) return Effect.succeed(existing.pool)
+        if (existing !== undefined && !existing.pool.isClosed) {
+          // A client is on its way (it counts itself in a moment): no sweep may take the pool meanwhile.
+          existing.emptySince = Date.now()
+          return Effect.succeed(existing.pool)
+        }
         return creating.withPermits(1)(create(settings))
       })
 
@@ -83,13 +93,14 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       for (const [key, entry] of pools) {
         entry.pool.maintain(now)
         const s = entry.pool.stats
+        const grace = entry.pool.total === 0 && s.waiting === 0 ? SWEEP_MS : config.poolShutdownAfterMs
         if (s.clients > 0 || s.busy > 0) entry.emptySince = now
-        else if (now - entry.emptySince >= config.poolShutdownAfterMs) stale.push([key, entry])
+        else if (now - entry.emptySince >= grace) stale.push([key, entry])
       }
       return Effect.forEach(stale, ([key, entry]) => closeEntry(key, entry), { discard: true })
     })
 
-    yield* sweep.pipe(Effect.delay(1000), Effect.forever, Effect.interruptible, Effect.forkScoped)
+    yield* sweep.pipe(Effect.delay(SWEEP_MS), Effect.forever, Effect.interruptible, Effect.forkScoped)
 
     yield* Effect.addFinalizer(() =>
       Effect.forEach([...pools], ([key, entry]) => closeEntry(key, entry), { discard: true })

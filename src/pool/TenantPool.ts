@@ -1,6 +1,6 @@
 import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
-import { connect, type ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
+import { connect, ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
 import { LatencyHistogram } from "./Histogram.ts"
 import { StatementRegistry } from "./StatementRegistry.ts"
 
@@ -21,7 +21,11 @@ export interface PoolSettings {
   /** Servers kept open while idle (warm minimum), never more than `size`. */
   readonly minSize: number
   readonly serverLifetimeMs: number
-  /** After a failed connect, new connects wait this long; waiting clients get the error at once. */
+  /**
+   * After a refusal that would repeat (unknown database, wrong password), new connects wait this long
+   * and clients get the refusal at once meanwhile. Failures to reach the database back off from
+   * `RETRY_FIRST_MS` to `RETRY_MAX_MS` instead (see `TenantPool.onConnectFailed`).
+   */
   readonly connectBackoffMs: number
   readonly target: UpstreamTarget
 }
@@ -69,6 +73,11 @@ export interface ServerView {
   readonly state: "active" | "idle"
 }
 
+/** While the database cannot be reached, the first new attempt comes this soon, then twice as late each time… */
+const RETRY_FIRST_MS = 50
+/** … up to this: how late a pool whose clients wait notices that its database answers again. */
+const RETRY_MAX_MS = 1000
+
 export interface Waiter {
   readonly callback: CheckoutCallback
   readonly since: number
@@ -88,8 +97,19 @@ export class TenantPool {
   private opening = 0
   /** Servers closed by the pool whose sockets have not closed yet: their backends may still be running. */
   private closing = 0
+  /** Why the last connect failed; undefined once one succeeds. The pool is "failing" while set. */
   private lastConnectError: TidepoolError | undefined = undefined
-  private lastConnectErrorAt = 0
+  /** Connects failed in a row, for the back-off. */
+  private connectFailures = 0
+  /** No new connect before this instant (epoch ms) while failing. */
+  private retryAt = 0
+  /**
+   * When a pool that had reached its database first failed to reach it again (a restart, a
+   * failover): for one checkout timeout from then, clients wait for it to come back instead of
+   * getting the connect error at once.
+   */
+  private outageSince: number | undefined = undefined
+  private retryTimer: NodeJS.Timeout | undefined = undefined
   private deadlineTimer: NodeJS.Timeout | undefined = undefined
   private closed = false
   /** Bumped by `reconfigure`: servers of an older generation are replaced, never lent again. */
@@ -159,6 +179,8 @@ export class TenantPool {
     if (this.closed) return
     this.settings = settings
     this.generation++
+    // New settings (another host, a fixed password) deserve a connect now, not after the old back-off.
+    this.forgetFailures()
     this.parameters = undefined
     this.knownSettings.clear()
     for (const server of this.busy) this.stale.add(server)
@@ -248,13 +270,18 @@ export class TenantPool {
       callback(undefined, server)
       return undefined
     }
-    // The database just failed to connect and nothing is alive or on its way: say so now rather
-    // than at the checkout deadline.
-    if (this.inBackoff() && this.busy.size + this.idle.length + this.opening === 0) {
+    const now = Date.now()
+    // The database just refused, or cannot be reached and this is no passing outage of a pool that
+    // had reached it, and nothing is alive or on its way: say so now rather than at the deadline.
+    if (
+      this.lastConnectError !== undefined &&
+      now < this.retryAt &&
+      !this.ridingOut(now) &&
+      this.busy.size + this.idle.length + this.opening === 0
+    ) {
       callback(this.lastConnectError, undefined)
       return undefined
     }
-    const now = Date.now()
     const waiter: Waiter = { callback, since: now, deadline: now + this.settings.checkoutTimeoutMs, cancelled: false }
     this.waiters.push(waiter)
     this.armDeadline()
@@ -280,7 +307,7 @@ export class TenantPool {
     this.busy.delete(server)
     if (this.quietListeners.length > 0) this.notifyQuiet()
     const stale = this.stale.size > 0 && this.stale.delete(server)
-    if (this.closed || stale || !server.isIdle || this.expired(server, Date.now())) {
+    if (this.closed || stale || !server.isIdle || server.terminating || this.expired(server, Date.now())) {
       this.closeCounted(server, stale ? "tenant reconfigured" : "released", false)
       this.afterShrink()
       return
@@ -308,12 +335,32 @@ export class TenantPool {
     else server.close(reason)
   }
 
-  /** Closes a server whose state is unknown (client vanished mid-transaction, protocol error). */
+  /**
+   * Closes a server whose state is unknown (client vanished mid-statement or mid-transaction,
+   * protocol error). Nothing more may be written to it (the client may have left half a message), so
+   * its socket is destroyed; and since a backend notices a closed socket only when it next reads, a
+   * statement it is running (`pg_sleep`, a lock wait, a long query) would keep its transaction and
+   * locks until it ends: it is cancelled too, as a client would, on a connection of its own. The
+   * server counts against the cap until that cancel has been delivered.
+   */
   discard(server: ServerConnection, reason: string): void {
     this.busy.delete(server)
     this.stale.delete(server)
     if (this.quietListeners.length > 0) this.notifyQuiet()
+    const backendAlive = !server.closed
     this.closeCounted(server, reason, true)
+    if (backendAlive) {
+      this.closing++
+      this.runFork(
+        Effect.ensuring(
+          server.cancel,
+          Effect.sync(() => {
+            this.closing--
+            this.afterShrink()
+          })
+        )
+      )
+    }
     this.afterShrink()
   }
 
@@ -345,9 +392,12 @@ export class TenantPool {
         i++
       }
     }
-    while (!this.closed && this.live < Math.min(minSize, size) && this.total < size && !this.inBackoff()) this.open()
-    // Waiters queued behind a failed connect get a new attempt once the back-off is over.
-    if (this.waiters.length > 0) this.grow()
+    // Warm servers only while the database answers: a failing pool dials again only for a waiting
+    // client, so a pool nobody uses (its clients gone, its database missing) stops dialling.
+    if (this.lastConnectError === undefined) {
+      while (!this.closed && this.live < Math.min(minSize, size) && this.total < size) this.open()
+    }
+    if (this.waiters.length > 0) this.grow(now)
   }
 
   /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */
@@ -355,6 +405,7 @@ export class TenantPool {
     if (this.closed) return
     this.closed = true
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
+    if (this.retryTimer !== undefined) clearTimeout(this.retryTimer)
     for (const w of this.waiters.splice(0))
       w.callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
     for (const listener of this.quietListeners.splice(0)) listener()
@@ -385,7 +436,7 @@ export class TenantPool {
     for (;;) {
       const server = this.idle.pop()
       if (server === undefined) return undefined
-      if (server.closed) continue
+      if (server.closed || server.terminating) continue
       server.handler = undefined
       this.busy.add(server)
       return server
@@ -412,16 +463,43 @@ export class TenantPool {
     }
   }
 
-  private inBackoff(): boolean {
-    return this.lastConnectError !== undefined && Date.now() - this.lastConnectErrorAt < this.settings.connectBackoffMs
+  /** Whether clients wait for the database to come back rather than get the connect error at once. */
+  private ridingOut(now: number): boolean {
+    return this.outageSince !== undefined && now - this.outageSince < this.settings.checkoutTimeoutMs
   }
 
-  /** Opens servers for waiters, up to the exact cap, unless a recent connect failed. */
-  private grow(): void {
+  private forgetFailures(): void {
+    this.lastConnectError = undefined
+    this.connectFailures = 0
+    this.retryAt = 0
+    this.outageSince = undefined
+  }
+
+  /**
+   * Opens servers for waiters, up to the exact cap. While connects fail, one attempt at a time and
+   * not before the back-off ends (a timer brings the next one); the first success opens the rest.
+   */
+  private grow(now: number = Date.now()): void {
     while (!this.closed && !this.paused && this.waiters.length > this.opening && this.total < this.settings.size) {
-      if (this.inBackoff()) return
+      if (this.lastConnectError !== undefined) {
+        if (this.opening > 0) return
+        if (now < this.retryAt) {
+          this.armRetry(now)
+          return
+        }
+      }
       this.open()
     }
+  }
+
+  private armRetry(now: number): void {
+    if (this.retryTimer !== undefined || this.closed) return
+    this.retryTimer = setTimeout(this.onRetry, Math.max(0, this.retryAt - now))
+  }
+
+  private readonly onRetry = (): void => {
+    this.retryTimer = undefined
+    this.grow()
   }
 
   private open(): void {
@@ -445,15 +523,19 @@ export class TenantPool {
   }
 
   private onOpened(server: ServerConnection): void {
-    this.lastConnectError = undefined
+    const recovered = this.lastConnectError !== undefined
+    this.forgetFailures()
     this.counters.serverConnects++
     this.parameters ??= new Map(server.parameters)
+    server.withholdBetweenTransactions = this.settings.mode === "transaction"
     if (this.closed) {
       server.close("pool closed")
       return
     }
     this.busy.add(server)
     this.release(server)
+    // Connects went one at a time while failing: the clients still waiting need the rest now.
+    if (recovered) this.grow()
   }
 
   private onConnectFailed(exit: Exit.Exit<ServerConnection, TidepoolError>): void {
@@ -464,10 +546,26 @@ export class TenantPool {
       upstreamError({ code: "08006", message: `Failed to connect to database: ${Cause.squash(exit.cause)}` })
     )
     this.counters.serverConnectFailures++
+    const now = Date.now()
+    const transient = ServerConnection.isTransient(failure)
+    if (!transient) this.outageSince = undefined
+    else if (this.lastConnectError === undefined && this.counters.serverConnects > 0) this.outageSince ??= now
     this.lastConnectError = failure
-    this.lastConnectErrorAt = Date.now()
+    this.connectFailures++
+    this.retryAt =
+      now +
+      (transient
+        ? Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * 2 ** Math.min(this.connectFailures - 1, 20))
+        : this.settings.connectBackoffMs)
+    const alive = this.busy.size + this.idle.length > 0
+    if (transient && (alive || this.ridingOut(now))) {
+      // A server may be released, or the database come back: waiters keep their place (and their
+      // deadline) while the pool tries again.
+      if (this.waiters.length > 0) this.armRetry(now)
+      return
+    }
     // Nobody can be served soon if no server is alive: tell every waiter now instead of at their deadline.
-    if (this.busy.size + this.idle.length === 0) {
+    if (!alive) {
       for (const w of this.waiters.splice(0)) if (!w.cancelled) w.callback(failure, undefined)
     } else {
       const w = this.nextWaiter()
@@ -494,7 +592,11 @@ export class TenantPool {
       const w = this.waiters.shift()!
       if (w.cancelled) continue
       this.counters.checkoutTimeouts++
-      const error = tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode)
+      // Waiting out an outage that outlasted the wait: why there was no server says more than a timeout.
+      const error =
+        this.lastConnectError !== undefined && this.busy.size + this.idle.length === 0
+          ? this.lastConnectError
+          : tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode)
       if (this.onWaitEnded !== undefined) this.onWaitEnded(w.since, this.waiters.length, error)
       w.callback(error, undefined)
     }

@@ -93,6 +93,15 @@ const EMPTY = Buffer.alloc(0)
  * pool's idle watch, or a control-plane query), so one scanner serves every phase.
  */
 export class ServerConnection {
+  /**
+   * Whether a failed `connect` is worth trying again soon: the database could not be reached, or is
+   * starting, stopping or out of connections. Anything else (an unknown database, a wrong password, a
+   * TLS or authentication mismatch) would fail the same way on every attempt.
+   */
+  static isTransient(error: TidepoolError): boolean {
+    return UNREACHABLE in error || (error.code === "ECHECKOUTFAILED" && TRANSIENT_SQLSTATES.has(error.sqlstate))
+  }
+
   readonly id = nextId++
   readonly parameters = new Map<string, string>()
   /**
@@ -130,6 +139,16 @@ export class ServerConnection {
    * tracks it in its relay). Such a server ignores everything until a Sync: it cannot be reset.
    */
   inBatch = false
+  /** The backend said FATAL (terminated, shutting down): it is exiting, and is never to be lent again. */
+  terminating = false
+  /**
+   * Set for transaction-mode servers: a FATAL that arrives between transactions (PostgreSQL ending an
+   * idle backend) is kept from the relay, even in the chunk that ends the last client's reply — that
+   * client's transaction is over, and the FATAL would only tell it that its connection ended.
+   */
+  withholdBetweenTransactions = false
+  /** Offset in the current chunk where withheld bytes start, or -1. */
+  private withheldFrom = -1
   /** SQLSTATE and message of the last ErrorResponse seen, for reporting a loss mid-transaction. */
   lastErrorCode: string | undefined = undefined
   lastErrorMessage: string | undefined = undefined
@@ -191,6 +210,21 @@ export class ServerConnection {
       this.lastErrorCode = fields.C
       this.lastErrorMessage = fields.M
       if (this.silent > 0) this.silentError ??= fields.M ?? "error"
+      const severity = fields.V ?? fields.S
+      if (severity === "FATAL" || severity === "PANIC") {
+        this.terminating = true
+        if (
+          this.withholdBetweenTransactions &&
+          !silent &&
+          this.loginSink === undefined &&
+          this.pending === 0 &&
+          this.txStatus === 0x49 &&
+          this.scanner.messageStart >= 0
+        ) {
+          this.withheldFrom = this.scanner.messageStart
+          return
+        }
+      }
     }
     const observer = this.observer
     if (observer !== undefined && !silent && type !== D) {
@@ -216,6 +250,7 @@ export class ServerConnection {
   private readonly onSocketData = (chunk: Buffer): void => {
     const silentBefore = this.silent
     this.silentEnd = -1
+    this.withheldFrom = -1
     this.base = 0
     const err = this.scanner.feed(chunk)
     if (err !== undefined) {
@@ -227,8 +262,11 @@ export class ServerConnection {
       this.destroy(`could not restore the client's settings: ${this.silentError}`)
       return
     }
-    if (silentBefore === 0) this.handler?.onData(chunk)
-    else if (this.silentEnd >= 0) {
+    if (silentBefore === 0) {
+      const cut = this.withheldFrom
+      // An empty chunk still tells the holder something arrived (the pool's idle watch closes the server).
+      this.handler?.onData(cut < 0 ? chunk : cut > 0 ? chunk.subarray(0, cut) : EMPTY)
+    } else if (this.silentEnd >= 0) {
       // Even when the silent reply ends the chunk, the relay hears of it: it may be releasable now.
       this.handler?.onData(this.silentEnd < chunk.length ? chunk.subarray(this.silentEnd) : EMPTY)
     }
@@ -420,7 +458,7 @@ export class ServerConnection {
       const messages = yield* Queue.unbounded<LoginMessage>()
       this.loginSink = (m) => Queue.unsafeOffer(messages, m)
       const next = Effect.flatMap(Queue.take(messages), (m) =>
-        m.type === -1 ? Effect.fail(connectFailed(this.closeReason)) : Effect.succeed(m)
+        m.type === -1 ? Effect.fail(connectFailed(this.closeReason, true)) : Effect.succeed(m)
       )
       const { user, database, password } = this.target
       this.socket.write(startupMessage({ user, database, client_encoding: "UTF8" }))
@@ -511,8 +549,24 @@ const fieldsOf = (body: Buffer) => {
   return { code: f.C, message: f.M, detail: f.D, hint: f.H }
 }
 
-const connectFailed = (reason: string) =>
-  upstreamError({ code: "08006", message: `Failed to connect to database: ${reason}` })
+/**
+ * Marks a failure to reach the database at all (see `ServerConnection.isTransient`). A property, not
+ * a set of instances: `Effect.fn` hands on a copy of a failure (with its stack), which keeps it.
+ * Not enumerable, so no log or client ever sees it.
+ */
+const UNREACHABLE = Symbol("tidepool/unreachable")
+
+/**
+ * What PostgreSQL answers a login with while it starts up, shuts down or recovers (57P0x), or when it
+ * lacks the resources for one more connection (class 53, e.g. 53300 too many connections).
+ */
+const TRANSIENT_SQLSTATES = new Set(["57P01", "57P02", "57P03", "53000", "53100", "53200", "53300", "53400"])
+
+const connectFailed = (reason: string, transient = false): TidepoolError => {
+  const error = upstreamError({ code: "08006", message: `Failed to connect to database: ${reason}` })
+  if (transient) Object.defineProperty(error, UNREACHABLE, { value: true })
+  return error
+}
 
 const requirePassword = (password: Redacted.Redacted<string> | undefined, user: string) =>
   password === undefined
@@ -548,7 +602,7 @@ const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<n
     })
     const onError = (err: NodeJS.ErrnoException) => {
       s.destroy()
-      resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message)))
+      resume(Effect.fail(connectFailed(err.code === "ECONNREFUSED" ? "connection refused" : err.message, true)))
     }
     s.once("error", onError)
     s.once("connect", () => {
@@ -559,11 +613,11 @@ const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<n
   }).pipe(
     Effect.flatMap(
       (s): Effect.Effect<net.Socket, TidepoolError> =>
-        target.tls === undefined ? Effect.succeed(s) : startTls(s, target.host, target.tls)
+        target.tls === undefined ? Effect.succeed(s) : startTls(s, target.host, target.tls, connectFailed)
     ),
     Effect.timeoutFail({
       duration: target.connectTimeoutMs,
-      onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`)
+      onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`, true)
     })
   )
 
@@ -586,7 +640,7 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
   yield* conn.login().pipe(
     Effect.timeoutFail({
       duration: target.connectTimeoutMs,
-      onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`)
+      onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`, true)
     }),
     // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
     Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))

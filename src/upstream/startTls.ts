@@ -2,7 +2,7 @@ import type * as net from "node:net"
 import { isIP } from "node:net"
 import * as tls from "node:tls"
 import { Effect } from "effect"
-import { type TidepoolError, upstreamError } from "../errors/index.ts"
+import type { TidepoolError } from "../errors/index.ts"
 import { sslRequest } from "../protocol/index.ts"
 
 /** TLS to an upstream server (tenant `upstream_ssl`). */
@@ -13,7 +13,11 @@ export interface UpstreamTlsOptions {
   readonly ca: string | undefined
 }
 
-const failed = (reason: string) => upstreamError({ code: "08006", message: `Failed to connect to database: ${reason}` })
+/** Makes the connect failure for `reason`; `transient` when the connection was lost rather than refused. */
+export type ConnectFailure = (reason: string, transient: boolean) => TidepoolError
+
+/** Socket errors that mean the connection was lost (worth retrying), not that TLS was refused. */
+const LOST = new Set(["ECONNRESET", "EPIPE", "ETIMEDOUT", "ECONNABORTED", "EHOSTUNREACH", "ENETUNREACH"])
 
 /**
  * Upgrades a freshly connected upstream socket: SSLRequest, then the TLS handshake on `S`. Every
@@ -23,29 +27,30 @@ const failed = (reason: string) => upstreamError({ code: "08006", message: `Fail
 export const startTls = (
   socket: net.Socket,
   host: string,
-  options: UpstreamTlsOptions
+  options: UpstreamTlsOptions,
+  failed: ConnectFailure
 ): Effect.Effect<tls.TLSSocket, TidepoolError> =>
   Effect.async<tls.TLSSocket, TidepoolError>((resume) => {
     if (options.verify && options.ca === undefined) {
       socket.destroy()
       resume(
         Effect.fail(
-          failed("upstream_verify is peer but no CA is configured (upstream_tls_ca or GLOBAL_UPSTREAM_CA_PATH)")
+          failed("upstream_verify is peer but no CA is configured (upstream_tls_ca or GLOBAL_UPSTREAM_CA_PATH)", false)
         )
       )
       return
     }
     let secure: tls.TLSSocket | undefined
     let settled = false
-    const fail = (reason: string) => {
+    const fail = (reason: string, transient = false) => {
       if (settled) return
       settled = true
       secure?.destroy()
       socket.destroy()
-      resume(Effect.fail(failed(reason)))
+      resume(Effect.fail(failed(reason, transient)))
     }
-    const onClose = () => fail("server closed the connection during the SSL negotiation")
-    const onError = (error: Error) => fail(error.message)
+    const onClose = () => fail("server closed the connection during the SSL negotiation", true)
+    const onError = (error: Error) => fail(error.message, true)
     socket.on("close", onClose)
     socket.on("error", onError)
     socket.once("data", (answer: Buffer) => {
@@ -73,7 +78,11 @@ export const startTls = (
         settled = true
         resume(Effect.succeed(s))
       })
-      const onTlsError = (error: Error) => fail(`SSL handshake failed: ${error.message.replace(/[:\s]+$/, "")}`)
+      const onTlsError = (error: NodeJS.ErrnoException) =>
+        fail(
+          `SSL handshake failed: ${error.message.replace(/[:\s]+$/, "")}`,
+          error.code !== undefined && LOST.has(error.code)
+        )
       s.once("error", onTlsError)
     })
     socket.write(sslRequest())
