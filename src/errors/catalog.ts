@@ -230,6 +230,16 @@ export const catalog = {
     meaning: "The client sent bytes that are not a valid PostgreSQL message.",
     remedy: "Check the client driver; the connection is closed and its server is not reused."
   }),
+  EINTERNAL: entry({
+    sqlstate: "XX000",
+    severity: fatal,
+    prefix: true,
+    text: () => "internal error in the pooler; this connection was closed",
+    meaning:
+      "A defect in Tidepool's own code hit this client's session. Only this session ends: its server is " +
+      "discarded (never reused) and every other client carries on. The log line (level error) has the cause.",
+    remedy: "Reconnect. Report the log line (it carries the stack) as a bug."
+  }),
   ESERVERCLOSED: entry({
     sqlstate: "08006",
     severity: fatal,

@@ -1,5 +1,5 @@
 import type * as net from "node:net"
-import { Effect, Exit, Fiber, Logger } from "effect"
+import { Cause, Effect, Exit, Fiber, Logger } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -487,6 +487,10 @@ const attach = (
         return yield* end.error
       case "ServerClosed":
         return yield* tidepoolError("ESERVERCLOSED", end.reason)
+      case "Fault":
+        // A bug of ours: the operator gets the cause and stack, the client only the code.
+        yield* Effect.logError("internal error in the relay; the session was closed", Cause.die(end.cause))
+        return yield* tidepoolError("EINTERNAL")
       case "Drained":
         return yield* kicked ?? tidepoolError("EADMINSHUTDOWN")
       default:

@@ -11,6 +11,8 @@ export type RelayEnd =
   | { readonly _tag: "ClientError"; readonly error: TidepoolError }
   | { readonly _tag: "ServerClosed"; readonly reason: string }
   | { readonly _tag: "Drained" }
+  /** An exception in the pooler's own code: the session ends with EINTERNAL, its server is discarded. */
+  | { readonly _tag: "Fault"; readonly cause: unknown }
 
 const Q = 0x51
 const S = 0x53
@@ -88,7 +90,16 @@ export class SessionRelay {
     }
   }
 
+  // Socket callbacks are guarded: an exception of ours ends this session alone (see `fault`).
   private readonly onClientData = (chunk: Buffer): void => {
+    try {
+      this.clientData(chunk)
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private clientData(chunk: Buffer): void {
     if (this.ended) return
     this.counters.clientBytes += chunk.length
     const error = this.scanner.feed(chunk)
@@ -117,6 +128,14 @@ export class SessionRelay {
   }
 
   private readonly onServerData = (chunk: Buffer): void => {
+    try {
+      this.serverData(chunk)
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private serverData(chunk: Buffer): void {
     if (this.ended) return
     this.counters.serverBytes += chunk.length
     if (!writeChunk(this.client, chunk, this.server.reads, this.toClient)) {
@@ -135,6 +154,13 @@ export class SessionRelay {
 
   private readonly onClientClose = (): void => this.end({ _tag: "ClientClosed" })
   private readonly onServerClose = (reason: string): void => this.end({ _tag: "ServerClosed", reason })
+
+  /** An exception in our own code: the server, in a state nobody can vouch for, is destroyed, never reset and reused. */
+  private fault(cause: unknown): void {
+    if (this.ended) return
+    this.server.destroy("internal error in the relay")
+    this.end({ _tag: "Fault", cause })
+  }
 
   private end(end: RelayEnd): void {
     if (this.ended) return

@@ -117,6 +117,8 @@ export class TransactionRelay {
   private clientPaused = false
   private serverPaused = false
 
+  /** An exception of ours ended the relay (`fault`): its server is never reused. */
+  private faulted = false
   /** Client sent Terminate; we are only waiting for a server to run what it sent before it. */
   private terminating = false
   private draining = false
@@ -219,7 +221,17 @@ export class TransactionRelay {
     this.onClientData(Buffer.from(view))
   }
 
+  // Every callback a socket or the pool calls is guarded: an exception of ours ends this session
+  // alone (see `fault`), never the process with every other client in it.
   private readonly onClientData = (input: Buffer): void => {
+    try {
+      this.clientData(input)
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private clientData(input: Buffer): void {
     if (this.ended || this.terminating) return
     this.pool.counters.clientBytes += input.length
     const chunk = this.carryHave === 0 ? input : this.gather(input)
@@ -331,6 +343,14 @@ export class TransactionRelay {
   }
 
   private readonly onCheckout: CheckoutCallback = (error, server) => {
+    try {
+      this.checkedOut(error, server)
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private checkedOut(error: Parameters<CheckoutCallback>[0], server: ServerConnection | undefined): void {
     this.waiting = false
     this.backlog = false
     this.waiter = undefined
@@ -387,6 +407,14 @@ export class TransactionRelay {
   // ---- server → client ------------------------------------------------------------------------
 
   private readonly onServerData = (chunk: Buffer): void => {
+    try {
+      this.serverData(chunk)
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private serverData(chunk: Buffer): void {
     const server = this.held
     if (server === undefined || this.ended) return
     if (chunk.length > 0) {
@@ -461,12 +489,20 @@ export class TransactionRelay {
 
   private readonly onServerDrain = (): void => {
     this.serverBlocked = false
-    this.flow()
+    this.guardedFlow()
   }
 
   private readonly onClientDrain = (): void => {
     this.clientBlocked = false
-    this.flow()
+    this.guardedFlow()
+  }
+
+  private guardedFlow(): void {
+    try {
+      this.flow()
+    } catch (cause) {
+      this.fault(cause)
+    }
   }
 
   /** Pauses or resumes each side to match the current state; calls only on change. */
@@ -494,6 +530,16 @@ export class TransactionRelay {
     this.end({ _tag: "ClientClosed" })
   }
 
+  /**
+   * An exception in our own code: the session ends with EINTERNAL (the session logs the cause) and its
+   * server, in a state nobody can vouch for, is discarded.
+   */
+  private fault(cause: unknown): void {
+    if (this.ended) return
+    this.faulted = true
+    this.end({ _tag: "Fault", cause })
+  }
+
   private end(end: RelayEnd): void {
     if (this.ended) return
     this.ended = true
@@ -517,8 +563,8 @@ export class TransactionRelay {
 
   /** Puts the held server back when the release rule holds; closes it otherwise, never reusing it. */
   private giveBack(server: ServerConnection, end: RelayEnd): void {
-    const clean = this.releasable(server)
-    const pinned = !clean && this.atBoundary(server)
+    const clean = !this.faulted && this.releasable(server)
+    const pinned = !clean && !this.faulted && this.atBoundary(server)
     this.detach(server)
     if (clean) {
       this.pool.release(server)
@@ -548,6 +594,8 @@ const discardReason = (end: RelayEnd): string => {
       return `client error (${end.error.code}) mid-transaction`
     case "ServerClosed":
       return end.reason
+    case "Fault":
+      return "internal error in the relay"
     default:
       return "relay ended mid-transaction"
   }
