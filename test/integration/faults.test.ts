@@ -155,3 +155,193 @@ describe("logins naming a database that does not exist", () => {
     expect(pools.every((p) => p.stats.opening === 0)).toBe(true)
   })
 })
+
+/** Connection-loss errors a client whose transaction was in flight may see (PostgreSQL's FATAL, or Tidepool's). */
+const LOST = ["57P01", "08006"]
+
+interface Failure {
+  readonly client: number
+  readonly step: string
+  readonly code: string | undefined
+  readonly message: string
+}
+
+/**
+ * `count` clients each looping BEGIN; UPDATE; COMMIT on their own row of `tally` through `url`,
+ * reconnecting after an error, until `enough(i)` says stop. Tracks commits and failures.
+ */
+const loadOf = (url: string, count: number) => {
+  const committed = Array.from({ length: count }, () => 0)
+  const failures: Array<Failure> = []
+  const loop = async (i: number, enough: () => boolean, reconnect: boolean) => {
+    do {
+      const client = new pg.Client({ connectionString: url })
+      // A FATAL between two queries arrives as an 'error' event; the next query only says "not queryable".
+      let lost: pg.DatabaseError | undefined
+      client.on("error", (e) => {
+        lost ??= e as pg.DatabaseError
+      })
+      let step = "connect"
+      try {
+        await client.connect()
+        while (!enough()) {
+          step = "BEGIN"
+          await client.query("BEGIN")
+          step = "UPDATE"
+          await client.query(`UPDATE tally SET n = n + 1 WHERE client = ${i}`)
+          step = "COMMIT"
+          await client.query("COMMIT")
+          committed[i]!++
+        }
+      } catch (e) {
+        const error = lost ?? (e as pg.DatabaseError)
+        failures.push({ client: i, step, code: error.code, message: error.message })
+      } finally {
+        await client.end().catch(() => {})
+      }
+    } while (reconnect && !enough())
+  }
+  return { committed, failures, loop }
+}
+
+const resetTally = async (count: number) => {
+  await db.query("DELETE FROM tally")
+  await db.query("INSERT INTO tally SELECT g, 0 FROM generate_series(0, $1::int - 1) g", [count])
+}
+
+const tally = async (): Promise<Array<number>> =>
+  (await db.query<{ n: number }>("SELECT n FROM tally ORDER BY client")).map((r) => r.n)
+
+describe("every pooled server terminated during load", () => {
+  it("fails only the clients whose transaction was on a terminated server; the rest carry on", async () => {
+    const CLIENTS = 10 // loader's pool_size is 3
+    await resetTally(CLIENTS)
+    const url = tidepool.url({ user: "loader.acme", password: PASSWORD, mode: "transaction" })
+    const load = loadOf(url, CLIENTS)
+    let terminated = -1
+    const after = Array.from({ length: CLIENTS }, () => -1)
+    const loopers = Array.from({ length: CLIENTS }, (_, i) =>
+      load.loop(
+        i,
+        () => {
+          if (terminated < 0) return false
+          if (after[i]! < 0) after[i] = load.committed[i]!
+          return load.committed[i]! >= after[i]! + 5
+        },
+        true
+      )
+    )
+    await vi.waitFor(() => expect(Math.min(...load.committed)).toBeGreaterThanOrEqual(3), {
+      timeout: 20_000,
+      interval: 20
+    })
+    const [{ n }] = await db.query<{ n: number }>(
+      "SELECT count(pg_terminate_backend(pid))::int AS n FROM pg_stat_activity WHERE usename = 'loader'"
+    )
+    terminated = n
+    await Promise.all(loopers)
+    expect(terminated).toBeGreaterThan(0)
+    // A server serves one transaction at a time: each termination can have failed one client at most.
+    expect(load.failures.length, JSON.stringify(load.failures)).toBeLessThanOrEqual(terminated)
+    for (const failure of load.failures) expect(LOST, JSON.stringify(failure)).toContain(failure.code)
+    const counts = await tally()
+    // A failed transaction was rolled back; every reported commit is there (a COMMIT whose reply was
+    // lost with its server may be there too).
+    for (const [i, count] of counts.entries()) {
+      expect(count).toBeGreaterThanOrEqual(load.committed[i]!)
+      expect(count).toBeLessThanOrEqual(load.committed[i]! + load.failures.filter((f) => f.client === i).length)
+    }
+  })
+})
+
+describe("SIGTERM during load", () => {
+  it("lets every transaction in flight finish, then ends each client at a transaction boundary with 57P01", async () => {
+    const CLIENTS = 10
+    await resetTally(CLIENTS)
+    const draining = await startTidepool({
+      tenants: [
+        {
+          external_id: "acme",
+          ...upstreamOf(db),
+          users: [{ db_user: "loader", db_password: PASSWORD, pool_size: 3 }]
+        }
+      ]
+    })
+    const load = loadOf(draining.url({ user: "loader.acme", password: PASSWORD, mode: "transaction" }), CLIENTS)
+    const loopers = Array.from({ length: CLIENTS }, (_, i) => load.loop(i, () => false, false))
+    await vi.waitFor(() => expect(Math.min(...load.committed)).toBeGreaterThanOrEqual(3), {
+      timeout: 20_000,
+      interval: 20
+    })
+    await draining.stop()
+    await Promise.all(loopers)
+    // Every client was ended, each with 57P01, and never inside a transaction: nothing was cut short.
+    expect(load.failures).toHaveLength(CLIENTS)
+    for (const failure of load.failures) {
+      expect(failure, JSON.stringify(failure)).toMatchObject({ code: "57P01" })
+      expect(["BEGIN", "connect"], JSON.stringify(failure)).toContain(failure.step)
+    }
+    expect(await tally()).toEqual(load.committed)
+  })
+})
+
+describe("slow and half-open handshakes", () => {
+  let silent: net.Server
+  let strict: RunningTidepool
+  const held: Array<net.Socket> = []
+
+  beforeAll(async () => {
+    // Accepts connections and never says a word: a database host that is half there.
+    silent = net.createServer((socket) => {
+      held.push(socket)
+      socket.on("error", () => {})
+    })
+    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve))
+    strict = await startTidepool({
+      tenants: [
+        {
+          external_id: "mute",
+          db_host: "127.0.0.1",
+          db_port: (silent.address() as net.AddressInfo).port,
+          db_database: "postgres",
+          users: [{ db_user: "app", db_password: PASSWORD, pool_size: 2 }]
+        }
+      ],
+      config: { handshakeTimeoutMs: 500, upstreamConnectTimeoutMs: 300 }
+    })
+  })
+
+  afterAll(async () => {
+    await strict?.stop()
+    for (const socket of held) socket.destroy()
+    await new Promise((resolve) => silent?.close(resolve))
+  })
+
+  it("a client that connects and sends nothing is closed with EAUTHTIMEOUT", async () => {
+    const received = await new Promise<string>((resolve, reject) => {
+      const socket = net.connect(strict.sessionPort, "127.0.0.1")
+      let bytes = Buffer.alloc(0)
+      socket.on("data", (chunk) => {
+        bytes = Buffer.concat([bytes, chunk])
+      })
+      socket.on("error", reject)
+      socket.on("close", () => resolve(bytes.toString("latin1")))
+    })
+    expect(received).toContain("C08006")
+    expect(received).toContain("(EAUTHTIMEOUT) timeout while waiting for message")
+  })
+
+  it("a database that accepts the connection and never answers fails logins with 08006, every time", async () => {
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const client = new pg.Client({
+        connectionString: strict.url({ user: "app.mute", password: PASSWORD, mode: "session" })
+      })
+      const error = await client.connect().then(
+        () => client.end().then(() => undefined),
+        (e: pg.DatabaseError) => e
+      )
+      expect(error?.code).toBe("08006")
+      expect(error?.message).toBe("Failed to connect to database: login timed out after 300ms")
+    }
+  })
+})
