@@ -1,7 +1,7 @@
 import { createServer } from "node:http"
 import { HttpRouter, HttpServer, HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Data, Effect, Layer } from "effect"
+import { Cause, Data, Effect, Layer } from "effect"
 import { AppConfig } from "../config/index.ts"
 import { metricsRouter } from "../telemetry/index.ts"
 import { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
@@ -12,28 +12,59 @@ export class ApiListenError extends Data.TaggedError("ApiListenError")<{ readonl
 
 const forbidden = HttpServerResponse.empty({ status: 403 })
 
-/** Wraps a handler with bearer-token auth: any failure is 403 with an empty body (REFERENCE §5). */
+/** RFC 6750's answer to a token that is well formed and signed but unacceptable. */
+const unauthorized = (reason: string) =>
+  HttpServerResponse.unsafeJson(
+    { error: reason },
+    { status: 401, headers: { "www-authenticate": `Bearer error="invalid_token", error_description="${reason}"` } }
+  )
+
+/**
+ * Wraps a handler with bearer-token auth: a refused token is 403 with an empty body (REFERENCE §5);
+ * a token that passes every check but its lifetime is 401 with the reason (JwtAuth says why).
+ */
 export const requireToken =
   (policy: JwtPolicy) =>
   <E, R>(handler: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>) =>
     Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) =>
-      Effect.flatMap(verifyBearer(request.headers.authorization, policy), (ok) =>
-        ok ? handler : Effect.succeed(forbidden)
+      Effect.flatMap(verifyBearer(request.headers.authorization, policy), (verdict) =>
+        verdict._tag === "Accepted"
+          ? handler
+          : Effect.succeed(verdict._tag === "Refused" ? forbidden : unauthorized(verdict.reason))
       )
     )
 
-export const apiPolicy = (config: AppConfig["Type"]): JwtPolicy => ({
-  secret: config.apiJwtSecret,
+/**
+ * A defect in a handler is a bug: logged with its cause, answered in the API's JSON shape, never as
+ * a silent empty 500.
+ */
+export const reportDefects = <E, R>(handler: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>) =>
+  Effect.catchAllDefect(handler, (defect) =>
+    Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) =>
+      Effect.as(
+        Effect.logError(`API ${request.method} ${request.url} failed`, Cause.die(defect)),
+        HttpServerResponse.unsafeJson({ error: "internal error (logged)" }, { status: 500 })
+      )
+    )
+  )
+
+const policyOf = (
+  config: AppConfig["Type"],
+  secret: JwtPolicy["secret"],
+  blocklist: JwtPolicy["blocklist"]
+): JwtPolicy => ({
+  secret,
   claims: config.jwtClaimValidators,
-  blocklist: config.apiTokenBlocklist
+  blocklist,
+  maxLifetimeSeconds: config.jwtMaxLifetimeSeconds
 })
 
+export const apiPolicy = (config: AppConfig["Type"]): JwtPolicy =>
+  policyOf(config, config.apiJwtSecret, config.apiTokenBlocklist)
+
 /** For GET /metrics and /metrics/:tenant: METRICS_JWT_SECRET and its own blocklist. */
-export const metricsPolicy = (config: AppConfig["Type"]): JwtPolicy => ({
-  secret: config.metricsJwtSecret,
-  claims: config.jwtClaimValidators,
-  blocklist: config.metricsTokenBlocklist
-})
+export const metricsPolicy = (config: AppConfig["Type"]): JwtPolicy =>
+  policyOf(config, config.metricsJwtSecret, config.metricsTokenBlocklist)
 
 /** The management API's router: every route of the table, plus the OpenAPI document. */
 export const apiRouter = (policy: JwtPolicy, table: ReadonlyArray<Route> = routes) => {
@@ -45,7 +76,7 @@ export const apiRouter = (policy: JwtPolicy, table: ReadonlyArray<Route> = route
     router = HttpRouter.route(route.method)(
       router,
       route.path,
-      route.public === true ? route.handler : requireToken(policy)(route.handler)
+      reportDefects(route.public === true ? route.handler : requireToken(policy)(route.handler))
     )
   }
   return router
@@ -63,11 +94,12 @@ export class ApiServer extends Effect.Service<ApiServer>()("tidepool/ApiServer",
         "API_JWT_SECRET is not set: every management API call except /api/health is refused (403)"
       )
     }
-    const metrics = metricsPolicy(config)
-    const app = HttpRouter.concat(
-      apiRouter(apiPolicy(config)),
-      metricsRouter((request) => verifyBearer(request.headers.authorization, metrics))
-    ).pipe(
+    // The metrics routes authorize nothing themselves: the token check wraps them as it wraps the
+    // API's, so both answer a refused or over-long token the same way.
+    const metrics = metricsRouter(() => Effect.succeed(true)).pipe(
+      HttpRouter.use((handler) => reportDefects(requireToken(metricsPolicy(config))(handler)))
+    )
+    const app = HttpRouter.concat(apiRouter(apiPolicy(config)), metrics).pipe(
       HttpRouter.catchAll(() => Effect.succeed(HttpServerResponse.unsafeJson({ error: "not found" }, { status: 404 })))
     )
     const context = yield* Layer.build(

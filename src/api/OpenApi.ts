@@ -38,7 +38,13 @@ export const openApiDocument = (routes: ReadonlyArray<Route>) => {
       responses: Object.fromEntries(
         Object.entries({
           ...route.responses,
-          ...(route.public === true ? {} : { "403": "missing or refused token (empty body)" })
+          ...(route.requestBody !== undefined ? { "413": '{"error": …} (body over 1 MiB)' } : {}),
+          ...(route.public === true
+            ? {}
+            : {
+                "401": '{"error": reason} (a valid token expiring too far ahead, see TIDEPOOL_JWT_MAX_LIFETIME)',
+                "403": "missing or refused token (empty body)"
+              })
         }).map(([status, description]) => [status, { description }])
       )
     }

@@ -1,4 +1,12 @@
-export { ApiListenError, ApiServer, apiPolicy, apiRouter, metricsPolicy, requireToken } from "./ApiServer.ts"
-export { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
+export {
+  ApiListenError,
+  ApiServer,
+  apiPolicy,
+  apiRouter,
+  metricsPolicy,
+  reportDefects,
+  requireToken
+} from "./ApiServer.ts"
+export { type BearerVerdict, type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
 export { openApiDocument, openApiPath } from "./OpenApi.ts"
 export { type Route, routes } from "./routes.ts"

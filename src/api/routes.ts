@@ -1,5 +1,6 @@
-import { HttpIncomingMessage, HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { DateTime, Effect, Either, Option, Redacted, Schema } from "effect"
+import { HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
+import { NodeHttpServerRequest } from "@effect/platform-node"
+import { DateTime, Effect, Either, Redacted, Schema } from "effect"
 import { CircuitBreaker } from "../auth/index.ts"
 import {
   type AppConfig,
@@ -39,27 +40,74 @@ export type RouteEnv = AppConfig | Tenants | TenantStore | TenantChanges | PoolR
 
 const json = (status: number, body: unknown) => HttpServerResponse.unsafeJson(body, { status })
 const notFound = json(404, { error: "not found" })
-const fieldErrors = (errors: Record<string, Array<string>>) => json(422, { errors })
 
-const addError = (errors: Record<string, Array<string>>, path: string, message: string) => {
+/**
+ * Field errors by path. A Map, not an object: a client's key is a path here, and `toString`,
+ * `constructor` or `__proto__` would otherwise find Object.prototype's members under it.
+ */
+type FieldErrors = Map<string, Array<string>>
+
+const fieldErrors = (errors: FieldErrors) => json(422, { errors: Object.fromEntries(errors) })
+
+const addError = (errors: FieldErrors, path: string, message: string) => {
   const key = path === "" ? "body" : path
-  errors[key] = [...(errors[key] ?? []), message]
+  const list = errors.get(key)
+  if (list === undefined) errors.set(key, [message])
+  else if (!list.includes(message)) list.push(message)
 }
 
-/** The request body as JSON; a malformed body is the client's error (400), never a crash. */
+// Tenant bodies are a few kB; a megabyte is a mistake or an attack, not a tenant.
+const MAX_BODY_BYTES = 1_048_576
+
+const tooLarge = json(413, { error: `request body too large (at most ${MAX_BODY_BYTES} bytes)` })
+const badJson = json(400, { error: "invalid JSON body" })
+
+/**
+ * The raw body, or undefined once it is over the limit. Read here rather than with the platform's
+ * body size limit, which destroys the request stream and so resets the connection before the
+ * client reads the answer: an over-long body is discarded as it arrives (a declared one without
+ * being read, by Node after the answer), so the client gets its 413.
+ */
+const readBody = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<string | undefined> => {
+  const source = NodeHttpServerRequest.toIncomingMessage(request)
+  if (Number(source.headers["content-length"]) > MAX_BODY_BYTES) return Effect.succeed(undefined)
+  return Effect.async<string | undefined>((resume) => {
+    const chunks: Array<Buffer> = []
+    let size = 0
+    const stop = (result: string | undefined) => {
+      source.off("data", onData)
+      source.off("end", onEnd)
+      source.off("error", onError)
+      resume(Effect.succeed(result))
+    }
+    const onData = (chunk: Buffer) => {
+      size += chunk.length
+      if (size <= MAX_BODY_BYTES) chunks.push(chunk)
+      else {
+        stop(undefined)
+        source.resume()
+      }
+    }
+    const onEnd = () => stop(Buffer.concat(chunks).toString("utf8"))
+    // The client went away mid-body: nobody is left to read an answer.
+    const onError = () => stop(undefined)
+    source.on("data", onData)
+    source.once("end", onEnd)
+    source.once("error", onError)
+  })
+}
+
+/** The request body as JSON, or the answer to give instead (400 malformed, 413 too large). */
 const body = Effect.gen(function* () {
-  const request = yield* HttpServerRequest.HttpServerRequest
-  // Tenant bodies are a few kB; a megabyte is a mistake or an attack, not a tenant.
-  const text = yield* request.text.pipe(HttpIncomingMessage.withMaxBodySize(Option.some(1_048_576)), Effect.option)
-  if (Option.isNone(text)) return Option.none()
-  if (text.value.trim() === "") return Option.some<unknown>({})
+  const text = yield* readBody(yield* HttpServerRequest.HttpServerRequest)
+  if (text === undefined) return Either.left(tooLarge)
+  if (text.trim() === "") return Either.right<unknown>({})
   try {
-    return Option.some<unknown>(JSON.parse(text.value))
+    return Either.right<unknown>(JSON.parse(text))
   } catch {
-    return Option.none()
+    return Either.left(badJson)
   }
 })
-const badJson = json(400, { error: "invalid JSON body (at most 1 MiB)" })
 
 const idParam = Effect.map(HttpRouter.params, (p) => p.id ?? "")
 
@@ -68,8 +116,8 @@ const isRecord = (u: unknown): u is Record<string, unknown> => typeof u === "obj
 const BAN_FIELDS = ["banned_at", "ban_reason", "banned_until"] as const
 
 /** Decodes a PUT body; Left holds the field errors (Supavisor's `{"errors": {field: [msg]}}`). */
-const decodeTenant = (id: string, input: unknown): Either.Either<Tenant, Record<string, Array<string>>> => {
-  const errors: Record<string, Array<string>> = {}
+const decodeTenant = (id: string, input: unknown): Either.Either<Tenant, FieldErrors> => {
+  const errors: FieldErrors = new Map()
   if (!isRecord(input) || !isRecord(input.tenant)) {
     addError(errors, "tenant", "is required (a JSON object of tenant fields)")
     return Either.left(errors)
@@ -87,10 +135,9 @@ const decodeTenant = (id: string, input: unknown): Either.Either<Tenant, Record<
     for (const p of problemsFromParseError(decoded.left, candidate)) addError(errors, p.path, p.reason)
   }
   for (const issue of tenantIssues(candidate) as ReadonlyArray<TenantIssue>) {
-    const path = formatPath(issue.path)
-    if (!(errors[path] ?? []).includes(issue.message)) addError(errors, path, issue.message)
+    addError(errors, formatPath(issue.path), issue.message)
   }
-  if (Object.keys(errors).length > 0 || Either.isLeft(decoded)) return Either.left(errors)
+  if (errors.size > 0 || Either.isLeft(decoded)) return Either.left(errors)
   return Either.right(decoded.right)
 }
 
@@ -109,7 +156,7 @@ const Addresses = Schema.Struct({ ipv4_addresses: Schema.Array(Schema.String) })
 
 const validate = <A, I>(schema: Schema.Schema<A, I>, input: unknown) =>
   Either.mapLeft(Schema.decodeUnknownEither(schema, { errors: "all", onExcessProperty: "error" })(input), (e) => {
-    const errors: Record<string, Array<string>> = {}
+    const errors: FieldErrors = new Map()
     for (const p of problemsFromParseError(e, input)) addError(errors, p.path, p.reason)
     return errors
   })
@@ -151,10 +198,10 @@ export const routes: ReadonlyArray<Route> = [
       const url = new URL(request.url, "http://localhost")
       const limit = Number(url.searchParams.get("limit") ?? "100")
       const offset = Number(url.searchParams.get("offset") ?? "0")
-      const errors: Record<string, Array<string>> = {}
+      const errors: FieldErrors = new Map()
       if (!Number.isInteger(limit) || limit < 1 || limit > 1000) addError(errors, "limit", "expected 1 to 1000")
       if (!Number.isInteger(offset) || offset < 0) addError(errors, "offset", "expected an integer >= 0")
-      if (Object.keys(errors).length > 0) return fieldErrors(errors)
+      if (errors.size > 0) return fieldErrors(errors)
       const all = [...tenants.registry.all()].sort((a, b) => a.external_id.localeCompare(b.external_id))
       return json(200, {
         data: all.slice(offset, offset + limit).map(tenantJson),
@@ -190,8 +237,8 @@ export const routes: ReadonlyArray<Route> = [
       const tenants = yield* Tenants
       const id = yield* idParam
       const input = yield* body
-      if (Option.isNone(input)) return badJson
-      const decoded = decodeTenant(id, input.value)
+      if (Either.isLeft(input)) return input.left
+      const decoded = decodeTenant(id, input.right)
       if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
       const tenant = decoded.right
       if (tenants.get(id) === undefined) {
@@ -230,12 +277,12 @@ export const routes: ReadonlyArray<Route> = [
       const tenants = yield* Tenants
       const id = yield* idParam
       const input = yield* body
-      if (Option.isNone(input)) return badJson
-      const decoded = validate(Ban, input.value)
+      if (Either.isLeft(input)) return input.left
+      const decoded = validate(Ban, input.right)
       if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
       const ban = decoded.right
       if (ban.banned && (ban.ban_reason === undefined || ban.ban_reason.trim() === "")) {
-        return fieldErrors({ ban_reason: ["is required when banning"] })
+        return fieldErrors(new Map([["ban_reason", ["is required when banning"]]]))
       }
       const tenant = tenants.get(id)
       if (tenant === undefined) return notFound
@@ -295,8 +342,8 @@ export const routes: ReadonlyArray<Route> = [
       const tenants = yield* Tenants
       const id = yield* idParam
       const input = yield* body
-      if (Option.isNone(input)) return badJson
-      const decoded = validate(Credentials, input.value)
+      if (Either.isLeft(input)) return input.left
+      const decoded = validate(Credentials, input.right)
       if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
       const tenant = tenants.get(id)
       if (tenant === undefined) return notFound
@@ -346,8 +393,8 @@ export const routes: ReadonlyArray<Route> = [
     handler: Effect.gen(function* () {
       const id = yield* idParam
       const input = yield* body
-      if (Option.isNone(input)) return badJson
-      const decoded = validate(Addresses, input.value)
+      if (Either.isLeft(input)) return input.left
+      const decoded = validate(Addresses, input.right)
       if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
       if ((yield* Tenants).get(id) === undefined) return notFound
       const breaker = yield* CircuitBreaker

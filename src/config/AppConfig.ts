@@ -63,6 +63,8 @@ export interface AppConfigShape {
   readonly metricsJwtSecret: Redacted.Redacted<string> | undefined
   /** Claims every API/metrics token must carry with exactly these values. */
   readonly jwtClaimValidators: Readonly<Record<string, unknown>>
+  /** How far ahead an API/metrics token's `exp` may be, in seconds; 0: no bound. */
+  readonly jwtMaxLifetimeSeconds: number
   /** Refused tokens: the token itself or its SHA-256 (hex). */
   readonly apiTokenBlocklist: ReadonlyArray<string>
   readonly metricsTokenBlocklist: ReadonlyArray<string>
@@ -454,6 +456,16 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     default: () => ({}),
     parse: claimValidators
   },
+  jwtMaxLifetimeSeconds: {
+    env: "TIDEPOOL_JWT_MAX_LIFETIME",
+    fileKey: "jwt_max_lifetime",
+    type: "seconds, 0–3153600000 (0 = no bound)",
+    description:
+      "How far ahead an API or metrics token's exp may be; a token expiring later is refused with 401 and the reason",
+    // 366 days: a token minted for "1y" (365.25 days) passes; one minted for ever does not.
+    default: () => 31_622_400,
+    parse: integer(0, 3_153_600_000, "a number of seconds")
+  },
   apiTokenBlocklist: {
     env: "API_TOKEN_BLOCKLIST",
     fileKey: "api_token_blocklist",
@@ -551,6 +563,7 @@ export const settingsConfig: Config.Config<Settings> = Config.all({
   apiJwtSecret: settingConfig(settings.apiJwtSecret),
   metricsJwtSecret: settingConfig(settings.metricsJwtSecret),
   jwtClaimValidators: settingConfig(settings.jwtClaimValidators),
+  jwtMaxLifetimeSeconds: settingConfig(settings.jwtMaxLifetimeSeconds),
   apiTokenBlocklist: settingConfig(settings.apiTokenBlocklist),
   metricsTokenBlocklist: settingConfig(settings.metricsTokenBlocklist),
   tenantRefreshMs: settingConfig(settings.tenantRefreshMs),
@@ -700,6 +713,7 @@ const defaults = (): AppConfigShape => ({
   apiJwtSecret: settings.apiJwtSecret.default(),
   metricsJwtSecret: settings.metricsJwtSecret.default(),
   jwtClaimValidators: settings.jwtClaimValidators.default(),
+  jwtMaxLifetimeSeconds: settings.jwtMaxLifetimeSeconds.default(),
   apiTokenBlocklist: settings.apiTokenBlocklist.default(),
   metricsTokenBlocklist: settings.metricsTokenBlocklist.default(),
   tenantRefreshMs: settings.tenantRefreshMs.default(),

@@ -35,9 +35,10 @@ const DbName = Str.pipe(
 )
 
 /**
- * The tenant name clients put after the last dot of their username, in URLs of
- * the API and in metric labels: printable ASCII, no spaces, and no dot, since
- * `app.my.tenant` is user `app.my` of tenant `tenant`.
+ * What an `external_id` may be once stored: printable ASCII without spaces or dots. A new tenant's
+ * id must also pass `externalIdProblem` (checked by `tenantIssues`, as the config file and the API
+ * create tenants); stored tenants keep the looser rule, so an upgrade never locks a node out of its
+ * own store.
  */
 export const ExternalId = Str.pipe(
   Schema.filter((s) => {
@@ -47,6 +48,20 @@ export const ExternalId = Str.pipe(
     return undefined
   })
 )
+
+const isExternalId = Schema.is(ExternalId)
+
+/**
+ * The rule for a new tenant's id: 1–63 ASCII letters, digits, `_` and `-`, starting with a letter
+ * or digit. Supabase project refs and Supavisor's own tenant names fit; each character left out
+ * breaks a place where operators type tenant names (`/` the admin console's `tenant/database` and
+ * API paths, quotes, `;` and spaces its commands, `%`, `?` and `#` URLs). Only for ids that are
+ * otherwise valid: those that are not already have their problem.
+ */
+export const externalIdProblem = (id: unknown): string | undefined =>
+  isExternalId(id) && !/^[A-Za-z0-9][A-Za-z0-9_-]*$/.test(id)
+    ? "expected ASCII letters, digits, '_' and '-' only, starting with a letter or digit"
+    : undefined
 
 const hostnamePattern = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
 
@@ -203,7 +218,7 @@ export interface TenantIssue {
  * tenants so the config loader can report them even when some other field of
  * the same tenant is invalid (a schema filter only runs once every field decodes).
  */
-export const tenantIssues = (tenant: unknown): Array<TenantIssue> => {
+const crossFieldIssues = (tenant: unknown): Array<TenantIssue> => {
   if (!isRecord(tenant)) return []
   const issues: Array<TenantIssue> = []
   const users = Array.isArray(tenant.users) ? (tenant.users as ReadonlyArray<unknown>) : undefined
@@ -249,6 +264,19 @@ export const tenantIssues = (tenant: unknown): Array<TenantIssue> => {
     })
   }
   return issues
+}
+
+/**
+ * What is wrong with a tenant about to be created (config file, API): the rules across fields, and
+ * the rule for new ids, which tenants already stored are not held to (see `ExternalId`).
+ */
+export const tenantIssues = (tenant: unknown): Array<TenantIssue> => {
+  if (!isRecord(tenant)) return []
+  const idProblem = externalIdProblem(tenant.external_id)
+  return [
+    ...(idProblem === undefined ? [] : [{ path: ["external_id"], message: idProblem }]),
+    ...crossFieldIssues(tenant)
+  ]
 }
 
 const Users = Schema.Array(User)
@@ -312,7 +340,7 @@ export const tenantFieldNames: ReadonlyArray<string> = Object.keys(TenantFields.
  * A tenant, in exactly the JSON shape of the HTTP API (Supavisor's snake_case
  * fields). Decoding applies every default; invalid combinations are rejected.
  */
-export const Tenant = TenantFields.pipe(Schema.filter((tenant) => tenantIssues(tenant))).annotations({
+export const Tenant = TenantFields.pipe(Schema.filter((tenant) => crossFieldIssues(tenant))).annotations({
   identifier: "Tenant"
 })
 export type Tenant = typeof Tenant.Type

@@ -1,13 +1,14 @@
 import { createHash } from "node:crypto"
-import { Effect, Redacted } from "effect"
+import { HttpApp } from "@effect/platform"
+import { Cause, Effect, Logger, ManagedRuntime, Redacted } from "effect"
 import { generateKeyPair, SignJWT } from "jose"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { apiRouter, type openApiDocument, openApiPath, routes } from "../../src/api/index.ts"
+import { apiRouter, type openApiDocument, openApiPath, type Route, routes, verifyBearer } from "../../src/api/index.ts"
 import { CircuitBreaker } from "../../src/auth/index.ts"
 import { callApi, mintToken } from "../support/api.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
+import { type RunningTidepool, startTidepool, TEST_JWT_SECRET, upstreamOf } from "../support/tidepool.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 const hasPsql = await hasTool("psql")
@@ -119,6 +120,63 @@ describe("API auth (JWT)", () => {
         200
       )
     }
+  })
+})
+
+describe("API token lifetime", () => {
+  const DAY = 86_400
+  const now = () => Math.floor(Date.now() / 1000)
+
+  it("refuses a token expiring more than TIDEPOOL_JWT_MAX_LIFETIME ahead with 401 and the reason", async () => {
+    for (const [path, secret] of [
+      ["/api/tenants", undefined],
+      ["/metrics", METRICS_SECRET]
+    ] as const) {
+      const eternal = await mintToken(claims, { exp: 1e20, ...(secret !== undefined ? { secret } : {}) })
+      const answer = await callApi(tidepool, "GET", path, { token: eternal })
+      expect({ path, status: answer.status }).toEqual({ path, status: 401 })
+      expect(answer.json.error).toMatch(
+        /^token expires too far ahead: exp is \d+ days from now, and tokens may expire at most 366 days ahead \(TIDEPOOL_JWT_MAX_LIFETIME\); mint one that expires sooner$/
+      )
+      expect(answer.headers.get("www-authenticate")).toBe(
+        `Bearer error="invalid_token", error_description="${answer.json.error}"`
+      )
+    }
+    // The default admits a token minted for "1y" (365.25 days), not one for two years.
+    expect(
+      (
+        await callApi(tidepool, "GET", "/api/tenants", {
+          token: await mintToken(claims, { exp: now() + 365.25 * DAY })
+        })
+      ).status
+    ).toBe(200)
+    expect(
+      (await callApi(tidepool, "GET", "/api/tenants", { token: await mintToken(claims, { exp: now() + 730 * DAY }) }))
+        .status
+    ).toBe(401)
+  })
+
+  it("says why only to a token that passes every other check: anything else stays 403 with an empty body", async () => {
+    for (const token of [
+      await mintToken({ role: "anon" }, { exp: 1e20 }),
+      await mintToken(claims, { exp: 1e20, secret: "another-secret-another-secret-1234" })
+    ]) {
+      const answer = await callApi(tidepool, "GET", "/api/tenants", { token })
+      expect({ status: answer.status, body: answer.text }).toEqual({ status: 403, body: "" })
+    }
+  })
+
+  it("follows the setting: a tighter bound refuses sooner, 0 lifts it", async () => {
+    const policy = { secret: Redacted.make(TEST_JWT_SECRET), claims: {}, blocklist: [] }
+    const verdict = async (maxLifetimeSeconds: number, exp: number) =>
+      (
+        await Effect.runPromise(
+          verifyBearer(`Bearer ${await mintToken({}, { exp })}`, { ...policy, maxLifetimeSeconds })
+        )
+      )._tag
+    expect(await verdict(3600, now() + 1800)).toBe("Accepted")
+    expect(await verdict(3600, now() + 7200)).toBe("Unacceptable")
+    expect(await verdict(0, 1e20)).toBe("Accepted")
   })
 })
 
@@ -420,6 +478,120 @@ describe("tenants through the API", () => {
   })
 })
 
+describe("hostile input", () => {
+  it("keys named like Object.prototype's members are field errors (422), at the top level and in users", async () => {
+    const token = await good()
+    const text = JSON.stringify(tenantBody())
+    for (const key of ["__proto__", "constructor", "toString", "hasOwnProperty", "valueOf"]) {
+      for (const [body, path] of [
+        [text.replace('{"tenant":{', `{"tenant":{"${key}":1,`), key],
+        [text.replace('"users":[{', `"users":[{"${key}":1,`), `users[0].${key}`]
+      ] as const) {
+        const answer = await callApi(tidepool, "PUT", "/api/tenants/protokeys", { token, body })
+        expect({ path, status: answer.status }).toEqual({ path, status: 422 })
+        expect(Object.keys(answer.json.errors)).toEqual([path])
+        expect(answer.json.errors[path][0]).toMatch(/^unknown field/)
+      }
+      const ban = await callApi(tidepool, "PATCH", "/api/tenants/protokeys", {
+        token,
+        body: `{"banned":false,"${key}":1}`
+      })
+      expect({ key, status: ban.status, errors: Object.keys(ban.json.errors) }).toEqual({
+        key,
+        status: 422,
+        errors: [key]
+      })
+    }
+    expect((await callApi(tidepool, "GET", "/api/tenants/protokeys", { token })).status).toBe(404)
+  })
+
+  it("tenant ids are ASCII letters, digits, _ and -: any other id is refused with 422", async () => {
+    const token = await good()
+    // a/b: the admin console reads `SHOW POOLS a/b` as tenant a, database b, so it could never name it.
+    for (const id of [
+      "a%2Fb",
+      "a%20b",
+      "%C3%A9t%C3%A9",
+      "a%3Bb",
+      "a'b",
+      "a%22b",
+      "a:b",
+      "a%25b",
+      "-lead",
+      "_lead",
+      "x".repeat(64)
+    ]) {
+      const answer = await callApi(tidepool, "PUT", `/api/tenants/${id}`, { token, body: tenantBody() })
+      expect({ id, status: answer.status, fields: Object.keys(answer.json?.errors ?? {}) }).toEqual({
+        id,
+        status: 422,
+        fields: ["external_id"]
+      })
+    }
+    const ok = await callApi(tidepool, "PUT", "/api/tenants/Acme_2-x", { token, body: tenantBody() })
+    expect(ok.status).toBe(201)
+    expect((await callApi(tidepool, "DELETE", "/api/tenants/Acme_2-x", { token })).status).toBe(204)
+  })
+
+  it("a body over 1 MiB is 413 with the error JSON, whether its length is declared or it is chunked", async () => {
+    const token = await good()
+    const url = `http://127.0.0.1:${tidepool.apiPort}/api/tenants/big`
+    const headers = { authorization: `Bearer ${token}`, "content-type": "application/json" }
+    const tooLarge = { error: "request body too large (at most 1048576 bytes)" }
+    // Valid JSON padded with spaces: exactly at the limit it is read (and refused for its fields).
+    const padded = (size: number) => {
+      const text = JSON.stringify({ tenant: { db_host: "127.0.0.1" } })
+      return text + " ".repeat(size - text.length)
+    }
+    expect((await callApi(tidepool, "PUT", "/api/tenants/big", { token, body: padded(1_048_576) })).status).toBe(422)
+    for (const size of [1_048_577, 8 * 1_048_576]) {
+      const answer = await fetch(url, { method: "PUT", headers, body: padded(size) })
+      expect({ size, status: answer.status, body: await answer.json() }).toEqual({ size, status: 413, body: tooLarge })
+    }
+    const chunk = new Uint8Array(256 * 1024).fill(0x20)
+    let sent = 0
+    const stream = new ReadableStream<Uint8Array>({
+      pull(controller) {
+        if (sent++ < 12) controller.enqueue(chunk)
+        else controller.close()
+      }
+    })
+    const chunked = await fetch(url, { method: "PUT", headers, body: stream, duplex: "half" } as RequestInit)
+    expect({ status: chunked.status, body: await chunked.json() }).toEqual({ status: 413, body: tooLarge })
+    expect((await callApi(tidepool, "GET", "/api/health", { token: null })).status).toBe(204)
+  })
+
+  it("a handler's defect is answered 500 with the error JSON, and logged with its cause", async () => {
+    const logged: Array<string> = []
+    const runtime = ManagedRuntime.make(
+      Logger.replace(
+        Logger.defaultLogger,
+        Logger.make(({ message, cause }) => logged.push(`${String(message)}\n${Cause.pretty(cause)}`))
+      )
+    )
+    try {
+      const boom: Route = {
+        method: "GET",
+        path: "/api/boom",
+        summary: "dies",
+        public: true,
+        responses: {},
+        handler: Effect.die(new Error("kaboom"))
+      }
+      const app = apiRouter({ secret: undefined, claims: {}, blocklist: [], maxLifetimeSeconds: 0 }, [boom])
+      const handler = HttpApp.toWebHandlerRuntime(await runtime.runtime())(app as unknown as HttpApp.Default)
+      const answer = await handler(new Request("http://tidepool/api/boom"))
+      expect({ status: answer.status, body: await answer.json() }).toEqual({
+        status: 500,
+        body: { error: "internal error (logged)" }
+      })
+      expect(logged.join("\n")).toMatch(/API GET \/api\/boom failed[\s\S]*kaboom/)
+    } finally {
+      await runtime.dispose()
+    }
+  })
+})
+
 describe("API listener", () => {
   it("fails start-up naming PORT when the port is taken", async () => {
     await expect(startTidepool({ tenants: [], api: true, config: { apiPort: tidepool.apiPort } })).rejects.toThrow(
@@ -436,7 +608,7 @@ describe("OpenAPI", () => {
     const documented = Object.entries(doc.paths).flatMap(([path, methods]) =>
       Object.keys(methods).map((m) => `${m.toUpperCase()} ${path}`)
     )
-    const router = apiRouter({ secret: undefined, claims: {}, blocklist: [] })
+    const router = apiRouter({ secret: undefined, claims: {}, blocklist: [], maxLifetimeSeconds: 0 })
     const routed = [...router.routes]
       .map((r) => `${r.method} ${openApiPath(r.path)}`)
       .filter((r) => r !== "GET /api/openapi")

@@ -112,6 +112,28 @@ tenants:
     })
   )
 
+  it.effect("refuses a tenant id outside the rule, as the API does", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(
+        parseConfig(
+          `tenants:
+  - external_id: acme/eu
+    db_host: 127.0.0.1
+    db_port: 5432
+    db_database: app
+    users:
+      - db_user: app
+        db_password: secret
+`,
+          "tidepool.yaml"
+        )
+      )
+      expect(error.message.split("\n").slice(1)).toEqual([
+        `  tenants[0].external_id: expected ASCII letters, digits, '_' and '-' only, starting with a letter or digit (line 2, column 18)`
+      ])
+    })
+  )
+
   it.effect("never prints secrets", () =>
     Effect.gen(function* () {
       const wrongType = yield* Effect.flip(

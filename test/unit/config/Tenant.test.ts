@@ -7,6 +7,7 @@ import {
   problemsFromParseError,
   strictParseOptions,
   Tenant,
+  tenantIssues,
   userMaxClients,
   userPoolSize
 } from "../../../src/config/index.ts"
@@ -128,6 +129,30 @@ describe("Tenant", () => {
       }
       yield* decode({ ...minimal, external_id: "x".repeat(63) })
       yield* decode({ ...minimal, external_id: "acme-prod_1" })
+    })
+  )
+
+  it("a new tenant's external_id is ASCII letters, digits, _ and - only, starting with a letter or digit", () => {
+    const idIssues = (id: string) => tenantIssues({ ...minimal, external_id: id })
+    for (const id of ["a/b", "a;b", "a'b", 'a"b', "a%2Fb", "a:b", "a?b", "a#b", "-lead", "_lead", "a\\b", "a,b"]) {
+      expect(idIssues(id), id).toEqual([
+        {
+          path: ["external_id"],
+          message: "expected ASCII letters, digits, '_' and '-' only, starting with a letter or digit"
+        }
+      ])
+    }
+    for (const id of ["x".repeat(63), "acme-prod_1", "ACME_2-x", "7up", "abcdefghijklmnopqrst"]) {
+      expect(idIssues(id), id).toEqual([])
+    }
+    // An id the schema refuses already has its problem; this rule does not repeat it.
+    for (const id of ["", "a.b", "has space", "é", "x".repeat(64)]) expect(idIssues(id), id).toEqual([])
+  })
+
+  it.effect("a tenant stored under the older id rule still decodes, so an upgrade can load it", () =>
+    Effect.gen(function* () {
+      const stored = yield* decode({ ...minimal, external_id: "a/b" })
+      expect(stored.external_id).toBe("a/b")
     })
   )
 
