@@ -74,10 +74,13 @@ const readBody = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<s
   return Effect.async<string | undefined>((resume) => {
     const chunks: Array<Buffer> = []
     let size = 0
-    const stop = (result: string | undefined) => {
+    const detach = () => {
       source.off("data", onData)
       source.off("end", onEnd)
       source.off("error", onError)
+    }
+    const stop = (result: string | undefined) => {
+      detach()
       resume(Effect.succeed(result))
     }
     const onData = (chunk: Buffer) => {
@@ -94,6 +97,8 @@ const readBody = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<s
     source.on("data", onData)
     source.once("end", onEnd)
     source.once("error", onError)
+    // Interrupted when the client hangs up mid-body (the server's own close watch).
+    return Effect.sync(detach)
   })
 }
 
