@@ -52,6 +52,11 @@ export class MessageScanner {
   held = -1
   /** Hold mode: total bytes of the held message (type byte included), or 0 while its header is incomplete. */
   heldLength = 0
+  /**
+   * Hold mode: the next `feed` streams the message starting at its first byte even if it is of a held
+   * type (the caller has what it needs of it: its head). Cleared by that `feed`.
+   */
+  streamFirst = false
 
   private readonly onMessage: MessageCallback
   private readonly inspected: Uint8Array
@@ -93,6 +98,8 @@ export class MessageScanner {
     const end = chunk.length
     let pos = 0
     this.held = -1
+    const streamFirst = this.streamFirst
+    this.streamFirst = false
     if (this.phase !== HEADER || this.headerHave !== 0) {
       this.incompleteStart = -1
       pos = this.resume(chunk)
@@ -115,7 +122,7 @@ export class MessageScanner {
         return undefined
       }
       this.length = readInt32(chunk, pos + 1)
-      pos = this.begin(chunk, pos + 5, pos)
+      pos = this.begin(chunk, pos + 5, streamFirst && pos === 0 ? -1 : pos)
       if (pos === -2) return undefined
       if (pos < 0) return this.error
     }

@@ -1,5 +1,5 @@
 import type * as net from "node:net"
-import { tidepoolError } from "../errors/index.ts"
+import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
 import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
 import type { ReadBuffer, ServerConnection, ServerHandler } from "../upstream/index.ts"
@@ -20,6 +20,16 @@ const H = 0x48 // Flush
 const COPY_DATA = 0x64 // d
 const COPY_DONE = 0x63 // c
 const COPY_FAIL = 0x66 // f
+const PARSE = 0x50
+const BIND = 0x42
+
+/** Held messages up to this size are gathered whole; larger ones only as far as needed (`largeHeld`). */
+const HOLD_WHOLE = 65_536
+/** The most of a large Bind's head (its portal and statement names) gathered before it streams. */
+const HEAD_MAX = 65_536
+// Verdicts of `largeHeld`.
+const WAIT = 0
+const STREAM = 1
 
 const ignore = (_chunk: Buffer): void => {}
 
@@ -84,6 +94,13 @@ export class TransactionRelay {
   private carryHave = 0
   private carryNeed = 0
 
+  /** Why a held message cannot be accepted (see `largeHeld`); the relay ends with it. */
+  private refusal: TidepoolError | undefined = undefined
+  /** Largest named Parse held whole: the client's prepared-statement memory. */
+  private readonly maxHeldParse: number
+  /** Whether named statements are renamed (so a named Parse must be held whole). */
+  private readonly renames: boolean
+
   private reads: ReadBuffer | undefined = undefined
   /** The server lent to this client, if any. */
   private held: ServerConnection | undefined = undefined
@@ -144,6 +161,8 @@ export class TransactionRelay {
     this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: "PBDC" })
     this.handler = { onData: this.onServerData, onClose: this.onServerClose }
     this.statements = new PreparedStatements(client, pool, statements, settings)
+    this.maxHeldParse = Math.max(statements.maxMemory, HOLD_WHOLE)
+    this.renames = statements.rename
     this.maxMessageSize = maxMessageSize
     this.settingsKey = settingsKey(settings)
   }
@@ -235,7 +254,10 @@ export class TransactionRelay {
     if (this.ended || this.terminating) return
     this.pool.counters.clientBytes += input.length
     const chunk = this.carryHave === 0 ? input : this.gather(input)
-    if (chunk === undefined) return
+    if (chunk === undefined) {
+      if (this.refusal !== undefined) this.end({ _tag: "ClientError", error: this.refusal })
+      return
+    }
     const scanner = this.scanner
     this.chunkProducers = 0
     this.chunkSyncs = 0
@@ -257,6 +279,11 @@ export class TransactionRelay {
       this.carry.push(tail)
       this.carryHave = tail.length
       this.carryNeed = scanner.heldLength
+      // A message that could never be accepted is refused now, not after the client sent all of it.
+      if (this.carryNeed > HOLD_WHOLE && tail.length >= 6 && this.largeHeld(tail) === WAIT && this.refusal) {
+        this.end({ _tag: "ClientError", error: this.refusal })
+        return
+      }
       data = chunk.subarray(0, scanner.held)
       this.partial = false
     } else {
@@ -306,26 +333,79 @@ export class TransactionRelay {
   }
 
   /**
-   * Adds `input` to a held-back incomplete message; returns the bytes to scan once it is whole (an
-   * oversized or malformed header is handed over at once, for the scanner to refuse).
+   * Adds `input` to a held-back incomplete message; returns the bytes to scan once enough of it is
+   * here (an oversized or malformed header is handed over at once, for the scanner to refuse). Small
+   * messages are gathered whole. A large one is gathered only as far as the relay needs it, so what
+   * one client makes Tidepool hold stays bounded (about `maxPreparedMemory`, see `largeHeld`).
    */
   private gather(input: Buffer): Buffer | undefined {
     const carry = this.carry
     carry.push(input)
     this.carryHave += input.length
     if (this.carryNeed === 0 && this.carryHave >= 5) {
-      const head = carry.length === 1 ? carry[0]! : Buffer.concat(carry)
-      carry.length = 0
-      carry.push(head)
+      const head = this.flatCarry()
       const length = head.readInt32BE(1)
       this.carryNeed = length < 4 || length > this.maxMessageSize ? this.carryHave : length + 1
     }
-    if (this.carryNeed === 0 || this.carryHave < this.carryNeed) return undefined
-    const whole = carry.length === 1 ? carry[0]! : Buffer.concat(carry, this.carryHave)
-    carry.length = 0
+    if (this.carryNeed === 0) return undefined
+    if (this.carryHave < this.carryNeed) {
+      if (this.carryNeed <= HOLD_WHOLE) return undefined
+      const head = this.flatCarry()
+      const verdict = this.largeHeld(head)
+      if (verdict !== STREAM) return undefined
+      // Enough of its head is here: the rest streams (the scanner lets this one through).
+      this.scanner.streamFirst = true
+      this.clearCarry()
+      return head
+    }
+    const whole = this.flatCarry()
+    this.clearCarry()
+    return whole
+  }
+
+  /**
+   * A held message larger than HOLD_WHOLE, with `head` gathered so far: STREAM once its head is here
+   * (a Bind's portal and statement names: only they are rewritten; an unnamed Parse, or any Parse
+   * when statements are not renamed: nothing is); WAIT for more; or sets `refusal`: a named Parse is
+   * kept whole for as long as the statement lives, so beyond the client's statement memory it could
+   * never be kept; Describe and Close carry only a name; a Bind whose names run past HEAD_MAX is no
+   * Bind a driver sends.
+   */
+  private largeHeld(head: Buffer): number {
+    const type = head[0]
+    const have = head.length
+    if (type === PARSE) {
+      if (have < 6) return WAIT
+      if (head[5] === 0 || !this.renames) return STREAM
+      if (this.carryNeed > this.maxHeldParse) {
+        this.refusal = tidepoolError("EMESSAGETOOLARGE", this.carryNeed - 1, this.maxHeldParse)
+      }
+      return WAIT
+    }
+    if (type === BIND) {
+      const portalEnd = head.indexOf(0, 5)
+      if (portalEnd >= 0 && head.indexOf(0, portalEnd + 1) >= 0) return STREAM
+      if (have > HEAD_MAX) this.refusal = tidepoolError("EPROTOCOL", "Bind with names longer than 64 kB")
+      return WAIT
+    }
+    this.refusal = tidepoolError("EPROTOCOL", `message of type "${String.fromCharCode(type!)}" larger than 64 kB`)
+    return WAIT
+  }
+
+  private flatCarry(): Buffer {
+    const carry = this.carry
+    if (carry.length > 1) {
+      const flat = Buffer.concat(carry, this.carryHave)
+      carry.length = 0
+      carry.push(flat)
+    }
+    return carry[0]!
+  }
+
+  private clearCarry(): void {
+    this.carry.length = 0
     this.carryHave = 0
     this.carryNeed = 0
-    return whole
   }
 
   /** Bare Syncs with no server held: each gets ReadyForQuery 'I' from us. */
