@@ -20,7 +20,7 @@ const unauthorized = (reason: string) =>
   )
 
 /**
- * Wraps a handler with bearer-token auth: a refused token is 403 with an empty body (REFERENCE §5);
+ * Wraps a handler with bearer-token auth: a refused token is 403 with an empty body (docs/api.md#authentication);
  * a token that passes every check but its lifetime is 401 with the reason (JwtAuth says why).
  */
 export const requireToken =

@@ -8,17 +8,17 @@ import { UpstreamTls } from "../tls/index.ts"
 import { connect, type PassthroughKeys, type ServerConnection } from "../upstream/index.ts"
 import { CircuitBreaker } from "./CircuitBreaker.ts"
 
-/** REFERENCE §4: the message of a tenant blocked by the auth_query breaker. */
+/** docs/errors.md: the message of a tenant blocked by the auth_query breaker. */
 export const AUTH_QUERY_BLOCKED =
   "failed to retrieve database credentials after multiple attempts, new connections are temporarily blocked"
 
-/** REFERENCE §4: the EAUTHQUERY reason for a role the database does not know. */
+/** docs/errors.md: the EAUTHQUERY reason for a role the database does not know. */
 export const USER_NOT_FOUND = "user not found in the database"
 
 const MD5_SECRET = "MD5 secrets are not supported for auth_query, use require_user instead"
 const INVALID_SECRET = "unsupported or invalid secret format"
 
-/** REFERENCE §3.2: re-fetches after a wrong password, per (tenant, user) and minute. */
+/** docs/authentication.md: re-fetches after a wrong password, per (tenant, user) and minute. */
 export const REFETCHES_PER_MINUTE = 3
 
 /** The ClientKey and ServerKey a verified login recovered, for its pools' upstream logins. */
@@ -64,7 +64,7 @@ const authQueryError = (reason: string) => tidepoolError("EAUTHQUERY", reason)
 type Fetched = ScramSecret | "not found"
 
 /**
- * Secrets of `require_user: false` tenants (REFERENCE §3.2). The tenant's `auth_query` runs with the
+ * Secrets of `require_user: false` tenants (docs/authentication.md). The tenant's `auth_query` runs with the
  * client's username as `$1` on one dedicated upstream connection per tenant, logged in as the manager
  * user as the tenant registry has it at that moment (a rotated manager password reconnects it, and no
  * client notices). Only SCRAM verifiers are accepted; Tidepool never sees a plaintext password.

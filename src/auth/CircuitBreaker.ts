@@ -9,9 +9,9 @@ export interface BreakerRule {
   readonly blockMs: number
 }
 
-/** REFERENCE §3.2: 10 wrong passwords per (tenant, client IP) in 150 s block that pair for 120 s. */
+/** docs/authentication.md: 10 wrong passwords per (tenant, client IP) in 150 s block that pair for 120 s. */
 export const AUTH_FAILURES: BreakerRule = { failures: 10, windowMs: 150_000, blockMs: 120_000 }
-/** REFERENCE §3.2: 5 failed auth_query lookups per tenant in 300 s block the tenant's logins for 30 s. */
+/** docs/authentication.md: 5 failed auth_query lookups per tenant in 300 s block the tenant's logins for 30 s. */
 export const AUTH_QUERY_FAILURES: BreakerRule = { failures: 5, windowMs: 300_000, blockMs: 30_000 }
 
 export interface Ban {
@@ -155,7 +155,7 @@ class Breaker {
 
 const addressKey = (tenant: string, address: string) => `${tenant}\u0000${address}`
 
-/** REFERENCE §4: the message of an address blocked by the authentication breaker. */
+/** docs/errors.md: the message of an address blocked by the authentication breaker. */
 export const ADDRESS_BLOCKED = "too many authentication failures, new connections are temporarily blocked"
 
 /**
@@ -170,7 +170,7 @@ export interface AuthAttempt {
 }
 
 /**
- * Authentication circuit breakers (REFERENCE §3.2). Per (tenant, client address): too many wrong
+ * Authentication circuit breakers (docs/authentication.md). Per (tenant, client address): too many wrong
  * passwords block the address (`ECIRCUITBREAKER`), listed and cleared through the `network_bans`
  * API. A password check counts from the moment it starts, so concurrent attempts cannot outrun the
  * count: at most `failures` checks run at once per key, later ones wait for a verdict (a success

@@ -95,7 +95,7 @@ export { ADDRESS_BLOCKED } from "./CircuitBreaker.ts"
 export const matchUsers = (tenant: Tenant, username: string): ReadonlyArray<User> =>
   tenant.require_user ? tenant.users.filter((u) => u.db_user_alias === username) : tenant.users.slice(0, 1)
 
-/** DESIGN §7: the `client.auth` span says how the login ended, and a failure's catalogued code. */
+/** docs/architecture.md#telemetry: the `client.auth` span says how the login ended, and a failure's catalogued code. */
 export const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
   Effect.tapBoth(self, {
     onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
@@ -111,7 +111,7 @@ export interface ClientCredentials {
   readonly followClientTls?: boolean
 }
 
-/** How the client reached us, for the choice of method (REFERENCE §3.3). */
+/** How the client reached us, for the choice of method (docs/jit.md). */
 export interface ClientTransport {
   /** The client is on TLS. */
   readonly tls: boolean
@@ -227,7 +227,7 @@ export const authenticateClient = Effect.fn("client.auth")(
 )
 
 /**
- * JIT tenants, TLS clients (REFERENCE §3.3): a cleartext password, accepted when it is the role's
+ * JIT tenants, TLS clients (docs/jit.md): a cleartext password, accepted when it is the role's
  * password (checked against its SCRAM verifier, never stored) or a token the tenant's JIT API grants
  * for the role (asked on every login, so a revoked token stops working at once). Token-shaped values
  * (a personal access token `sbp_…` or a JWT), and every value of a client that asked for JIT, are

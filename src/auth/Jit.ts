@@ -31,7 +31,7 @@ export const passwordKeys = (
 const JitAnswer = Schema.Struct({ user_role: Schema.Struct({ role: Schema.String }) })
 
 /**
- * The JIT access API (REFERENCE §3.3): `POST <jit_api_url>` with the token as bearer and
+ * The JIT access API (docs/jit.md): `POST <jit_api_url>` with the token as bearer and
  * `{"rhost", "role"}`; the grant holds only on 200 with `user_role.role` equal to the role. Every
  * connection asks anew (no cache), so revoking a token takes effect at once. A tenant with a JWT
  * verification key (`jit_jwt_secret` or `jit_jwks_url`) has JWT-shaped tokens checked locally first:

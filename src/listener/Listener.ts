@@ -72,7 +72,7 @@ const named = (texts: ReadonlyArray<string>): string =>
 
 /**
  * The client-facing front doors. Each accepted socket runs a ClientSession fiber in one FiberSet.
- * Closing the scope is the graceful shutdown (DESIGN §5): stop accepting, let every session reach
+ * Closing the scope is the graceful shutdown (docs/architecture.md#shutdown): stop accepting, let every session reach
  * its next transaction boundary up to the drain timeout, then interrupt whoever is left (they get
  * 57P01).
  */

@@ -5,7 +5,7 @@ import type { PoolSettings } from "./TenantPool.ts"
 const nanos = (ms: number): bigint => BigInt(ms) * 1_000_000n
 
 /**
- * DESIGN §7: a `pool.checkout` span for each checkout that had to wait (none for the common, immediate
+ * docs/architecture.md#telemetry: a `pool.checkout` span for each checkout that had to wait (none for the common, immediate
  * case: no span per transaction). Made from the pool's callback code, so it is opened and closed at
  * once with the wait's real start time; it is its own trace root, since a relay has no span.
  */

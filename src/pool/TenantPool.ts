@@ -87,7 +87,7 @@ export interface Waiter {
 
 /**
  * The pool of one (tenant, user, mode, database). Checkout and release are plain synchronous
- * callbacks (DESIGN §4): an idle server is lent at once, otherwise the caller joins a FIFO queue with
+ * callbacks (docs/architecture.md#hot-path-rules): an idle server is lent at once, otherwise the caller joins a FIFO queue with
  * a deadline. Connects run as fibers in the pool's scope, so closing the pool interrupts them.
  */
 export class TenantPool {

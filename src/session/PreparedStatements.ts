@@ -6,7 +6,7 @@ import { errorResponse, readyForQuery } from "../protocol/index.ts"
 import { type ServerConnection, type ServerObserver, writeChunk } from "../upstream/index.ts"
 
 export interface PreparedStatementOptions {
-  /** Rename clients' named statements to shared server-side ones (REFERENCE §7); off = pass through. */
+  /** Rename clients' named statements to shared server-side ones (docs/prepared-statements.md); off = pass through. */
   readonly rename: boolean
   /** Statements kept prepared per server; the least recently used is closed beyond. */
   readonly cacheSize: number
@@ -183,7 +183,7 @@ const formatBytes = (n: number): string =>
   n % 1_048_576 === 0 ? `${n / 1_048_576}MB` : n % 1024 === 0 ? `${n / 1024}kB` : `${n} bytes`
 
 /**
- * Named prepared statements in transaction mode (REFERENCE §7), for one client. The client's named
+ * Named prepared statements in transaction mode (docs/prepared-statements.md), for one client. The client's named
  * statements are renamed to server-side names derived from their content (`tp_<sha256>`), so clients
  * preparing the same statement share it on a server; a Bind or Describe landing on a server that
  * lacks the statement is preceded by the stored Parse, whose ParseComplete is swallowed; a Parse the

@@ -11,7 +11,7 @@ import {
 import type { RelayEnd } from "./SessionRelay.ts"
 import { adoptSettings, settingsChange, settingsKey } from "./settings.ts"
 
-// Client message types the relay must tell apart (DESIGN §4).
+// Client message types the relay must tell apart (docs/architecture.md#hot-path-rules).
 const Q = 0x51 // Query
 const S = 0x53 // Sync
 const F = 0x46 // FunctionCall
@@ -37,7 +37,7 @@ const ignore = (_chunk: Buffer): void => {}
 const READY_IDLE = readyForQuery("I")
 
 /**
- * Transaction-mode data plane (DESIGN §3 step 7, REFERENCE §2): a server is borrowed from the pool
+ * Transaction-mode data plane (docs/architecture.md#transaction-relay, docs/operations.md#transaction-mode-port-6543): a server is borrowed from the pool
  * when the client sends something and given back at the first transaction boundary. Plain callbacks,
  * no Effect, no Promise, no per-message allocation: client chunks are framed only to count the
  * ReadyForQuery messages they will produce and to spot Terminate, then forwarded untouched (a

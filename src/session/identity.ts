@@ -8,7 +8,7 @@ export interface ClientIdentity {
   readonly database: string | undefined
   /** `-c name=value` settings from `options`, names lower-cased. */
   readonly settings: ReadonlyMap<string, string>
-  /** `options=--jit=true`: the client asks for JIT access (REFERENCE §3.3). */
+  /** `options=--jit=true`: the client asks for JIT access (docs/jit.md). */
   readonly jit: boolean
 }
 
@@ -59,7 +59,7 @@ const validName = (name: string): boolean => {
   return bytes >= 1 && bytes <= 63 && !/[\p{Cc}]/u.test(name)
 }
 
-/** REFERENCE §1: `options` reference wins, then `user.tenant` split at the last dot, then SNI. */
+/** docs/operations.md#how-a-client-is-served: `options` reference wins, then `user.tenant` split at the last dot, then SNI. */
 export const resolveIdentity = (parameters: Readonly<Record<string, string>>): ClientIdentity | TidepoolError => {
   const rawUser = parameters.user ?? ""
   const settings = parseOptions(parameters.options ?? "")

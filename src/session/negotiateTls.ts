@@ -66,7 +66,7 @@ export const answerSslRequest = (client: ClientSocket, downstream: DownstreamTls
     yield* annotateTls(secure, "postgres")
   })
 
-/** REFERENCE §1 rule 3: a username without a tenant names the tenant whose `sni_hostname` the client sent. */
+/** docs/tls.md#tenant-rules: a username without a tenant names the tenant whose `sni_hostname` the client sent. */
 export const tenantBySni = (
   client: ClientSocket,
   tenants: Context.Tag.Service<typeof TenantRegistry>

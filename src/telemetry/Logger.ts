@@ -21,7 +21,7 @@ const messageOf = (message: unknown): string => {
   return parts.map((p) => (typeof p === "string" ? p : JSON.stringify(render(p)))).join(" ")
 }
 
-/** One JSON object per line: level, time, msg, then the session's fields (DESIGN §7). */
+/** One JSON object per line: level, time, msg, then the session's fields (docs/architecture.md#telemetry). */
 const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, spans, context }) => {
   const line: Record<string, unknown> = {
     level: logLevel._tag.toLowerCase(),
@@ -32,7 +32,7 @@ const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, s
   if (!Cause.isEmpty(cause)) line.cause = Cause.pretty(cause, { renderErrorCause: true })
   const span = List.head(spans)
   if (span._tag === "Some") line.span = span.value.label
-  // DESIGN §7: inside a span, the line names its trace, so logs and traces join up in Grafana.
+  // docs/architecture.md#telemetry: inside a span, the line names its trace, so logs and traces join up in Grafana.
   const current = Context.getOption(FiberRefs.getOrDefault(context, FiberRef.currentContext), Tracer.ParentSpan)
   if (current._tag === "Some") {
     line.trace_id = current.value.traceId

@@ -51,7 +51,7 @@ interface PoolMetric {
   readonly value: (pool: TenantPool) => number
 }
 
-/** REFERENCE §8, Supavisor's names under `tidepool_` (see docs/observability.md for the mapping). */
+/** docs/observability.md#metrics, Supavisor's names under `tidepool_` (see docs/observability.md for the mapping). */
 const POOL_METRICS: ReadonlyArray<PoolMetric> = [
   {
     name: "tidepool_connections_active",

@@ -4,7 +4,7 @@ import { Metrics, PROMETHEUS_CONTENT_TYPE } from "./Metrics.ts"
 
 /**
  * Decides whether a scrape may read metrics (the API server checks the `METRICS_JWT_SECRET` bearer
- * token). Refusals answer 403 with an empty body, as every API route (REFERENCE §5).
+ * token). Refusals answer 403 with an empty body, as every API route (docs/api.md#authentication).
  */
 export type MetricsAuthorizer = (request: HttpServerRequest.HttpServerRequest) => Effect.Effect<boolean>
 

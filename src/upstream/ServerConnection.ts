@@ -573,14 +573,14 @@ const requirePassword = (password: Redacted.Redacted<string> | undefined, user: 
     ? Effect.fail(connectFailed(`the server asked for a password for user "${user}" and none is configured`))
     : Effect.succeed(Redacted.value(password))
 
-/** DESIGN §7: the `upstream.connect` span's login method, by what the server asked for. */
+/** docs/architecture.md#telemetry: the `upstream.connect` span's login method, by what the server asked for. */
 const LOGIN_METHODS: Partial<Record<string, string>> = {
   AuthenticationCleartextPassword: "password",
   AuthenticationMD5Password: "md5",
   AuthenticationSASL: "scram-sha-256"
 }
 
-/** DESIGN §7: the `upstream.connect` span says how the attempt ended, and a failure's code. */
+/** docs/architecture.md#telemetry: the `upstream.connect` span says how the attempt ended, and a failure's code. */
 const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
   Effect.tapBoth(self, {
     onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
