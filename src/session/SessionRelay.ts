@@ -55,7 +55,7 @@ export class SessionRelay {
    * is the socket's ReadBuffer when it reads into one (else 'data' events).
    */
   start(readAhead: Buffer, reads?: ReadBuffer): void {
-    this.server.handler = { onData: this.onServerData, onClose: this.onServerClose }
+    this.server.handler = { onData: this.onServerData, onClose: this.onServerClose, onFault: this.onServerFault }
     this.reads = reads
     if (reads !== undefined) reads.sink = this.onClientData
     else this.client.on("data", this.onClientData)
@@ -152,6 +152,7 @@ export class SessionRelay {
     this.server.socket.resume()
   }
 
+  private readonly onServerFault = (cause: unknown): void => this.fault(cause)
   private readonly onClientClose = (): void => this.end({ _tag: "ClientClosed" })
   private readonly onServerClose = (reason: string): void => this.end({ _tag: "ServerClosed", reason })
 

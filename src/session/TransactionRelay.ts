@@ -159,7 +159,7 @@ export class TransactionRelay {
   ) {
     // Parse, Bind, Describe and Close may be rewritten, so they travel whole; the rest streams.
     this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: "PBDC" })
-    this.handler = { onData: this.onServerData, onClose: this.onServerClose }
+    this.handler = { onData: this.onServerData, onClose: this.onServerClose, onFault: (cause) => this.fault(cause) }
     this.statements = new PreparedStatements(client, pool, statements, settings)
     this.maxHeldParse = Math.max(statements.maxMemory, HOLD_WHOLE)
     this.renames = statements.rename

@@ -68,6 +68,11 @@ export interface ServerHandler {
   /** Called once per chunk, after the chunk has been scanned (status, parameters are up to date). */
   readonly onData: (chunk: Buffer) => void
   readonly onClose: (reason: string) => void
+  /**
+   * An exception in the pooler's own code while this chunk was handled (the observer's, say): the
+   * server is already destroyed; the holder ends what it was doing. Without it, `onClose` follows.
+   */
+  readonly onFault?: (cause: unknown) => void
 }
 
 interface LoginMessage {
@@ -247,7 +252,19 @@ export class ServerConnection {
     }
   }
 
+  // Guarded: an exception of ours (in the observer, say) destroys this server and tells its holder,
+  // never the process (docs/operations.md, containment).
   private readonly onSocketData = (chunk: Buffer): void => {
+    try {
+      this.socketData(chunk)
+    } catch (cause) {
+      const handler = this.handler
+      this.destroy("internal error in the pooler while reading from the server")
+      handler?.onFault?.(cause)
+    }
+  }
+
+  private socketData(chunk: Buffer): void {
     const silentBefore = this.silent
     this.silentEnd = -1
     this.withheldFrom = -1

@@ -88,6 +88,24 @@ describe("an exception in a relay callback ends only that session", () => {
     await expectContained("transaction", "SELECT 'boom_' || 'server'")
   })
 
+  it("transaction mode, in the prepared-statement tracking that reads the server's replies", async () => {
+    // biome-ignore lint/suspicious/noExplicitAny: a private step of the server-side observer is the injection point.
+    const proto = PreparedStatements.prototype as any
+    const onTag = proto.onTag
+    vi.spyOn(proto, "onTag").mockImplementation(function (
+      this: unknown,
+      body: unknown,
+      start: unknown,
+      length: unknown
+    ) {
+      if ((body as Buffer).toString("latin1", start as number, (start as number) + 2) === "DO") {
+        throw new Error("injected fault (server reply observer)")
+      }
+      return onTag.call(this, body, start, length)
+    })
+    await expectContained("transaction", "DO $$ BEGIN END $$")
+  })
+
   it("session mode, both directions", async () => {
     // biome-ignore lint/suspicious/noExplicitAny: the relay's private step is the injection point.
     const proto = SessionRelay.prototype as any
