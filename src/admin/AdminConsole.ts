@@ -1,5 +1,5 @@
 import { Deferred, Effect, Either } from "effect"
-import { annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
+import { ADDRESS_BLOCKED, AUTH_FAILURES, annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
 import { AppConfig } from "../config/index.ts"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { PoolRegistry, type TenantPool } from "../pool/index.ts"
@@ -48,38 +48,42 @@ export interface AdminLogin {
 
 /**
  * Authenticates an admin console login with SCRAM-SHA-256 against `TIDEPOOL_ADMIN_USERS`. The user
- * name is taken whole (no tenant part). Refusals come after the failure delay, under the same
- * per-address breaker as tenant logins.
+ * name is taken whole (no tenant part). Under the same per-address breaker as tenant logins, counted
+ * from the check's start, so concurrent guesses cannot outrun it; refusals come after the failure delay.
  */
-export const authenticateAdmin = Effect.fn("client.auth")(function* (
-  client: ClientSocket,
-  startup: Readonly<Record<string, string>>,
-  address: string
-) {
-  const config = yield* AppConfig
-  const breaker = yield* CircuitBreaker
-  const user = startup.user ?? ""
-  yield* Effect.annotateCurrentSpan({ "db.user": user, method: "scram-sha-256 admin" })
-  if (yield* breaker.isAddressBlocked(BREAKER_TENANT, address)) {
-    return yield* tidepoolError(
-      "ECIRCUITBREAKER",
-      "too many authentication failures, new connections are temporarily blocked"
-    )
-  }
-  const refuse = (error: TidepoolError) =>
-    Effect.zipRight(
-      Effect.zipRight(breaker.authFailed(BREAKER_TENANT, address), Effect.sleep(config.authFailureDelayMs)),
-      Effect.fail(error)
-    )
-  const admin = config.adminUsers.find((u) => u.name === user)
-  if (admin === undefined) return yield* refuse(tidepoolError("ENOTADMIN", user))
-  const secret = parseScramSecret(admin.secret) ?? createScramSecret(admin.secret)
-  const proof = yield* Effect.either(authenticateScram(client, secret, user, 0))
-  if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
-  yield* breaker.authSucceeded(BREAKER_TENANT, address)
-  client.write(authenticationOk())
-  return { user } satisfies AdminLogin
-}, annotateOutcome)
+export const authenticateAdmin = Effect.fn("client.auth")(
+  function* (client: ClientSocket, startup: Readonly<Record<string, string>>, address: string) {
+    const config = yield* AppConfig
+    const breaker = yield* CircuitBreaker
+    const user = startup.user ?? ""
+    yield* Effect.annotateCurrentSpan({ "db.user": user, method: "scram-sha-256 admin" })
+    const attempt = yield* breaker.attempt(BREAKER_TENANT, address)
+    if (attempt === undefined) return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
+    const refuse = (error: TidepoolError) =>
+      Effect.gen(function* () {
+        // Logged once, when it trips: the refusals that follow are logged at debug level.
+        if (yield* attempt.failed) {
+          yield* Effect.logWarning(
+            `${address} blocked for ${AUTH_FAILURES.blockMs / 1000} s after ${AUTH_FAILURES.failures} failed admin console logins`
+          ).pipe(Effect.annotateLogs({ user, peer_ip: address, code: "ECIRCUITBREAKER" }))
+        }
+        client.stopReading()
+        yield* Effect.sleep(config.authFailureDelayMs)
+        return yield* error
+      })
+    // An unknown name is a guess like a wrong password, and costs the same delay.
+    const admin = config.adminUsers.find((u) => u.name === user)
+    if (admin === undefined) return yield* refuse(tidepoolError("ENOTADMIN", user))
+    const secret = parseScramSecret(admin.secret) ?? createScramSecret(admin.secret)
+    const proof = yield* Effect.either(authenticateScram(client, secret, user, 0))
+    if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
+    yield* attempt.succeeded
+    client.write(authenticationOk())
+    return { user } satisfies AdminLogin
+  },
+  Effect.scoped,
+  annotateOutcome
+)
 
 const HELP = [
   "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|HELP",

@@ -185,6 +185,51 @@ describe("admin console", () => {
     })
   })
 
+  it("runs at most the breaker's threshold of checks for concurrent wrong admin passwords: 100 at once get 10", async () => {
+    // A pooler of its own: the block it ends with would refuse this file's other admin logins.
+    const guarded = await startTidepool({
+      tenants: [{ external_id: "acme", ...upstreamOf(db), users: [user] }],
+      config: { adminUsers: [{ name: "ops", secret: "ops-secret" }], authFailureDelayMs: 100 },
+      captureLogs: true
+    })
+    try {
+      const login = async (password: string) => {
+        const client = new pg.Client({
+          host: "127.0.0.1",
+          port: guarded.sessionPort,
+          user: "ops",
+          password,
+          database: "pgbouncer"
+        })
+        client.on("error", () => undefined)
+        try {
+          await client.connect()
+          await client.end()
+          return "ok"
+        } catch (e) {
+          const error = e as pg.DatabaseError
+          return error.message.match(/^\((E[A-Z]+)\)/)?.[1] ?? error.code ?? error.message
+        }
+      }
+      const outcomes = await Promise.all(Array.from({ length: 100 }, () => login("wrong")))
+      const tally: Record<string, number> = {}
+      for (const outcome of outcomes) tally[outcome] = (tally[outcome] ?? 0) + 1
+      // Every check that ran ended with its verdict (28P01); the others never reached one.
+      expect(tally).toEqual({ "28P01": 10, ECIRCUITBREAKER: 90 })
+      expect(await login("ops-secret")).toBe("ECIRCUITBREAKER")
+      // The admin console's count is its own: the address's tenant logins are not blocked.
+      const tenant = new pg.Client({ connectionString: guarded.url({ user: "app.acme", password: "app-secret" }) })
+      await tenant.connect()
+      await tenant.end()
+      const warnings = guarded.logs.filter((l) => l.code === "ECIRCUITBREAKER" && l.level === "WARN")
+      expect(warnings.map((l) => l.message)).toEqual([
+        "127.0.0.1 blocked for 120 s after 10 failed admin console logins"
+      ])
+    } finally {
+      await guarded.stop()
+    }
+  })
+
   it("answers unknown commands with EADMINCOMMAND and stays usable", async () => {
     const console = await admin()
     try {
