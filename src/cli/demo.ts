@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto"
 import * as fs from "node:fs/promises"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
-import { Console, Effect, Layer, Redacted, Schema } from "effect"
+import { Console, Effect, Layer, Redacted, Runtime, Schema } from "effect"
 import { SignJWT } from "jose"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
@@ -126,7 +126,10 @@ export const demo = Effect.gen(function* () {
       ""
     ].join("\n")
   )
-  installSignals()
+  const runtime = yield* Effect.runtime<never>()
+  installSignals((level, message) =>
+    Runtime.runSync(runtime)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
+  )
   // Until Ctrl+C, or SHUTDOWN from the admin console (TIDEPOOL_ADMIN_USERS), as `serve`.
   yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(
     Effect.onInterrupt(() => ports.shutdown)

@@ -287,6 +287,8 @@ describe("tidepool demo", () => {
       expect(text).not.toContain("db_password")
       cli.child.kill("SIGTERM")
       expect(await cli.exited).toBe(0)
+      // The demo logs its signals as serve does.
+      expect(cli.output()).toContain("SIGTERM received: shutting down gracefully")
     } finally {
       cli.child.kill("SIGKILL")
     }
