@@ -111,10 +111,7 @@ export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool
       },
       /** Every live session, for the admin console and metrics (allocates: not for the hot path). */
       all: (): Array<RegisteredSession> =>
-        Array.from(sessions, ([processId, { secretKey, handle }]) => ({ processId, secretKey, handle })),
-      get size(): number {
-        return sessions.size
-      }
+        Array.from(sessions, ([processId, { secretKey, handle }]) => ({ processId, secretKey, handle }))
     } as const
   }
 }) {}
