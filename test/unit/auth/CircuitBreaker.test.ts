@@ -1,6 +1,6 @@
 import { Deferred, Effect, Exit, Fiber, Scope } from "effect"
 import { describe, expect, it } from "vitest"
-import { AUTH_FAILURES, type AuthAttempt, CircuitBreaker } from "../../../src/auth/CircuitBreaker.ts"
+import { AUTH_FAILURES, type AuthAttempt, CircuitBreaker } from "../../../src/auth/index.ts"
 
 /*
  * Password checks count from their start: at most AUTH_FAILURES.failures run at once per key, the
