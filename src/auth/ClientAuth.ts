@@ -7,6 +7,7 @@ import {
   authenticationSASL,
   authenticationSASLContinue,
   authenticationSASLFinal,
+  Frontend,
   type ScramSecret,
   ScramServer
 } from "../protocol/index.ts"
@@ -24,7 +25,7 @@ export interface AuthChannel {
   readonly stopReading?: () => void
 }
 
-const PASSWORD_MESSAGE = 0x70 // 'p'
+const PASSWORD_MESSAGE = Frontend.Password
 
 const expectPasswordMessage = (channel: AuthChannel) =>
   Effect.flatMap(channel.readMessage, (m) =>

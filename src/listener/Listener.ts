@@ -3,6 +3,7 @@ import { Data, Effect, FiberSet } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
 import type { PoolMode } from "../pool/index.ts"
+import { TxStatus } from "../protocol/index.ts"
 import { clientSession, type RegisteredSession, SessionRegistry } from "../session/index.ts"
 
 export class ListenError extends Data.TaggedError("ListenError")<{ readonly message: string }> {}
@@ -31,8 +32,7 @@ export const listen = (options: {
 
 export const boundPort = (server: net.Server): number => (server.address() as net.AddressInfo).port
 
-const T = 0x54
-const E = 0x45
+const { InTransaction: T, Failed: E } = TxStatus
 
 /**
  * What keeps a session from ending at once when drained, or undefined when nothing does. A client

@@ -2,7 +2,7 @@ import { createHash } from "node:crypto"
 import type * as net from "node:net"
 import { renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
-import { errorResponse, readyForQuery } from "../protocol/index.ts"
+import { Backend, errorResponse, Frontend, readyForQuery, STATEMENT_TARGET, TxStatus } from "../protocol/index.ts"
 import { type ServerConnection, type ServerObserver, writeChunk } from "../upstream/index.ts"
 
 export interface PreparedStatementOptions {
@@ -24,32 +24,36 @@ export const defaultPreparedStatementOptions: PreparedStatementOptions = {
 }
 
 // Frontend message types.
-const PARSE = 0x50
-const BIND = 0x42
-const DESCRIBE = 0x44
-const EXECUTE = 0x45
-const CLOSE = 0x43
-const SYNC = 0x53
-const FLUSH = 0x48
-const QUERY = 0x51
-const FUNCTION_CALL = 0x46
-const STATEMENT = 0x53 // 'S' in Describe/Close
-const COPY_DONE = 0x63
-const COPY_FAIL = 0x66
+const {
+  Parse: PARSE,
+  Bind: BIND,
+  Describe: DESCRIBE,
+  Execute: EXECUTE,
+  Close: CLOSE,
+  Sync: SYNC,
+  Flush: FLUSH,
+  Query: QUERY,
+  FunctionCall: FUNCTION_CALL,
+  CopyDone: COPY_DONE,
+  CopyFail: COPY_FAIL
+} = Frontend
+const STATEMENT = STATEMENT_TARGET
 
 // Backend message types.
-const PARSE_COMPLETE = 0x31
-const BIND_COMPLETE = 0x32
-const CLOSE_COMPLETE = 0x33
-const ROW_DESCRIPTION = 0x54
-const PARAMETER_DESCRIPTION = 0x74
-const NO_DATA = 0x6e
-const COMMAND_COMPLETE = 0x43
-const EMPTY_QUERY = 0x49
-const PORTAL_SUSPENDED = 0x73
-const ERROR = 0x45
-const READY = 0x5a
-const COPY_IN = 0x47
+const {
+  ParseComplete: PARSE_COMPLETE,
+  BindComplete: BIND_COMPLETE,
+  CloseComplete: CLOSE_COMPLETE,
+  RowDescription: ROW_DESCRIPTION,
+  ParameterDescription: PARAMETER_DESCRIPTION,
+  NoData: NO_DATA,
+  CommandComplete: COMMAND_COMPLETE,
+  EmptyQueryResponse: EMPTY_QUERY,
+  PortalSuspended: PORTAL_SUSPENDED,
+  ErrorResponse: ERROR,
+  ReadyForQuery: READY,
+  CopyInResponse: COPY_IN
+} = Backend
 
 /**
  * Settings that change what a statement means when it is parsed (how literals are read, which tables
@@ -160,7 +164,7 @@ const cstringEnd = (data: Buffer, at: number, end: number): number => {
   return nul < 0 || nul >= end ? -1 : nul
 }
 
-const IDLE = 0x49 // 'I'
+const IDLE = TxStatus.Idle
 
 // States of an exchange that may run again (`watchFirstUse`).
 const RETRY_NONE = 0

@@ -2,7 +2,7 @@ import type * as net from "node:net"
 import type { TidepoolError } from "../errors/index.ts"
 import { tidepoolError } from "../errors/index.ts"
 import type { PoolCounters } from "../pool/index.ts"
-import { MessageScanner } from "../protocol/index.ts"
+import { ClientMessage, classifyClientMessage, MessageScanner } from "../protocol/index.ts"
 import { type ReadBuffer, type ServerConnection, writeChunk } from "../upstream/index.ts"
 
 export type RelayEnd =
@@ -14,14 +14,7 @@ export type RelayEnd =
   /** An exception in the pooler's own code: the session ends with EINTERNAL, its server is discarded. */
   | { readonly _tag: "Fault"; readonly cause: unknown }
 
-const Q = 0x51
-const S = 0x53
-const F = 0x46
-const X = 0x58
-const H = 0x48
-const COPY_DATA = 0x64
-const COPY_DONE = 0x63
-const COPY_FAIL = 0x66
+const { Producer, Sync, Terminate, Opens } = ClientMessage
 
 const ignore = (_chunk: Buffer): void => {}
 
@@ -77,14 +70,15 @@ export class SessionRelay {
 
   private readonly onClientMessage = (type: number): void => {
     if (this.terminateSeen) return
-    if (type === Q || type === S || type === F) {
+    const kind = classifyClientMessage(type)
+    if (kind === Producer || kind === Sync) {
       this.server.pending++
       this.server.inBatch = false
       this.counters.queries++
-    } else if (type !== H && type !== COPY_DATA && type !== COPY_DONE && type !== COPY_FAIL && type !== X) {
+    } else if (kind === Opens) {
       // Parse, Bind, Describe, Execute, Close…: the server waits for a Sync (see TransactionRelay).
       this.server.inBatch = true
-    } else if (type === X && !this.terminateSeen) {
+    } else if (kind === Terminate) {
       this.terminateSeen = true
       this.terminateAt = this.scanner.messageStart
     }

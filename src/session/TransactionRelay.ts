@@ -1,7 +1,14 @@
 import type * as net from "node:net"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
-import { MessageScanner, type ProtocolError, readyForQuery } from "../protocol/index.ts"
+import {
+  ClientMessage,
+  classifyClientMessage,
+  Frontend,
+  MessageScanner,
+  type ProtocolError,
+  readyForQuery
+} from "../protocol/index.ts"
 import type { ReadBuffer, ServerConnection, ServerHandler } from "../upstream/index.ts"
 import {
   defaultPreparedStatementOptions,
@@ -11,17 +18,8 @@ import {
 import type { RelayEnd } from "./SessionRelay.ts"
 import { adoptSettings, settingsChange, settingsKey } from "./settings.ts"
 
-// Client message types the relay must tell apart (docs/architecture.md#hot-path-rules).
-const Q = 0x51 // Query
-const S = 0x53 // Sync
-const F = 0x46 // FunctionCall
-const X = 0x58 // Terminate
-const H = 0x48 // Flush
-const COPY_DATA = 0x64 // d
-const COPY_DONE = 0x63 // c
-const COPY_FAIL = 0x66 // f
-const PARSE = 0x50
-const BIND = 0x42
+const { Producer, Sync, Terminate, Opens } = ClientMessage
+const { Parse: PARSE, Bind: BIND } = Frontend
 
 /** Held messages up to this size are gathered whole; larger ones only as far as needed (`largeHeld`). */
 const HOLD_WHOLE = 65_536
@@ -220,17 +218,18 @@ export class TransactionRelay {
 
   private readonly onClientMessage = (type: number): void => {
     if (this.terminateAt >= 0) return // nothing after Terminate counts
-    if (type === Q || type === F) {
+    const kind = classifyClientMessage(type)
+    if (kind === Producer) {
       this.chunkProducers++
       this.chunkOpen = false
-    } else if (type === S) {
+    } else if (kind === Sync) {
       this.chunkProducers++
       this.chunkSyncs++
       this.chunkOpen = false
-    } else if (type === X) {
+    } else if (kind === Terminate) {
       this.terminateAt = this.scanner.messageStart
       return
-    } else if (type !== H && type !== COPY_DATA && type !== COPY_DONE && type !== COPY_FAIL) {
+    } else if (kind === Opens) {
       this.chunkOpen = true
     }
     this.chunkMessages++

@@ -3,6 +3,7 @@ import { Effect, Exit, Queue, Redacted } from "effect"
 import { serialize } from "pg-protocol"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import {
+  Backend,
   cancelRequest,
   decodeAuthentication,
   decodeBackendKeyData,
@@ -80,13 +81,15 @@ interface LoginMessage {
   readonly body: Buffer
 }
 
-const Z = 0x5a
-const S = 0x53
-const E = 0x45
-const K = 0x4b
-const R = 0x52
-const D = 0x44
-const T = 0x54
+const {
+  ReadyForQuery: Z,
+  ParameterStatus: S,
+  ErrorResponse: E,
+  BackendKeyData: K,
+  Authentication: R,
+  DataRow: D,
+  RowDescription: T
+} = Backend
 
 let nextId = 1
 const EMPTY = Buffer.alloc(0)
