@@ -56,8 +56,9 @@ export const catalog = {
     prefix: false,
     text: (upstreamMessage: string) => upstreamMessage,
     meaning:
-      "A server connection could not be opened: the upstream was unreachable (`08006 Failed to connect to database: …`) or rejected the pooler's login (the upstream's own SQLSTATE and message are passed on).",
-    remedy: "Check that the tenant's database is up and reachable and that its credentials are valid."
+      "A server connection could not be opened: the upstream was unreachable (`08006 Failed to connect to database: …`) or rejected the pooler's login (the upstream's own SQLSTATE and message are passed on). Clients get it at once, or when the checkout wait ends while a pool waits out an outage (a pool that had reached its database keeps clients waiting up to `pool_checkout_timeout` for it to come back).",
+    remedy:
+      "Check that the tenant's database is up and reachable and that its credentials are valid; raise `pool_checkout_timeout` if clients should wait out longer restarts."
   }),
   ECHECKOUTTIMEOUT: entry({
     sqlstate: "XX000",
