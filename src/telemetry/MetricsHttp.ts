@@ -4,7 +4,8 @@ import { Metrics, PROMETHEUS_CONTENT_TYPE } from "./Metrics.ts"
 
 /**
  * Decides whether a scrape may read metrics (the API server checks the `METRICS_JWT_SECRET` bearer
- * token). Refusals answer 403 with an empty body, as every API route (docs/api.md#authentication).
+ * token). Refusals answer 403 with an empty body, as every API route (docs/api.md#authentication), or
+ * 401 with the reason for a token expiring too far ahead (decided by `ApiServer`'s `requireToken`).
  */
 export type MetricsAuthorizer = (request: HttpServerRequest.HttpServerRequest) => Effect.Effect<boolean>
 
