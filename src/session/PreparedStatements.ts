@@ -122,6 +122,9 @@ const PARSE_COMPLETE_MESSAGE = Buffer.from([PARSE_COMPLETE, 0, 0, 0, 4])
 const READY_IDLE = readyForQuery("I")
 const SYNC_MESSAGE = Buffer.from([SYNC, 0, 0, 0, 4])
 const EMPTY = Buffer.alloc(0)
+const CLOSE_UNNAMED = Buffer.from([CLOSE, 0, 0, 0, 6, STATEMENT, 0])
+/** The ref of a hidden Parse or Close of the client's unnamed statement (no server-side name to track). */
+const UNNAMED = ""
 /** In the edit list: where a held ParameterDescription is kept from, or written to (see `params`). */
 const PARAMS_MARK = Buffer.alloc(0)
 const CLOSE_COMPLETE_MESSAGE = Buffer.from([CLOSE_COMPLETE, 0, 0, 0, 4])
@@ -218,6 +221,14 @@ export class PreparedStatements {
   private skipping = false
   /** The server is in COPY FROM STDIN and the client has not ended the data yet: it ignores Sync. */
   private copyIn = false
+  /** See `takeReopened`. */
+  private reopened = false
+  /** The chunk holding the client's unnamed statement's Parse at [unnamedAt, unnamedEnd), if it has one (`keepUnnamed`). */
+  private unnamedChunk: Buffer | undefined = undefined
+  private unnamedAt = 0
+  private unnamedEnd = 0
+  /** The held server's unnamed statement is the client's (or both have none) since it was lent. */
+  private unnamedHere = false
   /** Bytes of a streamed (not rewritten) client message still to come in later chunks. */
   private streamRemaining = 0
 
@@ -273,6 +284,8 @@ export class PreparedStatements {
     this.count = 0
     this.skipping = false
     this.copyIn = false
+    this.reopened = false
+    this.unnamedHere = false
     this.streamRemaining = 0
     this.opAt.length = 0
     this.opEnd.length = 0
@@ -320,6 +333,8 @@ export class PreparedStatements {
       switch (type) {
         case QUERY:
         case FUNCTION_CALL:
+          // A simple Query uses, and so destroys, the unnamed statement (here and for the client).
+          if (type === QUERY && rename) this.forgetUnnamed()
           this.expect(Expect.Query, undefined)
           if (this.retryState === RETRY_WATCH) this.cancelRetry()
           keepFrom = -1
@@ -344,6 +359,7 @@ export class PreparedStatements {
         case PARSE: {
           const nameEnd = cstringEnd(data, pos + 5, next)
           if (!rename || nameEnd <= pos + 5) {
+            if (rename && nameEnd === pos + 5) this.keepUnnamed(data, pos, next)
             this.expect(Expect.Parse, undefined)
             break
           }
@@ -356,6 +372,11 @@ export class PreparedStatements {
           const portalEnd = cstringEnd(data, pos + 5, next)
           const nameEnd = portalEnd < 0 ? -1 : cstringEnd(data, portalEnd + 1, next)
           if (!rename || nameEnd <= portalEnd + 1) {
+            if (rename && nameEnd === portalEnd + 1 && !this.unnamedHere) {
+              if (pos > runStart) pieces.push(data.subarray(runStart, pos))
+              this.restoreUnnamed()
+              runStart = pos
+            }
             this.expect(Expect.Bind, undefined)
             break
           }
@@ -369,6 +390,15 @@ export class PreparedStatements {
         case CLOSE: {
           const nameEnd = cstringEnd(data, pos + 6, next)
           if (!rename || data[pos + 5] !== STATEMENT || nameEnd <= pos + 6) {
+            if (rename && data[pos + 5] === STATEMENT && nameEnd === pos + 6) {
+              if (type === CLOSE) {
+                this.forgetUnnamed()
+              } else if (!this.unnamedHere) {
+                if (pos > runStart) pieces.push(data.subarray(runStart, pos))
+                this.restoreUnnamed()
+                runStart = pos
+              }
+            }
             this.expect(type === DESCRIBE ? Expect.Describe : Expect.Close, undefined)
             break
           }
@@ -388,7 +418,7 @@ export class PreparedStatements {
     }
     if (keepFrom >= 0 && this.retryState !== RETRY_NONE) this.keep(data.subarray(keepFrom, keepTo))
     let ok: boolean
-    if (runStart === 0) {
+    if (runStart === 0 && pieces.length === 0) {
       ok = server.write(data)
     } else if (pieces.length === 0 && runStart >= end) {
       ok = true // every message was answered by the pooler (a Parse the server already has)
@@ -402,6 +432,46 @@ export class PreparedStatements {
       pieces.length = 0
     }
     return ok
+  }
+
+  /**
+   * The client's unnamed statement lives on whichever server ran its Parse, and dies with a simple
+   * Query, a Close of it or the next unnamed Parse. A Bind or Describe of it in a later transaction
+   * may land on another server, which holds another client's unnamed statement or none: the
+   * client's Parse is sent there first (its ParseComplete swallowed), or, when the client has none,
+   * a Close of the unnamed statement, so the server fails as PostgreSQL would for this client.
+   * The Parse is kept by reference (the relay owns its chunks), copied only out of a large chunk.
+   */
+  private keepUnnamed(data: Buffer, pos: number, next: number): void {
+    this.unnamedHere = true
+    if (next > data.length) {
+      this.unnamedChunk = undefined // streamed: too large to keep (docs/prepared-statements.md, limits)
+    } else if (data.length > 4096) {
+      this.unnamedChunk = Buffer.from(data.subarray(pos, next))
+      this.unnamedAt = 0
+      this.unnamedEnd = next - pos
+    } else {
+      this.unnamedChunk = data
+      this.unnamedAt = pos
+      this.unnamedEnd = next
+    }
+  }
+
+  private forgetUnnamed(): void {
+    this.unnamedChunk = undefined
+    this.unnamedHere = true
+  }
+
+  private restoreUnnamed(): void {
+    const chunk = this.unnamedChunk
+    if (chunk !== undefined) {
+      this.pieces.push(chunk.subarray(this.unnamedAt, this.unnamedEnd))
+      this.expect(Expect.HiddenParse, UNNAMED)
+    } else {
+      this.pieces.push(CLOSE_UNNAMED)
+      this.expect(Expect.HiddenClose, UNNAMED)
+    }
+    this.unnamedHere = true
   }
 
   /** Keeps a copy of client bytes of an exchange that may run again; gives up beyond `RETRY_MAX_BYTES`. */
@@ -736,7 +806,7 @@ export class PreparedStatements {
       case PARSE_COMPLETE:
         if (kind === Expect.HiddenParse) {
           drop = true
-          this.pool.statements.markParsed(this.headRef as string)
+          if (this.headRef !== UNNAMED) this.pool.statements.markParsed(this.headRef as string)
         } else if (kind === Expect.Parse && this.headRef !== undefined) {
           this.pool.statements.markParsed((this.headRef as Statement).serverName)
         }
@@ -878,7 +948,7 @@ export class PreparedStatements {
     } else if ((kind === Expect.Parse || kind === Expect.HiddenParse) && code === "42P05") {
       // The server has it though the pooler thought not: closed and prepared again at the next use.
       const serverName = kind === Expect.Parse ? (ref as Statement | undefined)?.serverName : (ref as string)
-      if (serverName !== undefined) {
+      if (serverName !== undefined && serverName !== UNNAMED) {
         this.undo(kind, ref)
         this.shift()
         server.statements.set(serverName, -1)
@@ -887,7 +957,7 @@ export class PreparedStatements {
       }
     }
     if (kind === Expect.Parse && ref !== undefined) this.pool.statements.forgetParsed((ref as Statement).serverName)
-    else if (kind === Expect.HiddenParse) this.pool.statements.forgetParsed(ref as string)
+    else if (kind === Expect.HiddenParse && ref !== UNNAMED) this.pool.statements.forgetParsed(ref as string)
     this.undo(kind, ref)
     this.shift()
     this.skipping = true
@@ -950,7 +1020,7 @@ export class PreparedStatements {
         break
       case Expect.HiddenClose:
         // The server may still hold it: closed again before any new Parse of that name.
-        cache.set(ref as string, -1)
+        if (ref !== UNNAMED) cache.set(ref as string, -1)
         break
       case Expect.SyntheticClose: {
         // The Close did not happen: the statement is the client's again, unless the name was reused.
@@ -973,15 +1043,19 @@ export class PreparedStatements {
     const size = this.kinds.length
     let ended = false
     let kept = 1
+    let dropped = 0
+    let concluded = false
     // Keep the head (the COPY's Execute or Query); drop Syncs up to the first CopyEnd.
     for (let i = 1; i < this.count; i++) {
       const at = (this.head + i) & (size - 1)
       const kind = this.kinds[at]!
       if (!ended && kind === Expect.Sync) {
         server.pending--
+        dropped++
         continue
       }
       if (kind === Expect.CopyEnd) ended = true
+      else if (ended && (kind === Expect.Sync || kind === Expect.Query)) concluded = true
       const to = (this.head + kept) & (size - 1)
       this.kinds[to] = kind
       this.refs[to] = this.refs[at]
@@ -989,7 +1063,21 @@ export class PreparedStatements {
     }
     for (let i = kept; i < this.count; i++) this.refs[(this.head + i) & (size - 1)] = undefined
     this.count = kept
+    this.pushed -= dropped
     this.copyIn = !ended
+    if (dropped > 0) {
+      this.cancelRetry()
+      // The Sync that seemed to end the exchange did not: until one the client sends after its
+      // CopyDone, the server is mid-exchange and must stay with this client.
+      if (!concluded) this.reopened = true
+    }
+  }
+
+  /** Whether an extended-protocol exchange the relay thought concluded turned out open (see `enterCopyIn`); reading clears it. */
+  takeReopened(): boolean {
+    const reopened = this.reopened
+    this.reopened = false
+    return reopened
   }
 
   /** Emits made-up replies that reached the head and drops requests the server skips; `at` = -1: now. */

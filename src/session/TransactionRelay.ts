@@ -501,6 +501,7 @@ export class TransactionRelay {
       if (!this.statements.forward(server, chunk)) this.blockOnClient()
     }
     this.statements.settleAfter(server)
+    if (this.statements.takeReopened()) this.open = true
     if (this.releasable(server)) this.releaseAtBoundary(server)
   }
 
