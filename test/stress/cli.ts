@@ -19,7 +19,7 @@ const HELP = `npm run stress -- [options]
   --path P          replay the shrunk counterexample fast-check printed (with its --seed)
   --cache-size C    Tidepool's per-server prepared-statement cache (default 20)
   --features F,…    also generate these patterns of known, unfixed bugs (KNOWN_BUGS in differences.ts):
-                    ${Object.keys(CI_FEATURES).join(", ")}
+                    ${Object.keys(CI_FEATURES).join(", ")}, or all
 `
 
 const { values } = parseArgs({
@@ -53,7 +53,8 @@ const int = (name: string, value: string | undefined): number => {
 }
 
 const features = { ...CI_FEATURES }
-for (const name of (values.features ?? "").split(",").filter((f) => f !== "")) {
+const wanted = values.features === "all" ? Object.keys(features) : (values.features ?? "").split(",")
+for (const name of wanted.filter((f) => f !== "")) {
   if (!(name in features)) {
     process.stderr.write(`unknown feature ${JSON.stringify(name)}\n\n${HELP}`)
     process.exit(2)

@@ -91,6 +91,20 @@ export const AVOIDED: ReadonlyArray<{ readonly what: string; readonly why: strin
     why: "Tidepool answers ParseComplete when the server already has the statement (docs/prepared-statements.md, 'Limits')"
   },
   {
+    what: "a Describe of a named statement inside a failed transaction",
+    why:
+      "PostgreSQL still describes a statement that returns no rows there (ParameterDescription, NoData) and fails " +
+      "at its Bind; on a server lacking the statement Tidepool must prepare it first, which the failed transaction " +
+      "refuses, so the same 25P02 comes one message earlier (not yet in docs/prepared-statements.md)"
+  },
+  {
+    what: "a statement parameter the planner may fold into an error (`$1 / $2` with $2 = 0)",
+    why:
+      "clients parsing the same text share one server-side statement, and so its plan cache: after five runs " +
+      "PostgreSQL may plan it generically, and the error then comes at Execute, after BindComplete, where the " +
+      "client's own statement, planned for its values, fails at Bind (not yet in docs/prepared-statements.md)"
+  },
+  {
     what: "a named Parse pipelined behind DEALLOCATE ALL / DISCARD ALL, or behind a failing Parse of the same name",
     why: "Tidepool applies those when their reply arrives (docs/prepared-statements.md, 'Limits')"
   },
