@@ -568,6 +568,12 @@ export class PreparedStatements {
   answerAlone(data: Buffer): number {
     if (!this.options.rename) return -1
     const end = data.length
+    // Types first: the common first chunk of a transaction (a Query, a Bind…) leaves here unhashed.
+    for (let at = 0; at < end; at = at + 1 + data.readInt32BE(at + 1)) {
+      const type = data[at]
+      if (type !== PARSE && type !== CLOSE && type !== SYNC && type !== FLUSH) return -1
+      if (end - at < 5) return -1
+    }
     const names = this.aloneNames
     names.length = 0
     let count = this.statements.size
