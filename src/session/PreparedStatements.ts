@@ -962,6 +962,8 @@ export class PreparedStatements {
         return undefined
       }
     }
+    // The watched request failed otherwise: nothing to run again.
+    if (this.retrySeq === this.shifted) this.cancelRetry()
     if (kind === Expect.Parse && ref !== undefined) this.pool.statements.forgetParsed((ref as Statement).serverName)
     else if (kind === Expect.HiddenParse && ref !== UNNAMED) this.pool.statements.forgetParsed(ref as string)
     this.undo(kind, ref)
