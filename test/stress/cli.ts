@@ -5,7 +5,6 @@
  */
 import { parseArgs } from "node:util"
 import { checkSeed, StressEnv } from "./harness.ts"
-import { CI_FEATURES, type Features } from "./script.ts"
 
 const HELP = `npm run stress -- [options]
 
@@ -18,8 +17,6 @@ const HELP = `npm run stress -- [options]
   --shrink K        full runs to spend shrinking a failure (default 20; 0: none)
   --path P          replay the shrunk counterexample fast-check printed (with its --seed)
   --cache-size C    Tidepool's per-server prepared-statement cache (default 20)
-  --features F,…    also generate these patterns of known, unfixed bugs (KNOWN_BUGS in differences.ts):
-                    ${Object.keys(CI_FEATURES).join(", ")}, or all
 `
 
 const { values } = parseArgs({
@@ -33,7 +30,6 @@ const { values } = parseArgs({
     shrink: { type: "string", default: "20" },
     path: { type: "string" },
     "cache-size": { type: "string", default: "20" },
-    features: { type: "string", default: "" },
     help: { type: "boolean", default: false }
   }
 })
@@ -52,16 +48,6 @@ const int = (name: string, value: string | undefined): number => {
   return n
 }
 
-const features = { ...CI_FEATURES }
-const wanted = values.features === "all" ? Object.keys(features) : (values.features ?? "").split(",")
-for (const name of wanted.filter((f) => f !== "")) {
-  if (!(name in features)) {
-    process.stderr.write(`unknown feature ${JSON.stringify(name)}\n\n${HELP}`)
-    process.exit(2)
-  }
-  features[name as keyof Features] = true
-}
-
 const first = values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed)
 const pool = Math.max(1, int("pool", values.pool))
 const until = Date.now() + int("duration", values.duration) * 1000
@@ -76,7 +62,6 @@ try {
       pool,
       length: Math.max(1, int("length", values.length)),
       deadlineMs: int("deadline", values.deadline) * 1000,
-      features,
       shrinkRuns: int("shrink", values.shrink),
       ...(values.path !== undefined ? { path: values.path } : {})
     })

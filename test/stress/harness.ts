@@ -26,7 +26,6 @@ import {
   type ClientScript,
   clientScript,
   encode,
-  type Features,
   type RenderContext,
   scriptText,
   stepText,
@@ -51,7 +50,6 @@ export interface RunOptions {
   readonly length: number
   /** Every client must be done by then (ms from the start of the run). */
   readonly deadlineMs: number
-  readonly features: Features
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms))
@@ -147,7 +145,8 @@ export class StressEnv {
 
   /** The pooled database of `pool`, directly (for setting up what goes through Tidepool later). */
   directUrl(pool: number): string {
-    return `postgresql://${USER}:${PASSWORD}@127.0.0.1:${this.db.port}/pooled${pool}`
+    // Named like the harness's other direct connections, which the pool-size checks leave out.
+    return `postgresql://${USER}:${PASSWORD}@127.0.0.1:${this.db.port}/pooled${pool}?application_name=${HARNESS}`
   }
 
   /** node-postgres connection string for a side (drivers.ts). */
@@ -224,8 +223,16 @@ export class StressEnv {
 
   /** Client backends of a database, from PostgreSQL's point of view. */
   async backends(database: string, client: pg.Client | pg.Pool = this.monitor) {
-    const { rows } = await client.query<{ pid: number; state: string | null; query: string; xact: boolean }>(
-      "SELECT pid, state, left(query, 120) AS query, xact_start IS NOT NULL AS xact FROM pg_stat_activity " +
+    const { rows } = await client.query<{
+      pid: number
+      state: string | null
+      query: string
+      xact: boolean
+      app: string
+      since: string
+    }>(
+      "SELECT pid, state, left(query, 120) AS query, xact_start IS NOT NULL AS xact, application_name AS app, " +
+        "to_char(backend_start, 'HH24:MI:SS.MS') AS since FROM pg_stat_activity " +
         "WHERE datname = $1 AND backend_type = 'client backend' AND application_name <> $2 ORDER BY pid",
       [database, HARNESS]
     )
@@ -307,7 +314,7 @@ export class StressEnv {
       }
     }
     const sampling = (async () => {
-      let worst: Array<{ pid: number; state: string | null; query: string }> = []
+      let worst: Awaited<ReturnType<StressEnv["backends"]>> = []
       while (running) {
         onMessage()
         const rows = await this.backends(`pooled${pool}`, this.sampler).catch(() => [])
@@ -317,7 +324,9 @@ export class StressEnv {
       if (worst.length > pool) {
         problems.push(
           `POOL SIZE: PostgreSQL had ${worst.length} backends on pooled${pool} (pool_size ${pool}):\n` +
-            worst.map((r) => `    pid ${r.pid} ${r.state}: ${r.query}`).join("\n")
+            worst
+              .map((r) => `    pid ${r.pid} (${JSON.stringify(r.app)}, since ${r.since}) ${r.state}: ${r.query}`)
+              .join("\n")
         )
       }
     })()
@@ -589,19 +598,12 @@ export interface Outcome {
   readonly report: string
 }
 
-const featureFlag = (features: Features): string => {
-  const on = Object.entries(features)
-    .filter(([, enabled]) => enabled)
-    .map(([name]) => name)
-  return on.length === 0 ? "" : ` --features ${on.join(",")}`
-}
-
 /** One seeded run (plus shrinking on failure); the report says how to reproduce it. */
 export const checkSeed = async (env: StressEnv, options: PropertyOptions): Promise<Outcome> => {
   let calls = 0
   let runs = 0
   let lastProblems: Array<string> = []
-  const scripts = fc.array(clientScript(options.features, options.length), {
+  const scripts = fc.array(clientScript(options.length), {
     minLength: options.clients,
     maxLength: options.clients
   })
@@ -623,7 +625,6 @@ export const checkSeed = async (env: StressEnv, options: PropertyOptions): Promi
   if (!details.failed) return { ok: true, report: `seed ${options.seed}: ok` }
   const repro =
     `npm run stress -- --seed ${options.seed} --clients ${options.clients} --pool ${options.pool} --length ${options.length}` +
-    featureFlag(options.features) +
     (details.counterexamplePath !== null ? ` --path ${details.counterexamplePath}` : "")
   const failure = details.errorInstance instanceof Error ? `\n${details.errorInstance.stack}` : ""
   return {

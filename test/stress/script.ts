@@ -340,7 +340,7 @@ export type Intent =
       readonly cuts: ReadonlyArray<number>
     }
   | { readonly k: "flush"; readonly unit: Unit }
-  | { readonly k: "unnamedAcrossSync"; readonly unit: Unit }
+  | { readonly k: "unnamedAcrossSync"; readonly unit: Unit; readonly queryBetween: boolean }
   | { readonly k: "close"; readonly n: number }
   | {
       readonly k: "set"
@@ -376,18 +376,6 @@ export type Intent =
     }
   | { readonly k: "cancel"; readonly where: "simple" | "tx" | "extended" }
 
-/** Patterns a generator may leave out: known Tidepool bugs (KNOWN_BUGS in differences.ts). */
-export interface Features {
-  readonly unnamedAcrossSync: boolean
-  /**
-   * COPY FROM STDIN through the extended protocol outside a transaction, its data sent once
-   * CopyInResponse has arrived (libpq's way). Off: such a COPY runs inside BEGIN … COMMIT.
-   */
-  readonly extendedCopyIdle: boolean
-}
-
-export const CI_FEATURES: Features = { unnamedAcrossSync: false, extendedCopyIdle: false }
-
 // ---- compiling intents into steps -------------------------------------------------------------------
 
 type State = "no" | "yes" | "maybe"
@@ -408,8 +396,6 @@ class Compiler {
   private tx: State | undefined = undefined
   private segment: State = "no"
   private savepoints = 0
-
-  constructor(private readonly features: Features) {}
 
   compile(intents: ReadonlyArray<Intent>, ending: Ending): ClientScript {
     for (const intent of intents) {
@@ -519,10 +505,11 @@ class Compiler {
         return
       }
       case "unnamedAcrossSync": {
-        if (!this.features.unnamedAcrossSync) return
+        // The unnamed statement lives on until the next unnamed Parse or simple Query (which destroys it).
         const st = STATEMENTS[it.unit.stmt]!
         this.send("unnamed Parse, Sync", [{ t: "P", name: "", sql: st.sql }, this.sync()])
-        this.send("Bind of the unnamed statement in the next Sync", [
+        if (it.queryBetween) this.send("a simple query", [{ t: "Q", sql: "SELECT 1 AS between" }])
+        this.send("Bind of the unnamed statement in a later Sync", [
           { t: "B", portal: "", stmt: "", values: st.values(it.unit.a, it.unit.b) },
           { t: "E", portal: "", rows: 0 },
           this.sync()
@@ -766,8 +753,7 @@ class Compiler {
         ]
       : [{ t: "Q", sql }]
     if (it.extended) frames.push({ t: "S" })
-    const inTx = it.inTx || (it.extended && !this.features.extendedCopyIdle)
-    if (inTx) this.send("BEGIN", [{ t: "Q", sql: "BEGIN" }])
+    if (it.inTx) this.send("BEGIN", [{ t: "Q", sql: "BEGIN" }])
     this.push(`COPY FROM STDIN, ${it.rows} rows (${it.outcome}${it.extended ? ", extended" : ""})`, {
       a: "copyIn",
       start,
@@ -775,7 +761,7 @@ class Compiler {
       cuts: it.cuts,
       vanish: false
     })
-    if (inTx) this.send("COMMIT", [{ t: "Q", sql: "COMMIT" }])
+    if (it.inTx) this.send("COMMIT", [{ t: "Q", sql: "COMMIT" }])
   }
 
   private big(it: Extract<Intent, { k: "big" }>): void {
@@ -904,8 +890,8 @@ const splitsFill = (data: string, at: number): boolean => {
   return open >= 0 && data.indexOf("}", open) >= at
 }
 
-export const compile = (intents: ReadonlyArray<Intent>, ending: Ending, features: Features): ClientScript =>
-  new Compiler(features).compile(intents, ending)
+export const compile = (intents: ReadonlyArray<Intent>, ending: Ending): ClientScript =>
+  new Compiler().compile(intents, ending)
 
 // ---- arbitraries ------------------------------------------------------------------------------------
 
@@ -966,111 +952,111 @@ const txOp: fc.Arbitrary<TxOp> = fc.oneof(
   { weight: 1, arbitrary: fc.record({ k: fc.constant("temp" as const), n: fc.nat({ max: 10 }) }) }
 )
 
-const intent = (features: Features): fc.Arbitrary<Intent> =>
-  fc.oneof(
-    { weight: 6, arbitrary: fc.record({ k: fc.constant("simple" as const), op: simpleOp, cuts }) },
-    {
-      weight: 2,
-      arbitrary: fc.record({
-        k: fc.constant("multi" as const),
-        ops: fc.array(simpleOp, { minLength: 2, maxLength: 3 })
-      })
-    },
-    {
-      weight: 8,
-      arbitrary: fc.record({
-        k: fc.constant("tx" as const),
-        ops: fc.array(txOp, { minLength: 1, maxLength: 7 }),
-        commit: fc.boolean(),
-        pipelined: fc.boolean(),
-        cuts
-      })
-    },
-    {
-      weight: 6,
-      arbitrary: fc.record({
-        k: fc.constant("pipeline" as const),
-        units: fc.array(unit, { minLength: 1, maxLength: 5 }),
-        syncEach: fc.boolean(),
-        cuts
-      })
-    },
-    { weight: 2, arbitrary: fc.record({ k: fc.constant("flush" as const), unit }) },
-    ...(features.unnamedAcrossSync
-      ? [{ weight: 2, arbitrary: fc.record({ k: fc.constant("unnamedAcrossSync" as const), unit }) }]
-      : []),
-    { weight: 1, arbitrary: fc.record({ k: fc.constant("close" as const), n: small }) },
-    {
-      weight: 2,
-      arbitrary: fc.record({
-        k: fc.constant("set" as const),
-        setting: small,
-        value: small,
-        how: fc.constantFrom("set" as const, "set" as const, "function" as const, "reset" as const, "resetAll" as const)
-      })
-    },
-    {
-      weight: 1,
-      arbitrary: fc.record({
-        k: fc.constant("sqlPrepare" as const),
-        extended: fc.boolean(),
-        uses: fc.integer({ min: 1, max: 3 }),
-        inTx: fc.boolean(),
-        end: fc.constantFrom(
-          "deallocate" as const,
-          "deallocate" as const,
-          "deallocateAll" as const,
-          "discardAll" as const
-        )
-      })
-    },
-    { weight: 1, arbitrary: fc.record({ k: fc.constant("discard" as const), all: fc.boolean() }) },
-    { weight: 1, arbitrary: fc.record({ k: fc.constant("ddl" as const), heal: fc.boolean(), commit: fc.boolean() }) },
-    {
-      weight: 2,
-      arbitrary: fc.record({
-        k: fc.constant("copyIn" as const),
-        extended: fc.boolean(),
-        inTx: fc.boolean(),
-        rows: fc.integer({ min: 1, max: 40 }),
-        wide: fc.nat({ max: 3 }).map((n) => n === 0),
-        outcome: fc.constantFrom(
-          "ok" as const,
-          "ok" as const,
-          "ok" as const,
-          "fail" as const,
-          "bad" as const,
-          "dup" as const
-        ),
-        pieces: fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 5 }),
-        cuts
-      })
-    },
-    {
-      weight: 1,
-      arbitrary: fc.record({
-        k: fc.constant("copyOut" as const),
-        extended: fc.boolean(),
-        format: fc.constantFrom("text" as const, "csv" as const, "binary" as const)
-      })
-    },
-    {
-      weight: 1,
-      arbitrary: fc.record({
-        k: fc.constant("big" as const),
-        dir: fc.constantFrom("out" as const, "rows" as const, "in" as const, "query" as const),
-        size: fc.integer({ min: 50_000, max: 2_000_000 }),
-        cuts
-      })
-    },
-    {
-      weight: 1,
-      arbitrary: fc.record({
-        k: fc.constant("cancel" as const),
-        where: fc.constantFrom("simple" as const, "tx" as const, "extended" as const)
-      })
-    }
-  )
+const intent: fc.Arbitrary<Intent> = fc.oneof(
+  { weight: 6, arbitrary: fc.record({ k: fc.constant("simple" as const), op: simpleOp, cuts }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      k: fc.constant("multi" as const),
+      ops: fc.array(simpleOp, { minLength: 2, maxLength: 3 })
+    })
+  },
+  {
+    weight: 8,
+    arbitrary: fc.record({
+      k: fc.constant("tx" as const),
+      ops: fc.array(txOp, { minLength: 1, maxLength: 7 }),
+      commit: fc.boolean(),
+      pipelined: fc.boolean(),
+      cuts
+    })
+  },
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      k: fc.constant("pipeline" as const),
+      units: fc.array(unit, { minLength: 1, maxLength: 5 }),
+      syncEach: fc.boolean(),
+      cuts
+    })
+  },
+  { weight: 2, arbitrary: fc.record({ k: fc.constant("flush" as const), unit }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({ k: fc.constant("unnamedAcrossSync" as const), unit, queryBetween: fc.boolean() })
+  },
+  { weight: 1, arbitrary: fc.record({ k: fc.constant("close" as const), n: small }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      k: fc.constant("set" as const),
+      setting: small,
+      value: small,
+      how: fc.constantFrom("set" as const, "set" as const, "function" as const, "reset" as const, "resetAll" as const)
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      k: fc.constant("sqlPrepare" as const),
+      extended: fc.boolean(),
+      uses: fc.integer({ min: 1, max: 3 }),
+      inTx: fc.boolean(),
+      end: fc.constantFrom(
+        "deallocate" as const,
+        "deallocate" as const,
+        "deallocateAll" as const,
+        "discardAll" as const
+      )
+    })
+  },
+  { weight: 1, arbitrary: fc.record({ k: fc.constant("discard" as const), all: fc.boolean() }) },
+  { weight: 1, arbitrary: fc.record({ k: fc.constant("ddl" as const), heal: fc.boolean(), commit: fc.boolean() }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      k: fc.constant("copyIn" as const),
+      extended: fc.boolean(),
+      inTx: fc.boolean(),
+      rows: fc.integer({ min: 1, max: 40 }),
+      wide: fc.nat({ max: 3 }).map((n) => n === 0),
+      outcome: fc.constantFrom(
+        "ok" as const,
+        "ok" as const,
+        "ok" as const,
+        "fail" as const,
+        "bad" as const,
+        "dup" as const
+      ),
+      pieces: fc.array(fc.double({ min: 0, max: 1, noNaN: true }), { maxLength: 5 }),
+      cuts
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      k: fc.constant("copyOut" as const),
+      extended: fc.boolean(),
+      format: fc.constantFrom("text" as const, "csv" as const, "binary" as const)
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      k: fc.constant("big" as const),
+      dir: fc.constantFrom("out" as const, "rows" as const, "in" as const, "query" as const),
+      size: fc.integer({ min: 50_000, max: 2_000_000 }),
+      cuts
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      k: fc.constant("cancel" as const),
+      where: fc.constantFrom("simple" as const, "tx" as const, "extended" as const)
+    })
+  }
+)
 
 const ending: fc.Arbitrary<Ending> = fc.constantFrom<Ending>(
   "terminate",
@@ -1086,14 +1072,14 @@ const ending: fc.Arbitrary<Ending> = fc.constantFrom<Ending>(
 )
 
 /** One client's script: `length` intents (on average) and an ending. */
-export const clientScript = (features: Features, length: number): fc.Arbitrary<ClientScript> =>
+export const clientScript = (length: number): fc.Arbitrary<ClientScript> =>
   fc
     .record({
-      intents: fc.array(intent(features), {
+      intents: fc.array(intent, {
         minLength: Math.ceil(length / 2),
         maxLength: Math.ceil((length * 3) / 2),
         size: "max"
       }),
       ending
     })
-    .map(({ intents, ending }) => compile(intents, ending, features))
+    .map(({ intents, ending }) => compile(intents, ending))

@@ -6,10 +6,10 @@
 import { serialize } from "pg-protocol"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { hasTool } from "../support/tools.ts"
-import { KNOWN_BUGS, normalizeError } from "./differences.ts"
+import { normalizeError } from "./differences.ts"
 import { runDriverWorkload, runPgbench } from "./drivers.ts"
 import { checkSeed, StressEnv } from "./harness.ts"
-import { CI_FEATURES, type Features } from "./script.ts"
+import type { Frame, Step } from "./script.ts"
 import { WireClient } from "./wire.ts"
 
 const hasPgbench = await hasTool("pgbench")
@@ -42,8 +42,8 @@ afterAll(async () => {
   await env?.stop()
 })
 
-const seed = (seed: number, pool: number, features: Features = CI_FEATURES, clients = CLIENTS, length = LENGTH) =>
-  checkSeed(env, { seed, clients, pool, length, deadlineMs: DEADLINE_MS, features, shrinkRuns: 0 })
+const seed = (seed: number, pool: number) =>
+  checkSeed(env, { seed, clients: CLIENTS, pool, length: LENGTH, deadlineMs: DEADLINE_MS, shrinkRuns: 0 })
 
 describe(`differential stress: ${CLIENTS} clients, raw protocol scripts, through Tidepool and direct`, () => {
   for (const [s, pool] of SEEDS) {
@@ -81,23 +81,37 @@ describe("real drivers, more clients than servers, through Tidepool and direct",
 })
 
 /**
- * Bugs the harness found (KNOWN_BUGS in differences.ts). Each test states the correct behaviour and
- * is expected to fail until the bug is fixed; when one starts passing, vitest says so: turn it into a
- * plain test, switch its feature on in CI_FEATURES, and remove it from KNOWN_BUGS.
+ * Bugs the harness found (the record is in differences.ts), each fixed since; the smallest scripts
+ * that showed them, made deterministic, as regression tests.
  */
-describe("known bugs (expected to fail until fixed)", () => {
-  const only = (feature: keyof Features): Features => ({ ...CI_FEATURES, [feature]: true })
+describe("bugs the harness found", () => {
+  it(
+    "a Close, or a Parse the server already has, alone in a chunk is answered once (was: twice)",
+    TIMEOUT,
+    async () => {
+      const send = (label: string, frames: Array<Frame>): Step => ({
+        label,
+        act: { a: "send", frames, cuts: [], ready: frames.filter((f) => f.t === "S").length }
+      })
+      const steps: Array<Step> = [
+        send("parse", [{ t: "P", name: "s", sql: "SELECT 1 AS one" }, { t: "S" }]),
+        send("use", [{ t: "B", portal: "", stmt: "s", values: [] }, { t: "E", portal: "", rows: 0 }, { t: "S" }]),
+        send("close", [{ t: "C", what: "S", name: "s" }, { t: "S" }]),
+        send("same text, another name", [{ t: "P", name: "s2", sql: "SELECT 1 AS one" }, { t: "S" }]),
+        { label: "Terminate", act: { a: "terminate", frames: [] } }
+      ]
+      // Twice, so the second client's Parse finds the statement on the server already.
+      const problems = await env.run([{ steps }, { steps }], {
+        clients: 2,
+        pool: 1,
+        length: 1,
+        deadlineMs: DEADLINE_MS
+      })
+      expect(problems, problems.join("\n")).toEqual([])
+    }
+  )
 
-  it("every known bug has a test here", () => {
-    expect(KNOWN_BUGS.map((b) => b.feature).sort()).toEqual(["extendedCopyIdle", "unnamedAcrossSync"])
-  })
-
-  it.fails("unnamedAcrossSync: seed 1, 10 clients, pool_size 2 — the unnamed statement is gone", TIMEOUT, async () => {
-    const outcome = await seed(1, 2, only("unnamedAcrossSync"), 10, 8)
-    expect(outcome.ok, outcome.report).toBe(true)
-  })
-
-  it.fails("unnamedAcrossSync: a client binds another client's unnamed statement", TIMEOUT, async () => {
+  it("a client cannot bind another client's unnamed statement left on the server", TIMEOUT, async () => {
     const deadline = Date.now() + 20_000
     const connect = () => WireClient.connect(env.endpoint("pooled", 1), normalizeError, deadline)
     const x = await connect()
@@ -117,10 +131,10 @@ describe("known bugs (expected to fail until fixed)", () => {
     }
   })
 
-  // Found by seed 4 (npm run stress -- --seed 4 --clients 4 --pool 2 --length 5 --features extendedCopyIdle),
-  // about one run in three: it needs another client to take the server at the wrong moment, arranged here.
-  it.fails(
-    "extendedCopyIdle: the server is lent to another client in the middle of an extended COPY",
+  // Found by seed 4 with 4 clients on pool_size 2, about one run in three: it needs another client to take
+  // the server at the wrong moment, which this arranges.
+  it(
+    "an extended COPY FROM STDIN keeps its server until its data is in (was: lent to the next client)",
     TIMEOUT,
     async () => {
       const schema = await env.newSchema(1, 1)
