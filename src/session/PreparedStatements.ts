@@ -168,6 +168,13 @@ const cstringEnd = (data: Buffer, at: number, end: number): number => {
 }
 
 const IDLE = TxStatus.Idle
+const FAILED = TxStatus.Failed
+/** PostgreSQL's answer to a request in a failed transaction. */
+const ABORTED = errorResponse({
+  severity: "ERROR",
+  code: "25P02",
+  message: "current transaction is aborted, commands ignored until end of transaction block"
+})
 
 // States of an exchange that may run again (`watchFirstUse`).
 const RETRY_NONE = 0
@@ -947,9 +954,12 @@ export class PreparedStatements {
         // The client sees the error: it has seen the statement's new result type by now.
         statement.usedAt = this.pool.statements.now
       } else if (code === "26000") {
-        // The server lost it behind the pooler's back (SQL DEALLOCATE, DISCARD in a function):
-        // prepared again at the next use.
+        // The server lost it behind the pooler's back (SQL DEALLOCATE, DISCARD in a function), or
+        // never had it: a hidden Parse earlier in the pipeline met an aborted transaction. Prepared
+        // again at the next use. PostgreSQL looks a statement up before it checks for an aborted
+        // transaction; this client has the statement, so on its own connection it would get 25P02.
         server.statements.delete(serverName)
+        if (server.txStatus === FAILED) replacement = ABORTED
       }
     } else if ((kind === Expect.Parse || kind === Expect.HiddenParse) && code === "42P05") {
       // The server has it though the pooler thought not: closed and prepared again at the next use.

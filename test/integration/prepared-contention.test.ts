@@ -154,6 +154,33 @@ describe("prepared statements with more clients than servers", () => {
   })
 })
 
+describe("statements met inside a failed transaction", () => {
+  it("a Bind after an earlier re-prepare failed in the same aborted transaction gets 25P02, as directly", async () => {
+    // Found by the stress harness (seed 1287): the first Bind's hidden Parse failed (aborted
+    // transaction), so the server lacked the statement at the second, which PostgreSQL looks up
+    // before it checks for an aborted transaction (26000 instead of 25P02).
+    const x = await raw("solo")
+    const y = await raw("solo")
+    x.socket.write(
+      Buffer.concat([serialize.parse({ name: "s", text: "SELECT 1 AS one", types: [] }), serialize.sync()])
+    )
+    expect(types(await x.untilReady())).toBe("1Z")
+    // The only server forgets it, and the pooler knows: X's next use re-prepares it.
+    y.socket.write(serialize.query("DEALLOCATE ALL"))
+    expect(types(await y.untilReady())).toBe("CZ")
+    const use = Buffer.concat([serialize.bind({ statement: "s" }), serialize.execute(), serialize.sync()])
+    x.socket.write(
+      Buffer.concat([serialize.query("BEGIN"), serialize.query("SELECT 1/0"), use, use, serialize.query("ROLLBACK")])
+    )
+    const replies = await x.untilReady(5)
+    expect(types(replies)).toBe("CZEZEZEZCZ")
+    const codes = replies.filter((m) => m.type === "E").map((m) => decodeErrorFields(m.body, 0, m.body.length).C)
+    expect(codes).toEqual(["22012", "25P02", "25P02"])
+    x.close()
+    y.close()
+  })
+})
+
 describe("a shared statement outlived by DDL", () => {
   /** Client A uses `select x from <table>` with x int, then drops the table; B re-creates it with x text. */
   const recreate = async (table: string, use: (sql: string) => Promise<unknown>) => {
