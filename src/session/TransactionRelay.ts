@@ -78,10 +78,13 @@ const READY_IDLE = readyForQuery("I")
  *
  * ## Named prepared statements
  *
- * Parse, Bind, Describe and Close reach a server only as whole messages (the scanner holds back an
- * incomplete one until it is complete; everything else streams), so `PreparedStatements` can rewrite
- * them at the moment it knows which server they go to; it follows the server's replies to drop and make up the ones its rewriting changed. A client
- * that ran SQL-level PREPARE is pinned to its server until it deallocates (`statements.pinned`).
+ * Parse, Bind, Describe and Close reach a server only once the relay has what it may rewrite of
+ * them (the scanner holds back an incomplete one; `gather` collects it whole up to 64 kB, a larger
+ * Bind only up to its names; everything else streams), so `PreparedStatements` can rewrite them at
+ * the moment it knows which server they go to; it follows the server's replies to drop and make up
+ * the ones its rewriting changed. A client with no server whose chunk only prepares statements the
+ * pool knows is answered without one (`answerAlone`). A client that ran SQL-level PREPARE is pinned
+ * to its server until it deallocates (`statements.pinned`).
  */
 export class TransactionRelay {
   private readonly scanner: MessageScanner
@@ -155,7 +158,7 @@ export class TransactionRelay {
     private readonly onEnd: (end: RelayEnd) => void,
     statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
-    // Parse, Bind, Describe and Close may be rewritten, so they travel whole; the rest streams.
+    // Parse, Bind, Describe and Close may be rewritten, so they are held back (see `gather`).
     this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: "PBDC" })
     this.handler = { onData: this.onServerData, onClose: this.onServerClose, onFault: (cause) => this.fault(cause) }
     this.statements = new PreparedStatements(client, pool, statements, settings)
