@@ -122,7 +122,6 @@ const PARSE_COMPLETE_MESSAGE = Buffer.from([PARSE_COMPLETE, 0, 0, 0, 4])
 const READY_IDLE = readyForQuery("I")
 const SYNC_MESSAGE = Buffer.from([SYNC, 0, 0, 0, 4])
 const EMPTY = Buffer.alloc(0)
-const CLOSE_UNNAMED = Buffer.from([CLOSE, 0, 0, 0, 6, STATEMENT, 0])
 /** The ref of a hidden Parse or Close of the client's unnamed statement (no server-side name to track). */
 const UNNAMED = ""
 /** In the edit list: where a held ParameterDescription is kept from, or written to (see `params`). */
@@ -152,6 +151,9 @@ const closeStatement = (serverName: string): Buffer => {
   m.write(serverName, 6)
   return m
 }
+
+/** Close of the unnamed statement (see `restoreUnnamed`). */
+const CLOSE_UNNAMED = closeStatement("")
 
 const TAG_PREPARE = Buffer.from("PREPARE\0")
 const TAG_DEALLOCATE = Buffer.from("DEALLOCATE\0")
