@@ -220,7 +220,9 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (size: number, max: number) => `message too large: ${size} bytes (max ${max} bytes)`,
-    meaning: "A client message exceeds `TIDEPOOL_MAX_MESSAGE_SIZE`.",
+    meaning:
+      "A client message exceeds `TIDEPOOL_MAX_MESSAGE_SIZE`, or (transaction port) a named Parse exceeds " +
+      "`TIDEPOOL_MAX_PREPARED_MEMORY`: it is kept whole while the statement lives, so it is refused from its header.",
     remedy: "Send smaller messages (split COPY data, bind smaller parameters) or raise the limit."
   }),
   EPROTOCOL: entry({
