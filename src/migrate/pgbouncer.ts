@@ -236,27 +236,44 @@ interface Draft {
   readonly users: ReadonlyArray<Record<string, unknown>>
 }
 
+/** Reports once: a setting inherited by many users or tenants is one line, where it is written. */
 const note = (ctx: Context, source: string, field: string, reason: string) => {
-  ctx.unmapped.push({ source, field, reason })
+  if (!ctx.unmapped.some((u) => u.source === source && u.field === field && u.reason === reason)) {
+    ctx.unmapped.push({ source, field, reason })
+  }
 }
 
-const effectiveMode = (ctx: Context, source: string, ...modes: ReadonlyArray<string | undefined>): Mode => {
-  const mode = (modes.find((m) => m !== undefined) ?? "session").toLowerCase()
-  if (mode === "transaction" || mode === "session") return mode
+/** A pool_mode as written, checked once where it is written (the users inherit it silently). */
+const checkMode = (ctx: Context, source: string, mode: string | undefined) => {
+  if (mode === undefined) return
+  const m = mode.toLowerCase()
+  if (m === "transaction" || m === "session") return
   note(
     ctx,
     source,
     "pool_mode",
-    mode === "statement"
-      ? "Tidepool has no statement mode; mapped to transaction (clients connect to PROXY_PORT_TRANSACTION)"
-      : `unknown pool_mode ${JSON.stringify(mode)}; mapped to session`
+    m === "statement"
+      ? "statement: Tidepool has no statement mode; mapped to transaction (clients connect to PROXY_PORT_TRANSACTION)"
+      : `unknown pool_mode ${JSON.stringify(mode)} (PgBouncer refuses it); mapped to session`
   )
-  return mode === "statement" ? "transaction" : "session"
 }
 
-const checkoutTimeout = (ctx: Context, source: string, value: number | undefined): number | undefined => {
-  const s = value ?? seconds(ctx.globals.get("query_wait_timeout") ?? "") ?? PGBOUNCER_QUERY_WAIT_TIMEOUT_S
-  if (s > 0) return Math.max(1, Math.round(s * 1000))
+/** The first pool_mode set (user, database, global), PgBouncer's default session otherwise. */
+const effectiveMode = (...modes: ReadonlyArray<string | undefined>): Mode => {
+  const mode = (modes.find((m) => m !== undefined) ?? "session").toLowerCase()
+  return mode === "transaction" || mode === "statement" ? "transaction" : "session"
+}
+
+/** query_wait_timeout of the user, else the database, else the global one, as milliseconds. */
+const checkoutTimeout = (
+  ctx: Context,
+  ...candidates: ReadonlyArray<readonly [source: string, seconds: number | undefined]>
+): number | undefined => {
+  const [source, s] = candidates.find(([, value]) => value !== undefined) ?? [
+    "[pgbouncer]",
+    seconds(ctx.globals.get("query_wait_timeout") ?? "") ?? PGBOUNCER_QUERY_WAIT_TIMEOUT_S
+  ]
+  if (s !== undefined && s > 0) return Math.max(1, Math.round(s * 1000))
   note(
     ctx,
     source,
@@ -281,11 +298,11 @@ const userObject = (
   dbWait: number | undefined
 ): Record<string, unknown> => {
   const settings = ctx.userSettings.get(name) ?? {}
-  const wait = checkoutTimeout(ctx, `[users] ${name}`, settings.queryWaitTimeout ?? dbWait)
+  const wait = checkoutTimeout(ctx, [`[users] ${name}`, settings.queryWaitTimeout], [source, dbWait])
   return {
     db_user: name,
     db_password: password,
-    mode_type: effectiveMode(ctx, source, settings.mode, dbMode, ctx.globals.get("pool_mode")),
+    mode_type: effectiveMode(settings.mode, dbMode, ctx.globals.get("pool_mode")),
     ...(settings.poolSize !== undefined ? { pool_size: settings.poolSize } : {}),
     ...(settings.maxClients !== undefined ? { max_clients: settings.maxClients } : {}),
     ...(wait !== undefined ? { pool_checkout_timeout: wait } : {})
@@ -456,6 +473,7 @@ const draftOf = (ctx: Context, entry: IniEntry, tls: Record<string, unknown>): D
   }
 
   const dbMode = params.get("pool_mode")
+  checkMode(ctx, source, dbMode)
   const dbWaitText = params.get("query_wait_timeout")
   const dbWait = dbWaitText === undefined ? undefined : seconds(dbWaitText)
   const poolSizeText = params.get("pool_size") ?? ctx.globals.get("default_pool_size")
@@ -679,8 +697,10 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
     const settings: { -readonly [K in keyof UserSettings]: UserSettings[K] } = {}
     for (const [key, value] of parsed.right) {
       if (key === "pool_size") settings.poolSize = positive(ctx, source, key, value)
-      else if (key === "pool_mode") settings.mode = value
-      else if (key === "query_wait_timeout") settings.queryWaitTimeout = seconds(value)
+      else if (key === "pool_mode") {
+        settings.mode = value
+        checkMode(ctx, source, value)
+      } else if (key === "query_wait_timeout") settings.queryWaitTimeout = seconds(value)
       else if (key === "max_user_client_connections") settings.maxClients = wholeNumber(value)
       else note(ctx, source, key, `${value}: ${userAdvice[key] ?? "not a [users] setting PgBouncer knows"}`)
     }
@@ -706,6 +726,15 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
     )
   }
 
+  checkMode(ctx, "[pgbouncer]", globals.get("pool_mode"))
+  if ((seconds(globals.get("client_idle_timeout") ?? "0") ?? 0) > 0) {
+    note(
+      ctx,
+      "[pgbouncer]",
+      "client_idle_timeout",
+      "mapped to each tenant's client_idle_timeout (milliseconds), which this release accepts but does not enforce yet"
+    )
+  }
   const tls = { ...upstreamTls(ctx), ...clientTls(ctx) }
   const drafts: Array<Draft> = []
   for (const e of entries) {
@@ -714,19 +743,27 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
     if (draft !== undefined) drafts.push(draft)
   }
 
-  const grouped =
-    options.tenantPerDatabase === false
-      ? [...groupBy(drafts, (d) => `${d.host}:${d.port}`).values()].map((group) => ({
-          draft: merge(ctx, group),
-          name: `${group[0]!.host}${group[0]!.port === 5432 ? "" : `-${group[0]!.port}`}`
-        }))
-      : drafts.map((draft) => ({ draft, name: draft.entry === "*" ? "default" : draft.entry }))
+  const byHost = options.tenantPerDatabase === false
+  const grouped = byHost
+    ? [...groupBy(drafts, (d) => `${d.host}:${d.port}`).values()].map((group) => ({
+        draft: merge(ctx, group),
+        name: `${group[0]!.host}${group[0]!.port === 5432 ? "" : `-${group[0]!.port}`}`,
+        entries: group.map((d) => d.entry)
+      }))
+    : drafts.map((draft) => ({ draft, name: draft.entry === "*" ? "default" : draft.entry, entries: [draft.entry] }))
 
   const taken = new Set<string>()
   const tenants: Array<Tenant> = []
-  for (const { draft, name } of grouped) {
+  for (const { draft, name, entries: names } of grouped) {
     const id = uniqueId(sanitiseId(name), taken)
-    if (id !== name) {
+    if (byHost) {
+      note(
+        ctx,
+        `${draft.fields.db_host}:${draft.fields.db_port}`,
+        "(tenant id)",
+        `the tenant is ${id}, for the databases ${names.join(", ")}: clients name the database, as with PgBouncer`
+      )
+    } else if (id !== name) {
       note(
         ctx,
         draft.source,
