@@ -1,0 +1,3 @@
+export { applyPlan, differences, formatReport, type ImportReport, type TenantOutcome } from "./apply.ts"
+export { ImportError, type ImportPlan, type Unmapped } from "./ImportPlan.ts"
+export { type SupavisorOptions, supavisorPlan } from "./supavisor.ts"
