@@ -2,7 +2,14 @@ import { existsSync } from "node:fs"
 import * as path from "node:path"
 import { Console, Effect, Layer, Redacted } from "effect"
 import { AppConfig, loadConfigFile } from "../config/index.ts"
-import { applyPlan, formatReport, ImportError, type ImportPlan, supavisorPlan } from "../migrate/index.ts"
+import {
+  applyPlan,
+  formatReport,
+  ImportError,
+  type ImportPlan,
+  pgbouncerPlan,
+  supavisorPlan
+} from "../migrate/index.ts"
 import { parseVaultKey, sqliteStore, tenantStoreLayer, Vault } from "../tenants/index.ts"
 import { runtimeLayer } from "./serve.ts"
 
@@ -85,9 +92,9 @@ export interface PgbouncerImportOptions {
 }
 
 /** `tidepool import pgbouncer --ini FILE [--auth-file FILE] [--group-by database|host] [--dry-run]`. */
-export const importPgbouncer = (_options: PgbouncerImportOptions) =>
-  Effect.fail(
-    new ImportError({
-      message: "import pgbouncer is not available yet in this build (the PgBouncer reader is missing)"
-    })
+export const importPgbouncer = (options: PgbouncerImportOptions) =>
+  run(
+    options.configFile,
+    options.dryRun,
+    pgbouncerPlan({ ini: options.ini, authFile: options.authFile, tenantPerDatabase: options.groupBy === "database" })
   )

@@ -124,7 +124,7 @@ const mapUsers = (externalId: string, users: ReadonlyArray<UserRow>, unmapped: A
     unmapped.push({
       source: `tenant ${externalId}`,
       field: `user ${alias} (${String(user.row.mode_type)} mode)`,
-      reason: `Tidepool has one user per login name for both ports; the ${String(kept.row.mode_type)}-mode entry (db_user ${String(kept.row.db_user)}, pool_size ${String(kept.row.pool_size)}) was imported, this one (db_user ${String(user.row.db_user)}, pool_size ${String(user.row.pool_size)}) was not`
+      reason: `one user per login name (Supavisor answers a name held twice with EMULTIPLEUSERS); the ${String(kept.row.mode_type)}-mode entry (db_user ${String(kept.row.db_user)}, pool_size ${String(kept.row.pool_size)}) was imported, this one (db_user ${String(user.row.db_user)}, pool_size ${String(user.row.pool_size)}) was not`
     })
   }
   return [...byAlias.values()].map(({ row, password }) => {
