@@ -45,6 +45,9 @@ const PGBOUNCER_DEFAULT_AUTH_QUERY =
 
 type Mode = "transaction" | "session"
 
+/** Stands for the tenant's id in notes written before tenants are named. */
+const TENANT = "\u0000tenant\u0000"
+
 const seconds = (value: string): number | undefined => {
   const n = Number(value.trim())
   return value.trim() !== "" && Number.isFinite(n) ? n : undefined
@@ -508,7 +511,7 @@ const draftOf = (ctx: Context, entry: IniEntry, tls: Record<string, unknown>): D
       ctx,
       source,
       "user",
-      `every PgBouncer client of this database logged in upstream as ${forced}; in Tidepool clients log in as ${forced}.<tenant> with ${forced}'s password`
+      `every PgBouncer client of this database logged in upstream as ${forced}; in Tidepool clients log in as ${forced}.${TENANT} with ${forced}'s password`
     )
     const user = userObject(ctx, source, forced, password, dbMode, dbWait)
     if (maxDbClients !== undefined) {
@@ -754,8 +757,10 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
 
   const taken = new Set<string>()
   const tenants: Array<Tenant> = []
+  const tenantOf = new Map<string, string>()
   for (const { draft, name, entries: names } of grouped) {
     const id = uniqueId(sanitiseId(name), taken)
+    for (const entry of names) tenantOf.set(`[databases] ${entry}`, id)
     if (byHost) {
       note(
         ctx,
@@ -784,5 +789,17 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
     }
     tenants.push(decoded.right)
   }
-  return { source: "pgbouncer", tenants, unmapped } satisfies ImportPlan
+  // Notes written before the tenants had ids name them now, so each line says what clients type.
+  const named = unmapped.map((u) => {
+    const id = tenantOf.get(u.source)
+    return id === undefined ? u : { ...u, reason: u.reason.replaceAll(TENANT, id) }
+  })
+  // In the order of the file an operator will fix: settings, databases, users, then the auth_file.
+  const rank = (source: string) =>
+    ["[pgbouncer]", "[databases]", "[users]", "[peers]", "auth_file"].findIndex((prefix) => source.startsWith(prefix))
+  const ordered = named
+    .map((u, i) => ({ u, i, r: rank(u.source) === -1 ? 1 : rank(u.source) }))
+    .sort((a, b) => a.r - b.r || a.i - b.i)
+    .map(({ u }) => u)
+  return { source: "pgbouncer", tenants, unmapped: ordered } satisfies ImportPlan
 })

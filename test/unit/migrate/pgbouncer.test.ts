@@ -145,7 +145,7 @@ describe("pgbouncerPlan: one tenant per [databases] entry", () => {
     expect(batch.users).toHaveLength(1)
     expect(Redacted.value(user(batch, "batcher").db_password)).toBe("pa ss'word")
     expect(user(batch, "batcher")).toMatchObject({ mode_type: "session", max_clients: 40 })
-    expect(reasonFor(p, "[databases] batch", "user")).toContain("batcher")
+    expect(reasonFor(p, "[databases] batch", "user")).toContain("log in as batcher.batch with")
     expect(reasonFor(p, "[databases] batch", "connect_query")).toContain("ALTER ROLE")
 
     // A Unix socket host becomes 127.0.0.1, reported.
@@ -184,6 +184,9 @@ describe("pgbouncerPlan: one tenant per [databases] entry", () => {
     }
     // bob's statement mode is one line, not one per tenant he is in.
     expect(p.unmapped.filter((u) => u.field === "pool_mode")).toHaveLength(1)
+    // In the order an operator works through the files: settings, databases, users, auth_file.
+    const sections = p.unmapped.map((u) => u.source.split(" ")[0])
+    expect([...new Set(sections)]).toEqual(["[pgbouncer]", "[databases]", "[users]", "auth_file"])
   })
 
   it("uses PgBouncer's defaults where they differ from Tidepool's: pool size 20, 120 s wait, session mode", async () => {
