@@ -1,4 +1,4 @@
-import { createCipheriv, randomBytes } from "node:crypto"
+import { createCipheriv, randomBytes, X509Certificate } from "node:crypto"
 import { existsSync, mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
@@ -7,6 +7,7 @@ import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { applyPlan, formatReport, type ImportReport, supavisorPlan } from "../../src/migrate/index.ts"
 import { parseVaultKey, postgresStore, TenantRegistry, TenantStore, Vault } from "../../src/tenants/index.ts"
+import { makeTestCerts, type TestCerts } from "../support/certs.ts"
 import { runCli } from "../support/cli.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
@@ -106,6 +107,7 @@ CREATE TABLE _supavisor.cluster_tenants (
 let db: PostgresServer
 let meta: pg.Client
 let dir: string
+let certs: TestCerts
 const running: Array<RunningTidepool> = []
 
 const insertUser = (tenant: string, user: string, password: string, fields: Record<string, unknown> = {}) => {
@@ -161,6 +163,23 @@ beforeAll(async () => {
     [db.host, db.port]
   )
   await insertUser("legacy:1", "app", "app-secret")
+  // Upstream TLS with the CA as Supavisor keeps it (DER bytes, converted by its API from PEM).
+  certs = await makeTestCerts()
+  await meta.query(
+    `INSERT INTO _supavisor.tenants (external_id, db_host, db_port, db_database, default_parameter_status,
+       upstream_ssl, upstream_verify, upstream_tls_ca)
+     VALUES ('tls-co', $1, $2, 'postgres', '{}', true, 'peer', $3)`,
+    [db.host, db.port, new X509Certificate(certs.ca.certPem).raw]
+  )
+  await insertUser("tls-co", "app", "app-secret")
+  // auth_query: the one user is the manager that runs it.
+  await meta.query(
+    `INSERT INTO _supavisor.tenants (external_id, db_host, db_port, db_database, default_parameter_status,
+       require_user, auth_query)
+     VALUES ('pooled', $1, $2, 'postgres', '{}', false, 'SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1')`,
+    [db.host, db.port]
+  )
+  await insertUser("pooled", "pooler", "pooler-secret", { is_manager: true })
   await meta.query(`INSERT INTO _supavisor.clusters (alias, active) VALUES ('main', true)`)
   await meta.query(
     `INSERT INTO _supavisor.cluster_tenants (type, active, cluster_alias, tenant_external_id)
@@ -171,6 +190,7 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const t of running) await t.stop()
   await meta?.end()
+  await certs?.remove()
   await db?.stop()
   if (dir) rmSync(dir, { recursive: true, force: true })
 })
@@ -213,16 +233,18 @@ describe("import supavisor (into a PostgreSQL store)", () => {
     const report = await importInto("tidepool_store", true)
     expect(report.outcomes.map((o) => [o.externalId, o.action])).toEqual([
       ["acme", "create"],
-      ["banned-co", "create"]
+      ["banned-co", "create"],
+      ["pooled", "create"],
+      ["tls-co", "create"]
     ])
-    expect(formatReport(report)).toMatch(/dry run: would create 2, would update 0, unchanged 0; nothing was written/)
+    expect(formatReport(report)).toMatch(/dry run: would create 4, would update 0, unchanged 0; nothing was written/)
     expect(await storedVersions("tidepool_store")).toEqual({})
   })
 
   it("creates the tenants, reports every field it could not map, and the second run changes nothing", async () => {
     const first = await importInto("tidepool_store", false)
     const text = formatReport(first)
-    expect(text).toMatch(/^created 2, updated 0, unchanged 0$/m)
+    expect(text).toMatch(/^created 4, updated 0, unchanged 0$/m)
     const unmapped = first.unmapped.map((u) => `${u.source} · ${u.field}`)
     expect(unmapped).toEqual(
       expect.arrayContaining([
@@ -235,10 +257,10 @@ describe("import supavisor (into a PostgreSQL store)", () => {
     expect(unmapped).toHaveLength(4)
     expect(text).not.toContain("app-secret")
     const versions = await storedVersions("tidepool_store")
-    expect(Object.keys(versions)).toEqual(["acme", "banned-co"])
+    expect(Object.keys(versions)).toEqual(["acme", "banned-co", "pooled", "tls-co"])
 
     const second = await importInto("tidepool_store", false)
-    expect(formatReport(second)).toMatch(/^created 0, updated 0, unchanged 2$/m)
+    expect(formatReport(second)).toMatch(/^created 0, updated 0, unchanged 4$/m)
     expect(await storedVersions("tidepool_store")).toEqual(versions)
   })
 
@@ -270,7 +292,29 @@ describe("import supavisor (into a PostgreSQL store)", () => {
     expect(banned?.ban_reason).toBe("unpaid")
     expect(String(banned?.banned_at)).toContain("2026-03-23T10:00:00")
 
+    const tls = tidepool.runtime.runSync(Effect.map(TenantRegistry, (r) => r.get("tls-co")))
+    expect(tls).toMatchObject({ upstream_ssl: true, upstream_verify: "peer" })
+    expect(new X509Certificate(tls?.upstream_tls_ca ?? "").fingerprint256).toBe(
+      new X509Certificate(certs.ca.certPem).fingerprint256
+    )
+    const pooled = tidepool.runtime.runSync(Effect.map(TenantRegistry, (r) => r.get("pooled")))
+    expect(pooled).toMatchObject({ require_user: false, auth_query: expect.stringContaining("pg_authid") })
+    expect(pooled?.users.map((u) => [u.db_user, u.is_manager])).toEqual([["pooler", true]])
+
     expect(await selectThrough(tidepool, "app.acme")).toEqual({ who: "app", answer: 42 })
+  })
+
+  it("a column a newer Supavisor adds is reported, not dropped", async () => {
+    await meta.query(`ALTER TABLE _supavisor.tenants ADD COLUMN max_prepared_statements integer`)
+    try {
+      await meta.query(`UPDATE _supavisor.tenants SET max_prepared_statements = 50 WHERE external_id = 'acme'`)
+      const report = await importInto("tidepool_store", true)
+      expect(report.unmapped.filter((u) => u.field === "max_prepared_statements")).toEqual([
+        { source: "tenant acme", field: "max_prepared_statements", reason: expect.stringMatching(/does not know/) }
+      ])
+    } finally {
+      await meta.query(`ALTER TABLE _supavisor.tenants DROP COLUMN max_prepared_statements`)
+    }
   })
 
   it("a change in Supavisor is an update naming the field, never its value", async () => {
@@ -284,7 +328,7 @@ describe("import supavisor (into a PostgreSQL store)", () => {
         action: "update",
         changed: ["users[app].pool_size"]
       })
-      expect(formatReport(await importInto("tidepool_store", false))).toMatch(/^created 0, updated 1, unchanged 1$/m)
+      expect(formatReport(await importInto("tidepool_store", false))).toMatch(/^created 0, updated 1, unchanged 3$/m)
     } finally {
       await meta.query(
         `UPDATE _supavisor.users SET pool_size = 3 WHERE tenant_external_id = 'acme' AND mode_type = 'transaction'`
@@ -322,20 +366,35 @@ describe("tidepool import supavisor (the command, into the SQLite store)", () =>
     return { code, output: cli.output() }
   }
 
-  it("dry run, import, re-import, then a client logs in through tidepool serve's store", async () => {
-    const dry = await runImport("--dry-run")
-    expect(dry).toMatchObject({ code: 0 })
-    expect(dry.output).toMatch(/would create tenant acme/)
-    expect(dry.output).toMatch(/tenant legacy:1 · \(whole tenant\): not imported/)
-    expect(dry.output).toMatch(/dry run: would create 2, would update 0, unchanged 0; nothing was written/)
-    expect(existsSync(path.join(dir, "data", "tidepool.db"))).toBe(false)
+  // Each run starts a Node process from the sources: generous bounds for a loaded two-core machine.
+  const CLI_DEADLINE = 180_000
 
-    const first = await runImport()
-    expect(first).toMatchObject({ code: 0 })
-    expect(first.output).toMatch(/^created 2, updated 0, unchanged 0$/m)
-    const second = await runImport()
-    expect(second.output).toMatch(/^created 0, updated 0, unchanged 2$/m)
+  it(
+    "dry run lists the changes and creates no store",
+    async () => {
+      const dry = await runImport("--dry-run")
+      expect(dry).toMatchObject({ code: 0 })
+      expect(dry.output).toMatch(/would create tenant acme/)
+      expect(dry.output).toMatch(/tenant legacy:1 · \(whole tenant\): not imported/)
+      expect(dry.output).toMatch(/dry run: would create 4, would update 0, unchanged 0; nothing was written/)
+      expect(existsSync(path.join(dir, "data", "tidepool.db"))).toBe(false)
+    },
+    CLI_DEADLINE
+  )
 
+  it(
+    "imports, then a second run changes nothing",
+    async () => {
+      const first = await runImport()
+      expect(first).toMatchObject({ code: 0 })
+      expect(first.output).toMatch(/^created 4, updated 0, unchanged 0$/m)
+      const second = await runImport()
+      expect(second.output).toMatch(/^created 0, updated 0, unchanged 4$/m)
+    },
+    2 * CLI_DEADLINE
+  )
+
+  it("a client logs in through a Tidepool on that store, with the imported password", async () => {
     const tidepool = await startTidepool({
       tenants: [],
       store: "config",
@@ -345,7 +404,7 @@ describe("tidepool import supavisor (the command, into the SQLite store)", () =>
     expect(await selectThrough(tidepool, "app.acme")).toEqual({ who: "app", answer: 42 })
   })
 
-  it("without Supavisor's key, says which variable to set and exits 1", async () => {
+  it("without Supavisor's key, says which variable to set and exits 1", { timeout: CLI_DEADLINE }, async () => {
     const cli = runCli(args(), {
       ...env(),
       VAULT_ENC_KEY: "",
