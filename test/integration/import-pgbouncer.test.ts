@@ -57,17 +57,21 @@ const writeConfig = () => {
 
 /** PgBouncer with the same ini, to prove the file is one PgBouncer runs (it refuses root). */
 const startPgbouncer = async (): Promise<void> => {
-  const asPostgres =
+  const asPostgres: { uid: number; gid: number } | undefined =
     process.getuid?.() === 0
       ? {
           uid: Number(execFileSync("id", ["-u", "postgres"]).toString().trim()),
           gid: Number(execFileSync("id", ["-g", "postgres"]).toString().trim())
         }
-      : {}
-  if ("uid" in asPostgres) {
+      : undefined
+  if (asPostgres !== undefined) {
     for (const file of ["", "userlist.txt", "pgbouncer.ini"]) chownSync(join(dir, file), asPostgres.uid, asPostgres.gid)
   }
-  const child = spawn("pgbouncer", ["pgbouncer.ini"], { ...asPostgres, cwd: dir, stdio: ["ignore", "ignore", "pipe"] })
+  const child = spawn("pgbouncer", ["pgbouncer.ini"], {
+    ...(asPostgres ?? {}),
+    cwd: dir,
+    stdio: ["ignore", "ignore", "pipe"]
+  })
   pgbouncer = child
   let log = ""
   await new Promise<void>((resolve, reject) => {
