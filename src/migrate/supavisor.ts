@@ -174,6 +174,20 @@ const mapTenant = (row: Row, users: ReadonlyArray<UserRow>, unmapped: Array<Unma
       })
     }
   }
+  const flags = row.feature_flags
+  if (flags !== null && typeof flags === "object" && !Array.isArray(flags)) {
+    const kept: Record<string, unknown> = {}
+    for (const [name, value] of Object.entries(flags)) {
+      if (["boolean", "number", "string"].includes(typeof value)) kept[name] = value
+      else
+        unmapped.push({
+          source: where,
+          field: `feature_flags.${name}`,
+          reason: "Tidepool's flags are booleans, numbers or strings; set an equivalent by hand if it matters"
+        })
+    }
+    tenant.feature_flags = kept
+  }
   for (const [column, value] of Object.entries(row)) {
     const known =
       bookkeeping.has(column) ||

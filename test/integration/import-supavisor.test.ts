@@ -142,7 +142,7 @@ beforeAll(async () => {
        default_pool_size, default_max_clients, client_idle_timeout, client_heartbeat_interval, allow_list,
        feature_flags, sni_hostname, default_pool_strategy, availability_zone)
      VALUES ('acme', $1, $2, 'postgres', '{"server_version": "15.1"}', 7, 200, 30000, 20,
-       ARRAY['127.0.0.0/8', '::1/128'], '{"named_prepared_statements": true}', 'acme.example.com', 'lifo', 'eu-1a')`,
+       ARRAY['127.0.0.0/8', '::1/128'], '{"named_prepared_statements": true, "rollout": {"percent": 5}}', 'acme.example.com', 'lifo', 'eu-1a')`,
     [db.host, db.port]
   )
   await insertUser("acme", "app", "app-secret", { pool_size: 3, max_clients: 50, pool_checkout_timeout: 5000 })
@@ -248,13 +248,14 @@ describe("import supavisor (into a PostgreSQL store)", () => {
     const unmapped = first.unmapped.map((u) => `${u.source} · ${u.field}`)
     expect(unmapped).toEqual(
       expect.arrayContaining([
+        "tenant acme · feature_flags.rollout",
         "tenant acme · default_pool_strategy",
         "tenant acme · user app (session mode)",
         "tenant legacy:1 · (whole tenant)",
         "cluster main · write tenant acme"
       ])
     )
-    expect(unmapped).toHaveLength(4)
+    expect(unmapped).toHaveLength(5)
     expect(text).not.toContain("app-secret")
     const versions = await storedVersions("tidepool_store")
     expect(Object.keys(versions)).toEqual(["acme", "banned-co", "pooled", "tls-co"])
@@ -286,6 +287,7 @@ describe("import supavisor (into a PostgreSQL store)", () => {
       availability_zone: "eu-1a",
       default_parameter_status: { server_version: "15.1" }
     })
+    expect(acme?.feature_flags).toEqual({ named_prepared_statements: true })
     expect(acme?.users).toHaveLength(1)
     expect(acme?.users[0]).toMatchObject({ db_user: "app", pool_size: 3, max_clients: 50, pool_checkout_timeout: 5000 })
     const banned = tidepool.runtime.runSync(Effect.map(TenantRegistry, (r) => r.get("banned-co")))
