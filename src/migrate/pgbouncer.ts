@@ -76,7 +76,6 @@ const globalAdvice: Readonly<Record<string, (value: string) => string>> = {
     "Tidepool has no per-database cap across pools; keep the sum of the users' pool_size under it",
   max_db_client_connections: () => "Tidepool limits clients per user pool (max_clients), not per database",
   max_user_connections: () => "Tidepool caps servers per user pool (pool_size), not per user across databases",
-  max_user_client_connections: (v) => `set max_clients: ${v} on the users (Tidepool's limit is per user pool)`,
   server_round_robin: () => "Tidepool hands out the most recently used idle server",
   track_extra_parameters: () => "Tidepool tracks the parameters it forwards by itself",
   ignore_startup_parameters: () =>
@@ -183,7 +182,8 @@ const mappedGlobals = new Set([
   "auth_query",
   "server_tls_sslmode",
   "server_tls_ca_file",
-  "client_tls_sslmode"
+  "client_tls_sslmode",
+  "max_user_client_connections"
 ])
 
 /** `[databases]` keys the mapping reads; the rest of loader.c's are reported. */
@@ -483,12 +483,15 @@ const draftOf = (ctx: Context, entry: IniEntry, tls: Record<string, unknown>): D
   const poolSize =
     poolSizeText === undefined ? PGBOUNCER_DEFAULT_POOL_SIZE : positive(ctx, source, "pool_size", poolSizeText)
   const clientIdle = seconds(ctx.globals.get("client_idle_timeout") ?? "0") ?? 0
+  // PgBouncer's 0 is "no limit"; Tidepool's max_clients 0 refuses everyone, so 0 keeps the default.
+  const maxUserClients = wholeNumber(ctx.globals.get("max_user_client_connections") ?? "")
   const fields: Record<string, unknown> = {
     db_host: host,
     db_port: port,
     db_database: database,
     ...(poolSize !== undefined ? { default_pool_size: poolSize } : {}),
     ...(clientIdle > 0 ? { client_idle_timeout: Math.round(clientIdle * 1000) } : {}),
+    ...(maxUserClients !== undefined && maxUserClients > 0 ? { default_max_clients: maxUserClients } : {}),
     ...tls
   }
   const maxDbClients = params.get("max_db_client_connections")
@@ -516,7 +519,7 @@ const draftOf = (ctx: Context, entry: IniEntry, tls: Record<string, unknown>): D
     const user = userObject(ctx, source, forced, password, dbMode, dbWait)
     if (maxDbClients !== undefined) {
       const n = wholeNumber(maxDbClients)
-      if (n !== undefined) user.max_clients = n
+      if (n !== undefined && n > 0) user.max_clients = n
     }
     users = [user]
   } else if (authUser !== undefined) {
@@ -704,7 +707,8 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
         settings.mode = value
         checkMode(ctx, source, value)
       } else if (key === "query_wait_timeout") settings.queryWaitTimeout = seconds(value)
-      else if (key === "max_user_client_connections") settings.maxClients = wholeNumber(value)
+      // PgBouncer's 0 is "no limit"; Tidepool's max_clients 0 refuses everyone.
+      else if (key === "max_user_client_connections") settings.maxClients = wholeNumber(value) || undefined
       else note(ctx, source, key, `${value}: ${userAdvice[key] ?? "not a [users] setting PgBouncer knows"}`)
     }
     userSettings.set(e.key, settings)

@@ -200,6 +200,28 @@ describe("pgbouncerPlan: one tenant per [databases] entry", () => {
     expect(d.upstream_ssl).toBe(false)
   })
 
+  it("client limits: 0 is PgBouncer's no limit, never Tidepool's refuse everyone", async () => {
+    const auth = write("limits-users.txt", '"u" "pw"\n"v" "pw"\n')
+    const ini = write(
+      "limits.ini",
+      `[databases]\nd = host=db\nf = host=db user=u max_db_client_connections=0\n[users]\nu = max_user_client_connections=0\nv = max_user_client_connections=9\n[pgbouncer]\nauth_file = ${auth}\nmax_user_client_connections = 300\n`
+    )
+    const p = await plan(ini)
+    const d = tenant(p, "d")
+    expect(d.default_max_clients).toBe(300)
+    expect(user(d, "u").max_clients).toBeUndefined()
+    expect(user(d, "v").max_clients).toBe(9)
+    expect(user(tenant(p, "f"), "u").max_clients).toBeUndefined()
+    expect(reasonFor(p, "[pgbouncer]", "max_user_client_connections")).toBeUndefined()
+    const unlimited = await plan(
+      write(
+        "limits0.ini",
+        `[databases]\nd = host=db\n[pgbouncer]\nauth_file = ${auth}\nmax_user_client_connections = 0\n`
+      )
+    )
+    expect(tenant(unlimited, "d").default_max_clients).toBe(1000)
+  })
+
   it("--auth-file wins over the ini's auth_file", async () => {
     const other = write("other-users.txt", '"zed" "zed-pw"\n')
     const p = await plan(join(fixtures, "full.ini"), { authFile: other })
