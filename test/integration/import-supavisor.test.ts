@@ -21,7 +21,7 @@ import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
 
 /** Supavisor's config/test.exs key. */
 const SUPAVISOR_KEY = "aHD8DZRdk2emnkdktFZRh3E9RNg4aOY7"
-/** Tidepool's own key for the CLI runs, in another form (hex), to show the two can differ. */
+/** A key of Tidepool's own (hex), for the run that keeps Supavisor's key apart. */
 const TIDEPOOL_KEY = "5a".repeat(32)
 
 /** Cloak.Ciphers.AES.GCM's encrypt: 0x01, tag length, tag, 16-byte IV, GCM tag, ciphertext; AAD "AES256GCM". */
@@ -347,9 +347,10 @@ describe("import supavisor (into a PostgreSQL store)", () => {
 })
 
 describe("tidepool import supavisor (the command, into the SQLite store)", () => {
+  // The usual move: Supavisor's VAULT_ENC_KEY, as it is, becomes Tidepool's.
   const env = () => ({
-    VAULT_ENC_KEY: TIDEPOOL_KEY,
-    SUPAVISOR_VAULT_ENC_KEY: SUPAVISOR_KEY,
+    VAULT_ENC_KEY: SUPAVISOR_KEY,
+    SUPAVISOR_VAULT_ENC_KEY: "",
     TIDEPOOL_DATA_DIR: path.join(dir, "data"),
     DATABASE_URL: ""
   })
@@ -362,8 +363,8 @@ describe("tidepool import supavisor (the command, into the SQLite store)", () =>
     ...more
   ]
 
-  const runImport = async (...more: Array<string>) => {
-    const cli = runCli(args(...more), env())
+  const runImport = async (more: ReadonlyArray<string>, extra: Record<string, string> = {}) => {
+    const cli = runCli(args(...more), { ...env(), ...extra })
     const code = await cli.exited
     return { code, output: cli.output() }
   }
@@ -372,9 +373,12 @@ describe("tidepool import supavisor (the command, into the SQLite store)", () =>
   const CLI_DEADLINE = 180_000
 
   it(
-    "dry run lists the changes and creates no store",
+    "dry run lists the changes and creates no store (Supavisor's key given apart from Tidepool's)",
     async () => {
-      const dry = await runImport("--dry-run")
+      const dry = await runImport(["--dry-run"], {
+        VAULT_ENC_KEY: TIDEPOOL_KEY,
+        SUPAVISOR_VAULT_ENC_KEY: SUPAVISOR_KEY
+      })
       expect(dry).toMatchObject({ code: 0 })
       expect(dry.output).toMatch(/would create tenant acme/)
       expect(dry.output).toMatch(/tenant legacy:1 · \(whole tenant\): not imported/)
@@ -387,10 +391,10 @@ describe("tidepool import supavisor (the command, into the SQLite store)", () =>
   it(
     "imports, then a second run changes nothing",
     async () => {
-      const first = await runImport()
+      const first = await runImport([])
       expect(first).toMatchObject({ code: 0 })
       expect(first.output).toMatch(/^created 4, updated 0, unchanged 0$/m)
-      const second = await runImport()
+      const second = await runImport([])
       expect(second.output).toMatch(/^created 0, updated 0, unchanged 4$/m)
     },
     2 * CLI_DEADLINE
@@ -400,7 +404,7 @@ describe("tidepool import supavisor (the command, into the SQLite store)", () =>
     const tidepool = await startTidepool({
       tenants: [],
       store: "config",
-      config: { dataDir: path.join(dir, "data"), vaultEncKey: Redacted.make(TIDEPOOL_KEY) }
+      config: { dataDir: path.join(dir, "data"), vaultEncKey: Redacted.make(SUPAVISOR_KEY) }
     })
     running.push(tidepool)
     expect(await selectThrough(tidepool, "app.acme")).toEqual({ who: "app", answer: 42 })
