@@ -734,14 +734,6 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
   }
 
   checkMode(ctx, "[pgbouncer]", globals.get("pool_mode"))
-  if ((seconds(globals.get("client_idle_timeout") ?? "0") ?? 0) > 0) {
-    note(
-      ctx,
-      "[pgbouncer]",
-      "client_idle_timeout",
-      "mapped to each tenant's client_idle_timeout (milliseconds), which this release accepts but does not enforce yet"
-    )
-  }
   const tls = { ...upstreamTls(ctx), ...clientTls(ctx) }
   const drafts: Array<Draft> = []
   for (const e of entries) {

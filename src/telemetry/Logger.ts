@@ -1,4 +1,18 @@
-import { Cause, Context, FiberRef, FiberRefs, HashMap, Layer, List, Logger, LogLevel, Redacted, Tracer } from "effect"
+import {
+  Cause,
+  Context,
+  Either,
+  FiberRef,
+  FiberRefs,
+  HashMap,
+  Layer,
+  List,
+  Logger,
+  LogLevel,
+  Redacted,
+  Tracer
+} from "effect"
+import { parseLogLevel } from "../config/index.ts"
 
 export type LogFormat = "json" | "pretty"
 
@@ -66,7 +80,10 @@ const levels: Record<string, LogLevel.LogLevel> = {
  */
 export const tenantLogLevel = (featureFlags: Readonly<Record<string, unknown>>): LogLevel.LogLevel | undefined => {
   const level = featureFlags.log_level
-  return typeof level === "string" ? levels[level.toLowerCase()] : undefined
+  if (typeof level !== "string") return undefined
+  // The same spellings TIDEPOOL_LOG_LEVEL takes (`warn`, `err`, any case).
+  const parsed = parseLogLevel(level)
+  return Either.isRight(parsed) ? levels[parsed.right] : undefined
 }
 
 /** Replaces Effect's default logger with Tidepool's. */
