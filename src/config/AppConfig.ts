@@ -226,10 +226,12 @@ const secret = (raw: string): Either.Either<Redacted.Redacted<string> | undefine
 const postgresUrl = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> => {
   const text = raw.trim()
   if (text === "") return Either.right(undefined)
+  // Supavisor's DATABASE_URL is written `ecto://…`: the same URL under Elixir's scheme name.
+  if (/^ecto:\/\//i.test(text)) return Either.right(Redacted.make(`postgresql://${text.slice("ecto://".length)}`))
   // The value is a credential: the message never echoes it.
   return /^postgres(ql)?:\/\//.test(text)
     ? Either.right(Redacted.make(text))
-    : Either.left("expected a postgres:// or postgresql:// URL")
+    : Either.left("expected a postgres://, postgresql:// or ecto:// URL")
 }
 
 const vaultKey = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> => {

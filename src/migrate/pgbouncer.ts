@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs"
 import { isIP } from "node:net"
 import { Effect, Either, ParseResult, Schema } from "effect"
-import { strictParseOptions, Tenant, tenantIssues } from "../config/Tenant.ts"
+import { strictParseOptions, Tenant, tenantIssues } from "../config/index.ts"
 import { ImportError, type ImportPlan, type Unmapped } from "./ImportPlan.ts"
 import {
   type AuthFileUser,

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { ConfigProvider, Effect, Layer, Option } from "effect"
+import { ConfigProvider, Effect, Layer, Option, Redacted } from "effect"
 import { AppConfig, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
 
 const env = (entries: Record<string, string>) => ConfigProvider.fromMap(new Map(Object.entries(entries)))
@@ -253,6 +253,16 @@ describe("values as operators write them", () => {
       }
       const error = yield* Effect.flip(load({ VAULT_ENC_KEY: "too short" }))
       expect(error.message).toContain("32 characters used as they are")
+    })
+  )
+
+  it.effect("DATABASE_URL: Supavisor's ecto:// form is read as postgresql://", () =>
+    Effect.gen(function* () {
+      const config = yield* load({ DATABASE_URL: "ecto://postgres:secret@db.internal:6432/supavisor" })
+      expect(Redacted.value(config.databaseUrl!)).toBe("postgresql://postgres:secret@db.internal:6432/supavisor")
+      const error = yield* Effect.flip(load({ DATABASE_URL: "mysql://root@db/x" }))
+      expect(error.message).toContain("ecto://")
+      expect(error.message).not.toContain("root@db")
     })
   )
 })
