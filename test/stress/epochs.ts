@@ -5,8 +5,13 @@
  * their own, built from the same scripts, so each client meets each shared table in the same state
  * both ways: the comparison stays exact, with no allowance for concurrent DDL.
  */
-import { type ClientScript, type Gate, SHARED_TABLES, type Step } from "./script.ts"
+import { type Gate, SHARED_TABLES } from "./script.ts"
 import { Stuck } from "./wire.ts"
+
+/** What the gates need of a client's script (drivers.ts builds these from its operations). */
+interface Gated {
+  readonly steps: ReadonlyArray<{ readonly gate?: Gate | undefined }>
+}
 
 export class Epochs {
   /** Per table, its current epoch. */
@@ -18,7 +23,7 @@ export class Epochs {
   )
   private readonly waiters = new Set<() => void>()
 
-  constructor(scripts: ReadonlyArray<ClientScript>) {
+  constructor(scripts: ReadonlyArray<Gated>) {
     scripts.forEach((script, client) => {
       for (const step of script.steps) {
         if (step.gate === undefined || step.gate.ddl) continue
@@ -87,7 +92,7 @@ export class Epochs {
   }
 
   /** A client that ended early (its connection closed, or it hung) lets the others go on without it. */
-  retire(steps: ReadonlyArray<Step>, client: number): void {
+  retire(steps: Gated["steps"], client: number): void {
     for (const step of steps) if (step.gate !== undefined) this.done(step.gate, client)
   }
 }
