@@ -71,8 +71,8 @@ export class ServerStatementCache {
   /** Removes and returns the least recently used statement while the table is full; the caller Closes it. */
   evict(): string | undefined {
     if (this.table.size < this.capacity) return undefined
-    const oldest = this.table.keys().next().value as string
-    this.table.delete(oldest)
+    const oldest = this.table.keys().next().value
+    if (oldest !== undefined) this.table.delete(oldest)
     return oldest
   }
 
