@@ -2,7 +2,7 @@ import { describe, expect, it } from "@effect/vitest"
 import { ConfigProvider, Effect, Layer, Option } from "effect"
 import { AppConfig, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
 
-const env = (entries: Record<string, string>) => ConfigProvider.fromMap(new Map(Object.entries(entries)))
+const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries })
 
 describe("AppConfig", () => {
   it.effect("uses the documented defaults when nothing is set", () =>
@@ -137,7 +137,7 @@ describe("AppConfig", () => {
     Effect.gen(function* () {
       const config = yield* AppConfig
       expect(config.apiPort).toBe(4100)
-    }).pipe(Effect.provide(AppConfig.layer.pipe(Layer.provide(Layer.setConfigProvider(env({ PORT: "4100" }))))))
+    }).pipe(Effect.provide(AppConfig.layer.pipe(Layer.provide(ConfigProvider.layer(env({ PORT: "4100" }))))))
   )
 
   it.effect("layerFrom builds one in-process", () =>
