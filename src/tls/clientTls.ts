@@ -33,7 +33,7 @@ export const acceptTls = (options: {
   readonly readAhead: Buffer
   readonly context: tls.SecureContext
 }): Effect.Effect<tls.TLSSocket, TidepoolError> =>
-  Effect.async<tls.TLSSocket, TidepoolError>((resume) => {
+  Effect.callback<tls.TLSSocket, TidepoolError>((resume) => {
     const { socket, readAhead } = options
     // Paused, the socket keeps `readAhead` for the TLS layer, which reads it on its first tick.
     socket.pause()
