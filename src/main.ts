@@ -1,12 +1,11 @@
 #!/usr/bin/env node
 import { parseArgs } from "node:util"
 import { NodeRuntime } from "@effect/platform-node"
-import { Cause, Console, Effect } from "effect"
+import { Cause, Console, Effect, Exit } from "effect"
 import { configCheck } from "./cli/configCheck.ts"
 import { demo } from "./cli/demo.ts"
 import { serve } from "./cli/serve.ts"
-
-const VERSION = "0.1.0"
+import { VERSION } from "./version.ts"
 
 const HELP = `tidepool ${VERSION} — multi-tenant PostgreSQL connection pooler
 
@@ -21,7 +20,7 @@ HTTP API PORT (4000). Every setting: docs/configuration.md.
 `
 
 const usage = (message: string) =>
-  Effect.zipRight(
+  Effect.andThen(
     Console.error(`${message}\n\n${HELP}`),
     Effect.sync(() => process.exit(2))
   )
@@ -61,18 +60,23 @@ const main = Effect.suspend(() => {
  * with exit status 1 — never a silent exit, never a stack trace for an operator's mistake.
  */
 const reported = main.pipe(
-  Effect.catchAllCause((cause) => {
-    if (Cause.isInterruptedOnly(cause)) return Effect.void
+  Effect.catchCause((cause) => {
+    if (Cause.hasInterruptsOnly(cause)) return Effect.void
     const error = Cause.squash(cause)
     const text =
       error instanceof Error || (typeof error === "object" && error !== null && "message" in error)
         ? String((error as { message: unknown }).message)
         : String(error)
-    return Effect.zipRight(
+    return Effect.andThen(
       Console.error(`tidepool: ${text}`),
       Effect.sync(() => process.exit(1))
     )
   })
 )
 
-NodeRuntime.runMain(reported, { disableErrorReporting: true, disablePrettyLogger: true })
+NodeRuntime.runMain(reported, {
+  disableErrorReporting: true,
+  // A signal's graceful shutdown is a normal stop and exits 0, as `serve` logs it (docs/operations.md);
+  // Effect 4's default teardown would exit 130 for the interruption.
+  teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause) ? 0 : 1)
+})
