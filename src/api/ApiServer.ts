@@ -89,15 +89,15 @@ export const apiRouter = (policy: JwtPolicy, table: ReadonlyArray<Route> = route
  * A request no route serves (unknown path, or a method the path does not have) gets the API's JSON
  * 404 rather than the router's empty one. Global, so it sees the router's RouteNotFound.
  */
-const notFound = HttpRouter.middleware(
-  (httpEffect) =>
-    Effect.catchIf(
-      httpEffect,
-      (error: unknown) => HttpServerError.isHttpServerError(error) && error.reason._tag === "RouteNotFound",
-      () => Effect.succeed(HttpServerResponse.jsonUnsafe({ error: "not found" }, { status: 404 }))
-    ),
-  { global: true }
-)
+const isRouteNotFound = (error: unknown): boolean =>
+  HttpServerError.isHttpServerError(error) && error.reason._tag === "RouteNotFound"
+
+const notFoundAsJson = <E, R>(httpEffect: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>) =>
+  Effect.catchIf(httpEffect, isRouteNotFound, () =>
+    Effect.succeed(HttpServerResponse.jsonUnsafe({ error: "not found" }, { status: 404 }))
+  )
+
+const notFound = HttpRouter.middleware(notFoundAsJson, { global: true })
 
 /**
  * The HTTP API on PORT: Supavisor's tenant routes with JWT auth, and Tidepool's additions. A taken
