@@ -1,5 +1,11 @@
 import { Console, Effect, Layer } from "effect"
-import { AppConfig, type AppConfigShape, type ConfigCheckSummary, ConfigError, checkConfigFile } from "../config/index.ts"
+import {
+  AppConfig,
+  type AppConfigShape,
+  type ConfigCheckSummary,
+  ConfigError,
+  checkConfigFile
+} from "../config/index.ts"
 import { DownstreamTls, UpstreamTls } from "../tls/index.ts"
 
 /** Reads the TLS files the settings name, as `serve` will: unreadable or mismatched files are problems. */

@@ -131,9 +131,7 @@ export const demo = Effect.gen(function* () {
     Effect.runSyncWith(context)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
   )
   // Until Ctrl+C, or SHUTDOWN from the admin console (TIDEPOOL_ADMIN_USERS), as `serve`.
-  yield* Context.get(node, AdminControl).shutdownRequested.pipe(
-    Effect.onInterrupt(() => ports.shutdown)
-  )
+  yield* Context.get(node, AdminControl).shutdownRequested.pipe(Effect.onInterrupt(() => ports.shutdown))
 }).pipe(
   Effect.scoped,
   Effect.catchTag("EmbeddedPostgresError", (e) =>

@@ -114,7 +114,11 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
         const level = tenantLogLevel(auth.tenant.feature_flags)
         yield* level === undefined
           ? attach(client, auth, mode, startedAt, shuttingDown)
-          : Effect.provideService(attach(client, auth, mode, startedAt, shuttingDown), References.MinimumLogLevel, level)
+          : Effect.provideService(
+              attach(client, auth, mode, startedAt, shuttingDown),
+              References.MinimumLogLevel,
+              level
+            )
       }).pipe(Effect.catch(fail))
 
     // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
