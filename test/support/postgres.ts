@@ -406,7 +406,7 @@ export const startPostgres = async (options: PostgresOptions = {}): Promise<Post
     await run("cp", ["-a", template.dataDir, dataDir])
     await writeConfig(rt, root, dataDir, options)
     const { port, postmaster } = await runEffect(
-      Scope.extend(
+      Scope.provide(
         EmbeddedPostgres.start({
           dataDir,
           host: HOST,
