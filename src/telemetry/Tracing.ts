@@ -1,6 +1,6 @@
-import { OtlpSerialization, OtlpTracer } from "@effect/opentelemetry"
-import { FetchHttpClient } from "@effect/platform"
 import { Layer } from "effect"
+import { FetchHttpClient } from "effect/http"
+import { OtlpSerialization, OtlpTracer } from "effect/observability"
 
 /** `k=v,k2=v2` (values URL-encoded), as the OTEL_*_HEADERS and OTEL_RESOURCE_ATTRIBUTES variables are written. */
 const keyValues = (raw: string | undefined): Record<string, string> => {

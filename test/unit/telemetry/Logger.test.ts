@@ -20,7 +20,7 @@ afterEach(() => {
 describe("json logger", () => {
   it("carries trace_id and span_id inside a span, and neither outside", async () => {
     const [inside, outside] = await capture(
-      Effect.zipRight(
+      Effect.andThen(
         Effect.logInfo("in").pipe(
           Effect.withSpan("client.session"),
           Effect.annotateLogs({ tenant: "acme", code: "EWRONGPASSWORD" })
