@@ -1,6 +1,8 @@
 import { mkdirSync } from "node:fs"
 import * as path from "node:path"
-import { NodeServices } from "@effect/platform-node"
+// The module, not the package index: the index also loads the redis client and the worker and
+// cluster modules, about a second of start-up for nothing.
+import * as NodeServices from "@effect/platform-node/NodeServices"
 import { PgClient, PgMigrator } from "@effect/sql-pg"
 import { Context, Data, Effect, Layer, type Option, Redacted, Schema, Stream } from "effect"
 import { Reactivity } from "effect/reactivity"
