@@ -85,7 +85,7 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
   const capture = Logger.make(({ logLevel, message, fiber }) => {
     const code = fiber.getRef(References.CurrentLogAnnotations).code
     logs.push({
-      // Upper case, as Effect 3's labels were ("INFO", "WARN"): the tests match on these.
+      // "INFO", "WARN", …: the labels the tests match on.
       level: logLevel.toUpperCase(),
       message: (Array.isArray(message) ? message : [message]).map(String).join(" "),
       code: code === undefined ? undefined : String(code)
@@ -97,8 +97,7 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     ...(store !== undefined ? { store } : {})
   }).pipe(
     Layer.provideMerge(Layer.succeed(AppConfig, config)),
-    // Merged, not only provided: effects the tests run through `runtime` log where the node's own do,
-    // as they did when Effect 3's logger settings lived in the runtime's FiberRefs.
+    // Merged, not only provided: effects the tests run through `runtime` log where the node's own do.
     Layer.provideMerge(
       options.captureLogs === true
         ? Layer.merge(Logger.layer([capture]), Layer.succeed(References.MinimumLogLevel, "Debug"))
