@@ -610,10 +610,18 @@ export const fileConfigProvider = (server: ServerSection): ConfigProvider.Config
     )
   )
 
+/**
+ * The process environment as Tidepool reads it: a variable set to the empty string is a value (so
+ * `PORT=` is reported as not a port, as before Effect 4), where Effect's default `fromEnv()` would
+ * read it as unset and silently fall back to the file or the default. Provide it at the root
+ * (`ConfigProvider.layer(environment())`) so AppConfig.layer and layerFromFile read it.
+ */
+export const environment = (): ConfigProvider.ConfigProvider => ConfigProvider.fromEnv({ preserveEmptyStrings: true })
+
 /** The precedence rule: environment, then the file's `server:` section, then the built-in defaults. */
 export const configProviderFor = (
   server: ServerSection,
-  env: ConfigProvider.ConfigProvider = ConfigProvider.fromEnv()
+  env: ConfigProvider.ConfigProvider = environment()
 ): ConfigProvider.ConfigProvider => ConfigProvider.orElse(env, fileConfigProvider(server))
 
 /** Loads AppConfig from the given provider, reporting problems by environment variable name. */

@@ -5,6 +5,7 @@ import { type Document, isNode, LineCounter, parseDocument } from "yaml"
 import {
   type AppConfigShape,
   configProviderFor,
+  environment,
   loadAppConfig,
   parseSettings,
   type ServerSection,
@@ -359,7 +360,7 @@ const plural = (n: number, noun: string) => `${n} ${noun}${n === 1 ? "" : "s"}`
 /** Validates a config file as `serve` would, and summarises what it would run with. */
 export const checkConfigFile = (
   path: string,
-  env: ConfigProvider.ConfigProvider = ConfigProvider.fromEnv()
+  env: ConfigProvider.ConfigProvider = environment()
 ): Effect.Effect<ConfigCheckSummary, ConfigError> =>
   Effect.gen(function* () {
     const contents = yield* loadConfigFile(path)

@@ -1,8 +1,8 @@
 import { describe, expect, it } from "@effect/vitest"
 import { ConfigProvider, Effect, Layer, Option } from "effect"
-import { AppConfig, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
+import { AppConfig, environment, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
 
-const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries })
+const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries, preserveEmptyStrings: true })
 
 describe("AppConfig", () => {
   it.effect("uses the documented defaults when nothing is set", () =>
@@ -85,6 +85,21 @@ describe("AppConfig", () => {
       expect(error.message).toContain('PORT: expected a port number between 0 and 65535, got "abc"')
       expect(error.message).toContain("TIDEPOOL_LOG_LEVEL: expected one of trace, debug, info, warning, error, none")
       expect(error.message.split("\n")).toHaveLength(7)
+    })
+  )
+
+  it.effect("reads a variable set to the empty string as a value, not as unset", () =>
+    Effect.gen(function* () {
+      // Through the provider the CLI installs, over the real process environment.
+      const saved = process.env.PORT
+      process.env.PORT = ""
+      try {
+        const error = yield* Effect.flip(loadAppConfig(environment()))
+        expect(error.problems).toEqual([{ path: "PORT", reason: 'expected a port number between 0 and 65535, got ""' }])
+      } finally {
+        if (saved === undefined) delete process.env.PORT
+        else process.env.PORT = saved
+      }
     })
   )
 

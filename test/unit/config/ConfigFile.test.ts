@@ -14,7 +14,7 @@ const write = (name: string, text: string): string => {
   return path
 }
 
-const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries })
+const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries, preserveEmptyStrings: true })
 
 const exampleYaml = `
 server:
