@@ -5,7 +5,7 @@ import { AuthQuery, CircuitBreaker, JitApi, SecretCache } from "./auth/index.ts"
 import type { AppConfig, Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
-import { SessionRegistry, TenantChanges } from "./session/index.ts"
+import { IdleSweep, SessionRegistry, TenantChanges } from "./session/index.ts"
 import { EventCounters, Metrics } from "./telemetry/index.ts"
 import { type TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "./tenants/index.ts"
 import { DownstreamTls, UpstreamTls } from "./tls/index.ts"
@@ -41,7 +41,7 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolL
     Layer.provideMerge(Tenants.layer),
     Layer.provideMerge(options.store ?? tenantStoreLayer)
   )
-  const dataPlane = Layer.merge(Listeners.layer, Metrics.layer).pipe(
+  const dataPlane = Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep).pipe(
     Layer.provideMerge(TenantChanges.layer),
     Layer.provideMerge(PoolRegistry.layer),
     Layer.provideMerge(AuthQuery.layer),

@@ -4,6 +4,7 @@ import { NodeRuntime } from "@effect/platform-node"
 import { Cause, Console, Effect, Exit } from "effect"
 import { configCheck } from "./cli/configCheck.ts"
 import { demo } from "./cli/demo.ts"
+import { importPgbouncer, importSupavisor } from "./cli/import.ts"
 import { serve } from "./cli/serve.ts"
 import { VERSION } from "./version.ts"
 
@@ -13,10 +14,20 @@ Usage:
   tidepool serve [--config FILE]   run the pooler (config file also from TIDEPOOL_CONFIG)
   tidepool demo                    run the pooler with an embedded PostgreSQL as tenant "demo"
   tidepool config check FILE       validate a config file and list every problem
+  tidepool import supavisor --database-url URL [--schema NAME] [--dry-run] [--config FILE]
+                                   copy Supavisor's tenants and users (passwords decrypted with
+                                   VAULT_ENC_KEY, or SUPAVISOR_VAULT_ENC_KEY) into Tidepool's store
+                                   (DATABASE_URL, else TIDEPOOL_DATA_DIR/tidepool.db); schema
+                                   _supavisor by default; prints created/updated/unchanged and every
+                                   field it could not map; --dry-run writes nothing
+  tidepool import pgbouncer --ini FILE [--auth-file FILE] [--group-by database|host] [--dry-run]
+                                   the same from a pgbouncer.ini (one tenant per database entry, or
+                                   per host:port with --group-by host)
   tidepool --help | --version
 
 Ports: session mode PROXY_PORT_SESSION (5432), transaction mode PROXY_PORT_TRANSACTION (6543),
-HTTP API PORT (4000). Every setting: docs/configuration.md.
+HTTP API PORT (4000). Every setting: docs/configuration.md. Moving from Supavisor or PgBouncer:
+docs/migrating.md.
 `
 
 const usage = (message: string) =>
@@ -25,13 +36,19 @@ const usage = (message: string) =>
     Effect.sync(() => process.exit(2))
   )
 
-const main = Effect.suspend(() => {
+const main = Effect.suspend((): Effect.Effect<void, unknown> => {
   const { values, positionals } = parseArgs({
     args: process.argv.slice(2),
     allowPositionals: true,
     strict: false,
     options: {
       config: { type: "string", short: "c" },
+      "database-url": { type: "string" },
+      schema: { type: "string" },
+      "dry-run": { type: "boolean" },
+      ini: { type: "string" },
+      "auth-file": { type: "string" },
+      "group-by": { type: "string" },
       help: { type: "boolean", short: "h" },
       version: { type: "boolean", short: "v" }
     }
@@ -48,6 +65,26 @@ const main = Effect.suspend(() => {
     case "config":
       if (rest[0] === "check" && rest[1] !== undefined) return configCheck(rest[1])
       return usage("usage: tidepool config check FILE")
+    case "import": {
+      const text = (name: string) => (typeof values[name] === "string" ? (values[name] as string) : undefined)
+      const dryRun = values["dry-run"] === true
+      if (rest[0] === "supavisor") {
+        const databaseUrl = text("database-url")
+        if (databaseUrl === undefined) return usage("usage: tidepool import supavisor --database-url URL [--dry-run]")
+        return importSupavisor({ databaseUrl, schema: text("schema"), dryRun, configFile })
+      }
+      if (rest[0] === "pgbouncer") {
+        const ini = text("ini")
+        const groupBy = text("group-by") ?? "database"
+        if (ini === undefined || (groupBy !== "database" && groupBy !== "host")) {
+          return usage(
+            "usage: tidepool import pgbouncer --ini FILE [--auth-file FILE] [--group-by database|host] [--dry-run]"
+          )
+        }
+        return importPgbouncer({ ini, authFile: text("auth-file"), groupBy, dryRun, configFile })
+      }
+      return usage("usage: tidepool import supavisor|pgbouncer …")
+    }
     case undefined:
       return Console.log(HELP)
     default:

@@ -103,8 +103,99 @@ const integer =
       : Result.fail(`expected ${what} between ${min} and ${max}, got ${JSON.stringify(raw)}`)
   }
 
+/**
+ * A number with an optional unit, as operators write it (`30s`, `5min`, `64MB`): a bare number is in
+ * `base` (what the setting has always taken, so existing values keep their meaning); a unit scales it,
+ * and the result must be a whole number of `base` units within range.
+ */
+const withUnits =
+  (units: Readonly<Record<string, number>>, base: number, min: number, max: number, what: string, examples: string) =>
+  (raw: string): Result.Result<number, string> => {
+    const match = /^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$/.exec(raw.trim())
+    const factor = match === null ? undefined : match[2] === "" ? base : units[match[2]!.toLowerCase()]
+    const exact = match === null || factor === undefined ? Number.NaN : (Number(match[1]) * factor) / base
+    // 1.005s is 1004.9999999999999 ms in binary floating point; a whole number is what was meant.
+    const value = Math.abs(exact - Math.round(exact)) < 1e-6 ? Math.round(exact) : exact
+    return Number.isSafeInteger(value) && value >= min && value <= max
+      ? Result.succeed(value)
+      : Result.fail(
+          `expected ${what} between ${min} and ${max} (or with a unit: ${examples}), got ${JSON.stringify(raw)}`
+        )
+  }
+
+const timeUnits: Readonly<Record<string, number>> = {
+  ms: 1,
+  s: 1000,
+  sec: 1000,
+  secs: 1000,
+  second: 1000,
+  seconds: 1000,
+  m: 60_000,
+  min: 60_000,
+  mins: 60_000,
+  minute: 60_000,
+  minutes: 60_000,
+  h: 3_600_000,
+  hour: 3_600_000,
+  hours: 3_600_000,
+  d: 86_400_000,
+  day: 86_400_000,
+  days: 86_400_000
+}
+
+// PostgreSQL's convention: kB, MB and GB are powers of 1024; the IEC spellings mean the same.
+const sizeUnits: Readonly<Record<string, number>> = {
+  b: 1,
+  k: 1024,
+  kb: 1024,
+  kib: 1024,
+  m: 1024 ** 2,
+  mb: 1024 ** 2,
+  mib: 1024 ** 2,
+  g: 1024 ** 3,
+  gb: 1024 ** 3,
+  gib: 1024 ** 3
+}
+
 const port = integer(0, 65535, "a port number")
-const millis = (min: number) => integer(min, maxTimerMs, "a duration in milliseconds")
+const millis = (min: number) =>
+  withUnits(timeUnits, 1, min, maxTimerMs, "a duration in milliseconds", "500ms, 30s, 5min, 1h, 1d")
+const bytes = (min: number, max: number) => withUnits(sizeUnits, 1, min, max, "a size in bytes", "64kB, 16MB, 1GB")
+
+/**
+ * Log level names as people write them, from other loggers (Elixir, syslog, PostgreSQL, PgBouncer's
+ * docs): each means "this and more severe", so a name between two of Tidepool's levels picks the more
+ * severe one (`notice`: warning), and the names above error pick error, Tidepool's most severe.
+ */
+const logLevelAliases: Readonly<Record<string, LogLevel>> = {
+  trace: "trace",
+  debug: "debug",
+  info: "info",
+  notice: "warning",
+  warn: "warning",
+  warning: "warning",
+  err: "error",
+  error: "error",
+  crit: "error",
+  critical: "error",
+  alert: "error",
+  emerg: "error",
+  emergency: "error",
+  fatal: "error",
+  panic: "error",
+  off: "none",
+  none: "none",
+  silent: "none"
+}
+
+export const parseLogLevel = (raw: string): Result.Result<LogLevel, string> => {
+  const level = logLevelAliases[raw.trim().toLowerCase()]
+  return level === undefined
+    ? Result.fail(
+        `expected one of trace, debug, info, warning, error, none (also warn, err, notice, fatal, off), got ${JSON.stringify(raw)}`
+      )
+    : Result.succeed(level)
+}
 
 const oneOf =
   <A extends string>(values: ReadonlyArray<A>) =>
@@ -134,20 +225,26 @@ const secret = (raw: string): Result.Result<Redacted.Redacted<string> | undefine
 const postgresUrl = (raw: string): Result.Result<Redacted.Redacted<string> | undefined, string> => {
   const text = raw.trim()
   if (text === "") return Result.succeed(undefined)
+  // Supavisor's DATABASE_URL is written `ecto://…`: the same URL under Elixir's scheme name.
+  if (/^ecto:\/\//i.test(text)) return Result.succeed(Redacted.make(`postgresql://${text.slice("ecto://".length)}`))
   // The value is a credential: the message never echoes it.
   return /^postgres(ql)?:\/\//.test(text)
     ? Result.succeed(Redacted.make(text))
-    : Result.fail("expected a postgres:// or postgresql:// URL")
+    : Result.fail("expected a postgres://, postgresql:// or ecto:// URL")
 }
 
 const vaultKey = (raw: string): Result.Result<Redacted.Redacted<string> | undefined, string> => {
   const text = raw.trim()
   if (text === "") return Result.succeed(undefined)
   if (/^[0-9a-fA-F]{64}$/.test(text)) return Result.succeed(Redacted.make(text))
-  const bytes = /^[A-Za-z0-9+/_-]+={0,2}$/.test(text) ? Buffer.from(text, "base64").length : -1
-  return bytes === 32
+  // Supavisor's form: 32 bytes of text used as the key itself (the vault reads it the same way).
+  if (Buffer.byteLength(text, "utf8") === 32) return Result.succeed(Redacted.make(text))
+  const decoded = /^[A-Za-z0-9+/_-]+={0,2}$/.test(text) ? Buffer.from(text, "base64").length : -1
+  return decoded === 32
     ? Result.succeed(Redacted.make(text))
-    : Result.fail("expected 32 bytes as 64 hex characters or base64 (generate one with `openssl rand -base64 32`)")
+    : Result.fail(
+        "expected 32 bytes as 64 hex characters, base64, or 32 characters used as they are (generate one with `openssl rand -base64 32`)"
+      )
 }
 
 const claimValidators = (raw: string): Result.Result<Readonly<Record<string, unknown>>, string> => {
@@ -246,10 +343,10 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
   logLevel: {
     env: "TIDEPOOL_LOG_LEVEL",
     fileKey: "log_level",
-    type: logLevels.join(" | "),
+    type: `${logLevels.join(" | ")} (also warn, err, notice, fatal, off)`,
     description: "Least severe log level written",
     default: () => "info",
-    parse: oneOf(logLevels)
+    parse: parseLogLevel
   },
   logFormat: {
     env: "TIDEPOOL_LOG_FORMAT",
@@ -297,7 +394,7 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     type: "bytes",
     description: "Largest message a client may send (PostgreSQL's own limit is 1 GiB)",
     default: () => 1_073_741_824,
-    parse: integer(1024, 1_073_741_824, "a size in bytes")
+    parse: bytes(1024, 1_073_741_824)
   },
   jitTimeoutMs: {
     env: "TIDEPOOL_JIT_TIMEOUT",
@@ -332,7 +429,7 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description:
       "Bytes of prepared statements (their Parse messages) one transaction-mode client may hold (EMAXPREPAREDMEM beyond)",
     default: () => 1_048_576,
-    parse: integer(1024, 1_073_741_824, "a size in bytes")
+    parse: bytes(1024, 1_073_741_824)
   },
   serverIdleTimeoutMs: {
     env: "TIDEPOOL_SERVER_IDLE_TIMEOUT",
@@ -463,7 +560,7 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
       "How far ahead an API or metrics token's exp may be; a token expiring later is refused with 401 and the reason",
     // 366 days: a token minted for "1y" (365.25 days) passes; one minted for ever does not.
     default: () => 31_622_400,
-    parse: integer(0, 3_153_600_000, "a number of seconds")
+    parse: withUnits(timeUnits, 1000, 0, 3_153_600_000, "a number of seconds", "3600s, 90min, 24h, 366d")
   },
   apiTokenBlocklist: {
     env: "API_TOKEN_BLOCKLIST",

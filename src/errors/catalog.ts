@@ -305,6 +305,16 @@ export const catalog = {
     meaning: "The admin console did not understand a command, or its argument names no pool.",
     remedy: "Run `SHOW HELP` for the commands; name pools as `tenant` or `tenant/database`."
   }),
+  ECLIENTIDLETIMEOUT: entry({
+    sqlstate: "57P05",
+    severity: fatal,
+    prefix: true,
+    text: (ms: number) => `terminating connection due to client idle timeout (${ms}ms)`,
+    meaning:
+      "The client sent nothing for the tenant's `client_idle_timeout` while it was outside any transaction and had no query running (what PostgreSQL's `idle_session_timeout` does, counted by the pooler, so an idle client holds no pooler memory forever).",
+    remedy:
+      "Reconnect (drivers' pools do this by themselves); raise or turn off (`0`) the tenant's `client_idle_timeout`, or have the client pool close idle connections sooner than it."
+  }),
   EADMINSHUTDOWN: entry({
     sqlstate: "57P01",
     severity: fatal,

@@ -447,6 +447,17 @@ const attach = (
             drainRequested = true
             relay?.drain()
           },
+          idle: {
+            bytesRead: () => client.socket.bytesRead,
+            // A transaction-mode client between transactions holds no server; otherwise the
+            // server it holds says whether a transaction or a query is open.
+            quiet: () =>
+              relay instanceof TransactionRelay
+                ? relay.server === undefined
+                  ? !relay.isWaiting
+                  : relay.server.isIdle
+                : relay !== undefined && server?.isIdle === true
+          },
           tenant: tenant.external_id,
           user: auth.identity.user,
           kick: (error) => {

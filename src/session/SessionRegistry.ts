@@ -1,6 +1,6 @@
 import { randomInt } from "node:crypto"
 import { Context, Effect, Layer } from "effect"
-import type { TidepoolError } from "../errors/index.ts"
+import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 
@@ -37,6 +37,24 @@ export interface SessionHandle {
   readonly kill?: () => Effect.Effect<void>
   /** Absent for admin console sessions, which are not pooled clients. */
   readonly info?: SessionInfo
+  /** What `client_idle_timeout` watches; absent for admin console sessions. */
+  readonly idle?: IdleProbe
+}
+
+/** How the idle sweep sees a client without a hook on the relay's hot path. */
+export interface IdleProbe {
+  /** Bytes the client has sent so far (the socket's own counter). */
+  readonly bytesRead: () => number
+  /** Outside any transaction with nothing in flight: the state in which a silent client is idle. */
+  readonly quiet: () => boolean
+}
+
+interface Entry {
+  readonly secretKey: number
+  readonly handle: SessionHandle
+  /** `bytesRead` at the last sweep, and since when (epoch ms) the client has been quiet and silent. */
+  seenBytes: number
+  idleSince: number
 }
 
 export interface RegisteredSession extends SessionKey {
@@ -55,14 +73,14 @@ export interface SessionKey {
  */
 export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepool/SessionRegistry", {
   make: Effect.sync(() => {
-    const sessions = new Map<number, { readonly secretKey: number; readonly handle: SessionHandle }>()
+    const sessions = new Map<number, Entry>()
     return {
       register: (handle: SessionHandle): SessionKey => {
         let processId: number
         do processId = randomInt(1, 2 ** 31 - 1)
         while (sessions.has(processId))
         const secretKey = randomInt(-(2 ** 31), 2 ** 31 - 1)
-        sessions.set(processId, { secretKey, handle })
+        sessions.set(processId, { secretKey, handle, seenBytes: handle.idle?.bytesRead() ?? 0, idleSince: Date.now() })
         return { processId, secretKey }
       },
       unregister: (key: SessionKey): void => {
@@ -105,6 +123,31 @@ export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepoo
         let n = 0
         for (const { handle } of sessions.values()) if (handle.tenant === tenant) n++
         return n
+      },
+      /**
+       * One pass of the idle sweep: a client is idle from the first sweep that finds it quiet with
+       * no new bytes, so time spent in a transaction or running a query never counts, and a client
+       * that sent anything starts again. Ends with ECLIENTIDLETIMEOUT those idle for their tenant's
+       * timeout (`timeoutOf`: ms, 0 = never); returns how many.
+       */
+      sweepIdle: (now: number, timeoutOf: (tenant: string) => number): number => {
+        let ended = 0
+        for (const entry of sessions.values()) {
+          const { handle } = entry
+          if (handle.idle === undefined) continue
+          const bytes = handle.idle.bytesRead()
+          if (bytes !== entry.seenBytes || !handle.idle.quiet()) {
+            entry.seenBytes = bytes
+            entry.idleSince = now
+            continue
+          }
+          const timeout = timeoutOf(handle.tenant)
+          if (timeout > 0 && now - entry.idleSince >= timeout) {
+            handle.kick(tidepoolError("ECLIENTIDLETIMEOUT", timeout))
+            ended++
+          }
+        }
+        return ended
       },
       drainAll: (): void => {
         for (const { handle } of sessions.values()) handle.drain()

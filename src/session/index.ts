@@ -1,4 +1,5 @@
 export { clientSession } from "./ClientSession.ts"
+export { IdleSweep } from "./IdleSweep.ts"
 export {
   type RegisteredSession,
   type SessionHandle,

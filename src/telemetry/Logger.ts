@@ -1,4 +1,5 @@
-import { Cause, Context, Layer, Logger, type LogLevel, Redacted, References, Tracer } from "effect"
+import { Cause, Context, Layer, Logger, type LogLevel, Redacted, References, Result, Tracer } from "effect"
+import { parseLogLevel } from "../config/index.ts"
 
 export type LogFormat = "json" | "pretty"
 
@@ -70,7 +71,10 @@ const levels: Record<string, LogLevel.LogLevel> = {
  */
 export const tenantLogLevel = (featureFlags: Readonly<Record<string, unknown>>): LogLevel.LogLevel | undefined => {
   const level = featureFlags.log_level
-  return typeof level === "string" ? levels[level.toLowerCase()] : undefined
+  if (typeof level !== "string") return undefined
+  // The same spellings TIDEPOOL_LOG_LEVEL takes (`warn`, `err`, any case).
+  const parsed = parseLogLevel(level)
+  return Result.isSuccess(parsed) ? levels[parsed.success] : undefined
 }
 
 /** Replaces Effect's loggers with Tidepool's, and sets the node's least severe level. */

@@ -10,4 +10,4 @@ export {
 } from "./TenantStore.ts"
 export { type TenantChange, type TenantListener, Tenants } from "./Tenants.ts"
 export { tenantStoreLayer } from "./tenantStoreLayer.ts"
-export { parseVaultKey, Vault, VaultError } from "./Vault.ts"
+export { decryptCloak, parseVaultKey, SUPAVISOR_CLOAK_TAG, Vault, VaultError } from "./Vault.ts"

@@ -224,7 +224,13 @@ describe("tidepool serve", () => {
   it("documents every command in --help", async () => {
     const cli = runCli(["--help"], {})
     expect(await cli.exited).toBe(0)
-    for (const command of ["tidepool serve", "tidepool demo", "tidepool config check"]) {
+    for (const command of [
+      "tidepool serve",
+      "tidepool demo",
+      "tidepool config check",
+      "tidepool import supavisor",
+      "tidepool import pgbouncer"
+    ]) {
       expect(cli.output()).toContain(command)
     }
   })

@@ -5,6 +5,7 @@
  */
 import { parseArgs } from "node:util"
 import { checkSeed, StressEnv } from "./harness.ts"
+import { FEATURES, type Feature } from "./script.ts"
 
 const HELP = `npm run stress -- [options]
 
@@ -17,6 +18,8 @@ const HELP = `npm run stress -- [options]
   --shrink K        full runs to spend shrinking a failure (default 20; 0: none)
   --path P          replay the shrunk counterexample fast-check printed (with its --seed)
   --cache-size C    Tidepool's per-server prepared-statement cache (default 20)
+  --features F,…    also generate the patterns of known, unfixed defects (${FEATURES.join(", ")}, or all;
+                    test/stress/differences.ts lists them)
 `
 
 const { values } = parseArgs({
@@ -30,6 +33,7 @@ const { values } = parseArgs({
     shrink: { type: "string", default: "20" },
     path: { type: "string" },
     "cache-size": { type: "string", default: "20" },
+    features: { type: "string", default: "" },
     help: { type: "boolean", default: false }
   }
 })
@@ -48,6 +52,16 @@ const int = (name: string, value: string | undefined): number => {
   return n
 }
 
+const features = new Set<Feature>()
+for (const name of values.features.split(",").filter((f) => f !== "")) {
+  if (name === "all") for (const f of FEATURES) features.add(f)
+  else if ((FEATURES as ReadonlyArray<string>).includes(name)) features.add(name as Feature)
+  else {
+    process.stderr.write(`--features: no feature ${JSON.stringify(name)} (${FEATURES.join(", ")}, all)\n\n${HELP}`)
+    process.exit(2)
+  }
+}
+
 const first = values.seed === undefined ? Math.floor(Math.random() * 2 ** 31) : int("seed", values.seed)
 const pool = Math.max(1, int("pool", values.pool))
 const until = Date.now() + int("duration", values.duration) * 1000
@@ -63,6 +77,7 @@ try {
       length: Math.max(1, int("length", values.length)),
       deadlineMs: int("deadline", values.deadline) * 1000,
       shrinkRuns: int("shrink", values.shrink),
+      features,
       ...(values.path !== undefined ? { path: values.path } : {})
     })
     process.stdout.write(`${outcome.report} (${((Date.now() - started) / 1000).toFixed(1)} s)\n`)

@@ -119,10 +119,36 @@ export const AVOIDED: ReadonlyArray<{ readonly what: string; readonly why: strin
     why: "whether the next use fails depends on which server it lands on; scripts change types inside the transaction that uses the statement (see stale-statement-heals)"
   },
   {
+    what: "a named Parse of a shared-table statement while the table does not exist",
+    why:
+      "a Parse of a text the pool has seen parse is answered without the server, so the missing table is " +
+      "reported at the Bind instead of the Parse (docs/prepared-statements.md, 'Limits': a statement fails " +
+      "on its next use), and the client then holds a name PostgreSQL never created; scripts use the unnamed statement then"
+  },
+  {
+    what: "a named statement used again once its table's column type has changed and come back (A → B → A)",
+    why:
+      "PostgreSQL compares the result type with the one at Parse and runs it; Tidepool, which knows the statement " +
+      "went stale but not to what, may answer 0A000 (not in docs/prepared-statements.md); scripts prepare it again"
+  },
+  {
     what: "vanishing while a statement runs",
     why: "PostgreSQL only notices a vanished client when it next reads or writes, so a direct connection's backend runs on: no common ground to compare"
   }
 ]
+
+/**
+ * Shared tables and concurrent DDL. Clients share tables (`{S0}`, `{S1}`) and statement texts on them,
+ * and change them (ALTER COLUMN … TYPE, DROP and CREATE with another or the same type, DROP alone)
+ * while others use them. What PostgreSQL answers then depends on the interleaving, which differs
+ * between the two runs; rather than accept every legal outcome (which would also accept a wrong one),
+ * the scripts put every client's shared-table steps in one order per run, cut into epochs by the DDL,
+ * and both runs keep that order at harness level (test/stress/epochs.ts): a step runs only in its
+ * epoch, a DDL only once every step of the epoch it ends is done. Each client thus meets the same
+ * table state at the same step both ways and the comparison stays exact. A step on a shared table is
+ * an exchange of its own outside any transaction, so that a client waiting for its epoch holds no
+ * server; everything else in the scripts runs unordered, as before.
+ */
 
 /**
  * What the harness found in Tidepool, for the record (each kept as a regression test in

@@ -21,12 +21,17 @@ import { PoolRegistry, type TenantPool } from "../../src/pool/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
 import { DIFFERENCES, normalizeError, normalizeStep } from "./differences.ts"
+import { Epochs } from "./epochs.ts"
 import {
   type Act,
   type ClientScript,
-  clientScript,
   encode,
+  type Feature,
+  type Gate,
+  gateText,
   type RenderContext,
+  runScripts,
+  SHARED_TABLES,
   scriptText,
   stepText,
   substitute
@@ -179,6 +184,10 @@ export class StressEnv {
       ddl.push(`CREATE TABLE ${schema}.d${i} (id int PRIMARY KEY, v int)`)
       ddl.push(`INSERT INTO ${schema}.d${i} VALUES (1, 10), (2, 20)`)
     }
+    for (let i = 0; i < SHARED_TABLES; i++) {
+      ddl.push(`CREATE TABLE ${schema}.s${i} (id int PRIMARY KEY, x integer)`)
+      ddl.push(`INSERT INTO ${schema}.s${i} SELECT g, g FROM generate_series(1, 3) g`)
+    }
     await Promise.all(SIDES.map((side) => this.asOwner(side, pool, ddl.join(";\n"))))
   }
 
@@ -251,8 +260,9 @@ export class StressEnv {
     const capacity = this.watchCapacity(pool)
     try {
       const [direct, pooled] = await Promise.all(
-        SIDES.map((side) =>
-          Promise.all(
+        SIDES.map((side) => {
+          const epochs = new Epochs(scripts)
+          return Promise.all(
             scripts.map((script, client) =>
               this.runClient(
                 side,
@@ -260,11 +270,12 @@ export class StressEnv {
                 { schema, client },
                 pool,
                 deadline,
+                epochs,
                 side === "pooled" ? capacity.onMessage : undefined
               )
             )
           )
-        )
+        })
       )
       const stuck = [...direct!, ...pooled!].filter((r) => r.stuck !== undefined)
       if (stuck.length > 0) {
@@ -274,7 +285,7 @@ export class StressEnv {
         )
       }
       for (let i = 0; i < scripts.length; i++) {
-        const mismatch = compareClient(i, scripts[i]!, direct![i]!, pooled![i]!)
+        const mismatch = compareClient(i, scripts, direct![i]!, pooled![i]!)
         if (mismatch !== undefined) problems.push(mismatch)
       }
       if (stuck.length === 0) problems.push(...(await this.afterwards(pool, { schema, clients: scripts.length })))
@@ -346,21 +357,27 @@ export class StressEnv {
     ctx: RenderContext,
     pool: number,
     deadline: number,
+    epochs: Epochs,
     onMessage: (() => void) | undefined
   ): Promise<ClientResult> {
     const marks: Array<number> = []
     let client: WireClient | undefined
     let stepIndex = -1
+    let done = 0
     try {
       client = await WireClient.connect(this.endpoint(side, pool), normalizeError, deadline)
       client.onMessage = onMessage
       for (const [i, step] of script.steps.entries()) {
         stepIndex = i
         marks.push(client.log.length)
+        if (step.gate !== undefined) await epochs.enter(step.gate, ctx.client, deadline)
         await this.perform(side, pool, client, step.act, ctx, deadline)
+        if (step.gate !== undefined) epochs.done(step.gate, ctx.client)
+        done = i + 1
       }
       return { log: client.log, marks }
     } catch (error) {
+      epochs.retire(script.steps.slice(done), ctx.client)
       const log = client?.log ?? []
       if (error instanceof Closed) {
         log.push("<connection closed>")
@@ -520,16 +537,30 @@ export class StressEnv {
           `(SELECT string_agg(attname || ':' || format_type(atttypid, atttypmod), ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '${schema}.d${i}'::regclass AND attnum > 0 AND NOT attisdropped) AS dtype`
       )
     }
+    // The shared tables as they are on the direct side; a table missing on the other side fails its query there.
+    const exists = await this.asOwner<{ n: number }>(
+      "direct",
+      pool,
+      `SELECT n FROM generate_series(0, ${SHARED_TABLES - 1}) n WHERE to_regclass('${schema}.s' || n) IS NOT NULL`
+    )
+    for (const { n } of exists) {
+      const table = `${schema}.s${n}`
+      sql.push(
+        `SELECT ${-1 - n} AS client, (SELECT string_agg(id || '/' || x, ',' ORDER BY id) FROM ${table}) AS t, NULL AS d, ` +
+          `(SELECT string_agg(attname || ':' || format_type(atttypid, atttypmod), ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '${table}'::regclass AND attnum > 0 AND NOT attisdropped) AS dtype`
+      )
+    }
     const query = sql.join(" UNION ALL ")
     const [direct, pooled] = await Promise.all([
       this.asOwner("direct", pool, query),
-      this.asOwner("pooled", pool, query)
+      this.asOwner("pooled", pool, query).catch((error: Error) => [{ client: -1, error: error.message }])
     ])
     const problems: Array<string> = []
-    for (let i = 0; i < clients; i++) {
+    for (let i = -SHARED_TABLES; i < clients; i++) {
       const a = JSON.stringify(direct.find((r) => Number(r.client) === i))
       const b = JSON.stringify(pooled.find((r) => Number(r.client) === i))
-      if (a !== b) problems.push(`TABLES of client ${i} differ:\n    direct: ${a}\n    pooled: ${b}`)
+      const whose = i < 0 ? `shared table s${-1 - i}` : `of client ${i}`
+      if (a !== b) problems.push(`TABLES ${whose} differ:\n    direct: ${a}\n    pooled: ${b}`)
     }
     return problems
   }
@@ -555,13 +586,29 @@ const stepSlice = (r: ClientResult, i: number): ReadonlyArray<string> =>
     i < r.marks.length ? r.log.slice(r.marks[i], i + 1 < r.marks.length ? r.marks[i + 1] : r.log.length) : []
   )
 
+/** Every client's steps on a shared table up to the gate's epoch, in epoch order: what the mismatch depends on. */
+const sharedHistory = (scripts: ReadonlyArray<ClientScript>, gate: Gate): string => {
+  const lines: Array<{ epoch: number; ddl: boolean; text: string }> = []
+  scripts.forEach((script, client) => {
+    script.steps.forEach((step, i) => {
+      const g = step.gate
+      if (g === undefined || g.table !== gate.table || g.epoch > gate.epoch || (g.ddl && g.epoch === gate.epoch)) return
+      lines.push({ epoch: g.epoch, ddl: g.ddl, text: `client ${client} step ${i} ${gateText(g)}${stepText(step)}` })
+    })
+  })
+  // Within an epoch the uses ran in any order, and its DDL after all of them.
+  lines.sort((a, b) => a.epoch - b.epoch || Number(a.ddl) - Number(b.ddl))
+  return `  shared table s${gate.table} up to epoch ${gate.epoch}, every client's steps on it:\n${lines.map((l) => `    ${l.text}`).join("\n")}`
+}
+
 /** The first step whose observations differ (beyond a difference the step declares), described. */
 const compareClient = (
   client: number,
-  script: ClientScript,
+  scripts: ReadonlyArray<ClientScript>,
   direct: ClientResult,
   pooled: ClientResult
 ): string | undefined => {
+  const script = scripts[client]!
   if (direct.stuck !== undefined || pooled.stuck !== undefined) return undefined
   const steps = Math.max(direct.marks.length, pooled.marks.length)
   for (let i = 0; i < steps; i++) {
@@ -577,8 +624,9 @@ const compareClient = (
       rows.push(`    ${mark} direct: ${a[j] ?? "—"}\n      pooled: ${b[j] ?? "—"}`)
     }
     return (
-      `MISMATCH: client ${client}, step ${i} ${step === undefined ? "" : stepText(step)}\n${rows.join("\n")}\n` +
-      `  client ${client}'s script:\n${scriptText(script)}`
+      `MISMATCH: client ${client}, step ${i} ${step === undefined ? "" : `${gateText(step.gate)}${stepText(step)}`}\n${rows.join("\n")}\n` +
+      `  client ${client}'s script:\n${scriptText(script)}` +
+      (step?.gate === undefined ? "" : `\n${sharedHistory(scripts, step.gate)}`)
     )
   }
   return undefined
@@ -591,6 +639,8 @@ export interface PropertyOptions extends RunOptions {
   /** Full runs spent shrinking a failure (0: report the failing scripts as generated). */
   readonly shrinkRuns: number
   readonly path?: string
+  /** Patterns of known, unfixed defects to generate too (script.ts's FEATURES). */
+  readonly features?: ReadonlySet<Feature>
 }
 
 export interface Outcome {
@@ -603,10 +653,7 @@ export const checkSeed = async (env: StressEnv, options: PropertyOptions): Promi
   let calls = 0
   let runs = 0
   let lastProblems: Array<string> = []
-  const scripts = fc.array(clientScript(options.length), {
-    minLength: options.clients,
-    maxLength: options.clients
-  })
+  const scripts = runScripts(options.clients, options.length, options.features)
   const property = fc.asyncProperty(scripts, async (value) => {
     calls++
     // Past the budget every candidate "passes", which ends shrinking at the smallest failure so far.
@@ -625,6 +672,9 @@ export const checkSeed = async (env: StressEnv, options: PropertyOptions): Promi
   if (!details.failed) return { ok: true, report: `seed ${options.seed}: ok` }
   const repro =
     `npm run stress -- --seed ${options.seed} --clients ${options.clients} --pool ${options.pool} --length ${options.length}` +
+    (options.features !== undefined && options.features.size > 0
+      ? ` --features ${[...options.features].join(",")}`
+      : "") +
     (details.counterexamplePath !== null ? ` --path ${details.counterexamplePath}` : "")
   const failure = details.errorInstance instanceof Error ? `\n${details.errorInstance.stack}` : ""
   return {

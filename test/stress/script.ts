@@ -17,7 +17,10 @@ import { serialize } from "pg-protocol"
 
 // ---- wire steps (plain data: printable, replayable) ---------------------------------------------
 
-/** SQL and values may hold `{T}` / `{D}` (the client's tables), `{C}` (its number), `{FILL:n:c}` (c × n). */
+/**
+ * SQL and values may hold `{T}` / `{D}` (the client's tables), `{S0}` / `{S1}` (tables every client
+ * shares), `{C}` (its number), `{FILL:n:c}` (c × n).
+ */
 export type Frame =
   | { readonly t: "Q"; readonly sql: string }
   | { readonly t: "P"; readonly name: string; readonly sql: string }
@@ -65,6 +68,21 @@ export interface Step {
   readonly act: Act
   /** A documented difference this step may show (differences.ts). */
   readonly allow?: "stale-statement-heals"
+  /** A step on a shared table: the harness runs it at its epoch of that table (see `Gate`). */
+  readonly gate?: Gate
+}
+
+/**
+ * Shared tables (`{S0}`, `{S1}`) go through numbered *epochs*, one per DDL that changes them. A step
+ * gated at epoch `epoch` of `table` runs only while the table is in that epoch; the DDL step that ends
+ * epoch `epoch` (`ddl`) runs only once every other client's steps of that epoch are done. Both runs
+ * (direct and through Tidepool) honour the same gates, so every client meets every shared table in
+ * the same state both ways, however the clients interleave.
+ */
+export interface Gate {
+  readonly table: number
+  readonly epoch: number
+  readonly ddl: boolean
 }
 
 export interface ClientScript {
@@ -80,6 +98,7 @@ export const substitute = (s: string, ctx: RenderContext): string =>
   s
     .replaceAll("{T}", `${ctx.schema}.t${ctx.client}`)
     .replaceAll("{D}", `${ctx.schema}.d${ctx.client}`)
+    .replace(/\{S(\d)\}/g, (_, n: string) => `${ctx.schema}.s${n}`)
     .replaceAll("{C}", String(ctx.client))
     .replace(/\{FILL:(\d+):(.)\}/g, (_, n: string, c: string) => c.repeat(Number(n)))
 
@@ -165,8 +184,11 @@ export const stepText = (step: Step): string => {
   }
 }
 
+export const gateText = (g: Gate | undefined): string =>
+  g === undefined ? "" : g.ddl ? `[s${g.table} epoch ${g.epoch} → ${g.epoch + 1}] ` : `[s${g.table} epoch ${g.epoch}] `
+
 export const scriptText = (script: ClientScript): string =>
-  script.steps.map((step, i) => `  ${String(i).padStart(3)} ${stepText(step)}`).join("\n")
+  script.steps.map((step, i) => `  ${String(i).padStart(3)} ${gateText(step.gate)}${stepText(step)}`).join("\n")
 
 // ---- statements -----------------------------------------------------------------------------------
 
@@ -234,6 +256,36 @@ const SHOW_SETTINGS =
   "SELECT current_setting('TimeZone') AS tz, current_setting('DateStyle') AS ds, current_setting('IntervalStyle') AS ist, " +
   "current_setting('application_name') AS app, current_setting('work_mem') AS wm, current_setting('statement_timeout') AS st, " +
   "timestamptz '2024-01-02 03:04:05+00' AS ts, date '2024-03-04' AS d, interval '1 day 02:03:04' AS i"
+
+/**
+ * Statements on the shared tables: every client uses the same text, so through Tidepool they share
+ * one server-side statement, which DDL by one client can make stale for another.
+ */
+const SHARED: ReadonlyArray<{
+  readonly sql: string
+  readonly simple: (a: number) => string
+  readonly values: (a: number) => Array<string>
+}> = [
+  { sql: "SELECT id, x FROM {S} ORDER BY id", simple: () => "SELECT id, x FROM {S} ORDER BY id", values: () => [] },
+  {
+    sql: "SELECT x, $1::int AS k FROM {S} WHERE id >= $1::int ORDER BY id",
+    simple: (a) => `SELECT x, ${a % 3}::int AS k FROM {S} WHERE id >= ${a % 3}::int ORDER BY id`,
+    values: (a) => [`${a % 3}`]
+  }
+]
+
+/**
+ * The types a shared table's `x` takes, in order: each DDL that changes it moves to the next, so a
+ * type comes back only after all the others (see AVOIDED on A→B→A). Values stay small integers, which
+ * every one of them reads and prints alike, so that ALTER … USING x::type always works.
+ */
+export const SHARED_TYPES: ReadonlyArray<string> = ["integer", "text", "bigint", "numeric", "varchar(20)", "smallint"]
+
+/** Shared tables per run (`{S0}`, `{S1}`), each created at epoch 0 as `(id int PRIMARY KEY, x integer)` with ids 1..3. */
+export const SHARED_TABLES = 2
+
+/** Shared-table intents against the 37 of the rest (their weights' sum): about one intent in eight. */
+const SHARED_WEIGHT = 5
 
 type SimpleKind = "select" | "upsert" | "update" | "delete" | "agg" | "div0" | "dup" | "empty" | "notice" | "show"
 
@@ -375,6 +427,27 @@ export type Intent =
       readonly cuts: ReadonlyArray<number>
     }
   | { readonly k: "cancel"; readonly where: "simple" | "tx" | "extended" }
+  | {
+      readonly k: "sharedUse"
+      readonly table: number
+      readonly stmt: number
+      readonly how: "named" | "unnamed" | "simple"
+      readonly describe: "none" | "S" | "P"
+      readonly a: number
+      /** After `cached plan must not change result type`: Close and Parse again (as postgres.js does) rather than use it again. */
+      readonly reprepare: boolean
+      /** Where the use falls among every client's shared-table steps (see `compileRun`). */
+      readonly phase: number
+    }
+  | {
+      readonly k: "sharedDdl"
+      readonly table: number
+      /** `same`: drop and re-create with the same type; `drop`: the table is absent until the next DDL. */
+      readonly kind: "alter" | "recreate" | "same" | "drop"
+      /** One Query (its statements in one implicit transaction), or BEGIN … COMMIT pipelined. */
+      readonly tx: boolean
+      readonly phase: number
+    }
 
 // ---- compiling intents into steps -------------------------------------------------------------------
 
@@ -383,8 +456,44 @@ type State = "no" | "yes" | "maybe"
 const worse = (s: State, f: Fails): State =>
   f === "yes" || s === "yes" ? "yes" : f === "maybe" || s === "maybe" ? "maybe" : "no"
 
+/** A shared table during one epoch; `type` indexes SHARED_TYPES (while absent: the type it last had). */
+interface Epoch {
+  readonly exists: boolean
+  readonly type: number
+}
+
+/** How the run's shared-table steps fall into epochs (`compileRun`), as one client's compiler sees it. */
+interface SharedPlan {
+  /** Per table, its state in each epoch. */
+  readonly epochs: ReadonlyArray<ReadonlyArray<Epoch>>
+  /** Per table, the statements of the DDL that ends each epoch. */
+  readonly transitions: ReadonlyArray<ReadonlyArray<ReadonlyArray<string>>>
+  /** This client's shared intents, by index: the epoch a use runs in, or the epoch a DDL ends. */
+  readonly at: ReadonlyMap<number, number>
+}
+
+const NO_SHARING: SharedPlan = { epochs: [], transitions: [], at: new Map() }
+
+/**
+ * Patterns of a Tidepool defect found and not fixed yet, kept out of the scripts unless asked for
+ * (`npm run stress -- --features …`; differences.ts lists each):
+ *
+ * - `stale-reuse`: a client uses its named statement on a shared table again after DDL changed the
+ *   table's type (otherwise it closes and prepares it again first, as postgres.js does on 0A000).
+ */
+export type Feature = "stale-reuse"
+
+export const FEATURES: ReadonlyArray<Feature> = ["stale-reuse"]
+
 class Compiler {
+  constructor(
+    private readonly plan: SharedPlan = NO_SHARING,
+    private readonly features: ReadonlySet<Feature> = new Set()
+  ) {}
+
   readonly steps: Array<Step> = []
+  /** Named statements on the shared tables: name → the epoch it was prepared in, and whether its 0A000 was seen. */
+  private readonly shared = new Map<string, { epoch: number; erred: boolean }>()
   /** Named protocol-level statements: name → statement index, and whether it surely exists. */
   private readonly named = new Map<string, { stmt: number; sure: boolean }>()
   /** `{D}.v`'s type as far as committed DDL goes. */
@@ -398,22 +507,139 @@ class Compiler {
   private savepoints = 0
 
   compile(intents: ReadonlyArray<Intent>, ending: Ending): ClientScript {
-    for (const intent of intents) {
+    for (const [i, intent] of intents.entries()) {
       this.block++
-      this.intent(intent)
+      if (intent.k === "sharedUse") this.sharedUse(intent, this.plan.at.get(i))
+      else if (intent.k === "sharedDdl") this.sharedDdl(intent, this.plan.at.get(i))
+      else this.intent(intent)
     }
     this.block++
     this.end(ending)
     return { steps: this.steps }
   }
 
-  private push(label: string, act: Act, allow?: Step["allow"]): void {
-    this.steps.push(allow === undefined ? { label, act } : { label, act, allow })
+  private push(label: string, act: Act, allow?: Step["allow"], gate?: Gate): void {
+    this.steps.push({
+      label,
+      act,
+      ...(allow === undefined ? {} : { allow }),
+      ...(gate === undefined ? {} : { gate })
+    })
   }
 
-  private send(label: string, frames: Array<Frame>, cuts: ReadonlyArray<number> = []): void {
+  private send(label: string, frames: Array<Frame>, cuts: ReadonlyArray<number> = [], gate?: Gate): void {
     const ready = frames.filter((f) => f.t === "Q" || f.t === "S").length
-    this.push(label, { a: "send", frames, cuts, ready })
+    this.push(label, { a: "send", frames, cuts, ready }, undefined, gate)
+  }
+
+  /** Forgets every named statement (DEALLOCATE ALL, DISCARD ALL). */
+  private forgetAll(): void {
+    this.named.clear()
+    this.shared.clear()
+  }
+
+  /**
+   * A use of a shared table's statement, alone in its exchange, outside any transaction (the harness
+   * may hold the client at its gate, and a client waiting there must hold no server). A client's first
+   * use of a named statement comes with its Parse, as drivers do.
+   */
+  private sharedUse(it: Extract<Intent, { k: "sharedUse" }>, epoch: number | undefined): void {
+    if (epoch === undefined) return
+    const table = it.table
+    const states = this.plan.epochs[table]!
+    const now = states[epoch]!
+    const gate: Gate = { table, epoch, ddl: false }
+    const st = SHARED[it.stmt]!
+    const onTable = (sql: string) => sql.replaceAll("{S}", `{S${table}}`)
+    const typeText = now.exists ? SHARED_TYPES[now.type]! : "absent"
+    if (it.how === "simple") {
+      this.send(`shared s${table} (x ${typeText}): simple query`, [{ t: "Q", sql: onTable(st.simple(it.a)) }], [], gate)
+      return
+    }
+    const values = st.values(it.a)
+    const name = `sh${table}${it.stmt}`
+    let held = it.how === "named" ? this.shared.get(name) : undefined
+    if (held !== undefined) {
+      const then = states[held.epoch]!
+      const stale = now.exists && now.type !== then.type
+      // A→B→A: see AVOIDED. The client prepares it again instead.
+      const back = now.exists && !stale && states.slice(held.epoch, epoch).some((s) => s.exists && s.type !== then.type)
+      const reuse = this.features.has("stale-reuse")
+      if (back || (stale && !reuse) || (stale && held.erred && it.reprepare)) {
+        this.shared.delete(name)
+        held = undefined
+        this.send(`close ${name}${back ? " (its type came back)" : " (type changed)"}`, [
+          { t: "C", what: "S", name },
+          this.sync()
+        ])
+      } else if (stale) {
+        const use: Array<Frame> = [
+          ...(it.describe === "S" && !held.erred ? [{ t: "D", what: "S", name } as const] : []),
+          { t: "B", portal: "", stmt: name, values },
+          { t: "E", portal: "", rows: 0 },
+          this.sync()
+        ]
+        const label = `shared s${table}: ${name} prepared on x ${SHARED_TYPES[then.type]}, now x ${typeText}`
+        if (held.erred)
+          this.push(
+            `${label}, used again`,
+            { a: "send", frames: use, cuts: [], ready: 1 },
+            "stale-statement-heals",
+            gate
+          )
+        else this.send(`${label}: 0A000`, use, [], gate)
+        held.erred = true
+        return
+      } else {
+        this.send(
+          `shared s${table} (x ${typeText}): ${name} again`,
+          [
+            ...(it.describe === "S" ? [{ t: "D", what: "S", name } as const] : []),
+            { t: "B", portal: "", stmt: name, values },
+            ...(it.describe === "P" ? [{ t: "D", what: "P", name: "" } as const] : []),
+            { t: "E", portal: "", rows: 0 },
+            this.sync()
+          ],
+          [],
+          gate
+        )
+        return
+      }
+    }
+    // A named Parse while the table is absent: see AVOIDED (the unnamed statement instead).
+    const stmt = it.how === "named" && now.exists ? name : ""
+    if (stmt !== "") this.shared.set(name, { epoch, erred: false })
+    this.send(
+      `shared s${table} (x ${typeText}): ${stmt === "" ? "unnamed" : `prepare ${name} and use it`}`,
+      [
+        { t: "P", name: stmt, sql: onTable(st.sql) },
+        ...(it.describe === "S" ? [{ t: "D", what: "S", name: stmt } as const] : []),
+        { t: "B", portal: "", stmt, values },
+        ...(it.describe === "P" ? [{ t: "D", what: "P", name: "" } as const] : []),
+        { t: "E", portal: "", rows: 0 },
+        this.sync()
+      ],
+      [],
+      gate
+    )
+  }
+
+  /** The DDL that ends an epoch of a shared table (its statements decided for the whole run by `compileRun`). */
+  private sharedDdl(it: Extract<Intent, { k: "sharedDdl" }>, epoch: number | undefined): void {
+    if (epoch === undefined) return
+    const table = it.table
+    const sql = this.plan.transitions[table]![epoch]!.map((q) => q.replaceAll("{S}", `{S${table}}`))
+    const next = this.plan.epochs[table]![epoch + 1]!
+    const label = `shared s${table} DDL → ${next.exists ? `x ${SHARED_TYPES[next.type]}` : "absent"}`
+    const gate: Gate = { table, epoch, ddl: true }
+    if (it.tx)
+      this.send(
+        `${label} (BEGIN … COMMIT in one write)`,
+        [{ t: "Q", sql: "BEGIN" }, ...sql.map((q) => ({ t: "Q", sql: q }) as const), { t: "Q", sql: "COMMIT" }],
+        [],
+        gate
+      )
+    else this.send(label, [{ t: "Q", sql: sql.join("; ") }], [], gate)
   }
 
   private txState(): State | undefined {
@@ -542,7 +768,7 @@ class Compiler {
         this.sqlPrepare(it, n)
         return
       case "discard": {
-        this.named.clear()
+        this.forgetAll()
         this.send(it.all ? "DISCARD ALL" : "DEALLOCATE ALL", [
           { t: "Q", sql: it.all ? "DISCARD ALL" : "DEALLOCATE ALL" }
         ])
@@ -574,6 +800,10 @@ class Compiler {
         return
       case "cancel":
         this.cancel(it, n)
+        return
+      case "sharedUse":
+      case "sharedDdl":
+        // Compiled by `compile`, which knows their epochs.
         return
     }
   }
@@ -687,7 +917,7 @@ class Compiler {
     if (it.inTx) this.send("BEGIN", [{ t: "Q", sql: "BEGIN" }])
     for (let i = 0; i < it.uses; i++) this.send("EXECUTE", [{ t: "Q", sql: `EXECUTE ${name}(${i + n})` }])
     if (it.inTx) this.send("COMMIT", [{ t: "Q", sql: "COMMIT" }])
-    if (it.end !== "deallocate") this.named.clear()
+    if (it.end !== "deallocate") this.forgetAll()
     const sql =
       it.end === "deallocate" ? `DEALLOCATE ${name}` : it.end === "deallocateAll" ? "DEALLOCATE ALL" : "DISCARD ALL"
     this.send(sql.split(" ").slice(0, 2).join(" "), [{ t: "Q", sql }])
@@ -893,6 +1123,74 @@ const splitsFill = (data: string, at: number): boolean => {
 export const compile = (intents: ReadonlyArray<Intent>, ending: Ending): ClientScript =>
   new Compiler().compile(intents, ending)
 
+export interface ClientIntents {
+  readonly intents: ReadonlyArray<Intent>
+  readonly ending: Ending
+}
+
+const sharedCreate = (type: number, transition: number): Array<string> => {
+  const t = SHARED_TYPES[type]!
+  return [
+    `CREATE TABLE {S} (id int PRIMARY KEY, x ${t})`,
+    `INSERT INTO {S} SELECT g, (g * ${transition + 2})::${t} FROM generate_series(1, 3) g`
+  ]
+}
+
+/**
+ * Compiles every client's script of one run. The shared-table intents of all clients are put in one
+ * order (by phase; within a client, its phases are taken in ascending order along its script, so a
+ * client's own steps are in order): a DDL ends the current epoch of its table, a use falls in the
+ * epoch current at its place. Waiting only ever goes towards earlier places in that order, and a
+ * client waits only between exchanges, holding no server, so the gates cannot deadlock.
+ */
+export const compileRun = (
+  clients: ReadonlyArray<ClientIntents>,
+  features: ReadonlySet<Feature> = new Set()
+): Array<ClientScript> => {
+  type Shared = Extract<Intent, { k: "sharedUse" | "sharedDdl" }>
+  const items: Array<{ client: number; index: number; phase: number; intent: Shared }> = []
+  clients.forEach(({ intents }, client) => {
+    const mine = intents.flatMap((intent, index) =>
+      intent.k === "sharedUse" || intent.k === "sharedDdl" ? [{ index, intent }] : []
+    )
+    const phases = mine.map((m) => m.intent.phase).sort((x, y) => x - y)
+    for (const [n, m] of mine.entries()) items.push({ client, index: m.index, phase: phases[n]!, intent: m.intent })
+  })
+  items.sort((x, y) => x.phase - y.phase || x.client - y.client || x.index - y.index)
+  const epochs: Array<Array<Epoch>> = Array.from({ length: SHARED_TABLES }, () => [{ exists: true, type: 0 }])
+  const transitions: Array<Array<Array<string>>> = Array.from({ length: SHARED_TABLES }, () => [])
+  const at = clients.map(() => new Map<number, number>())
+  for (const item of items) {
+    const table = item.intent.table
+    const list = epochs[table]!
+    const epoch = list.length - 1
+    at[item.client]!.set(item.index, epoch)
+    if (item.intent.k !== "sharedDdl") continue
+    const from = list[epoch]!
+    const next = (from.type + 1) % SHARED_TYPES.length
+    const kind = item.intent.kind
+    if (!from.exists) {
+      const type = kind === "same" ? from.type : next
+      list.push({ exists: true, type })
+      transitions[table]!.push(sharedCreate(type, epoch))
+    } else if (kind === "drop") {
+      list.push({ exists: false, type: from.type })
+      transitions[table]!.push(["DROP TABLE {S}"])
+    } else if (kind === "alter") {
+      const t = SHARED_TYPES[next]!
+      list.push({ exists: true, type: next })
+      transitions[table]!.push([`ALTER TABLE {S} ALTER COLUMN x TYPE ${t} USING x::${t}`])
+    } else {
+      const type = kind === "same" ? from.type : next
+      list.push({ exists: true, type })
+      transitions[table]!.push(["DROP TABLE {S}", ...sharedCreate(type, epoch)])
+    }
+  }
+  return clients.map(({ intents, ending }, client) =>
+    new Compiler({ epochs, transitions, at: at[client]! }, features).compile(intents, ending)
+  )
+}
+
 // ---- arbitraries ------------------------------------------------------------------------------------
 
 const small = fc.nat({ max: 1000 })
@@ -1058,6 +1356,33 @@ const intent: fc.Arbitrary<Intent> = fc.oneof(
   }
 )
 
+const sharedIntent: fc.Arbitrary<Intent> = fc.oneof(
+  {
+    weight: 4,
+    arbitrary: fc.record({
+      k: fc.constant("sharedUse" as const),
+      table: fc.nat({ max: SHARED_TABLES - 1 }),
+      // Mostly one text per table, named: the more clients share a statement, the more meet its DDL.
+      stmt: fc.constantFrom(0, 0, 0, 1),
+      how: fc.constantFrom("named" as const, "named" as const, "named" as const, "unnamed" as const, "simple" as const),
+      describe: fc.constantFrom("none" as const, "none" as const, "S" as const, "P" as const),
+      a: small,
+      reprepare: fc.boolean(),
+      phase: fc.nat({ max: 999 })
+    })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      k: fc.constant("sharedDdl" as const),
+      table: fc.nat({ max: SHARED_TABLES - 1 }),
+      kind: fc.constantFrom("alter" as const, "alter" as const, "recreate" as const, "same" as const, "drop" as const),
+      tx: fc.boolean(),
+      phase: fc.nat({ max: 999 })
+    })
+  }
+)
+
 const ending: fc.Arbitrary<Ending> = fc.constantFrom<Ending>(
   "terminate",
   "terminate",
@@ -1071,15 +1396,23 @@ const ending: fc.Arbitrary<Ending> = fc.constantFrom<Ending>(
   "vanishMidCopy"
 )
 
-/** One client's script: `length` intents (on average) and an ending. */
-export const clientScript = (length: number): fc.Arbitrary<ClientScript> =>
+/** One client's intents: `length` (on average) and an ending. */
+const clientIntents = (length: number): fc.Arbitrary<ClientIntents> =>
+  fc.record({
+    intents: fc.array(fc.oneof({ weight: 37, arbitrary: intent }, { weight: SHARED_WEIGHT, arbitrary: sharedIntent }), {
+      minLength: Math.ceil(length / 2),
+      maxLength: Math.ceil((length * 3) / 2),
+      size: "max"
+    }),
+    ending
+  })
+
+/** One run's scripts, `clients` of them, compiled together (their shared tables' epochs: `compileRun`). */
+export const runScripts = (
+  clients: number,
+  length: number,
+  features: ReadonlySet<Feature> = new Set()
+): fc.Arbitrary<Array<ClientScript>> =>
   fc
-    .record({
-      intents: fc.array(intent, {
-        minLength: Math.ceil(length / 2),
-        maxLength: Math.ceil((length * 3) / 2),
-        size: "max"
-      }),
-      ending
-    })
-    .map(({ intents, ending }) => compile(intents, ending))
+    .array(clientIntents(length), { minLength: clients, maxLength: clients })
+    .map((intents) => compileRun(intents, features))

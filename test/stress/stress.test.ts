@@ -9,7 +9,7 @@ import { hasTool } from "../support/tools.ts"
 import { normalizeError } from "./differences.ts"
 import { runDriverWorkload, runPgbench } from "./drivers.ts"
 import { checkSeed, StressEnv } from "./harness.ts"
-import type { Frame, Step } from "./script.ts"
+import type { Feature, Frame, Step } from "./script.ts"
 import { WireClient } from "./wire.ts"
 
 const hasPgbench = await hasTool("pgbench")
@@ -23,7 +23,11 @@ const SEEDS: ReadonlyArray<readonly [seed: number, pool: number]> = [
   [5, 1],
   [6, 2],
   [7, 3],
-  [8, 5]
+  [8, 5],
+  // Both catch a client's first use of a shared statement made stale by another client's DDL (0A000
+  // where PostgreSQL answers rows) when Tidepool's transparent re-run of that use is taken out.
+  [9, 1],
+  [1, 1]
 ]
 
 const CLIENTS = 30
@@ -42,8 +46,8 @@ afterAll(async () => {
   await env?.stop()
 })
 
-const seed = (seed: number, pool: number) =>
-  checkSeed(env, { seed, clients: CLIENTS, pool, length: LENGTH, deadlineMs: DEADLINE_MS, shrinkRuns: 0 })
+const seed = (seed: number, pool: number, features: ReadonlySet<Feature> = new Set()) =>
+  checkSeed(env, { seed, clients: CLIENTS, pool, length: LENGTH, deadlineMs: DEADLINE_MS, shrinkRuns: 0, features })
 
 describe(`differential stress: ${CLIENTS} clients, raw protocol scripts, through Tidepool and direct`, () => {
   for (const [s, pool] of SEEDS) {
@@ -75,6 +79,42 @@ describe("real drivers, more clients than servers, through Tidepool and direct",
     TIMEOUT,
     async () => {
       const problems = await runPgbench(env, { clients: 8, threads: 2, transactions: 100, pool: 3, deadlineMs: 60_000 })
+      expect(problems, problems.join("\n")).toEqual([])
+    }
+  )
+})
+
+/**
+ * Found by the harness and not fixed yet (differences.ts, `stale-reuse`): kept out of the generated
+ * scripts, reproduced here without timing (the statement's copy is evicted from the only server).
+ */
+describe("known defects, not fixed yet", () => {
+  it.fails(
+    "a client re-using its statement after DDL changed its result type gets 0A000, also when its copy was evicted meanwhile",
+    TIMEOUT,
+    async () => {
+      const send = (label: string, frames: Array<Frame>): Step => ({
+        label,
+        act: { a: "send", frames, cuts: [], ready: frames.filter((f) => f.t === "S" || f.t === "Q").length }
+      })
+      const use: Array<Frame> = [
+        { t: "B", portal: "", stmt: "x", values: [] },
+        { t: "E", portal: "", rows: 0 },
+        { t: "S" }
+      ]
+      const fill: Array<Frame> = []
+      // One more statement than the server's cache holds (StressEnv's cacheSize, 20): the first is evicted.
+      for (let i = 0; i < 21; i++) fill.push({ t: "P", name: `f${i}`, sql: `SELECT ${i} AS evicts_x_${i}` })
+      fill.push({ t: "S" })
+      const steps: Array<Step> = [
+        send("prepare and use", [{ t: "P", name: "x", sql: "SELECT id, x FROM {S0} ORDER BY id" }, ...use]),
+        send("prepare 21 others", fill),
+        send("ALTER", [{ t: "Q", sql: "ALTER TABLE {S0} ALTER COLUMN x TYPE text USING x::text" }]),
+        // PostgreSQL: 0A000. Tidepool prepares the evicted statement afresh and returns text rows.
+        send("use again", use),
+        { label: "Terminate", act: { a: "terminate", frames: [] } }
+      ]
+      const problems = await env.run([{ steps }], { clients: 1, pool: 1, length: 1, deadlineMs: DEADLINE_MS })
       expect(problems, problems.join("\n")).toEqual([])
     }
   )

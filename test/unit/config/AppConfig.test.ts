@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { ConfigProvider, Effect, Layer, Option } from "effect"
+import { ConfigProvider, Effect, Layer, Option, Redacted } from "effect"
 import { AppConfig, environment, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
 
 const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries, preserveEmptyStrings: true })
@@ -174,4 +174,110 @@ describe("AppConfig", () => {
       expect(settings[field].fileKey).toBe(settings[field].env.toLowerCase().replace(/^tidepool_/, ""))
     }
   })
+})
+
+describe("values as operators write them", () => {
+  const load = (entries: Record<string, string>) => loadAppConfig(env(entries))
+
+  it.effect("log levels: any case, warn and warning, err and error, and the names other loggers use", () =>
+    Effect.gen(function* () {
+      const cases: ReadonlyArray<readonly [string, string]> = [
+        ["TRACE", "trace"],
+        ["Debug", "debug"],
+        [" info ", "info"],
+        ["notice", "warning"],
+        ["warn", "warning"],
+        ["WARNING", "warning"],
+        ["err", "error"],
+        ["Error", "error"],
+        ["fatal", "error"],
+        ["critical", "error"],
+        ["panic", "error"],
+        ["off", "none"],
+        ["none", "none"],
+        ["silent", "none"]
+      ]
+      for (const [raw, level] of cases) {
+        expect((yield* load({ TIDEPOOL_LOG_LEVEL: raw })).logLevel, raw).toBe(level)
+      }
+      const error = yield* Effect.flip(load({ TIDEPOOL_LOG_LEVEL: "loud" }))
+      expect(error.message).toContain("also warn, err, notice, fatal, off")
+    })
+  )
+
+  it.effect("durations: bare numbers keep their unit (ms; seconds for the JWT lifetime), or take one", () =>
+    Effect.gen(function* () {
+      const config = yield* load({
+        TIDEPOOL_HANDSHAKE_TIMEOUT: "15000",
+        TIDEPOOL_SHUTDOWN_TIMEOUT: "30s",
+        TIDEPOOL_SERVER_IDLE_TIMEOUT: "5min",
+        TIDEPOOL_SERVER_LIFETIME: "1h",
+        TIDEPOOL_AUTH_QUERY_CACHE_TTL: "1d",
+        TIDEPOOL_AUTH_FAILURE_DELAY: "250ms",
+        TIDEPOOL_UPSTREAM_CONNECT_TIMEOUT: "1.005s", // 1004.9999999999999 in floating point
+        TIDEPOOL_POOL_SHUTDOWN_AFTER: "2 minutes",
+        TIDEPOOL_JWT_MAX_LIFETIME: "24h"
+      })
+      expect(config).toMatchObject({
+        handshakeTimeoutMs: 15_000,
+        shutdownTimeoutMs: 30_000,
+        serverIdleTimeoutMs: 300_000,
+        serverLifetimeMs: 3_600_000,
+        authQueryCacheTtlMs: 86_400_000,
+        authFailureDelayMs: 250,
+        upstreamConnectTimeoutMs: 1005,
+        poolShutdownAfterMs: 120_000,
+        jwtMaxLifetimeSeconds: 86_400
+      })
+      expect((yield* load({ TIDEPOOL_JWT_MAX_LIFETIME: "3600" })).jwtMaxLifetimeSeconds).toBe(3600)
+      const error = yield* Effect.flip(
+        load({
+          TIDEPOOL_HANDSHAKE_TIMEOUT: "10 fortnights",
+          TIDEPOOL_SHUTDOWN_TIMEOUT: "1.5", // a bare number is whole milliseconds
+          TIDEPOOL_SERVER_LIFETIME: "25d", // beyond Node's timer limit
+          TIDEPOOL_JWT_MAX_LIFETIME: "1500ms" // not a whole number of seconds
+        })
+      )
+      expect(error.problems.map((p) => p.path).sort()).toEqual(
+        [
+          "TIDEPOOL_HANDSHAKE_TIMEOUT",
+          "TIDEPOOL_SHUTDOWN_TIMEOUT",
+          "TIDEPOOL_SERVER_LIFETIME",
+          "TIDEPOOL_JWT_MAX_LIFETIME"
+        ].sort()
+      )
+      expect(error.message).toContain("or with a unit: 500ms, 30s, 5min, 1h, 1d")
+    })
+  )
+
+  it.effect("sizes: bytes, or kB/MB/GB as in PostgreSQL (powers of 1024)", () =>
+    Effect.gen(function* () {
+      const config = yield* load({ TIDEPOOL_MAX_MESSAGE_SIZE: "64MB", TIDEPOOL_MAX_PREPARED_MEMORY: "512kB" })
+      expect(config.maxMessageSize).toBe(64 * 1024 * 1024)
+      expect(config.maxPreparedMemory).toBe(512 * 1024)
+      expect((yield* load({ TIDEPOOL_MAX_MESSAGE_SIZE: "1GiB" })).maxMessageSize).toBe(1024 ** 3)
+      const error = yield* Effect.flip(load({ TIDEPOOL_MAX_MESSAGE_SIZE: "2GB" }))
+      expect(error.problems).toMatchObject([{ path: "TIDEPOOL_MAX_MESSAGE_SIZE" }])
+    })
+  )
+
+  it.effect("VAULT_ENC_KEY: Supavisor's 32-character form besides hex and base64", () =>
+    Effect.gen(function* () {
+      for (const key of ["0123456789abcdef0123456789abcdef", "a".repeat(64), Buffer.alloc(32, 7).toString("base64")]) {
+        expect((yield* load({ VAULT_ENC_KEY: key })).vaultEncKey, key).toBeDefined()
+      }
+      const error = yield* Effect.flip(load({ VAULT_ENC_KEY: "too short" }))
+      expect(error.message).toContain("32 characters used as they are")
+    })
+  )
+
+  it.effect("DATABASE_URL: Supavisor's ecto:// form is read as postgresql://", () =>
+    Effect.gen(function* () {
+      const config = yield* load({ DATABASE_URL: "ecto://postgres:secret@db.internal:6432/supavisor" })
+      expect(Redacted.value(config.databaseUrl!)).toBe("postgresql://postgres:secret@db.internal:6432/supavisor")
+      const error = yield* Effect.flip(load({ DATABASE_URL: "mysql://root@db/x" }))
+      expect(error.message).toContain("ecto://")
+      expect(error.message).not.toContain("root@db")
+    })
+  )
 })

@@ -1,6 +1,6 @@
-import { Effect } from "effect"
+import { Effect, LogLevel } from "effect"
 import { afterEach, describe, expect, it, vi } from "vitest"
-import { loggerLayer } from "../../../src/telemetry/index.ts"
+import { loggerLayer, tenantLogLevel } from "../../../src/telemetry/index.ts"
 
 const capture = async (effect: Effect.Effect<void>) => {
   const lines: Array<string> = []
@@ -32,5 +32,16 @@ describe("json logger", () => {
     expect(inside!.trace_id).toMatch(/^[0-9a-f]{32}$/)
     expect(inside!.span_id).toMatch(/^[0-9a-f]{16}$/)
     expect(outside).not.toHaveProperty("trace_id")
+  })
+})
+
+describe("tenantLogLevel", () => {
+  it("reads feature_flags.log_level as TIDEPOOL_LOG_LEVEL is read", () => {
+    expect(tenantLogLevel({ log_level: "debug" })).toBe(LogLevel.Debug)
+    expect(tenantLogLevel({ log_level: "WARN" })).toBe(LogLevel.Warning)
+    expect(tenantLogLevel({ log_level: "err" })).toBe(LogLevel.Error)
+    expect(tenantLogLevel({ log_level: "off" })).toBe(LogLevel.None)
+    expect(tenantLogLevel({ log_level: "loud" })).toBeUndefined()
+    expect(tenantLogLevel({})).toBeUndefined()
   })
 })
