@@ -1,7 +1,7 @@
-import { Cause, Console, Context, Effect, Exit, Layer } from "effect"
+import { Cause, ConfigProvider, Console, Context, Effect, Exit, Layer } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
-import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
+import { AppConfig, type ConfigFileContents, environment, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
 import { loggerLayer, tracingLayer } from "../telemetry/index.ts"
@@ -9,8 +9,13 @@ import { loggerLayer, tracingLayer } from "../telemetry/index.ts"
 /** AppConfig (defaults < config file `server:` < environment) plus the logger it configures. */
 export const runtimeLayer = (file: ConfigFileContents | undefined) =>
   Layer.unwrap(
-    Effect.map(AppConfig.pipe(Effect.provide(AppConfig.layerFromFile(file))), (config) =>
-      Layer.mergeAll(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel), tracingLayer())
+    // `environment()`: an empty variable (`PORT=`) is reported, not read as unset.
+    Effect.map(
+      AppConfig.pipe(
+        Effect.provide(AppConfig.layerFromFile(file).pipe(Layer.provide(ConfigProvider.layer(environment()))))
+      ),
+      (config) =>
+        Layer.mergeAll(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel), tracingLayer())
     )
   )
 
