@@ -10,7 +10,7 @@
 import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
-import { NodeRuntime } from "@effect/platform-node"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import { type PostgresServer, startPostgres } from "../test/support/postgres.ts"
 import { describeMachine, tidepoolRevision } from "./machine.ts"
