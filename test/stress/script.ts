@@ -594,7 +594,8 @@ class Compiler {
         this.send(
           `shared s${table} (x ${typeText}): ${name} again`,
           [
-            ...(it.describe === "S" ? [{ t: "D", what: "S", name } as const] : []),
+            // Not while the table is absent: see AVOIDED.
+            ...(it.describe === "S" && now.exists ? [{ t: "D", what: "S", name } as const] : []),
             { t: "B", portal: "", stmt: name, values },
             ...(it.describe === "P" ? [{ t: "D", what: "P", name: "" } as const] : []),
             { t: "E", portal: "", rows: 0 },
