@@ -562,10 +562,12 @@ class Compiler {
     if (held !== undefined) {
       const then = states[held.epoch]!
       const stale = now.exists && now.type !== then.type
+      const changed = states.slice(held.epoch, epoch + 1).some((s) => s.exists && s.type !== then.type)
       // A→B→A: see AVOIDED. The client prepares it again instead.
-      const back = now.exists && !stale && states.slice(held.epoch, epoch).some((s) => s.exists && s.type !== then.type)
+      const back = now.exists && !stale && changed
+      // Re-used once its type changed (also if the table is gone now): the unfixed stale-reuse defect.
       const reuse = this.features.has("stale-reuse")
-      if (back || (stale && !reuse) || (stale && held.erred && it.reprepare)) {
+      if (back || (changed && !reuse) || (stale && held.erred && it.reprepare)) {
         this.shared.delete(name)
         held = undefined
         this.send(`close ${name}${back ? " (its type came back)" : " (type changed)"}`, [
