@@ -1,8 +1,6 @@
-# Tidepool: build the TypeScript once, run the compiled CLI on a slim Node 20 image.
-FROM node:20-bookworm-slim AS build
-# better-sqlite3 (the tenant store) compiles its native addon when no prebuilt binary fits.
-RUN apt-get update && apt-get install -y --no-install-recommends python3 make g++ \
-    && rm -rf /var/lib/apt/lists/*
+# Tidepool: build the TypeScript once, run the compiled CLI on a slim Node 24 image.
+# Nothing is compiled natively: the tenant store uses Node's own node:sqlite.
+FROM node:24-bookworm-slim AS build
 WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci
@@ -10,13 +8,13 @@ COPY tsconfig.json tsconfig.build.json ./
 COPY src ./src
 RUN npm run build && npm prune --omit=dev
 
-FROM node:20-bookworm-slim
+FROM node:24-bookworm-slim
 ENV NODE_ENV=production \
     TIDEPOOL_LOG_FORMAT=json \
     TIDEPOOL_DATA_DIR=/var/lib/tidepool
 WORKDIR /app
 COPY package.json package-lock.json ./
-# Production dependencies as built above, native addons included.
+# Production dependencies as installed above (the `node` dev dependency is pruned: the image has Node 24).
 COPY --from=build /app/node_modules ./node_modules
 COPY bin ./bin
 COPY --from=build /app/dist ./dist

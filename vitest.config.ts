@@ -8,7 +8,6 @@ export default defineConfig({
     pool: "forks",
     // Integration tests start real PostgreSQL servers; two cores, so keep parallelism modest.
     maxWorkers: 2,
-    minWorkers: 1,
     sequence: { hooks: "stack" }
   }
 })

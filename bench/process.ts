@@ -44,10 +44,10 @@ export const terminate = (child: ChildProcess, graceMs = 3_000): Promise<void> =
 export const runProcess = (
   command: string,
   args: ReadonlyArray<string>,
-  options: SpawnOptions & { readonly limit: Duration.DurationInput }
+  options: SpawnOptions & { readonly limit: Duration.Input }
 ): Effect.Effect<Finished, BenchError> => {
   const { limit, ...spawnOptions } = options
-  return Effect.async<Finished, BenchError>((resume) => {
+  return Effect.callback<Finished, BenchError>((resume) => {
     let done = false
     const finish = (result: Effect.Effect<Finished, BenchError>) => {
       if (done) return
@@ -67,10 +67,14 @@ export const runProcess = (
     child.once("close", (code, signal) => finish(Effect.succeed({ code, signal, stdout, stderr })))
     return Effect.promise(() => terminate(child))
   }).pipe(
-    Effect.timeoutFail({
+    Effect.timeoutOrElse({
       duration: limit,
-      onTimeout: () =>
-        new BenchError({ message: `${command} ${args.join(" ")} did not finish within ${Duration.format(limit)}` })
+      orElse: () =>
+        Effect.fail(
+          new BenchError({
+            message: `${command} ${args.join(" ")} did not finish within ${Duration.format(Duration.fromInputUnsafe(limit))}`
+          })
+        )
     })
   )
 }
@@ -79,7 +83,7 @@ export const runProcess = (
 export const runChecked = (
   command: string,
   args: ReadonlyArray<string>,
-  options: SpawnOptions & { readonly limit: Duration.DurationInput }
+  options: SpawnOptions & { readonly limit: Duration.Input }
 ): Effect.Effect<Finished, BenchError> =>
   Effect.filterOrFail(
     runProcess(command, args, options),

@@ -10,7 +10,7 @@
 import * as fs from "node:fs/promises"
 import * as os from "node:os"
 import * as path from "node:path"
-import { NodeRuntime } from "@effect/platform-node"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import { type PostgresServer, startPostgres } from "../test/support/postgres.ts"
 import { describeMachine, tidepoolRevision } from "./machine.ts"
@@ -266,26 +266,28 @@ const main = Effect.suspend(() => {
     options = parseOptions(process.argv.slice(2))
   } catch (error) {
     if (!(error instanceof UsageError)) throw error
-    return Effect.zipRight(
-      Console.error(`${error.message}\n\n${HELP}`),
-      Effect.sync(() => {
-        process.exitCode = 2
-      })
+    return Console.error(`${error.message}\n\n${HELP}`).pipe(
+      Effect.andThen(
+        Effect.sync(() => {
+          process.exitCode = 2
+        })
+      )
     )
   }
   if (options === undefined) return Console.log(HELP)
   return bench(options).pipe(
     Effect.catchTag("BenchError", (error) =>
-      Effect.zipRight(
-        Console.error(`bench: ${error.message}`),
-        Effect.sync(() => {
-          process.exitCode = 1
-        })
+      Console.error(`bench: ${error.message}`).pipe(
+        Effect.andThen(
+          Effect.sync(() => {
+            process.exitCode = 1
+          })
+        )
       )
     )
   )
 })
 
 NodeRuntime.runMain(main, {
-  teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) ? 0 : Cause.isInterruptedOnly(exit.cause) ? 130 : 1)
+  teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) ? 0 : Cause.hasInterruptsOnly(exit.cause) ? 130 : 1)
 })

@@ -24,7 +24,7 @@ export interface TidepoolLayerOptions {
  */
 const seedLayer = (tenants: ReadonlyArray<Tenant>) =>
   Layer.effectDiscard(
-    Effect.flatMap(Tenants, (t) =>
+    Tenants.use((t) =>
       Effect.forEach(tenants, (tenant) => (tenant.banned_at !== undefined ? t.replace(tenant) : t.put(tenant)), {
         discard: true
       })
@@ -38,29 +38,29 @@ const seedLayer = (tenants: ReadonlyArray<Tenant>) =>
  */
 export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolLayerOptions = {}) => {
   const tenantsLayer = seedLayer(tenants).pipe(
-    Layer.provideMerge(Tenants.Default),
+    Layer.provideMerge(Tenants.layer),
     Layer.provideMerge(options.store ?? tenantStoreLayer)
   )
-  const dataPlane = Layer.mergeAll(Listeners.Default, Metrics.Default, IdleSweep).pipe(
-    Layer.provideMerge(TenantChanges.Default),
-    Layer.provideMerge(PoolRegistry.Default),
-    Layer.provideMerge(AuthQuery.Default),
-    Layer.provideMerge(EventCounters.Default),
+  const dataPlane = Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep).pipe(
+    Layer.provideMerge(TenantChanges.layer),
+    Layer.provideMerge(PoolRegistry.layer),
+    Layer.provideMerge(AuthQuery.layer),
+    Layer.provideMerge(EventCounters.layer),
     Layer.provideMerge(
       Layer.mergeAll(
-        SessionRegistry.Default,
-        AdminControl.Default,
-        SecretCache.Default,
-        CircuitBreaker.Default,
-        JitApi.Default,
-        DownstreamTls.Default,
-        UpstreamTls.Default,
+        SessionRegistry.layer,
+        AdminControl.layer,
+        SecretCache.layer,
+        CircuitBreaker.layer,
+        JitApi.layer,
+        DownstreamTls.layer,
+        UpstreamTls.layer,
         Tenants.registry
       )
     ),
     Layer.provideMerge(tenantsLayer)
   )
   return options.api === false
-    ? Layer.merge(dataPlane, Layer.succeed(ApiServer, ApiServer.make({ port: 0 })))
-    : ApiServer.Default.pipe(Layer.provideMerge(dataPlane))
+    ? Layer.merge(dataPlane, Layer.succeed(ApiServer, { port: 0 }))
+    : ApiServer.layer.pipe(Layer.provideMerge(dataPlane))
 }

@@ -1,13 +1,12 @@
 #!/usr/bin/env node
 import { parseArgs } from "node:util"
-import { NodeRuntime } from "@effect/platform-node"
-import { Cause, Console, Effect } from "effect"
+import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
+import { Cause, Console, Effect, Exit } from "effect"
 import { configCheck } from "./cli/configCheck.ts"
 import { demo } from "./cli/demo.ts"
 import { importPgbouncer, importSupavisor } from "./cli/import.ts"
 import { serve } from "./cli/serve.ts"
-
-const VERSION = "0.1.0"
+import { VERSION } from "./version.ts"
 
 const HELP = `tidepool ${VERSION} — multi-tenant PostgreSQL connection pooler
 
@@ -32,7 +31,7 @@ docs/migrating.md.
 `
 
 const usage = (message: string) =>
-  Effect.zipRight(
+  Effect.andThen(
     Console.error(`${message}\n\n${HELP}`),
     Effect.sync(() => process.exit(2))
   )
@@ -98,18 +97,23 @@ const main = Effect.suspend((): Effect.Effect<void, unknown> => {
  * with exit status 1 — never a silent exit, never a stack trace for an operator's mistake.
  */
 const reported = main.pipe(
-  Effect.catchAllCause((cause) => {
-    if (Cause.isInterruptedOnly(cause)) return Effect.void
+  Effect.catchCause((cause) => {
+    if (Cause.hasInterruptsOnly(cause)) return Effect.void
     const error = Cause.squash(cause)
     const text =
       error instanceof Error || (typeof error === "object" && error !== null && "message" in error)
         ? String((error as { message: unknown }).message)
         : String(error)
-    return Effect.zipRight(
+    return Effect.andThen(
       Console.error(`tidepool: ${text}`),
       Effect.sync(() => process.exit(1))
     )
   })
 )
 
-NodeRuntime.runMain(reported, { disableErrorReporting: true, disablePrettyLogger: true })
+NodeRuntime.runMain(reported, {
+  disableErrorReporting: true,
+  // A signal's graceful shutdown is a normal stop and exits 0, as `serve` logs it (docs/operations.md);
+  // Effect 4's default teardown would exit 130 for the interruption.
+  teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause) ? 0 : 1)
+})

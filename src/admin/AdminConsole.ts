@@ -1,4 +1,4 @@
-import { Deferred, Effect, Either } from "effect"
+import { Deferred, Effect, Result } from "effect"
 import { ADDRESS_BLOCKED, AUTH_FAILURES, annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
 import { AppConfig } from "../config/index.ts"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
@@ -75,8 +75,10 @@ export const authenticateAdmin = Effect.fn("client.auth")(
     const admin = config.adminUsers.find((u) => u.name === user)
     if (admin === undefined) return yield* refuse(tidepoolError("ENOTADMIN", user))
     const secret = parseScramSecret(admin.secret) ?? createScramSecret(admin.secret)
-    const proof = yield* Effect.either(authenticateScram(client, secret, user, 0))
-    if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
+    const proof = yield* Effect.result(authenticateScram(client, secret, user, 0))
+    if (Result.isFailure(proof)) {
+      return yield* proof.failure.code === "EWRONGPASSWORD" ? refuse(proof.failure) : proof.failure
+    }
     yield* attempt.succeeded
     client.write(authenticationOk())
     return { user } satisfies AdminLogin
@@ -129,11 +131,11 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
       Effect.sync(() =>
         sessions.register({
           cancel: () => Effect.void,
-          drain: () => Deferred.unsafeDone(drained, Effect.void),
+          drain: () => Deferred.doneUnsafe(drained, Effect.void),
           // No tenant: tenant kicks never match an admin session.
           tenant: "",
           user: login.user,
-          kick: () => Deferred.unsafeDone(drained, Effect.void)
+          kick: () => Deferred.doneUnsafe(drained, Effect.void)
         })
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
@@ -188,7 +190,7 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
         // A session-mode client holds its server for life: waiting for it could take forever.
         pools.filter((p) => p.settings.mode === "transaction"),
         (pool) =>
-          Effect.async<void>((resume) => {
+          Effect.callback<void>((resume) => {
             const forget = pool.whenQuiet(() => resume(Effect.void))
             return Effect.sync(forget)
           }),
@@ -286,9 +288,9 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
         const out: Array<Buffer> = []
         if (statements.length === 0) out.push(emptyQueryResponse())
         for (const sql of statements) {
-          const failed = yield* Effect.either(statement(sql, out))
-          if (Either.isLeft(failed)) {
-            out.push(renderErrorResponse(failed.left))
+          const failed = yield* Effect.result(statement(sql, out))
+          if (Result.isFailure(failed)) {
+            out.push(renderErrorResponse(failed.failure))
             break
           }
         }

@@ -9,8 +9,7 @@ import {
 import type { TenantPool } from "../pool/index.ts"
 import type { ColumnDescription } from "../protocol/index.ts"
 import type { RegisteredSession } from "../session/SessionRegistry.ts"
-
-export const TIDEPOOL_VERSION = "0.1.0"
+import { VERSION } from "../version.ts"
 
 /** A result set in text format: what every SHOW answers. */
 export interface ResultSet {
@@ -308,7 +307,7 @@ export const showConfig = (s: AdminSnapshot): ResultSet => ({
 export const showVersion = (): ResultSet => ({
   columns: columns("version"),
   // Tools parse PgBouncer's version out of this string; the console speaks PgBouncer 1.21's vocabulary.
-  rows: [[`Tidepool ${TIDEPOOL_VERSION} (PgBouncer 1.21.0 compatible admin console)`]]
+  rows: [[`Tidepool ${VERSION} (PgBouncer 1.21.0 compatible admin console)`]]
 })
 
 export const showLists = (s: AdminSnapshot): ResultSet => {

@@ -1,12 +1,12 @@
 import { createServer } from "node:http"
-import { HttpRouter, HttpServer, HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { NodeHttpServer } from "@effect/platform-node"
-import { Cause, Data, Effect, Layer } from "effect"
-import { AppConfig } from "../config/index.ts"
+import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
+import { Cause, Context, Data, Effect, Layer } from "effect"
+import { HttpRouter, HttpServer, HttpServerError, HttpServerRequest, HttpServerResponse } from "effect/http"
+import { AppConfig, type AppConfigShape } from "../config/index.ts"
 import { metricsRouter } from "../telemetry/index.ts"
 import { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
 import { openApiDocument } from "./OpenApi.ts"
-import { type Route, type RouteEnv, routes } from "./routes.ts"
+import { type Route, routes } from "./routes.ts"
 
 export class ApiListenError extends Data.TaggedError("ApiListenError")<{ readonly message: string }> {}
 
@@ -14,7 +14,7 @@ const forbidden = HttpServerResponse.empty({ status: 403 })
 
 /** RFC 6750's answer to a token that is well formed and signed but unacceptable. */
 const unauthorized = (reason: string) =>
-  HttpServerResponse.unsafeJson(
+  HttpServerResponse.jsonUnsafe(
     { error: reason },
     { status: 401, headers: { "www-authenticate": `Bearer error="invalid_token", error_description="${reason}"` } }
   )
@@ -39,17 +39,17 @@ export const requireToken =
  * a silent empty 500.
  */
 export const reportDefects = <E, R>(handler: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>) =>
-  Effect.catchAllDefect(handler, (defect) =>
+  Effect.catchDefect(handler, (defect) =>
     Effect.flatMap(HttpServerRequest.HttpServerRequest, (request) =>
       Effect.as(
         Effect.logError(`API ${request.method} ${request.url} failed`, Cause.die(defect)),
-        HttpServerResponse.unsafeJson({ error: "internal error (logged)" }, { status: 500 })
+        HttpServerResponse.jsonUnsafe({ error: "internal error (logged)" }, { status: 500 })
       )
     )
   )
 
 const policyOf = (
-  config: AppConfig["Type"],
+  config: AppConfigShape,
   secret: JwtPolicy["secret"],
   blocklist: JwtPolicy["blocklist"]
 ): JwtPolicy => ({
@@ -59,52 +59,76 @@ const policyOf = (
   maxLifetimeSeconds: config.jwtMaxLifetimeSeconds
 })
 
-export const apiPolicy = (config: AppConfig["Type"]): JwtPolicy =>
+export const apiPolicy = (config: AppConfigShape): JwtPolicy =>
   policyOf(config, config.apiJwtSecret, config.apiTokenBlocklist)
 
 /** For GET /metrics and /metrics/:tenant: METRICS_JWT_SECRET and its own blocklist. */
-export const metricsPolicy = (config: AppConfig["Type"]): JwtPolicy =>
+export const metricsPolicy = (config: AppConfigShape): JwtPolicy =>
   policyOf(config, config.metricsJwtSecret, config.metricsTokenBlocklist)
 
-/** The management API's router: every route of the table, plus the OpenAPI document. */
-export const apiRouter = (policy: JwtPolicy, table: ReadonlyArray<Route> = routes) => {
-  const document = openApiDocument(table)
-  let router: HttpRouter.HttpRouter<never, RouteEnv> = HttpRouter.empty.pipe(
-    HttpRouter.get("/api/openapi", Effect.succeed(HttpServerResponse.unsafeJson(document)))
-  )
-  for (const route of table) {
-    router = HttpRouter.route(route.method)(
-      router,
+/**
+ * The management API's routes: every route of the table, plus the OpenAPI document. Values, so
+ * that the OpenAPI test can list what is served; `apiRouter` registers them.
+ */
+export const apiRoutes = (policy: JwtPolicy, table: ReadonlyArray<Route> = routes) => [
+  HttpRouter.route("GET", "/api/openapi", HttpServerResponse.jsonUnsafe(openApiDocument(table))),
+  ...table.map((route) =>
+    HttpRouter.route(
+      route.method,
       route.path,
       reportDefects(route.public === true ? route.handler : requireToken(policy)(route.handler))
     )
-  }
-  return router
-}
+  )
+]
+
+/** The management API's router, as a layer of routes (`HttpRouter.serve` or `toWebHandler` runs it). */
+export const apiRouter = (policy: JwtPolicy, table: ReadonlyArray<Route> = routes) =>
+  HttpRouter.addAll(apiRoutes(policy, table))
+
+/**
+ * A request no route serves (unknown path, or a method the path does not have) gets the API's JSON
+ * 404 rather than the router's empty one. Global, so it sees the router's RouteNotFound.
+ */
+const isRouteNotFound = (error: unknown): boolean =>
+  HttpServerError.isHttpServerError(error) && error.reason._tag === "RouteNotFound"
+
+const notFoundAsJson = <E, R>(httpEffect: Effect.Effect<HttpServerResponse.HttpServerResponse, E, R>) =>
+  Effect.catchIf(httpEffect, isRouteNotFound, () =>
+    Effect.succeed(HttpServerResponse.jsonUnsafe({ error: "not found" }, { status: 404 }))
+  )
+
+const notFound = HttpRouter.middleware(notFoundAsJson, { global: true })
 
 /**
  * The HTTP API on PORT: Supavisor's tenant routes with JWT auth, and Tidepool's additions. A taken
  * port fails start-up naming PORT, like the proxy ports.
  */
-export class ApiServer extends Effect.Service<ApiServer>()("tidepool/ApiServer", {
-  scoped: Effect.gen(function* () {
-    const config = yield* AppConfig
-    if (config.apiJwtSecret === undefined) {
-      yield* Effect.logWarning(
-        "API_JWT_SECRET is not set: every management API call except /api/health is refused (403)"
+export class ApiServer extends Context.Service<ApiServer, { readonly port: number }>()("tidepool/ApiServer") {
+  static readonly layer = Layer.effect(
+    this,
+    Effect.gen(function* () {
+      const config = yield* AppConfig
+      if (config.apiJwtSecret === undefined) {
+        yield* Effect.logWarning(
+          "API_JWT_SECRET is not set: every management API call except /api/health is refused (403)"
+        )
+      }
+      // The metrics routes authorize nothing themselves: the token check wraps them as it wraps the
+      // API's, so both answer a refused or over-long token the same way.
+      const metrics = metricsRouter(() => Effect.succeed(true)).pipe(
+        Layer.provide(
+          HttpRouter.middleware((handler) => reportDefects(requireToken(metricsPolicy(config))(handler))).layer
+        )
       )
-    }
-    // The metrics routes authorize nothing themselves: the token check wraps them as it wraps the
-    // API's, so both answer a refused or over-long token the same way.
-    const metrics = metricsRouter(() => Effect.succeed(true)).pipe(
-      HttpRouter.use((handler) => reportDefects(requireToken(metricsPolicy(config))(handler)))
-    )
-    const app = HttpRouter.concat(apiRouter(apiPolicy(config)), metrics).pipe(
-      HttpRouter.catchAll(() => Effect.succeed(HttpServerResponse.unsafeJson({ error: "not found" }, { status: 404 })))
-    )
-    const context = yield* Layer.build(
-      NodeHttpServer.layer(createServer, { host: config.listenAddr, port: config.apiPort }).pipe(
-        Layer.mapError(
+      const app = Layer.mergeAll(apiRouter(apiPolicy(config)), metrics, notFound)
+      const server = yield* Layer.build(
+        // Neither a log line per request nor one for the address: `serve` logs the ports itself.
+        HttpRouter.serve(app, { disableLogger: true, disableListenLog: true }).pipe(
+          Layer.provideMerge(NodeHttpServer.layer(createServer, { host: config.listenAddr, port: config.apiPort }))
+        )
+      ).pipe(
+        Effect.map(Context.get(HttpServer.HttpServer)),
+        Effect.mapError(
           (e) =>
             new ApiListenError({
               message: String(e.cause).includes("EADDRINUSE")
@@ -113,10 +137,8 @@ export class ApiServer extends Effect.Service<ApiServer>()("tidepool/ApiServer",
             })
         )
       )
-    )
-    const server = yield* Effect.provide(HttpServer.HttpServer, context)
-    yield* server.serve(app).pipe(Effect.provide(context))
-    const address = server.address
-    return { port: address._tag === "TcpAddress" ? address.port : 0 } as const
-  })
-}) {}
+      const address = server.address
+      return { port: address._tag === "UnixPathAddress" ? 0 : address.port }
+    })
+  )
+}

@@ -1,4 +1,4 @@
-import { JSONSchema, Schema } from "effect"
+import { JsonSchema, Schema } from "effect"
 import { Tenant } from "../config/index.ts"
 import type { Route } from "./routes.ts"
 
@@ -6,9 +6,11 @@ import type { Route } from "./routes.ts"
 export const openApiPath = (path: string) => path.replace(/:([A-Za-z_]+)/g, "{$1}")
 
 // The PUT body's tenant: `external_id` comes from the URL, and the ban fields only through PATCH.
+// Draft-07, as OpenAPI 3.0 schemas are written; closed objects, as the API decodes bodies strictly.
 const tenantInput = (() => {
-  const { $schema: _, ...schema } = JSONSchema.make(Schema.encodedSchema(Tenant)) as unknown as {
-    $schema: string
+  const schema = JsonSchema.toDocumentDraft07(
+    Schema.toJsonSchemaDocument(Schema.toEncoded(Tenant), { onExcessProperty: "error" })
+  ).schema as {
     required: Array<string>
     properties: Record<string, unknown>
   }

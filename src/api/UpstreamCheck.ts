@@ -1,4 +1,4 @@
-import { Effect } from "effect"
+import { Effect, Result } from "effect"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { clientMessage } from "../errors/index.ts"
 import { connect } from "../upstream/index.ts"
@@ -26,8 +26,8 @@ export const checkUpstream = (tenant: Tenant): Effect.Effect<string | undefined,
           )
           yield* server.simpleQuery("select version()")
         })
-      ).pipe(Effect.either)
-      if (outcome._tag === "Left") return `user ${user.db_user}: ${clientMessage(outcome.left)}`
+      ).pipe(Effect.result)
+      if (Result.isFailure(outcome)) return `user ${user.db_user}: ${clientMessage(outcome.failure)}`
     }
     return undefined
   }).pipe(Effect.withSpan("api.check_upstream"))

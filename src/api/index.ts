@@ -3,6 +3,7 @@ export {
   ApiServer,
   apiPolicy,
   apiRouter,
+  apiRoutes,
   metricsPolicy,
   reportDefects,
   requireToken

@@ -1,6 +1,6 @@
-import { HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { NodeHttpServerRequest } from "@effect/platform-node"
-import { DateTime, Effect, Either, Redacted, Schema } from "effect"
+import * as NodeHttpServerRequest from "@effect/platform-node/NodeHttpServerRequest"
+import { DateTime, Effect, Redacted, Result, Schema } from "effect"
+import { HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { CircuitBreaker } from "../auth/index.ts"
 import {
   type AppConfig,
@@ -38,7 +38,7 @@ export interface Route {
 
 export type RouteEnv = AppConfig | Tenants | TenantStore | TenantChanges | PoolRegistry | CircuitBreaker
 
-const json = (status: number, body: unknown) => HttpServerResponse.unsafeJson(body, { status })
+const json = (status: number, body: unknown) => HttpServerResponse.jsonUnsafe(body, { status })
 const notFound = json(404, { error: "not found" })
 
 /**
@@ -71,7 +71,7 @@ const badJson = json(400, { error: "invalid JSON body" })
 const readBody = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<string | undefined> => {
   const source = NodeHttpServerRequest.toIncomingMessage(request)
   if (Number(source.headers["content-length"]) > MAX_BODY_BYTES) return Effect.succeed(undefined)
-  return Effect.async<string | undefined>((resume) => {
+  return Effect.callback<string | undefined>((resume) => {
     const chunks: Array<Buffer> = []
     let size = 0
     const detach = () => {
@@ -103,14 +103,18 @@ const readBody = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<s
 }
 
 /** The request body as JSON, or the answer to give instead (400 malformed, 413 too large). */
-const body = Effect.gen(function* () {
+const body: Effect.Effect<
+  Result.Result<unknown, HttpServerResponse.HttpServerResponse>,
+  never,
+  HttpServerRequest.HttpServerRequest
+> = Effect.gen(function* () {
   const text = yield* readBody(yield* HttpServerRequest.HttpServerRequest)
-  if (text === undefined) return Either.left(tooLarge)
-  if (text.trim() === "") return Either.right<unknown>({})
+  if (text === undefined) return Result.fail(tooLarge)
+  if (text.trim() === "") return Result.succeed({})
   try {
-    return Either.right<unknown>(JSON.parse(text))
+    return Result.succeed(JSON.parse(text) as unknown)
   } catch {
-    return Either.left(badJson)
+    return Result.fail(badJson)
   }
 })
 
@@ -120,12 +124,12 @@ const isRecord = (u: unknown): u is Record<string, unknown> => typeof u === "obj
 
 const BAN_FIELDS = ["banned_at", "ban_reason", "banned_until"] as const
 
-/** Decodes a PUT body; Left holds the field errors (Supavisor's `{"errors": {field: [msg]}}`). */
-const decodeTenant = (id: string, input: unknown): Either.Either<Tenant, FieldErrors> => {
+/** Decodes a PUT body; a failure holds the field errors (Supavisor's `{"errors": {field: [msg]}}`). */
+const decodeTenant = (id: string, input: unknown): Result.Result<Tenant, FieldErrors> => {
   const errors: FieldErrors = new Map()
   if (!isRecord(input) || !isRecord(input.tenant)) {
     addError(errors, "tenant", "is required (a JSON object of tenant fields)")
-    return Either.left(errors)
+    return Result.fail(errors)
   }
   const raw = input.tenant
   if (raw.external_id !== undefined && raw.external_id !== id) {
@@ -135,32 +139,31 @@ const decodeTenant = (id: string, input: unknown): Either.Either<Tenant, FieldEr
     if (raw[field] !== undefined) addError(errors, field, "is set only through PATCH /api/tenants/:id")
   }
   const candidate = { ...raw, external_id: id }
-  const decoded = Schema.decodeUnknownEither(Tenant, strictParseOptions)(candidate)
-  if (Either.isLeft(decoded)) {
-    for (const p of problemsFromParseError(decoded.left, candidate)) addError(errors, p.path, p.reason)
+  const decoded = Schema.decodeUnknownResult(Tenant, strictParseOptions)(candidate)
+  if (Result.isFailure(decoded)) {
+    for (const p of problemsFromParseError(decoded.failure, candidate)) addError(errors, p.path, p.reason)
   }
   for (const issue of tenantIssues(candidate) as ReadonlyArray<TenantIssue>) {
     addError(errors, formatPath(issue.path), issue.message)
   }
-  if (errors.size > 0 || Either.isLeft(decoded)) return Either.left(errors)
-  return Either.right(decoded.right)
+  if (errors.size > 0 || Result.isFailure(decoded)) return Result.fail(errors)
+  return Result.succeed(decoded.success)
 }
 
 const Ban = Schema.Struct({
   banned: Schema.Boolean,
-  ban_reason: Schema.optional(Schema.String),
-  banned_until: Schema.optional(Schema.NullOr(Schema.DateTimeUtc))
+  ban_reason: Schema.optionalKey(Schema.String),
+  banned_until: Schema.optionalKey(Schema.NullOr(Schema.DateTimeUtcFromString))
 })
 
-const Credentials = Schema.Struct({
-  db_user: Schema.String.pipe(Schema.minLength(1, { message: () => "must not be empty" })),
-  db_password: Schema.String.pipe(Schema.minLength(1, { message: () => "must not be empty" }))
-})
+const NonEmpty = Schema.String.check(Schema.isMinLength(1, { message: "must not be empty" }))
+
+const Credentials = Schema.Struct({ db_user: NonEmpty, db_password: NonEmpty })
 
 const Addresses = Schema.Struct({ ipv4_addresses: Schema.Array(Schema.String) })
 
-const validate = <A, I>(schema: Schema.Schema<A, I>, input: unknown) =>
-  Either.mapLeft(Schema.decodeUnknownEither(schema, { errors: "all", onExcessProperty: "error" })(input), (e) => {
+const validate = <S extends Schema.ConstraintDecoder<unknown>>(schema: S, input: unknown) =>
+  Result.mapError(Schema.decodeUnknownResult(schema, strictParseOptions)(input), (e) => {
     const errors: FieldErrors = new Map()
     for (const p of problemsFromParseError(e, input)) addError(errors, p.path, p.reason)
     return errors
@@ -242,22 +245,22 @@ export const routes: ReadonlyArray<Route> = [
       const tenants = yield* Tenants
       const id = yield* idParam
       const input = yield* body
-      if (Either.isLeft(input)) return input.left
-      const decoded = decodeTenant(id, input.right)
-      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
-      const tenant = decoded.right
+      if (Result.isFailure(input)) return input.failure
+      const decoded = decodeTenant(id, input.success)
+      if (Result.isFailure(decoded)) return fieldErrors(decoded.failure)
+      const tenant = decoded.success
       if (tenants.get(id) === undefined) {
         const problem = yield* checkUpstream(tenant)
         if (problem !== undefined) return json(400, { error: problem })
       }
-      const result = yield* Effect.either(tenants.put(tenant))
-      if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      const result = yield* Effect.result(tenants.put(tenant))
+      if (Result.isFailure(result)) return json(500, { error: result.failure.message })
       yield* Effect.logInfo(
-        result.right.created ? "tenant created through the API" : "tenant replaced through the API"
+        result.success.created ? "tenant created through the API" : "tenant replaced through the API"
       ).pipe(Effect.annotateLogs({ tenant: id }))
       const stored = tenants.get(id) ?? tenant
-      return result.right.created
-        ? HttpServerResponse.unsafeJson(
+      return result.success.created
+        ? HttpServerResponse.jsonUnsafe(
             { data: tenantJson(stored) },
             { status: 201, headers: { location: `/api/tenants/${encodeURIComponent(id)}` } }
           )
@@ -282,10 +285,10 @@ export const routes: ReadonlyArray<Route> = [
       const tenants = yield* Tenants
       const id = yield* idParam
       const input = yield* body
-      if (Either.isLeft(input)) return input.left
-      const decoded = validate(Ban, input.right)
-      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
-      const ban = decoded.right
+      if (Result.isFailure(input)) return input.failure
+      const decoded = validate(Ban, input.success)
+      if (Result.isFailure(decoded)) return fieldErrors(decoded.failure)
+      const ban = decoded.success
       if (ban.banned && (ban.ban_reason === undefined || ban.ban_reason.trim() === "")) {
         return fieldErrors(new Map([["ban_reason", ["is required when banning"]]]))
       }
@@ -295,13 +298,13 @@ export const routes: ReadonlyArray<Route> = [
       const next: Tenant = ban.banned
         ? {
             ...rest,
-            banned_at: DateTime.unsafeNow(),
+            banned_at: DateTime.nowUnsafe(),
             ban_reason: ban.ban_reason!,
             ...(ban.banned_until != null ? { banned_until: ban.banned_until } : {})
           }
         : rest
-      const result = yield* Effect.either(tenants.replace(next))
-      if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      const result = yield* Effect.result(tenants.replace(next))
+      if (Result.isFailure(result)) return json(500, { error: result.failure.message })
       return json(200, { data: tenantJson(tenants.get(id) ?? next) })
     })
   },
@@ -311,9 +314,9 @@ export const routes: ReadonlyArray<Route> = [
     summary: "Delete a tenant: its pools stop and its clients get ENOTFOUND",
     responses: { "204": "deleted", "404": '{"error":"not found"}' },
     handler: Effect.gen(function* () {
-      const removed = yield* Effect.either((yield* Tenants).remove(yield* idParam))
-      if (Either.isLeft(removed)) return json(500, { error: removed.left.message })
-      return removed.right ? HttpServerResponse.empty({ status: 204 }) : notFound
+      const removed = yield* Effect.result((yield* Tenants).remove(yield* idParam))
+      if (Result.isFailure(removed)) return json(500, { error: removed.failure.message })
+      return removed.success ? HttpServerResponse.empty({ status: 204 }) : notFound
     })
   },
   {
@@ -347,15 +350,15 @@ export const routes: ReadonlyArray<Route> = [
       const tenants = yield* Tenants
       const id = yield* idParam
       const input = yield* body
-      if (Either.isLeft(input)) return input.left
-      const decoded = validate(Credentials, input.right)
-      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
+      if (Result.isFailure(input)) return input.failure
+      const decoded = validate(Credentials, input.success)
+      if (Result.isFailure(decoded)) return fieldErrors(decoded.failure)
       const tenant = tenants.get(id)
       if (tenant === undefined) return notFound
       if (tenant.require_user) {
         return json(400, { error: "the tenant has require_user: true; its users' credentials are set with PUT" })
       }
-      const { db_user, db_password } = decoded.right
+      const { db_user, db_password } = decoded.success
       const users = tenant.users.map((u) =>
         u.is_manager
           ? {
@@ -366,8 +369,8 @@ export const routes: ReadonlyArray<Route> = [
             }
           : u
       )
-      const result = yield* Effect.either(tenants.replace({ ...tenant, users }))
-      if (Either.isLeft(result)) return json(500, { error: result.left.message })
+      const result = yield* Effect.result(tenants.replace({ ...tenant, users }))
+      if (Result.isFailure(result)) return json(500, { error: result.failure.message })
       return HttpServerResponse.empty({ status: 204 })
     })
   },
@@ -398,12 +401,12 @@ export const routes: ReadonlyArray<Route> = [
     handler: Effect.gen(function* () {
       const id = yield* idParam
       const input = yield* body
-      if (Either.isLeft(input)) return input.left
-      const decoded = validate(Addresses, input.right)
-      if (Either.isLeft(decoded)) return fieldErrors(decoded.left)
+      if (Result.isFailure(input)) return input.failure
+      const decoded = validate(Addresses, input.success)
+      if (Result.isFailure(decoded)) return fieldErrors(decoded.failure)
       if ((yield* Tenants).get(id) === undefined) return notFound
       const breaker = yield* CircuitBreaker
-      yield* breaker.clear(id, decoded.right.ipv4_addresses)
+      yield* breaker.clear(id, decoded.success.ipv4_addresses)
       return json(200, bansJson(yield* breaker.bans(id)))
     })
   },

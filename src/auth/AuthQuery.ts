@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto"
-import { Clock, Deferred, Duration, Effect, Exit, FiberId, Random, Redacted } from "effect"
+import { Clock, Context, Deferred, Duration, Effect, Exit, Layer, Option, Random, Redacted, Semaphore } from "effect"
 import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { parseScramSecret, type ScramSecret } from "../protocol/index.ts"
@@ -42,7 +42,7 @@ interface Link {
   conn: ServerConnection | undefined
   /** Host, port, database, manager user and password the connection was made with. */
   made: string
-  readonly lock: Effect.Semaphore
+  readonly lock: Semaphore.Semaphore
 }
 
 const key = (tenant: string, user: string) => `${tenant}\u0000${user}`
@@ -78,8 +78,8 @@ type Fetched = ScramSecret | "not found"
  * log in upstream with them (SCRAM pass-through). They are stored per (tenant, username) only after
  * the client's proof matched that username's own verifier, so a key never serves another user.
  */
-export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery", {
-  scoped: Effect.gen(function* () {
+export class AuthQuery extends Context.Service<AuthQuery>()("tidepool/AuthQuery", {
+  make: Effect.gen(function* () {
     const config = yield* AppConfig
     const registry = yield* TenantRegistry
     const breaker = yield* CircuitBreaker
@@ -141,7 +141,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         let link = links.get(tenant.external_id)
         if (link === undefined) {
           // Made without yielding: two first fetches of a tenant must not both open a connection.
-          link = { conn: undefined, made: "", lock: Effect.unsafeMakeSemaphore(1) }
+          link = { conn: undefined, made: "", lock: Semaphore.makeUnsafe(1) }
           links.set(tenant.external_id, link)
         }
         const current = link
@@ -149,9 +149,9 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
           Effect.gen(function* () {
             const conn = yield* linkOf(tenant, current)
             return yield* conn.query(sql, [user]).pipe(
-              Effect.timeoutFail({
+              Effect.timeoutOrElse({
                 duration: config.upstreamConnectTimeoutMs,
-                onTimeout: () => tidepoolError("ESERVERCLOSED", "no answer in time")
+                orElse: () => Effect.fail(tidepoolError("ESERVERCLOSED", "no answer in time"))
               }),
               // A connection left mid-query (timeout, interruption) is of no further use.
               Effect.onExit((exit) =>
@@ -169,10 +169,8 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         }
         return row[1] ?? ""
       }).pipe(
-        Effect.tapBoth({
-          onFailure: () => breaker.authQueryFailed(tenant.external_id),
-          onSuccess: () => breaker.authQuerySucceeded(tenant.external_id)
-        }),
+        Effect.tap(() => breaker.authQuerySucceeded(tenant.external_id)),
+        Effect.tapError(() => breaker.authQueryFailed(tenant.external_id)),
         Effect.flatMap((found): Effect.Effect<Fetched, TidepoolError> => {
           if (found === undefined) return Effect.succeed("not found")
           if (found.startsWith("md5")) {
@@ -194,7 +192,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         const k = key(tenant.external_id, user)
         const running = inflight.get(k)
         if (running !== undefined) return Deferred.await(running)
-        const started = Deferred.unsafeMake<Fetched, TidepoolError>(FiberId.none)
+        const started = Deferred.makeUnsafe<Fetched, TidepoolError>()
         inflight.set(k, started)
         return fetch(tenant, user).pipe(
           Effect.exit,
@@ -204,13 +202,13 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
           }),
           // Shutdown interrupts it: waiters must hear of that too, not wait forever.
           Effect.onInterrupt(() =>
-            Effect.zipRight(
+            Effect.andThen(
               Effect.sync(() => inflight.delete(k)),
               Deferred.interrupt(started)
             )
           ),
           Effect.forkIn(serviceScope),
-          Effect.zipRight(Deferred.await(started))
+          Effect.andThen(Deferred.await(started))
         )
       })
 
@@ -269,11 +267,11 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
         yield* Effect.forEach(
           due,
           ([tenant, entry]) =>
-            Effect.whenEffect(
+            Effect.when(
               fetchShared(tenant, entry.user).pipe(
-                Effect.tap((fetched) => store(tenant, entry.user, fetched, now)),
-                Effect.catchAll((error) =>
-                  Effect.zipRight(
+                Effect.tap((fetched) => Effect.sync(() => store(tenant, entry.user, fetched, now))),
+                Effect.catch((error) =>
+                  Effect.andThen(
                     forgetUnusable(tenant, entry.user, error),
                     Effect.logWarning(`auth_query re-check failed: ${error.message}`).pipe(
                       Effect.annotateLogs({ tenant: tenant.external_id, user: entry.user, code: error.code })
@@ -290,11 +288,11 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
     // Jitter spreads the re-checks of many nodes over time instead of querying in lockstep. Without
     // re-checks, the same loop still drops unused entries and idle connections once a minute.
     const interval = config.authQueryRecheckIntervalMs > 0 ? config.authQueryRecheckIntervalMs : 60_000
-    const pause = Effect.flatMap(Random.nextIntBetween(interval / 2, (interval * 3) / 2 + 1), (ms) =>
+    const pause = Effect.flatMap(Random.nextIntBetween(interval / 2, (interval * 3) / 2), (ms) =>
       Effect.sleep(Duration.millis(ms))
     )
     const pass = recheck(config.authQueryRecheckIntervalMs > 0)
-    yield* Effect.forkScoped(Effect.forever(Effect.zipRight(pause, pass)).pipe(Effect.interruptible))
+    yield* Effect.forkScoped(Effect.forever(Effect.andThen(pause, pass)).pipe(Effect.interruptible))
 
     return {
       /**
@@ -335,7 +333,7 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
             Effect.tapError((error) => forgetUnusable(tenant, user, error)),
             Effect.option
           )
-          if (fetched._tag === "None") return false
+          if (Option.isNone(fetched)) return false
           store(tenant, user, fetched.value, now)
           return fetched.value !== "not found" && !sameSecret(fetched.value, tried)
         }),
@@ -370,4 +368,6 @@ export class AuthQuery extends Effect.Service<AuthQuery>()("tidepool/AuthQuery",
       recheck: recheck(true)
     } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

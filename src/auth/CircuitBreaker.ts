@@ -1,4 +1,4 @@
-import { Effect, type Scope } from "effect"
+import { Clock, Context, Effect, Layer, type Scope } from "effect"
 
 /** A sliding-window failure counter that blocks a key for a while once it trips. */
 export interface BreakerRule {
@@ -178,10 +178,10 @@ export interface AuthAttempt {
  * repeated `auth_query` failures block the tenant's logins briefly so a broken upstream is not
  * hammered. State is per node and in memory, as in Supavisor.
  */
-export class CircuitBreaker extends Effect.Service<CircuitBreaker>()("tidepool/CircuitBreaker", {
-  scoped: Effect.gen(function* () {
-    const clock = yield* Effect.clock
-    const now = () => clock.unsafeCurrentTimeMillis()
+export class CircuitBreaker extends Context.Service<CircuitBreaker>()("tidepool/CircuitBreaker", {
+  make: Effect.gen(function* () {
+    const clock = yield* Clock.Clock
+    const now = () => clock.currentTimeMillisUnsafe()
     const auth = new Breaker(AUTH_FAILURES, now)
     const authQuery = new Breaker(AUTH_QUERY_FAILURES, now)
     yield* Effect.forkScoped(
@@ -192,7 +192,7 @@ export class CircuitBreaker extends Effect.Service<CircuitBreaker>()("tidepool/C
     )
 
     const waitForRoom = (key: string) =>
-      Effect.async<void>((resume) => {
+      Effect.callback<void>((resume) => {
         const stop = auth.waitForRoom(key, () => {
           stop()
           resume(Effect.void)
@@ -253,4 +253,6 @@ export class CircuitBreaker extends Effect.Service<CircuitBreaker>()("tidepool/C
       authQuerySucceeded: (tenant: string) => Effect.sync(() => authQuery.succeed(tenant))
     } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

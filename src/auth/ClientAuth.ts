@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto"
-import { Effect, Either, Redacted } from "effect"
+import { type Context, Effect, Redacted, Result } from "effect"
 import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import {
@@ -55,7 +55,7 @@ export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   channelBinding?: Buffer
 ) {
   // Made only when a proof is wrong: an error captures a stack trace, which every login would pay for.
-  const wrongPassword = Effect.zipRight(
+  const wrongPassword = Effect.andThen(
     Effect.sleep(failureDelayMs),
     Effect.failSync(() => tidepoolError("EWRONGPASSWORD", user))
   )
@@ -98,10 +98,10 @@ export const matchUsers = (tenant: Tenant, username: string): ReadonlyArray<User
 
 /** docs/architecture.md#telemetry: the `client.auth` span says how the login ended, and a failure's catalogued code. */
 export const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
-  Effect.tapBoth(self, {
-    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
-    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
-  })
+  self.pipe(
+    Effect.tap(() => Effect.annotateCurrentSpan("tidepool.outcome", "ok")),
+    Effect.tapError((error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }))
+  )
 
 /** Who a client's pool logs in upstream as, once the client is authenticated. */
 export interface ClientCredentials {
@@ -148,7 +148,11 @@ const stored = (user: User): ClientCredentials => ({
 })
 
 /** An auth_query user's pools log in with the keys of its latest verified login (SCRAM pass-through). */
-const passThrough = (authQuery: AuthQuery, tenant: string, username: string): ClientCredentials => ({
+const passThrough = (
+  authQuery: Context.Service.Shape<typeof AuthQuery>,
+  tenant: string,
+  username: string
+): ClientCredentials => ({
   poolUser: username,
   upstream: { user: username, password: undefined, scramKeys: () => authQuery.keysOf(tenant, username) }
 })
@@ -196,30 +200,32 @@ export const authenticateClient = Effect.fn("client.auth")(
 
     if (authQuery === undefined) {
       const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
-      const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
-      if (Either.isLeft(proof)) return yield* proof.left.code === "EWRONGPASSWORD" ? refuse(proof.left) : proof.left
+      const proof = yield* Effect.result(authenticateScram(channel, secret, username, 0, channelBinding))
+      if (Result.isFailure(proof)) {
+        return yield* proof.failure.code === "EWRONGPASSWORD" ? refuse(proof.failure) : proof.failure
+      }
       yield* attempt.succeeded
       return stored(user)
     }
 
-    const found = yield* Effect.either(authQuery.secret(tenant, username))
-    if (Either.isLeft(found)) {
+    const found = yield* Effect.result(authQuery.secret(tenant, username))
+    if (Result.isFailure(found)) {
       // An unknown role costs an upstream query: it counts like a wrong password.
-      const unknown = found.left.code === "EAUTHQUERY" && found.left.message === USER_NOT_FOUND
-      return yield* unknown ? refuse(found.left) : found.left
+      const unknown = found.failure.code === "EAUTHQUERY" && found.failure.message === USER_NOT_FOUND
+      return yield* unknown ? refuse(found.failure) : found.failure
     }
-    const { secret, fresh } = found.right
-    const proof = yield* Effect.either(authenticateScram(channel, secret, username, 0, channelBinding))
-    if (Either.isLeft(proof)) {
-      if (proof.left.code !== "EWRONGPASSWORD") return yield* proof.left
+    const { secret, fresh } = found.success
+    const proof = yield* Effect.result(authenticateScram(channel, secret, username, 0, channelBinding))
+    if (Result.isFailure(proof)) {
+      if (proof.failure.code !== "EWRONGPASSWORD") return yield* proof.failure
       const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))
       // A stale cache is not the client's failure; the attempt still fails, as the proof was made
       // with the old salt and cannot be checked against the new verifier.
       return yield* stale
-        ? Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(proof.left))
-        : refuse(proof.left)
+        ? Effect.andThen(Effect.sleep(config.authFailureDelayMs), Effect.fail(proof.failure))
+        : refuse(proof.failure)
     }
-    yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.right, serverKey: secret.serverKey })
+    yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.success, serverKey: secret.serverKey })
     yield* attempt.succeeded
     return passThrough(authQuery, tenant.external_id, username)
   },
@@ -271,8 +277,8 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
         return stored(user)
       }
     } else {
-      const found = yield* Effect.either(authQuery.secret(tenant, username))
-      const keys = Either.isRight(found) ? passwordKeys(value, found.right.secret) : undefined
+      const found = yield* Effect.result(authQuery.secret(tenant, username))
+      const keys = Result.isSuccess(found) ? passwordKeys(value, found.success.secret) : undefined
       if (keys !== undefined) {
         yield* authQuery.remember(tenant.external_id, username, keys)
         yield* attempt.succeeded
@@ -283,9 +289,9 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
   }
 
   yield* Effect.annotateCurrentSpan({ method: "jit" })
-  const granted = yield* Effect.either(jit.check(tenant, value, role, address))
-  if (Either.isLeft(granted)) {
-    return yield* granted.left.code === "EJITUNAUTHORIZED" ? refuse(granted.left) : granted.left
+  const granted = yield* Effect.result(jit.check(tenant, value, role, address))
+  if (Result.isFailure(granted)) {
+    return yield* granted.failure.code === "EJITUNAUTHORIZED" ? refuse(granted.failure) : granted.failure
   }
   yield* attempt.succeeded
   const digest = createHash("sha256").update(value).digest("base64url").slice(0, 22)

@@ -1,6 +1,6 @@
 import { createHash, createHmac, pbkdf2Sync, timingSafeEqual } from "node:crypto"
-import { FetchHttpClient, HttpBody, HttpClient, HttpClientRequest } from "@effect/platform"
-import { Duration, Effect, Redacted, Schema } from "effect"
+import { Context, Duration, Effect, Layer, Redacted, Result, Schema } from "effect"
+import { FetchHttpClient, HttpClient, HttpClientRequest } from "effect/http"
 import * as jose from "jose"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { tidepoolError } from "../errors/index.ts"
@@ -37,8 +37,8 @@ const JitAnswer = Schema.Struct({ user_role: Schema.Struct({ role: Schema.String
  * verification key (`jit_jwt_secret` or `jit_jwks_url`) has JWT-shaped tokens checked locally first:
  * a bad signature, or an `exp`/`nbf` out of range, is refused without calling the API.
  */
-export class JitApi extends Effect.Service<JitApi>()("tidepool/JitApi", {
-  effect: Effect.gen(function* () {
+export class JitApi extends Context.Service<JitApi>()("tidepool/JitApi", {
+  make: Effect.gen(function* () {
     const config = yield* AppConfig
     const http = yield* HttpClient.HttpClient
     // One remote key set per URL, which jose caches and refreshes itself.
@@ -67,9 +67,9 @@ export class JitApi extends Effect.Service<JitApi>()("tidepool/JitApi", {
       const url = tenant.jit_api_url!
       yield* Effect.annotateCurrentSpan({ "tidepool.tenant": tenant.external_id, "db.user": role, "jit.url": url })
       if ((tenant.jit_jwt_secret !== undefined || tenant.jit_jwks_url !== undefined) && looksLikeJwt(token)) {
-        const local = yield* Effect.either(verifyLocally(tenant, token))
-        if (local._tag === "Left") {
-          const e = local.left
+        const local = yield* Effect.result(verifyLocally(tenant, token))
+        if (Result.isFailure(local)) {
+          const e = local.failure
           // A key set that cannot be fetched is the provider's failure, not the token's.
           if (e instanceof jose.errors.JWKSTimeout || e instanceof TypeError) return yield* failed
           yield* Effect.annotateCurrentSpan({ "jit.local": "refused" })
@@ -79,25 +79,25 @@ export class JitApi extends Effect.Service<JitApi>()("tidepool/JitApi", {
       }
       const request = HttpClientRequest.post(url).pipe(
         HttpClientRequest.bearerToken(token),
-        HttpClientRequest.setBody(HttpBody.unsafeJson({ rhost, role }))
+        HttpClientRequest.bodyJsonUnsafe({ rhost, role })
       )
       const response = yield* http.execute(request).pipe(
-        Effect.timeoutFail({ duration: Duration.millis(config.jitTimeoutMs), onTimeout: () => failed }),
-        Effect.mapError(() => failed),
-        Effect.scoped
+        Effect.timeoutOrElse({ duration: Duration.millis(config.jitTimeoutMs), orElse: () => Effect.fail(failed) }),
+        Effect.mapError(() => failed)
       )
       yield* Effect.annotateCurrentSpan({ "http.response.status_code": response.status })
       if (response.status === 401 || response.status === 403) return yield* unauthorized
       if (response.status !== 200) return yield* failed
       const body = yield* response.json.pipe(
-        Effect.flatMap(Schema.decodeUnknown(JitAnswer)),
-        Effect.timeoutFail({ duration: Duration.millis(config.jitTimeoutMs), onTimeout: () => failed }),
+        Effect.flatMap(Schema.decodeUnknownEffect(JitAnswer)),
+        Effect.timeoutOrElse({ duration: Duration.millis(config.jitTimeoutMs), orElse: () => Effect.fail(failed) }),
         Effect.mapError(() => failed)
       )
       if (body.user_role.role !== role) return yield* unauthorized
     })
 
     return { check } as const
-  }),
-  dependencies: [FetchHttpClient.layer]
-}) {}
+  })
+}) {
+  static readonly layer = Layer.effect(this, this.make).pipe(Layer.provide(FetchHttpClient.layer))
+}

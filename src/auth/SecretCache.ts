@@ -1,13 +1,13 @@
 import { createHash } from "node:crypto"
-import { Effect, Redacted } from "effect"
+import { Context, Effect, Layer, Redacted } from "effect"
 import { createScramSecret, type ScramSecret } from "../protocol/index.ts"
 
 /**
  * SCRAM verifiers derived from stored passwords. Deriving one costs 4096 PBKDF2 rounds, so it is
  * done once per (tenant, user, password) with a random salt, and redone when the password changes.
  */
-export class SecretCache extends Effect.Service<SecretCache>()("tidepool/SecretCache", {
-  sync: () => {
+export class SecretCache extends Context.Service<SecretCache>()("tidepool/SecretCache", {
+  make: Effect.sync(() => {
     // Keyed by a digest of the password, so the cache notices a change without keeping the plaintext.
     const cache = new Map<string, { readonly digest: string; readonly secret: ScramSecret }>()
     return {
@@ -22,5 +22,7 @@ export class SecretCache extends Effect.Service<SecretCache>()("tidepool/SecretC
         return secret
       }
     } as const
-  }
-}) {}
+  })
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

@@ -249,7 +249,7 @@ export const chownToServer = (rt: Runtime, target: string, options: { readonly r
 // --- one-shot commands ----------------------------------------------------------------------------
 
 const exec = (rt: Runtime, command: string, args: ReadonlyArray<string>, cwd: string, input = "") =>
-  Effect.async<void, EmbeddedPostgresError>((resume) => {
+  Effect.callback<void, EmbeddedPostgresError>((resume) => {
     let output = ""
     const collect = (chunk: Buffer) => {
       output = (output + chunk.toString("utf8")).slice(-LOG_TAIL)
@@ -305,7 +305,7 @@ export const initdb = (options: InitdbOptions): Effect.Effect<void, EmbeddedPost
         catch: (cause) => fail(`cannot write ${passwordFile}: ${messageOf(cause)}`, cause)
       }),
       () =>
-        Effect.zipRight(
+        Effect.andThen(
           chownToServer(rt, passwordFile),
           exec(
             rt,
@@ -428,9 +428,10 @@ const launch = (rt: Runtime, options: StartOptions, dataDir: string, host: strin
           ? new PortTaken({ port })
           : fail(`PostgreSQL in ${dataDir} did not start: ${messageOf(cause)}:\n${postmaster.log()}`, cause)
     }).pipe(
-      Effect.timeoutFail({
+      Effect.timeoutOrElse({
         duration: START_TIMEOUT,
-        onTimeout: () => fail(`PostgreSQL in ${dataDir} did not start within ${START_TIMEOUT}:\n${postmaster.log()}`)
+        orElse: () =>
+          Effect.fail(fail(`PostgreSQL in ${dataDir} did not start within ${START_TIMEOUT}:\n${postmaster.log()}`))
       }),
       Effect.tapError(() => shutdown(postmaster.child))
     )

@@ -1,12 +1,18 @@
 import { Console, Effect, Layer } from "effect"
-import { AppConfig, type ConfigCheckSummary, ConfigError, checkConfigFile } from "../config/index.ts"
+import {
+  AppConfig,
+  type AppConfigShape,
+  type ConfigCheckSummary,
+  ConfigError,
+  checkConfigFile
+} from "../config/index.ts"
 import { DownstreamTls, UpstreamTls } from "../tls/index.ts"
 
 /** Reads the TLS files the settings name, as `serve` will: unreadable or mismatched files are problems. */
-const checkTlsFiles = (file: string, settings: AppConfig["Type"]) =>
+const checkTlsFiles = (file: string, settings: AppConfigShape) =>
   Effect.scoped(
     Layer.build(
-      Layer.merge(DownstreamTls.Default, UpstreamTls.Default).pipe(Layer.provide(Layer.succeed(AppConfig, settings)))
+      Layer.merge(DownstreamTls.layer, UpstreamTls.layer).pipe(Layer.provide(Layer.succeed(AppConfig, settings)))
     )
   ).pipe(Effect.mapError((error) => new ConfigError({ file, problems: error.problems })))
 
@@ -31,7 +37,7 @@ export const configCheck = (file: string) =>
   checkConfigFile(file).pipe(
     Effect.tap((summary) => checkTlsFiles(file, summary.settings)),
     Effect.flatMap((summary) =>
-      Effect.zipRight(
+      Effect.andThen(
         Console.log(`${file}: OK\n${summary}`),
         Effect.suspend(() => {
           const warning = vaultKeyWarning(summary)
@@ -40,7 +46,7 @@ export const configCheck = (file: string) =>
       )
     ),
     Effect.catchTag("ConfigError", (e) =>
-      Effect.zipRight(
+      Effect.andThen(
         Console.error(e.message),
         Effect.sync(() => process.exit(1))
       )

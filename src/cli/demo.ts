@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto"
 import * as fs from "node:fs/promises"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
-import { Console, Effect, Layer, Redacted, Runtime, Schema } from "effect"
+import { Console, Context, Effect, Layer, Redacted, Schema } from "effect"
 import { SignJWT } from "jose"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
@@ -92,16 +92,16 @@ export const demo = Effect.gen(function* () {
   const config = yield* demoSecrets(yield* AppConfig)
   yield* Console.log("starting embedded PostgreSQL …")
   const { port, dataDir } = yield* embeddedPostgres(config.dataDir)
-  const tenant = yield* Schema.decodeUnknown(Tenant)({
+  const tenant = yield* Schema.decodeUnknownEffect(Tenant)({
     external_id: "demo",
     db_host: "127.0.0.1",
     db_port: port,
     db_database: "postgres",
     users: [{ db_user: "postgres", db_password: "postgres", pool_size: 10 }]
   }).pipe(Effect.orDie)
-  const listeners = yield* Layer.build(tidepoolLayer([tenant]).pipe(Layer.provide(Layer.succeed(AppConfig, config))))
-  const ports = yield* Effect.provide(Listeners, listeners)
-  const api = yield* Effect.provide(ApiServer, listeners)
+  const node = yield* Layer.build(tidepoolLayer([tenant]).pipe(Layer.provide(Layer.succeed(AppConfig, config))))
+  const ports = Context.get(node, Listeners)
+  const api = Context.get(node, ApiServer)
   const token = yield* Effect.promise(() =>
     new SignJWT({ role: "demo" })
       .setProtectedHeader({ alg: "HS256" })
@@ -126,18 +126,16 @@ export const demo = Effect.gen(function* () {
       ""
     ].join("\n")
   )
-  const runtime = yield* Effect.runtime<never>()
+  const context = yield* Effect.context<never>()
   installSignals((level, message) =>
-    Runtime.runSync(runtime)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
+    Effect.runSyncWith(context)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
   )
   // Until Ctrl+C, or SHUTDOWN from the admin console (TIDEPOOL_ADMIN_USERS), as `serve`.
-  yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(
-    Effect.onInterrupt(() => ports.shutdown)
-  )
+  yield* Context.get(node, AdminControl).shutdownRequested.pipe(Effect.onInterrupt(() => ports.shutdown))
 }).pipe(
   Effect.scoped,
   Effect.catchTag("EmbeddedPostgresError", (e) =>
-    Effect.zipRight(
+    Effect.andThen(
       Console.error(`tidepool demo: ${e.message}`),
       Effect.sync(() => process.exit(1))
     )

@@ -18,7 +18,7 @@ import { runtimeLayer } from "./serve.ts"
  * does not exist yet compares against an empty in-memory one, so it creates no file.
  */
 const storeFor = (dryRun: boolean) =>
-  Layer.unwrapEffect(
+  Layer.unwrap(
     Effect.map(AppConfig, (config) => {
       const file = path.resolve(config.dataDir, "tidepool.db")
       return dryRun && config.databaseUrl === undefined && !existsSync(file)

@@ -1,16 +1,21 @@
-import { Cause, Console, Effect, Exit, Layer, Runtime } from "effect"
+import { Cause, ConfigProvider, Console, Context, Effect, Exit, Layer } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
-import { AppConfig, type ConfigFileContents, loadConfigFile } from "../config/index.ts"
+import { AppConfig, type ConfigFileContents, environment, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
 import { loggerLayer, tracingLayer } from "../telemetry/index.ts"
 
 /** AppConfig (defaults < config file `server:` < environment) plus the logger it configures. */
 export const runtimeLayer = (file: ConfigFileContents | undefined) =>
-  Layer.unwrapEffect(
-    Effect.map(AppConfig.pipe(Effect.provide(AppConfig.layerFromFile(file))), (config) =>
-      Layer.mergeAll(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel), tracingLayer())
+  Layer.unwrap(
+    // `environment()`: an empty variable (`PORT=`) is reported, not read as unset.
+    Effect.map(
+      AppConfig.pipe(
+        Effect.provide(AppConfig.layerFromFile(file).pipe(Layer.provide(ConfigProvider.layer(environment()))))
+      ),
+      (config) =>
+        Layer.mergeAll(Layer.succeed(AppConfig, config), loggerLayer(config.logFormat, config.logLevel), tracingLayer())
     )
   )
 
@@ -37,25 +42,25 @@ export const serve = (configFile: string | undefined) =>
   Effect.gen(function* () {
     const file = configFile === undefined ? undefined : yield* loadConfigFile(configFile)
     return yield* Effect.gen(function* () {
-      const listeners = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
-      const { sessionPort, transactionPort, shutdown } = yield* Effect.provide(Listeners, listeners)
-      const api = yield* Effect.provide(ApiServer, listeners)
+      const node = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
+      const { sessionPort, transactionPort, shutdown } = Context.get(node, Listeners)
+      const api = Context.get(node, ApiServer)
       const config = yield* AppConfig
       yield* Effect.logInfo(
         `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
-      const runtime = yield* Effect.runtime<never>()
+      const context = yield* Effect.context<never>()
       installSignals((level, message) =>
-        Runtime.runSync(runtime)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
+        Effect.runSyncWith(context)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))
       )
       // Runs until SIGTERM/SIGINT (interruption) or the admin console's SHUTDOWN.
-      yield* (yield* Effect.provide(AdminControl, listeners)).shutdownRequested.pipe(Effect.onInterrupt(() => shutdown))
+      yield* Context.get(node, AdminControl).shutdownRequested.pipe(Effect.onInterrupt(() => shutdown))
       yield* Effect.logInfo("shutdown requested from the admin console")
     }).pipe(
       Effect.scoped,
       // After the scope: sessions drained or closed, servers closed, listeners and the API stopped.
       Effect.onExit((exit) =>
-        Exit.isSuccess(exit) || Cause.isInterruptedOnly(exit.cause)
+        Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause)
           ? Effect.logInfo(`tidepool stopped: exiting with status 0 after ${Math.round(process.uptime())} s`)
           : Effect.void
       ),
@@ -64,22 +69,22 @@ export const serve = (configFile: string | undefined) =>
   }).pipe(
     Effect.catchTags({
       ConfigError: (e) =>
-        Effect.zipRight(
+        Effect.andThen(
           Console.error(e.message),
           Effect.sync(() => process.exit(1))
         ),
       ListenError: (e) =>
-        Effect.zipRight(
+        Effect.andThen(
           Console.error(`tidepool: ${e.message}`),
           Effect.sync(() => process.exit(1))
         ),
       ApiListenError: (e) =>
-        Effect.zipRight(
+        Effect.andThen(
           Console.error(`tidepool: ${e.message}`),
           Effect.sync(() => process.exit(1))
         ),
       TenantStoreError: (e) =>
-        Effect.zipRight(
+        Effect.andThen(
           Console.error(`tidepool: ${e.message}`),
           Effect.sync(() => process.exit(1))
         )

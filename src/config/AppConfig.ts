@@ -1,6 +1,5 @@
 import { isIP } from "node:net"
-import { Config, ConfigProvider, Context, Effect, Either, Layer, Option, Redacted } from "effect"
-import * as EffectConfigError from "effect/ConfigError"
+import { Config, ConfigProvider, Context, Effect, Layer, Option, Redacted, Result } from "effect"
 import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 
 export type LogLevel = "trace" | "debug" | "info" | "warning" | "error" | "none"
@@ -87,7 +86,7 @@ export interface SettingSpec<A> {
   readonly type: string
   readonly description: string
   readonly default: () => A
-  readonly parse: (raw: string) => Either.Either<A, string>
+  readonly parse: (raw: string) => Result.Result<A, string>
 }
 
 // Node's timers overflow above 2^31-1 ms and then fire at once, so a large
@@ -96,12 +95,12 @@ export const maxTimerMs = 2_147_483_647
 
 const integer =
   (min: number, max: number, what: string) =>
-  (raw: string): Either.Either<number, string> => {
+  (raw: string): Result.Result<number, string> => {
     const text = raw.trim()
     const n = /^-?\d+$/.test(text) ? Number(text) : Number.NaN
     return Number.isSafeInteger(n) && n >= min && n <= max
-      ? Either.right(n)
-      : Either.left(`expected ${what} between ${min} and ${max}, got ${JSON.stringify(raw)}`)
+      ? Result.succeed(n)
+      : Result.fail(`expected ${what} between ${min} and ${max}, got ${JSON.stringify(raw)}`)
   }
 
 /**
@@ -111,15 +110,15 @@ const integer =
  */
 const withUnits =
   (units: Readonly<Record<string, number>>, base: number, min: number, max: number, what: string, examples: string) =>
-  (raw: string): Either.Either<number, string> => {
+  (raw: string): Result.Result<number, string> => {
     const match = /^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$/.exec(raw.trim())
     const factor = match === null ? undefined : match[2] === "" ? base : units[match[2]!.toLowerCase()]
     const exact = match === null || factor === undefined ? Number.NaN : (Number(match[1]) * factor) / base
     // 1.005s is 1004.9999999999999 ms in binary floating point; a whole number is what was meant.
     const value = Math.abs(exact - Math.round(exact)) < 1e-6 ? Math.round(exact) : exact
     return Number.isSafeInteger(value) && value >= min && value <= max
-      ? Either.right(value)
-      : Either.left(
+      ? Result.succeed(value)
+      : Result.fail(
           `expected ${what} between ${min} and ${max} (or with a unit: ${examples}), got ${JSON.stringify(raw)}`
         )
   }
@@ -189,78 +188,78 @@ const logLevelAliases: Readonly<Record<string, LogLevel>> = {
   silent: "none"
 }
 
-export const parseLogLevel = (raw: string): Either.Either<LogLevel, string> => {
+export const parseLogLevel = (raw: string): Result.Result<LogLevel, string> => {
   const level = logLevelAliases[raw.trim().toLowerCase()]
   return level === undefined
-    ? Either.left(
+    ? Result.fail(
         `expected one of trace, debug, info, warning, error, none (also warn, err, notice, fatal, off), got ${JSON.stringify(raw)}`
       )
-    : Either.right(level)
+    : Result.succeed(level)
 }
 
 const oneOf =
   <A extends string>(values: ReadonlyArray<A>) =>
-  (raw: string): Either.Either<A, string> => {
+  (raw: string): Result.Result<A, string> => {
     const text = raw.trim().toLowerCase()
     const found = values.find((v) => v === text)
     return found === undefined
-      ? Either.left(`expected one of ${values.join(", ")}, got ${JSON.stringify(raw)}`)
-      : Either.right(found)
+      ? Result.fail(`expected one of ${values.join(", ")}, got ${JSON.stringify(raw)}`)
+      : Result.succeed(found)
   }
 
 /** Comma-separated file paths; empty means unset. */
-const paths = (raw: string): Either.Either<string, string> => {
+const paths = (raw: string): Result.Result<string, string> => {
   const list = raw.split(",").map((p) => p.trim())
-  if (raw.trim() === "") return Either.right("")
+  if (raw.trim() === "") return Result.succeed("")
   return list.some((p) => p === "")
-    ? Either.left("expected file paths separated by commas")
-    : Either.right(list.join(","))
+    ? Result.fail("expected file paths separated by commas")
+    : Result.succeed(list.join(","))
 }
 
-const nonEmpty = (raw: string): Either.Either<string, string> =>
-  raw.trim() === "" ? Either.left("must not be empty") : Either.right(raw.trim())
+const nonEmpty = (raw: string): Result.Result<string, string> =>
+  raw.trim() === "" ? Result.fail("must not be empty") : Result.succeed(raw.trim())
 
-const secret = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> =>
-  raw.trim() === "" ? Either.right(undefined) : Either.right(Redacted.make(raw.trim()))
+const secret = (raw: string): Result.Result<Redacted.Redacted<string> | undefined, string> =>
+  raw.trim() === "" ? Result.succeed(undefined) : Result.succeed(Redacted.make(raw.trim()))
 
-const postgresUrl = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> => {
+const postgresUrl = (raw: string): Result.Result<Redacted.Redacted<string> | undefined, string> => {
   const text = raw.trim()
-  if (text === "") return Either.right(undefined)
+  if (text === "") return Result.succeed(undefined)
   // Supavisor's DATABASE_URL is written `ecto://…`: the same URL under Elixir's scheme name.
-  if (/^ecto:\/\//i.test(text)) return Either.right(Redacted.make(`postgresql://${text.slice("ecto://".length)}`))
+  if (/^ecto:\/\//i.test(text)) return Result.succeed(Redacted.make(`postgresql://${text.slice("ecto://".length)}`))
   // The value is a credential: the message never echoes it.
   return /^postgres(ql)?:\/\//.test(text)
-    ? Either.right(Redacted.make(text))
-    : Either.left("expected a postgres://, postgresql:// or ecto:// URL")
+    ? Result.succeed(Redacted.make(text))
+    : Result.fail("expected a postgres://, postgresql:// or ecto:// URL")
 }
 
-const vaultKey = (raw: string): Either.Either<Redacted.Redacted<string> | undefined, string> => {
+const vaultKey = (raw: string): Result.Result<Redacted.Redacted<string> | undefined, string> => {
   const text = raw.trim()
-  if (text === "") return Either.right(undefined)
-  if (/^[0-9a-fA-F]{64}$/.test(text)) return Either.right(Redacted.make(text))
+  if (text === "") return Result.succeed(undefined)
+  if (/^[0-9a-fA-F]{64}$/.test(text)) return Result.succeed(Redacted.make(text))
   // Supavisor's form: 32 bytes of text used as the key itself (the vault reads it the same way).
-  if (Buffer.byteLength(text, "utf8") === 32) return Either.right(Redacted.make(text))
+  if (Buffer.byteLength(text, "utf8") === 32) return Result.succeed(Redacted.make(text))
   const decoded = /^[A-Za-z0-9+/_-]+={0,2}$/.test(text) ? Buffer.from(text, "base64").length : -1
   return decoded === 32
-    ? Either.right(Redacted.make(text))
-    : Either.left(
+    ? Result.succeed(Redacted.make(text))
+    : Result.fail(
         "expected 32 bytes as 64 hex characters, base64, or 32 characters used as they are (generate one with `openssl rand -base64 32`)"
       )
 }
 
-const claimValidators = (raw: string): Either.Either<Readonly<Record<string, unknown>>, string> => {
-  if (raw.trim() === "") return Either.right({})
+const claimValidators = (raw: string): Result.Result<Readonly<Record<string, unknown>>, string> => {
+  if (raw.trim() === "") return Result.succeed({})
   try {
     const value: unknown = JSON.parse(raw)
     if (typeof value === "object" && value !== null && !Array.isArray(value)) {
-      return Either.right(value as Record<string, unknown>)
+      return Result.succeed(value as Record<string, unknown>)
     }
   } catch {}
-  return Either.left('expected a JSON object of claim names to values, e.g. {"role":"service_role"}')
+  return Result.fail('expected a JSON object of claim names to values, e.g. {"role":"service_role"}')
 }
 
-const tokenList = (raw: string): Either.Either<ReadonlyArray<string>, string> =>
-  Either.right(
+const tokenList = (raw: string): Result.Result<ReadonlyArray<string>, string> =>
+  Result.succeed(
     raw
       .split(",")
       .map((t) => t.trim())
@@ -268,7 +267,7 @@ const tokenList = (raw: string): Either.Either<ReadonlyArray<string>, string> =>
   )
 // `name=secret,name=secret`: names have no `=` or `,`, secrets no `,` (verifiers are base64, which has none).
 // Errors never echo the value: it holds secrets.
-const adminUsers = (raw: string): Either.Either<ReadonlyArray<AdminUser>, string> => {
+const adminUsers = (raw: string): Result.Result<ReadonlyArray<AdminUser>, string> => {
   const users: Array<AdminUser> = []
   for (const item of raw.split(",")) {
     const text = item.trim()
@@ -276,20 +275,20 @@ const adminUsers = (raw: string): Either.Either<ReadonlyArray<AdminUser>, string
     const eq = text.indexOf("=")
     const name = eq < 0 ? "" : text.slice(0, eq).trim()
     const secret = eq < 0 ? "" : text.slice(eq + 1)
-    if (name === "" || secret === "") return Either.left(`expected name=secret entries separated by commas`)
-    if (users.some((u) => u.name === name)) return Either.left(`admin user ${JSON.stringify(name)} is listed twice`)
+    if (name === "" || secret === "") return Result.fail(`expected name=secret entries separated by commas`)
+    if (users.some((u) => u.name === name)) return Result.fail(`admin user ${JSON.stringify(name)} is listed twice`)
     users.push({ name, secret })
   }
-  return Either.right(users)
+  return Result.succeed(users)
 }
 
 const hostname = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
 
-const listenAddress = (raw: string): Either.Either<string, string> => {
+const listenAddress = (raw: string): Result.Result<string, string> => {
   const text = raw.trim()
   return isIP(text) !== 0 || (text.length <= 253 && hostname.test(text))
-    ? Either.right(text)
-    : Either.left(`expected an IP address or host name, got ${JSON.stringify(raw)}`)
+    ? Result.succeed(text)
+    : Result.fail(`expected an IP address or host name, got ${JSON.stringify(raw)}`)
 }
 
 export const logLevels: ReadonlyArray<LogLevel> = ["trace", "debug", "info", "warning", "error", "none"]
@@ -613,137 +612,79 @@ export const configFileEnv = "TIDEPOOL_CONFIG"
 /** Every environment variable AppConfig reads. */
 export const envNames: ReadonlyArray<string> = [...settingFields.map((f) => settings[f].env), configFileEnv]
 
-const settingConfig = <A>(spec: SettingSpec<A>): Config.Config<A> =>
-  // The raw value is read as a string and parsed above the provider: a
-  // provider-level parse failure would make `ConfigProvider.orElse` fall back
-  // to the file and silently ignore a malformed environment variable.
-  Config.suspend(() =>
-    Config.string(spec.env).pipe(
-      Config.mapOrFail((raw) => Either.mapLeft(spec.parse(raw), (reason) => EffectConfigError.InvalidData([], reason))),
-      Config.withDefault(spec.default()),
-      Config.withDescription(`${spec.description} (${spec.type})`)
-    )
-  )
-
 type Settings = Omit<AppConfigShape, "configFile">
 
-/** The settings alone, field by field, without cross-field checks. */
-export const settingsConfig: Config.Config<Settings> = Config.all({
-  listenAddr: settingConfig(settings.listenAddr),
-  transactionPort: settingConfig(settings.transactionPort),
-  sessionPort: settingConfig(settings.sessionPort),
-  apiPort: settingConfig(settings.apiPort),
-  dataDir: settingConfig(settings.dataDir),
-  logLevel: settingConfig(settings.logLevel),
-  logFormat: settingConfig(settings.logFormat),
-  handshakeTimeoutMs: settingConfig(settings.handshakeTimeoutMs),
-  authFailureDelayMs: settingConfig(settings.authFailureDelayMs),
-  upstreamConnectTimeoutMs: settingConfig(settings.upstreamConnectTimeoutMs),
-  shutdownTimeoutMs: settingConfig(settings.shutdownTimeoutMs),
-  maxMessageSize: settingConfig(settings.maxMessageSize),
-  jitTimeoutMs: settingConfig(settings.jitTimeoutMs),
-  preparedCacheSize: settingConfig(settings.preparedCacheSize),
-  maxPreparedStatements: settingConfig(settings.maxPreparedStatements),
-  maxPreparedMemory: settingConfig(settings.maxPreparedMemory),
-  serverIdleTimeoutMs: settingConfig(settings.serverIdleTimeoutMs),
-  serverLifetimeMs: settingConfig(settings.serverLifetimeMs),
-  poolShutdownAfterMs: settingConfig(settings.poolShutdownAfterMs),
-  minPoolSize: settingConfig(settings.minPoolSize),
-  maxPoolsPerTenant: settingConfig(settings.maxPoolsPerTenant),
-  authQueryCacheTtlMs: settingConfig(settings.authQueryCacheTtlMs),
-  authQueryRecheckIntervalMs: settingConfig(settings.authQueryRecheckIntervalMs),
-  downstreamCertPath: settingConfig(settings.downstreamCertPath),
-  downstreamKeyPath: settingConfig(settings.downstreamKeyPath),
-  upstreamCaPath: settingConfig(settings.upstreamCaPath),
-  databaseUrl: settingConfig(settings.databaseUrl),
-  vaultEncKey: settingConfig(settings.vaultEncKey),
-  apiJwtSecret: settingConfig(settings.apiJwtSecret),
-  metricsJwtSecret: settingConfig(settings.metricsJwtSecret),
-  jwtClaimValidators: settingConfig(settings.jwtClaimValidators),
-  jwtMaxLifetimeSeconds: settingConfig(settings.jwtMaxLifetimeSeconds),
-  apiTokenBlocklist: settingConfig(settings.apiTokenBlocklist),
-  metricsTokenBlocklist: settingConfig(settings.metricsTokenBlocklist),
-  tenantRefreshMs: settingConfig(settings.tenantRefreshMs),
-  traceCheckoutEvery: settingConfig(settings.traceCheckoutEvery),
-  adminUsers: settingConfig(settings.adminUsers)
-})
+/** Every setting's raw text, as the current ConfigProvider has it (none when unset). */
+const rawSettingsConfig: Config.Config<{ readonly [K in SettingField]: Option.Option<string> }> = Config.all(
+  Object.fromEntries(settingFields.map((field) => [field, Config.option(Config.String(settings[field].env))])) as {
+    readonly [K in SettingField]: Config.Config<Option.Option<string>>
+  }
+)
 
 const portFields = ["transactionPort", "sessionPort", "apiPort"] as const
 
 // Two listeners on one port fail at bind time with EADDRINUSE, which names
 // neither setting; catching it here names both.
-const checkPorts = (s: Settings): Either.Either<Settings, EffectConfigError.ConfigError> => {
-  const errors: Array<EffectConfigError.ConfigError> = []
+const portProblems = (s: Settings): Array<ConfigProblem> => {
+  const problems: Array<ConfigProblem> = []
   portFields.forEach((field, i) => {
     const clash = portFields.slice(0, i).find((other) => s[other] !== 0 && s[other] === s[field])
     if (clash !== undefined) {
-      errors.push(
-        EffectConfigError.InvalidData(
-          [settings[field].env],
-          `port ${s[field]} is also ${settings[clash].env} (server: ${settings[clash].fileKey}); the listener ports must differ`
-        )
-      )
+      problems.push({
+        path: settings[field].env,
+        reason: `port ${s[field]} is also ${settings[clash].env} (server: ${settings[clash].fileKey}); the listener ports must differ`
+      })
     }
   })
-  return errors.length === 0 ? Either.right(s) : Either.left(errors.reduce(EffectConfigError.And))
+  return problems
 }
 
 // A certificate without its key (or the reverse) would otherwise start a pooler that silently
 // answers every SSLRequest with N.
-const checkTlsPairs = (s: Settings): Either.Either<Settings, EffectConfigError.ConfigError> => {
+const tlsPairProblems = (s: Settings): Array<ConfigProblem> => {
   const certs = s.downstreamCertPath === "" ? 0 : s.downstreamCertPath.split(",").length
   const keys = s.downstreamKeyPath === "" ? 0 : s.downstreamKeyPath.split(",").length
-  if (certs === keys) return Either.right(s)
-  const path = [certs < keys ? settings.downstreamCertPath.env : settings.downstreamKeyPath.env]
-  return Either.left(
-    EffectConfigError.InvalidData(
-      path,
-      `${settings.downstreamCertPath.env} names ${certs} certificate(s) and ${settings.downstreamKeyPath.env} ${keys} key(s); give one key per certificate, in the same order`
-    )
-  )
-}
-
-export const configFileConfig: Config.Config<Option.Option<string>> = Config.option(Config.string(configFileEnv)).pipe(
-  // `TIDEPOOL_CONFIG=` in a compose file means "no file", not a file named "".
-  Config.map(Option.filter((path) => path.trim() !== "")),
-  Config.withDescription("Path of a YAML or JSON config file (`tidepool serve --config FILE` wins over it)")
-)
-
-export const appConfigConfig: Config.Config<AppConfigShape> = Config.all({
-  settings: settingsConfig.pipe(Config.mapOrFail(checkPorts), Config.mapOrFail(checkTlsPairs)),
-  configFile: configFileConfig
-}).pipe(Config.map(({ configFile, settings }) => ({ ...settings, configFile })))
-
-/** Turns Effect's ConfigError tree into one problem per failing setting. */
-export const problemsFromConfigError = (
-  error: EffectConfigError.ConfigError,
-  pathOf: (path: ReadonlyArray<string>) => string = (path) => path.join(".")
-): Array<ConfigProblem> => {
-  const walk = (e: EffectConfigError.ConfigError): Array<ConfigProblem> => {
-    switch (e._op) {
-      case "And":
-        return [...walk(e.left), ...walk(e.right)]
-      case "Or":
-        // Env missing but file invalid (or the reverse): only the real failure matters.
-        if (EffectConfigError.isMissingDataOnly(e.left)) return walk(e.right)
-        if (EffectConfigError.isMissingDataOnly(e.right)) return walk(e.left)
-        return [...walk(e.left), ...walk(e.right)]
-      case "MissingData":
-        return [{ path: pathOf(e.path), reason: "is required" }]
-      case "InvalidData":
-      case "SourceUnavailable":
-      case "Unsupported":
-        return [{ path: pathOf(e.path), reason: e.message }]
+  if (certs === keys) return []
+  return [
+    {
+      path: certs < keys ? settings.downstreamCertPath.env : settings.downstreamKeyPath.env,
+      reason: `${settings.downstreamCertPath.env} names ${certs} certificate(s) and ${settings.downstreamKeyPath.env} ${keys} key(s); give one key per certificate, in the same order`
     }
-  }
-  const seen = new Set<string>()
-  return walk(error).filter((p) => {
-    const key = `${p.path}\u0000${p.reason}`
-    if (seen.has(key)) return false
-    seen.add(key)
-    return true
-  })
+  ]
 }
+
+/**
+ * Parses raw setting values (absent: the default) with the parsers above, then checks the rules
+ * across settings. Every problem is reported, by environment variable name, so one run lists them
+ * all. The config file's `server:` section goes through the same function, so both accept exactly
+ * the same things.
+ */
+export const parseSettings = (
+  raw: Partial<Record<SettingField, string>>
+): Result.Result<Settings, ReadonlyArray<ConfigProblem>> => {
+  const problems: Array<ConfigProblem> = []
+  const out: Record<string, unknown> = {}
+  for (const field of settingFields) {
+    const spec: SettingSpec<unknown> = settings[field]
+    const text = raw[field]
+    if (text === undefined) {
+      out[field] = spec.default()
+      continue
+    }
+    const parsed = spec.parse(text)
+    if (Result.isSuccess(parsed)) out[field] = parsed.success
+    else problems.push({ path: spec.env, reason: parsed.failure })
+  }
+  if (problems.length > 0) return Result.fail(problems)
+  const parsed = out as Settings
+  const crossField = [...portProblems(parsed), ...tlsPairProblems(parsed)]
+  return crossField.length > 0 ? Result.fail(crossField) : Result.succeed(parsed)
+}
+
+const configFileConfig: Config.Config<Option.Option<string>> = Config.option(Config.String(configFileEnv)).pipe(
+  // `TIDEPOOL_CONFIG=` in a compose file means "no file", not a file named "".
+  Config.map(Option.filter((path) => path.trim() !== ""))
+)
 
 export type ServerValue = string | number | boolean
 
@@ -757,8 +698,8 @@ export const serverKeys: ReadonlyArray<string> = settingFields.map((f) => settin
 
 /** A `server:` section as a ConfigProvider keyed by environment name, to sit behind the environment. */
 export const fileConfigProvider = (server: ServerSection): ConfigProvider.ConfigProvider =>
-  ConfigProvider.fromMap(
-    new Map(
+  ConfigProvider.fromUnknown(
+    Object.fromEntries(
       Object.entries(server).flatMap(([key, value]) => {
         const field = fieldByFileKey.get(key)
         return field === undefined || value === undefined ? [] : [[settings[field].env, String(value)] as const]
@@ -766,17 +707,34 @@ export const fileConfigProvider = (server: ServerSection): ConfigProvider.Config
     )
   )
 
+/**
+ * The process environment as Tidepool reads it: a variable set to the empty string is a value (so
+ * `PORT=` is reported as not a port, as before Effect 4), where Effect's default `fromEnv()` would
+ * read it as unset and silently fall back to the file or the default. Provide it at the root
+ * (`ConfigProvider.layer(environment())`) so AppConfig.layer and layerFromFile read it.
+ */
+export const environment = (): ConfigProvider.ConfigProvider => ConfigProvider.fromEnv({ preserveEmptyStrings: true })
+
 /** The precedence rule: environment, then the file's `server:` section, then the built-in defaults. */
 export const configProviderFor = (
   server: ServerSection,
-  env: ConfigProvider.ConfigProvider = ConfigProvider.fromEnv()
-): ConfigProvider.ConfigProvider => env.pipe(ConfigProvider.orElse(() => fileConfigProvider(server)))
+  env: ConfigProvider.ConfigProvider = environment()
+): ConfigProvider.ConfigProvider => ConfigProvider.orElse(env, fileConfigProvider(server))
 
 /** Loads AppConfig from the given provider, reporting problems by environment variable name. */
 export const loadAppConfig = (provider: ConfigProvider.ConfigProvider): Effect.Effect<AppConfigShape, ConfigError> =>
-  Effect.withConfigProvider(appConfigConfig, provider).pipe(
-    Effect.mapError((error) => new ConfigError({ problems: problemsFromConfigError(error) }))
-  )
+  Effect.gen(function* () {
+    const { raw, configFile } = yield* Config.all({ raw: rawSettingsConfig, configFile: configFileConfig }).pipe(
+      Effect.provideService(ConfigProvider.ConfigProvider, provider),
+      // Only the source itself can fail here (every value is read as optional text).
+      Effect.mapError((error) => new ConfigError({ problems: [{ path: "", reason: error.message }] }))
+    )
+    const texts: Partial<Record<SettingField, string>> = {}
+    for (const field of settingFields) if (Option.isSome(raw[field])) texts[field] = raw[field].value
+    const parsed = parseSettings(texts)
+    if (Result.isFailure(parsed)) return yield* new ConfigError({ problems: parsed.failure })
+    return { ...parsed.success, configFile }
+  })
 
 const defaults = (): AppConfigShape => ({
   listenAddr: settings.listenAddr.default(),
@@ -824,12 +782,10 @@ const defaults = (): AppConfigShape => ({
  * ConfigProvider (the environment by default); `tidepool serve` uses
  * `ConfigFile.layer`, which also applies the config file's `server:` section.
  */
-export class AppConfig extends Context.Tag("tidepool/AppConfig")<AppConfig, AppConfigShape>() {
-  static readonly config = appConfigConfig
-
+export class AppConfig extends Context.Service<AppConfig, AppConfigShape>()("tidepool/AppConfig") {
   static readonly layer: Layer.Layer<AppConfig, ConfigError> = Layer.effect(
     this,
-    Effect.configProviderWith(loadAppConfig)
+    ConfigProvider.ConfigProvider.use(loadAppConfig)
   )
 
   /** Built-in defaults with `overrides` on top. Not validated: in-process callers (tests) are trusted. */
@@ -853,7 +809,7 @@ export class AppConfig extends Context.Tag("tidepool/AppConfig")<AppConfig, AppC
       ? this.layer
       : Layer.effect(
           this,
-          Effect.configProviderWith((env) => loadAppConfig(configProviderFor(file.server, env))).pipe(
+          ConfigProvider.ConfigProvider.use((env) => loadAppConfig(configProviderFor(file.server, env))).pipe(
             Effect.map((config) => (Option.isSome(file.file) ? { ...config, configFile: file.file } : config))
           )
         )

@@ -1,46 +1,38 @@
 import { readFile } from "node:fs/promises"
 import { extname } from "node:path"
-import { Config, ConfigProvider, Effect, Either, Option, ParseResult, Redacted, Schema } from "effect"
+import { Config, ConfigProvider, Effect, Exit, Option, Redacted, Schema, SchemaAST, SchemaIssue } from "effect"
 import { type Document, isNode, LineCounter, parseDocument } from "yaml"
 import {
   type AppConfigShape,
   configProviderFor,
-  fileConfigProvider,
+  environment,
   loadAppConfig,
-  problemsFromConfigError,
+  parseSettings,
   type ServerSection,
-  type ServerValue,
   type SettingField,
   serverKeys,
   settingFields,
-  settings,
-  settingsConfig
+  settings
 } from "./AppConfig.ts"
 import { ConfigError, type ConfigProblem, formatPath } from "./ConfigError.ts"
 import { strictParseOptions, Tenant, tenantIssues, userMaxClients, userPoolSize } from "./Tenant.ts"
 
 export { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 
-const ServerValueSchema = Schema.Union(Schema.String, Schema.Number, Schema.Boolean).annotations({
-  message: () => ({ message: "expected a string, number or boolean", override: true })
+const ServerValueSchema = Schema.Union([Schema.String, Schema.Number, Schema.Boolean]).annotate({
+  message: "expected a string, number or boolean"
 })
 
 const ServerSectionSchema = Schema.Struct(
-  Object.fromEntries(serverKeys.map((key) => [key, Schema.optionalWith(ServerValueSchema, { exact: true })]))
-).annotations({ message: () => "expected a mapping of server settings" })
+  Object.fromEntries(serverKeys.map((key) => [key, Schema.optionalKey(ServerValueSchema)]))
+).annotate({ message: "expected a mapping of server settings" })
 
 const ConfigFileSchema = Schema.Struct({
-  tenants: Schema.optionalWith(Schema.Array(Tenant).annotations({ message: () => "expected a list of tenants" }), {
-    default: () => [],
-    exact: true
-  }),
-  server: Schema.optionalWith(ServerSectionSchema, { default: () => ({}), exact: true })
-}).annotations({
-  message: (issue) =>
-    issue._tag === "Type" || (issue._tag === "Transformation" && issue.issue._tag === "Type")
-      ? { message: "expected a mapping with `tenants:` and/or `server:`", override: true }
-      : { message: "", override: false }
-})
+  tenants: Schema.Array(Tenant)
+    .annotate({ message: "expected a list of tenants" })
+    .pipe(Schema.withDecodingDefaultKey(Effect.succeed([]))),
+  server: ServerSectionSchema.pipe(Schema.withDecodingDefaultKey(Effect.succeed({})))
+}).annotate({ message: "expected a mapping with `tenants:` and/or `server:`" })
 
 export interface ConfigFileContents {
   /** The file it came from; none when no file was given. */
@@ -98,12 +90,10 @@ const editDistance = (a: string, b: string): number => {
   return row[b.length]
 }
 
-// The candidates come from the schema's own message (`is unexpected, expected:
-// "a" | "b"`), so suggestions work at any depth and for any struct.
-const unknownKeyReason = (path: ReadonlyArray<PropertyKey>, message: string): string => {
+// The candidates are the fields of the struct that refused the key, so suggestions work at any
+// depth and for any struct.
+const unknownKeyReason = (path: ReadonlyArray<PropertyKey>, known: ReadonlyArray<string>): string => {
   const key = String(path[path.length - 1]).toLowerCase()
-  const expected = message.slice(message.indexOf("expected:") + "expected:".length)
-  const known = message.includes("expected:") ? Array.from(expected.matchAll(/"([^"]+)"/g), (m) => m[1]) : []
   const best = known
     .map((name) => ({ name, distance: editDistance(key, name) }))
     .filter(({ distance }) => distance <= Math.max(2, Math.floor(key.length / 3)))
@@ -111,37 +101,57 @@ const unknownKeyReason = (path: ReadonlyArray<PropertyKey>, message: string): st
   return best === undefined ? "unknown field" : `unknown field (did you mean "${best.name}"?)`
 }
 
-const defaultTypeMessage = /^Expected (.*), actual /s
+const defaultTypeMessage = /^Expected (.*?)(, got .*)?$/s
+
+// Leaf messages are tagged so the walk below can tell a missing or unknown key from a wrong value;
+// NUL cannot occur in a message of ours.
+const missingTag = "\u0000missing"
+const unexpectedTag = "\u0000unexpected\u0000"
+
+const leafHook: SchemaIssue.LeafHook = (issue) => {
+  switch (issue._tag) {
+    case "MissingKey":
+      return missingTag
+    case "UnexpectedKey": {
+      const known = SchemaAST.isObjects(issue.ast) ? issue.ast.propertySignatures.map((p) => String(p.name)) : []
+      return unexpectedTag + JSON.stringify(known)
+    }
+    default:
+      return SchemaIssue.defaultLeafHook(issue)
+  }
+}
+
+const formatter = SchemaIssue.makeFormatterStandardSchemaV1({ leafHook })
 
 /**
  * Turns a schema failure into one problem per mistake, each with its path, the
  * offending value (secrets redacted when printed) and its line in the file.
  */
 export const problemsFromParseError = (
-  error: ParseResult.ParseError,
+  error: Schema.SchemaError | SchemaIssue.Issue,
   input: unknown,
   locateAt: (path: ReadonlyArray<PropertyKey>) => Located = () => ({})
 ): Array<ConfigProblem> =>
-  ParseResult.ArrayFormatter.formatErrorSync(error).map((issue) => {
-    const at = locateAt(issue.path)
-    const path = formatPath(issue.path)
-    switch (issue._tag) {
-      case "Missing":
-        return { path, reason: "is required", ...at }
-      case "Unexpected":
-        // The value of an unknown key is never shown: `db_pasword: hunter2` is a typo'd secret.
-        return { path, reason: unknownKeyReason(issue.path, issue.message), ...at }
-      default: {
-        // Library default messages embed the actual value unredacted; keep only the expectation.
-        const match = defaultTypeMessage.exec(issue.message)
-        const reason = match === null ? issue.message : `expected ${match[1]}`
-        // Scalars only: a whole tenant or user echoed back is noise (and holds secrets).
-        const { found, value } = valueAt(input, issue.path)
-        return found && (typeof value !== "object" || value === null)
-          ? { path, reason, value, ...at }
-          : { path, reason, ...at }
-      }
+  formatter(Schema.isSchemaError(error) ? error.issue : error).issues.map((issue) => {
+    const issuePath = (issue.path ?? []).map((segment) =>
+      typeof segment === "object" && segment !== null ? segment.key : segment
+    )
+    const at = locateAt(issuePath)
+    const path = formatPath(issuePath)
+    if (issue.message === missingTag) return { path, reason: "is required", ...at }
+    if (issue.message.startsWith(unexpectedTag)) {
+      // The value of an unknown key is never shown: `db_pasword: hunter2` is a typo'd secret.
+      const known = JSON.parse(issue.message.slice(unexpectedTag.length)) as ReadonlyArray<string>
+      return { path, reason: unknownKeyReason(issuePath, known), ...at }
     }
+    // Library default messages embed the actual value unredacted; keep only the expectation.
+    const match = defaultTypeMessage.exec(issue.message)
+    const reason = match === null ? issue.message : `expected ${match[1]}`
+    // Scalars only: a whole tenant or user echoed back is noise (and holds secrets).
+    const { found, value } = valueAt(input, issuePath)
+    return found && (typeof value !== "object" || value === null)
+      ? { path, reason, value, ...at }
+      : { path, reason, ...at }
   })
 
 const syntaxProblems = (doc: Document, lines: LineCounter, format: Format): Array<ConfigProblem> =>
@@ -206,19 +216,19 @@ const serverProblems = (
 ): Effect.Effect<Array<ConfigProblem>> => {
   const section = valueAt(input, ["server"]).value
   if (typeof section !== "object" || section === null || Array.isArray(section)) return Effect.succeed([])
-  const usable: Record<string, ServerValue> = {}
-  for (const [key, value] of Object.entries(section)) {
+  const raw: Partial<Record<SettingField, string>> = {}
+  for (const field of settingFields) {
+    const value: unknown = (section as Record<string, unknown>)[settings[field].fileKey]
     // Unknown keys and non-scalar values are the schema's to report.
-    if (typeof value === "string" || typeof value === "number" || typeof value === "boolean") usable[key] = value
+    if (typeof value === "string" || typeof value === "number" || typeof value === "boolean") raw[field] = String(value)
   }
-  return Effect.withConfigProvider(settingsConfig, fileConfigProvider(usable)).pipe(
-    Effect.match({
-      onSuccess: (): Array<ConfigProblem> => [],
-      onFailure: (error) =>
-        problemsFromConfigError(error, (envPath) => {
-          const field = settingFields.find((f) => settings[f].env === envPath.join("."))
-          return field === undefined ? envPath.join(".") : `server.${settings[field].fileKey}`
-        }).map((p) => ({ ...p, ...locateAt(["server", p.path.replace(/^server\./, "")]) }))
+  const parsed = parseSettings(raw)
+  if (parsed._tag === "Success") return Effect.succeed([])
+  return Effect.succeed(
+    parsed.failure.map((p) => {
+      const field = settingFields.find((f) => settings[f].env === p.path)
+      const key = field === undefined ? p.path : settings[field].fileKey
+      return { ...p, path: field === undefined ? p.path : `server.${key}`, ...locateAt(["server", key]) }
     })
   )
 }
@@ -255,18 +265,19 @@ export const parseConfig = (text: string, file?: string): Effect.Effect<ConfigFi
           : raw
     const locateAt = (path: ReadonlyArray<PropertyKey>) => locate(doc, lines, path)
 
-    const decoded = Schema.decodeUnknownEither(ConfigFileSchema, strictParseOptions)(input)
-    const problems: Array<ConfigProblem> = Either.isLeft(decoded)
-      ? problemsFromParseError(decoded.left, input, locateAt)
+    const decoded = Schema.decodeUnknownExit(ConfigFileSchema, strictParseOptions)(input)
+    const failure = Exit.findErrorOption(decoded)
+    const problems: Array<ConfigProblem> = Option.isSome(failure)
+      ? problemsFromParseError(failure.value, input, locateAt)
       : []
     problems.push(...crossFieldProblems(input, locateAt), ...(yield* serverProblems(input, locateAt)))
 
     const unique = dedupe(problems).sort(byPosition)
-    if (unique.length > 0 || Either.isLeft(decoded)) return yield* fail(unique)
+    if (unique.length > 0 || !Exit.isSuccess(decoded)) return yield* fail(unique)
     return {
-      file: Option.fromNullable(file),
-      tenants: decoded.right.tenants,
-      server: decoded.right.server
+      file: Option.fromNullishOr(file),
+      tenants: decoded.value.tenants,
+      server: decoded.value.server
     } satisfies ConfigFileContents
   })
 
@@ -349,7 +360,7 @@ const plural = (n: number, noun: string) => `${n} ${noun}${n === 1 ? "" : "s"}`
 /** Validates a config file as `serve` would, and summarises what it would run with. */
 export const checkConfigFile = (
   path: string,
-  env: ConfigProvider.ConfigProvider = ConfigProvider.fromEnv()
+  env: ConfigProvider.ConfigProvider = environment()
 ): Effect.Effect<ConfigCheckSummary, ConfigError> =>
   Effect.gen(function* () {
     const contents = yield* loadConfigFile(path)
@@ -359,7 +370,8 @@ export const checkConfigFile = (
     const sources = {} as Record<SettingField, SettingSource>
     for (const field of settingFields) {
       const { env: name, fileKey } = settings[field]
-      const fromEnv = yield* Effect.withConfigProvider(Config.option(Config.string(name)), env).pipe(
+      const fromEnv = yield* Config.option(Config.String(name)).pipe(
+        Effect.provideService(ConfigProvider.ConfigProvider, env),
         Effect.orElseSucceed(Option.none)
       )
       sources[field] = Option.isSome(fromEnv) ? "env" : contents.server[fileKey] !== undefined ? "file" : "default"

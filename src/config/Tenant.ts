@@ -1,38 +1,43 @@
 import { BlockList, isIP } from "node:net"
-import { type ParseResult, Schema } from "effect"
+import { Effect, Schema, type SchemaAST, SchemaTransformation } from "effect"
 
-// `override` makes the message win over the inner "Expected number, actual …",
-// which would otherwise echo the offending value (possibly a secret) and read
-// worse than one sentence in our own words.
-const says = (text: string) => ({ message: () => ({ message: text, override: true }) })
+// One sentence in our own words, on the type and on every check, so a failure never reads as the
+// library's "Expected number, got …", which would echo the offending value (possibly a secret).
+const says = (text: string) => ({ message: text })
 
-const Str = Schema.String.annotations({ message: () => "expected a string" })
+const Str = Schema.String.annotate(says("expected a string"))
 
-const Bool = Schema.Boolean.annotations(says("expected true or false"))
+// A string check whose predicate returns the reason (a string) or undefined when the value is fine.
+const rule = (reason: (s: string) => string | undefined) => Str.check(Schema.makeFilter(reason))
 
-const PositiveInt = Schema.Number.pipe(Schema.int(), Schema.positive()).annotations(says("expected a positive integer"))
+const Bool = Schema.Boolean.annotate(says("expected true or false"))
 
-const NonNegativeInt = Schema.Number.pipe(Schema.int(), Schema.nonNegative()).annotations(
-  says("expected an integer >= 0")
+const int = (text: string, ...checks: ReadonlyArray<SchemaAST.Filter<number>>) =>
+  Schema.Number.annotate(says(text)).check(Schema.isInt(says(text)), ...checks)
+
+const PositiveInt = int("expected a positive integer", Schema.isGreaterThan(0, says("expected a positive integer")))
+
+const NonNegativeInt = int(
+  "expected an integer >= 0",
+  Schema.isGreaterThanOrEqualTo(0, says("expected an integer >= 0"))
 )
 
-const Port = Schema.Number.pipe(Schema.int(), Schema.between(1, 65535)).annotations(
-  says("expected an integer between 1 and 65535")
+const Port = int(
+  "expected an integer between 1 and 65535",
+  Schema.isBetween({ minimum: 1, maximum: 65535 }, says("expected an integer between 1 and 65535"))
 )
 
-const NonEmpty = Str.pipe(Schema.filter((s) => s.trim() !== "" || "must not be empty"))
+const NonEmpty = rule((s) => (s.trim() !== "" ? undefined : "must not be empty"))
 
 const utf8 = new TextEncoder()
 
 /** PostgreSQL truncates identifiers to NAMEDATALEN - 1 = 63 bytes. */
-const DbName = Str.pipe(
-  Schema.filter((s) => {
-    const bytes = utf8.encode(s).length
-    if (bytes === 0 || bytes > 63) return "expected a name of 1 to 63 bytes"
-    if (/[\u0000-\u001f\u007f]/.test(s)) return "must not contain control characters"
-    return undefined
-  })
-)
+const DbName = rule((s) => {
+  const bytes = utf8.encode(s).length
+  if (bytes === 0 || bytes > 63) return "expected a name of 1 to 63 bytes"
+  if (/[\u0000-\u001f\u007f]/.test(s)) return "must not contain control characters"
+  return undefined
+})
 
 /**
  * What an `external_id` may be once stored: printable ASCII without spaces or dots. A new tenant's
@@ -40,14 +45,12 @@ const DbName = Str.pipe(
  * create tenants); stored tenants keep the looser rule, so an upgrade never locks a node out of its
  * own store.
  */
-export const ExternalId = Str.pipe(
-  Schema.filter((s) => {
-    if (s.length === 0 || s.length > 63) return "expected 1 to 63 characters"
-    if (!/^[\x21-\x7e]+$/.test(s)) return "expected printable ASCII without spaces"
-    if (s.includes(".")) return "must not contain '.' (a client username is split at its last dot)"
-    return undefined
-  })
-)
+export const ExternalId = rule((s) => {
+  if (s.length === 0 || s.length > 63) return "expected 1 to 63 characters"
+  if (!/^[\x21-\x7e]+$/.test(s)) return "expected printable ASCII without spaces"
+  if (s.includes(".")) return "must not contain '.' (a client username is split at its last dot)"
+  return undefined
+})
 
 const isExternalId = Schema.is(ExternalId)
 
@@ -65,10 +68,8 @@ export const externalIdProblem = (id: unknown): string | undefined =>
 
 const hostnamePattern = /^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$/
 
-const Host = Str.pipe(
-  Schema.filter(
-    (s) => isIP(s) !== 0 || (s.length <= 253 && hostnamePattern.test(s)) || "expected a host name or IP address"
-  )
+const Host = rule((s) =>
+  isIP(s) !== 0 || (s.length <= 253 && hostnamePattern.test(s)) ? undefined : "expected a host name or IP address"
 )
 
 export interface Cidr {
@@ -92,10 +93,8 @@ export const parseCidr = (text: string): Cidr | undefined => {
   return prefix <= max ? { address, prefix, family } : undefined
 }
 
-const CidrString = Str.pipe(
-  Schema.filter(
-    (s) => parseCidr(s) !== undefined || "expected an address range in CIDR notation, such as 10.0.0.0/8 or ::/0"
-  )
+const CidrString = rule((s) =>
+  parseCidr(s) !== undefined ? undefined : "expected an address range in CIDR notation, such as 10.0.0.0/8 or ::/0"
 )
 
 /** A BlockList holding the tenant's allowed client ranges (entries are validated by the schema). */
@@ -116,57 +115,48 @@ export const isAllowed = (list: BlockList, address: string): boolean => {
   return version !== 0 && list.check(address, version === 4 ? "ipv4" : "ipv6")
 }
 
-const HttpUrl = Str.pipe(
-  Schema.filter((s) => {
-    try {
-      const url = new URL(s)
-      return url.protocol === "https:" || url.protocol === "http:" || "expected an http or https URL"
-    } catch {
-      return "expected an http or https URL"
-    }
-  })
+const HttpUrl = rule((s) => {
+  try {
+    const url = new URL(s)
+    return url.protocol === "https:" || url.protocol === "http:" ? undefined : "expected an http or https URL"
+  } catch {
+    return "expected an http or https URL"
+  }
+})
+
+const PemCertificates = rule((s) =>
+  s.includes("-----BEGIN CERTIFICATE-----") ? undefined : "expected PEM certificates (-----BEGIN CERTIFICATE-----)"
 )
 
-const PemCertificates = Str.pipe(
-  Schema.filter(
-    (s) => s.includes("-----BEGIN CERTIFICATE-----") || "expected PEM certificates (-----BEGIN CERTIFICATE-----)"
-  )
-)
+const DateTime = Schema.DateTimeUtcFromString.annotate(says("expected an ISO 8601 date-time"))
 
-const DateTime = Schema.DateTimeUtc.annotations(says("expected an ISO 8601 date-time"))
-
-export const ModeType = Schema.Literal("transaction", "session").annotations(
+export const ModeType = Schema.Literals(["transaction", "session"]).annotate(
   says('expected "transaction" or "session"')
 )
 export type ModeType = typeof ModeType.Type
 
-export const IpVersion = Schema.Literal("v4", "v6", "auto").annotations(says('expected "v4", "v6" or "auto"'))
+export const IpVersion = Schema.Literals(["v4", "v6", "auto"]).annotate(says('expected "v4", "v6" or "auto"'))
 export type IpVersion = typeof IpVersion.Type
 
-export const UpstreamVerify = Schema.Literal("none", "peer").annotations(says('expected "none" or "peer"'))
+export const UpstreamVerify = Schema.Literals(["none", "peer"]).annotate(says('expected "none" or "peer"'))
 export type UpstreamVerify = typeof UpstreamVerify.Type
 
 // `null` is not read as "unset": an empty `auth_query:` in YAML is more likely
 // a mistake than a wish for the default, and it keeps messages to one line.
-// `exact`: an absent key is absent, not `undefined`, which also keeps a
-// spurious "expected undefined" out of every error report.
-const optional = <S extends Schema.Schema.All>(schema: S) => Schema.optionalWith(schema, { exact: true })
-const withDefault = <S extends Schema.Schema.AnyNoContext>(schema: S, value: () => Schema.Schema.Type<S>) =>
-  Schema.optionalWith(schema, { default: value, exact: true })
+// An optional key is absent, not `undefined`, which also keeps a spurious
+// "expected undefined" out of every error report.
+const optional = Schema.optionalKey
+const withDefault = <S extends Schema.Top & { readonly DecodingServices: never }>(
+  schema: S,
+  value: () => S["Encoded"]
+) => schema.pipe(Schema.withDecodingDefaultKey(Effect.sync(value)))
 
-// A struct with defaults is a transformation whose encoded side carries no
-// annotations, so "not a mapping at all" would read "Expected Struct (Encoded
-// side), actual …". Only that case is overridden; field errors keep their own.
-const mappingMessage = (text: string) => ({
-  message: (issue: ParseResult.ParseIssue) =>
-    issue._tag === "Type" || (issue._tag === "Transformation" && issue.issue._tag === "Type")
-      ? { message: text, override: true }
-      : { message: "", override: false }
-})
+// Only "not a mapping at all" gets this sentence; field errors keep their own.
+const mappingMessage = (text: string) => says(text)
 
 const userFields = {
   db_user: DbName,
-  db_password: Schema.Redacted(Str),
+  db_password: Schema.RedactedFromValue(Str),
   pool_size: optional(PositiveInt),
   mode_type: withDefault(ModeType, () => "transaction" as const),
   max_clients: optional(NonNegativeInt),
@@ -174,7 +164,7 @@ const userFields = {
   is_manager: withDefault(Bool, () => false)
 }
 
-const UserInput = Schema.Struct({ ...userFields, db_user_alias: optional(DbName) }).annotations(
+const UserInput = Schema.Struct({ ...userFields, db_user_alias: optional(DbName) }).annotate(
   mappingMessage("expected a user (a mapping of user fields)")
 )
 
@@ -184,7 +174,7 @@ export const userFieldNames: ReadonlyArray<string> = Object.keys(UserInput.field
 const UserOutput = Schema.Struct({
   db_user: DbName,
   db_user_alias: DbName,
-  db_password: Schema.RedactedFromSelf(Schema.String),
+  db_password: Schema.Redacted(Schema.String),
   pool_size: optional(PositiveInt),
   mode_type: ModeType,
   max_clients: optional(NonNegativeInt),
@@ -198,11 +188,15 @@ const UserOutput = Schema.Struct({
  * `pool_size` and `max_clients` fall back to the tenant's defaults at use, see
  * `userPoolSize` and `userMaxClients`.
  */
-export const User = Schema.transform(UserInput, UserOutput, {
-  strict: true,
-  decode: (user) => ({ ...user, db_user_alias: user.db_user_alias ?? user.db_user }),
-  encode: (user) => user
-}).annotations({ identifier: "User" })
+export const User = UserInput.pipe(
+  Schema.decodeTo(
+    UserOutput,
+    SchemaTransformation.transform({
+      decode: (user) => ({ ...user, db_user_alias: user.db_user_alias ?? user.db_user }),
+      encode: (user) => user
+    })
+  )
+).annotate({ identifier: "User" })
 export type User = typeof User.Type
 
 const isRecord = (u: unknown): u is Readonly<Record<string, unknown>> =>
@@ -280,8 +274,8 @@ export const tenantIssues = (tenant: unknown): Array<TenantIssue> => {
 }
 
 const Users = Schema.Array(User)
-  .annotations({ message: () => "expected a list of users" })
-  .pipe(Schema.minItems(1, { message: () => "must list at least one user" }))
+  .annotate(says("expected a list of users"))
+  .check(Schema.isMinLength(1, says("must list at least one user")))
 
 const TenantFields = Schema.Struct({
   external_id: ExternalId,
@@ -296,10 +290,10 @@ const TenantFields = Schema.Struct({
   client_idle_timeout: withDefault(NonNegativeInt, () => 0),
   /** Seconds; 0 = never. */
   client_heartbeat_interval: withDefault(NonNegativeInt, () => 60),
-  allow_list: withDefault(
-    Schema.Array(CidrString).annotations({ message: () => "expected a list of CIDR ranges" }),
-    () => ["0.0.0.0/0", "::/0"]
-  ),
+  allow_list: withDefault(Schema.Array(CidrString).annotate(says("expected a list of CIDR ranges")), () => [
+    "0.0.0.0/0",
+    "::/0"
+  ]),
   enforce_ssl: withDefault(Bool, () => false),
   sni_hostname: optional(Host),
   ip_version: withDefault(IpVersion, () => "auto" as const),
@@ -307,23 +301,21 @@ const TenantFields = Schema.Struct({
   upstream_verify: optional(UpstreamVerify),
   upstream_tls_ca: optional(PemCertificates),
   default_parameter_status: optional(
-    Schema.Record({ key: Schema.String, value: Str }).annotations({
-      message: () => "expected a mapping of parameter names to string values"
-    })
+    Schema.Record(Schema.String, Str).annotate(says("expected a mapping of parameter names to string values"))
   ),
   feature_flags: withDefault(
-    Schema.Record({
-      key: Schema.String,
-      value: Schema.Union(Schema.Boolean, Schema.Number, Schema.String).annotations(
+    Schema.Record(
+      Schema.String,
+      Schema.Union([Schema.Boolean, Schema.Number, Schema.String]).annotate(
         says("expected a boolean, number or string")
       )
-    }).annotations({ message: () => "expected a mapping of flag names to values" }),
+    ).annotate(says("expected a mapping of flag names to values")),
     () => ({})
   ),
   use_jit: withDefault(Bool, () => false),
   jit_api_url: optional(HttpUrl),
   /** HS256/384/512 key for verifying JWT-shaped JIT tokens locally before the API call. */
-  jit_jwt_secret: optional(Schema.Redacted(NonEmpty)),
+  jit_jwt_secret: optional(Schema.RedactedFromValue(NonEmpty)),
   /** JWKS URL for verifying JWT-shaped JIT tokens locally before the API call. */
   jit_jwks_url: optional(HttpUrl),
   banned_at: optional(DateTime),
@@ -331,7 +323,7 @@ const TenantFields = Schema.Struct({
   banned_until: optional(DateTime),
   availability_zone: optional(Str),
   users: Users
-}).annotations(mappingMessage("expected a tenant (a mapping of tenant fields)"))
+}).annotate(mappingMessage("expected a tenant (a mapping of tenant fields)"))
 
 /** Field names a tenant object may have. */
 export const tenantFieldNames: ReadonlyArray<string> = Object.keys(TenantFields.fields)
@@ -340,9 +332,9 @@ export const tenantFieldNames: ReadonlyArray<string> = Object.keys(TenantFields.
  * A tenant, in exactly the JSON shape of the HTTP API (Supavisor's snake_case
  * fields). Decoding applies every default; invalid combinations are rejected.
  */
-export const Tenant = TenantFields.pipe(Schema.filter((tenant) => crossFieldIssues(tenant))).annotations({
-  identifier: "Tenant"
-})
+export const Tenant = TenantFields.check(
+  Schema.makeFilter((tenant) => crossFieldIssues(tenant).map(({ path, message }) => ({ path, issue: message })))
+).annotate({ identifier: "Tenant" })
 export type Tenant = typeof Tenant.Type
 
 /** Parse options for tenants from outside: report everything, and reject unknown keys so typos surface. */

@@ -1,5 +1,5 @@
 import * as net from "node:net"
-import { Data, Effect, FiberSet } from "effect"
+import { Context, Data, Effect, FiberSet, Layer, Option } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
 import type { PoolMode } from "../pool/index.ts"
@@ -16,7 +16,7 @@ export const listen = (options: {
   readonly onConnection: (socket: net.Socket) => void
 }) =>
   Effect.acquireRelease(
-    Effect.async<net.Server, ListenError>((resume) => {
+    Effect.callback<net.Server, ListenError>((resume) => {
       const server = net.createServer({ noDelay: true, keepAlive: true }, options.onConnection)
       server.once("error", (err: NodeJS.ErrnoException) => {
         const reason =
@@ -76,12 +76,12 @@ const named = (texts: ReadonlyArray<string>): string =>
  * its next transaction boundary up to the drain timeout, then interrupt whoever is left (they get
  * 57P01).
  */
-export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners", {
-  scoped: Effect.gen(function* () {
+export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners", {
+  make: Effect.gen(function* () {
     const config = yield* AppConfig
     const sessions = yield* SessionRegistry
     const fibers = yield* FiberSet.make()
-    const run = yield* FiberSet.runtime(fibers)<Effect.Effect.Context<ReturnType<typeof clientSession>>>()
+    const run = yield* FiberSet.runtime(fibers)<Effect.Services<ReturnType<typeof clientSession>>>()
 
     const servers: Array<net.Server> = []
     /**
@@ -118,12 +118,8 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
       sessions.drainAll()
       // This runs from finalizers and interruption handlers, which are uninterruptible: the wait
       // must opt in to interruption, or the drain timeout could never cut it short.
-      const ended = yield* FiberSet.awaitEmpty(fibers).pipe(
-        Effect.interruptible,
-        Effect.timeout(timeoutMs),
-        Effect.option
-      )
-      if (ended._tag === "Some") {
+      const ended = yield* FiberSet.awaitEmpty(fibers).pipe(Effect.interruptible, Effect.timeoutOption(timeoutMs))
+      if (Option.isSome(ended)) {
         yield* Effect.logInfo(`shutdown: every client session ended within ${Date.now() - startedAt} ms`)
         return
       }
@@ -141,7 +137,7 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
     // releasing this layer drains the sessions exactly as on SIGTERM.
     const control = yield* AdminControl
     yield* control.shutdownRequested.pipe(
-      Effect.zipRight(
+      Effect.andThen(
         Effect.sync(() => {
           for (const server of servers) server.close()
         })
@@ -168,4 +164,6 @@ export class Listeners extends Effect.Service<Listeners>()("tidepool/Listeners",
       shutdown
     } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

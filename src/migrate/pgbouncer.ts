@@ -1,7 +1,7 @@
 import { readFileSync } from "node:fs"
 import { isIP } from "node:net"
-import { Effect, Either, ParseResult, Schema } from "effect"
-import { strictParseOptions, Tenant, tenantIssues } from "../config/index.ts"
+import { Effect, Result, Schema } from "effect"
+import { formatProblem, problemsFromParseError, strictParseOptions, Tenant, tenantIssues } from "../config/index.ts"
 import { ImportError, type ImportPlan, type Unmapped } from "./ImportPlan.ts"
 import {
   type AuthFileUser,
@@ -397,15 +397,15 @@ const clientTls = (ctx: Context): Record<string, unknown> => {
 const draftOf = (ctx: Context, entry: IniEntry, tls: Record<string, unknown>): Draft | undefined => {
   const source = `[databases] ${entry.key}`
   const parsed = parseConnString(entry.value)
-  if (Either.isLeft(parsed)) {
-    note(ctx, source, "(entry)", `${parsed.left} (${entry.file}:${entry.line}); PgBouncer refuses it too`)
+  if (Result.isFailure(parsed)) {
+    note(ctx, source, "(entry)", `${parsed.failure} (${entry.file}:${entry.line}); PgBouncer refuses it too`)
     return undefined
   }
   if (entry.key === "pgbouncer") {
     note(ctx, source, "(entry)", "the name pgbouncer is reserved for the admin console (PgBouncer refuses it too)")
     return undefined
   }
-  const params = new Map(parsed.right)
+  const params = new Map(parsed.success)
   const fallback = entry.key === "*"
   for (const [key, value] of params) {
     const advice = databaseAdvice[key]
@@ -633,10 +633,8 @@ const merge = (ctx: Context, drafts: ReadonlyArray<Draft>): Draft => {
   return { ...first, users }
 }
 
-const describeParseError = (error: ParseResult.ParseError) =>
-  ParseResult.ArrayFormatter.formatErrorSync(error)
-    .map((issue) => `${issue.path.join(".")}: ${issue.message}`)
-    .join("; ")
+const describeParseError = (error: Schema.SchemaError, input: unknown) =>
+  problemsFromParseError(error, input).map(formatProblem).join("; ")
 
 /**
  * Reads pgbouncer.ini (and its auth_file) and maps it to Tidepool tenants. Fails only when the files
@@ -644,9 +642,9 @@ const describeParseError = (error: ParseResult.ParseError) =>
  * `unmapped`, with what to do instead.
  */
 export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (options: PgbouncerOptions) {
-  const entries = yield* Either.match(readIni(options.ini), {
-    onLeft: (message) => Effect.fail(new ImportError({ message })),
-    onRight: Effect.succeed
+  const entries = yield* Result.match(readIni(options.ini), {
+    onFailure: (message) => Effect.fail(new ImportError({ message })),
+    onSuccess: Effect.succeed
   })
   const unmapped: Array<Unmapped> = []
   const globals = new Map<string, string>()
@@ -658,9 +656,9 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
   const authList =
     authFile === undefined
       ? []
-      : yield* Either.match(readAuthFile(authFile), {
-          onLeft: (message) => Effect.fail(new ImportError({ message })),
-          onRight: Effect.succeed
+      : yield* Result.match(readAuthFile(authFile), {
+          onFailure: (message) => Effect.fail(new ImportError({ message })),
+          onSuccess: Effect.succeed
         })
   const authUsers = new Map(authList.map((u) => [u.name, u]))
 
@@ -696,12 +694,12 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
     if (e.section !== "users") continue
     const source = `[users] ${e.key}`
     const parsed = parseConnString(e.value)
-    if (Either.isLeft(parsed)) {
-      note(ctx, source, "(entry)", `${parsed.left} (${e.file}:${e.line}); PgBouncer refuses it too`)
+    if (Result.isFailure(parsed)) {
+      note(ctx, source, "(entry)", `${parsed.failure} (${e.file}:${e.line}); PgBouncer refuses it too`)
       continue
     }
     const settings: { -readonly [K in keyof UserSettings]: UserSettings[K] } = {}
-    for (const [key, value] of parsed.right) {
+    for (const [key, value] of parsed.success) {
       if (key === "pool_size") settings.poolSize = positive(ctx, source, key, value)
       else if (key === "pool_mode") {
         settings.mode = value
@@ -774,16 +772,16 @@ export const pgbouncerPlan = Effect.fn("migrate.pgbouncerPlan")(function* (optio
     }
     const candidate = { external_id: id, ...draft.fields, users: draft.users }
     const issues = tenantIssues(candidate)
-    const decoded = Schema.decodeUnknownEither(Tenant, strictParseOptions)(candidate)
-    if (issues.length > 0 || Either.isLeft(decoded)) {
+    const decoded = Schema.decodeUnknownResult(Tenant, strictParseOptions)(candidate)
+    if (issues.length > 0 || Result.isFailure(decoded)) {
       const reasons = [
         ...issues.map((i) => `${i.path.join(".")}: ${i.message}`),
-        ...(Either.isLeft(decoded) ? [describeParseError(decoded.left)] : [])
+        ...(Result.isFailure(decoded) ? [describeParseError(decoded.failure, candidate)] : [])
       ]
       note(ctx, draft.source, "(entry)", `not a valid Tidepool tenant, left out: ${reasons.join("; ")}`)
       continue
     }
-    tenants.push(decoded.right)
+    tenants.push(decoded.success)
   }
   // Notes written before the tenants had ids name them now, so each line says what clients type.
   const named = unmapped.map((u) => {

@@ -1,6 +1,6 @@
 import { existsSync, readFileSync } from "node:fs"
 import { dirname, isAbsolute, resolve } from "node:path"
-import { Either } from "effect"
+import { Result } from "effect"
 
 /**
  * PgBouncer's file formats, read the way PgBouncer reads them (libusual's cfparser.c for the ini
@@ -34,11 +34,11 @@ export const locateFile = (name: string, namedIn: string): string => {
   return existsSync(fromCwd) ? fromCwd : resolve(dirname(namedIn), name)
 }
 
-const readText = (file: string): Either.Either<string, string> => {
+const readText = (file: string): Result.Result<string, string> => {
   try {
-    return Either.right(readFileSync(file, "utf8"))
+    return Result.succeed(readFileSync(file, "utf8"))
   } catch (error) {
-    return Either.left(`cannot read ${file}: ${(error as NodeJS.ErrnoException).code ?? String(error)}`)
+    return Result.fail(`cannot read ${file}: ${(error as NodeJS.ErrnoException).code ?? String(error)}`)
   }
 }
 
@@ -48,14 +48,14 @@ const isBlank = (c: string | undefined) => c === " " || c === "\t"
 const isKeyChar = (c: string | undefined) => c !== undefined && /[A-Za-z0-9_.*-]/.test(c)
 
 /** Reads an ini file and its `%include`s into entries, in file order. */
-export const readIni = (file: string): Either.Either<ReadonlyArray<IniEntry>, string> => {
+export const readIni = (file: string): Result.Result<ReadonlyArray<IniEntry>, string> => {
   const entries: Array<IniEntry> = []
   // PgBouncer keeps the section across an include: an included file may continue `[databases]`.
   let section = ""
   const parse = (path: string, depth: number): string | undefined => {
     const text = readText(path)
-    if (Either.isLeft(text)) return text.left
-    const s = text.right
+    if (Result.isFailure(text)) return text.failure
+    const s = text.success
     let p = 0
     const lineAt = (at: number) => {
       let line = 1
@@ -136,7 +136,7 @@ export const readIni = (file: string): Either.Either<ReadonlyArray<IniEntry>, st
     return undefined
   }
   const problem = parse(resolve(file), 0)
-  return problem === undefined ? Either.right(entries) : Either.left(problem)
+  return problem === undefined ? Result.succeed(entries) : Result.fail(problem)
 }
 
 /**
@@ -144,7 +144,7 @@ export const readIni = (file: string): Either.Either<ReadonlyArray<IniEntry>, st
  * when it holds spaces (`''` is a quote). Empty values are refused, as PgBouncer refuses them.
  * Later pairs win over earlier ones with the same key, as in PgBouncer.
  */
-export const parseConnString = (text: string): Either.Either<ReadonlyArray<readonly [string, string]>, string> => {
+export const parseConnString = (text: string): Result.Result<ReadonlyArray<readonly [string, string]>, string> => {
   const pairs: Array<readonly [string, string]> = []
   let p = 0
   const skip = () => {
@@ -152,19 +152,19 @@ export const parseConnString = (text: string): Either.Either<ReadonlyArray<reado
   }
   for (;;) {
     skip()
-    if (p >= text.length) return Either.right(pairs)
+    if (p >= text.length) return Result.succeed(pairs)
     const keyStart = p
     while (p < text.length && text[p] !== "=" && text[p] !== " ") p++
     const key = text.slice(keyStart, p)
     skip()
-    if (text[p] !== "=" || key === "") return Either.left(`syntax error at "${text.slice(keyStart)}"`)
+    if (text[p] !== "=" || key === "") return Result.fail(`syntax error at "${text.slice(keyStart)}"`)
     p++
     skip()
     let value = ""
     if (text[p] === "'") {
       p++
       for (;;) {
-        if (p >= text.length) return Either.left(`unterminated quote in value of ${key}`)
+        if (p >= text.length) return Result.fail(`unterminated quote in value of ${key}`)
         if (text[p] === "'") {
           if (text[p + 1] === "'") {
             value += "'"
@@ -181,7 +181,7 @@ export const parseConnString = (text: string): Either.Either<ReadonlyArray<reado
       while (p < text.length && text[p] !== " ") p++
       value = text.slice(start, p)
     }
-    if (value === "") return Either.left(`empty value for ${key}`)
+    if (value === "") return Result.fail(`empty value for ${key}`)
     pairs.push([key, value])
   }
 }
@@ -203,10 +203,10 @@ export const secretKind = (secret: string): SecretKind => {
 }
 
 /** Reads an auth_file (userlist.txt). A later line for the same user replaces an earlier one. */
-export const readAuthFile = (file: string): Either.Either<ReadonlyArray<AuthFileUser>, string> => {
+export const readAuthFile = (file: string): Result.Result<ReadonlyArray<AuthFileUser>, string> => {
   const text = readText(file)
-  if (Either.isLeft(text)) return Either.left(text.left)
-  const s = text.right
+  if (Result.isFailure(text)) return Result.fail(text.failure)
+  const s = text.success
   const users = new Map<string, AuthFileUser>()
   let p = 0
   let line = 1
@@ -245,9 +245,9 @@ export const readAuthFile = (file: string): Either.Either<ReadonlyArray<AuthFile
     const name = field()
     while (isBlank(s[p])) advance()
     const secret = name === undefined ? undefined : field()
-    if (name === undefined || secret === undefined) return Either.left(`broken auth file (${file}:${at})`)
+    if (name === undefined || secret === undefined) return Result.fail(`broken auth file (${file}:${at})`)
     users.set(name, { name, secret, line: at })
     while (p < s.length && s[p] !== "\n") advance()
   }
-  return Either.right([...users.values()])
+  return Result.succeed([...users.values()])
 }

@@ -1,7 +1,7 @@
 import { X509Certificate } from "node:crypto"
-import * as SqlClient from "@effect/sql/SqlClient"
 import { PgClient } from "@effect/sql-pg"
-import { Effect, Layer, Redacted, Schema } from "effect"
+import { Effect, Redacted, Result, Schema } from "effect"
+import { SqlClient } from "effect/sql"
 import {
   formatProblem,
   problemsFromParseError,
@@ -203,12 +203,12 @@ const mapTenant = (row: Row, users: ReadonlyArray<UserRow>, unmapped: Array<Unma
 const validate = (doc: Record<string, unknown>, unmapped: Array<Unmapped>): Tenant | undefined => {
   const where = `tenant ${String(doc.external_id)}`
   const issues: ReadonlyArray<TenantIssue> = tenantIssues(doc)
-  const decoded = Schema.decodeUnknownEither(Tenant, strictParseOptions)(doc)
+  const decoded = Schema.decodeUnknownResult(Tenant, strictParseOptions)(doc)
   const problems = [
     ...issues.map((i) => `${i.path.join(".")}: ${i.message}`),
-    ...(decoded._tag === "Left" ? problemsFromParseError(decoded.left, doc).map(formatProblem) : [])
+    ...(Result.isFailure(decoded) ? problemsFromParseError(decoded.failure, doc).map(formatProblem) : [])
   ]
-  if (problems.length === 0 && decoded._tag === "Right") return decoded.right
+  if (problems.length === 0 && Result.isSuccess(decoded)) return decoded.success
   unmapped.push({
     source: where,
     field: "(whole tenant)",
@@ -292,8 +292,12 @@ export const supavisorPlan = Effect.fn("migrate.supavisorPlan")(function* (optio
   return yield* Effect.scoped(
     readPlan(schema, options.vaultKey).pipe(
       Effect.provide(
-        PgClient.layer({ url: Redacted.make(url), applicationName: "tidepool-import", maxConnections: 1 }).pipe(
-          Layer.mapError((e) => new ImportError({ message: `cannot connect to Supavisor's database: ${messageOf(e)}` }))
+        PgClient.layerFrom(
+          PgClient.make({ url: Redacted.make(url), applicationName: "tidepool-import", maxConnections: 1 }).pipe(
+            Effect.mapError(
+              (e) => new ImportError({ message: `cannot connect to Supavisor's database: ${messageOf(e)}` })
+            )
+          )
         )
       )
     )

@@ -13,7 +13,16 @@ export const checkoutSpans =
   (tracer: Tracer.Tracer, settings: PoolSettings) =>
   (since: number, queued: number, error: TidepoolError | undefined): void => {
     const now = Date.now()
-    const span = tracer.span("pool.checkout", Option.none(), Context.empty(), [], nanos(since), "internal")
+    const span = tracer.span({
+      name: "pool.checkout",
+      parent: Option.none(),
+      annotations: Context.empty(),
+      links: [],
+      startTime: nanos(since),
+      kind: "internal",
+      root: true,
+      sampled: true
+    })
     span.attribute("tidepool.tenant", settings.tenant)
     span.attribute("db.user", settings.user)
     span.attribute("db.name", settings.database)

@@ -1,15 +1,12 @@
-import { Effect, Exit, Scope } from "effect"
+import { Context, Effect, Exit, Layer, Scope, Semaphore, Tracer } from "effect"
 import { AppConfig } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { checkoutSpans } from "./CheckoutSpans.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
-/** The tracer Effect runs with when no exporter is configured (see telemetry/Tracing.ts). */
-const builtInTracer = Effect.runSync(Effect.tracer)
-
 interface Entry {
   readonly pool: TenantPool
-  readonly scope: Scope.CloseableScope
+  readonly scope: Scope.Closeable
   /** Since when the pool has had no client and lent no server; also moved by every `get`. */
   emptySince: number
 }
@@ -24,8 +21,8 @@ const SWEEP_MS = 1000
  * server at all (its database missing or down) has nothing to keep warm: it shuts down at the next
  * sweep, so that logins naming databases that fail cannot fill the tenant's pool cap.
  */
-export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolRegistry", {
-  scoped: Effect.gen(function* () {
+export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/PoolRegistry", {
+  make: Effect.gen(function* () {
     const config = yield* AppConfig
     const registryScope = yield* Effect.scope
     const pools = new Map<string, Entry>()
@@ -51,7 +48,7 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
 
     // Creating a pool yields (scope, fibers): one creation at a time, or two clients of a new pool
     // could each start one and double its cap.
-    const creating = yield* Effect.makeSemaphore(1)
+    const creating = yield* Semaphore.make(1)
 
     const get = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
       Effect.suspend(() => {
@@ -70,12 +67,13 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
         if (existing !== undefined && !existing.pool.isClosed) return Effect.succeed(existing.pool)
         if (poolsOf(settings.tenant) >= config.maxPoolsPerTenant) return Effect.fail(tidepoolError("EMAXPOOLSREACHED"))
         return Effect.gen(function* () {
-          const scope = yield* Scope.fork(registryScope, { _tag: "Sequential" })
-          const pool = yield* makeTenantPool(settings).pipe(Scope.extend(scope))
+          const scope = yield* Scope.fork(registryScope, "sequential")
+          const pool = yield* makeTenantPool(settings).pipe(Scope.provide(scope))
           if (isPaused(settings)) pool.pause()
           const tracer = yield* Effect.tracer
-          // Effect's built-in tracer exports nothing: spans made for it would be work for no one.
-          if (tracer !== builtInTracer) {
+          // Effect's built-in tracer exports nothing (no exporter configured, see telemetry/Tracing.ts):
+          // spans made for it would be work for no one.
+          if (tracer !== Tracer.nativeTracer) {
             pool.onWaitEnded = checkoutSpans(tracer, settings)
             pool.sampleEvery = config.traceCheckoutEvery
           }
@@ -161,4 +159,6 @@ export class PoolRegistry extends Effect.Service<PoolRegistry>()("tidepool/PoolR
       }
     } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

@@ -540,9 +540,9 @@ export class TenantPool {
 
   private onConnectFailed(exit: Exit.Exit<ServerConnection, TidepoolError>): void {
     if (Exit.isSuccess(exit)) return
-    if (Cause.isInterruptedOnly(exit.cause)) return // the pool is closing
+    if (Cause.hasInterruptsOnly(exit.cause)) return // the pool is closing
     // A defect (a bug, or bytes no PostgreSQL would send) is a failed connect like any other.
-    const failure = Option.getOrElse(Cause.failureOption(exit.cause), () =>
+    const failure = Option.getOrElse(Cause.findErrorOption(exit.cause), () =>
       upstreamError({ code: "08006", message: `Failed to connect to database: ${Cause.squash(exit.cause)}` })
     )
     this.counters.serverConnectFailures++

@@ -1,5 +1,5 @@
 import type * as net from "node:net"
-import { Cause, Effect, Exit, Fiber, Logger } from "effect"
+import { Cause, Effect, Exit, type Fiber, References } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -80,11 +80,11 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
     const events = yield* EventCounters
     const client = new ClientSocket(socket)
     const log: LogContext = { mode, peer_ip: client.remoteAddress }
-    const timedOut = () => tidepoolError("EAUTHTIMEOUT")
+    const timedOut = () => Effect.fail(tidepoolError("EAUTHTIMEOUT"))
     const startedAt = Date.now()
 
     const fail = (error: TidepoolError) =>
-      Effect.zipRight(
+      Effect.andThen(
         Effect.sync(() => {
           events.error(log.tenant, error.code)
           client.fail(error)
@@ -105,21 +105,25 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
     const session = (startup: Readonly<Record<string, string>>) =>
       Effect.gen(function* () {
         const auth = yield* handshake(client, log, startup).pipe(
-          Effect.timeoutFail({
+          Effect.timeoutOrElse({
             duration: Math.max(0, config.handshakeTimeoutMs - (Date.now() - startedAt)),
-            onTimeout: timedOut
+            orElse: timedOut
           })
         )
         if ("admin" in auth) return yield* adminConsole(client, auth.admin)
         const level = tenantLogLevel(auth.tenant.feature_flags)
         yield* level === undefined
           ? attach(client, auth, mode, startedAt, shuttingDown)
-          : Logger.withMinimumLogLevel(attach(client, auth, mode, startedAt, shuttingDown), level)
-      }).pipe(Effect.catchAll(fail))
+          : Effect.provideService(
+              attach(client, auth, mode, startedAt, shuttingDown),
+              References.MinimumLogLevel,
+              level
+            )
+      }).pipe(Effect.catch(fail))
 
     // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
     yield* readStartup(client).pipe(
-      Effect.timeoutFail({ duration: config.handshakeTimeoutMs, onTimeout: timedOut }),
+      Effect.timeoutOrElse({ duration: config.handshakeTimeoutMs, orElse: timedOut }),
       Effect.flatMap((startup) => {
         if (startup === undefined) return Effect.void // a CancelRequest, handled
         const parent = clientTraceParent(startup)
@@ -127,7 +131,7 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
           Effect.withSpan("client.session", parent === undefined ? { root: true } : { parent })
         )
       }),
-      Effect.catchAll((error) => fail(error).pipe(Effect.withSpan("client.session", { root: true }))),
+      Effect.catch((error) => fail(error).pipe(Effect.withSpan("client.session", { root: true }))),
       Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
       Effect.ensuring(Effect.sync(() => client.socket.destroySoon()))
     )
@@ -198,7 +202,7 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
     const refuse = (error: TidepoolError) => {
       client.stopReading()
       events.loginFailed(identity.tenant, "none", error.code)
-      return Effect.zipRight(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
+      return Effect.andThen(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
     }
     // A name that does not exist is a guess: it counts toward the address's breaker like a wrong
     // password (unknown tenants under one key per address, so made-up names cannot grow the state).
@@ -263,7 +267,7 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
 const lend = (pool: TenantPool, giveBack: (server: ServerConnection) => Effect.Effect<void>) =>
   Effect.uninterruptibleMask((restore) => {
     let delivered: ServerConnection | undefined
-    const checkout = Effect.async<ServerConnection, TidepoolError>((resume) => {
+    const checkout = Effect.callback<ServerConnection, TidepoolError>((resume) => {
       const waiter = pool.checkout((error, server) => {
         delivered = server
         resume(server !== undefined ? Effect.succeed(server) : Effect.fail(error!))
@@ -294,7 +298,7 @@ const resetAndRelease = (pool: TenantPool) => (server: ServerConnection) =>
       yield* server.simpleQuery("DISCARD ALL")
       server.resetSettings()
     })
-    // Finalizers run uninterruptibly: the reset must opt in, or the timeout could never fire.
+    // Finalizers run uninterruptibly: the reset opts in, so that the timeout can stop it.
     const exit = yield* reset.pipe(Effect.interruptible, Effect.timeout(5000), Effect.exit)
     if (Exit.isSuccess(exit) && server.isIdle) pool.release(server)
     else pool.discard(server, "reset failed")
@@ -407,11 +411,12 @@ const attach = (
     let relay: SessionRelay | TransactionRelay | undefined
     let drainRequested = false
     let kicked: TidepoolError | undefined
-    const self = yield* Effect.withFiberRuntime<Fiber.RuntimeFiber<unknown, unknown>>((fiber) => Effect.succeed(fiber))
+    const self = yield* Effect.withFiber((fiber: Fiber.Fiber<unknown, unknown>) => Effect.succeed(fiber))
     const key = yield* Effect.acquireRelease(
       Effect.sync(() =>
         sessions.register({
-          kill: () => Fiber.interruptFork(self),
+          // Fire and forget: the console answers KILL without waiting for each session to close.
+          kill: () => Effect.sync(() => self.interruptUnsafe()),
           info: {
             pool,
             user: auth.identity.user,
@@ -473,7 +478,7 @@ const attach = (
     client.write(Buffer.concat(greeting))
     pool.counters.clientConnect.observe(Date.now() - startedAt)
 
-    const end = yield* Effect.async<RelayEnd>((resume) => {
+    const end = yield* Effect.callback<RelayEnd>((resume) => {
       const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
       // Same tick as the relay's start: once the handshake reader lets go, unread bytes must reach the relay.
       const { readAhead, reads } = client.takeOver()

@@ -86,7 +86,7 @@ export class ClientSocket {
   }
 
   /** Waits until more bytes arrive; fails with ECLIENTSOCKETCLOSED when the client went away. */
-  private readonly more: Effect.Effect<void, TidepoolError> = Effect.async<void, TidepoolError>((resume) => {
+  private readonly more: Effect.Effect<void, TidepoolError> = Effect.callback<void, TidepoolError>((resume) => {
     if (this.closed) {
       resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
       return
@@ -102,7 +102,7 @@ export class ClientSocket {
    * Fails with ECLIENTSOCKETCLOSED once the client has gone; never succeeds. Heard while reading
    * flows: a client paused at the read-ahead limit is found gone only when next read.
    */
-  readonly gone: Effect.Effect<never, TidepoolError> = Effect.async<never, TidepoolError>((resume) => {
+  readonly gone: Effect.Effect<never, TidepoolError> = Effect.callback<never, TidepoolError>((resume) => {
     if (this.closed) {
       resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
       return
@@ -114,12 +114,12 @@ export class ClientSocket {
   })
 
   /** The first unread byte, waiting for it if need be (a TLS ClientHello starts with 0x16). */
-  readonly peek: Effect.Effect<number, TidepoolError> = Effect.gen(this, function* () {
+  readonly peek: Effect.Effect<number, TidepoolError> = Effect.gen({ self: this }, function* () {
     while (this.buffered.length === 0) yield* this.more
     return this.buffered[0]!
   })
 
-  readonly readStartup: Effect.Effect<StartupPacket, TidepoolError> = Effect.gen(this, function* () {
+  readonly readStartup: Effect.Effect<StartupPacket, TidepoolError> = Effect.gen({ self: this }, function* () {
     for (;;) {
       const result = decodeStartupPacket(this.buffered)
       if (result instanceof ProtocolError) {
@@ -137,7 +137,7 @@ export class ClientSocket {
 
   /** Reads one typed message during authentication (PasswordMessage/SASL responses are all 'p'). */
   readonly readMessage: Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError> = Effect.gen(
-    this,
+    { self: this },
     function* () {
       for (;;) {
         if (this.buffered.length >= 5) {
@@ -188,6 +188,12 @@ export class ClientSocket {
    * only while nothing is queued on either side of the old one and neither side has ended.
    * Otherwise (TLS, bytes queued, a client already gone) the socket stays and 'data' events carry
    * the reads (`reads` undefined).
+   *
+   * Still Node internals on Node 24 (checked on 24.21): `net.createServer` takes no `onread`, and
+   * the only public `handle` a `net.Socket` accepts is a `net.BoundSocket`, an unconnected socket
+   * bound before connect or listen, not an accepted one. So `_handle` is used, guarded: a Node
+   * whose handle has no `readStop` keeps the 'data' path (test/unit/session/ClientSocket.test.ts
+   * covers both paths).
    */
   takeOver(): { readonly readAhead: Buffer; readonly reads: ReadBuffer | undefined } {
     const readAhead = this.detach()

@@ -8,7 +8,7 @@ import { SessionRegistry } from "./SessionRegistry.ts"
  * nothing on the relay's path, no timer to re-arm per message, and one pass over a map is cheap even
  * with 100k clients. A client is closed between the timeout and the timeout plus a second.
  */
-export const IdleSweep = Layer.scopedDiscard(
+export const IdleSweep = Layer.effectDiscard(
   Effect.gen(function* () {
     const sessions = yield* SessionRegistry
     const tenants = yield* TenantRegistry

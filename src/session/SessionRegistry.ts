@@ -1,5 +1,5 @@
 import { randomInt } from "node:crypto"
-import { Effect } from "effect"
+import { Context, Effect, Layer } from "effect"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
@@ -71,8 +71,8 @@ export interface SessionKey {
  * their CancelRequest is matched here and re-sent to whichever server they hold, so one client can
  * never cancel another's query by guessing.
  */
-export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool/SessionRegistry", {
-  sync: () => {
+export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepool/SessionRegistry", {
+  make: Effect.sync(() => {
     const sessions = new Map<number, Entry>()
     return {
       register: (handle: SessionHandle): SessionKey => {
@@ -156,5 +156,7 @@ export class SessionRegistry extends Effect.Service<SessionRegistry>()("tidepool
       all: (): Array<RegisteredSession> =>
         Array.from(sessions, ([processId, { secretKey, handle }]) => ({ processId, secretKey, handle }))
     } as const
-  }
-}) {}
+  })
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

@@ -1,4 +1,4 @@
-import { Effect, Redacted, Schema } from "effect"
+import { Context, Effect, Layer, Redacted, Schema } from "effect"
 import { AuthQuery } from "../auth/index.ts"
 import { type Tenant, Tenant as TenantSchema, userMaxClients, userPoolSize } from "../config/index.ts"
 import { tidepoolError } from "../errors/index.ts"
@@ -71,8 +71,8 @@ const configurationChanged = (before: Tenant, after: Tenant) =>
  * included); a new configuration drains the tenant's pools onto the new settings; a deleted tenant's
  * pools stop and its clients get ENOTFOUND.
  */
-export class TenantChanges extends Effect.Service<TenantChanges>()("tidepool/TenantChanges", {
-  scoped: Effect.gen(function* () {
+export class TenantChanges extends Context.Service<TenantChanges>()("tidepool/TenantChanges", {
+  make: Effect.gen(function* () {
     const tenants = yield* Tenants
     const pools = yield* PoolRegistry
     const sessions = yield* SessionRegistry
@@ -129,4 +129,6 @@ export class TenantChanges extends Effect.Service<TenantChanges>()("tidepool/Ten
         })
     } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

@@ -22,7 +22,7 @@ const SSL_NO = Buffer.from("N")
  * Does nothing for any other first byte. Without a certificate the connection is closed unanswered
  * (a TLS client cannot read a plaintext error), as PostgreSQL does.
  */
-export const acceptDirectTls = (client: ClientSocket, downstream: DownstreamTls) =>
+export const acceptDirectTls = (client: ClientSocket, downstream: Context.Service.Shape<typeof DownstreamTls>) =>
   Effect.gen(function* () {
     if ((yield* client.peek) !== TLS_HANDSHAKE_RECORD) return
     const context = downstream.context()
@@ -42,7 +42,7 @@ export const acceptDirectTls = (client: ClientSocket, downstream: DownstreamTls)
   })
 
 /** Answers an SSLRequest: `S` and the TLS handshake when a certificate is configured, else `N`. */
-export const answerSslRequest = (client: ClientSocket, downstream: DownstreamTls) =>
+export const answerSslRequest = (client: ClientSocket, downstream: Context.Service.Shape<typeof DownstreamTls>) =>
   Effect.gen(function* () {
     if (client.sslRequested) {
       return yield* tidepoolError(
@@ -69,7 +69,7 @@ export const answerSslRequest = (client: ClientSocket, downstream: DownstreamTls
 /** docs/tls.md#tenant-rules: a username without a tenant names the tenant whose `sni_hostname` the client sent. */
 export const tenantBySni = (
   client: ClientSocket,
-  tenants: Context.Tag.Service<typeof TenantRegistry>
+  tenants: Context.Service.Shape<typeof TenantRegistry>
 ): string | undefined => {
   const servername = client.tls?.servername
   return typeof servername === "string" && servername !== "" ? tenants.bySni(servername)?.external_id : undefined

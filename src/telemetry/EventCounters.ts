@@ -1,4 +1,4 @@
-import { Effect } from "effect"
+import { Context, Effect, Layer } from "effect"
 import { TenantRegistry } from "../tenants/index.ts"
 
 /** A counter per distinct label tuple; the key joins the label values with NUL. */
@@ -13,8 +13,8 @@ const bump = (counts: LabelledCounts, key: string) => {
  * once per event off the hot path. A tenant label names only a tenant this node serves: a client
  * asking for tenants that do not exist must not grow the label set (an unknown tenant counts as "").
  */
-export class EventCounters extends Effect.Service<EventCounters>()("tidepool/EventCounters", {
-  effect: Effect.gen(function* () {
+export class EventCounters extends Context.Service<EventCounters>()("tidepool/EventCounters", {
+  make: Effect.gen(function* () {
     const tenants = yield* TenantRegistry
     const known = (tenant: string | undefined) =>
       tenant !== undefined && tenants.get(tenant) !== undefined ? tenant : ""
@@ -45,4 +45,6 @@ export class EventCounters extends Effect.Service<EventCounters>()("tidepool/Eve
       }
     } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

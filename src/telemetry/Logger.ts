@@ -1,17 +1,4 @@
-import {
-  Cause,
-  Context,
-  Either,
-  FiberRef,
-  FiberRefs,
-  HashMap,
-  Layer,
-  List,
-  Logger,
-  LogLevel,
-  Redacted,
-  Tracer
-} from "effect"
+import { Cause, Context, Layer, Logger, type LogLevel, Redacted, References, Result, Tracer } from "effect"
 import { parseLogLevel } from "../config/index.ts"
 
 export type LogFormat = "json" | "pretty"
@@ -21,14 +8,17 @@ const FIELDS = ["code", "tenant", "user", "mode", "db_name", "peer_ip", "pool", 
 
 const render = (value: unknown): unknown => (Redacted.isRedacted(value) ? "<redacted>" : value)
 
-const fieldsOf = (annotations: HashMap.HashMap<string, unknown>): Record<string, unknown> => {
+const fieldsOf = (annotations: Readonly<Record<string, unknown>>): Record<string, unknown> => {
   const out: Record<string, unknown> = {}
   for (const key of FIELDS) {
-    const v = HashMap.get(annotations, key)
-    if (v._tag === "Some" && v.value !== undefined) out[key] = render(v.value)
+    const v = annotations[key]
+    if (v !== undefined) out[key] = render(v)
   }
   return out
 }
+
+// Effect 4 names the level "Warn"; our lines keep saying "warning", as operators' queries expect.
+const levelName = (level: LogLevel.LogLevel): string => (level === "Warn" ? "warning" : level.toLowerCase())
 
 const messageOf = (message: unknown): string => {
   const parts = Array.isArray(message) ? message : [message]
@@ -36,18 +26,19 @@ const messageOf = (message: unknown): string => {
 }
 
 /** One JSON object per line: level, time, msg, then the session's fields (docs/architecture.md#telemetry). */
-const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, spans, context }) => {
+const jsonLogger = Logger.make(({ logLevel, message, date, cause, fiber }) => {
   const line: Record<string, unknown> = {
-    level: logLevel._tag.toLowerCase(),
+    level: levelName(logLevel),
     time: date.toISOString(),
     msg: messageOf(message),
-    ...fieldsOf(annotations)
+    ...fieldsOf(fiber.getRef(References.CurrentLogAnnotations))
   }
-  if (!Cause.isEmpty(cause)) line.cause = Cause.pretty(cause, { renderErrorCause: true })
-  const span = List.head(spans)
-  if (span._tag === "Some") line.span = span.value.label
+  if (cause.reasons.length > 0) line.cause = Cause.pretty(cause)
+  // The innermost log span is the last one.
+  const spans = fiber.getRef(References.CurrentLogSpans)
+  if (spans.length > 0) line.span = spans[spans.length - 1]![0]
   // docs/architecture.md#telemetry: inside a span, the line names its trace, so logs and traces join up in Grafana.
-  const current = Context.getOption(FiberRefs.getOrDefault(context, FiberRef.currentContext), Tracer.ParentSpan)
+  const current = Context.getOption(fiber.context, Tracer.ParentSpan)
   if (current._tag === "Some") {
     line.trace_id = current.value.traceId
     line.span_id = current.value.spanId
@@ -55,23 +46,23 @@ const jsonLogger = Logger.make(({ logLevel, message, annotations, date, cause, s
   process.stdout.write(`${JSON.stringify(line)}\n`)
 })
 
-const prettyLogger = Logger.make(({ logLevel, message, annotations, date, cause }) => {
-  const fields = Object.entries(fieldsOf(annotations))
+const prettyLogger = Logger.make(({ logLevel, message, date, cause, fiber }) => {
+  const fields = Object.entries(fieldsOf(fiber.getRef(References.CurrentLogAnnotations)))
     .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`)
     .join(" ")
-  const extra = Cause.isEmpty(cause) ? "" : `\n${Cause.pretty(cause)}`
+  const extra = cause.reasons.length === 0 ? "" : `\n${Cause.pretty(cause)}`
   process.stdout.write(
-    `${date.toISOString().slice(11, 23)} ${logLevel.label.padEnd(7)} ${messageOf(message)}${fields ? ` ${fields}` : ""}${extra}\n`
+    `${date.toISOString().slice(11, 23)} ${logLevel.toUpperCase().padEnd(7)} ${messageOf(message)}${fields ? ` ${fields}` : ""}${extra}\n`
   )
 })
 
 const levels: Record<string, LogLevel.LogLevel> = {
-  trace: LogLevel.Trace,
-  debug: LogLevel.Debug,
-  info: LogLevel.Info,
-  warning: LogLevel.Warning,
-  error: LogLevel.Error,
-  none: LogLevel.None
+  trace: "Trace",
+  debug: "Debug",
+  info: "Info",
+  warning: "Warn",
+  error: "Error",
+  none: "None"
 }
 
 /**
@@ -83,12 +74,12 @@ export const tenantLogLevel = (featureFlags: Readonly<Record<string, unknown>>):
   if (typeof level !== "string") return undefined
   // The same spellings TIDEPOOL_LOG_LEVEL takes (`warn`, `err`, any case).
   const parsed = parseLogLevel(level)
-  return Either.isRight(parsed) ? levels[parsed.right] : undefined
+  return Result.isSuccess(parsed) ? levels[parsed.success] : undefined
 }
 
-/** Replaces Effect's default logger with Tidepool's. */
+/** Replaces Effect's loggers with Tidepool's, and sets the node's least severe level. */
 export const loggerLayer = (format: LogFormat, level: string): Layer.Layer<never> =>
   Layer.merge(
-    Logger.replace(Logger.defaultLogger, format === "json" ? jsonLogger : prettyLogger),
-    Logger.minimumLogLevel(levels[level] ?? LogLevel.Info)
+    Logger.layer([format === "json" ? jsonLogger : prettyLogger]),
+    Layer.succeed(References.MinimumLogLevel, levels[level] ?? "Info")
   )

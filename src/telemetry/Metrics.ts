@@ -1,5 +1,5 @@
 import { monitorEventLoopDelay } from "node:perf_hooks"
-import { Effect } from "effect"
+import { Context, Effect, Layer } from "effect"
 import { LATENCY_BUCKETS_SECONDS, type LatencyHistogram, PoolRegistry, type TenantPool } from "../pool/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
 import { EventCounters, type LabelledCounts } from "./EventCounters.ts"
@@ -216,8 +216,8 @@ const counted = (
  * kept per series between scrapes, so a pool that is gone (or a deleted tenant's counters, pruned
  * here) simply disappears from the next exposition.
  */
-export class Metrics extends Effect.Service<Metrics>()("tidepool/Metrics", {
-  scoped: Effect.gen(function* () {
+export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
+  make: Effect.gen(function* () {
     const registry = yield* PoolRegistry
     const tenants = yield* TenantRegistry
     const events = yield* EventCounters
@@ -391,4 +391,6 @@ export class Metrics extends Effect.Service<Metrics>()("tidepool/Metrics", {
 
     return { render } as const
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

@@ -1,5 +1,5 @@
-import { HttpRouter, HttpServerRequest, HttpServerResponse } from "@effect/platform"
-import { Effect } from "effect"
+import { Effect, Layer } from "effect"
+import { HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { Metrics, PROMETHEUS_CONTENT_TYPE } from "./Metrics.ts"
 
 /**
@@ -11,10 +11,14 @@ export type MetricsAuthorizer = (request: HttpServerRequest.HttpServerRequest) =
 
 const forbidden = HttpServerResponse.empty({ status: 403 })
 
-/** `GET /metrics` (every tenant plus process metrics) and `GET /metrics/:tenant` (that tenant's series). */
+/**
+ * `GET /metrics` (every tenant plus process metrics) and `GET /metrics/:tenant` (that tenant's
+ * series), as route layers for the API server's router.
+ */
 export const metricsRouter = (authorize: MetricsAuthorizer) =>
-  HttpRouter.empty.pipe(
-    HttpRouter.get(
+  Layer.mergeAll(
+    HttpRouter.add(
+      "GET",
       "/metrics",
       Effect.gen(function* () {
         if (!(yield* authorize(yield* HttpServerRequest.HttpServerRequest))) return forbidden
@@ -22,7 +26,8 @@ export const metricsRouter = (authorize: MetricsAuthorizer) =>
         return HttpServerResponse.text(metrics.render(), { contentType: PROMETHEUS_CONTENT_TYPE })
       })
     ),
-    HttpRouter.get(
+    HttpRouter.add(
+      "GET",
       "/metrics/:tenant",
       Effect.gen(function* () {
         if (!(yield* authorize(yield* HttpServerRequest.HttpServerRequest))) return forbidden

@@ -1,6 +1,7 @@
-import { OtlpSerialization, OtlpTracer } from "@effect/opentelemetry"
-import { FetchHttpClient } from "@effect/platform"
 import { Layer } from "effect"
+import { FetchHttpClient } from "effect/http"
+import { OtlpSerialization, OtlpTracer } from "effect/observability"
+import { VERSION } from "../version.ts"
 
 /** `k=v,k2=v2` (values URL-encoded), as the OTEL_*_HEADERS and OTEL_RESOURCE_ATTRIBUTES variables are written. */
 const keyValues = (raw: string | undefined): Record<string, string> => {
@@ -33,7 +34,7 @@ export const tracesEndpoint = (env: Readonly<Record<string, string | undefined>>
  */
 export const tracingLayer = (
   env: Readonly<Record<string, string | undefined>> = process.env,
-  serviceVersion = "0.1.0"
+  serviceVersion = VERSION
 ): Layer.Layer<never> => {
   const url = tracesEndpoint(env)
   if (url === undefined) return Layer.empty

@@ -17,7 +17,7 @@ export const banOf = (tenant: Tenant): TidepoolError | undefined =>
  * applied while the client was between its login and its registration would otherwise miss it.
  */
 export const revokedSince = (
-  registry: TenantRegistry["Type"],
+  registry: TenantRegistry["Service"],
   externalId: string,
   user: string
 ): TidepoolError | undefined => {

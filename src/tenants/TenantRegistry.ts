@@ -6,14 +6,14 @@ import type { Tenant } from "../config/index.ts"
  * path. At run time `Tenants.registry` provides it from the tenant cache (kept in line with the
  * store); `fromTenants` is a fixed set, for tests of components that need nothing else.
  */
-export class TenantRegistry extends Context.Tag("tidepool/TenantRegistry")<
+export class TenantRegistry extends Context.Service<
   TenantRegistry,
   {
     readonly get: (externalId: string) => Tenant | undefined
     readonly bySni: (hostname: string) => Tenant | undefined
     readonly all: () => ReadonlyArray<Tenant>
   }
->() {
+>()("tidepool/TenantRegistry") {
   static readonly fromTenants = (tenants: ReadonlyArray<Tenant>): Layer.Layer<TenantRegistry> =>
     Layer.sync(TenantRegistry, () => {
       const byId = new Map(tenants.map((t) => [t.external_id, t]))

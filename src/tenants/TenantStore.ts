@@ -1,12 +1,14 @@
 import { mkdirSync } from "node:fs"
 import * as path from "node:path"
-import { NodeContext } from "@effect/platform-node"
-import * as Migrator from "@effect/sql/Migrator"
-import * as SqlClient from "@effect/sql/SqlClient"
+// The module, not the package index: the index also loads the redis client and the worker and
+// cluster modules, about a second of start-up for nothing.
+import * as NodeServices from "@effect/platform-node/NodeServices"
 import { PgClient, PgMigrator } from "@effect/sql-pg"
-import { SqliteClient, SqliteMigrator } from "@effect/sql-sqlite-node"
 import { Context, Data, Effect, Layer, type Option, Redacted, Schema, Stream } from "effect"
+import { Reactivity } from "effect/reactivity"
+import { Migrator, SqlClient } from "effect/sql"
 import { formatProblem, problemsFromParseError, Tenant } from "../config/index.ts"
+import * as NodeSqlite from "./NodeSqlite.ts"
 import type { Vault } from "./Vault.ts"
 
 export class TenantStoreError extends Data.TaggedError("TenantStoreError")<{ readonly message: string }> {}
@@ -39,7 +41,7 @@ export interface TenantStoreShape {
   readonly signal: (payload: string) => Effect.Effect<void, TenantStoreError>
 }
 
-export class TenantStore extends Context.Tag("tidepool/TenantStore")<TenantStore, TenantStoreShape>() {}
+export class TenantStore extends Context.Service<TenantStore, TenantStoreShape>()("tidepool/TenantStore") {}
 
 const CHANNEL = "tidepool_tenants"
 
@@ -55,7 +57,11 @@ const migrations = Migrator.fromRecord({
   )
 })
 
+// The table (and its rows) the Effect 3 migrators wrote, so existing stores are not migrated twice.
 const migratorOptions = { loader: migrations, table: "tidepool_migrations" }
+
+// SQLite needs no schema dump, so the plain migrator does (it is what SqliteMigrator.run was).
+const runSqliteMigrations = Migrator.make({})
 
 const storeError = (what: string) => (cause: unknown) =>
   new TenantStoreError({
@@ -65,8 +71,8 @@ const storeError = (what: string) => (cause: unknown) =>
 // What the database holds: the tenant as the API spells it, each user's `db_password` replaced by
 // `db_password_enc` (vault ciphertext bound to tenant and user), and a JIT JWT key by
 // `jit_jwt_secret_enc`.
-const encodeTenant = Schema.encode(Tenant)
-const decodeTenant = Schema.decodeUnknown(Tenant)
+const encodeTenant = Schema.encodeEffect(Tenant)
+const decodeTenant = Schema.decodeUnknownEffect(Tenant)
 
 const passwordContext = (externalId: string, dbUser: string) => `${externalId}/${dbUser}`
 const jitKeyContext = (externalId: string) => `${externalId}#jit_jwt_secret`
@@ -126,7 +132,7 @@ interface Row {
   readonly version: number | string
 }
 
-/** The store over any @effect/sql client: only portable SQL (SQLite ≥ 3.35 and PostgreSQL). */
+/** The store over any Effect SQL client: only portable SQL (SQLite ≥ 3.35 and PostgreSQL). */
 const makeSqlStore = (kind: "sqlite" | "postgres", vault: Vault, changes: Stream.Stream<string, TenantStoreError>) =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
@@ -137,7 +143,7 @@ const makeSqlStore = (kind: "sqlite" | "postgres", vault: Vault, changes: Stream
         : Effect.void
     const notify = (externalId: string) =>
       signal(externalId).pipe(
-        Effect.catchAll((e) => Effect.logWarning(`${e.message}; other nodes see the change at their next refresh`))
+        Effect.catch((e) => Effect.logWarning(`${e.message}; other nodes see the change at their next refresh`))
       )
     const toStored = (row: Row) =>
       Effect.map(deserializeTenant(row.config, vault), (tenant) => ({ tenant, version: Number(row.version) }))
@@ -192,22 +198,24 @@ export const sqliteStore = (filename: string, vault: Vault): Layer.Layer<TenantS
   Layer.effect(
     TenantStore,
     Effect.gen(function* () {
-      yield* SqliteMigrator.run(migratorOptions).pipe(Effect.mapError(storeError("migrating the SQLite store")))
+      yield* runSqliteMigrations(migratorOptions).pipe(Effect.mapError(storeError("migrating the SQLite store")))
       return yield* makeSqlStore("sqlite", vault, Stream.empty)
     })
   ).pipe(
     Layer.provide(
-      Layer.unwrapEffect(
+      Layer.unwrap(
         Effect.try({
           try: () => {
             if (filename !== ":memory:") mkdirSync(path.dirname(filename), { recursive: true })
-            return SqliteClient.layer({ filename })
+            return Layer.effect(
+              SqlClient.SqlClient,
+              NodeSqlite.make({ filename }).pipe(Effect.mapError(storeError(`opening ${filename}`)))
+            ).pipe(Layer.provide(Reactivity.layer))
           },
           catch: storeError(`opening ${filename}`)
         })
-      ).pipe(Layer.mapError(storeError(`opening ${filename}`)))
-    ),
-    Layer.provide(NodeContext.layer)
+      )
+    )
   )
 
 /** PostgreSQL at DATABASE_URL, migrated at start; writes NOTIFY every node's cache. */
@@ -223,14 +231,20 @@ export const postgresStore = (
       return yield* makeSqlStore(
         "postgres",
         vault,
-        pg.listen(CHANNEL).pipe(Stream.mapError(storeError("listening for tenant changes")))
+        Stream.unwrap(Effect.map(pg.listen(CHANNEL), Stream.fromQueue)).pipe(
+          Stream.map((notification) => notification.payload),
+          Stream.mapError(storeError("listening for tenant changes"))
+        )
       )
     })
   ).pipe(
     Layer.provide(
-      PgClient.layer({ url, applicationName: "tidepool", maxConnections: 4 }).pipe(
-        Layer.mapError(storeError("connecting to DATABASE_URL"))
+      PgClient.layerFrom(
+        PgClient.make({ url, applicationName: "tidepool", maxConnections: 4 }).pipe(
+          Effect.mapError(storeError("connecting to DATABASE_URL"))
+        )
       )
     ),
-    Layer.provide(NodeContext.layer)
+    // PgMigrator can dump the schema with pg_dump; it needs the platform services for that.
+    Layer.provide(NodeServices.layer)
   )

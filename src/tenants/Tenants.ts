@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto"
-import { Deferred, Effect, Layer, Option, Schedule, Stream } from "effect"
+import { Context, Deferred, Effect, Layer, Option, Schedule, Semaphore, Stream } from "effect"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { TenantRegistry } from "./TenantRegistry.ts"
 import { TenantStore, type TenantStoreError } from "./TenantStore.ts"
@@ -35,15 +35,15 @@ export const keepBan = (next: Tenant, existing: Tenant | undefined): Tenant => {
  * this node. Other nodes sharing a PostgreSQL store learn of it by LISTEN/NOTIFY, and a periodic
  * full reload (TIDEPOOL_TENANT_REFRESH_MS) catches anything a dropped listener connection missed.
  */
-export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
-  scoped: Effect.gen(function* () {
+export class Tenants extends Context.Service<Tenants>()("tidepool/Tenants", {
+  make: Effect.gen(function* () {
     const store = yield* TenantStore
     const config = yield* AppConfig
     const byId = new Map<string, Cached>()
     const bySni = new Map<string, Tenant>()
     const listeners: Array<TenantListener> = []
     // Reloads and writes one at a time, so listeners see changes in order and diffs are exact.
-    const lock = yield* Effect.makeSemaphore(1)
+    const lock = yield* Semaphore.make(1)
 
     const index = () => {
       bySni.clear()
@@ -90,7 +90,7 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
 
     const reload = (externalId: string) => lock.withPermits(1)(reloadUnlocked(externalId))
 
-    const registry: TenantRegistry["Type"] = {
+    const registry: TenantRegistry["Service"] = {
       get: (id) => byId.get(id)?.tenant,
       bySni: (host) => bySni.get(host.toLowerCase()),
       all: () => [...byId.values()].map((c) => c.tenant)
@@ -109,13 +109,13 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
         Effect.forkScoped
       )
       yield* store.signal(ping).pipe(
-        Effect.zipRight(
-          Deferred.await(listening).pipe(Effect.timeoutFail({ duration: "250 millis", onTimeout: () => "not yet" }))
+        Effect.andThen(
+          Deferred.await(listening).pipe(
+            Effect.timeoutOrElse({ duration: "250 millis", orElse: () => Effect.fail("not yet" as const) })
+          )
         ),
         Effect.retry(Schedule.recurs(40)),
-        Effect.catchAll(() =>
-          Effect.logWarning("not listening for tenant changes yet; relying on the periodic refresh")
-        )
+        Effect.catch(() => Effect.logWarning("not listening for tenant changes yet; relying on the periodic refresh"))
       )
     }
 
@@ -126,7 +126,7 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
         yield* lock
           .withPermits(1)(refreshUnlocked)
           .pipe(
-            Effect.catchAll((e) => Effect.logWarning(e.message)),
+            Effect.catch((e) => Effect.logWarning(e.message)),
             Effect.delay(config.tenantRefreshMs),
             Effect.forever,
             Effect.forkScoped
@@ -156,7 +156,7 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
       /** Writes the tenant as given, ban fields included (PATCH). */
       replace: (tenant: Tenant) =>
         lock
-          .withPermits(1)(Effect.zipRight(store.upsert(tenant), reloadUnlocked(tenant.external_id)))
+          .withPermits(1)(Effect.andThen(store.upsert(tenant), reloadUnlocked(tenant.external_id)))
           .pipe(Effect.withSpan("tenants.replace", { attributes: { "tidepool.tenant": tenant.external_id } })),
       remove: (id: string) =>
         lock
@@ -172,6 +172,8 @@ export class Tenants extends Effect.Service<Tenants>()("tidepool/Tenants", {
     } as const
   })
 }) {
+  static readonly layer = Layer.effect(this, this.make)
+
   /** The synchronous read side, for the login path. */
   static readonly registry = Layer.effect(
     TenantRegistry,

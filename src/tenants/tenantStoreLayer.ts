@@ -9,7 +9,7 @@ import { parseVaultKey, Vault } from "./Vault.ts"
  * SQLite at `<TIDEPOOL_DATA_DIR>/tidepool.db`. The vault key is checked here; whether it is needed
  * is the store's business (any stored password needs it).
  */
-export const tenantStoreLayer = Layer.unwrapEffect(
+export const tenantStoreLayer = Layer.unwrap(
   Effect.gen(function* () {
     const config = yield* AppConfig
     const key = config.vaultEncKey === undefined ? undefined : parseVaultKey(Redacted.value(config.vaultEncKey))

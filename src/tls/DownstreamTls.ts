@@ -2,7 +2,7 @@ import { createPrivateKey, type KeyObject, X509Certificate } from "node:crypto"
 import { type FSWatcher, readFileSync, watch } from "node:fs"
 import * as path from "node:path"
 import * as tls from "node:tls"
-import { Effect, Either, Runtime } from "effect"
+import { Context, Effect, Layer, Result } from "effect"
 import { AppConfig, ConfigError, type ConfigProblem, settings } from "../config/index.ts"
 import { tidepoolError } from "../errors/index.ts"
 
@@ -46,12 +46,12 @@ const opensslReason = (error: unknown): string => (error as { reason?: string })
 const loadContext = (
   certPaths: ReadonlyArray<string>,
   keyPaths: ReadonlyArray<string>
-): Either.Either<Loaded, ConfigProblem> => {
-  const read = (file: string, env: string): Either.Either<Buffer, ConfigProblem> => {
+): Result.Result<Loaded, ConfigProblem> => {
+  const read = (file: string, env: string): Result.Result<Buffer, ConfigProblem> => {
     try {
-      return Either.right(readFileSync(file))
+      return Result.succeed(readFileSync(file))
     } catch (error) {
-      return Either.left({
+      return Result.fail({
         path: env,
         reason: `cannot read ${file}: ${(error as NodeJS.ErrnoException).code ?? error}`
       })
@@ -61,16 +61,16 @@ const loadContext = (
   const keys: Array<Buffer> = []
   for (const file of certPaths) {
     const cert = read(file, settings.downstreamCertPath.env)
-    if (Either.isLeft(cert)) return Either.left(cert.left)
-    certs.push(cert.right)
+    if (Result.isFailure(cert)) return Result.fail(cert.failure)
+    certs.push(cert.success)
   }
   for (const file of keyPaths) {
     const key = read(file, settings.downstreamKeyPath.env)
-    if (Either.isLeft(key)) return Either.left(key.left)
-    keys.push(key.right)
+    if (Result.isFailure(key)) return Result.fail(key.failure)
+    keys.push(key.success)
   }
   const invalid = (env: string, what: string) =>
-    Either.left<ConfigProblem>({ path: env, reason: `invalid certificate or key: ${what}` })
+    Result.fail<ConfigProblem>({ path: env, reason: `invalid certificate or key: ${what}` })
   const described: Array<{ readonly text: string; readonly validTo: string }> = []
   for (const [i, pem] of certs.entries()) {
     let cert: X509Certificate
@@ -96,7 +96,7 @@ const loadContext = (
     })
   }
   try {
-    return Either.right({
+    return Result.succeed({
       context: tls.createSecureContext({ cert: certs, key: keys, minVersion: "TLSv1.2" }),
       description: described.map((d) => d.text).join("; "),
       expired: described.some((d) => Date.parse(d.validTo) < Date.now())
@@ -114,8 +114,8 @@ const loadContext = (
  * later reload (SIGHUP, or a change to the files) swaps the context for new connections only, and a
  * broken replacement is logged and ignored so a half-written renewal never takes TLS down.
  */
-export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/DownstreamTls", {
-  scoped: Effect.gen(function* () {
+export class DownstreamTls extends Context.Service<DownstreamTls>()("tidepool/DownstreamTls", {
+  make: Effect.gen(function* () {
     const config = yield* AppConfig
     const certPaths = split(config.downstreamCertPath)
     const keyPaths = split(config.downstreamKeyPath)
@@ -128,23 +128,24 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
       }
     }
     const initial = loadContext(certPaths, keyPaths)
-    if (Either.isLeft(initial)) return yield* new ConfigError({ problems: [initial.left] })
-    let current = initial.right.context
-    yield* logLoaded("TLS for clients", initial.right)
+    if (Result.isFailure(initial)) return yield* new ConfigError({ problems: [initial.failure] })
+    let current = initial.success.context
+    yield* logLoaded("TLS for clients", initial.success)
 
     const reload = Effect.suspend(() => {
       const next = loadContext(certPaths, keyPaths)
-      if (Either.isLeft(next)) {
+      if (Result.isFailure(next)) {
         return Effect.as(
-          logReloadProblem(`TLS certificate reload failed, keeping the current one: ${next.left.reason}`),
+          logReloadProblem(`TLS certificate reload failed, keeping the current one: ${next.failure.reason}`),
           false
         )
       }
-      current = next.right.context
-      return Effect.as(logLoaded("TLS certificate reloaded", next.right), true)
+      current = next.success.context
+      return Effect.as(logLoaded("TLS certificate reloaded", next.success), true)
     }).pipe(Effect.withSpan("tls.reload"))
 
-    const runFork = Runtime.runFork(yield* Effect.runtime<never>())
+    // SIGHUP and the file watchers call back from outside any fiber: reloads run as fibers of their own.
+    const runFork = Effect.runForkWith(yield* Effect.context<never>())
     let timer: NodeJS.Timeout | undefined
     const scheduleReload = () => {
       clearTimeout(timer)
@@ -193,4 +194,7 @@ export class DownstreamTls extends Effect.Service<DownstreamTls>()("tidepool/Dow
       reload
     }
   })
-}) {}
+}) {
+  /** The watchers and the SIGHUP handler live as long as the layer. */
+  static readonly layer = Layer.effect(this, this.make)
+}

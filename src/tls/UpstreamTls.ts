@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs"
-import { Effect } from "effect"
+import { Context, Effect, Layer } from "effect"
 import { AppConfig, ConfigError, settings, type Tenant } from "../config/index.ts"
 import type { UpstreamTlsOptions } from "../upstream/index.ts"
 
@@ -8,8 +8,8 @@ import type { UpstreamTlsOptions } from "../upstream/index.ts"
  * verifies the chain and the host name against the tenant's `upstream_tls_ca`, or else the
  * `GLOBAL_UPSTREAM_CA_PATH` bundle read at start-up.
  */
-export class UpstreamTls extends Effect.Service<UpstreamTls>()("tidepool/UpstreamTls", {
-  effect: Effect.gen(function* () {
+export class UpstreamTls extends Context.Service<UpstreamTls>()("tidepool/UpstreamTls", {
+  make: Effect.gen(function* () {
     const config = yield* AppConfig
     let globalCa: string | undefined
     if (config.upstreamCaPath !== "") {
@@ -44,4 +44,6 @@ export class UpstreamTls extends Effect.Service<UpstreamTls>()("tidepool/Upstrea
           : undefined
     }
   })
-}) {}
+}) {
+  static readonly layer = Layer.effect(this, this.make)
+}

@@ -33,7 +33,7 @@ export const acceptTls = (options: {
   readonly readAhead: Buffer
   readonly context: tls.SecureContext
 }): Effect.Effect<tls.TLSSocket, TidepoolError> =>
-  Effect.async<tls.TLSSocket, TidepoolError>((resume) => {
+  Effect.callback<tls.TLSSocket, TidepoolError>((resume) => {
     const { socket, readAhead } = options
     // Paused, the socket keeps `readAhead` for the TLS layer, which reads it on its first tick.
     socket.pause()
@@ -53,11 +53,17 @@ export const acceptTls = (options: {
       resume(result)
     }
     const onSecure = () => settle(Effect.succeed(secure))
+    // The wrapped socket is destroyed here too: Node destroys it only a tick after the TLS socket, and
+    // the session, resumed at once, must already find it unwritable (no plaintext error into TLS).
     const onError = (error: Error) => {
       secure.destroy()
+      socket.destroy()
       settle(Effect.fail(tidepoolError("ESSLHANDSHAKE", reasonOf(error))))
     }
-    const onClose = () => settle(Effect.fail(tidepoolError("ESSLHANDSHAKE", "client closed the connection")))
+    const onClose = () => {
+      socket.destroy()
+      settle(Effect.fail(tidepoolError("ESSLHANDSHAKE", "client closed the connection")))
+    }
     secure.on("secure", onSecure)
     secure.on("error", onError)
     secure.on("close", onClose)

@@ -405,9 +405,9 @@ export class ServerConnection {
    * Fails with the server's error; the connection is then still usable if it reports idle.
    */
   readonly simpleQuery = (sql: string): Effect.Effect<void, TidepoolError> =>
-    Effect.gen(this, function* () {
+    Effect.gen({ self: this }, function* () {
       const messages = yield* Queue.unbounded<LoginMessage>()
-      this.loginSink = (m) => Queue.unsafeOffer(messages, m)
+      this.loginSink = (m) => Queue.offerUnsafe(messages, m)
       this.pending++
       this.socket.write(serialize.query(sql))
       let error: TidepoolError | undefined
@@ -438,9 +438,9 @@ export class ServerConnection {
     { readonly columns: number; readonly rows: ReadonlyArray<ReadonlyArray<string | null>> },
     TidepoolError
   > =>
-    Effect.gen(this, function* () {
+    Effect.gen({ self: this }, function* () {
       const messages = yield* Queue.unbounded<LoginMessage>()
-      this.loginSink = (m) => Queue.unsafeOffer(messages, m)
+      this.loginSink = (m) => Queue.offerUnsafe(messages, m)
       this.pending++
       this.socket.write(
         Buffer.concat([
@@ -474,9 +474,9 @@ export class ServerConnection {
 
   /** Logs in after the socket connected: startup, authentication, parameters, key data, ReadyForQuery. */
   readonly login = (): Effect.Effect<void, TidepoolError> =>
-    Effect.gen(this, function* () {
+    Effect.gen({ self: this }, function* () {
       const messages = yield* Queue.unbounded<LoginMessage>()
-      this.loginSink = (m) => Queue.unsafeOffer(messages, m)
+      this.loginSink = (m) => Queue.offerUnsafe(messages, m)
       const next = Effect.flatMap(Queue.take(messages), (m) =>
         m.type === -1 ? Effect.fail(connectFailed(this.closeReason, true)) : Effect.succeed(m)
       )
@@ -570,9 +570,9 @@ const fieldsOf = (body: Buffer) => {
 }
 
 /**
- * Marks a failure to reach the database at all (see `ServerConnection.isTransient`). A property, not
- * a set of instances: `Effect.fn` hands on a copy of a failure (with its stack), which keeps it.
- * Not enumerable, so no log or client ever sees it.
+ * Marks a failure to reach the database at all (see `ServerConnection.isTransient`). A property of
+ * the error itself, not a set of instances, so the mark travels with the error however it is passed
+ * on. Not enumerable, so no log or client ever sees it.
  */
 const UNREACHABLE = Symbol("tidepool/unreachable")
 
@@ -602,17 +602,17 @@ const LOGIN_METHODS: Partial<Record<string, string>> = {
 
 /** docs/architecture.md#telemetry: the `upstream.connect` span says how the attempt ended, and a failure's code. */
 const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
-  Effect.tapBoth(self, {
-    onFailure: (error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }),
-    onSuccess: () => Effect.annotateCurrentSpan("tidepool.outcome", "ok")
-  })
+  self.pipe(
+    Effect.tap(() => Effect.annotateCurrentSpan("tidepool.outcome", "ok")),
+    Effect.tapError((error) => Effect.annotateCurrentSpan({ "tidepool.outcome": "fail", "error.code": error.code }))
+  )
 
 /**
  * A connected socket to the target, TLS-upgraded when the target asks for it, within the connect
  * timeout. On failure nothing is left open.
  */
 const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<net.Socket, TidepoolError> =>
-  Effect.async<net.Socket, TidepoolError>((resume) => {
+  Effect.callback<net.Socket, TidepoolError>((resume) => {
     const s = net.connect({
       host: target.host,
       port: target.port,
@@ -635,9 +635,9 @@ const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<n
       (s): Effect.Effect<net.Socket, TidepoolError> =>
         target.tls === undefined ? Effect.succeed(s) : startTls(s, target.host, target.tls, connectFailed)
     ),
-    Effect.timeoutFail({
+    Effect.timeoutOrElse({
       duration: target.connectTimeoutMs,
-      onTimeout: () => connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`, true)
+      orElse: () => Effect.fail(connectFailed(`connection timed out after ${target.connectTimeoutMs}ms`, true))
     })
   )
 
@@ -658,9 +658,9 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
   const socket = yield* openSocket(target, reads)
   const conn = new ServerConnection(socket, target, options, reads)
   yield* conn.login().pipe(
-    Effect.timeoutFail({
+    Effect.timeoutOrElse({
       duration: target.connectTimeoutMs,
-      onTimeout: () => connectFailed(`login timed out after ${target.connectTimeoutMs}ms`, true)
+      orElse: () => Effect.fail(connectFailed(`login timed out after ${target.connectTimeoutMs}ms`, true))
     }),
     // Failure, defect or interruption (pool closing mid-login): the socket must not outlive the attempt.
     Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Effect.sync(() => conn.destroy("login failed"))))
@@ -676,7 +676,7 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
 const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
   openSocket(target).pipe(
     Effect.flatMap((s) =>
-      Effect.async<void>((resume) => {
+      Effect.callback<void>((resume) => {
         s.on("error", () => undefined)
         s.once("close", () => resume(Effect.void))
         s.end(cancelRequest(pid, secret))

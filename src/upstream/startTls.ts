@@ -30,7 +30,7 @@ export const startTls = (
   options: UpstreamTlsOptions,
   failed: ConnectFailure
 ): Effect.Effect<tls.TLSSocket, TidepoolError> =>
-  Effect.async<tls.TLSSocket, TidepoolError>((resume) => {
+  Effect.callback<tls.TLSSocket, TidepoolError>((resume) => {
     if (options.verify && options.ca === undefined) {
       socket.destroy()
       resume(

@@ -1,7 +1,7 @@
-import { HttpApp, HttpRouter } from "@effect/platform"
 import { Effect } from "effect"
+import { HttpRouter } from "effect/http"
 import pg from "pg"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from "vitest"
 import { Metrics, metricsRouter } from "../../src/telemetry/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { parseExposition } from "../support/prometheus.ts"
@@ -124,16 +124,17 @@ describe("/metrics", () => {
   })
 
   it("serves GET /metrics and /metrics/:tenant behind the authorizer, 403 without it", async () => {
-    const runtime = await tidepool.runtime.runtime()
+    const context = await tidepool.runtime.context()
     const router = metricsRouter((request) => Effect.succeed(request.headers.authorization === "Bearer good"))
-    const app = await Effect.runPromise(HttpRouter.toHttpApp(router))
-    const handler = HttpApp.toWebHandlerRuntime(runtime)(app)
+    const { handler, dispose } = HttpRouter.toWebHandler(router, { disableLogger: true })
+    onTestFinished(dispose)
     const get = (path: string, token?: string) =>
       handler(
         new Request(
           `http://tidepool${path}`,
           token === undefined ? {} : { headers: { authorization: `Bearer ${token}` } }
-        )
+        ),
+        context
       )
 
     const denied = await get("/metrics")

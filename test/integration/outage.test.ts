@@ -12,19 +12,20 @@ import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
 // A database we can stop and start again on the same port and data, as an operator would.
 let dataDir: string
 let port: number
-let scope: Scope.CloseableScope | undefined
+let scope: Scope.Closeable | undefined
 let tidepool: RunningTidepool
 
 const startDatabase = () =>
   Effect.runPromise(
     Effect.gen(function* () {
-      scope = yield* Scope.make()
+      const opened = yield* Scope.make()
+      scope = opened
       yield* EmbeddedPostgres.start({
         dataDir,
         port,
         init: { superuser: "postgres", password: "outage-secret" },
         settings: { unix_socket_directories: "", fsync: "off" }
-      }).pipe(Scope.extend(scope))
+      }).pipe(Scope.provide(opened))
     })
   )
 

@@ -2,8 +2,7 @@ import { randomBytes } from "node:crypto"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
-import * as SqlClient from "@effect/sql/SqlClient"
-import { SqliteClient } from "@effect/sql-sqlite-node"
+import { DatabaseSync } from "node:sqlite"
 import { Deferred, Effect, Redacted } from "effect"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
@@ -67,11 +66,10 @@ describe("SQLite tenant store", () => {
     expect((await callApi(first, "PUT", "/api/tenants/kept", { body: tenant("kept") })).status).toBe(201)
     await first.stop()
 
-    const rows = await Effect.runPromise(
-      Effect.flatMap(SqlClient.SqlClient, (sql) => sql<{ config: string }>`SELECT config FROM tidepool_tenants`).pipe(
-        Effect.provide(SqliteClient.layer({ filename: path.join(dataDir, "tidepool.db"), readonly: true }))
-      )
-    )
+    // Read with Node's own SQLite, not Tidepool's client: this is what any other reader of the file sees.
+    const file = new DatabaseSync(path.join(dataDir, "tidepool.db"), { readOnly: true })
+    const rows = file.prepare("SELECT config FROM tidepool_tenants").all() as Array<{ config: string }>
+    file.close()
     expect(rows).toHaveLength(1)
     expect(rows[0]!.config).not.toContain("app-secret")
     expect(JSON.parse(rows[0]!.config).users[0].db_password_enc).toMatch(/^v1:/)

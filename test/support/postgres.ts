@@ -22,7 +22,7 @@ import { tmpdir } from "node:os"
 import * as path from "node:path"
 import type { Writable } from "node:stream"
 import { promisify } from "node:util"
-import { Cause, Effect, Exit, Scope } from "effect"
+import { Effect, Exit, Scope } from "effect"
 import pg from "pg"
 import * as EmbeddedPostgres from "../../src/cli/EmbeddedPostgres.ts"
 
@@ -82,13 +82,6 @@ interface Runtime extends EmbeddedPostgres.Runtime {
   readonly base: string
 }
 
-/** Runs an Effect from the shared module, rejecting with its own error (not a FiberFailure). */
-const runEffect = async <A, E>(effect: Effect.Effect<A, E>): Promise<A> => {
-  const exit = await Effect.runPromiseExit(effect)
-  if (Exit.isSuccess(exit)) return exit.value
-  throw Cause.squash(exit.cause)
-}
-
 const once = <A>(f: () => Promise<A>): (() => Promise<A>) => {
   let result: Promise<A> | undefined
   return () => {
@@ -101,7 +94,7 @@ const once = <A>(f: () => Promise<A>): (() => Promise<A>) => {
   }
 }
 
-const chown = (rt: Runtime, target: string) => runEffect(EmbeddedPostgres.chownToServer(rt, target))
+const chown = (rt: Runtime, target: string) => Effect.runPromise(EmbeddedPostgres.chownToServer(rt, target))
 
 // Where data dirs and the template live. Creating PostgreSQL's ~1000 files is where start-up time
 // goes, and on a disk-backed /tmp that can take over a second, so prefer tmpfs when it is roomy
@@ -117,13 +110,13 @@ const pickBase = async (rt: EmbeddedPostgres.Runtime): Promise<string> => {
       () => false
     )
     if (!usable || (candidate === "/dev/shm" && !(await roomy(candidate)))) continue
-    if (await runEffect(EmbeddedPostgres.canReach(rt, candidate))) return candidate
+    if (await Effect.runPromise(EmbeddedPostgres.canReach(rt, candidate))) return candidate
   }
   return tmpdir()
 }
 
 const loadRuntime = once(async (): Promise<Runtime> => {
-  const rt = await runEffect(EmbeddedPostgres.runtime)
+  const rt = await Effect.runPromise(EmbeddedPostgres.runtime)
   return { ...rt, base: await pickBase(rt) }
 })
 
@@ -141,7 +134,7 @@ const buildTemplate = async (rt: Runtime, dir: string) => {
     const superPassword = randomBytes(18).toString("hex")
     await fs.writeFile(path.join(staging, PASSWORD_FILE), superPassword, { mode: 0o600 })
     const dataDir = path.join(staging, "data")
-    await runEffect(
+    await Effect.runPromise(
       EmbeddedPostgres.initdb({
         dataDir,
         superuser: SUPERUSER,
@@ -154,7 +147,9 @@ const buildTemplate = async (rt: Runtime, dir: string) => {
     // PostgreSQL 15 stopped letting every role create objects in `public`; test roles need it
     // back, and single-user mode sets it without a server or port.
     for (const database of ["template1", SUPERUSER]) {
-      await runEffect(EmbeddedPostgres.singleUser({ dataDir, database, sql: "GRANT ALL ON SCHEMA public TO PUBLIC;" }))
+      await Effect.runPromise(
+        EmbeddedPostgres.singleUser({ dataDir, database, sql: "GRANT ALL ON SCHEMA public TO PUBLIC;" })
+      )
     }
     await fs.rename(staging, dir).catch(async (error: NodeJS.ErrnoException) => {
       if (error.code !== "ENOTEMPTY" && error.code !== "EEXIST") throw error
@@ -405,8 +400,8 @@ export const startPostgres = async (options: PostgresOptions = {}): Promise<Post
     await chown(rt, root)
     await run("cp", ["-a", template.dataDir, dataDir])
     await writeConfig(rt, root, dataDir, options)
-    const { port, postmaster } = await runEffect(
-      Scope.extend(
+    const { port, postmaster } = await Effect.runPromise(
+      Scope.provide(
         EmbeddedPostgres.start({
           dataDir,
           host: HOST,

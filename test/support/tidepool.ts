@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto"
-import { Effect, HashMap, Layer, Logger, LogLevel, ManagedRuntime, Redacted, Schema } from "effect"
+import { Effect, Layer, Logger, ManagedRuntime, Redacted, References, Schema } from "effect"
 import type { AdminControl } from "../../src/admin/index.ts"
 import { ApiServer } from "../../src/api/index.ts"
 import type { AuthQuery, CircuitBreaker } from "../../src/auth/index.ts"
@@ -82,12 +82,13 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     ...options.config
   })
   const logs: Array<CapturedLog> = []
-  const capture = Logger.make(({ logLevel, message, annotations }) => {
-    const code = HashMap.get(annotations, "code")
+  const capture = Logger.make(({ logLevel, message, fiber }) => {
+    const code = fiber.getRef(References.CurrentLogAnnotations).code
     logs.push({
-      level: logLevel.label,
+      // "INFO", "WARN", …: the labels the tests match on.
+      level: logLevel.toUpperCase(),
       message: (Array.isArray(message) ? message : [message]).map(String).join(" "),
-      code: code._tag === "Some" ? String(code.value) : undefined
+      code: code === undefined ? undefined : String(code)
     })
   })
   const store = options.store === "config" ? undefined : sqliteStore(":memory:", new Vault(randomBytes(32)))
@@ -96,9 +97,10 @@ export const startTidepool = async (options: TidepoolOptions): Promise<RunningTi
     ...(store !== undefined ? { store } : {})
   }).pipe(
     Layer.provideMerge(Layer.succeed(AppConfig, config)),
-    Layer.provide(
+    // Merged, not only provided: effects the tests run through `runtime` log where the node's own do.
+    Layer.provideMerge(
       options.captureLogs === true
-        ? Layer.merge(Logger.replace(Logger.defaultLogger, capture), Logger.minimumLogLevel(LogLevel.Debug))
+        ? Layer.merge(Logger.layer([capture]), Layer.succeed(References.MinimumLogLevel, "Debug"))
         : loggerLayer(config.logFormat, config.logLevel)
     ),
     Layer.provide(tracingLayer(options.tracing ?? {}))

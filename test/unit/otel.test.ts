@@ -32,9 +32,9 @@ const renderedFamilies = () =>
   Effect.runPromise(
     Effect.map(Metrics, (m) => parseExposition(m.render()).types).pipe(
       Effect.provide(
-        Metrics.Default.pipe(
-          Layer.provideMerge(PoolRegistry.Default),
-          Layer.provideMerge(EventCounters.Default),
+        Metrics.layer.pipe(
+          Layer.provideMerge(PoolRegistry.layer),
+          Layer.provideMerge(EventCounters.layer),
           Layer.provideMerge(TenantRegistry.fromTenants([])),
           Layer.provideMerge(AppConfig.layerFrom())
         )

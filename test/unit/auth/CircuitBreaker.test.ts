@@ -1,4 +1,4 @@
-import { Deferred, Effect, Exit, Fiber, Scope } from "effect"
+import { type Context, Deferred, Effect, Exit, Fiber, Scope } from "effect"
 import { describe, expect, it } from "vitest"
 import { AUTH_FAILURES, type AuthAttempt, CircuitBreaker } from "../../../src/auth/index.ts"
 
@@ -8,27 +8,27 @@ import { AUTH_FAILURES, type AuthAttempt, CircuitBreaker } from "../../../src/au
  */
 
 const run = <A, E>(effect: Effect.Effect<A, E, CircuitBreaker>) =>
-  Effect.runPromise(Effect.provide(effect, CircuitBreaker.Default))
+  Effect.runPromise(Effect.provide(effect, CircuitBreaker.layer))
 
 /** Starts `n` attempts of (tenant, address), each in a scope of its own that the test closes. */
-const startMany = (breaker: CircuitBreaker, n: number) =>
+const startMany = (breaker: Context.Service.Shape<typeof CircuitBreaker>, n: number) =>
   Effect.forEach(Array.from({ length: n }), () =>
     Effect.gen(function* () {
       const scope = yield* Scope.make()
-      const attempt = yield* Scope.extend(breaker.attempt("acme", "10.0.0.1"), scope)
+      const attempt = yield* Scope.provide(breaker.attempt("acme", "10.0.0.1"), scope)
       if (attempt === undefined) throw new Error("blocked too early")
       return { attempt, close: Scope.close(scope, Exit.void) }
     })
   )
 
 /** An attempt in a fiber of its own: it may wait; its outcome (or "blocked") when it starts. */
-const waiting = (breaker: CircuitBreaker) =>
+const waiting = (breaker: Context.Service.Shape<typeof CircuitBreaker>) =>
   Effect.gen(function* () {
     const started = yield* Deferred.make<AuthAttempt | "blocked">()
-    const fiber = yield* Effect.fork(
+    const fiber = yield* Effect.forkChild(
       Effect.scoped(
         Effect.flatMap(breaker.attempt("acme", "10.0.0.1"), (a) =>
-          Effect.zipRight(Deferred.succeed(started, a ?? "blocked"), Effect.never)
+          Effect.andThen(Deferred.succeed(started, a ?? "blocked"), Effect.never)
         )
       )
     )
@@ -38,7 +38,10 @@ const waiting = (breaker: CircuitBreaker) =>
 /** Its outcome once it starts; a deadline turns a waiter that is never woken into a failure. */
 const startedOf = (started: Deferred.Deferred<AuthAttempt | "blocked">) =>
   Deferred.await(started).pipe(
-    Effect.timeoutFail({ duration: "5 seconds", onTimeout: () => new Error("the waiting attempt was never woken") })
+    Effect.timeoutOrElse({
+      duration: "5 seconds",
+      orElse: () => Effect.fail(new Error("the waiting attempt was never woken"))
+    })
   )
 
 describe("CircuitBreaker attempts", () => {

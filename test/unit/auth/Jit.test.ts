@@ -53,7 +53,7 @@ const tenant = (extra: Record<string, unknown> = {}) =>
     ...extra
   })
 
-const layer = JitApi.Default.pipe(Layer.provide(AppConfig.layerFrom({ jitTimeoutMs: 300 })))
+const layer = JitApi.layer.pipe(Layer.provide(AppConfig.layerFrom({ jitTimeoutMs: 300 })))
 
 const check = (token: string, role = "app", t = tenant()) =>
   Effect.flatMap(JitApi, (api) => api.check(t, token, role, "10.1.2.3")).pipe(Effect.provide(layer))
@@ -61,7 +61,7 @@ const check = (token: string, role = "app", t = tenant()) =>
 const codeOf = (token: string, role?: string, t?: Tenant) =>
   check(token, role, t).pipe(
     Effect.as("ok"),
-    Effect.catchAll((e) => Effect.succeed(e.code))
+    Effect.catch((e) => Effect.succeed(e.code))
   )
 
 describe("JIT API", () => {

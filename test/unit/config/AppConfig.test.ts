@@ -1,8 +1,8 @@
 import { describe, expect, it } from "@effect/vitest"
 import { ConfigProvider, Effect, Layer, Option, Redacted } from "effect"
-import { AppConfig, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
+import { AppConfig, environment, envNames, loadAppConfig, settingFields, settings } from "../../../src/config/index.ts"
 
-const env = (entries: Record<string, string>) => ConfigProvider.fromMap(new Map(Object.entries(entries)))
+const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries, preserveEmptyStrings: true })
 
 describe("AppConfig", () => {
   it.effect("uses the documented defaults when nothing is set", () =>
@@ -88,6 +88,21 @@ describe("AppConfig", () => {
     })
   )
 
+  it.effect("reads a variable set to the empty string as a value, not as unset", () =>
+    Effect.gen(function* () {
+      // Through the provider the CLI installs, over the real process environment.
+      const saved = process.env.PORT
+      process.env.PORT = ""
+      try {
+        const error = yield* Effect.flip(loadAppConfig(environment()))
+        expect(error.problems).toEqual([{ path: "PORT", reason: 'expected a port number between 0 and 65535, got ""' }])
+      } finally {
+        if (saved === undefined) delete process.env.PORT
+        else process.env.PORT = saved
+      }
+    })
+  )
+
   it.effect("rejects two listeners on one port", () =>
     Effect.gen(function* () {
       const error = yield* Effect.flip(loadAppConfig(env({ PORT: "6543" })))
@@ -137,7 +152,7 @@ describe("AppConfig", () => {
     Effect.gen(function* () {
       const config = yield* AppConfig
       expect(config.apiPort).toBe(4100)
-    }).pipe(Effect.provide(AppConfig.layer.pipe(Layer.provide(Layer.setConfigProvider(env({ PORT: "4100" }))))))
+    }).pipe(Effect.provide(AppConfig.layer.pipe(Layer.provide(ConfigProvider.layer(env({ PORT: "4100" }))))))
   )
 
   it.effect("layerFrom builds one in-process", () =>

@@ -14,7 +14,7 @@ const write = (name: string, text: string): string => {
   return path
 }
 
-const env = (entries: Record<string, string>) => ConfigProvider.fromMap(new Map(Object.entries(entries)))
+const env = (entries: Record<string, string>) => ConfigProvider.fromEnv({ env: entries, preserveEmptyStrings: true })
 
 const exampleYaml = `
 server:
@@ -232,7 +232,7 @@ describe("precedence: default < config file < environment", () => {
     Effect.gen(function* () {
       const contents = yield* loadConfigFile(file)
       return yield* AppConfig.pipe(
-        Effect.provide(AppConfig.layerFromFile(contents).pipe(Layer.provide(Layer.setConfigProvider(env(vars)))))
+        Effect.provide(AppConfig.layerFromFile(contents).pipe(Layer.provide(ConfigProvider.layer(env(vars)))))
       )
     })
 
@@ -259,7 +259,7 @@ describe("precedence: default < config file < environment", () => {
   it.effect("without a file it is the environment alone", () =>
     Effect.gen(function* () {
       const config = yield* AppConfig.pipe(
-        Effect.provide(AppConfig.layerFromFile(undefined).pipe(Layer.provide(Layer.setConfigProvider(env({})))))
+        Effect.provide(AppConfig.layerFromFile(undefined).pipe(Layer.provide(ConfigProvider.layer(env({})))))
       )
       expect(config.apiPort).toBe(4000)
       expect(config.configFile).toEqual(Option.none())

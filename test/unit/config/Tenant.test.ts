@@ -1,5 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
-import { Effect, Either, Redacted, Schema } from "effect"
+import { Effect, Redacted, Result, Schema } from "effect"
 import {
   allowListOf,
   isAllowed,
@@ -20,7 +20,7 @@ const minimal = {
   users: [{ db_user: "app", db_password: "secret" }]
 }
 
-const decode = Schema.decodeUnknown(Tenant, strictParseOptions)
+const decode = Schema.decodeUnknownEffect(Tenant, strictParseOptions)
 
 const problemsOf = (input: unknown) =>
   decode(input).pipe(
@@ -124,8 +124,8 @@ describe("Tenant", () => {
   it.effect("rejects external_ids that cannot appear in a username", () =>
     Effect.gen(function* () {
       for (const id of ["", "has space", "a.b", "x".repeat(64), "tab\tid"]) {
-        const result = yield* Effect.either(decode({ ...minimal, external_id: id }))
-        expect(Either.isLeft(result), id).toBe(true)
+        const result = yield* Effect.result(decode({ ...minimal, external_id: id }))
+        expect(Result.isFailure(result), id).toBe(true)
       }
       yield* decode({ ...minimal, external_id: "x".repeat(63) })
       yield* decode({ ...minimal, external_id: "acme-prod_1" })

@@ -1,7 +1,7 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Effect, Either, Redacted } from "effect"
+import { Effect, Redacted, Result } from "effect"
 import { afterAll, describe, expect, it } from "vitest"
 import type { Tenant } from "../../../src/config/index.ts"
 import type { ImportPlan } from "../../../src/migrate/ImportPlan.ts"
@@ -41,7 +41,7 @@ const reasonFor = (p: ImportPlan, source: string, field: string) =>
 
 describe("pgbouncer.ini syntax, as PgBouncer reads it", () => {
   it("reads sections, both comment characters, quoted names and %include in file order", () => {
-    const entries = Either.getOrThrow(readIni(join(fixtures, "full.ini")))
+    const entries = Result.getOrThrow(readIni(join(fixtures, "full.ini")))
     const databases = entries.filter((e) => e.section === "databases").map((e) => e.key)
     expect(databases).toEqual(["app", "reports", "batch", "my.db", 'odd"name', "socket"])
     const included = entries.find((e) => e.key === "socket")!
@@ -53,38 +53,38 @@ describe("pgbouncer.ini syntax, as PgBouncer reads it", () => {
 
   it("takes ; and # as comments only at the start of a line", () => {
     const path = write("inline.ini", "[pgbouncer]\n  ; indented comment\nlogfile = a.log ; not a comment\n")
-    const entries = Either.getOrThrow(readIni(path))
+    const entries = Result.getOrThrow(readIni(path))
     expect(entries).toHaveLength(1)
     expect(entries[0]!.value).toBe("a.log ; not a comment")
   })
 
   it("refuses what PgBouncer refuses, naming the file and line", () => {
     expect(readIni(write("bad-key.ini", "[databases]\n\nfoo bar = host=x\n"))).toEqual(
-      Either.left(expect.stringMatching(/syntax error in configuration \(.*bad-key\.ini:3\)/))
+      Result.fail(expect.stringMatching(/syntax error in configuration \(.*bad-key\.ini:3\)/))
     )
     expect(readIni(write("bad-section.ini", "[pgbouncerr]\nx = 1\n"))).toEqual(
-      Either.left(expect.stringContaining('invalid section "pgbouncerr"'))
+      Result.fail(expect.stringContaining('invalid section "pgbouncerr"'))
     )
     expect(readIni(write("loop.ini", "%include loop.ini\n"))).toEqual(
-      Either.left(expect.stringContaining("include nesting level too deep"))
+      Result.fail(expect.stringContaining("include nesting level too deep"))
     )
-    expect(readIni(join(temp, "missing.ini"))).toEqual(Either.left(expect.stringContaining("ENOENT")))
+    expect(readIni(join(temp, "missing.ini"))).toEqual(Result.fail(expect.stringContaining("ENOENT")))
   })
 
   it("splits connection strings at spaces, with '…' quoting and '' for a quote", () => {
-    expect(Either.getOrThrow(parseConnString("host=a  port=5433 password='x y''z' dbname = d"))).toEqual([
+    expect(Result.getOrThrow(parseConnString("host=a  port=5433 password='x y''z' dbname = d"))).toEqual([
       ["host", "a"],
       ["port", "5433"],
       ["password", "x y'z"],
       ["dbname", "d"]
     ])
-    expect(Either.isLeft(parseConnString("host="))).toBe(true)
-    expect(Either.isLeft(parseConnString("host='open"))).toBe(true)
-    expect(Either.isLeft(parseConnString("justaword"))).toBe(true)
+    expect(Result.isFailure(parseConnString("host="))).toBe(true)
+    expect(Result.isFailure(parseConnString("host='open"))).toBe(true)
+    expect(Result.isFailure(parseConnString("justaword"))).toBe(true)
   })
 
   it('reads auth_file lines: "" escapes, ; comments, trailing fields ignored, later lines win', () => {
-    const users = Either.getOrThrow(readAuthFile(join(fixtures, "userlist.txt")))
+    const users = Result.getOrThrow(readAuthFile(join(fixtures, "userlist.txt")))
     expect(users.map((u) => [u.name, secretKind(u.secret)])).toEqual([
       ["alice", "plain"],
       ["bob", "plain"],
@@ -92,10 +92,10 @@ describe("pgbouncer.ini syntax, as PgBouncer reads it", () => {
       ["dave", "scram"]
     ])
     expect(users.find((u) => u.name === "bob")?.secret).toBe('bob"s secret')
-    const twice = Either.getOrThrow(readAuthFile(write("twice.txt", '"a" "1"\n"a" "2"\n')))
+    const twice = Result.getOrThrow(readAuthFile(write("twice.txt", '"a" "1"\n"a" "2"\n')))
     expect(twice).toEqual([{ name: "a", secret: "2", line: 2 }])
     expect(readAuthFile(write("broken.txt", '"a" "1"\nb "2"\n'))).toEqual(
-      Either.left(expect.stringMatching(/broken auth file \(.*broken\.txt:2\)/))
+      Result.fail(expect.stringMatching(/broken auth file \(.*broken\.txt:2\)/))
     )
   })
 })

@@ -13,7 +13,7 @@ describe("EventCounters", () => {
       all: () => [...tenants.values()]
     })
     const events = await Effect.runPromise(
-      EventCounters.pipe(Effect.provide(EventCounters.Default.pipe(Layer.provide(registry))))
+      EventCounters.pipe(Effect.provide(EventCounters.layer.pipe(Layer.provide(registry))))
     )
     events.error("acme", "EWRONGPASSWORD")
     events.error("acme", "EWRONGPASSWORD")
