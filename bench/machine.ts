@@ -13,10 +13,10 @@ const cpuModel = (): string => {
 }
 
 /** The commit Tidepool ran from, and whether src/ differed from it. */
-export const tidepoolRevision = (): string => {
+export const tidepoolRevision = (dir?: string): string => {
   const git = (...args: Array<string>) =>
     execFileSync("git", args, {
-      cwd: new URL("..", import.meta.url),
+      cwd: dir ?? new URL("..", import.meta.url),
       encoding: "utf8",
       stdio: ["ignore", "pipe", "ignore"]
     }).trim()
@@ -25,6 +25,15 @@ export const tidepoolRevision = (): string => {
     return `Tidepool ${git("rev-parse", "--short", "HEAD")}${dirty ? " with uncommitted changes in src/" : ""}`
   } catch {
     return "Tidepool (not a git checkout)"
+  }
+}
+
+/** `node --version` of another Node.js binary. */
+export const nodeVersion = (node: string): string => {
+  try {
+    return execFileSync(node, ["--version"], { encoding: "utf8" }).trim()
+  } catch {
+    return `unknown (${node})`
   }
 }
 

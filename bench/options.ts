@@ -1,8 +1,10 @@
 /** Command-line flags of `npm run bench -- …`. */
+import * as fs from "node:fs"
+import * as path from "node:path"
 import { parseArgs } from "node:util"
 import type { Protocol } from "./pgbench.ts"
 
-export const TARGETS = ["tidepool", "pgbouncer", "direct", "node-relay"] as const
+export const TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "direct", "node-relay"] as const
 /** What runs without `--targets`; `node-relay` (the floor of a Node.js relay) only on request. */
 export const DEFAULT_TARGETS: ReadonlyArray<TargetName> = ["tidepool", "pgbouncer", "direct"]
 export type TargetName = (typeof TARGETS)[number]
@@ -30,6 +32,28 @@ export interface BenchOptions {
   readonly maxConnections: number
   /** Also write the report (markdown) to this file. */
   readonly out: string | undefined
+  /** The checkout the `tidepool-base` target runs (e.g. a git worktree of the previous release). */
+  readonly baseline: string | undefined
+  /** The Node.js binary `tidepool-base` runs on. */
+  readonly baselineNode: string
+}
+
+/**
+ * The system's `node`: the first on PATH outside any node_modules/.bin (npm run puts the `node`
+ * dev dependency's binary first), else plain `node`.
+ */
+export const systemNode = (): string => {
+  for (const dir of (process.env.PATH ?? "").split(path.delimiter)) {
+    if (dir === "" || dir.includes("node_modules")) continue
+    const candidate = path.join(dir, "node")
+    try {
+      fs.accessSync(candidate, fs.constants.X_OK)
+      return candidate
+    } catch {
+      // not here
+    }
+  }
+  return "node"
 }
 
 export const HELP = `npm run bench -- [flags]
@@ -44,7 +68,12 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
                            -M extended in the prepared rows: 1.18 cannot pool named statements)
   --targets LIST           tidepool, pgbouncer, direct (default: these three), node-relay (the
                            floor of a Node.js relay: bench/relayFloor.ts, no pooling, a
-                           server connection per client)
+                           server connection per client), tidepool-base (Tidepool from
+                           --baseline DIR on --baseline-node, started like tidepool)
+  --baseline DIR           checkout of another Tidepool build for tidepool-base, e.g. a git
+                           worktree of main with its node_modules (required by tidepool-base)
+  --baseline-node PATH     Node.js binary for tidepool-base (default: the system's node, the
+                           first on PATH outside node_modules/.bin)
   --repeat N               runs per cell, interleaved across targets; medians reported (default 1)
   --pool N                 server connections per pool, Tidepool and PgBouncer alike (default 20)
   --threads, -j N          pgbench threads (default 2)
@@ -55,6 +84,9 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
   --max-connections N      PostgreSQL max_connections (default 300); direct and node-relay runs
                            above N - 2 * pool - 10 clients are skipped
   --out FILE               also write the report to FILE
+  --connect                login costs instead of the matrix: CPU per new connection
+                           (pgbench -S -C), per refused login, RSS per idle client
+                           (npm run bench -- --connect --help)
   --help, -h               this text
 `
 
@@ -104,7 +136,7 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
     .filter((item) => item.trim() !== "")
     .map((item) => positiveInteger("clients", item))
   if (clients.length === 0) throw new UsageError("--clients: expected a comma-separated list of client counts")
-  return {
+  return checkBaseline({
     duration: positiveInteger("duration", values.duration ?? "10"),
     clients: [...new Set(clients)],
     protocols: list("protocols", values.protocols ?? "simple,extended,prepared", ["simple", "extended", "prepared"]),
@@ -116,8 +148,25 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
     mode,
     warmup,
     maxConnections: positiveInteger("max-connections", values["max-connections"] ?? "300"),
-    out: values.out
+    out: values.out,
+    baseline: values.baseline === undefined ? undefined : path.resolve(values.baseline),
+    baselineNode: values["baseline-node"] ?? systemNode()
+  })
+}
+
+/** Checks what tidepool-base needs; returns the options unchanged. */
+export const checkBaseline = (options: BenchOptions): BenchOptions => {
+  const wanted = options.targets.includes("tidepool-base")
+  if (wanted && options.baseline === undefined) {
+    throw new UsageError("--targets tidepool-base needs --baseline DIR (a checkout of the build to compare with)")
   }
+  if (options.baseline !== undefined && !fs.existsSync(path.join(options.baseline, "src", "main.ts"))) {
+    throw new UsageError(`--baseline: ${options.baseline} has no src/main.ts`)
+  }
+  if (options.baseline !== undefined && !fs.existsSync(path.join(options.baseline, "node_modules"))) {
+    throw new UsageError(`--baseline: ${options.baseline} has no node_modules (npm ci there, or symlink one)`)
+  }
+  return options
 }
 
 const parse = (argv: ReadonlyArray<string>) =>
@@ -138,6 +187,8 @@ const parse = (argv: ReadonlyArray<string>) =>
       warmup: { type: "string" },
       "max-connections": { type: "string" },
       out: { type: "string" },
+      baseline: { type: "string" },
+      "baseline-node": { type: "string" },
       help: { type: "boolean", short: "h" }
     }
   })

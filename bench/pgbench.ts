@@ -37,6 +37,8 @@ export interface PgbenchRun {
   readonly workDir: string
   /** The pooler process whose CPU time is charged to the transactions. */
   readonly cpuPid: number | undefined
+  /** `-C`: a new connection (login) for every transaction. */
+  readonly connectEach?: boolean
 }
 
 export interface PgbenchResult {
@@ -185,6 +187,7 @@ export const runPgbench = (run: PgbenchRun): Effect.Effect<PgbenchResult, BenchE
     const args = [
       "-S",
       "-n",
+      ...(run.connectEach === true ? ["-C"] : []),
       "-M",
       run.pgbenchProtocol ?? run.protocol,
       "-c",

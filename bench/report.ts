@@ -86,6 +86,7 @@ export const describeRun = (result: PgbenchResult): string =>
 
 const TARGET_LABEL: Record<TargetName, string> = {
   tidepool: "Tidepool",
+  "tidepool-base": "Tidepool (base)",
   pgbouncer: "PgBouncer",
   direct: "direct",
   "node-relay": "Node relay"
@@ -104,20 +105,21 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     measurements.find(
       (m) => m.protocol === protocol && m.clients === clients && m.target === target && m.skipped === undefined
     )
+  const withBase = options.targets.includes("tidepool-base") && options.targets.includes("tidepool")
   const rows: Array<ReadonlyArray<string>> = []
   const notes: Array<string> = []
   for (const measurement of measurements) {
     const { protocol, clients, target } = measurement
     const label = [protocol, String(clients), TARGET_LABEL[target]]
     if (measurement.skipped !== undefined) {
-      rows.push([...label, "skipped", "", "", "", "", "", ""])
+      rows.push([...label, "skipped", "", "", "", "", "", "", ...(withBase ? [""] : [])])
       notes.push(`${protocol}, ${clients} clients, ${TARGET_LABEL[target]}: skipped — ${measurement.skipped}`)
       continue
     }
     const summary = summarize(measurement)
     const failed = summary.failed + (summary.aborted > 0 ? ` (${summary.aborted} clients aborted)` : "")
-    const pgbouncer =
-      target === "tidepool" || target === "node-relay" ? find(protocol, clients, "pgbouncer") : undefined
+    const pgbouncer = target === "pgbouncer" || target === "direct" ? undefined : find(protocol, clients, "pgbouncer")
+    const base = target === "tidepool" ? find(protocol, clients, "tidepool-base") : undefined
     rows.push([
       ...label,
       fixed(summary.tps, 0),
@@ -126,7 +128,8 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
       fixed(summary.cpuUsPerTx, 1),
       failed,
       ratioText(pairedRatios(measurement, pgbouncer, (run) => run.tps)),
-      ratioText(pairedRatios(measurement, pgbouncer, (run) => run.cpuUsPerTx))
+      ratioText(pairedRatios(measurement, pgbouncer, (run) => run.cpuUsPerTx)),
+      ...(withBase ? [ratioText(pairedRatios(measurement, base, (run) => run.cpuUsPerTx))] : [])
     ])
     const where = `${protocol}, ${clients} clients, ${TARGET_LABEL[target]}`
     if (protocol === "prepared" && target === "pgbouncer") {
@@ -153,9 +156,10 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     "CPU µs/tx",
     "failed",
     "TPS vs PgBouncer",
-    "CPU vs PgBouncer"
+    "CPU vs PgBouncer",
+    ...(withBase ? ["CPU vs base"] : [])
   ]
-  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9])
+  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9, 10])
   const widths = header.map((title, i) => Math.max(title.length, ...rows.map((row) => row[i]!.length)))
   const line = (cells: ReadonlyArray<string>) =>
     `| ${cells.map((cell, i) => (numeric.has(i) ? cell.padStart(widths[i]!) : cell.padEnd(widths[i]!))).join(" | ")} |`
@@ -183,6 +187,9 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
       (options.targets.includes("node-relay")
         ? " (and Node relay ÷ PgBouncer: the Node relay, bench/relayFloor.ts, gives each client a " +
           "PostgreSQL connection of its own and only copies bytes, the floor of what a Node.js relay costs)"
+        : "") +
+      (withBase
+        ? `; CPU vs base is Tidepool ÷ Tidepool (base), the build in ${options.baseline} on ${options.baselineNode}`
         : "") +
       (options.repeat > 1
         ? ", the median (and range) of the ratios of the runs that ran back to back in each repetition."

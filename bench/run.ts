@@ -13,7 +13,8 @@ import * as path from "node:path"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import { type PostgresServer, startPostgres } from "../test/support/postgres.ts"
-import { describeMachine, tidepoolRevision } from "./machine.ts"
+import { CONNECT_HELP, type ConnectOptions, connections, parseConnectOptions } from "./connections.ts"
+import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
 import { type BenchOptions, HELP, parseOptions, TARGETS, type TargetName, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
@@ -62,7 +63,9 @@ const postgres = (options: BenchOptions) =>
 /** Why `target` does not run with `clients` clients, if it does not. */
 const skipReason = (options: BenchOptions, target: TargetName, clients: number): string | undefined => {
   if (target === "direct" || target === "node-relay") {
-    const pools = options.targets.filter((name) => name === "tidepool" || name === "pgbouncer").length
+    const pools = options.targets.filter(
+      (name) => name === "tidepool" || name === "tidepool-base" || name === "pgbouncer"
+    ).length
     const available = options.maxConnections - pools * options.pool - SPARE_CONNECTIONS
     return clients > available
       ? `${clients} clients exceed the ${available} connections PostgreSQL has left for unpooled clients ` +
@@ -181,7 +184,10 @@ const bench = (options: BenchOptions) =>
     const startedAt = new Date()
     const loadAtStart = os.loadavg()[0]!
     // Read now: the source Tidepool is about to load, not what it may have become an hour later.
-    const revision = tidepoolRevision()
+    const revision =
+      options.baseline === undefined
+        ? tidepoolRevision()
+        : `${tidepoolRevision()}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
     const pgbench = yield* pgbenchVersion
     const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
     const workDir = yield* scopedTempDir("tidepool-bench-")
@@ -211,6 +217,19 @@ const bench = (options: BenchOptions) =>
           poolSize: options.pool,
           maxClients,
           mode: options.mode
+        })
+        targets.push({ name, ...tidepool })
+      } else if (name === "tidepool-base") {
+        yield* progress(`starting Tidepool (base) from ${options.baseline} on ${options.baselineNode}`)
+        const tidepool = yield* startTidepool({
+          upstream: direct,
+          tenant: TENANT,
+          poolSize: options.pool,
+          maxClients,
+          mode: options.mode,
+          dir: options.baseline!,
+          node: options.baselineNode,
+          label: "Tidepool (base)"
         })
         targets.push({ name, ...tidepool })
       } else if (name === "pgbouncer") {
@@ -260,7 +279,36 @@ const bench = (options: BenchOptions) =>
     }
   }).pipe(Effect.scoped)
 
+const connectMode = Effect.suspend(() => {
+  let options: ConnectOptions | undefined
+  try {
+    options = parseConnectOptions(process.argv.slice(2))
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error
+    return Console.error(`${error.message}\n\n${CONNECT_HELP}`).pipe(
+      Effect.andThen(
+        Effect.sync(() => {
+          process.exitCode = 2
+        })
+      )
+    )
+  }
+  if (options === undefined) return Console.log(CONNECT_HELP)
+  return connections(options).pipe(
+    Effect.catchTag("BenchError", (error) =>
+      Console.error(`bench: ${error.message}`).pipe(
+        Effect.andThen(
+          Effect.sync(() => {
+            process.exitCode = 1
+          })
+        )
+      )
+    )
+  )
+})
+
 const main = Effect.suspend(() => {
+  if (process.argv.includes("--connect")) return connectMode
   let options: BenchOptions | undefined
   try {
     options = parseOptions(process.argv.slice(2))

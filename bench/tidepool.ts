@@ -1,9 +1,11 @@
 /** Tidepool as a child process (`tidepool serve --config FILE`), so its CPU time is its own. */
+
+import { spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
+import { fileURLToPath } from "node:url"
 import { Effect, type Scope } from "effect"
-import { runCli } from "../test/support/cli.ts"
 import { freePort } from "../test/support/ports.ts"
 import type { PoolMode } from "./options.ts"
 import type { Endpoint } from "./pgbench.ts"
@@ -16,6 +18,14 @@ export interface TidepoolOptions {
   readonly poolSize: number
   readonly maxClients: number
   readonly mode: PoolMode
+  /** The checkout to run (`--baseline`); this one by default. */
+  readonly dir?: string
+  /** The Node.js binary to run it with (`--baseline-node`); this process's own by default. */
+  readonly node?: string
+  /** Names it in messages. */
+  readonly label?: string
+  /** Extra Node.js flags (e.g. `--cpu-prof`), before `--import tsx`. */
+  readonly nodeFlags?: ReadonlyArray<string>
 }
 
 export interface RunningTidepool {
@@ -55,23 +65,45 @@ const launch = async (dir: string, options: TidepoolOptions) => {
   const config = path.join(dir, "tidepool.json")
   await fs.writeFile(config, configFile(options))
   const [session, transaction, api] = [await freePort(), await freePort(), await freePort()]
-  const cli = runCli(["serve", "--config", config], {
-    PROXY_PORT_SESSION: String(session),
-    PROXY_PORT_TRANSACTION: String(transaction),
-    PORT: String(api),
-    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
-    TIDEPOOL_LOG_LEVEL: "warning",
-    TIDEPOOL_DATA_DIR: path.join(dir, "data"),
-    // The tenant's password is stored in the tenant store, encrypted under a key of this run's own.
-    VAULT_ENC_KEY: randomBytes(32).toString("hex"),
-    TIDEPOOL_SHUTDOWN_TIMEOUT: "2000"
-  })
+  // Exactly as `npm run serve` (and the suite's runCli) start it: from the sources, through tsx.
+  const child = spawn(
+    options.node ?? process.execPath,
+    [...(options.nodeFlags ?? []), "--import", "tsx", "src/main.ts", "serve", "--config", config],
+    {
+      cwd: options.dir ?? ROOT,
+      env: { ...process.env, TIDEPOOL_LOG_FORMAT: "json", ...tidepoolEnv(dir, session, transaction, api) },
+      stdio: ["ignore", "pipe", "pipe"]
+    }
+  )
+  let output = ""
+  const keep = (chunk: Buffer) => {
+    output = (output + chunk.toString()).slice(-16_000)
+  }
+  child.stdout!.on("data", keep)
+  child.stderr!.on("data", keep)
   let finished: string | undefined
-  void cli.exited.then((code) => {
-    finished = `exit ${code}\n${cli.output().slice(-8000)}`
+  child.once("exit", (code, signal) => {
+    finished = `exit ${code ?? signal}\n${output.slice(-8000)}`
   })
-  return { cli, port: options.mode === "transaction" ? transaction : session, exited: () => finished }
+  child.once("error", (error) => {
+    finished = `${options.node ?? process.execPath}: ${error.message}`
+  })
+  return { child, port: options.mode === "transaction" ? transaction : session, exited: () => finished }
 }
+
+const ROOT = fileURLToPath(new URL("..", import.meta.url))
+
+const tidepoolEnv = (dir: string, session: number, transaction: number, api: number) => ({
+  PROXY_PORT_SESSION: String(session),
+  PROXY_PORT_TRANSACTION: String(transaction),
+  PORT: String(api),
+  TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+  TIDEPOOL_LOG_LEVEL: "warning",
+  TIDEPOOL_DATA_DIR: path.join(dir, "data"),
+  // The tenant's password is stored in the tenant store, encrypted under a key of this run's own.
+  VAULT_ENC_KEY: randomBytes(32).toString("hex"),
+  TIDEPOOL_SHUTDOWN_TIMEOUT: "2000"
+})
 
 /** Tidepool with one tenant in front of `upstream`, for the enclosing scope. */
 export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTidepool, BenchError, Scope.Scope> =>
@@ -80,7 +112,7 @@ export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTi
     const launched = yield* Effect.acquireRelease(
       Effect.promise(() => launch(dir, options)),
       // SIGTERM starts a graceful shutdown, bounded by TIDEPOOL_SHUTDOWN_TIMEOUT below.
-      (running) => Effect.promise(() => terminate(running.cli.child, 10_000))
+      (running) => Effect.promise(() => terminate(running.child, 10_000))
     )
     const endpoint: Endpoint = {
       ...options.upstream,
@@ -89,7 +121,12 @@ export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTi
       user: `${options.upstream.user}.${options.tenant}`
     }
     // Start-up is logged at info, which we keep quiet; a query answered is the better signal anyway.
-    yield* waitUntilServing(`Tidepool (${options.mode} port ${launched.port})`, endpoint, launched.exited, 60_000).pipe(
+    yield* waitUntilServing(
+      `${options.label ?? "Tidepool"} (${options.mode} port ${launched.port})`,
+      endpoint,
+      launched.exited,
+      60_000
+    ).pipe(
       Effect.mapError((error) =>
         options.mode === "transaction"
           ? new BenchError({
@@ -98,5 +135,5 @@ export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTi
           : error
       )
     )
-    return { endpoint, pid: launched.cli.child.pid! }
+    return { endpoint, pid: launched.child.pid! }
   })

@@ -1,0 +1,563 @@
+/**
+ * `npm run bench -- --connect …`: what logging in costs the poolers, outside the pgbench -S matrix.
+ *
+ * For each target (Tidepool, Tidepool from --baseline, PgBouncer), in rotating order, --repeat times:
+ *
+ * - **new connections**: `pgbench -S -C` (a SCRAM login, one query and a disconnect per
+ *   transaction); pooler CPU per connection over the steady part of the run, as in the matrix;
+ * - **refused logins**: `--refused` logins with a wrong password, and as many for an unknown tenant
+ *   (PgBouncer: an unknown user), `--concurrency` at a time from `pg`; pooler CPU per refusal (all
+ *   its threads, from schedstat in ns), less what the process spends idle over the same time. Each attempt comes from a loopback address of its own
+ *   (127.0.x.y), so Tidepool's per-address breaker (10 wrong passwords block an address) never
+ *   trips and every refusal goes through the whole SCRAM exchange;
+ * - **idle clients**: `--idle` authenticated clients opened with `pg` and left idle on the pooler's
+ *   port of a freshly started (and warmed-up) pooler process; resident memory (VmRSS from /proc)
+ *   before and after, divided by the clients.
+ *
+ * The client side runs in this process; only the pooler processes are measured.
+ */
+import { readdirSync, readFileSync } from "node:fs"
+import * as fs from "node:fs/promises"
+import * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
+import { parseArgs } from "node:util"
+import { Effect, type Scope } from "effect"
+import pg from "pg"
+import { startPostgres } from "../test/support/postgres.ts"
+import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
+import { systemNode, UsageError } from "./options.ts"
+import { type Endpoint, initPgbench, pgbenchVersion, runPgbench } from "./pgbench.ts"
+import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
+import { BenchError, scopedTempDir } from "./process.ts"
+import { median } from "./report.ts"
+import { startTidepool } from "./tidepool.ts"
+
+const ROLE = "bench"
+const PASSWORD = "bench"
+const DATABASE = "bench"
+const TENANT = "bench"
+
+export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer"] as const
+type ConnectTarget = (typeof CONNECT_TARGETS)[number]
+
+const LABEL: Record<ConnectTarget, string> = {
+  tidepool: "Tidepool",
+  "tidepool-base": "Tidepool (base)",
+  pgbouncer: "PgBouncer"
+}
+
+export interface ConnectOptions {
+  readonly targets: ReadonlyArray<ConnectTarget>
+  readonly baseline: string | undefined
+  readonly baselineNode: string
+  readonly repeat: number
+  /** pgbench -C clients. */
+  readonly clients: number
+  readonly duration: number
+  /** Refused logins per kind (wrong password, unknown tenant); 0 skips. */
+  readonly refused: number
+  /** Idle clients for the memory figure; 0 skips. */
+  readonly idle: number
+  /** Logins in flight at once from this process (refused and idle phases). */
+  readonly concurrency: number
+  readonly pool: number
+  readonly out: string | undefined
+}
+
+export const CONNECT_HELP = `npm run bench -- --connect [flags]
+
+Login costs, per pooler process: CPU per new connection (pgbench -S -C, SCRAM), CPU per refused
+login (wrong password; unknown tenant), resident memory per idle authenticated client.
+
+  --targets LIST       tidepool, tidepool-base, pgbouncer (default tidepool,pgbouncer)
+  --baseline DIR       checkout for tidepool-base (as in the matrix); --baseline-node PATH its Node
+  --repeat N           repetitions, targets in rotating order; medians reported (default 1)
+  --clients N          pgbench -C clients (default 8)
+  --duration, -T S     seconds of pgbench -C per run (default 10; 0 skips)
+  --refused N          refused logins per kind and run (default 600; 0 skips)
+  --idle N             idle clients for the memory figure (default 10000; 0 skips; needs ulimit -n
+                       above N for this process and the poolers)
+  --concurrency N      logins in flight at once for --refused and --idle (default 64)
+  --pool N             pool size (default 20)
+  --out FILE           also write the report to FILE
+`
+
+export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions | undefined => {
+  let values: Record<string, string | boolean | undefined>
+  try {
+    values = parseArgs({
+      args: argv.filter((arg) => arg !== "--connect"),
+      strict: true,
+      options: {
+        targets: { type: "string" },
+        baseline: { type: "string" },
+        "baseline-node": { type: "string" },
+        repeat: { type: "string" },
+        clients: { type: "string" },
+        duration: { type: "string", short: "T" },
+        refused: { type: "string" },
+        idle: { type: "string" },
+        concurrency: { type: "string" },
+        pool: { type: "string" },
+        out: { type: "string" },
+        help: { type: "boolean", short: "h" }
+      }
+    }).values
+  } catch (error) {
+    throw new UsageError((error as Error).message)
+  }
+  if (values.help === true) return undefined
+  const count = (flag: string, fallback: number, min = 1) => {
+    const raw = values[flag]
+    if (raw === undefined) return fallback
+    const n = Number(raw)
+    if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`--${flag}: expected an integer ≥ ${min}`)
+    return n
+  }
+  const targets = String(values.targets ?? "tidepool,pgbouncer")
+    .split(",")
+    .map((item) => item.trim())
+    .filter((item) => item !== "")
+  for (const target of targets) {
+    if (!CONNECT_TARGETS.includes(target as ConnectTarget)) {
+      throw new UsageError(`--targets: unknown ${JSON.stringify(target)} (expected ${CONNECT_TARGETS.join(", ")})`)
+    }
+  }
+  const baseline = values.baseline === undefined ? undefined : path.resolve(String(values.baseline))
+  if (targets.includes("tidepool-base") && baseline === undefined) {
+    throw new UsageError("--targets tidepool-base needs --baseline DIR")
+  }
+  return {
+    targets: [...new Set(targets)] as Array<ConnectTarget>,
+    baseline,
+    baselineNode: values["baseline-node"] === undefined ? systemNode() : String(values["baseline-node"]),
+    repeat: count("repeat", 1),
+    clients: count("clients", 8),
+    duration: count("duration", 10, 0),
+    refused: count("refused", 600, 0),
+    idle: count("idle", 10_000, 0),
+    concurrency: count("concurrency", 64),
+    pool: count("pool", 20),
+    out: values.out === undefined ? undefined : String(values.out)
+  }
+}
+
+interface Target {
+  readonly name: ConnectTarget
+  readonly endpoint: Endpoint
+  readonly pid: number
+}
+
+interface Run {
+  connectUs?: number
+  connectsPerS?: number
+  wrongPasswordUs?: number
+  unknownTenantUs?: number
+  idleBytes?: number
+  idleLoginUs?: number
+  notes: Array<string>
+}
+
+const progress = (line: string) => Effect.sync(() => process.stderr.write(`${line}\n`))
+
+/**
+ * CPU time of all of `pid`'s threads in µs, from /proc/<pid>/task/<tid>/schedstat (nanoseconds,
+ * where /proc/<pid>/stat counts 10 ms ticks: too coarse for a few hundred refused logins).
+ */
+const cpuTimeUs = (pid: number): number => {
+  let ns = 0
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ")[0])
+    } catch {
+      // the thread has just exited
+    }
+  }
+  return ns / 1000
+}
+
+const rssKb = async (pid: number): Promise<number> => {
+  const status = await fs.readFile(`/proc/${pid}/status`, "utf8")
+  return Number(status.match(/VmRSS:\s+(\d+)/)?.[1] ?? Number.NaN)
+}
+
+/** The i-th loopback source address, 127.0.1.1 onwards (never 127.0.0.1, the readiness probes'). */
+const sourceAddress = (i: number) =>
+  `127.${1 + Math.floor(i / 62_500)}.${1 + (Math.floor(i / 250) % 250)}.${1 + (i % 250)}`
+
+/** A pg client whose socket connects from `local`. */
+const clientFrom = (endpoint: Endpoint, local: string) =>
+  new pg.Client({
+    ...endpoint,
+    connectionTimeoutMillis: 60_000,
+    stream: () => {
+      const socket = new net.Socket()
+      const connect = socket.connect.bind(socket) as (options: net.TcpSocketConnectOpts) => net.Socket
+      ;(socket as unknown as { connect: (port: number, host: string) => net.Socket }).connect = (port, host) =>
+        connect({ port, host, localAddress: local })
+      return socket
+    }
+  })
+
+/** Runs `attempt(i)` for i < n, `concurrency` at a time. */
+const inParallel = async (n: number, concurrency: number, attempt: (i: number) => Promise<void>) => {
+  let next = 0
+  const worker = async () => {
+    while (next < n) await attempt(next++)
+  }
+  await Promise.all(Array.from({ length: Math.min(n, concurrency) }, worker))
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+/** The pooler's CPU per refused login, less its idle CPU over the same time. */
+const refusals = async (
+  target: Target,
+  endpoint: Endpoint,
+  options: ConnectOptions,
+  offset: number
+): Promise<{ readonly us: number; readonly note: string | undefined }> => {
+  const idleFrom = cpuTimeUs(target.pid)
+  const idleStart = Date.now()
+  await sleep(3_000)
+  const idleRate = (cpuTimeUs(target.pid) - idleFrom) / (Date.now() - idleStart)
+  const codes = new Map<string, number>()
+  const from = cpuTimeUs(target.pid)
+  const start = Date.now()
+  await inParallel(options.refused, options.concurrency, async (i) => {
+    const client = clientFrom(endpoint, sourceAddress(offset + i))
+    client.on("error", () => undefined)
+    const outcome = await client.connect().then(
+      () => "accepted!",
+      (error: Error & { code?: string }) => error.code ?? error.message.slice(0, 60)
+    )
+    codes.set(outcome, (codes.get(outcome) ?? 0) + 1)
+    await client.end().catch(() => undefined)
+  })
+  // Let the last refusals' sockets close on the pooler's side too.
+  await sleep(500)
+  const elapsed = Date.now() - start
+  const us = (cpuTimeUs(target.pid) - from - idleRate * elapsed) / options.refused
+  const outcomes = [...codes].map(([code, n]) => `${n} × ${code}`).join(", ")
+  return { us, note: `${outcomes} in ${(elapsed / 1000).toFixed(1)} s, idle ${(idleRate * 1000).toFixed(0)} µs/s` }
+}
+
+/** Resident memory per idle authenticated client, and the pooler's CPU per login on the way. */
+const idleClients = async (target: Target, options: ConnectOptions) => {
+  await sleep(2_000)
+  const before = await rssKb(target.pid)
+  const clients: Array<pg.Client> = []
+  const errors = new Map<string, number>()
+  const from = cpuTimeUs(target.pid)
+  await inParallel(options.idle, options.concurrency, async (i) => {
+    const client = clientFrom(target.endpoint, sourceAddress(i))
+    client.on("error", () => undefined)
+    try {
+      await client.connect()
+      clients.push(client)
+    } catch (error) {
+      const code = (error as { code?: string }).code ?? (error as Error).message.slice(0, 60)
+      errors.set(code, (errors.get(code) ?? 0) + 1)
+      await client.end().catch(() => undefined)
+    }
+  })
+  const loginUs = (cpuTimeUs(target.pid) - from) / Math.max(1, clients.length)
+  await sleep(3_000)
+  const after = await rssKb(target.pid)
+  const connected = clients.length
+  await Promise.all(clients.map((client) => client.end().catch(() => undefined)))
+  await sleep(3_000)
+  const note =
+    `${connected} of ${options.idle} connected; RSS ${(before / 1024).toFixed(0)} → ${(after / 1024).toFixed(0)} MiB` +
+    (errors.size === 0 ? "" : `; failed: ${[...errors].map(([code, n]) => `${n} × ${code}`).join(", ")}`)
+  return { bytes: connected === 0 ? Number.NaN : ((after - before) * 1024) / connected, loginUs, note }
+}
+
+const measure = (
+  target: Target,
+  options: ConnectOptions,
+  workDir: string,
+  repetition: number,
+  start: (name: ConnectTarget) => Effect.Effect<Target, BenchError, Scope.Scope>
+) =>
+  Effect.gen(function* () {
+    const run: Run = { notes: [] }
+    if (options.duration > 0) yield* connectRun(run, target, options, workDir)
+    if (options.refused > 0) yield* refusedRun(run, target, options, repetition)
+    if (options.idle > 0) {
+      // On a fresh process (warmed up like the first): a heap grown by an earlier 10 000 clients
+      // is not returned to the OS, so the second time round the clients would look free.
+      const idle = yield* Effect.scoped(
+        Effect.flatMap(start(target.name), (fresh) => Effect.promise(() => idleClients(fresh, options)))
+      )
+      run.idleBytes = idle.bytes
+      run.idleLoginUs = idle.loginUs
+      run.notes.push(`idle (fresh process): ${idle.note}`)
+      yield* progress(
+        `  ${target.name}: ${(idle.bytes / 1024).toFixed(1)} kB RSS per idle client, ` +
+          `${idle.loginUs.toFixed(0)} µs CPU per login (${idle.note})`
+      )
+    }
+    return run
+  })
+
+const connectRun = (run: Run, target: Target, options: ConnectOptions, workDir: string) =>
+  Effect.gen(function* () {
+    const result = yield* runPgbench({
+      endpoint: target.endpoint,
+      protocol: "simple",
+      clients: options.clients,
+      threads: 2,
+      durationS: options.duration,
+      connectAllowanceS: 0,
+      workDir,
+      cpuPid: target.pid,
+      connectEach: true
+    })
+    if (result.cpuUsPerTx !== undefined) run.connectUs = result.cpuUsPerTx
+    // With -C pgbench reports neither a connection-free TPS nor an initial connection time.
+    run.connectsPerS = result.transactions / options.duration
+    if (result.problem !== "" || result.failed > 0) run.notes.push(`pgbench -C: ${result.problem.split("\n")[0]}`)
+    yield* progress(
+      `  ${target.name}: pgbench -C ${run.connectsPerS.toFixed(0)} conn/s, ${run.connectUs?.toFixed(0)} µs CPU per connection`
+    )
+  })
+
+const refusedRun = (run: Run, target: Target, options: ConnectOptions, repetition: number) =>
+  Effect.gen(function* () {
+    // Fresh source addresses in every run, so no address sees more than one refusal per kind.
+    const offset = repetition * 2 * options.refused + 20_000
+    const wrong = yield* Effect.promise(() =>
+      refusals(target, { ...target.endpoint, password: "not-the-password" }, options, offset)
+    )
+    run.wrongPasswordUs = wrong.us
+    const unknownUser = target.name === "pgbouncer" ? "nosuch" : `${ROLE}.nosuch`
+    const unknown = yield* Effect.promise(() =>
+      refusals(target, { ...target.endpoint, user: unknownUser }, options, offset + options.refused)
+    )
+    run.unknownTenantUs = unknown.us
+    run.notes.push(`wrong password: ${wrong.note}`, `unknown ${unknownUser}: ${unknown.note}`)
+    yield* progress(
+      `  ${target.name}: refused ${wrong.us.toFixed(0)} µs (wrong password: ${wrong.note}), ` +
+        `${unknown.us.toFixed(0)} µs (unknown: ${unknown.note})`
+    )
+  })
+
+const fmt = (value: number | undefined, digits = 0) =>
+  value === undefined || !Number.isFinite(value) ? "–" : value.toFixed(digits)
+
+const ratio = (
+  a: ReadonlyArray<Run> | undefined,
+  b: ReadonlyArray<Run> | undefined,
+  metric: (run: Run) => number | undefined
+) => {
+  if (a === undefined || b === undefined) return ""
+  const ratios: Array<number> = []
+  for (let i = 0; i < Math.min(a.length, b.length); i++) {
+    const x = metric(a[i]!)
+    const y = metric(b[i]!)
+    if (x !== undefined && y !== undefined && y > 0 && Number.isFinite(x / y)) ratios.push(x / y)
+  }
+  if (ratios.length === 0) return ""
+  const text = `${median(ratios).toFixed(2)}×`
+  return ratios.length === 1 ? text : `${text} (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)})`
+}
+
+const table = (header: ReadonlyArray<string>, rows: ReadonlyArray<ReadonlyArray<string>>) => {
+  const widths = header.map((title, i) => Math.max(title.length, ...rows.map((row) => row[i]!.length)))
+  const line = (cells: ReadonlyArray<string>) =>
+    `| ${cells.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join(" | ")} |`
+  const rule = `| ${widths.map((width, i) => (i === 0 ? "-".repeat(width) : `${"-".repeat(width - 1)}:`)).join(" | ")} |`
+  return [line(header), rule, ...rows.map(line)]
+}
+
+const render = (
+  options: ConnectOptions,
+  results: Map<ConnectTarget, Array<Run>>,
+  machine: ReadonlyArray<string>,
+  startedAt: Date
+) => {
+  const metric = (name: ConnectTarget, f: (run: Run) => number | undefined) =>
+    median((results.get(name) ?? []).map(f).filter((v): v is number => v !== undefined))
+  const vs = (name: ConnectTarget, f: (run: Run) => number | undefined) => [
+    name === "pgbouncer" ? "" : ratio(results.get(name), results.get("pgbouncer"), f),
+    name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : ""
+  ]
+  const names = options.targets
+  const connect = (run: Run) => run.connectUs
+  const wrong = (run: Run) => run.wrongPasswordUs
+  const unknown = (run: Run) => run.unknownTenantUs
+  const idle = (run: Run) => run.idleBytes
+  const login = (run: Run) => run.idleLoginUs
+  const minutes = (Date.now() - startedAt.getTime()) / 60_000
+  return [
+    "## Login costs: new connections, refused logins, idle clients",
+    "",
+    `Run ${startedAt.toISOString()} (${minutes.toFixed(1)} min), ${options.repeat === 1 ? "1 run" : `median of ${options.repeat} interleaved runs`} per target; ` +
+      `pgbench -S -C -c ${options.clients} -j 2 for ${options.duration} s; ${options.refused} refused logins per kind, ` +
+      `${options.concurrency} at a time; ${options.idle} idle clients; pool ${options.pool}, transaction port.`,
+    "",
+    ...machine.map((item) => `- ${item}`),
+    "",
+    ...(options.duration > 0
+      ? [
+          ...table(
+            ["target", "new conn/s", "CPU µs per connection", "vs PgBouncer", "vs base"],
+            names.map((name) => [
+              LABEL[name],
+              fmt(metric(name, (run) => run.connectsPerS)),
+              fmt(metric(name, connect)),
+              ...vs(name, connect)
+            ])
+          ),
+          ""
+        ]
+      : []),
+    ...(options.refused > 0
+      ? [
+          ...table(
+            [
+              "target",
+              "CPU µs per wrong password",
+              "vs PgBouncer",
+              "vs base",
+              "CPU µs per unknown tenant",
+              "vs PgBouncer",
+              "vs base"
+            ],
+            names.map((name) => [
+              LABEL[name],
+              fmt(metric(name, wrong)),
+              ...vs(name, wrong),
+              fmt(metric(name, unknown)),
+              ...vs(name, unknown)
+            ])
+          ),
+          ""
+        ]
+      : []),
+    ...(options.idle > 0
+      ? [
+          ...table(
+            ["target", "RSS kB per idle client", "vs PgBouncer", "vs base", "CPU µs per login (pg, concurrent)"],
+            names.map((name) => [
+              LABEL[name],
+              fmt(metric(name, idle) / 1024, 1),
+              ...vs(name, idle),
+              fmt(metric(name, login))
+            ])
+          ),
+          ""
+        ]
+      : []),
+    "Per run:",
+    "",
+    ...names.flatMap((name) =>
+      (results.get(name) ?? []).flatMap((run, i) => run.notes.map((note) => `- ${LABEL[name]}, run ${i + 1}: ${note}`))
+    ),
+    ""
+  ].join("\n")
+}
+
+export const connections = (options: ConnectOptions) =>
+  Effect.gen(function* () {
+    const startedAt = new Date()
+    const loadAtStart = os.loadavg()[0]!
+    const revision =
+      options.baseline === undefined
+        ? tidepoolRevision()
+        : `${tidepoolRevision()}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
+    const pgbench = yield* pgbenchVersion
+    const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
+    const workDir = yield* scopedTempDir("tidepool-bench-")
+    yield* progress("starting PostgreSQL")
+    const server = yield* Effect.acquireRelease(
+      Effect.tryPromise({
+        try: () =>
+          startPostgres({
+            roles: [{ name: ROLE, password: PASSWORD }],
+            databases: [DATABASE],
+            settings: { max_connections: "300" }
+          }),
+        catch: (error) => new BenchError({ message: `PostgreSQL: ${(error as Error).message}` })
+      }),
+      (server) => Effect.promise(() => server.stop())
+    )
+    const direct: Endpoint = {
+      host: server.host,
+      port: server.port,
+      user: ROLE,
+      password: PASSWORD,
+      database: DATABASE
+    }
+    yield* initPgbench(direct, 1)
+    const maxClients = Math.max(1100, options.idle + 200)
+    const [{ rolpassword }] = yield* Effect.promise(() =>
+      server.query<{ rolpassword: string }>("SELECT rolpassword FROM pg_authid WHERE rolname = $1", [ROLE])
+    )
+    const start = (name: ConnectTarget): Effect.Effect<Target, BenchError, Scope.Scope> =>
+      Effect.gen(function* () {
+        yield* progress(`starting ${LABEL[name]}`)
+        const running =
+          name === "pgbouncer"
+            ? yield* startPgBouncer({
+                upstream: direct,
+                authSecret: rolpassword,
+                poolSize: options.pool,
+                maxClients,
+                mode: "transaction"
+              })
+            : yield* startTidepool({
+                upstream: direct,
+                tenant: TENANT,
+                poolSize: options.pool,
+                maxClients,
+                mode: "transaction",
+                ...(name === "tidepool-base"
+                  ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
+                  : {})
+              })
+        // Unmeasured: JIT and pools warmed up by a few seconds of logins.
+        yield* runPgbench({
+          endpoint: running.endpoint,
+          protocol: "simple",
+          clients: options.clients,
+          threads: 2,
+          durationS: 3,
+          connectAllowanceS: 0,
+          workDir,
+          cpuPid: running.pid,
+          connectEach: true
+        })
+        return { name, ...running }
+      })
+    const targets: Array<Target> = []
+    for (const name of CONNECT_TARGETS.filter((target) => options.targets.includes(target))) {
+      targets.push(yield* start(name))
+    }
+    const results = new Map<ConnectTarget, Array<Run>>(targets.map((target) => [target.name, []]))
+    for (let repetition = 0; repetition < options.repeat; repetition++) {
+      const order = [...targets.slice(repetition % targets.length), ...targets.slice(0, repetition % targets.length)]
+      for (const target of order) {
+        yield* progress(
+          `run ${repetition + 1}/${options.repeat}, ${LABEL[target.name]} (load ${os.loadavg()[0]!.toFixed(1)})`
+        )
+        results.get(target.name)!.push(yield* measure(target, options, workDir, repetition, start))
+      }
+    }
+    const [{ server_version }] = yield* Effect.promise(() =>
+      server.query<{ server_version: string }>("SHOW server_version")
+    )
+    const machine = describeMachine({ tidepool: revision, postgres: server_version, pgbouncer, pgbench }, [
+      loadAtStart,
+      os.loadavg()[0]!
+    ])
+    const report = render(options, results, machine, startedAt)
+    process.stdout.write(`${report}\n`)
+    if (options.out !== undefined) {
+      const out = path.resolve(options.out)
+      yield* Effect.promise(() => fs.writeFile(out, report))
+      yield* progress(`report written to ${out}`)
+    }
+  }).pipe(Effect.scoped)
