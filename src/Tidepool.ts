@@ -2,6 +2,7 @@ import { Effect, Layer } from "effect"
 import { AdminControl } from "./admin/index.ts"
 import { ApiServer } from "./api/index.ts"
 import { AuthQuery, CircuitBreaker, JitApi, SecretCache } from "./auth/index.ts"
+import { workerInbox, workerServices, workerStore } from "./cluster/index.ts"
 import type { AppConfig, Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
@@ -15,6 +16,8 @@ export interface TidepoolLayerOptions {
   readonly store?: Layer.Layer<TenantStore, TenantStoreError, AppConfig>
   /** Serve the HTTP API on PORT (default true). */
   readonly api?: boolean
+  /** Worker mode (docs/scale-out.md): this process is worker `worker` of a supervisor. */
+  readonly worker?: number
 }
 
 /**
@@ -37,11 +40,17 @@ const seedLayer = (tenants: ReadonlyArray<Tenant>) =>
  * the graceful shutdown (drain, then close every pool).
  */
 export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolLayerOptions = {}) => {
+  const worker = options.worker
   const tenantsLayer = seedLayer(tenants).pipe(
     Layer.provideMerge(Tenants.layer),
-    Layer.provideMerge(options.store ?? tenantStoreLayer)
+    Layer.provideMerge(options.store ?? (worker === undefined ? tenantStoreLayer : workerStore))
   )
-  const dataPlane = Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep).pipe(
+  const front =
+    worker === undefined
+      ? Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep)
+      : Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep, workerInbox)
+  const base = worker === undefined ? tenantsLayer : Layer.merge(tenantsLayer, workerServices(worker))
+  const dataPlane = front.pipe(
     Layer.provideMerge(TenantChanges.layer),
     Layer.provideMerge(PoolRegistry.layer),
     Layer.provideMerge(AuthQuery.layer),
@@ -58,7 +67,7 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolL
         Tenants.registry
       )
     ),
-    Layer.provideMerge(tenantsLayer)
+    Layer.provideMerge(base)
   )
   return options.api === false
     ? Layer.merge(dataPlane, Layer.succeed(ApiServer, { port: 0 }))

@@ -1,6 +1,7 @@
 import { Cause, ConfigProvider, Console, Context, Effect, Exit, Layer } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
+import { supervise, WORKER_ENV } from "../cluster/index.ts"
 import { AppConfig, type ConfigFileContents, environment, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
@@ -41,13 +42,23 @@ export const installSignals = (log: (level: "info" | "warning", message: string)
 export const serve = (configFile: string | undefined) =>
   Effect.gen(function* () {
     const file = configFile === undefined ? undefined : yield* loadConfigFile(configFile)
+    const workerEnv = process.env[WORKER_ENV]
+    const worker = workerEnv === undefined ? undefined : Number(workerEnv)
     return yield* Effect.gen(function* () {
-      const node = yield* Layer.build(tidepoolLayer(file?.tenants ?? []))
+      const config = yield* AppConfig
+      if (config.workers > 1 && worker === undefined) return yield* supervise(config)
+      // Worker mode: worker 0 writes the config file's tenants and serves the HTTP API; the others
+      // start once it has (docs/scale-out.md#one-host-workers).
+      const node = yield* Layer.build(
+        tidepoolLayer(worker === undefined || worker === 0 ? (file?.tenants ?? []) : [], {
+          ...(worker === undefined ? {} : { worker }),
+          ...(worker === undefined || worker === 0 ? {} : { api: false })
+        })
+      )
       const { sessionPort, transactionPort, shutdown } = Context.get(node, Listeners)
       const api = Context.get(node, ApiServer)
-      const config = yield* AppConfig
       yield* Effect.logInfo(
-        `tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
+        `${worker === undefined ? "" : `worker ${worker + 1}: `}tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
       const context = yield* Effect.context<never>()
       installSignals((level, message) =>

@@ -1,4 +1,5 @@
 import { isIP } from "node:net"
+import { availableParallelism } from "node:os"
 import { Config, ConfigProvider, Context, Effect, Layer, Option, Redacted, Result } from "effect"
 import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 
@@ -73,6 +74,8 @@ export interface AppConfigShape {
   readonly traceCheckoutEvery: number
   /** Who may log in to the admin console (database `pgbouncer` or `tidepool`); empty disables it. */
   readonly adminUsers: ReadonlyArray<AdminUser>
+  /** Worker processes on this host (docs/scale-out.md); 1 = one process, no supervisor. */
+  readonly workers: number
   readonly configFile: Option.Option<string>
 }
 
@@ -602,6 +605,18 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Logins of the PgBouncer-style admin console (database pgbouncer or tidepool); empty disables it",
     default: () => [],
     parse: adminUsers
+  },
+  workers: {
+    env: "TIDEPOOL_WORKERS",
+    fileKey: "workers",
+    type: "`auto` or integer, 1–255",
+    description:
+      "Worker processes on this host, sharing the ports and each pool's pool_size (docs/scale-out.md); 1 = one process; auto = one per core",
+    default: () => 1,
+    parse: (raw: string) =>
+      raw.trim().toLowerCase() === "auto"
+        ? Result.succeed(Math.min(255, availableParallelism()))
+        : integer(1, 255, "`auto` or an integer")(raw)
   }
 }
 
@@ -774,6 +789,7 @@ const defaults = (): AppConfigShape => ({
   tenantRefreshMs: settings.tenantRefreshMs.default(),
   traceCheckoutEvery: settings.traceCheckoutEvery.default(),
   adminUsers: settings.adminUsers.default(),
+  workers: settings.workers.default(),
   configFile: Option.none()
 })
 

@@ -13,6 +13,8 @@ export const listen = (options: {
   readonly host: string
   readonly port: number
   readonly envVar: string
+  /** Worker mode: every worker binds the port and the kernel spreads connections (docs/scale-out.md). */
+  readonly reusePort?: boolean
   readonly onConnection: (socket: net.Socket) => void
 }) =>
   Effect.acquireRelease(
@@ -25,7 +27,9 @@ export const listen = (options: {
             : `cannot listen on ${options.host}:${options.port} (${options.envVar}): ${err.message}`
         resume(Effect.fail(new ListenError({ message: reason })))
       })
-      server.listen({ host: options.host, port: options.port }, () => resume(Effect.succeed(server)))
+      server.listen({ host: options.host, port: options.port, reusePort: options.reusePort === true }, () =>
+        resume(Effect.succeed(server))
+      )
     }),
     (server) => Effect.sync(() => server.close())
   )
@@ -150,6 +154,7 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
         host: config.listenAddr,
         port,
         envVar,
+        reusePort: config.workers > 1,
         onConnection: (socket) => {
           run(clientSession(socket, mode, () => drained))
         }

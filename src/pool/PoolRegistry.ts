@@ -1,7 +1,8 @@
-import { Context, Effect, Exit, Layer, Scope, Semaphore, Tracer } from "effect"
+import { Context, Effect, Exit, Layer, Option, Scope, Semaphore, Tracer } from "effect"
 import { AppConfig } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { checkoutSpans } from "./CheckoutSpans.ts"
+import { PermitGate } from "./PermitGate.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
 interface Entry {
@@ -26,6 +27,8 @@ export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/Pool
     const config = yield* AppConfig
     const registryScope = yield* Effect.scope
     const pools = new Map<string, Entry>()
+    // Worker mode only (docs/scale-out.md): pool_size is shared with the host's other workers.
+    const gate = yield* Effect.serviceOption(PermitGate)
 
     const closeEntry = (key: string, entry: Entry) =>
       Effect.suspend(() => {
@@ -70,6 +73,7 @@ export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/Pool
           const scope = yield* Scope.fork(registryScope, "sequential")
           const pool = yield* makeTenantPool(settings).pipe(Scope.provide(scope))
           if (isPaused(settings)) pool.pause()
+          if (Option.isSome(gate)) pool.gate = gate.value.attach(pool)
           const tracer = yield* Effect.tracer
           // Effect's built-in tracer exports nothing (no exporter configured, see telemetry/Tracing.ts):
           // spans made for it would be work for no one.

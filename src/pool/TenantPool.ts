@@ -2,6 +2,7 @@ import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
 import { LatencyHistogram } from "./Histogram.ts"
+import type { PoolPermits } from "./PermitGate.ts"
 import { StatementRegistry } from "./StatementRegistry.ts"
 
 export type PoolMode = "transaction" | "session"
@@ -77,6 +78,8 @@ export interface ServerView {
 const RETRY_FIRST_MS = 50
 /** … up to this: how late a pool whose clients wait notices that its database answers again. */
 const RETRY_MAX_MS = 1000
+/** Worker mode: a pressed pool's idle server unused this long is closed at the next sweep. */
+const PRESSED_IDLE_MS = 500
 
 export interface Waiter {
   readonly callback: CheckoutCallback
@@ -137,6 +140,17 @@ export class TenantPool {
   private sinceSample = 0
   /** Server-side statements shared by this pool's clients (transaction mode): which parsed, which went stale. */
   readonly statements = new StatementRegistry()
+  /**
+   * Worker mode only (docs/scale-out.md#the-permit-model): the host's permit ledger. `total` never
+   * exceeds `granted`; undefined in a single process, where `settings.size` alone caps the pool.
+   */
+  gate: PoolPermits | undefined = undefined
+  private granted = 0
+  /** The last `want` told to the ledger: it hears again only when this grows or drops to 0. */
+  private wantSent = 0
+  /** Ledger directives: hold at most `keep` servers; `pressed`: another process waits, keep none idle. */
+  private keep = Number.POSITIVE_INFINITY
+  private pressed = false
 
   constructor(
     public settings: PoolSettings,
@@ -312,6 +326,15 @@ export class TenantPool {
       this.afterShrink()
       return
     }
+    // Worker mode: above its share, or pressed (another worker waits) with a spare server idle already.
+    if (
+      this.gate !== undefined &&
+      (this.live >= this.keep || (this.pressed && this.waiters.length === 0 && this.idle.length > 0))
+    ) {
+      this.closeCounted(server, "permit returned to another worker", false)
+      this.afterShrink()
+      return
+    }
     server.lastUsedAt = Date.now()
     const waiter = this.paused ? undefined : this.nextWaiter()
     if (waiter !== undefined) {
@@ -384,7 +407,9 @@ export class TenantPool {
     for (let i = 0; i < this.idle.length; ) {
       const server = this.idle[i]!
       const idleTooLong = serverIdleTimeoutMs > 0 && now - server.lastUsedAt >= serverIdleTimeoutMs
-      if (this.expired(server, now) || (idleTooLong && this.live > minSize)) {
+      // Pressed (worker mode): another worker waits, so an idle server unused since the last sweep goes.
+      const unwanted = this.pressed && now - server.lastUsedAt >= PRESSED_IDLE_MS
+      if (this.expired(server, now) || unwanted || (idleTooLong && this.live > minSize)) {
         this.idle.splice(i, 1)
         server.handler = undefined
         this.closeCounted(server, idleTooLong ? "idle timeout" : "lifetime reached", false)
@@ -395,9 +420,19 @@ export class TenantPool {
     // Warm servers only while the database answers: a failing pool dials again only for a waiting
     // client, so a pool nobody uses (its clients gone, its database missing) stops dialling.
     if (this.lastConnectError === undefined) {
-      while (!this.closed && this.live < Math.min(minSize, size) && this.total < size) this.open()
+      while (
+        !this.closed &&
+        this.live < Math.min(minSize, size) &&
+        this.total < size &&
+        (this.gate === undefined || (this.total < this.granted && !this.pressed))
+      )
+        this.open()
     }
     if (this.waiters.length > 0) this.grow(now)
+    if (this.gate !== undefined) {
+      this.growServers(now)
+      this.settlePermits(true)
+    }
   }
 
   /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */
@@ -411,8 +446,11 @@ export class TenantPool {
     for (const listener of this.quietListeners.splice(0)) listener()
     for (const s of this.idle.splice(0)) {
       s.handler = undefined
-      s.close("pool closed")
+      // Worker mode: the permit goes back only once the socket has closed.
+      if (this.gate !== undefined) this.closeCounted(s, "pool closed", false)
+      else s.close("pool closed")
     }
+    if (this.gate !== undefined) this.settlePermits()
   }
 
   get isClosed(): boolean {
@@ -480,7 +518,18 @@ export class TenantPool {
    * not before the back-off ends (a timer brings the next one); the first success opens the rest.
    */
   private grow(now: number = Date.now()): void {
-    while (!this.closed && !this.paused && this.waiters.length > this.opening && this.total < this.settings.size) {
+    this.growServers(now)
+    if (this.gate !== undefined) this.settlePermits()
+  }
+
+  private growServers(now: number): void {
+    while (
+      !this.closed &&
+      !this.paused &&
+      this.waiters.length > this.opening &&
+      this.total < this.settings.size &&
+      (this.gate === undefined || (this.total < this.granted && this.live < this.keep))
+    ) {
       if (this.lastConnectError !== undefined) {
         if (this.opening > 0) return
         if (now < this.retryAt) {
@@ -528,6 +577,11 @@ export class TenantPool {
     this.counters.serverConnects++
     this.parameters ??= new Map(server.parameters)
     server.withholdBetweenTransactions = this.settings.mode === "transaction"
+    const gate = this.gate
+    if (gate !== undefined) {
+      gate.opened(server)
+      server.socket.once("close", () => gate.closed(server))
+    }
     if (this.closed) {
       server.close("pool closed")
       return
@@ -574,7 +628,58 @@ export class TenantPool {
   }
 
   private afterShrink(): void {
-    if (this.waiters.length > 0) this.grow()
+    if (this.waiters.length > 0 || this.gate !== undefined) this.grow()
+  }
+
+  /**
+   * Worker mode: asks the ledger for the permits waiting clients need beyond those held, and gives
+   * back those no server and no waiting client needs (a closed server's, once its socket closed).
+   */
+  private settlePermits(fromSweep = false): void {
+    const gate = this.gate!
+    const size = this.settings.size
+    const need =
+      this.closed || this.paused ? 0 : Math.max(0, Math.min(this.waiters.length - this.opening, size - this.total))
+    // Permits neither backing a server nor about to (within the share the ledger set) go back.
+    const spare = this.granted - this.total - Math.min(need, Math.max(0, this.keep - this.live))
+    const want = need - (this.granted - this.total)
+    if (want > this.wantSent) {
+      this.wantSent = want
+      gate.want(size, want)
+    } else if (want <= 0 && this.wantSent > 0 && (spare > 0 || fromSweep)) {
+      // "Want nothing" goes with permits given back, or at a sweep: a pool whose clients wait now
+      // and then would otherwise tell the ledger at every transaction.
+      this.wantSent = 0
+      gate.want(size, 0)
+    }
+    if (spare > 0) {
+      this.granted -= spare
+      gate.release(spare)
+    }
+  }
+
+  /** The ledger granted `n` permits. */
+  grant(n: number): void {
+    this.granted += n
+    this.wantSent = Math.max(0, this.wantSent - n)
+    this.grow()
+  }
+
+  /** The ledger's directive (docs/scale-out.md#the-permit-model): idle servers beyond it close now. */
+  direct(keep: number, pressed: boolean): void {
+    this.keep = keep
+    this.pressed = pressed
+    while (this.idle.length > 0 && (pressed || this.live > keep)) {
+      const server = this.idle.shift()!
+      server.handler = undefined
+      this.closeCounted(server, "permit returned to another worker", false)
+    }
+    this.grow()
+  }
+
+  /** Permits held (worker mode), for tests and views. */
+  get permits(): number {
+    return this.granted
   }
 
   private armDeadline(): void {

@@ -1,4 +1,5 @@
 export { LATENCY_BUCKETS_SECONDS, LatencyHistogram } from "./Histogram.ts"
+export { PermitGate, type PoolPermits } from "./PermitGate.ts"
 export { PoolRegistry } from "./PoolRegistry.ts"
 export { StatementRegistry } from "./StatementRegistry.ts"
 export {

@@ -1,5 +1,5 @@
 import { randomInt } from "node:crypto"
-import { Context, Effect, Layer } from "effect"
+import { Context, Effect, Layer, Option } from "effect"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
@@ -66,18 +66,37 @@ export interface SessionKey {
   readonly secretKey: number
 }
 
+/** Bits 23–30 of a worker's process ids carry its number plus one; the low 23 bits are random. */
+const OWNER_SHIFT = 23
+
+/**
+ * Worker mode only (docs/scale-out.md): this worker's number, the way to the worker that issued a
+ * process id this one did not (CancelRequest routing), and to every other worker.
+ */
+export class PeerWorkers extends Context.Service<
+  PeerWorkers,
+  {
+    readonly self: number
+    readonly forwardCancel: (processId: number, secretKey: Buffer) => void
+    /** `…/terminate` ran here: the other workers do the same. */
+    readonly terminated: (tenant: string) => void
+  }
+>()("tidepool/PeerWorkers") {}
+
 /**
  * Live client sessions by the pooler-issued BackendKeyData. Clients never see a real backend's key:
  * their CancelRequest is matched here and re-sent to whichever server they hold, so one client can
  * never cancel another's query by guessing.
  */
 export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepool/SessionRegistry", {
-  make: Effect.sync(() => {
+  make: Effect.gen(function* () {
     const sessions = new Map<number, Entry>()
+    const router = Option.getOrUndefined(yield* Effect.serviceOption(PeerWorkers))
+    const owner = router === undefined ? 0 : (router.self + 1) << OWNER_SHIFT
     return {
       register: (handle: SessionHandle): SessionKey => {
         let processId: number
-        do processId = randomInt(1, 2 ** 31 - 1)
+        do processId = router === undefined ? randomInt(1, 2 ** 31 - 1) : owner | randomInt(0, 2 ** OWNER_SHIFT)
         while (sessions.has(processId))
         const secretKey = randomInt(-(2 ** 31), 2 ** 31 - 1)
         sessions.set(processId, { secretKey, handle, seenBytes: handle.idle?.bytesRead() ?? 0, idleSince: Date.now() })
@@ -88,6 +107,10 @@ export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepoo
       },
       cancel: (processId: number, secretKey: Buffer): Effect.Effect<boolean> =>
         Effect.suspend(() => {
+          if (router !== undefined && processId >>> OWNER_SHIFT !== owner >>> OWNER_SHIFT) {
+            router.forwardCancel(processId, secretKey)
+            return Effect.succeed(true)
+          }
           const entry = sessions.get(processId)
           if (entry === undefined || secretKey.length !== 4 || secretKey.readInt32BE(0) !== entry.secretKey) {
             return Effect.succeed(false)

@@ -1,4 +1,4 @@
-import { Context, Effect, Layer, Redacted, Schema } from "effect"
+import { Context, Effect, Layer, Option, Redacted, Schema } from "effect"
 import { AuthQuery } from "../auth/index.ts"
 import { type Tenant, Tenant as TenantSchema, userMaxClients, userPoolSize } from "../config/index.ts"
 import { tidepoolError } from "../errors/index.ts"
@@ -6,7 +6,7 @@ import { PoolRegistry, type PoolSettings } from "../pool/index.ts"
 import { banOf, type TenantChange, Tenants } from "../tenants/index.ts"
 import { UpstreamTls } from "../tls/index.ts"
 import type { UpstreamTlsOptions } from "../upstream/index.ts"
-import { SessionRegistry } from "./SessionRegistry.ts"
+import { PeerWorkers, SessionRegistry } from "./SessionRegistry.ts"
 
 /**
  * The username part of a pool key (`tenant\0alias\0mode\0database`, see ClientSession; a JIT
@@ -119,14 +119,24 @@ export class TenantChanges extends Context.Service<TenantChanges>()("tidepool/Te
 
     yield* tenants.onChange(apply)
 
+    const peers = yield* Effect.serviceOption(PeerWorkers)
+    const terminateHere = (id: string) =>
+      Effect.gen(function* () {
+        const n = yield* sessions.kickTenant(id, () => tidepoolError("EADMINSHUTDOWN"))
+        yield* pools.stopTenant(id)
+        return n
+      })
+
     return {
       /** GET …/terminate: stops every pool of the tenant and ends its clients (57P01). */
       terminate: (id: string) =>
         Effect.gen(function* () {
-          const n = yield* sessions.kickTenant(id, () => tidepoolError("EADMINSHUTDOWN"))
-          yield* pools.stopTenant(id)
+          const n = yield* terminateHere(id)
+          if (Option.isSome(peers)) peers.value.terminated(id)
           return n
-        })
+        }),
+      /** A terminate another worker of this host ran (worker mode). */
+      terminateHere
     } as const
   })
 }) {

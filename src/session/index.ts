@@ -1,6 +1,7 @@
 export { clientSession } from "./ClientSession.ts"
 export { IdleSweep } from "./IdleSweep.ts"
 export {
+  PeerWorkers,
   type RegisteredSession,
   type SessionHandle,
   type SessionInfo,

@@ -1,0 +1,233 @@
+import { type ChildProcess, fork } from "node:child_process"
+import * as net from "node:net"
+import { Deferred, Effect } from "effect"
+import type { AppConfigShape } from "../config/index.ts"
+import { Ledger } from "./Ledger.ts"
+import { type BackendRef, ownerOf, type ToSupervisor, type ToWorker, WORKER_ENV } from "./messages.ts"
+
+/** A crashed worker is restarted after this long, doubled while it keeps crashing, up to RESTART_MAX_MS. */
+const RESTART_FIRST_MS = 500
+const RESTART_MAX_MS = 30_000
+/** A worker that lived this long is no longer "crashing": its next restart comes quickly again. */
+const STABLE_MS = 60_000
+
+interface Slot {
+  readonly index: number
+  child: ChildProcess | undefined
+  /**
+   * The ledger's name for the current process in this slot: a restarted worker is a new holder, so
+   * the dead one's permits stay counted until its backends are cancelled, whatever the new one does.
+   */
+  instance: number
+  ready: boolean
+  /** Reached "ready" at least once: a worker that dies before is a failed start, not a crash. */
+  everReady: boolean
+  startedAt: number
+  restartDelayMs: number
+  /** Backends its pools opened (plaintext upstreams), by pool key and backend pid. */
+  readonly backends: Map<string, BackendRef>
+}
+
+/** Sends a CancelRequest for `backend` and resolves when PostgreSQL has taken it (closed), or after `timeoutMs`. */
+const cancelBackend = (backend: BackendRef, timeoutMs: number): Promise<void> =>
+  new Promise((resolve) => {
+    const secret = Buffer.from(backend.secret, "hex")
+    const packet = Buffer.alloc(12 + secret.length)
+    packet.writeInt32BE(packet.length, 0)
+    packet.writeInt32BE(80877102, 4)
+    packet.writeInt32BE(backend.pid, 8)
+    secret.copy(packet, 12)
+    const socket = net.connect({ host: backend.host, port: backend.port })
+    const timer = setTimeout(() => socket.destroy(), timeoutMs)
+    socket.on("error", () => undefined)
+    socket.on("close", () => {
+      clearTimeout(timer)
+      resolve()
+    })
+    socket.on("connect", () => socket.end(packet))
+  })
+
+/**
+ * `tidepool serve` with TIDEPOOL_WORKERS > 1 (docs/scale-out.md#one-host-workers): starts the
+ * workers (worker 0 first, alone: it seeds the store and serves the HTTP API), keeps the permit
+ * ledger, routes cancels and tenant changes between workers, restarts a worker that dies, and on
+ * SIGTERM/SIGINT has every worker drain, then returns. It never touches a client's socket.
+ */
+export const supervise = (config: AppConfigShape) =>
+  Effect.gen(function* () {
+    const context = yield* Effect.context<never>()
+    const log = (level: "info" | "warning" | "error", message: string) =>
+      Effect.runSyncWith(context)(
+        level === "info"
+          ? Effect.logInfo(message)
+          : level === "warning"
+            ? Effect.logWarning(message)
+            : Effect.logError(message)
+      )
+    const done = yield* Deferred.make<void>()
+    const slots: Array<Slot> = Array.from({ length: config.workers }, (_, index) => ({
+      index,
+      child: undefined,
+      instance: -1,
+      ready: false,
+      everReady: false,
+      startedAt: 0,
+      restartDelayMs: RESTART_FIRST_MS,
+      backends: new Map()
+    }))
+    let stopping = false
+    let failed = false
+    let signals = 0
+    const toWorker = (index: number, message: ToWorker) => {
+      const child = slots[index]?.child
+      if (child?.connected) child.send(message)
+    }
+    const instances = new Map<number, Slot>()
+    let nextInstance = 0
+    const ledger = new Ledger((instance, message) => {
+      const slot = instances.get(instance)
+      if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
+    })
+    const others = (from: number, message: ToWorker) => {
+      for (const slot of slots) if (slot.index !== from) toWorker(slot.index, message)
+    }
+    let onAllReady: (() => void) | undefined
+
+    const handle = (slot: Slot, message: ToSupervisor) => {
+      switch (message.t) {
+        case "ready":
+          slot.ready = true
+          slot.everReady = true
+          if (slot.index === 0 && !started) startRest()
+          if (slots.every((s) => s.ready)) onAllReady?.()
+          break
+        case "want":
+          ledger.want(slot.instance, message.key, message.size, message.n)
+          break
+        case "release":
+          ledger.release(slot.instance, message.key, message.n)
+          break
+        case "opened":
+          slot.backends.set(`${message.key}\u0000${message.backend.pid}`, message.backend)
+          break
+        case "closed":
+          slot.backends.delete(`${message.key}\u0000${message.pid}`)
+          break
+        case "cancel": {
+          const owner = ownerOf(message.processId)
+          if (owner >= 0 && owner < slots.length) {
+            toWorker(owner, message)
+            Effect.runSyncWith(context)(
+              Effect.logDebug(`CancelRequest received by worker ${slot.index + 1} forwarded to worker ${owner + 1}`)
+            )
+          }
+          break
+        }
+        case "tenant":
+        case "terminate":
+          others(slot.index, message)
+          break
+      }
+    }
+
+    const start = (slot: Slot) => {
+      const child = fork(process.argv[1]!, process.argv.slice(2), {
+        env: { ...process.env, [WORKER_ENV]: String(slot.index) },
+        // Its own process group: a terminal's Ctrl+C reaches the supervisor only, which drains the workers once.
+        detached: true,
+        stdio: ["ignore", "inherit", "inherit", "ipc"]
+      })
+      slot.child = child
+      slot.instance = nextInstance++
+      instances.set(slot.instance, slot)
+      slot.ready = false
+      slot.startedAt = Date.now()
+      const instance = slot.instance
+      child.on("message", (message) => {
+        if (slot.instance === instance) handle(slot, message as ToSupervisor)
+      })
+      child.once("exit", (code, signal) => onExit(slot, child, code, signal))
+      log("info", `worker ${slot.index + 1} started (pid ${child.pid})`)
+    }
+
+    const onExit = (slot: Slot, child: ChildProcess, code: number | null, signal: NodeJS.Signals | null) => {
+      if (slot.child !== child) return
+      slot.child = undefined
+      slot.ready = false
+      const backends = [...slot.backends.values()]
+      slot.backends.clear()
+      // Its servers' sockets are closed with the process, but a backend running a statement runs it to
+      // the end unless cancelled: its permits are free only once nothing of it can be running.
+      const instance = slot.instance
+      void Promise.all(backends.map((b) => cancelBackend(b, config.upstreamConnectTimeoutMs))).then(() => {
+        instances.delete(instance)
+        ledger.forget(instance)
+      })
+      if (!slot.everReady && !stopping) {
+        // A configuration or port problem, which a restart would only repeat: the worker said why.
+        log("error", `worker ${slot.index + 1} failed to start (${signal ?? `exit status ${code}`}); stopping`)
+        failed = true
+        stopping = true
+        for (const s of slots) s.child?.kill("SIGTERM")
+        onAllReady?.()
+      }
+      if (stopping) {
+        log("info", `worker ${slot.index + 1} exited (${signal ?? code})`)
+        if (slots.every((s) => s.child === undefined)) Effect.runSyncWith(context)(Deferred.succeed(done, undefined))
+        return
+      }
+      if (Date.now() - slot.startedAt >= STABLE_MS) slot.restartDelayMs = RESTART_FIRST_MS
+      log(
+        "error",
+        `worker ${slot.index + 1} (pid ${child.pid}) died (${signal ?? `exit status ${code}`}); its clients were disconnected; restarting it in ${slot.restartDelayMs} ms`
+      )
+      const delay = slot.restartDelayMs
+      slot.restartDelayMs = Math.min(RESTART_MAX_MS, slot.restartDelayMs * 2)
+      setTimeout(() => {
+        if (!stopping) start(slot)
+      }, delay).unref()
+    }
+
+    let started = false
+    const startRest = () => {
+      started = true
+      for (const slot of slots.slice(1)) start(slot)
+    }
+
+    const allReady = new Promise<void>((resolve) => {
+      onAllReady = () => {
+        onAllReady = undefined
+        resolve()
+      }
+    })
+
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (++signals === 1) {
+        stopping = true
+        log("info", `${signal} received: every worker drains its clients (a second signal stops them at once)`)
+      } else log("warning", `second signal (${signal}): stopping every worker now`)
+      let alive = 0
+      for (const slot of slots) {
+        if (slot.child !== undefined) {
+          alive++
+          slot.child.kill("SIGTERM")
+        }
+      }
+      if (alive === 0) Effect.runSyncWith(context)(Deferred.succeed(done, undefined))
+    }
+    process.on("SIGTERM", onSignal)
+    process.on("SIGINT", onSignal)
+
+    start(slots[0]!)
+    yield* Effect.promise(() => allReady)
+    if (failed) {
+      yield* Deferred.await(done)
+      return yield* Effect.sync(() => process.exit(1))
+    }
+    log(
+      "info",
+      `tidepool supervisor: ${config.workers} workers listening on ${config.listenAddr}: transaction mode port ${config.transactionPort}, session mode port ${config.sessionPort}, HTTP API port ${config.apiPort} (worker 1)`
+    )
+    yield* Deferred.await(done)
+    log("info", `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`)
+  })

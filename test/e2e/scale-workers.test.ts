@@ -1,0 +1,199 @@
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { tmpdir } from "node:os"
+import * as path from "node:path"
+import pg from "pg"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { ownerOf } from "../../src/cluster/index.ts"
+import { type CliProcess, runCli } from "../support/cli.ts"
+import { freePort } from "../support/ports.ts"
+import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { hasTool, run } from "../support/tools.ts"
+
+/**
+ * TIDEPOOL_WORKERS=3 (docs/scale-out.md): three worker processes share the ports and one pool of 10
+ * through the supervisor's permit ledger. Real processes, real PostgreSQL, pgbench and node-postgres.
+ */
+const hasPgbench = await hasTool("pgbench")
+const PASSWORD = "app-secret"
+const POOL = 10
+const VAULT_ENC_KEY = "0f".repeat(32)
+
+let db: PostgresServer
+let dir: string
+let cli: CliProcess
+let port: number
+
+/** The pool's servers as PostgreSQL sees them (the sampler's own connection is the superuser's). */
+const serversNow = async (): Promise<number> =>
+  Number((await db.query("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app'"))[0].n)
+
+/** Samples `serversNow` until `stop` resolves; returns the largest count seen and how many samples. */
+const sample = async (stop: Promise<unknown>) => {
+  let done = false
+  void stop.finally(() => {
+    done = true
+  })
+  let max = 0
+  let samples = 0
+  while (!done) {
+    max = Math.max(max, await serversNow())
+    samples++
+  }
+  return { max, samples }
+}
+
+const url = () => `postgresql://app.acme:${PASSWORD}@127.0.0.1:${port}/postgres`
+
+const client = async () => {
+  const c = new pg.Client({ connectionString: url() })
+  c.on("error", () => undefined)
+  await c.connect()
+  return c
+}
+
+beforeAll(async () => {
+  db = await startPostgres({ roles: [{ name: "app", password: PASSWORD }] })
+  dir = mkdtempSync(path.join(tmpdir(), "tidepool-scale-"))
+  const config = path.join(dir, "tidepool.yaml")
+  writeFileSync(
+    config,
+    [
+      "tenants:",
+      "  - external_id: acme",
+      `    db_host: ${db.host}`,
+      `    db_port: ${db.port}`,
+      "    db_database: postgres",
+      "    users:",
+      "      - db_user: app",
+      `        db_password: ${PASSWORD}`,
+      `        pool_size: ${POOL}`
+    ].join("\n")
+  )
+  port = await freePort()
+  cli = runCli(["serve", "--config", config], {
+    PROXY_PORT_TRANSACTION: String(port),
+    PROXY_PORT_SESSION: String(await freePort()),
+    PORT: String(await freePort()),
+    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+    TIDEPOOL_DATA_DIR: path.join(dir, "data"),
+    TIDEPOOL_WORKERS: "3",
+    TIDEPOOL_LOG_LEVEL: "debug",
+    VAULT_ENC_KEY
+  })
+  await cli.waitFor(/3 workers listening/)
+  if (hasPgbench) await run("pgbench", ["-i", "-s", "1", "-q", db.url({ user: "app", password: PASSWORD })])
+}, 60_000)
+
+afterAll(async () => {
+  if (process.env.SCALE_DEBUG) writeFileSync("/tmp/scale-cli.log", cli?.output() ?? "")
+  if (cli !== undefined && cli.child.exitCode === null) {
+    cli.child.kill("SIGTERM")
+    await cli.exited
+  }
+  await db?.stop()
+  if (dir) rmSync(dir, { recursive: true, force: true })
+})
+
+describe("TIDEPOOL_WORKERS=3", () => {
+  it.skipIf(!hasPgbench)(
+    "pgbench through all three workers never has more than pool_size servers",
+    async () => {
+      const bench = run("pgbench", ["-c", "24", "-j", "3", "-T", "6", "-n", url()])
+      const { max, samples } = await sample(bench)
+      const { stdout } = await bench
+      expect(stdout).toMatch(/number of failed transactions: 0 /)
+      const done = Number(stdout.match(/number of transactions actually processed: (\d+)/)?.[1])
+      expect(done).toBeGreaterThan(100)
+      expect(samples).toBeGreaterThan(10)
+      expect(max).toBeLessThanOrEqual(POOL)
+      // The pool was really shared out under load, not served by one server.
+      expect(max).toBeGreaterThan(3)
+    },
+    30_000
+  )
+
+  it("a cancel reaching another worker than the client's cancels its query", async () => {
+    let forwarded = 0
+    const before = (cli.output().match(/forwarded to worker/g) ?? []).length
+    // The kernel picks the worker of each connection; twelve tries make "never another worker" a 1 in 500 000 event.
+    for (let i = 0; i < 12; i++) {
+      const victim = await client()
+      const owner = ownerOf((victim as unknown as { processID: number }).processID)
+      expect(owner).toBeGreaterThanOrEqual(0)
+      expect(owner).toBeLessThan(3)
+      const query = new pg.Query("SELECT pg_sleep(30)")
+      const outcome = new Promise<string | undefined>((resolve) => {
+        query.on("error", (e) => resolve((e as { code?: string }).code))
+        query.on("end", () => resolve(undefined))
+      })
+      victim.query(query)
+      for (;;) {
+        const rows = await db.query(
+          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+        )
+        if (rows.length > 0) break
+      }
+      const canceller = new pg.Client({ host: "127.0.0.1", port })
+      ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
+      expect(await outcome).toBe("57014")
+      await victim.end()
+      forwarded = (cli.output().match(/forwarded to worker/g) ?? []).length - before
+    }
+    expect(forwarded).toBeGreaterThan(0)
+  }, 60_000)
+
+  it("kill -9 of a worker mid-load: the others keep serving, its permits come back, never above pool_size", async () => {
+    const pids = [...cli.output().matchAll(/worker (\d) started \(pid (\d+)\)/g)].map((m) => [
+      Number(m[1]),
+      Number(m[2])
+    ])
+    const [victimWorker, victimPid] = pids.find(([w]) => w === 2)!
+    let stop = false
+    const served = new Map<number, number>()
+    const failures: Array<string> = []
+    const loop = async (n: number) => {
+      let c = await client()
+      while (!stop) {
+        try {
+          await c.query("SELECT pg_sleep(0.005)")
+          served.set(n, (served.get(n) ?? 0) + 1)
+        } catch (e) {
+          // Only the killed worker's clients may fail, and they reconnect (to any worker).
+          failures.push(String((e as Error).message))
+          await c.end().catch(() => undefined)
+          c = await client()
+        }
+      }
+      await c.end()
+    }
+    const clients = Array.from({ length: 30 }, (_, n) => loop(n))
+    let stopSampling: () => void = () => undefined
+    const sampling = sample(new Promise<void>((resolve) => (stopSampling = resolve)))
+    // Load reaches every worker before the kill.
+    const deadline = Date.now() + 10_000
+    while ([...served.values()].reduce((a, b) => a + b, 0) < 200) {
+      if (Date.now() > deadline) throw new Error(`load never got going: ${cli.output().slice(-3000)}`)
+      await new Promise((r) => setImmediate(r))
+    }
+    process.kill(victimPid!, "SIGKILL")
+    await cli.waitFor(new RegExp(`worker ${victimWorker} \\(pid ${victimPid}\\) died`))
+    const killedAt = Date.now()
+    const servedAtKill = [...served.values()].reduce((a, b) => a + b, 0)
+    // Its share returns: the survivors (and its replacement) get back to all 10 servers.
+    for (;;) {
+      if ((await serversNow()) === POOL) break
+      if (Date.now() - killedAt > 10_000) throw new Error("the dead worker's permits never came back")
+    }
+    await cli.waitFor(/worker 2 started \(pid (?!${victimPid})\d+\)/)
+    const afterKill = [...served.values()].reduce((a, b) => a + b, 0)
+    stop = true
+    stopSampling()
+    await Promise.all(clients)
+    const { max } = await sampling
+    expect(afterKill).toBeGreaterThan(servedAtKill)
+    expect(max).toBeLessThanOrEqual(POOL)
+    // Clients of the killed worker lost their connection; nobody else failed.
+    expect(failures.every((f) => /terminated|ECONNRESET|Connection terminated|closed/i.test(f))).toBe(true)
+    expect(failures.length).toBeLessThan(30)
+  }, 60_000)
+})
