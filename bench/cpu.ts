@@ -21,8 +21,28 @@ const clockTicks = (() => {
   }
 })()
 
-/** utime + stime of `pid` in µs; resolution 1/CLK_TCK s (10 ms on most kernels). */
+/**
+ * utime + stime of `pid` and its live child processes (a supervisor's workers, TIDEPOOL_WORKERS) in
+ * µs; resolution 1/CLK_TCK s (10 ms on most kernels).
+ */
 export const cpuTimeUs = (pid: number): number => {
+  let total = ownCpuTimeUs(pid)
+  for (const child of childrenOf(pid)) total += ownCpuTimeUs(child)
+  return total
+}
+
+const childrenOf = (pid: number): Array<number> => {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8")
+      .split(" ")
+      .filter((p) => p.trim() !== "")
+      .map(Number)
+  } catch {
+    return []
+  }
+}
+
+const ownCpuTimeUs = (pid: number): number => {
   const stat = readFileSync(`/proc/${pid}/stat`, "utf8")
   // The command name (field 2) may contain spaces; the fields after its closing parenthesis do not.
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")

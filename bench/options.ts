@@ -36,6 +36,8 @@ export interface BenchOptions {
   readonly baseline: string | undefined
   /** The Node.js binary `tidepool-base` runs on. */
   readonly baselineNode: string
+  /** TIDEPOOL_WORKERS of the `tidepool` target (docs/scale-out.md); 1 = one process. */
+  readonly workers: number
 }
 
 /**
@@ -83,6 +85,8 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
   --warmup SECONDS         unmeasured warm-up per target and protocol (default 3; 0 = none)
   --max-connections N      PostgreSQL max_connections (default 300); direct and node-relay runs
                            above N - 2 * pool - 10 clients are skipped
+  --workers N              TIDEPOOL_WORKERS for the tidepool target (default 1): a supervisor and
+                           N workers sharing the pool; CPU is the supervisor's plus its workers'
   --out FILE               also write the report to FILE
   --connect                login costs instead of the matrix: CPU per new connection
                            (pgbench -S -C), per refused login, RSS per idle client
@@ -150,7 +154,8 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
     maxConnections: positiveInteger("max-connections", values["max-connections"] ?? "300"),
     out: values.out,
     baseline: values.baseline === undefined ? undefined : path.resolve(values.baseline),
-    baselineNode: values["baseline-node"] ?? systemNode()
+    baselineNode: values["baseline-node"] ?? systemNode(),
+    workers: positiveInteger("workers", values.workers ?? "1")
   })
 }
 
@@ -189,6 +194,7 @@ const parse = (argv: ReadonlyArray<string>) =>
       out: { type: "string" },
       baseline: { type: "string" },
       "baseline-node": { type: "string" },
+      workers: { type: "string" },
       help: { type: "boolean", short: "h" }
     }
   })

@@ -216,7 +216,8 @@ const bench = (options: BenchOptions) =>
           tenant: TENANT,
           poolSize: options.pool,
           maxClients,
-          mode: options.mode
+          mode: options.mode,
+          workers: options.workers
         })
         targets.push({ name, ...tidepool })
       } else if (name === "tidepool-base") {

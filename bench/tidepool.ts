@@ -26,6 +26,8 @@ export interface TidepoolOptions {
   readonly label?: string
   /** Extra Node.js flags (e.g. `--cpu-prof`), before `--import tsx`. */
   readonly nodeFlags?: ReadonlyArray<string>
+  /** TIDEPOOL_WORKERS (`--workers`); 1 = one process. */
+  readonly workers?: number
 }
 
 export interface RunningTidepool {
@@ -71,7 +73,13 @@ const launch = async (dir: string, options: TidepoolOptions) => {
     [...(options.nodeFlags ?? []), "--import", "tsx", "src/main.ts", "serve", "--config", config],
     {
       cwd: options.dir ?? ROOT,
-      env: { ...process.env, TIDEPOOL_LOG_FORMAT: "json", ...tidepoolEnv(dir, session, transaction, api) },
+      env: {
+        ...process.env,
+        TIDEPOOL_LOG_FORMAT: "json",
+        ...tidepoolEnv(dir, session, transaction, api),
+        // The supervisor says when every worker listens, at info level.
+        ...((options.workers ?? 1) > 1 ? { TIDEPOOL_WORKERS: String(options.workers), TIDEPOOL_LOG_LEVEL: "info" } : {})
+      },
       stdio: ["ignore", "pipe", "pipe"]
     }
   )
@@ -88,7 +96,24 @@ const launch = async (dir: string, options: TidepoolOptions) => {
   child.once("error", (error) => {
     finished = `${options.node ?? process.execPath}: ${error.message}`
   })
-  return { child, port: options.mode === "transaction" ? transaction : session, exited: () => finished }
+  let all = ""
+  const allListening = new Promise<void>((resolve) => {
+    if ((options.workers ?? 1) <= 1) return resolve()
+    const look = (chunk: Buffer) => {
+      all += chunk.toString()
+      if (/workers listening/.test(all)) {
+        child.stdout!.off("data", look)
+        resolve()
+      }
+    }
+    child.stdout!.on("data", look)
+  })
+  return {
+    child,
+    port: options.mode === "transaction" ? transaction : session,
+    exited: () => finished,
+    allListening
+  }
 }
 
 const ROOT = fileURLToPath(new URL("..", import.meta.url))
@@ -134,6 +159,13 @@ export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTi
             })
           : error
       )
+    )
+    // Worker mode: worker 1 answers first; the run starts once every worker listens.
+    yield* Effect.promise(() => launched.allListening).pipe(
+      Effect.timeoutOrElse({
+        duration: 120_000,
+        orElse: () => Effect.fail(new BenchError({ message: "Tidepool's workers did not all start within 120 s" }))
+      })
     )
     return { endpoint, pid: launched.child.pid! }
   })
