@@ -4,9 +4,11 @@ import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { ownerOf } from "../../src/cluster/index.ts"
+import { callApi } from "../support/api.ts"
 import { type CliProcess, runCli } from "../support/cli.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { TEST_JWT_SECRET } from "../support/tidepool.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 /**
@@ -22,6 +24,7 @@ let db: PostgresServer
 let dir: string
 let cli: CliProcess
 let port: number
+let apiPort: number
 
 /** The pool's servers as PostgreSQL sees them (the sampler's own connection is the superuser's). */
 const serversNow = async (): Promise<number> =>
@@ -70,10 +73,12 @@ beforeAll(async () => {
     ].join("\n")
   )
   port = await freePort()
+  apiPort = await freePort()
   cli = runCli(["serve", "--config", config], {
     PROXY_PORT_TRANSACTION: String(port),
     PROXY_PORT_SESSION: String(await freePort()),
-    PORT: String(await freePort()),
+    PORT: String(apiPort),
+    API_JWT_SECRET: TEST_JWT_SECRET,
     TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
     TIDEPOOL_DATA_DIR: path.join(dir, "data"),
     TIDEPOOL_WORKERS: "3",
@@ -207,5 +212,30 @@ describe("TIDEPOOL_WORKERS=3", () => {
     expect(max).toBeLessThanOrEqual(POOL)
     // Only clients of the killed worker lost their connection (30 at most, each once or so).
     for (const f of failures) expect(f).toMatch(/terminated|ECONNRESET|ECONNREFUSED|closed/i)
+  }, 60_000)
+
+  it("a ban through the HTTP API (worker 1) ends the tenant's clients on every worker", async () => {
+    const clients = await Promise.all(Array.from({ length: 9 }, client))
+    const owners = new Set(clients.map((c) => ownerOf((c as unknown as { processID: number }).processID)))
+    // Nine connections on three workers all landing on one: a 1 in 2 000 event.
+    expect(owners.size).toBeGreaterThan(1)
+    const outcomes = clients.map((c) =>
+      c.query("SELECT pg_sleep(20)").then(
+        () => "completed",
+        (e: Error) => e.message
+      )
+    )
+    for (;;) {
+      const rows = await db.query(
+        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'"
+      )
+      if (rows.length === clients.length) break
+    }
+    const ban = await callApi({ apiPort }, "PATCH", "/api/tenants/acme", {
+      body: { banned: true, ban_reason: "abuse" }
+    })
+    expect(ban.status).toBe(200)
+    expect(await Promise.all(outcomes)).toEqual(clients.map(() => "(EBANNED) tenant is banned: abuse"))
+    await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
   }, 60_000)
 })
