@@ -1,6 +1,6 @@
 import { type ChildProcess, fork } from "node:child_process"
 import * as net from "node:net"
-import { Deferred, Effect } from "effect"
+import { Console, Deferred, Effect } from "effect"
 import type { AppConfigShape } from "../config/index.ts"
 import { Ledger } from "./Ledger.ts"
 import { type BackendRef, ownerOf, type ToSupervisor, type ToWorker, WORKER_ENV } from "./messages.ts"
@@ -55,6 +55,13 @@ const cancelBackend = (backend: BackendRef, timeoutMs: number): Promise<void> =>
  */
 export const supervise = (config: AppConfigShape) =>
   Effect.gen(function* () {
+    if (config.transactionPort === 0 || config.sessionPort === 0 || config.apiPort === 0) {
+      // Each worker would bind a port of its own: clients could not reach them all on one.
+      yield* Console.error(
+        "tidepool: TIDEPOOL_WORKERS > 1 needs fixed ports: PROXY_PORT_TRANSACTION, PROXY_PORT_SESSION and PORT cannot be 0"
+      )
+      return yield* Effect.sync(() => process.exit(1))
+    }
     const context = yield* Effect.context<never>()
     const log = (level: "info" | "warning" | "error", message: string) =>
       Effect.runSyncWith(context)(
