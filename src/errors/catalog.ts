@@ -322,6 +322,25 @@ export const catalog = {
     text: () => "terminating connection due to administrator command",
     meaning: "The pooler is shutting down (SIGTERM) and the drain timeout ended while the client was connected.",
     remedy: "Reconnect; a restarted or another pooler node takes the connection."
+  }),
+  ELISTENLOST: entry({
+    sqlstate: "08006",
+    severity: fatal,
+    prefix: true,
+    text: (reason: string) => `listening connection lost, notifications may have been missed: ${reason}`,
+    meaning:
+      "Transaction mode: the pool's listening connection (the one that LISTENs for its clients, docs/session-state.md) ended: the database restarted, `pg_terminate_backend`, a network failure. Notifications sent meanwhile cannot be recovered, so every client that was listening is told and its LISTENs are dropped.",
+    remedy:
+      "Reconnect and LISTEN again, then re-read whatever the notifications were about (postgres.js `sql.listen` does both by itself); the next LISTEN opens a new listening connection."
+  }),
+  ELISTENFAILED: entry({
+    sqlstate: "08006",
+    severity: "ERROR",
+    prefix: true,
+    text: (reason: string) => reason,
+    meaning:
+      "Transaction mode: a LISTEN could not take effect on the pool's listening connection: it could not be opened (`could not open the listening connection: …`, SQLSTATE 08006), or PostgreSQL refused the LISTEN (its own SQLSTATE and message are passed on, e.g. `25006` on a standby). The client is not subscribed to that channel; its connection stays usable.",
+    remedy: "Check the database's availability and logs, then LISTEN again."
   })
 } as const
 
