@@ -2,6 +2,7 @@ import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
 import { LatencyHistogram } from "./Histogram.ts"
+import { ListenHub } from "./ListenHub.ts"
 import { StatementRegistry } from "./StatementRegistry.ts"
 
 export type PoolMode = "transaction" | "session"
@@ -400,10 +401,25 @@ export class TenantPool {
     if (this.waiters.length > 0) this.grow(now)
   }
 
+  private hub: ListenHub | undefined = undefined
+
+  /**
+   * LISTEN/NOTIFY for this pool's clients: one more connection, opened on the first LISTEN and not
+   * counted in `size` (docs/session-state.md#listen--notify).
+   */
+  get listenHub(): ListenHub {
+    if (this.hub === undefined) {
+      this.hub = new ListenHub(() => this.settings.target, this.runFork)
+      if (this.closed) this.hub.close()
+    }
+    return this.hub
+  }
+
   /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */
   close(): void {
     if (this.closed) return
     this.closed = true
+    this.hub?.close()
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
     if (this.retryTimer !== undefined) clearTimeout(this.retryTimer)
     for (const w of this.waiters.splice(0))
