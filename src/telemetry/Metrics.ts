@@ -379,6 +379,34 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
         tenant
       )
       if (tenant === undefined) {
+        const { admission } = events
+        out.family(
+          "tidepool_client_connections",
+          "gauge",
+          "Client connections open on both ports, logged in or not (TIDEPOOL_MAX_CLIENT_CONNECTIONS caps them)."
+        )
+        out.sample("tidepool_client_connections", "", admission.open)
+        out.family(
+          "tidepool_client_handshakes",
+          "gauge",
+          "Client connections accepted and not yet authenticated (TIDEPOOL_MAX_HANDSHAKES caps them)."
+        )
+        out.sample("tidepool_client_handshakes", "", admission.handshaking)
+        out.family(
+          "tidepool_client_connections_refused_total",
+          "counter",
+          "Connections refused as soon as they were accepted, by the limit that refused them."
+        )
+        out.sample(
+          "tidepool_client_connections_refused_total",
+          '{reason="max_client_connections"}',
+          admission.refusedClients
+        )
+        out.sample(
+          "tidepool_client_connections_refused_total",
+          '{reason="max_handshakes"}',
+          admission.refusedHandshakes
+        )
         const active = new Set(registry.all().map((p) => p.settings.tenant))
         out.family("tidepool_tenants_active", "gauge", "Tenants with at least one live pool.")
         out.sample("tidepool_tenants_active", "", active.size)
