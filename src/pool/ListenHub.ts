@@ -4,7 +4,7 @@ import { TidepoolError, tidepoolError } from "../errors/index.ts"
 import { connect, type ServerConnection, type ServerHandler, type UpstreamTarget } from "../upstream/index.ts"
 
 /**
- * LISTEN/NOTIFY for transaction-mode clients (docs/session-state.md#listen--notify). A client's
+ * LISTEN/NOTIFY for transaction-mode clients (docs/session-state.md#listen-and-notify). A client's
  * server changes with every transaction, so no pooled server can listen for it: each pool with
  * listeners keeps one more connection of its own that LISTENs on the union of its subscribers'
  * channels and hands every NotificationResponse to the channel's subscribers.
@@ -61,7 +61,7 @@ type State = "idle" | "connecting" | "open" | "closed"
 /**
  * The listening connection of one pool (tenant, database, user, mode). Opened on the first
  * subscription, closed `lingerMs` after the last subscriber left; it is not one of the pool's
- * `pool_size` servers (docs/session-state.md#listen--notify says why).
+ * `pool_size` servers (docs/session-state.md#listen-and-notify says why).
  */
 export class ListenHub {
   private state: State = "idle"

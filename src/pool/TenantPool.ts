@@ -405,7 +405,7 @@ export class TenantPool {
 
   /**
    * LISTEN/NOTIFY for this pool's clients: one more connection, opened on the first LISTEN and not
-   * counted in `size` (docs/session-state.md#listen--notify).
+   * counted in `size` (docs/session-state.md#listen-and-notify).
    */
   get listenHub(): ListenHub {
     if (this.hub === undefined) {
