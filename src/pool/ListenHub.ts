@@ -230,7 +230,6 @@ export class ListenHub {
     const target = this.target()
     this.runFork(
       connect(target).pipe(
-        Effect.withSpan("pool.listen_connect", { attributes: { "db.user": target.user, "db.name": target.database } }),
         Effect.exit,
         Effect.tap((exit) =>
           Effect.sync(() => {
@@ -357,7 +356,10 @@ export class ListenHub {
   private lost(reason: string): void {
     if (this.state !== "open") return
     this.connectionsLost++
-    this.failAll(tidepoolError("ELISTENLOST", reason), true)
+    // PostgreSQL's FATAL (`terminating connection due to administrator command`) says more than the close.
+    const server = this.server
+    const why = server?.terminating === true && server.lastErrorMessage !== undefined ? server.lastErrorMessage : reason
+    this.failAll(tidepoolError("ELISTENLOST", why), true)
   }
 
   /**

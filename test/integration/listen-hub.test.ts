@@ -245,7 +245,9 @@ describe("ListenHub", () => {
     expect(a.lost).toHaveLength(1)
     expect(b.lost).toHaveLength(1)
     expect(a.lost[0]).toMatchObject({ code: "ELISTENLOST", sqlstate: "08006", severity: "FATAL" })
-    expect(a.lost[0]!.message).toContain("notifications may have been missed")
+    expect(a.lost[0]!.message).toBe(
+      "listening connection lost, notifications may have been missed: terminating connection due to administrator command"
+    )
     expect(hub.subscriberCount).toBe(0)
     expect(hub.channels(a)).toEqual([])
 
