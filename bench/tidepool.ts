@@ -24,6 +24,8 @@ export interface TidepoolOptions {
   readonly node?: string
   /** Names it in messages. */
   readonly label?: string
+  /** Extra environment (e.g. TIDEPOOL_MAX_HANDSHAKES for a storm), over the defaults below. */
+  readonly env?: Readonly<Record<string, string>>
   /** Extra Node.js flags (e.g. `--cpu-prof`), before `--import tsx`. */
   readonly nodeFlags?: ReadonlyArray<string>
 }
@@ -71,7 +73,12 @@ const launch = async (dir: string, options: TidepoolOptions) => {
     [...(options.nodeFlags ?? []), "--import", "tsx", "src/main.ts", "serve", "--config", config],
     {
       cwd: options.dir ?? ROOT,
-      env: { ...process.env, TIDEPOOL_LOG_FORMAT: "json", ...tidepoolEnv(dir, session, transaction, api) },
+      env: {
+        ...process.env,
+        TIDEPOOL_LOG_FORMAT: "json",
+        ...tidepoolEnv(dir, session, transaction, api),
+        ...options.env
+      },
       stdio: ["ignore", "pipe", "pipe"]
     }
   )
