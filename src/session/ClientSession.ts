@@ -1,4 +1,5 @@
 import type * as net from "node:net"
+import type { BlockList } from "node:net"
 import { Cause, Effect, Exit, type Fiber, References } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
@@ -7,6 +8,7 @@ import {
   authenticateClient,
   CircuitBreaker,
   type ClientCredentials,
+  inSpan,
   matchUsers
 } from "../auth/index.ts"
 import {
@@ -62,6 +64,22 @@ const applySettings = (server: ServerConnection, settings: ReadonlyMap<string, s
   return change.sql === ""
     ? Effect.void
     : server.simpleQuery(change.sql).pipe(Effect.tap(() => Effect.sync(change.commit)))
+}
+
+const ROOT = { root: true } as const
+
+/**
+ * A tenant's allow list as a BlockList, built once per list: the cached tenant keeps the same array
+ * until it changes, so a login only checks its address.
+ */
+const allowLists = new WeakMap<ReadonlyArray<string>, BlockList>()
+const allowListFor = (tenant: Tenant): BlockList => {
+  let list = allowLists.get(tenant.allow_list)
+  if (list === undefined) {
+    list = allowListOf(tenant.allow_list)
+    allowLists.set(tenant.allow_list, list)
+  }
+  return list
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
@@ -127,11 +145,9 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
       Effect.flatMap((startup) => {
         if (startup === undefined) return Effect.void // a CancelRequest, handled
         const parent = clientTraceParent(startup)
-        return session(startup).pipe(
-          Effect.withSpan("client.session", parent === undefined ? { root: true } : { parent })
-        )
+        return session(startup).pipe(inSpan("client.session", parent === undefined ? ROOT : { parent }))
       }),
-      Effect.catch((error) => fail(error).pipe(Effect.withSpan("client.session", { root: true }))),
+      Effect.catch((error) => fail(error).pipe(inSpan("client.session", ROOT))),
       Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
       Effect.ensuring(Effect.sync(() => client.socket.destroySoon()))
     )
@@ -221,7 +237,7 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
     const ban = banOf(tenant)
     if (ban !== undefined) return yield* refuse(ban)
     // Before the user lookup, so an address outside the allow list learns nothing about the users.
-    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip)) {
+    if (!isAllowed(allowListFor(tenant), log.peer_ip)) {
       return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
     }
     const users = matchUsers(tenant, identity.user)
