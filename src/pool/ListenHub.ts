@@ -75,6 +75,8 @@ export class ListenHub {
   /** Bytes of a message split across reads (copied: a server's chunk may be a view of a reused buffer). */
   private rest: Buffer | undefined = undefined
   private lingerTimer: NodeJS.Timeout | undefined = undefined
+  /** Where the current connection (open or opening) goes. */
+  private connectedTo: UpstreamTarget | undefined = undefined
   /** Bumped whenever a connection is given up, so a connect that lands late is closed. */
   private generation = 0
   /** NotificationResponses received, and delivered to subscribers (one per subscriber). */
@@ -171,6 +173,24 @@ export class ListenHub {
   }
 
   /**
+   * The pool's tenant changed. If its database is elsewhere now (host, port, database, user or TLS),
+   * the connection is given up (TLS options are compared as on or off): a connect in flight starts again at the new place, and an open one
+   * counts as lost — notifications sent to the new place until now were missed (a failover), so its
+   * subscribers get ELISTENLOST. Other changes (a new password, pool sizes) keep it.
+   */
+  retarget(): void {
+    const old = this.connectedTo
+    if (old === undefined || samePlace(old, this.target())) return
+    if (this.state === "connecting") {
+      this.generation++
+      this.open()
+    } else if (this.state === "open") {
+      this.connectionsLost++
+      this.failAll(tidepoolError("ELISTENLOST", "the tenant's database settings changed"), true)
+    }
+  }
+
+  /**
    * The pool is closing (shutdown, tenant deleted): its clients are being ended for that reason, so
    * subscribers are dropped without `onLost`; LISTENs still in flight fail with ESERVERCLOSED.
    */
@@ -228,6 +248,7 @@ export class ListenHub {
     this.state = "connecting"
     const generation = this.generation
     const target = this.target()
+    this.connectedTo = target
     this.runFork(
       connect(target).pipe(
         Effect.exit,
@@ -402,6 +423,7 @@ export class ListenHub {
     this.stopLinger()
     const server = this.server
     this.server = undefined
+    this.connectedTo = undefined
     this.rest = undefined
     this.inflight.length = 0
     this.outbox = []
@@ -429,6 +451,13 @@ export class ListenHub {
     if (this.state === "open" && this.channelsBySubscriber.size === 0) this.dropConnection("no listeners left")
   }
 }
+
+const samePlace = (a: UpstreamTarget, b: UpstreamTarget): boolean =>
+  a.host === b.host &&
+  a.port === b.port &&
+  a.database === b.database &&
+  a.user === b.user &&
+  (a.tls === undefined) === (b.tls === undefined)
 
 /** `"name"`, with embedded quotes doubled: any channel name, exactly, whatever its case. */
 export const quoteIdentifier = (name: string): string => `"${name.replaceAll('"', '""')}"`

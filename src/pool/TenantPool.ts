@@ -185,6 +185,7 @@ export class TenantPool {
     this.parameters = undefined
     this.knownSettings.clear()
     for (const server of this.busy) this.stale.add(server)
+    this.hub?.retarget()
     for (const server of this.idle.splice(0)) {
       server.handler = undefined
       this.closeCounted(server, "tenant reconfigured", false)

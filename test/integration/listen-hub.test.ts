@@ -277,6 +277,30 @@ describe("ListenHub", () => {
     expect(hub.subscriberCount).toBe(0)
   })
 
+  it("gives the connection up when the pool's tenant moves to another database address, and keeps it otherwise", async () => {
+    let current = target(proxyPort())
+    const hub = new ListenHub(() => current, runFork)
+    const a = recorder()
+    await listen(hub, "moving", a)
+    const server = hub.connection
+    current = { ...target(proxyPort()), password: Redacted.make("a new password") }
+    hub.retarget()
+    expect(hub.connection).toBe(server)
+    expect(a.lost).toHaveLength(0)
+    // The same database reached directly, not through the proxy: another address, as after a failover.
+    current = target(db.port)
+    hub.retarget()
+    expect(a.lost).toMatchObject([{ code: "ELISTENLOST" }])
+    expect(a.lost[0]!.message).toContain("the tenant's database settings changed")
+    const before = connections
+    await listen(hub, "moving", a)
+    expect(connections).toBe(before)
+    expect(hub.connection!.target.port).toBe(db.port)
+    await notify("moving", "at the new address")
+    await within("the notification", () => a.messages.length === 1)
+    hub.close()
+  })
+
   it("closes the connection when the last subscriber has been gone for the linger time", async () => {
     const hub = new ListenHub(() => target(proxyPort()), runFork, 50)
     const a = recorder()
