@@ -56,10 +56,11 @@ export const describeStatement = (serverNameZ: Buffer): Buffer => {
 
 /**
  * What PostgreSQL compares when it re-plans a prepared statement (`cached plan must not change
- * result type`), read from the RowDescription at [`pos`, `next`) of `data` (or a NoData): the
- * number of columns and each one's name, type and type modifier. The table and column a field comes
- * from, and its format, are left out: a table dropped and created again with the same columns gives
- * the same result type.
+ * result type`: `equalTupleDescs`, `equalRowTypes` from version 17), read from the RowDescription
+ * at [`pos`, `next`) of `data` (or a NoData): the number of columns and each one's name, type and
+ * type modifier. The table and column a field comes from, and its format, are left out: a table
+ * dropped and created again with the same columns gives the same result type. A column's
+ * collation, which PostgreSQL compares too, is not in the message.
  */
 export const resultTypeKey = (data: Buffer, pos: number, next: number): string => {
   if (data[pos] !== Backend.RowDescription) return "n"

@@ -285,6 +285,15 @@ describe("a named statement used again after DDL changed its table, on a server 
     expect(expected.slice(-6)).toEqual(["2", "D 1,10", "D 2,20", "C SELECT 2", "Z I", "--"])
   })
 
+  it("a column renamed: 0A000, as directly (PostgreSQL compares column names too)", async () => {
+    await compare("one", "renamed", [
+      { send: prepareAndUse("s", "SELECT * FROM renamed ORDER BY id") },
+      { send: fill("renamed") },
+      { sql: "ALTER TABLE renamed RENAME COLUMN x TO y" },
+      { send: use("s") }
+    ])
+  })
+
   it("dropped and created again with the same columns runs, as directly", async () => {
     await compare("one", "recreated", [
       { send: prepareAndUse("s", "SELECT id, x FROM recreated ORDER BY id") },
