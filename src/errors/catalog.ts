@@ -349,7 +349,7 @@ export const catalog = {
     prefix: true,
     text: (reason: string) => `listening connection lost, notifications may have been missed: ${reason}`,
     meaning:
-      "Transaction mode: the pool's listening connection (the one that LISTENs for its clients, docs/session-state.md) ended: the database restarted, `pg_terminate_backend`, a network failure. Notifications sent meanwhile cannot be recovered, so every client that was listening is told and its LISTENs are dropped.",
+      "Transaction mode: the pool's listening connection (the one that LISTENs for its clients, docs/session-state.md) ended: the database restarted, `pg_terminate_backend`, a network failure, or the tenant's database address changed (a failover). Notifications sent meanwhile cannot be recovered, so every client that was listening is told and its LISTENs are dropped.",
     remedy:
       "Reconnect and LISTEN again, then re-read whatever the notifications were about (postgres.js `sql.listen` does both by itself); the next LISTEN opens a new listening connection."
   }),
