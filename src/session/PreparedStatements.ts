@@ -104,6 +104,11 @@ const FAILED = TxStatus.Failed
  * server→client side follows every reply message through the queue, drops what the pooler asked
  * for, and inserts what it made up, forwarding the rest zero-copy.
  *
+ * Every Parse the pooler sends is followed by a hidden Describe, so it knows what each copy returns;
+ * a client's use of a statement whose result type it has, on a copy not known to return that type, is
+ * held for one round trip while a fresh copy is described, and answered as PostgreSQL would answer
+ * the client on its own connection (`use`, `resume`; docs/prepared-statements.md, "After DDL").
+ *
  * It also watches CommandComplete tags for SQL-level `PREPARE`: such a statement lives only on the
  * server that ran it, so the client is pinned to that server until it deallocates it (`pinned`).
  * `DEALLOCATE ALL` and `DISCARD ALL` clear both the client's statements and what the pooler knows
