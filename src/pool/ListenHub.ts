@@ -25,6 +25,12 @@ export type ListenDone = (error: TidepoolError | undefined) => void
 /** How long the connection stays open once nobody listens, so a client that re-LISTENs finds it. */
 export const LISTEN_LINGER_MS = 5_000
 
+/**
+ * The connection only reads, so a network path that died without a reset would go unnoticed (and
+ * notifications silently missed) for the system's keepalive time, two hours by default on Linux.
+ */
+const KEEPALIVE_MS = 30_000
+
 /** PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes, and notifications carry the truncated name. */
 const MAX_IDENTIFIER_BYTES = 63
 
@@ -271,6 +277,7 @@ export class ListenHub {
     this.server = server
     this.rest = undefined
     server.handler = this.handler
+    server.socket.setKeepAlive(true, KEEPALIVE_MS)
     const queued = this.outbox
     this.outbox = []
     if (queued.length > 0) this.write(queued)
