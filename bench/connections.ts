@@ -35,7 +35,7 @@ import pg from "pg"
 import { startPostgres } from "../test/support/postgres.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
-import { systemNode, UsageError } from "./options.ts"
+import { type PoolMode, systemNode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
@@ -79,6 +79,8 @@ export interface ConnectOptions {
   /** pgbench clients running through the wave. */
   readonly waveClients: number
   readonly pool: number
+  /** Tidepool's port and PgBouncer's pool_mode; session mode fits only the -C run (clients ≤ pool). */
+  readonly mode: PoolMode
   readonly out: string | undefined
 }
 
@@ -105,8 +107,24 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
                        0 skips)
   --wave-clients N     pgbench clients running through the wave (default 4)
   --pool N             pool size (default 20)
+  --mode MODE          transaction (default) or session: Tidepool's port, PgBouncer's pool_mode;
+                       session mode serves at most --pool clients, so use it for -C alone
   --out FILE           also write the report to FILE
 `
+
+const modeOf = (raw: string | boolean | undefined): PoolMode => {
+  if (raw === undefined || raw === "transaction" || raw === "session") return raw ?? "transaction"
+  throw new UsageError(`--mode: expected transaction or session, got ${JSON.stringify(raw)}`)
+}
+
+/** This process's open-files limit (the soft one, which Node raised to the hard one at start). */
+const openFilesLimit = (): number => {
+  const line = readFileSync("/proc/self/limits", "utf8")
+    .split("\n")
+    .find((l) => l.startsWith("Max open files"))
+  const soft = line?.slice("Max open files".length).trim().split(/\s+/)[0]
+  return soft === undefined || soft === "unlimited" ? Number.POSITIVE_INFINITY : Number(soft)
+}
 
 export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions | undefined => {
   let values: Record<string, string | boolean | undefined>
@@ -129,6 +147,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         wave: { type: "string" },
         "wave-clients": { type: "string" },
         pool: { type: "string" },
+        mode: { type: "string" },
         out: { type: "string" },
         help: { type: "boolean", short: "h" }
       }
@@ -157,6 +176,15 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
   if (targets.includes("tidepool-base") && baseline === undefined) {
     throw new UsageError("--targets tidepool-base needs --baseline DIR")
   }
+  // Each client is a descriptor here and one in the pooler, whose limit is inherited from this process.
+  const crowd = Math.max(count("idle", 10_000, 0), count("storm", 10_000, 0), count("wave", 1000, 0))
+  const limit = openFilesLimit()
+  if (crowd + 1000 > limit) {
+    throw new UsageError(
+      `${crowd} clients need an open-files limit above ${crowd + 1000} (this process and the poolers have ${limit}): ` +
+        `raise it (ulimit -Hn / ulimit -n, prlimit, LimitNOFILE=; docs/benchmarks.md) or lower --idle/--storm/--wave`
+    )
+  }
   return {
     targets: [...new Set(targets)] as Array<ConnectTarget>,
     baseline,
@@ -172,6 +200,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     wave: count("wave", 1000, 0),
     waveClients: count("wave-clients", 4),
     pool: count("pool", 20),
+    mode: modeOf(values.mode),
     out: values.out === undefined ? undefined : String(values.out)
   }
 }
@@ -592,7 +621,7 @@ const render = (
     `Run ${startedAt.toISOString()} (${minutes.toFixed(1)} min), ${options.repeat === 1 ? "1 run" : `median of ${options.repeat} interleaved runs`} per target; ` +
       `pgbench -S -C -c ${options.clients} -j 2 for ${options.duration} s; ${options.refused} refused logins per kind, ` +
       `${options.concurrency} at a time; ${options.idle} idle clients; ${options.storm} arriving at once; ` +
-      `${options.wave} disconnecting under pgbench -S -c ${options.waveClients}; pool ${options.pool}, transaction port.`,
+      `${options.wave} disconnecting under pgbench -S -c ${options.waveClients}; pool ${options.pool}, ${options.mode} mode.`,
     "",
     ...machine.map((item) => `- ${item}`),
     "",
@@ -761,14 +790,14 @@ export const connections = (options: ConnectOptions) =>
                 authSecret: rolpassword,
                 poolSize: options.pool,
                 maxClients,
-                mode: "transaction"
+                mode: options.mode
               })
             : yield* startTidepool({
                 upstream: direct,
                 tenant: TENANT,
                 poolSize: options.pool,
                 maxClients,
-                mode: "transaction",
+                mode: options.mode,
                 // The node-wide limits sized to the run, as PgBouncer's max_client_conn is (and it
                 // has no handshake cap): the storm measures logins, not refusals.
                 env: {

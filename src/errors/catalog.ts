@@ -329,7 +329,7 @@ export const catalog = {
     prefix: true,
     text: (limit: number) => `sorry, too many clients already (this node's limit: ${limit})`,
     meaning:
-      "The node already holds `TIDEPOOL_MAX_CLIENT_CONNECTIONS` client connections (both ports, every tenant, logged in or not). Sent as soon as the connection is accepted, before its startup packet is read, with PostgreSQL's SQLSTATE for too many connections; connections already open are not affected.",
+      "The node already holds `TIDEPOOL_MAX_CLIENT_CONNECTIONS` client connections (both ports, every tenant, logged in or not). Checked as soon as the connection is accepted; the error answers its first packet, which is not parsed, with PostgreSQL's SQLSTATE for too many connections; connections already open are not affected.",
     remedy:
       'Close idle clients, spread them over more nodes, or raise `TIDEPOOL_MAX_CLIENT_CONNECTIONS` together with the open-files limit and the memory it needs (docs/configuration.md, "Limits that protect the node").'
   }),
@@ -339,7 +339,7 @@ export const catalog = {
     prefix: true,
     text: (limit: number) => `too many connections logging in at once (this node's limit: ${limit}); retry shortly`,
     meaning:
-      "`TIDEPOOL_MAX_HANDSHAKES` connections were already accepted and not yet authenticated: a login storm. Sent as soon as the connection is accepted, before its startup packet is read; logged-in clients are not affected.",
+      "`TIDEPOOL_MAX_HANDSHAKES` connections were already accepted and not yet authenticated: a login storm. Checked as soon as the connection is accepted; the error answers its first packet, which is not parsed; logged-in clients are not affected.",
     remedy:
       "Retry after a short, jittered delay; open connections gradually (a driver pool's minimum size, a connect rate limit); raise `TIDEPOOL_MAX_HANDSHAKES` if the node has CPU to spare."
   }),

@@ -4,11 +4,12 @@ import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
 import { type ErrorCode, renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { PoolMode } from "../pool/index.ts"
-import { TxStatus } from "../protocol/index.ts"
+import { GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TxStatus } from "../protocol/index.ts"
 import { clientSession, type RegisteredSession, SessionRegistry } from "../session/index.ts"
 // Not re-exported by telemetry's index yet (owned elsewhere); the listener is its only provider.
 import { HandshakeSlot } from "../telemetry/EventCounters.ts"
 import { EventCounters } from "../telemetry/index.ts"
+import { DownstreamTls } from "../tls/index.ts"
 
 export class ListenError extends Data.TaggedError("ListenError")<{ readonly message: string }> {}
 
@@ -90,6 +91,8 @@ const REFUSED_LINGER_MS = 1000
 const REFUSAL_LOG_INTERVAL_MS = 10_000
 
 const ignore = () => {}
+
+const NO = Buffer.from("N")
 
 /** At most this many sessions are named in one log line; the rest are counted. */
 const NAMED = 20
@@ -173,6 +176,7 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
     )
 
     const events = yield* EventCounters
+    const downstreamTls = yield* DownstreamTls
     const { admission } = events
     const services = yield* Effect.context<never>()
     const fork = Effect.runForkWith(services)
@@ -187,11 +191,29 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
       let unlogged = 0
       return (socket: net.Socket): void => {
         socket.on("error", ignore)
-        // Written before anything is read, so the answer does not depend on what the client sent
-        // first; what it did send is then read and dropped until it closes (see REFUSED_LINGER_MS).
-        socket.end(response)
         socket.setTimeout(REFUSED_LINGER_MS, () => socket.destroy())
-        socket.resume()
+        // Answered on the client's first bytes, never parsed further: libpq (15.10, 16.6, 17.2 and
+        // later) shows no server text that answers its SSLRequest, and sslmode=prefer is its
+        // default. So a TLS or GSS request is declined as a normal connection's would be, and the
+        // error answers the next packet, the StartupMessage (libpq rejects bytes that come with
+        // the `N`). With client TLS configured an SSLRequest gets the error at once: a TLS
+        // handshake per refusal would cost what the limit protects, and `N` would mislead
+        // sslmode=require.
+        const answer = (first: Buffer) => {
+          const request = first.length >= 8 && first.readInt32BE(0) === 8 ? first.readInt32BE(4) : 0
+          if (
+            request === GSSENC_REQUEST_CODE ||
+            (request === SSL_REQUEST_CODE && downstreamTls.context() === undefined)
+          ) {
+            socket.write(NO)
+            socket.once("data", answer)
+            return
+          }
+          socket.end(response)
+          // Whatever else arrives is dropped until the client closes (see REFUSED_LINGER_MS).
+          socket.resume()
+        }
+        socket.once("data", answer)
         events.error(undefined, code)
         unlogged++
         const now = Date.now()

@@ -5,9 +5,11 @@ import { Effect } from "effect"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { LeanClient, ScramKeyCache, ServerError } from "../../bench/leanClient.ts"
+import { startupMessage } from "../../src/protocol/index.ts"
 import { EventCounters } from "../../src/telemetry/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
+import { hasTool, run } from "../support/tools.ts"
 import { errorFields, loginUntilOk, Wire } from "../support/wire.ts"
 
 // Connection storms: thousands of concurrent SCRAM logins all succeed; beyond the node's limits
@@ -17,6 +19,7 @@ import { errorFields, loginUntilOk, Wire } from "../support/wire.ts"
 // to the pooler, not to 2,000 PBKDF2 derivations.
 
 const PASSWORD = "storm-secret"
+const hasPsql = await hasTool("psql")
 
 /**
  * Both ends of every connection are in this process (Tidepool runs in-process): two descriptors per
@@ -72,9 +75,13 @@ const target = (tidepool: RunningTidepool) => ({
 const admission = (tidepool: RunningTidepool) =>
   tidepool.runtime.runPromise(Effect.map(EventCounters, (events) => ({ ...events.admission })))
 
-/** What a refused connection receives without sending a byte: the ErrorResponse, then the close. */
+/**
+ * What a refused connection receives for its StartupMessage: the ErrorResponse, then the close,
+ * with no authentication request before it (the packet itself is never parsed).
+ */
 const refusalOf = async (port: number): Promise<Record<string, string>> => {
   const wire = await Wire.connect(port)
+  wire.socket.write(startupMessage({ user: "app.storm", database: "postgres" }))
   const message = await wire.next()
   expect(message.type).toBe("E")
   await expect(wire.next()).rejects.toThrow("connection closed")
@@ -129,6 +136,17 @@ describe("login storms", () => {
       )
     )
     const silent = await refusalOf(tight.transactionPort)
+    // libpq asks for TLS first (sslmode=prefer): the refusal is its answer, and psql reports it.
+    const psql = hasPsql
+      ? await run("psql", [
+          `postgresql://app.storm:${PASSWORD}@127.0.0.1:${tight.transactionPort}/postgres?sslmode=prefer`,
+          "-c",
+          "select 1"
+        ]).then(
+          () => "connected",
+          (error: { stderr: string }) => error.stderr
+        )
+      : undefined
     storming = false
     await running
 
@@ -137,13 +155,13 @@ describe("login storms", () => {
         `53300 (EMAXHANDSHAKES) too many connections logging in at once (this node's limit: ${HANDSHAKES}); retry shortly`
       ])
     )
-    // Written before the startup packet: this client sent nothing at all.
     expect(silent).toMatchObject({ S: "FATAL", C: "53300" })
     expect(silent.M).toMatch(/^\(EMAXHANDSHAKES\)/)
+    if (psql !== undefined) expect(psql).toContain("(EMAXHANDSHAKES) too many connections logging in at once")
     expect(ran).toBeGreaterThan(0)
     expect((await runner.query("select 1 as one")).rows[0].one).toBe(1)
     await Promise.all(idle.map((client) => client.query("select 1")))
-    expect(await admission(tight)).toMatchObject({ handshaking: HANDSHAKES, refusedHandshakes: 201 })
+    expect(await admission(tight)).toMatchObject({ handshaking: HANDSHAKES, refusedHandshakes: hasPsql ? 202 : 201 })
 
     // A login that succeeds frees its slot before its AuthenticationOk is sent: after these, the
     // cap has room again, with no waiting on the pooler.
