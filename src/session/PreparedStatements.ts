@@ -491,12 +491,8 @@ export class PreparedStatements {
       )
       return false
     }
-    const registry = this.pool.statements
     const resultType = statement.resultType
-    if (
-      this.verdict === statement ||
-      (resultType === undefined && statement.usedAt >= 0 && registry.staleSince(statement.serverName, statement.usedAt))
-    ) {
+    if (this.verdict === statement) {
       // Its result type changed since PostgreSQL fixed it for this client: on its own connection
       // PostgreSQL would refuse it too. Once: from now on the client gets the statement as it is now.
       this.verdict = undefined
@@ -575,7 +571,14 @@ export class PreparedStatements {
     this.holdStatement = undefined
     const fresh = this.cache.describedOf(statement.serverName)
     const resultType = statement.resultType
-    if (fresh !== undefined && resultType !== undefined && fresh.resultType !== resultType) this.verdict = statement
+    if (fresh !== undefined && resultType !== undefined && fresh.resultType !== resultType) {
+      this.verdict = statement
+      // Copies prepared before the change, on any server, are stale: prepared afresh before their next
+      // use (a client that has no result type for the statement takes the type as it is now). This
+      // fresh copy is not.
+      this.pool.statements.markStale(statement.serverName)
+      this.cache.renew(statement.serverName)
+    }
     const held = this.held
     this.held = []
     for (let i = 0; i < held.length; i++) this.feed(server, held[i]!)

@@ -81,6 +81,20 @@ export class ServerStatementCache {
     return description
   }
 
+  /**
+   * The server's copy of `serverName` was prepared after the statement went stale (`markStale` came
+   * later, from what this copy showed): stamped anew, so it stays current, with its description.
+   */
+  renew(serverName: string): void {
+    const stamp = this.table.get(serverName)
+    if (stamp === undefined || stamp === UNSURE) return
+    const renewed = this.registry.tick()
+    this.table.set(serverName, renewed)
+    const table = descriptions.get(this.table)
+    const found = table?.get(serverName)
+    if (found !== undefined && found.stamp === stamp) table!.set(serverName, { ...found, stamp: renewed })
+  }
+
   /** The stamp of the server's copy, if the pooler believes it has one. */
   stampOf(serverName: string): number | undefined {
     return this.table.get(serverName)

@@ -73,7 +73,8 @@ describe("ServerStatementCache", () => {
   })
 
   it("a copy's description holds for that copy only: prepared again, closed or unsure, it is unknown", () => {
-    const { cache } = setup()
+    const ctx = setup()
+    const { cache } = ctx
     const params = Buffer.from([0x74, 0, 0, 0, 6, 0, 0])
     prepare(cache, "a")
     expect(cache.describedOf("a")).toBeUndefined()
@@ -84,6 +85,16 @@ describe("ServerStatementCache", () => {
     cache.described("a", "T1|x:25:-1", params)
     cache.unsure("a")
     expect(cache.describedOf("a")).toBeUndefined()
+    prepare(cache, "a")
+    cache.described("a", "T1|x:25:-1", params)
+    // Stale pool-wide after it was described, renewed: current, its description kept.
+    const { registry } = ctx
+    registry.markStale("a")
+    expect(cache.holdsCurrent("a")).toBe(false)
+    cache.renew("a")
+    expect(cache.holdsCurrent("a")).toBe(true)
+    expect(cache.describedOf("a")?.resultType).toBe("T1|x:25:-1")
+    cache.unsure("a")
     // Never recorded for a copy the server may not hold.
     expect(cache.described("a", "n", params)).toBeUndefined()
     cache.detach()
