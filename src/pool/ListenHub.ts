@@ -179,10 +179,11 @@ export class ListenHub {
   }
 
   /**
-   * The pool's tenant changed. If its database is elsewhere now (host, port, database, user or TLS),
-   * the connection is given up (TLS options are compared as on or off): a connect in flight starts again at the new place, and an open one
-   * counts as lost — notifications sent to the new place until now were missed (a failover), so its
-   * subscribers get ELISTENLOST. Other changes (a new password, pool sizes) keep it.
+   * The pool's tenant changed. If its database is elsewhere now (host, port, database, user, or TLS
+   * turned on or off), the connection is given up: a connect in flight starts again at the new
+   * place, and an open one counts as lost — notifications sent to the new place until now were
+   * missed (a failover), so its subscribers get ELISTENLOST. Other changes (a new password, pool
+   * sizes) keep it.
    */
   retarget(): void {
     const old = this.connectedTo
