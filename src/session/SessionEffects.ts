@@ -95,7 +95,14 @@ const anyWord = (text: Uint8Array, start: number, end: number, next: number, sto
       return wordIs(text, start, end, "hold") ? PROBE : 0
     case 0x70: // p
       if (wordIs(text, start, end, "prepare")) return PROBE
-      if (length > 11 && wordHas(text, start, end, "advisory")) {
+      // pg_advisory_…, pg_try_advisory_…: look inside only words that start that way.
+      if (
+        length > 11 &&
+        lower(text[start + 1]!) === 0x67 &&
+        text[start + 2] === 0x5f &&
+        (lower(text[start + 3]!) === 0x61 || lower(text[start + 3]!) === 0x74) &&
+        wordHas(text, start, end, "advisory")
+      ) {
         if (wordHas(text, start, end, "_xact_")) return 0
         return wordHas(text, start, end, "unlock") ? PROBE | UNPIN : PROBE
       }
