@@ -21,8 +21,10 @@ const PROBE_REST =
   " EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable)," +
   " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
 
+// Only settings a session can SET: the rest (is_superuser, …) follow from them and cannot be replayed.
 const SESSION_SETTINGS =
-  "SELECT name, pg_catalog.current_setting(name, true) AS value FROM pg_catalog.pg_settings WHERE source = 'session'"
+  "SELECT name, pg_catalog.current_setting(name, true) AS value FROM pg_catalog.pg_settings" +
+  " WHERE source = 'session' AND context IN ('user', 'superuser')"
 
 const quoteLiteral = (value: string): string => `'${value.replace(/'/g, "''")}'`
 
@@ -31,8 +33,12 @@ const quoteLiteral = (value: string): string => `'${value.replace(/'/g, "''")}'`
  * client named (`customSettingNames`) are asked for by name; one reset to its empty default reads
  * as unset.
  */
-export const sessionProbe = (customNames: ReadonlySet<string> | undefined): string => {
-  let settings = SESSION_SETTINGS
+export const sessionProbe = (customNames: ReadonlySet<string> | undefined, loginUser: string): string => {
+  // role and session_authorization are not listed in pg_settings either; each reads as unset at its
+  // login value ("none"; the user the server logged in as).
+  let settings =
+    `${SESSION_SETTINGS} UNION ALL SELECT 'role', NULLIF(pg_catalog.current_setting('role'), 'none')` +
+    ` UNION ALL SELECT 'session_authorization', NULLIF(pg_catalog.current_setting('session_authorization'), ${quoteLiteral(loginUser)})`
   if (customNames !== undefined && customNames.size > 0) {
     const names = [...customNames].map(quoteLiteral).join(", ")
     settings += ` UNION ALL SELECT n, NULLIF(pg_catalog.current_setting(n, true), '') FROM pg_catalog.unnest(ARRAY[${names}]::text[]) AS n`

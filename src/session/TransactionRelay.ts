@@ -18,7 +18,7 @@ import {
 import { LISTENS, PROBE, sessionEffects, UNPIN, unlistenTargets } from "./SessionEffects.ts"
 import { customSettingNames, type ProbeResult, probeResult, STATEMENT_TIMEOUT, sessionProbe } from "./SessionProbe.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, settingsChange, settingsKey } from "./settings.ts"
+import { adoptSettings, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
 
 const { Producer, Sync, Terminate, Opens } = ClientMessage
 const { Parse: PARSE, Bind: BIND, Query: QUERY } = Frontend
@@ -672,7 +672,7 @@ export class TransactionRelay {
   private probe(server: ServerConnection): void {
     this.probing = true
     this.effects = 0
-    server.probe(sessionProbe(this.customSettings), this.onProbed)
+    server.probe(sessionProbe(this.customSettings, server.target.user), this.onProbed)
   }
 
   private readonly onProbed = (rows: ReadonlyArray<ReadonlyArray<string | null>>): void => {
@@ -721,11 +721,16 @@ export class TransactionRelay {
       this.changesAtAttach = server.parameterChanges
       changed = true
     }
+    // Reported settings a relay follows (settings.ts); a reported one it does not follow
+    // (session_authorization, default_transaction_read_only) is treated like any other.
     const reported = new Set<string>()
-    for (const name of server.parameters.keys()) reported.add(name.toLowerCase())
+    for (const name of server.parameters.keys()) {
+      const lower = name.toLowerCase()
+      if (TRACKED_PARAMETERS.includes(lower)) reported.add(lower)
+    }
     for (const [name, value] of probed) {
       if (reported.has(name)) continue
-      if (server.settings.get(name) !== value || !server.unreported.has(name)) server.applied(name, value)
+      if (server.settings.get(name) !== value || !server.unreported.has(name)) server.applied(name, value, false)
       if (settings.get(name) !== value) {
         settings.set(name, value)
         changed = true

@@ -76,7 +76,9 @@ export const settingsChange = (server: ServerConnection, desired: ReadonlyMap<st
   return {
     sql: first + (calls === "" ? resets.slice(2) : calls + resets),
     commit: () => {
-      for (const [name, value] of set) server.applied(name, value)
+      // Followed only if tracked and reported (search_path is tracked, but reported only from PostgreSQL 18).
+      for (const [name, value] of set)
+        server.applied(name, value, TRACKED_PARAMETERS.includes(name) ? undefined : false)
       for (const name of reset) server.unapplied(name)
     }
   }

@@ -398,12 +398,19 @@ export class ServerConnection {
     for (const [name, value] of this.parameters) this.settings.set(name.toLowerCase(), value)
   }
 
-  /** The pooler set `name` (lower-cased) on this server. */
-  applied(name: string, value: string): void {
+  /**
+   * The pooler set `name` (lower-cased) on this server, or learnt that a client did. `followed`: a
+   * relay learns of its changes from ParameterStatus, so it needs no RESET for the next client;
+   * by default, whether PostgreSQL reports it.
+   */
+  applied(name: string, value: string, followed?: boolean): void {
     this.syncedTo = undefined
     this.settings.set(name, value)
-    let reported = false
-    for (const key of this.parameters.keys()) if (key.toLowerCase() === name) reported = true
+    let reported = followed
+    if (reported === undefined) {
+      reported = false
+      for (const key of this.parameters.keys()) if (key.toLowerCase() === name) reported = true
+    }
     if (reported) this.unreported.delete(name)
     else this.unreported.add(name)
   }

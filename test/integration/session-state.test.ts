@@ -137,6 +137,24 @@ describe("session state in transaction mode", () => {
     }
   })
 
+  it("SET ROLE and SET SESSION AUTHORIZATION stay with the client that ran them", async () => {
+    await db.query("DO $$ BEGIN CREATE ROLE other; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    const a = await client("solo")
+    const b = await client("solo")
+    try {
+      await a.query("SET ROLE other")
+      expect(await one(b, "SELECT current_user AS u")).toEqual({ u: "app" })
+      expect(await one(a, "SELECT current_user AS u")).toEqual({ u: "other" })
+      await a.query("RESET ROLE")
+      await a.query("SET SESSION AUTHORIZATION other")
+      expect(await one(b, "SELECT session_user AS u, current_user AS c")).toEqual({ u: "app", c: "app" })
+      expect(await one(a, "SELECT session_user AS u")).toEqual({ u: "other" })
+    } finally {
+      await a.end()
+      await b.end()
+    }
+  })
+
   it("a session advisory lock pins its client until it is unlocked, or the client leaves", async () => {
     const a = await client("pair")
     const b = await client("pair")
