@@ -64,7 +64,8 @@ const READY_IDLE = readyForQuery("I")
  *    Query/Execute (whose ReadyForQuery comes after CopyDone/CopyFail) or are ignored by the server
  *    outside COPY. So `Q "COPY … FROM STDIN"`, CopyData…, CopyDone releases at its ReadyForQuery;
  * 4. `!partial` — the bytes forwarded end on a message boundary (no half-sent message);
- * 5. the client is not pinned by a SQL-level PREPARE (see below).
+ * 5. no probe of the client's session state is in flight and nothing pins the client to its server
+ *    (see "Session state" below).
  *
  * This is checked after each server chunk has been handed to the client socket (so the final bytes
  * are already queued for the client when the server moves on), after each client chunk (a trailing
@@ -90,6 +91,14 @@ const READY_IDLE = readyForQuery("I")
  * the ones its rewriting changed. A client with no server whose chunk only prepares statements the
  * pool knows is answered without one (`answerAlone`). A client that ran SQL-level PREPARE is pinned
  * to its server until it deallocates (`statements.pinned`).
+ *
+ * ## Session state (docs/architecture.md#session-state-in-transaction-mode)
+ *
+ * Query and Parse texts are read by `sessionEffects`; when one may have left session state, the
+ * server is not released at the next boundary but asked (`probe`) what the session holds: its
+ * settings become the client's (re-applied wherever it goes next, reset for the next client of this
+ * server), state that cannot move pins the client (`pinReason`), and its LISTENs move to the pool's
+ * ListenHub. Client bytes wait in `queue` while the pooler's questions are out.
  */
 export class TransactionRelay {
   private readonly scanner: MessageScanner
