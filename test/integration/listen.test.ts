@@ -105,6 +105,42 @@ describe("LISTEN/NOTIFY on the transaction port, pool of one", () => {
     await b.end()
   })
 
+  it("follows PostgreSQL's transaction rules: a rolled-back LISTEN never listens, notifications wait for the end of the listener's transaction", async () => {
+    const a = await client()
+    const got: Array<{ channel: string; payload: string | undefined }> = []
+    a.on("notification", (m) => got.push({ channel: m.channel, payload: m.payload }))
+    try {
+      await a.query("BEGIN")
+      await a.query("LISTEN rolled_back")
+      await a.query("ROLLBACK")
+      await a.query("BEGIN")
+      await a.query("LISTEN committed")
+      await a.query("COMMIT")
+
+      const hub = (await pool()).listenHub
+      const received = hub.notificationsReceived
+      await a.query("BEGIN")
+      await a.query("INSERT INTO ledger VALUES ('a', 0)")
+      // A holds the pool's only server: these come straight from PostgreSQL.
+      await db.query("NOTIFY rolled_back, 'never'")
+      await db.query("NOTIFY committed, 'after commit'")
+      // The hub has both; A, still in its transaction, must not see them yet (nor ever the first).
+      await within("the hub to receive the notification", () => hub.notificationsReceived >= received + 1)
+      await a.query("SELECT 1")
+      expect(got).toEqual([])
+      await a.query("COMMIT")
+      await within("the notification after A's commit", () => got.length === 1)
+      expect(got).toEqual([{ channel: "committed", payload: "after commit" }])
+
+      // A session hears its own notifications, as on PostgreSQL.
+      await a.query("NOTIFY committed, 'from A itself'")
+      await within("A's own notification", () => got.length === 2)
+      expect(got[1]).toEqual({ channel: "committed", payload: "from A itself" })
+    } finally {
+      await a.end()
+    }
+  })
+
   it("postgres.js: sql.listen receives notifications sent with sql.notify inside transactions, and unlisten stops them", async () => {
     const a = postgres(url(), { max: 1, onnotice: () => undefined })
     const b = postgres(url(), { max: 1, onnotice: () => undefined })
