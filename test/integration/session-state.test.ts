@@ -243,7 +243,7 @@ describe("session state in transaction mode", () => {
     }
   })
 
-  it("random SET / RESET / SET LOCAL / set_config traffic on shared servers never leaks between clients", async () => {
+  it("random SET / RESET / SET LOCAL / set_config traffic and pins on shared servers never leak between clients", async () => {
     // A seeded generator, so a failure can be replayed.
     let seed = 20261206
     const random = (n: number) => {
@@ -269,7 +269,7 @@ describe("session state in transaction mode", () => {
             const name = names[random(names.length)]!
             const value = values[name][random(3)]!
             const set = name === "app.k" ? `SELECT set_config('app.k', '${value}', false)` : `SET ${name} = '${value}'`
-            switch (random(5)) {
+            switch (random(6)) {
               case 0:
                 await c.query(set)
                 model[name] = value
@@ -284,6 +284,20 @@ describe("session state in transaction mode", () => {
                 await c.query(set)
                 await c.query("ROLLBACK")
                 break
+              case 5: {
+                // A pin taken and given up again, among the settings traffic: a temporary table
+                // (only ever this client's) and a session advisory lock.
+                await c.query(`CREATE TEMP TABLE own_${i} AS SELECT ${i} AS owner`)
+                await c.query(`SELECT pg_advisory_lock(${1000 + i})`)
+                const seen = await one(
+                  c,
+                  "SELECT string_agg(relname, ',') AS temps FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+                )
+                expect([i, step, seen]).toEqual([i, step, { temps: `own_${i}` }])
+                await c.query(`DROP TABLE own_${i}`)
+                await c.query(`SELECT pg_advisory_unlock(${1000 + i})`)
+                break
+              }
               case 3:
                 if (name !== "app.k") {
                   await c.query(`RESET ${name}`)
