@@ -284,6 +284,12 @@ const inParallel = async (n: number, concurrency: number, attempt: (i: number) =
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
+/**
+ * Time for the pooler to settle (sockets closed, memory counted) around a crowd of `n` clients:
+ * 3 s for thousands, less for the few of a smoke run (test/e2e/bench.test.ts).
+ */
+const settleMs = (n: number) => Math.min(3_000, 200 + n)
+
 /** The pooler's CPU per refused login, less its idle CPU over the same time. */
 const refusals = async (
   target: Target,
@@ -350,14 +356,14 @@ const connectIdle = async (endpoint: Endpoint, n: number, concurrency: number, o
  * login on the way, and a query on a sample of them afterwards.
  */
 const idleClients = async (target: Target, options: ConnectOptions) => {
-  await sleep(2_000)
+  await sleep(settleMs(options.idle))
   const before = await rssKb(target.pid)
   const from = cpuTimeUs(target.pid)
   const startedAt = performance.now()
   const { clients, errors } = await connectIdle(target.endpoint, options.idle, options.concurrency, 0)
   const connectS = (performance.now() - startedAt) / 1000
   const loginUs = (cpuTimeUs(target.pid) - from) / Math.max(1, clients.length)
-  await sleep(3_000)
+  await sleep(settleMs(options.idle))
   const after = await rssKb(target.pid)
   const connected = clients.length
   // Spread over the whole crowd: the first and the last clients connected are asked alike.
@@ -368,7 +374,7 @@ const idleClients = async (target: Target, options: ConnectOptions) => {
   const sampleMs = performance.now() - sampleStart
   const answered = answers.filter((a) => a.status === "fulfilled").length
   for (const client of clients) client.terminate()
-  await sleep(3_000)
+  await sleep(settleMs(options.idle))
   const note =
     `${connected} of ${options.idle} connected in ${connectS.toFixed(1)} s; RSS ${(before / 1024).toFixed(0)} → ${(after / 1024).toFixed(0)} MiB; ` +
     `a query on ${sample.length} of them: ${answered} answered in ${sampleMs.toFixed(0)} ms` +
@@ -381,7 +387,7 @@ const storm = async (target: Target, options: ConnectOptions, offset: number) =>
   const keys = new ScramKeyCache()
   // One login first, so the generator derives its SCRAM keys before the storm, not during it.
   ;(await LeanClient.login(leanTarget(target.endpoint), keys, sourceAddress(offset))).terminate()
-  await sleep(1_000)
+  await sleep(settleMs(options.storm))
   const clients: Array<LeanClient> = []
   const errors = new Map<string, number>()
   const durations = new Float64Array(options.storm)
@@ -408,7 +414,7 @@ const storm = async (target: Target, options: ConnectOptions, offset: number) =>
   const sorted = durations.subarray(0, ok).sort()
   const p99Ms = ok === 0 ? Number.NaN : sorted[Math.min(ok - 1, Math.ceil(0.99 * ok) - 1)]!
   for (const client of clients) client.terminate()
-  await sleep(3_000)
+  await sleep(settleMs(options.storm))
   const seconds = (last - startedAt) / 1000
   const note =
     `storm: ${ok} of ${options.storm} authenticated, the last after ${seconds.toFixed(2)} s (p99 ${p99Ms.toFixed(0)} ms), ` +
