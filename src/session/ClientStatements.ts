@@ -32,6 +32,8 @@ export interface Statement {
    * then on it takes the type it meets, docs/prepared-statements.md, "After DDL").
    */
   resultType: string | undefined
+  /** The stamp of the last copy found to return `resultType` (the check is skipped for it), -1 for none. */
+  checkedStamp: number
   /** The ParameterDescription PostgreSQL would answer a Describe of it with, once known. */
   params: Buffer | undefined
 }
@@ -134,6 +136,7 @@ export class ClientStatements {
       parsedAt: this.registry.tick(),
       usedAt: -1,
       resultType: undefined,
+      checkedStamp: -1,
       params: undefined
     }
     this.byName.set(name, statement)

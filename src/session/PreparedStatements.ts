@@ -502,7 +502,10 @@ export class PreparedStatements {
     const serverName = statement.serverName
     const stamp = this.cache.stampOf(serverName)
     const current = stamp !== undefined && this.cache.useCurrent(serverName)
-    if (resultType !== undefined && (!current || this.cache.describedOf(serverName)?.resultType !== resultType)) {
+    if (
+      resultType !== undefined &&
+      (!current || (stamp !== statement.checkedStamp && this.cache.describedOf(serverName)?.resultType !== resultType))
+    ) {
       // The client has its statement's result type, and this server has no copy known to return it.
       // A fresh copy returns the type as it is now, which is PostgreSQL's answer only if it is the
       // client's: described first, the request waits for the answer (`resume`). Rare: a statement
@@ -517,6 +520,9 @@ export class PreparedStatements {
         return true
       }
       // An earlier request failed: the server skips this one, as PostgreSQL would.
+    } else if (resultType !== undefined) {
+      // Stamps are the pool's clock: this copy, wherever it is, need not be looked up again.
+      statement.checkedStamp = stamp!
     } else if (!current) {
       this.prepareOn(statement, true)
     } else if (statement.usedAt < 0 && stamp < statement.parsedAt && this.retryWatch.state === RetryState.None) {
@@ -537,6 +543,7 @@ export class PreparedStatements {
   private stale(statement: Statement, kind: Expect.Bind | Expect.Describe): void {
     statement.usedAt = this.pool.statements.now
     statement.resultType = undefined
+    statement.checkedStamp = -1
     const params = kind === Expect.Describe ? statement.params : undefined
     this.pieces.push(DESCRIBE_MISSING)
     this.queue.pushReply(Expect.Fail, params === undefined ? STALE_PLAN : Buffer.concat([params, STALE_PLAN]))
@@ -876,6 +883,7 @@ export class PreparedStatements {
         // The client sees the error: from now on it takes the statement's result type as it is.
         statement.usedAt = this.pool.statements.now
         statement.resultType = undefined
+        statement.checkedStamp = -1
       } else if (code === "26000") {
         // The server lost it behind the pooler's back (SQL DEALLOCATE, DISCARD in a function), or
         // never had it: a hidden Parse earlier in the pipeline met an aborted transaction. Prepared

@@ -11,6 +11,7 @@ const statement = (name: string): Statement => ({
   parsedAt: 1,
   usedAt: -1,
   resultType: undefined,
+  checkedStamp: -1,
   params: undefined
 })
 
