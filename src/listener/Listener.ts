@@ -232,9 +232,10 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
     const refuseHandshakes = refusal("EMAXHANDSHAKES", config.maxHandshakes, "TIDEPOOL_MAX_HANDSHAKES")
 
     /**
-     * The front door's limits, checked before the connection costs anything more than its socket: no
-     * fiber, no buffer, no read. Counted from accept to the session's end; a handshake until the
-     * login succeeds (reported through `HandshakeSlot`) or the session ends.
+     * The front door's limits, checked before the connection costs anything more than its socket:
+     * a refused one gets no fiber and no session state. Counted from accept to the session's end (an
+     * observer of a fiber that already ended runs at once); a handshake until the login succeeds
+     * (reported through `HandshakeSlot`) or the session ends.
      */
     const admit = (socket: net.Socket, mode: PoolMode): void => {
       if (admission.open >= config.maxClientConnections) {
