@@ -349,18 +349,18 @@ export const catalog = {
     prefix: true,
     text: (reason: string) => `listening connection lost, notifications may have been missed: ${reason}`,
     meaning:
-      "Transaction mode: the pool's listening connection (the one that LISTENs for its clients, docs/session-state.md) ended: the database restarted, `pg_terminate_backend`, a network failure, or the tenant's database address changed (a failover). Notifications sent meanwhile cannot be recovered, so every client that was listening is told and its LISTENs are dropped.",
+      "Transaction mode: the pool's listening connection (the one that LISTENs for its clients, docs/session-state.md) ended: the database restarted, `pg_terminate_backend`, a network failure, or the tenant's database address changed (a failover). Notifications sent meanwhile cannot be recovered, so every client that was listening is told and its LISTENs are dropped. Also when a listening client does not read its notifications (more than 100,000 waiting for its transaction to end, or 16 MiB unread in its socket).",
     remedy:
       "Reconnect and LISTEN again, then re-read whatever the notifications were about (postgres.js `sql.listen` does both by itself); the next LISTEN opens a new listening connection."
   }),
   ELISTENFAILED: entry({
     sqlstate: "08006",
-    severity: "ERROR",
+    severity: fatal,
     prefix: true,
     text: (reason: string) => reason,
     meaning:
-      "Transaction mode: a LISTEN could not take effect on the pool's listening connection: it could not be opened (`could not open the listening connection: …`, SQLSTATE 08006), or PostgreSQL refused the LISTEN (its own SQLSTATE and message are passed on, e.g. `25006` on a standby). The client is not subscribed to that channel; its connection stays usable.",
-    remedy: "Check the database's availability and logs, then LISTEN again."
+      "Transaction mode: a LISTEN could not take effect on the pool's listening connection: it could not be opened (`could not open the listening connection: …`, SQLSTATE 08006), or PostgreSQL refused the LISTEN (its own SQLSTATE and message are passed on, e.g. `25006` on a standby). The client's LISTEN had already succeeded on the server that ran it (the move to the listening connection happens at the end of its transaction), so the session ends with this error rather than leave the client believing it listens.",
+    remedy: "Check the database's availability and logs, then reconnect and LISTEN again."
   })
 } as const
 

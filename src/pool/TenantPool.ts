@@ -58,6 +58,10 @@ export class PoolCounters {
   statementsReprepared = 0
   /** … and closed to keep a server within the statement cache size. */
   statementsEvicted = 0
+  /** Transaction mode: clients pinned to their server now (docs/session-state.md). */
+  pinnedClients = 0
+  /** Transaction mode: times a server was asked what a client left in its session (one round trip each). */
+  sessionProbes = 0
   /** Waits of the checkouts that queued (immediate ones are `checkouts - checkoutsWaited`, all 0 s). */
   readonly checkoutWait = new LatencyHistogram()
   /** Transaction mode: how long each transaction held its server. */

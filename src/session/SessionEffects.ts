@@ -75,7 +75,8 @@ const statementWord = (text: Uint8Array, start: number, end: number, next: numbe
     return PROBE
   }
   if (first === 0x72 /* r */ && wordIs(text, start, end, "reset")) return PROBE
-  if (first === 0x64 /* d */ && wordIs(text, start, end, "discard")) return PROBE | UNPIN
+  // DISCARD ALL also ends the session's LISTENs (LISTENS: the relay reads its text for that).
+  if (first === 0x64 /* d */ && wordIs(text, start, end, "discard")) return PROBE | UNPIN | LISTENS
   if (first === 0x6c /* l */) {
     if (wordIs(text, start, end, "listen")) return PROBE | LISTENS
     if (wordIs(text, start, end, "load")) return PROBE
@@ -294,17 +295,18 @@ const dollarCloses = (text: Uint8Array, pos: number, end: number, tagStart: numb
   return true
 }
 
-const UNLISTEN = /(?:^|;)\s*unlisten\s+("(?:[^"]|"")+"|\*|[^\s;]+)/gi
+const UNLISTEN = /(?:^|;)\s*(?:unlisten\s+("(?:[^"]|"")+"|\*|[^\s;]+)|discard\s+all\b)/gi
 
 /**
  * The channels `UNLISTEN` statements in `sql` name, folded as PostgreSQL folds identifiers; `"*"`
- * for `UNLISTEN *`. Only for text flagged `LISTENS` (rare), so it may allocate.
+ * for `UNLISTEN *` and `DISCARD ALL`. Only for text flagged `LISTENS` (rare), so it may allocate.
  */
 export const unlistenTargets = (sql: string): Array<string> => {
   const targets: Array<string> = []
   for (const match of sql.matchAll(UNLISTEN)) {
-    const name = match[1]!
-    if (name === "*") targets.push("*")
+    const name = match[1]
+    if (name === undefined || name === "*")
+      targets.push("*") // DISCARD ALL, UNLISTEN *
     else if (name.startsWith('"')) targets.push(name.slice(1, -1).replace(/""/g, '"'))
     else targets.push(name.toLowerCase())
   }

@@ -23,6 +23,10 @@ import { adoptSettings, settingsChange, settingsKey, TRACKED_PARAMETERS } from "
 const { Producer, Sync, Terminate, Opens } = ClientMessage
 const { Parse: PARSE, Bind: BIND, Query: QUERY } = Frontend
 
+/** Notifications one client may have waiting for its transaction to end, and unread bytes in its socket. */
+const MAX_WAITING_NOTIFICATIONS = 100_000
+const MAX_UNREAD_BYTES = 16 * 1024 * 1024
+
 /** SQL longer than this is not read for session effects: it counts as `PROBE` (one round trip at its boundary). */
 const READ_SQL_MAX = 65_536
 
@@ -681,6 +685,7 @@ export class TransactionRelay {
   private probe(server: ServerConnection): void {
     this.probing = true
     this.effects = 0
+    this.pool.counters.sessionProbes++
     server.probe(sessionProbe(this.customSettings, server.target.user), this.onProbed)
   }
 
@@ -699,7 +704,7 @@ export class TransactionRelay {
   private probed(result: ProbeResult): void {
     const server = this.held
     if (server === undefined || this.ended) return
-    this.pinReason = result.pin
+    this.pin(result.pin)
     this.adoptProbedSettings(server, result.settings)
     const unlistens = this.unlistens
     this.unlistens = undefined
@@ -713,6 +718,14 @@ export class TransactionRelay {
     }
     if (result.channels.length > 0) this.moveListens(server, result.channels)
     else this.resync(server, "")
+  }
+
+  /** Records what pins the client (undefined: nothing), keeping the pool's count of pinned clients. */
+  private pin(reason: string | undefined): void {
+    if ((reason === undefined) !== (this.pinReason === undefined)) {
+      this.pool.counters.pinnedClients += reason === undefined ? -1 : 1
+    }
+    this.pinReason = reason
   }
 
   /**
@@ -847,6 +860,14 @@ export class TransactionRelay {
   private readonly onHubNotification = (message: Buffer): void => {
     try {
       if (this.ended) return
+      if (this.notifications.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
+        // A listener that does not read (or a transaction that never ends) must not grow the process.
+        this.end({
+          _tag: "ClientError",
+          error: tidepoolError("ELISTENLOST", "the client did not read its notifications")
+        })
+        return
+      }
       // PostgreSQL delivers notifications between transactions: while a server is held, they wait.
       if (this.held !== undefined) this.notifications.push(message)
       else if (!this.client.write(message)) this.blockOnClient()
@@ -992,6 +1013,7 @@ export class TransactionRelay {
     this.queue.length = 0
     this.carry.length = 0
     this.notifications.length = 0
+    if (this.pinReason !== undefined) this.pool.counters.pinnedClients-- // its server goes with it (giveBack)
     const subscriber = this.subscriber
     if (subscriber !== undefined) {
       this.subscriber = undefined

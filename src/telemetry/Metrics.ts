@@ -114,6 +114,18 @@ const POOL_METRICS: ReadonlyArray<PoolMetric> = [
     value: (p) => p.counters.checkoutTimeouts
   },
   {
+    name: "tidepool_pool_pinned_clients",
+    type: "gauge",
+    help: "Transaction-mode clients pinned to their server by state that cannot move (advisory lock, temporary table, WITH HOLD cursor, SQL PREPARE).",
+    value: (p) => p.counters.pinnedClients
+  },
+  {
+    name: "tidepool_session_probes_total",
+    type: "counter",
+    help: "Transaction boundaries where a server was asked what a client left in its session (after SET, LISTEN, advisory locks, …).",
+    value: (p) => p.counters.sessionProbes
+  },
+  {
     name: "tidepool_transactions_total",
     type: "counter",
     help: "Transactions completed (transaction mode: one per server release).",

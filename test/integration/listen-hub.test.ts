@@ -323,7 +323,7 @@ describe("ListenHub", () => {
       () => undefined,
       (e: TidepoolError) => e
     )
-    expect(error).toMatchObject({ code: "ELISTENFAILED", sqlstate: "08006", severity: "ERROR" })
+    expect(error).toMatchObject({ code: "ELISTENFAILED", sqlstate: "08006", severity: "FATAL" })
     expect(error!.message).toContain("could not open the listening connection")
     expect(hub.subscriberCount).toBe(0)
     hub.close()

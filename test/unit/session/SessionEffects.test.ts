@@ -63,5 +63,7 @@ describe("sessionEffects", () => {
 
   it("reads UNLISTEN targets as PostgreSQL folds them", () => {
     expect(unlistenTargets('UNLISTEN Foo; unlisten "Bar""x"; select 1; unlisten *')).toEqual(["foo", 'Bar"x', "*"])
+    expect(unlistenTargets("DISCARD ALL")).toEqual(["*"])
+    expect(unlistenTargets("discard plans")).toEqual([])
   })
 })
