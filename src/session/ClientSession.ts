@@ -92,11 +92,17 @@ const poolKey = (tenant: string, user: string, mode: PoolMode, database: string)
  * `shuttingDown` says whether the listeners are draining: a login that completes then is refused
  * with 57P01, like the sessions the drain closes.
  */
-export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: () => boolean = () => false) =>
+export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: () => boolean = NOT_DRAINING) =>
+  // Wrapped here, outside the generator, whose context lives as long as the session: the accepted
+  // socket is replaced by another one at `takeOver` and must not be kept alive by it.
+  serve(new ClientSocket(socket), mode, shuttingDown)
+
+const NOT_DRAINING = () => false
+
+const serve = (client: ClientSocket, mode: PoolMode, shuttingDown: () => boolean) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const events = yield* EventCounters
-    const client = new ClientSocket(socket)
     const log: LogContext = { mode, peer_ip: client.remoteAddress }
     const timedOut = () => Effect.fail(tidepoolError("EAUTHTIMEOUT"))
     const startedAt = Date.now()
