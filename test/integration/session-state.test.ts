@@ -50,13 +50,12 @@ const client = async (alias: string) => {
 const one = async <T = Record<string, unknown>>(c: pg.Client, sql: string): Promise<T> =>
   (await c.query(sql)).rows[0] as T
 
-const busy = (alias: string) =>
+const poolOf = (alias: string) =>
   tidepool.runtime.runPromise(
-    Effect.map(
-      PoolRegistry,
-      (r) => r.all().find((p) => p.settings.key.includes(`\u0000${alias}\u0000transaction`))?.stats.busy ?? 0
-    )
+    Effect.map(PoolRegistry, (r) => r.all().find((p) => p.settings.key.includes(`\u0000${alias}\u0000transaction`)))
   )
+
+const busy = async (alias: string) => (await poolOf(alias))?.stats.busy ?? 0
 
 /**
  * Polls `read` until it returns `want`, failing after a deadline. Needed where the pooler acts just
@@ -170,8 +169,10 @@ describe("session state in transaction mode", () => {
         expect((await one<{ pid: number }>(a, "SELECT pg_backend_pid() AS pid")).pid).toBe(held.pid)
       }
       await eventually(() => busy("pair"), 1, "servers held while A holds the lock")
+      expect((await poolOf("pair"))?.counters.pinnedClients).toBe(1)
       await a.query("SELECT pg_advisory_unlock(42)")
       await eventually(() => busy("pair"), 0, "servers held after the unlock")
+      expect((await poolOf("pair"))?.counters.pinnedClients).toBe(0)
       const got = await one<{ got: boolean }>(b, "SELECT pg_try_advisory_lock(42) AS got")
       expect(got.got).toBe(true)
       // Now B holds it: B is pinned, and leaving releases it (its server is closed, never lent on).
