@@ -309,16 +309,16 @@ const RESERVED_FDS = 1024
 const HEAP_PER_CLIENT = 64 * 1024
 
 /** The open-files limit the process runs with (Node raises the soft limit to the hard one at start). */
-const openFilesLimit = (): number | undefined => {
+const openFilesLimit = (): number => {
   try {
     const line = readFileSync("/proc/self/limits", "utf8")
       .split("\n")
       .find((l) => l.startsWith("Max open files"))
     const soft = line?.slice("Max open files".length).trim().split(/\s+/)[0]
-    return soft === undefined || soft === "unlimited" ? undefined : Number(soft)
+    return soft === undefined || soft === "unlimited" ? Number.POSITIVE_INFINITY : Number(soft)
   } catch {
     // Not Linux: no cap from descriptors, the heap bound still applies.
-    return undefined
+    return Number.POSITIVE_INFINITY
   }
 }
 
@@ -330,11 +330,11 @@ const openFilesLimit = (): number | undefined => {
  * cost; at least 100, so a tiny limit still serves.
  */
 export const defaultMaxClientConnections = (
-  fds: number | undefined = openFilesLimit(),
+  fds: number = openFilesLimit(),
   heapLimit: number = getHeapStatistics().heap_size_limit
 ): number => {
   const byHeap = Math.floor(heapLimit / HEAP_PER_CLIENT)
-  const byFds = fds === undefined ? byHeap : fds - Math.min(RESERVED_FDS, Math.ceil(fds / 4))
+  const byFds = Number.isFinite(fds) ? fds - Math.min(RESERVED_FDS, Math.ceil(fds / 4)) : byHeap
   return Math.max(100, Math.min(byFds, byHeap))
 }
 

@@ -5,6 +5,7 @@ import { Effect } from "effect"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { LeanClient, ScramKeyCache, ServerError } from "../../bench/leanClient.ts"
+import { defaultMaxClientConnections } from "../../src/config/AppConfig.ts"
 import { startupMessage } from "../../src/protocol/index.ts"
 import { EventCounters } from "../../src/telemetry/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
@@ -87,6 +88,18 @@ const refusalOf = async (port: number): Promise<Record<string, string>> => {
   await expect(wire.next()).rejects.toThrow("connection closed")
   return errorFields(message.body)
 }
+
+describe("TIDEPOOL_MAX_CLIENT_CONNECTIONS's default", () => {
+  it("is the open-files limit less a reserve, bounded by the heap at 64 kB a client, at least 100", () => {
+    const GB = 1024 ** 3
+    expect(defaultMaxClientConnections(20_000, 4 * GB)).toBe(20_000 - 1024)
+    expect(defaultMaxClientConnections(1_048_576, 4 * GB)).toBe(65_536)
+    expect(defaultMaxClientConnections(1024, 4 * GB)).toBe(768)
+    expect(defaultMaxClientConnections(Number.POSITIVE_INFINITY, 2 * GB)).toBe(32_768)
+    expect(defaultMaxClientConnections(256, 4 * GB)).toBe(192)
+    expect(defaultMaxClientConnections(64, 4 * GB)).toBe(100)
+  })
+})
 
 describe("login storms", () => {
   it(`${STORM} clients logging in at once all succeed, then each runs a query`, async () => {
