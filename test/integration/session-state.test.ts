@@ -190,7 +190,7 @@ describe("session state in transaction mode", () => {
     }
   })
 
-  it("temporary tables and WITH HOLD cursors pin; dropping or closing them unpins", async () => {
+  it("temporary tables, WITH HOLD cursors and PL/pgSQL-prepared statements pin; dropping, closing or deallocating unpins", async () => {
     const a = await client("pair")
     try {
       await a.query("CREATE TEMP TABLE scratch (x int)")
@@ -202,6 +202,12 @@ describe("session state in transaction mode", () => {
       expect(await one(a, "FETCH c")).toEqual({ one: 1 })
       await a.query("CLOSE c")
       await eventually(() => busy("pair"), 0, "servers held after the cursor closed")
+      // A statement PREPAREd by PL/pgSQL pins too, and EXECUTE finds it on the same server.
+      await a.query("DO $$ BEGIN EXECUTE 'PREPARE by_plpgsql AS SELECT 7 AS seven'; END $$")
+      await eventually(() => busy("pair"), 1, "servers held by a client with a PL/pgSQL-prepared statement")
+      expect(await one(a, "EXECUTE by_plpgsql")).toEqual({ seven: 7 })
+      await a.query("DEALLOCATE by_plpgsql")
+      await eventually(() => busy("pair"), 0, "servers held after DEALLOCATE")
     } finally {
       await a.end()
     }
