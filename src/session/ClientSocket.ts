@@ -244,7 +244,8 @@ export class ClientSocket {
   detach(): Buffer {
     this.socket.off("data", this.onData)
     this.socket.off("close", this.onClose)
-    const rest = this.buffered
+    // An empty view still holds the chunk it was cut from, which the relay would keep alive.
+    const rest = this.buffered.length === 0 ? EMPTY : this.buffered
     this.buffered = EMPTY
     return rest
   }
