@@ -10,9 +10,17 @@
  *   its threads, from schedstat in ns), less what the process spends idle over the same time. Each attempt comes from a loopback address of its own
  *   (127.0.x.y), so Tidepool's per-address breaker (10 wrong passwords block an address) never
  *   trips and every refusal goes through the whole SCRAM exchange;
- * - **idle clients**: `--idle` authenticated clients opened with `pg` and left idle on the pooler's
- *   port of a freshly started (and warmed-up) pooler process; resident memory (VmRSS from /proc)
- *   before and after, divided by the clients.
+ * - **idle clients**: `--idle` authenticated clients opened with the lean client (bench/leanClient.ts:
+ *   SCRAM keys derived once, one raw socket each, from loopback source addresses of their own) and
+ *   left idle on the pooler's port of a freshly started (and warmed-up) pooler process; the time to
+ *   connect them all, resident memory (VmRSS from /proc) before and after, divided by the clients,
+ *   and a query on a sample of them afterwards;
+ * - **storm**: `--storm` clients arriving at once (every connect started in the same tick): the time
+ *   until the last is authenticated, the p99 of a login, the pooler's CPU per login, refusals;
+ * - **disconnect wave**: `pgbench -S -c --wave-clients` running while `--wave` other idle clients
+ *   disconnect at once (Terminate, then FIN, all in the same tick); the p99 and the maximum of the
+ *   running transactions that complete in the second after the wave, against the same second of a
+ *   run without it.
  *
  * The client side runs in this process; only the pooler processes are measured.
  */
@@ -22,12 +30,13 @@ import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { parseArgs } from "node:util"
-import { Effect, type Scope } from "effect"
+import { Effect, Fiber, type Scope } from "effect"
 import pg from "pg"
 import { startPostgres } from "../test/support/postgres.ts"
+import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
-import { systemNode, UsageError } from "./options.ts"
-import { type Endpoint, initPgbench, pgbenchVersion, runPgbench } from "./pgbench.ts"
+import { type PoolMode, systemNode, UsageError } from "./options.ts"
+import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
 import { median } from "./report.ts"
@@ -61,7 +70,17 @@ export interface ConnectOptions {
   readonly idle: number
   /** Logins in flight at once from this process (refused and idle phases). */
   readonly concurrency: number
+  /** Idle clients asked for a query after the idle phase. */
+  readonly sample: number
+  /** Clients arriving at once; 0 skips. */
+  readonly storm: number
+  /** Idle clients that disconnect at once during pgbench; 0 skips. */
+  readonly wave: number
+  /** pgbench clients running through the wave. */
+  readonly waveClients: number
   readonly pool: number
+  /** Tidepool's port and PgBouncer's pool_mode; session mode fits only the -C run (clients ≤ pool). */
+  readonly mode: PoolMode
   readonly out: string | undefined
 }
 
@@ -76,12 +95,36 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
   --clients N          pgbench -C clients (default 8)
   --duration, -T S     seconds of pgbench -C per run (default 10; 0 skips)
   --refused N          refused logins per kind and run (default 600; 0 skips)
-  --idle N             idle clients for the memory figure (default 10000; 0 skips; needs ulimit -n
-                       above N for this process and the poolers)
+  --idle N             idle clients for the memory figure (default 10000; 0 skips; needs an
+                       open-files limit above N for this process and the poolers: see
+                       docs/benchmarks.md)
   --concurrency N      logins in flight at once for --refused and --idle (default 64)
+  --sample N           idle clients that run a query after the idle phase (default 100)
+  --storm N            clients arriving at once: time until all are authenticated (default 10000;
+                       0 skips); Tidepool runs with TIDEPOOL_MAX_HANDSHAKES ≥ N, like PgBouncer,
+                       which has no such cap
+  --wave N             idle clients that disconnect at once while pgbench -S runs (default 1000;
+                       0 skips)
+  --wave-clients N     pgbench clients running through the wave (default 4)
   --pool N             pool size (default 20)
+  --mode MODE          transaction (default) or session: Tidepool's port, PgBouncer's pool_mode;
+                       session mode serves at most --pool clients, so use it for -C alone
   --out FILE           also write the report to FILE
 `
+
+const modeOf = (raw: string | boolean | undefined): PoolMode => {
+  if (raw === undefined || raw === "transaction" || raw === "session") return raw ?? "transaction"
+  throw new UsageError(`--mode: expected transaction or session, got ${JSON.stringify(raw)}`)
+}
+
+/** This process's open-files limit (the soft one, which Node raised to the hard one at start). */
+const openFilesLimit = (): number => {
+  const line = readFileSync("/proc/self/limits", "utf8")
+    .split("\n")
+    .find((l) => l.startsWith("Max open files"))
+  const soft = line?.slice("Max open files".length).trim().split(/\s+/)[0]
+  return soft === undefined || soft === "unlimited" ? Number.POSITIVE_INFINITY : Number(soft)
+}
 
 export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions | undefined => {
   let values: Record<string, string | boolean | undefined>
@@ -99,7 +142,12 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         refused: { type: "string" },
         idle: { type: "string" },
         concurrency: { type: "string" },
+        sample: { type: "string" },
+        storm: { type: "string" },
+        wave: { type: "string" },
+        "wave-clients": { type: "string" },
         pool: { type: "string" },
+        mode: { type: "string" },
         out: { type: "string" },
         help: { type: "boolean", short: "h" }
       }
@@ -128,6 +176,15 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
   if (targets.includes("tidepool-base") && baseline === undefined) {
     throw new UsageError("--targets tidepool-base needs --baseline DIR")
   }
+  // Each client is a descriptor here and one in the pooler, whose limit is inherited from this process.
+  const crowd = Math.max(count("idle", 10_000, 0), count("storm", 10_000, 0), count("wave", 1000, 0))
+  const limit = openFilesLimit()
+  if (crowd + 1000 > limit) {
+    throw new UsageError(
+      `${crowd} clients need an open-files limit above ${crowd + 1000} (this process and the poolers have ${limit}): ` +
+        `raise it (ulimit -Hn / ulimit -n, prlimit, LimitNOFILE=; docs/benchmarks.md) or lower --idle/--storm/--wave`
+    )
+  }
   return {
     targets: [...new Set(targets)] as Array<ConnectTarget>,
     baseline,
@@ -138,7 +195,12 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     refused: count("refused", 600, 0),
     idle: count("idle", 10_000, 0),
     concurrency: count("concurrency", 64),
+    sample: count("sample", 100, 0),
+    storm: count("storm", 10_000, 0),
+    wave: count("wave", 1000, 0),
+    waveClients: count("wave-clients", 4),
     pool: count("pool", 20),
+    mode: modeOf(values.mode),
     out: values.out === undefined ? undefined : String(values.out)
   }
 }
@@ -156,6 +218,17 @@ interface Run {
   unknownTenantUs?: number
   idleBytes?: number
   idleLoginUs?: number
+  /** Seconds to connect all the idle clients. */
+  idleConnectS?: number
+  /** Seconds until the last of the storm's clients was authenticated. */
+  stormS?: number
+  stormP99Ms?: number
+  stormLoginUs?: number
+  /** Running transactions in the second after the wave, and in the same second without it. */
+  waveP99Ms?: number
+  waveMaxMs?: number
+  calmP99Ms?: number
+  calmMaxMs?: number
   notes: Array<string>
 }
 
@@ -211,6 +284,12 @@ const inParallel = async (n: number, concurrency: number, attempt: (i: number) =
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
+/**
+ * Time for the pooler to settle (sockets closed, memory counted) around a crowd of `n` clients:
+ * 3 s for thousands, less for the few of a smoke run (test/e2e/bench.test.ts).
+ */
+const settleMs = (n: number) => Math.min(3_000, 200 + n)
+
 /** The pooler's CPU per refused login, less its idle CPU over the same time. */
 const refusals = async (
   target: Target,
@@ -243,36 +322,170 @@ const refusals = async (
   return { us, note: `${outcomes} in ${(elapsed / 1000).toFixed(1)} s, idle ${(idleRate * 1000).toFixed(0)} µs/s` }
 }
 
-/** Resident memory per idle authenticated client, and the pooler's CPU per login on the way. */
-const idleClients = async (target: Target, options: ConnectOptions) => {
-  await sleep(2_000)
-  const before = await rssKb(target.pid)
-  const clients: Array<pg.Client> = []
+const leanTarget = (endpoint: Endpoint): LeanTarget => ({
+  host: endpoint.host,
+  port: endpoint.port,
+  user: endpoint.user,
+  password: endpoint.password,
+  database: endpoint.database
+})
+
+const outcomeOf = (error: unknown): string =>
+  error instanceof ServerError ? `${error.sqlstate} ${error.message.slice(0, 50)}` : String((error as Error).message)
+
+const counted = (counts: Map<string, number>) => [...counts].map(([code, n]) => `${n} × ${code}`).join(", ")
+
+/** `n` lean clients logged in, `concurrency` at a time, from source addresses `offset` onwards. */
+const connectIdle = async (endpoint: Endpoint, n: number, concurrency: number, offset: number) => {
+  const keys = new ScramKeyCache()
+  const clients: Array<LeanClient> = []
   const errors = new Map<string, number>()
-  const from = cpuTimeUs(target.pid)
-  await inParallel(options.idle, options.concurrency, async (i) => {
-    const client = clientFrom(target.endpoint, sourceAddress(i))
-    client.on("error", () => undefined)
+  await inParallel(n, concurrency, async (i) => {
     try {
-      await client.connect()
-      clients.push(client)
+      clients.push(await LeanClient.login(leanTarget(endpoint), keys, sourceAddress(offset + i)))
     } catch (error) {
-      const code = (error as { code?: string }).code ?? (error as Error).message.slice(0, 60)
-      errors.set(code, (errors.get(code) ?? 0) + 1)
-      await client.end().catch(() => undefined)
+      const outcome = outcomeOf(error)
+      errors.set(outcome, (errors.get(outcome) ?? 0) + 1)
     }
   })
+  return { clients, errors }
+}
+
+/**
+ * Resident memory per idle authenticated client, the time to connect them all, the pooler's CPU per
+ * login on the way, and a query on a sample of them afterwards.
+ */
+const idleClients = async (target: Target, options: ConnectOptions) => {
+  await sleep(settleMs(options.idle))
+  const before = await rssKb(target.pid)
+  const from = cpuTimeUs(target.pid)
+  const startedAt = performance.now()
+  const { clients, errors } = await connectIdle(target.endpoint, options.idle, options.concurrency, 0)
+  const connectS = (performance.now() - startedAt) / 1000
   const loginUs = (cpuTimeUs(target.pid) - from) / Math.max(1, clients.length)
-  await sleep(3_000)
+  await sleep(settleMs(options.idle))
   const after = await rssKb(target.pid)
   const connected = clients.length
-  await Promise.all(clients.map((client) => client.end().catch(() => undefined)))
-  await sleep(3_000)
+  // Spread over the whole crowd: the first and the last clients connected are asked alike.
+  const step = Math.max(1, Math.floor(connected / Math.max(1, options.sample)))
+  const sample = clients.filter((_, i) => i % step === 0).slice(0, options.sample)
+  const sampleStart = performance.now()
+  const answers = await Promise.allSettled(sample.map((client) => client.query("select 1")))
+  const sampleMs = performance.now() - sampleStart
+  const answered = answers.filter((a) => a.status === "fulfilled").length
+  for (const client of clients) client.terminate()
+  await sleep(settleMs(options.idle))
   const note =
-    `${connected} of ${options.idle} connected; RSS ${(before / 1024).toFixed(0)} → ${(after / 1024).toFixed(0)} MiB` +
-    (errors.size === 0 ? "" : `; failed: ${[...errors].map(([code, n]) => `${n} × ${code}`).join(", ")}`)
-  return { bytes: connected === 0 ? Number.NaN : ((after - before) * 1024) / connected, loginUs, note }
+    `${connected} of ${options.idle} connected in ${connectS.toFixed(1)} s; RSS ${(before / 1024).toFixed(0)} → ${(after / 1024).toFixed(0)} MiB; ` +
+    `a query on ${sample.length} of them: ${answered} answered in ${sampleMs.toFixed(0)} ms` +
+    (errors.size === 0 ? "" : `; failed: ${counted(errors)}`)
+  return { bytes: connected === 0 ? Number.NaN : ((after - before) * 1024) / connected, loginUs, connectS, note }
 }
+
+/** `--storm` clients arriving at once: every connect is started in the same tick. */
+const storm = async (target: Target, options: ConnectOptions, offset: number) => {
+  const keys = new ScramKeyCache()
+  // One login first, so the generator derives its SCRAM keys before the storm, not during it.
+  ;(await LeanClient.login(leanTarget(target.endpoint), keys, sourceAddress(offset))).terminate()
+  await sleep(settleMs(options.storm))
+  const clients: Array<LeanClient> = []
+  const errors = new Map<string, number>()
+  const durations = new Float64Array(options.storm)
+  let last = 0
+  const from = cpuTimeUs(target.pid)
+  const startedAt = performance.now()
+  await Promise.all(
+    Array.from({ length: options.storm }, (_, i) =>
+      LeanClient.login(leanTarget(target.endpoint), keys, sourceAddress(offset + 1 + i)).then(
+        (client) => {
+          last = performance.now()
+          durations[clients.length] = last - startedAt
+          clients.push(client)
+        },
+        (error: unknown) => {
+          const outcome = outcomeOf(error)
+          errors.set(outcome, (errors.get(outcome) ?? 0) + 1)
+        }
+      )
+    )
+  )
+  const cpuUs = cpuTimeUs(target.pid) - from
+  const ok = clients.length
+  const sorted = durations.subarray(0, ok).sort()
+  const p99Ms = ok === 0 ? Number.NaN : sorted[Math.min(ok - 1, Math.ceil(0.99 * ok) - 1)]!
+  for (const client of clients) client.terminate()
+  await sleep(settleMs(options.storm))
+  const seconds = (last - startedAt) / 1000
+  const note =
+    `storm: ${ok} of ${options.storm} authenticated, the last after ${seconds.toFixed(2)} s (p99 ${p99Ms.toFixed(0)} ms), ` +
+    `${(cpuUs / Math.max(1, ok)).toFixed(0)} µs pooler CPU per login` +
+    (errors.size === 0 ? "" : `; failed: ${counted(errors)}`)
+  return { seconds: ok === options.storm ? seconds : Number.NaN, p99Ms, loginUs: cpuUs / Math.max(1, ok), note }
+}
+
+const WAVE_AT_S = 4
+const WAVE_RUN_S = 8
+
+/** p99 and maximum (ms) of the transactions completing in [from, from + 1 s). */
+const windowOf = (result: PgbenchResult, from: number) => {
+  const inWindow: Array<number> = []
+  for (let i = 0; i < result.completions.length; i++) {
+    const at = result.completions[i]!
+    if (at >= from && at < from + 1000) inWindow.push(result.latencies[i]! / 1000)
+  }
+  inWindow.sort((a, b) => a - b)
+  const n = inWindow.length
+  return {
+    n,
+    p99: n === 0 ? Number.NaN : inWindow[Math.min(n - 1, Math.ceil(0.99 * n) - 1)]!,
+    max: n === 0 ? Number.NaN : inWindow[n - 1]!
+  }
+}
+
+/**
+ * pgbench -S with `--wave-clients` clients while `--wave` idle clients are connected; after
+ * WAVE_AT_S seconds they disconnect all at once (or, in the calm run, only after pgbench ends).
+ */
+const waveRun = (run: Run, target: Target, options: ConnectOptions, workDir: string) =>
+  Effect.gen(function* () {
+    const measured: Record<"calm" | "wave", ReturnType<typeof windowOf>> = {} as never
+    for (const kind of ["calm", "wave"] as const) {
+      const { clients, errors } = yield* Effect.promise(() =>
+        connectIdle(target.endpoint, options.wave, options.concurrency, 40_000)
+      )
+      if (errors.size > 0) run.notes.push(`wave (${kind}): ${counted(errors)} of the idle clients failed to connect`)
+      const pgbench = yield* Effect.forkChild(
+        runPgbench({
+          endpoint: target.endpoint,
+          protocol: "simple",
+          clients: options.waveClients,
+          threads: 2,
+          durationS: WAVE_RUN_S,
+          connectAllowanceS: 0,
+          workDir,
+          cpuPid: undefined
+        })
+      )
+      yield* Effect.sleep(WAVE_AT_S * 1000)
+      const at = Date.now()
+      if (kind === "wave") for (const client of clients) client.terminate()
+      const result = yield* Fiber.join(pgbench)
+      if (kind === "calm") for (const client of clients) client.terminate()
+      measured[kind] = windowOf(result, at)
+      if (result.problem !== "") run.notes.push(`wave (${kind}): pgbench: ${result.problem.split("\n")[0]}`)
+      yield* Effect.sleep(3_000)
+    }
+    run.waveP99Ms = measured.wave.p99
+    run.waveMaxMs = measured.wave.max
+    run.calmP99Ms = measured.calm.p99
+    run.calmMaxMs = measured.calm.max
+    const note =
+      `wave: ${options.wave} idle clients disconnecting at once under pgbench -S -c ${options.waveClients}: ` +
+      `the second after: p99 ${measured.wave.p99.toFixed(2)} ms, max ${measured.wave.max.toFixed(1)} ms (${measured.wave.n} transactions); ` +
+      `same second without the wave: p99 ${measured.calm.p99.toFixed(2)} ms, max ${measured.calm.max.toFixed(1)} ms (${measured.calm.n})`
+    run.notes.push(note)
+    yield* progress(`  ${target.name}: ${note}`)
+  })
 
 const measure = (
   target: Target,
@@ -293,12 +506,23 @@ const measure = (
       )
       run.idleBytes = idle.bytes
       run.idleLoginUs = idle.loginUs
+      run.idleConnectS = idle.connectS
       run.notes.push(`idle (fresh process): ${idle.note}`)
       yield* progress(
         `  ${target.name}: ${(idle.bytes / 1024).toFixed(1)} kB RSS per idle client, ` +
           `${idle.loginUs.toFixed(0)} µs CPU per login (${idle.note})`
       )
     }
+    if (options.storm > 0) {
+      // Fresh source addresses in every run: no address reused while the last run's are in TIME_WAIT.
+      const result = yield* Effect.promise(() => storm(target, options, 100_000 + (repetition % 2) * 20_000))
+      run.stormS = result.seconds
+      run.stormP99Ms = result.p99Ms
+      run.stormLoginUs = result.loginUs
+      run.notes.push(result.note)
+      yield* progress(`  ${target.name}: ${result.note}`)
+    }
+    if (options.wave > 0) yield* waveRun(run, target, options, workDir)
     return run
   })
 
@@ -390,13 +614,20 @@ const render = (
   const unknown = (run: Run) => run.unknownTenantUs
   const idle = (run: Run) => run.idleBytes
   const login = (run: Run) => run.idleLoginUs
+  const connectAll = (run: Run) => run.idleConnectS
+  const stormS = (run: Run) => run.stormS
+  const waveP99 = (run: Run) => run.waveP99Ms
+  const calmP99 = (run: Run) => run.calmP99Ms
+  const waveRatio = (run: Run) =>
+    run.waveP99Ms === undefined || run.calmP99Ms === undefined ? undefined : run.waveP99Ms / run.calmP99Ms
   const minutes = (Date.now() - startedAt.getTime()) / 60_000
   return [
     "## Login costs: new connections, refused logins, idle clients",
     "",
     `Run ${startedAt.toISOString()} (${minutes.toFixed(1)} min), ${options.repeat === 1 ? "1 run" : `median of ${options.repeat} interleaved runs`} per target; ` +
       `pgbench -S -C -c ${options.clients} -j 2 for ${options.duration} s; ${options.refused} refused logins per kind, ` +
-      `${options.concurrency} at a time; ${options.idle} idle clients; pool ${options.pool}, transaction port.`,
+      `${options.concurrency} at a time; ${options.idle} idle clients; ${options.storm} arriving at once; ` +
+      `${options.wave} disconnecting under pgbench -S -c ${options.waveClients}; pool ${options.pool}, ${options.mode} mode.`,
     "",
     ...machine.map((item) => `- ${item}`),
     "",
@@ -440,12 +671,71 @@ const render = (
     ...(options.idle > 0
       ? [
           ...table(
-            ["target", "RSS kB per idle client", "vs PgBouncer", "vs base", "CPU µs per login (pg, concurrent)"],
+            [
+              "target",
+              "RSS kB per idle client",
+              "vs PgBouncer",
+              "vs base",
+              "CPU µs per login (concurrent)",
+              "s to connect all"
+            ],
             names.map((name) => [
               LABEL[name],
               fmt(metric(name, idle) / 1024, 1),
               ...vs(name, idle),
-              fmt(metric(name, login))
+              fmt(metric(name, login)),
+              fmt(metric(name, connectAll), 1)
+            ])
+          ),
+          ""
+        ]
+      : []),
+    ...(options.storm > 0
+      ? [
+          ...table(
+            [
+              "target",
+              `s until all ${options.storm} arriving at once are authenticated`,
+              "vs PgBouncer",
+              "vs base",
+              "p99 login ms",
+              "CPU µs per login"
+            ],
+            names.map((name) => [
+              LABEL[name],
+              fmt(metric(name, stormS), 2),
+              ...vs(name, stormS),
+              fmt(metric(name, (run) => run.stormP99Ms)),
+              fmt(metric(name, (run) => run.stormLoginUs))
+            ])
+          ),
+          ""
+        ]
+      : []),
+    ...(options.wave > 0
+      ? [
+          ...table(
+            [
+              "target",
+              `p99 ms, ${options.wave} disconnecting`,
+              "p99 ms, calm",
+              "wave / calm",
+              "max ms, wave",
+              "max ms, calm"
+            ],
+            names.map((name) => [
+              LABEL[name],
+              fmt(metric(name, waveP99), 2),
+              fmt(metric(name, calmP99), 2),
+              fmt(metric(name, waveRatio), 2),
+              fmt(
+                metric(name, (run) => run.waveMaxMs),
+                1
+              ),
+              fmt(
+                metric(name, (run) => run.calmMaxMs),
+                1
+              )
             ])
           ),
           ""
@@ -492,7 +782,7 @@ export const connections = (options: ConnectOptions) =>
       database: DATABASE
     }
     yield* initPgbench(direct, 1)
-    const maxClients = Math.max(1100, options.idle + 200)
+    const maxClients = Math.max(1100, options.idle + 200, options.storm + 200, options.wave + 200)
     const [{ rolpassword }] = yield* Effect.promise(() =>
       server.query<{ rolpassword: string }>("SELECT rolpassword FROM pg_authid WHERE rolname = $1", [ROLE])
     )
@@ -506,14 +796,20 @@ export const connections = (options: ConnectOptions) =>
                 authSecret: rolpassword,
                 poolSize: options.pool,
                 maxClients,
-                mode: "transaction"
+                mode: options.mode
               })
             : yield* startTidepool({
                 upstream: direct,
                 tenant: TENANT,
                 poolSize: options.pool,
                 maxClients,
-                mode: "transaction",
+                mode: options.mode,
+                // The node-wide limits sized to the run, as PgBouncer's max_client_conn is (and it
+                // has no handshake cap): the storm measures logins, not refusals.
+                env: {
+                  TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(maxClients),
+                  TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
+                },
                 ...(name === "tidepool-base"
                   ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
                   : {})

@@ -57,6 +57,9 @@ export interface PgbenchResult {
   /** Seconds pgbench measured over: `-T` minus the connection time. */
   readonly measuredS: number
   readonly exitCode: number | null
+  /** Per transaction (same order): latency in µs, completion time in epoch ms (windows of a run). */
+  readonly latencies: Float64Array
+  readonly completions: Float64Array
   /** Last lines of pgbench's stderr when something went wrong, else "". */
   readonly problem: string
 }
@@ -237,6 +240,8 @@ export const runPgbench = (run: PgbenchRun): Effect.Effect<PgbenchResult, BenchE
       connectMs,
       measuredS: duration - connectMs / 1000,
       exitCode: finished.code,
+      latencies: log.latencies,
+      completions: log.completions,
       problem
     }
   }).pipe(Effect.scoped)

@@ -70,6 +70,8 @@ const iniFile = (dir: string, port: number, options: PgBouncerOptions) => {
     "min_pool_size = 0",
     "reserve_pool_size = 0",
     `max_client_conn = ${options.maxClients}`,
+    // As deep as Tidepool's (src/listener): PgBouncer's default 128 would reset a storm's connections.
+    "listen_backlog = 4096",
     "ignore_startup_parameters = extra_float_digits,options",
     // Logging to stderr, which we keep a tail of; nothing per connection.
     "logfile =",

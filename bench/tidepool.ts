@@ -24,6 +24,8 @@ export interface TidepoolOptions {
   readonly node?: string
   /** Names it in messages. */
   readonly label?: string
+  /** Extra environment (e.g. TIDEPOOL_MAX_HANDSHAKES for a storm), over the defaults below. */
+  readonly env?: Readonly<Record<string, string>>
   /** Extra Node.js flags (e.g. `--cpu-prof`), before `--import tsx`. */
   readonly nodeFlags?: ReadonlyArray<string>
   /** TIDEPOOL_WORKERS (`--workers`); 1 = one process. */
@@ -77,6 +79,7 @@ const launch = async (dir: string, options: TidepoolOptions) => {
         ...process.env,
         TIDEPOOL_LOG_FORMAT: "json",
         ...tidepoolEnv(dir, session, transaction, api),
+        ...options.env,
         // The supervisor says when every worker listens, at info level.
         ...((options.workers ?? 1) > 1 ? { TIDEPOOL_WORKERS: String(options.workers), TIDEPOOL_LOG_LEVEL: "info" } : {})
       },

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto"
-import { type Context, Effect, Redacted, Result } from "effect"
+import { type Context, Effect, Redacted, Result, Tracer } from "effect"
 import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import {
@@ -27,6 +27,16 @@ export interface AuthChannel {
 
 const PASSWORD_MESSAGE = Frontend.Password
 
+/**
+ * Runs `self` in a span named `name`, as `Effect.fn(name)` does, without the stack trace
+ * `Effect.fn` and `Effect.withSpan` capture on every call (an Error each, and a stack-frame
+ * context patch): every login pays for them, and the span's name already says where it comes from.
+ */
+export const inSpan =
+  (name: string, options: Tracer.SpanOptions = {}) =>
+  <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+    Effect.useSpan(name, options, (span) => Effect.provideService(self, Tracer.ParentSpan, span))
+
 const expectPasswordMessage = (channel: AuthChannel) =>
   Effect.flatMap(channel.readMessage, (m) =>
     m.type === PASSWORD_MESSAGE
@@ -47,7 +57,7 @@ const expectPasswordMessage = (channel: AuthChannel) =>
  * With `channelBinding` (the TLS connection's tls-server-end-point data) SCRAM-SHA-256-PLUS is
  * offered first, so `channel_binding=require` clients can prove there is no man in the middle.
  */
-export const authenticateScram = Effect.fn("client.auth.scram")(function* (
+export const authenticateScram = Effect.fnUntraced(function* (
   channel: AuthChannel,
   secret: ScramSecret,
   user: string,
@@ -83,7 +93,7 @@ export const authenticateScram = Effect.fn("client.auth.scram")(function* (
   }
   channel.write(authenticationSASLFinal(final.serverFinal))
   return final.clientKey
-})
+}, inSpan("client.auth.scram"))
 
 export { ADDRESS_BLOCKED } from "./CircuitBreaker.ts"
 
@@ -166,7 +176,7 @@ const passThrough = (
  * auth_query secret re-fetches it first: a changed secret means the cache was stale, not the client
  * wrong, and the next attempt uses the new one.
  */
-export const authenticateClient = Effect.fn("client.auth")(
+export const authenticateClient = Effect.fnUntraced(
   function* (
     channel: AuthChannel,
     tenant: Tenant,
@@ -230,7 +240,8 @@ export const authenticateClient = Effect.fn("client.auth")(
     return passThrough(authQuery, tenant.external_id, username)
   },
   Effect.scoped,
-  annotateOutcome
+  annotateOutcome,
+  inSpan("client.auth")
 )
 
 /**
@@ -243,7 +254,7 @@ export const authenticateClient = Effect.fn("client.auth")(
  * client's pools in upstream with the token itself, the database checking it again (e.g. PAM); each
  * token gets its own pools, so one person's token never serves another's connection.
  */
-const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
+const authenticateCleartext = Effect.fnUntraced(function* (
   channel: AuthChannel,
   tenant: Tenant,
   user: User,
@@ -300,4 +311,4 @@ const authenticateCleartext = Effect.fn("client.auth.cleartext")(function* (
     upstream: { user: role, password: Redacted.make(value) },
     followClientTls: true
   } satisfies ClientCredentials
-})
+}, inSpan("client.auth.cleartext"))

@@ -14,6 +14,7 @@ export {
   authenticateClient,
   authenticateScram,
   type ClientCredentials,
+  inSpan,
   matchUsers
 } from "./ClientAuth.ts"
 export { JitApi, looksLikeJwt, looksLikeToken, passwordKeys } from "./Jit.ts"

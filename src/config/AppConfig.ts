@@ -1,5 +1,7 @@
+import { readFileSync } from "node:fs"
 import { isIP } from "node:net"
 import { availableParallelism } from "node:os"
+import { getHeapStatistics } from "node:v8"
 import { Config, ConfigProvider, Context, Effect, Layer, Option, Redacted, Result } from "effect"
 import { ConfigError, type ConfigProblem } from "./ConfigError.ts"
 
@@ -46,6 +48,10 @@ export interface AppConfigShape {
   readonly minPoolSize: number
   /** Pools one tenant may have on this node (EMAXPOOLSREACHED beyond). */
   readonly maxPoolsPerTenant: number
+  /** Client connections open at once on this node, both ports, every tenant (EMAXCLIENTCONNS beyond). */
+  readonly maxClientConnections: number
+  /** Client connections accepted and not yet authenticated (EMAXHANDSHAKES beyond). */
+  readonly maxHandshakes: number
   /** auth_query secrets unused by any login this long are dropped from the cache. */
   readonly authQueryCacheTtlMs: number
   /** How often cached auth_query secrets are re-checked (with jitter); 0 disables the re-check. */
@@ -296,6 +302,45 @@ const listenAddress = (raw: string): Result.Result<string, string> => {
 
 export const logLevels: ReadonlyArray<LogLevel> = ["trace", "debug", "info", "warning", "error", "none"]
 
+/** Descriptors kept back from clients: upstream servers, the tenant store, the HTTP API, logs. */
+const RESERVED_FDS = 1024
+
+/**
+ * Heap a client may cost in the default cap's sum: a client in its handshake (fiber, buffers, SCRAM
+ * state) costs several times an idle one, and a storm is exactly when many are in their handshake.
+ */
+const HEAP_PER_CLIENT = 64 * 1024
+
+/** The open-files limit the process runs with (Node raises the soft limit to the hard one at start). */
+const openFilesLimit = (): number => {
+  try {
+    const line = readFileSync("/proc/self/limits", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith("Max open files"))
+    const soft = line?.slice("Max open files".length).trim().split(/\s+/)[0]
+    return soft === undefined || soft === "unlimited" ? Number.POSITIVE_INFINITY : Number(soft)
+  } catch {
+    // Not Linux: no cap from descriptors, the heap bound still applies.
+    return Number.POSITIVE_INFINITY
+  }
+}
+
+/**
+ * The default client cap: what the process can hold without failing in a worse way. Past the
+ * descriptor limit accept() fails with EMFILE and Node drops connections without a word; past the
+ * heap limit the process dies with every client on it. So: the open-files limit less a reserve
+ * (for servers, the store, the API), and at most the V8 heap limit divided by a handshaking client's
+ * cost; at least 100, so a tiny limit still serves.
+ */
+export const defaultMaxClientConnections = (
+  fds: number = openFilesLimit(),
+  heapLimit: number = getHeapStatistics().heap_size_limit
+): number => {
+  const byHeap = Math.floor(heapLimit / HEAP_PER_CLIENT)
+  const byFds = Number.isFinite(fds) ? fds - Math.min(RESERVED_FDS, Math.ceil(fds / 4)) : byHeap
+  return Math.max(100, Math.min(byFds, byHeap))
+}
+
 const defaultLogFormat = (): LogFormat => (process.stdout.isTTY === true ? "pretty" : "json")
 
 /**
@@ -473,6 +518,24 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     description: "Pools (user × database × mode) one tenant may have on this node",
     default: () => 50,
     parse: integer(1, 100_000, "an integer")
+  },
+  maxClientConnections: {
+    env: "TIDEPOOL_MAX_CLIENT_CONNECTIONS",
+    fileKey: "max_client_connections",
+    type: "integer",
+    description:
+      "Client connections open at once on this node (both ports, every tenant); one more is refused with EMAXCLIENTCONNS. Default: from the file-descriptor limit and the heap limit",
+    default: () => defaultMaxClientConnections(),
+    parse: integer(1, 10_000_000, "an integer")
+  },
+  maxHandshakes: {
+    env: "TIDEPOOL_MAX_HANDSHAKES",
+    fileKey: "max_handshakes",
+    type: "integer",
+    description:
+      "Client connections accepted and not yet authenticated at once; one more is refused with EMAXHANDSHAKES",
+    default: () => 4096,
+    parse: integer(1, 10_000_000, "an integer")
   },
   authQueryCacheTtlMs: {
     env: "TIDEPOOL_AUTH_QUERY_CACHE_TTL",
@@ -773,6 +836,8 @@ const defaults = (): AppConfigShape => ({
   poolShutdownAfterMs: settings.poolShutdownAfterMs.default(),
   minPoolSize: settings.minPoolSize.default(),
   maxPoolsPerTenant: settings.maxPoolsPerTenant.default(),
+  maxClientConnections: settings.maxClientConnections.default(),
+  maxHandshakes: settings.maxHandshakes.default(),
   authQueryCacheTtlMs: settings.authQueryCacheTtlMs.default(),
   authQueryRecheckIntervalMs: settings.authQueryRecheckIntervalMs.default(),
   downstreamCertPath: settings.downstreamCertPath.default(),

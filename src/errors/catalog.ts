@@ -322,6 +322,45 @@ export const catalog = {
     text: () => "terminating connection due to administrator command",
     meaning: "The pooler is shutting down (SIGTERM) and the drain timeout ended while the client was connected.",
     remedy: "Reconnect; a restarted or another pooler node takes the connection."
+  }),
+  EMAXCLIENTCONNS: entry({
+    sqlstate: "53300",
+    severity: fatal,
+    prefix: true,
+    text: (limit: number) => `sorry, too many clients already (this node's limit: ${limit})`,
+    meaning:
+      "The node already holds `TIDEPOOL_MAX_CLIENT_CONNECTIONS` client connections (both ports, every tenant, logged in or not). Checked as soon as the connection is accepted; the error answers its first packet, which is not parsed, with PostgreSQL's SQLSTATE for too many connections; connections already open are not affected.",
+    remedy:
+      'Close idle clients, spread them over more nodes, or raise `TIDEPOOL_MAX_CLIENT_CONNECTIONS` together with the open-files limit and the memory it needs (docs/configuration.md, "Limits that protect the node").'
+  }),
+  EMAXHANDSHAKES: entry({
+    sqlstate: "53300",
+    severity: fatal,
+    prefix: true,
+    text: (limit: number) => `too many connections logging in at once (this node's limit: ${limit}); retry shortly`,
+    meaning:
+      "`TIDEPOOL_MAX_HANDSHAKES` connections were already accepted and not yet authenticated: a login storm. Checked as soon as the connection is accepted; the error answers its first packet, which is not parsed; logged-in clients are not affected.",
+    remedy:
+      "Retry after a short, jittered delay; open connections gradually (a driver pool's minimum size, a connect rate limit); raise `TIDEPOOL_MAX_HANDSHAKES` if the node has CPU to spare."
+  }),
+  ELISTENLOST: entry({
+    sqlstate: "08006",
+    severity: fatal,
+    prefix: true,
+    text: (reason: string) => `listening connection lost, notifications may have been missed: ${reason}`,
+    meaning:
+      "Transaction mode: the pool's listening connection (the one that LISTENs for its clients, docs/session-state.md) ended: the database restarted, `pg_terminate_backend`, a network failure, or the tenant's database address changed (a failover). Notifications sent meanwhile cannot be recovered, so every client that was listening is told and its LISTENs are dropped. Also when a listening client does not read its notifications (more than 100,000 waiting for its transaction to end, or 16 MiB unread in its socket).",
+    remedy:
+      "Reconnect and LISTEN again, then re-read whatever the notifications were about (postgres.js `sql.listen` does both by itself); the next LISTEN opens a new listening connection."
+  }),
+  ELISTENFAILED: entry({
+    sqlstate: "08006",
+    severity: fatal,
+    prefix: true,
+    text: (reason: string) => reason,
+    meaning:
+      "Transaction mode: a LISTEN could not take effect on the pool's listening connection: it could not be opened (`could not open the listening connection: …`, SQLSTATE 08006), or PostgreSQL refused the LISTEN (its own SQLSTATE and message are passed on, e.g. `25006` on a standby). The client's LISTEN had already succeeded on the server that ran it (the move to the listening connection happens at the end of its transaction), so the session ends with this error rather than leave the client believing it listens.",
+    remedy: "Check the database's availability and logs, then reconnect and LISTEN again."
   })
 } as const
 

@@ -2,11 +2,25 @@ import * as net from "node:net"
 import { Context, Data, Effect, FiberSet, Layer, Option } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
+import { type ErrorCode, renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { PoolMode } from "../pool/index.ts"
-import { TxStatus } from "../protocol/index.ts"
+import { GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TxStatus } from "../protocol/index.ts"
 import { clientSession, type RegisteredSession, SessionRegistry } from "../session/index.ts"
+// Not re-exported by telemetry's index yet (owned elsewhere); the listener is its only provider.
+import { HandshakeSlot } from "../telemetry/EventCounters.ts"
+import { EventCounters } from "../telemetry/index.ts"
+import { DownstreamTls } from "../tls/index.ts"
 
 export class ListenError extends Data.TaggedError("ListenError")<{ readonly message: string }> {}
+
+/**
+ * Connections the kernel may hold completed before they are accepted (capped by
+ * net.core.somaxconn). Node's default, 511, overflows in a login storm while the event loop is busy
+ * with logins: the kernel then drops the handshake's last ACK, and clients see their connection
+ * reset or stall for seconds of SYN retries, with no error from us. A deeper queue lets the storm
+ * wait in the kernel, at no cost to us, until it is accepted and admitted or refused with a code.
+ */
+const LISTEN_BACKLOG = 4096
 
 /** Binds a TCP server; a taken port fails start-up naming the variable that moves it. */
 export const listen = (options: {
@@ -27,8 +41,9 @@ export const listen = (options: {
             : `cannot listen on ${options.host}:${options.port} (${options.envVar}): ${err.message}`
         resume(Effect.fail(new ListenError({ message: reason })))
       })
-      server.listen({ host: options.host, port: options.port, reusePort: options.reusePort === true }, () =>
-        resume(Effect.succeed(server))
+      server.listen(
+        { host: options.host, port: options.port, backlog: LISTEN_BACKLOG, reusePort: options.reusePort === true },
+        () => resume(Effect.succeed(server))
       )
     }),
     (server) => Effect.sync(() => server.close())
@@ -67,6 +82,20 @@ const holding = (
     text: `${session.handle.tenant}/${info.user} ${info.address}:${info.port} (${info.pool.settings.mode} mode, ${info.applicationName === "" ? "" : `application_name ${info.applicationName}, `}${state})`
   }
 }
+
+/**
+ * How long a refused connection may stay open after its error was written: long enough for the
+ * client to read it and close first (so the close is a FIN, not a reset that could overtake the
+ * error), short enough that refused connections cannot pile up.
+ */
+const REFUSED_LINGER_MS = 1000
+
+/** At most one warning per limit in this interval while it refuses; the rest are counted. */
+const REFUSAL_LOG_INTERVAL_MS = 10_000
+
+const ignore = () => {}
+
+const NO = Buffer.from("N")
 
 /** At most this many sessions are named in one log line; the rest are counted. */
 const NAMED = 20
@@ -149,15 +178,105 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
       Effect.forkScoped
     )
 
+    const events = yield* EventCounters
+    const downstreamTls = yield* DownstreamTls
+    const { admission } = events
+    const services = yield* Effect.context<never>()
+    const fork = Effect.runForkWith(services)
+
+    /**
+     * A limit's refusal: the ErrorResponse is rendered once, and a warning is logged at most once per
+     * interval with the count since, so a storm costs neither allocations nor a log line per refusal.
+     */
+    const refusal = (code: ErrorCode & ("EMAXCLIENTCONNS" | "EMAXHANDSHAKES"), limit: number, setting: string) => {
+      const response = renderErrorResponse(tidepoolError(code, limit))
+      let loggedAt = 0
+      let unlogged = 0
+      return (socket: net.Socket): void => {
+        socket.on("error", ignore)
+        socket.setTimeout(REFUSED_LINGER_MS, () => socket.destroy())
+        // Answered on the client's first bytes, never parsed further: libpq (15.10, 16.6, 17.2 and
+        // later) shows no server text that answers its SSLRequest, and sslmode=prefer is its
+        // default. So a TLS or GSS request is declined as a normal connection's would be, and the
+        // error answers the next packet, the StartupMessage (libpq rejects bytes that come with
+        // the `N`). With client TLS configured an SSLRequest gets the error at once: a TLS
+        // handshake per refusal would cost what the limit protects, and `N` would mislead
+        // sslmode=require.
+        const answer = (first: Buffer) => {
+          const request = first.length >= 8 && first.readInt32BE(0) === 8 ? first.readInt32BE(4) : 0
+          if (
+            request === GSSENC_REQUEST_CODE ||
+            (request === SSL_REQUEST_CODE && downstreamTls.context() === undefined)
+          ) {
+            socket.write(NO)
+            socket.once("data", answer)
+            return
+          }
+          socket.end(response)
+          // Whatever else arrives is dropped until the client closes (see REFUSED_LINGER_MS).
+          socket.resume()
+        }
+        socket.once("data", answer)
+        events.error(undefined, code)
+        unlogged++
+        const now = Date.now()
+        if (now - loggedAt < REFUSAL_LOG_INTERVAL_MS) return
+        loggedAt = now
+        const count = unlogged
+        unlogged = 0
+        fork(
+          Effect.logWarning(
+            `refusing new connections: ${setting} (${limit}) reached; ${count} refused since the last warning (at most one every ${REFUSAL_LOG_INTERVAL_MS / 1000} s)`
+          ).pipe(Effect.annotateLogs({ code }))
+        )
+      }
+    }
+    const refuseClients = refusal("EMAXCLIENTCONNS", config.maxClientConnections, "TIDEPOOL_MAX_CLIENT_CONNECTIONS")
+    const refuseHandshakes = refusal("EMAXHANDSHAKES", config.maxHandshakes, "TIDEPOOL_MAX_HANDSHAKES")
+
+    /**
+     * The front door's limits, checked before the connection costs anything more than its socket:
+     * a refused one gets no fiber and no session state. Counted from accept to the session's end (an
+     * observer of a fiber that already ended runs at once); a handshake until the login succeeds
+     * (reported through `HandshakeSlot`) or the session ends.
+     */
+    const admit = (socket: net.Socket, mode: PoolMode): void => {
+      if (admission.open >= config.maxClientConnections) {
+        admission.refusedClients++
+        refuseClients(socket)
+        return
+      }
+      if (admission.handshaking >= config.maxHandshakes) {
+        admission.refusedHandshakes++
+        refuseHandshakes(socket)
+        return
+      }
+      admission.open++
+      admission.handshaking++
+      const slot: HandshakeSlot = { done: false }
+      const fiber = run(
+        Effect.provideService(
+          clientSession(socket, mode, () => drained),
+          HandshakeSlot,
+          slot
+        )
+      )
+      fiber.addObserver(() => {
+        admission.open--
+        if (!slot.done) {
+          slot.done = true
+          admission.handshaking--
+        }
+      })
+    }
+
     const door = (mode: PoolMode, port: number, envVar: string) =>
       listen({
         host: config.listenAddr,
         port,
         envVar,
         reusePort: config.workers > 1,
-        onConnection: (socket) => {
-          run(clientSession(socket, mode, () => drained))
-        }
+        onConnection: (socket) => admit(socket, mode)
       })
 
     const transaction = yield* door("transaction", config.transactionPort, "PROXY_PORT_TRANSACTION")

@@ -62,11 +62,6 @@ export class StatementRegistry {
     return stamp > this.floor && stamp > (this.staleAt.get(name) ?? 0)
   }
 
-  /** Whether the statement went stale after tick `at` (a client that used it then saw an older result type). */
-  staleSince(name: string, at: number): boolean {
-    return (this.staleAt.get(name) ?? 0) > at
-  }
-
   /** A server reported the statement's plan stale: every copy prepared until now is. */
   markStale(name: string): void {
     const at = this.tick()

@@ -2,6 +2,7 @@ import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
 import { LatencyHistogram } from "./Histogram.ts"
+import { ListenHub } from "./ListenHub.ts"
 import type { PoolPermits } from "./PermitGate.ts"
 import { StatementRegistry } from "./StatementRegistry.ts"
 
@@ -58,6 +59,10 @@ export class PoolCounters {
   statementsReprepared = 0
   /** … and closed to keep a server within the statement cache size. */
   statementsEvicted = 0
+  /** Transaction mode: clients pinned to their server now (docs/session-state.md). */
+  pinnedClients = 0
+  /** Transaction mode: times a server was asked what a client left in its session (one round trip each). */
+  sessionProbes = 0
   /** Waits of the checkouts that queued (immediate ones are `checkouts - checkoutsWaited`, all 0 s). */
   readonly checkoutWait = new LatencyHistogram()
   /** Transaction mode: how long each transaction held its server. */
@@ -198,6 +203,7 @@ export class TenantPool {
     this.parameters = undefined
     this.knownSettings.clear()
     for (const server of this.busy) this.stale.add(server)
+    this.hub?.retarget()
     for (const server of this.idle.splice(0)) {
       server.handler = undefined
       this.closeCounted(server, "tenant reconfigured", false)
@@ -435,10 +441,25 @@ export class TenantPool {
     }
   }
 
+  private hub: ListenHub | undefined = undefined
+
+  /**
+   * LISTEN/NOTIFY for this pool's clients: one more connection, opened on the first LISTEN and not
+   * counted in `size` (docs/session-state.md#listen-and-notify).
+   */
+  get listenHub(): ListenHub {
+    if (this.hub === undefined) {
+      this.hub = new ListenHub(() => this.settings.target, this.runFork)
+      if (this.closed) this.hub.close()
+    }
+    return this.hub
+  }
+
   /** Stops lending, fails waiters, closes idle servers; busy ones close when released. */
   close(): void {
     if (this.closed) return
     this.closed = true
+    this.hub?.close()
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
     if (this.retryTimer !== undefined) clearTimeout(this.retryTimer)
     for (const w of this.waiters.splice(0))

@@ -16,6 +16,11 @@ export interface MessageScannerOptions {
   /** Message types whose bodies the callback reads, as characters, e.g. "ZSEK". */
   readonly inspect: string
   /**
+   * Inspected bodies longer than this that span reads are not gathered: the callback gets `body`
+   * undefined, as for other types (so a huge message costs no copy). Default: no limit.
+   */
+  readonly inspectMax?: number
+  /**
    * Message types (as characters) never consumed while incomplete at the end of a chunk: `feed`
    * stops at the start of such a message and reports it in `held`/`heldLength`, and the caller feeds
    * those bytes again with more data. A split header is always held then, whatever its type. For
@@ -61,6 +66,7 @@ export class MessageScanner {
   private readonly onMessage: MessageCallback
   private readonly inspected: Uint8Array
   private readonly maxMessageSize: number
+  private readonly inspectMax: number
   private readonly hold: boolean
   private readonly holdTypes: Uint8Array
   private phase = HEADER
@@ -77,6 +83,7 @@ export class MessageScanner {
   constructor(onMessage: MessageCallback, options: MessageScannerOptions) {
     this.onMessage = onMessage
     this.maxMessageSize = options.maxMessageSize
+    this.inspectMax = options.inspectMax ?? Number.POSITIVE_INFINITY
     this.hold = options.hold !== undefined
     this.holdTypes = new Uint8Array(256)
     for (let i = 0; i < (options.hold ?? "").length; i++) this.holdTypes[options.hold!.charCodeAt(i)] = 1
@@ -85,6 +92,11 @@ export class MessageScanner {
       const code = options.inspect.charCodeAt(i)
       if (code < 256) this.inspected[code] = 1
     }
+  }
+
+  /** Starts or stops handing bodies of `type` to the callback (for a reply the caller wants to read). */
+  setInspected(type: number, on: boolean): void {
+    this.inspected[type] = on ? 1 : 0
   }
 
   /** True between messages: no header or body is partly received. */
@@ -180,7 +192,7 @@ export class MessageScanner {
       this.heldLength = length + 1
       return -2
     }
-    if (inspected) {
+    if (inspected && bodyLength <= this.inspectMax) {
       const partial = Buffer.allocUnsafe(bodyLength)
       chunk.copy(partial, 0, bodyPos, end)
       this.partial = partial

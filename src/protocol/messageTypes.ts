@@ -36,6 +36,7 @@ export const Backend = {
   EmptyQueryResponse: 0x49, // I
   ErrorResponse: 0x45, // E
   NoData: 0x6e, // n
+  NotificationResponse: 0x41, // A
   ParameterDescription: 0x74, // t
   ParameterStatus: 0x53, // S
   ParseComplete: 0x31, // 1

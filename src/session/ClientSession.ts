@@ -1,5 +1,6 @@
 import type * as net from "node:net"
-import { Cause, Effect, Exit, type Fiber, References } from "effect"
+import type { BlockList } from "node:net"
+import { Cause, type Context, Effect, Exit, type Fiber, References } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -7,6 +8,7 @@ import {
   authenticateClient,
   CircuitBreaker,
   type ClientCredentials,
+  inSpan,
   matchUsers
 } from "../auth/index.ts"
 import {
@@ -34,7 +36,7 @@ import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
 import { acceptDirectTls, answerSslRequest, tenantBySni } from "./negotiateTls.ts"
-import { SessionRegistry } from "./SessionRegistry.ts"
+import { type IdleProbe, type SessionHandle, type SessionInfo, SessionRegistry } from "./SessionRegistry.ts"
 import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
 import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsChange } from "./settings.ts"
 import { TransactionRelay } from "./TransactionRelay.ts"
@@ -64,6 +66,22 @@ const applySettings = (server: ServerConnection, settings: ReadonlyMap<string, s
     : server.simpleQuery(change.sql).pipe(Effect.tap(() => Effect.sync(change.commit)))
 }
 
+const ROOT = { root: true } as const
+
+/**
+ * A tenant's allow list as a BlockList, built once per list: the cached tenant keeps the same array
+ * until it changes, so a login only checks its address.
+ */
+const allowLists = new WeakMap<ReadonlyArray<string>, BlockList>()
+const allowListFor = (tenant: Tenant): BlockList => {
+  let list = allowLists.get(tenant.allow_list)
+  if (list === undefined) {
+    list = allowListOf(tenant.allow_list)
+    allowLists.set(tenant.allow_list, list)
+  }
+  return list
+}
+
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
   `${tenant}\u0000${user}\u0000${mode}\u0000${database}`
 
@@ -74,11 +92,17 @@ const poolKey = (tenant: string, user: string, mode: PoolMode, database: string)
  * `shuttingDown` says whether the listeners are draining: a login that completes then is refused
  * with 57P01, like the sessions the drain closes.
  */
-export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: () => boolean = () => false) =>
+export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: () => boolean = NOT_DRAINING) =>
+  // Wrapped here, outside the generator, whose context lives as long as the session: the accepted
+  // socket is replaced by another one at `takeOver` and must not be kept alive by it.
+  serve(new ClientSocket(socket), mode, shuttingDown)
+
+const NOT_DRAINING = () => false
+
+const serve = (client: ClientSocket, mode: PoolMode, shuttingDown: () => boolean) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const events = yield* EventCounters
-    const client = new ClientSocket(socket)
     const log: LogContext = { mode, peer_ip: client.remoteAddress }
     const timedOut = () => Effect.fail(tidepoolError("EAUTHTIMEOUT"))
     const startedAt = Date.now()
@@ -102,6 +126,8 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
         ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
       )
 
+    // The handshake and attach run to completion and let go of everything they used; the fiber
+    // then waits for its relay holding only the LiveSession (docs/login-path.md, "Idle clients").
     const session = (startup: Readonly<Record<string, string>>) =>
       Effect.gen(function* () {
         const auth = yield* handshake(client, log, startup).pipe(
@@ -110,16 +136,26 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
             orElse: timedOut
           })
         )
-        if ("admin" in auth) return yield* adminConsole(client, auth.admin)
+        if ("admin" in auth) {
+          yield* adminConsole(client, auth.admin)
+          return undefined
+        }
         const level = tenantLogLevel(auth.tenant.feature_flags)
-        yield* level === undefined
-          ? attach(client, auth, mode, startedAt, shuttingDown)
-          : Effect.provideService(
-              attach(client, auth, mode, startedAt, shuttingDown),
-              References.MinimumLogLevel,
-              level
-            )
-      }).pipe(Effect.catch(fail))
+        const attached = attach(client, auth, mode, startedAt, shuttingDown)
+        const live = yield* level === undefined
+          ? attached
+          : Effect.provideService(attached, References.MinimumLogLevel, level)
+        return { live, level }
+      }).pipe(
+        Effect.flatMap((attached) => {
+          if (attached === undefined) return Effect.void
+          const relay = runRelay(attached.live)
+          return attached.level === undefined
+            ? relay
+            : Effect.provideService(relay, References.MinimumLogLevel, attached.level)
+        }),
+        Effect.catch(fail)
+      )
 
     // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
     yield* readStartup(client).pipe(
@@ -127,11 +163,9 @@ export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: 
       Effect.flatMap((startup) => {
         if (startup === undefined) return Effect.void // a CancelRequest, handled
         const parent = clientTraceParent(startup)
-        return session(startup).pipe(
-          Effect.withSpan("client.session", parent === undefined ? { root: true } : { parent })
-        )
+        return session(startup).pipe(inSpan("client.session", parent === undefined ? ROOT : { parent }))
       }),
-      Effect.catch((error) => fail(error).pipe(Effect.withSpan("client.session", { root: true }))),
+      Effect.catch((error) => fail(error).pipe(inSpan("client.session", ROOT))),
       Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
       Effect.ensuring(Effect.sync(() => client.socket.destroySoon()))
     )
@@ -221,7 +255,7 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
     const ban = banOf(tenant)
     if (ban !== undefined) return yield* refuse(ban)
     // Before the user lookup, so an address outside the allow list learns nothing about the users.
-    if (!isAllowed(allowListOf(tenant.allow_list), log.peer_ip)) {
+    if (!isAllowed(allowListFor(tenant), log.peer_ip)) {
       return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
     }
     const users = matchUsers(tenant, identity.user)
@@ -323,7 +357,7 @@ const attachSession = (client: ClientSocket, pool: TenantPool, startup: Readonly
   Effect.gen(function* () {
     const server = yield* lendToClient(client, pool, resetAndRelease(pool))
     yield* applySettings(server, startup)
-    return { server, settings: startup, reported: [...server.parameters] }
+    return { server, settings: undefined, reported: [...server.parameters] }
   })
 
 /**
@@ -350,6 +384,125 @@ const attachTransaction = (client: ClientSocket, pool: TenantPool, startup: Read
     return { server: undefined, settings, reported: reportedParameters(pristine, settings) }
   })
 
+/**
+ * A logged-in client, from its registration to its end: the registry's handle (cancel, drain, kick,
+ * KILL), what the admin console and the idle sweep read, and what its relay is started with. One
+ * object with methods rather than a handle of closures: an idle client keeps it for its whole life.
+ */
+class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
+  relay: SessionRelay | TransactionRelay | undefined = undefined
+  drainRequested = false
+  kicked: TidepoolError | undefined = undefined
+  readonly connectedAt = Date.now()
+  readonly address: string
+  readonly port: number
+  readonly tls: boolean
+
+  constructor(
+    readonly client: ClientSocket,
+    readonly pool: TenantPool,
+    readonly tenant: string,
+    readonly user: string,
+    readonly applicationName: string,
+    /** Session mode: the server held for the session's life. */
+    readonly held: ServerConnection | undefined,
+    /** Transaction mode: the client's settings, which its relay keeps current. */
+    readonly settings: Map<string, string> | undefined,
+    readonly relayOptions: RelayOptions,
+    private readonly fiber: Fiber.Fiber<unknown, unknown>
+  ) {
+    this.address = client.remoteAddress
+    this.port = client.socket.remotePort ?? 0
+    this.tls = client.tls !== undefined
+  }
+
+  get info(): SessionInfo {
+    return this
+  }
+  get idle(): IdleProbe {
+    return this
+  }
+  // Asked only by the admin console: not worth a getsockname per login.
+  get localAddress(): string {
+    return this.client.socket.localAddress ?? ""
+  }
+  get localPort(): number {
+    return this.client.socket.localPort ?? 0
+  }
+
+  state(): "active" | "waiting" | "idle" {
+    const relay = this.relay
+    if (!(relay instanceof TransactionRelay)) return "active"
+    return relay.server !== undefined ? "active" : relay.isWaiting ? "waiting" : "idle"
+  }
+  server(): ServerConnection | undefined {
+    return this.relay instanceof TransactionRelay ? this.relay.server : this.held
+  }
+  cancel(): Effect.Effect<void> {
+    // Only the query running for this client right now; a client between transactions holds no
+    // server, and its cancel does nothing (no delayed cancel hitting someone else's query).
+    const held = this.server()
+    return held === undefined ? Effect.void : held.cancel
+  }
+  drain(): void {
+    this.drainRequested = true
+    this.relay?.drain()
+  }
+  kick(error: TidepoolError): void {
+    this.kicked = error
+    this.relay?.abort()
+  }
+  // Fire and forget: the console answers KILL without waiting for each session to close.
+  kill(): Effect.Effect<void> {
+    return Effect.sync(() => this.fiber.interruptUnsafe())
+  }
+  bytesRead(): number {
+    return this.client.socket.bytesRead
+  }
+  quiet(): boolean {
+    // A transaction-mode client between transactions holds no server; otherwise the server it
+    // holds says whether a transaction or a query is open.
+    const relay = this.relay
+    if (relay instanceof TransactionRelay) return relay.server === undefined ? !relay.isWaiting : relay.server.isIdle
+    return relay !== undefined && this.held?.isIdle === true
+  }
+}
+
+interface RelayOptions {
+  readonly maxMessageSize: number
+  readonly rename: boolean
+  readonly cacheSize: number
+  readonly maxCount: number
+  readonly maxMemory: number
+}
+
+// The session scope's finalizers are made out here, where they can close over nothing but their
+// arguments: made inside `attach`, they would keep its whole context (the tenant, the credentials,
+// the startup settings) alive for as long as the session lasts.
+
+/** The client counts in `pool.clients` until the session's scope closes. */
+const countClient = (pool: TenantPool, startedAt: number) =>
+  Effect.acquireRelease(
+    Effect.sync(() => pool.clients++),
+    () =>
+      Effect.sync(() => {
+        pool.clients--
+        pool.counters.clientLifetime.observe(Date.now() - startedAt)
+      })
+  )
+
+/** The session is reachable by cancel requests, drains and kicks until its scope closes. */
+const register = (sessions: Context.Service.Shape<typeof SessionRegistry>, live: LiveSession) =>
+  Effect.acquireRelease(
+    Effect.sync(() => sessions.register(live)),
+    (key) => Effect.sync(() => sessions.unregister(key))
+  )
+
+/**
+ * Attaches an authenticated client to its pool: counts it, lends or checks a server, registers it
+ * and greets it. Returns the LiveSession whose relay the caller then runs; the count and the
+ * registration are released when the session's scope closes.
+ */
 const attach = (
   client: ClientSocket,
   auth: Authenticated,
@@ -392,124 +545,78 @@ const attach = (
     })
     if (mode === "session" && pool.clients >= size) return yield* tidepoolError("EMAXCONNSESSION", size)
     if (pool.clients >= pool.settings.maxClients) return yield* tidepoolError("EMAXCONN", pool.settings.maxClients)
-    yield* Effect.acquireRelease(
-      Effect.sync(() => pool.clients++),
-      () =>
-        Effect.sync(() => {
-          pool.clients--
-          pool.counters.clientLifetime.observe(Date.now() - startedAt)
-        })
-    )
+    yield* countClient(pool, startedAt)
 
     const { server, settings, reported } =
       mode === "session"
         ? yield* attachSession(client, pool, auth.settings)
         : yield* attachTransaction(client, pool, auth.settings)
-    const greeting: Array<Buffer> = []
-    for (const [name, value] of reported) greeting.push(parameterStatus(name, value))
-
-    let relay: SessionRelay | TransactionRelay | undefined
-    let drainRequested = false
-    let kicked: TidepoolError | undefined
-    const self = yield* Effect.withFiber((fiber: Fiber.Fiber<unknown, unknown>) => Effect.succeed(fiber))
-    const key = yield* Effect.acquireRelease(
-      Effect.sync(() =>
-        sessions.register({
-          // Fire and forget: the console answers KILL without waiting for each session to close.
-          kill: () => Effect.sync(() => self.interruptUnsafe()),
-          info: {
-            pool,
-            user: auth.identity.user,
-            address: client.remoteAddress,
-            port: client.socket.remotePort ?? 0,
-            localAddress: client.socket.localAddress ?? "",
-            localPort: client.socket.localPort ?? 0,
-            connectedAt: Date.now(),
-            applicationName: auth.settings.get("application_name") ?? "",
-            tls: client.tls !== undefined,
-            state: () =>
-              relay instanceof TransactionRelay
-                ? relay.server !== undefined
-                  ? "active"
-                  : relay.isWaiting
-                    ? "waiting"
-                    : "idle"
-                : "active",
-            server: () => (relay instanceof TransactionRelay ? relay.server : server)
-          },
-          cancel: () => {
-            // Only the query running for this client right now; a client between transactions holds
-            // no server, and its cancel does nothing (no delayed cancel hitting someone else's query).
-            const held = relay instanceof TransactionRelay ? relay.server : server!
-            return held === undefined ? Effect.void : held.cancel
-          },
-          drain: () => {
-            drainRequested = true
-            relay?.drain()
-          },
-          idle: {
-            bytesRead: () => client.socket.bytesRead,
-            // A transaction-mode client between transactions holds no server; otherwise the
-            // server it holds says whether a transaction or a query is open.
-            quiet: () =>
-              relay instanceof TransactionRelay
-                ? relay.server === undefined
-                  ? !relay.isWaiting
-                  : relay.server.isIdle
-                : relay !== undefined && server?.isIdle === true
-          },
-          tenant: tenant.external_id,
-          user: auth.identity.user,
-          kick: (error) => {
-            kicked = error
-            relay?.abort()
-          }
-        })
-      ),
-      (key) => Effect.sync(() => sessions.unregister(key))
+    const live = new LiveSession(
+      client,
+      pool,
+      tenant.external_id,
+      auth.identity.user,
+      auth.settings.get("application_name") ?? "",
+      server,
+      settings,
+      {
+        maxMessageSize: config.maxMessageSize,
+        rename: tenant.feature_flags.prepared_statements !== false,
+        cacheSize: config.preparedCacheSize,
+        maxCount: config.maxPreparedStatements,
+        maxMemory: config.maxPreparedMemory
+      },
+      yield* Effect.withFiber((fiber: Fiber.Fiber<unknown, unknown>) => Effect.succeed(fiber))
     )
+    const key = yield* register(sessions, live)
     // A login that ends while the pooler drains was registered too late to be drained: it is told
     // now, as a drained client would be, instead of being greeted and then held until the timeout.
     // Checked after registering, so a drain that starts in between has drained this session anyway.
     if (shuttingDown()) return yield* tidepoolError("EADMINSHUTDOWN")
     const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
     if (revoked !== undefined) return yield* revoked
+    const greeting: Array<Buffer> = []
+    for (const [name, value] of reported) greeting.push(parameterStatus(name, value))
     greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
     client.write(Buffer.concat(greeting))
     pool.counters.clientConnect.observe(Date.now() - startedAt)
+    return live
+  })
 
-    const end = yield* Effect.callback<RelayEnd>((resume) => {
-      const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
-      // Same tick as the relay's start: once the handshake reader lets go, unread bytes must reach the relay.
-      const { readAhead, reads } = client.takeOver()
-      const r =
-        server !== undefined
-          ? new SessionRelay(client.socket, server, config.maxMessageSize, pool.counters, onEnd)
-          : new TransactionRelay(client.socket, pool, config.maxMessageSize, settings, onEnd, {
-              rename: tenant.feature_flags.prepared_statements !== false,
-              cacheSize: config.preparedCacheSize,
-              maxCount: config.maxPreparedStatements,
-              maxMemory: config.maxPreparedMemory
-            })
-      relay = r
-      r.start(readAhead, reads)
-      if (drainRequested) r.drain()
-      if (kicked !== undefined) r.abort()
-      return Effect.sync(() => r.abort())
-    })
-    yield* Effect.logDebug(`relay ended: ${end._tag}`)
+/** Runs the session's relay until it ends; how it ended decides the session's error, if any. */
+const runRelay = (live: LiveSession) =>
+  Effect.callback<RelayEnd>((resume) => {
+    const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
+    // Same tick as the relay's start: once the handshake reader lets go, unread bytes must reach the relay.
+    const { readAhead, reads } = live.client.takeOver()
+    const options = live.relayOptions
+    const r =
+      live.settings === undefined
+        ? new SessionRelay(live.client.socket, live.held!, options.maxMessageSize, live.pool.counters, onEnd)
+        : new TransactionRelay(live.client.socket, live.pool, options.maxMessageSize, live.settings, onEnd, options)
+    live.relay = r
+    r.start(readAhead, reads)
+    if (live.drainRequested) r.drain()
+    if (live.kicked !== undefined) r.abort()
+    return Effect.sync(() => r.abort())
+  }).pipe(Effect.flatMap((end) => relayEnded(live, end)))
+
+const relayEnded = (live: LiveSession, end: RelayEnd): Effect.Effect<void, TidepoolError> =>
+  Effect.andThen(Effect.logDebug(`relay ended: ${end._tag}`), () => {
     switch (end._tag) {
       case "ClientError":
-        return yield* end.error
+        return Effect.fail(end.error)
       case "ServerClosed":
-        return yield* tidepoolError("ESERVERCLOSED", end.reason)
+        return Effect.fail(tidepoolError("ESERVERCLOSED", end.reason))
       case "Fault":
         // A bug of ours: the operator gets the cause and stack, the client only the code.
-        yield* Effect.logError("internal error in the relay; the session was closed", Cause.die(end.cause))
-        return yield* tidepoolError("EINTERNAL")
+        return Effect.andThen(
+          Effect.logError("internal error in the relay; the session was closed", Cause.die(end.cause)),
+          Effect.fail(tidepoolError("EINTERNAL"))
+        )
       case "Drained":
-        return yield* kicked ?? tidepoolError("EADMINSHUTDOWN")
+        return Effect.fail(live.kicked ?? tidepoolError("EADMINSHUTDOWN"))
       default:
-        return
+        return Effect.void
     }
   })

@@ -16,15 +16,20 @@ const MAX_AUTH_MESSAGE = 10_000
  */
 export const READ_AHEAD_LIMIT = 16 * 1024
 
+const EMPTY = Buffer.alloc(0)
+
 /**
  * A client socket during the control-plane phase (startup, authentication, the wait for a server):
  * reads are Effects that wait for bytes. Reading pauses once `READ_AHEAD_LIMIT` bytes are held and
  * resumes only when a read needs more, so a client that streams while it waits (for a server, or for
  * its refusal) costs a bounded buffer and pushes back through TCP. When the relay takes over,
  * `takeOver` hands it whatever was read ahead.
+ *
+ * The reads are built when used rather than held as fields: an idle client keeps this object for
+ * its whole life (its session ends through it), and should not keep five Effects with it.
  */
 export class ClientSocket {
-  private buffered: Buffer = Buffer.alloc(0)
+  private buffered: Buffer = EMPTY
   private wake: (() => void) | undefined = undefined
   private onGone: (() => void) | undefined = undefined
   closed = false
@@ -86,59 +91,66 @@ export class ClientSocket {
   }
 
   /** Waits until more bytes arrive; fails with ECLIENTSOCKETCLOSED when the client went away. */
-  private readonly more: Effect.Effect<void, TidepoolError> = Effect.callback<void, TidepoolError>((resume) => {
-    if (this.closed) {
-      resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-      return
-    }
-    this.wake = () => resume(this.closed ? Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")) : Effect.void)
-    if (this.socket.isPaused()) this.socket.resume()
-    return Effect.sync(() => {
-      this.wake = undefined
+  private get more(): Effect.Effect<void, TidepoolError> {
+    return Effect.callback<void, TidepoolError>((resume) => {
+      if (this.closed) {
+        resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+        return
+      }
+      this.wake = () => resume(this.closed ? Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")) : Effect.void)
+      if (this.socket.isPaused()) this.socket.resume()
+      return Effect.sync(() => {
+        this.wake = undefined
+      })
     })
-  })
+  }
 
   /**
    * Fails with ECLIENTSOCKETCLOSED once the client has gone; never succeeds. Heard while reading
    * flows: a client paused at the read-ahead limit is found gone only when next read.
    */
-  readonly gone: Effect.Effect<never, TidepoolError> = Effect.callback<never, TidepoolError>((resume) => {
-    if (this.closed) {
-      resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-      return
-    }
-    this.onGone = () => resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-    return Effect.sync(() => {
-      this.onGone = undefined
+  get gone(): Effect.Effect<never, TidepoolError> {
+    return Effect.callback<never, TidepoolError>((resume) => {
+      if (this.closed) {
+        resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+        return
+      }
+      this.onGone = () => resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+      return Effect.sync(() => {
+        this.onGone = undefined
+      })
     })
-  })
+  }
 
   /** The first unread byte, waiting for it if need be (a TLS ClientHello starts with 0x16). */
-  readonly peek: Effect.Effect<number, TidepoolError> = Effect.gen({ self: this }, function* () {
-    while (this.buffered.length === 0) yield* this.more
-    return this.buffered[0]!
-  })
+  get peek(): Effect.Effect<number, TidepoolError> {
+    return Effect.gen({ self: this }, function* () {
+      while (this.buffered.length === 0) yield* this.more
+      return this.buffered[0]!
+    })
+  }
 
-  readonly readStartup: Effect.Effect<StartupPacket, TidepoolError> = Effect.gen({ self: this }, function* () {
-    for (;;) {
-      const result = decodeStartupPacket(this.buffered)
-      if (result instanceof ProtocolError) {
-        return yield* result.reason === "StartupPacketTooLarge"
-          ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
-          : tidepoolError("ESTARTUPMESSAGE", result.message)
+  get readStartup(): Effect.Effect<StartupPacket, TidepoolError> {
+    return Effect.gen({ self: this }, function* () {
+      for (;;) {
+        const result = decodeStartupPacket(this.buffered)
+        if (result instanceof ProtocolError) {
+          return yield* result.reason === "StartupPacketTooLarge"
+            ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
+            : tidepoolError("ESTARTUPMESSAGE", result.message)
+        }
+        if (result !== undefined) {
+          this.buffered = this.buffered.subarray(result.consumed)
+          return result.packet
+        }
+        yield* this.more
       }
-      if (result !== undefined) {
-        this.buffered = this.buffered.subarray(result.consumed)
-        return result.packet
-      }
-      yield* this.more
-    }
-  })
+    })
+  }
 
   /** Reads one typed message during authentication (PasswordMessage/SASL responses are all 'p'). */
-  readonly readMessage: Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError> = Effect.gen(
-    { self: this },
-    function* () {
+  get readMessage(): Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError> {
+    return Effect.gen({ self: this }, function* () {
       for (;;) {
         if (this.buffered.length >= 5) {
           const length = this.buffered.readInt32BE(1)
@@ -154,8 +166,8 @@ export class ClientSocket {
         }
         yield* this.more
       }
-    }
-  )
+    })
+  }
 
   write(data: Buffer): void {
     if (!this.closed && this.socket.writable) this.socket.write(data)
@@ -232,8 +244,9 @@ export class ClientSocket {
   detach(): Buffer {
     this.socket.off("data", this.onData)
     this.socket.off("close", this.onClose)
-    const rest = this.buffered
-    this.buffered = Buffer.alloc(0)
+    // An empty view still holds the chunk it was cut from, which the relay would keep alive.
+    const rest = this.buffered.length === 0 ? EMPTY : this.buffered
+    this.buffered = EMPTY
     return rest
   }
 }

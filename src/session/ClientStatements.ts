@@ -25,6 +25,17 @@ export interface Statement {
    * client has seen the statement's result type as of then.
    */
   usedAt: number
+  /**
+   * The statement's result type as PostgreSQL fixed it for this client (`resultTypeKey`): read from
+   * a copy described when the client's Parse reached a server, else at its first use; undefined
+   * until then, and again once the client was told `cached plan must not change result type` (from
+   * then on it takes the type it meets, docs/prepared-statements.md, "After DDL").
+   */
+  resultType: string | undefined
+  /** The stamp of the last copy found to return `resultType` (the check is skipped for it), -1 for none. */
+  checkedStamp: number
+  /** The ParameterDescription PostgreSQL would answer a Describe of it with, once known. */
+  params: Buffer | undefined
 }
 
 export interface ClientStatementLimits {
@@ -123,7 +134,10 @@ export class ClientStatements {
       parse: renamedParse(server, data, nameEnd, next),
       bytes,
       parsedAt: this.registry.tick(),
-      usedAt: -1
+      usedAt: -1,
+      resultType: undefined,
+      checkedStamp: -1,
+      params: undefined
     }
     this.byName.set(name, statement)
     this.memory += bytes

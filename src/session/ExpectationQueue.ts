@@ -36,7 +36,12 @@ export enum Expect {
   /** CopyDone or CopyFail: no reply of its own; marks where a COPY's data ends in the stream. */
   CopyEnd = 15,
   /** A Sync whose ReadyForQuery belongs to the pooler (an exchange it runs again, see `FirstUseRetry`). */
-  HiddenSync = 16
+  HiddenSync = 16,
+  /**
+   * A Describe the pooler sent behind its Parse of a client's statement: its ParameterDescription and
+   * RowDescription (or NoData) are swallowed and kept as the copy's description.
+   */
+  HiddenDescribe = 17
 }
 
 /** Kinds whose entry carries nothing but the kind. */
@@ -54,6 +59,7 @@ export type StatementExpect =
   | Expect.Bind
   | Expect.Describe
   | Expect.SyntheticClose
+  | Expect.HiddenDescribe
 /** The pooler's own Parse or Close: `serverName` is the server-side name, "" for the unnamed statement. */
 export type HiddenExpect = Expect.HiddenParse | Expect.HiddenClose
 /** Requests whose error is replaced: `reply` is what the client gets instead. */

@@ -6,7 +6,7 @@ import { type ServerConnection, type ServerObserver, writeChunk } from "../upstr
 import { ClientStatements, type Statement } from "./ClientStatements.ts"
 import { Expect, type Expectation, ExpectationQueue } from "./ExpectationQueue.ts"
 import { FirstUseRetry, RetryState } from "./FirstUseRetry.ts"
-import { ReplyEdits } from "./ReplyEdits.ts"
+import { ReplyEdits, Withheld } from "./ReplyEdits.ts"
 import { ServerStatementCache } from "./ServerStatementCache.ts"
 import {
   ABORTED,
@@ -17,9 +17,12 @@ import {
   commandTag,
   cstringEnd,
   DESCRIBE_MISSING,
+  describeStatement,
+  FLUSH_MESSAGE,
   PARSE_COMPLETE_MESSAGE,
   pushRenamed,
   READY_IDLE,
+  resultTypeKey,
   SqlTag,
   STALE_PLAN,
   SYNC_MESSAGE
@@ -101,6 +104,11 @@ const FAILED = TxStatus.Failed
  * server→client side follows every reply message through the queue, drops what the pooler asked
  * for, and inserts what it made up, forwarding the rest zero-copy.
  *
+ * Every Parse the pooler sends is followed by a hidden Describe, so it knows what each copy returns;
+ * a client's use of a statement whose result type it has, on a copy not known to return that type, is
+ * held for one round trip while a fresh copy is described, and answered as PostgreSQL would answer
+ * the client on its own connection (`use`, `resume`; docs/prepared-statements.md, "After DDL").
+ *
  * It also watches CommandComplete tags for SQL-level `PREPARE`: such a statement lives only on the
  * server that ran it, so the client is pinned to that server until it deallocates it (`pinned`).
  * `DEALLOCATE ALL` and `DISCARD ALL` clear both the client's statements and what the pooler knows
@@ -124,6 +132,20 @@ export class PreparedStatements {
   private reopened = false
   /** Bytes of a streamed (not rewritten) client message still to come in later chunks. */
   private streamRemaining = 0
+
+  /**
+   * A use held until a fresh copy of its statement is described (see `use`): the sequence number of
+   * that hidden Describe, -1 when nothing is held; the client's bytes from the held Bind or Describe
+   * on wait in `held`.
+   */
+  private holdSeq = -1
+  private holdStatement: Statement | undefined = undefined
+  private holdKind: Expect.Bind | Expect.Describe = Expect.Bind
+  private held: Array<Buffer> = []
+  /** The held use found the result type changed: it gets `cached plan must not change result type`. */
+  private verdict: Statement | undefined = undefined
+  /** Statements whose hidden Describe was answered in the chunk being scanned, in order. */
+  private readonly describedNow: Array<Statement> = []
 
   // Pieces of the client chunk being rewritten; `runStart` is where the untouched run began.
   private readonly pieces: Array<Buffer> = []
@@ -163,6 +185,11 @@ export class PreparedStatements {
     this.streamRemaining = 0
     this.edits.reset()
     this.retryWatch.cancel()
+    this.holdSeq = -1
+    this.holdStatement = undefined
+    this.held = []
+    this.verdict = undefined
+    this.describedNow.length = 0
   }
 
   // ---- client → server ------------------------------------------------------------------------
@@ -173,10 +200,17 @@ export class PreparedStatements {
    * `socket.write`'s answer.
    */
   write(server: ServerConnection, data: Buffer): boolean {
-    const ok = this.rewrite(server, data)
+    const ok = this.feed(server, data)
     // Made-up replies at the head go out now, unless a reply message is half forwarded.
     if (server.atBoundary && !this.edits.holding) this.settle(-1)
     return ok
+  }
+
+  /** `rewrite`, or, while a use is held (see `use`), keeps the bytes to write after it. */
+  private feed(server: ServerConnection, data: Buffer): boolean {
+    if (this.holdSeq < 0) return this.rewrite(server, data)
+    this.held.push(Buffer.from(data))
+    return true
   }
 
   private rewrite(server: ServerConnection, data: Buffer): boolean {
@@ -185,7 +219,7 @@ export class PreparedStatements {
     const queue = this.queue
     const watch = this.retryWatch
     let runStart = 0
-    const end = data.length
+    let end = data.length
     let pos = Math.min(this.streamRemaining, end)
     this.streamRemaining -= pos
     // Bytes of an exchange that may have to run again (see `watchFirstUse`): [keepFrom, keepTo).
@@ -252,7 +286,12 @@ export class PreparedStatements {
             break
           }
           if (pos > runStart) pieces.push(data.subarray(runStart, pos))
-          this.use(server, data, pos, portalEnd + 1, nameEnd, next, Expect.Bind)
+          if (this.use(server, data, pos, portalEnd + 1, nameEnd, next, Expect.Bind)) {
+            end = this.holdFrom(data, pos)
+            keepFrom = -1
+            runStart = end
+            continue
+          }
           if (watch.state === RetryState.Watch && keepFrom < 0) keepFrom = pos
           runStart = next
           break
@@ -276,7 +315,12 @@ export class PreparedStatements {
           }
           if (pos > runStart) pieces.push(data.subarray(runStart, pos))
           if (type === DESCRIBE) {
-            this.use(server, data, pos, pos + 6, nameEnd, next, Expect.Describe)
+            if (this.use(server, data, pos, pos + 6, nameEnd, next, Expect.Describe)) {
+              end = this.holdFrom(data, pos)
+              keepFrom = -1
+              runStart = end
+              continue
+            }
             if (watch.state === RetryState.Watch && keepFrom < 0) keepFrom = pos
           } else {
             this.close(data.toString("utf8", pos + 6, nameEnd), data.subarray(pos, next))
@@ -421,7 +465,11 @@ export class PreparedStatements {
   /** Scratch for `answerAlone`: client name, server-side name, per Parse. */
   private readonly aloneNames: Array<string> = []
 
-  /** Bind or Describe of a client statement: make sure the server has it, then use its server-side name. */
+  /**
+   * Bind or Describe of a client statement: make sure the server has it, then use its server-side
+   * name. Returns true when the request must wait (see below): nothing of it was written, and the
+   * caller keeps it and what follows for `resume`.
+   */
   private use(
     server: ServerConnection,
     data: Buffer,
@@ -430,7 +478,7 @@ export class PreparedStatements {
     nameEnd: number,
     next: number,
     kind: Expect.Bind | Expect.Describe
-  ): void {
+  ): boolean {
     const name = data.toString("utf8", nameStart, nameEnd)
     const statement = this.statements.get(name)
     if (statement === undefined) {
@@ -441,19 +489,41 @@ export class PreparedStatements {
         kind === Expect.Bind ? Expect.UnknownBind : Expect.UnknownDescribe,
         renderErrorResponse(tidepoolError("EPREPAREDNOTFOUND", name))
       )
-      return
+      return false
     }
-    const registry = this.pool.statements
-    if (statement.usedAt >= 0 && registry.staleSince(statement.serverName, statement.usedAt)) {
-      // Its result type changed after this client last used it: on its own connection PostgreSQL
-      // would refuse it too. Once: from now on the client gets the statement as it is now.
-      statement.usedAt = registry.now
-      this.pieces.push(DESCRIBE_MISSING)
-      this.queue.pushReply(Expect.Fail, STALE_PLAN)
-      return
+    const resultType = statement.resultType
+    if (this.verdict === statement) {
+      // Its result type changed since PostgreSQL fixed it for this client: on its own connection
+      // PostgreSQL would refuse it too. Once: from now on the client gets the statement as it is now.
+      this.verdict = undefined
+      this.stale(statement, kind)
+      return false
     }
-    const stamp = this.cache.stampOf(statement.serverName)
-    if (stamp === undefined || !this.cache.useCurrent(statement.serverName)) {
+    const serverName = statement.serverName
+    const stamp = this.cache.stampOf(serverName)
+    const current = stamp !== undefined && this.cache.useCurrent(serverName)
+    if (
+      resultType !== undefined &&
+      (!current || (stamp !== statement.checkedStamp && this.cache.describedOf(serverName)?.resultType !== resultType))
+    ) {
+      // The client has its statement's result type, and this server has no copy known to return it.
+      // A fresh copy returns the type as it is now, which is PostgreSQL's answer only if it is the
+      // client's: described first, the request waits for the answer (`resume`). Rare: a statement
+      // prepared again for a client that used it before (another server, evicted, stale, DDL).
+      if (!this.skippedNow()) {
+        if (current) this.cache.unsure(serverName)
+        this.prepareOn(statement, true)
+        this.pieces.push(FLUSH_MESSAGE)
+        this.holdSeq = this.queue.nextSeq - 1
+        this.holdStatement = statement
+        this.holdKind = kind
+        return true
+      }
+      // An earlier request failed: the server skips this one, as PostgreSQL would.
+    } else if (resultType !== undefined) {
+      // Stamps are the pool's clock: this copy, wherever it is, need not be looked up again.
+      statement.checkedStamp = stamp!
+    } else if (!current) {
       this.prepareOn(statement, true)
     } else if (statement.usedAt < 0 && stamp < statement.parsedAt && this.retryWatch.state === RetryState.None) {
       this.watchFirstUse(server)
@@ -462,6 +532,65 @@ export class PreparedStatements {
     const watch = this.retryWatch
     if (watch.state === RetryState.Watch && watch.seq < 0) watch.seq = this.queue.nextSeq
     this.queue.pushStatement(kind, statement)
+    return false
+  }
+
+  /**
+   * Answers the client's Bind or Describe of `statement` with `cached plan must not change result
+   * type` (a Describe with its ParameterDescription first, as PostgreSQL describes the parameters
+   * before it re-plans), making the server fail in its place.
+   */
+  private stale(statement: Statement, kind: Expect.Bind | Expect.Describe): void {
+    statement.usedAt = this.pool.statements.now
+    statement.resultType = undefined
+    statement.checkedStamp = -1
+    const params = kind === Expect.Describe ? statement.params : undefined
+    this.pieces.push(DESCRIBE_MISSING)
+    this.queue.pushReply(Expect.Fail, params === undefined ? STALE_PLAN : Buffer.concat([params, STALE_PLAN]))
+  }
+
+  /** Whether the server is skipping what is written now: an earlier request failed and its Sync is still to come. */
+  private skippedNow(): boolean {
+    const queue = this.queue
+    return (
+      this.skipping &&
+      queue.indexOf(Expect.Sync, 0) < 0 &&
+      queue.indexOf(Expect.Query, 0) < 0 &&
+      queue.indexOf(Expect.HiddenSync, 0) < 0
+    )
+  }
+
+  /** The client's bytes from the request at `pos` on wait for a hidden Describe; returns `pos`. */
+  private holdFrom(data: Buffer, pos: number): number {
+    this.streamRemaining = 0
+    this.retryWatch.cancel()
+    this.held.push(Buffer.from(data.subarray(pos)))
+    return pos
+  }
+
+  /**
+   * The hidden Describe of a held use was answered (or skipped: its Parse failed, and the server
+   * skips the held request too). Decides the held request's fate and writes what was held.
+   */
+  private resume(server: ServerConnection): void {
+    const statement = this.holdStatement!
+    this.holdSeq = -1
+    this.holdStatement = undefined
+    const fresh = this.cache.describedOf(statement.serverName)
+    const resultType = statement.resultType
+    if (fresh !== undefined && resultType !== undefined && fresh.resultType !== resultType) {
+      this.verdict = statement
+      // Copies prepared before the change, on any server, are stale: prepared afresh before their next
+      // use (a client that has no result type for the statement takes the type as it is now). This
+      // fresh copy is not.
+      this.pool.statements.markStale(statement.serverName)
+      this.cache.renew(statement.serverName)
+    }
+    const held = this.held
+    this.held = []
+    for (let i = 0; i < held.length; i++) this.feed(server, held[i]!)
+    this.verdict = undefined
+    if (server.atBoundary && !this.edits.holding) this.settle(-1)
   }
 
   /**
@@ -490,7 +619,10 @@ export class PreparedStatements {
     this.queue.pushStatement(Expect.SyntheticClose, statement)
   }
 
-  /** Sends the statement's Parse to a server lacking it (closing a stale copy and evicting as needed). */
+  /**
+   * Sends the statement's Parse to a server lacking it (closing a stale copy and evicting as needed),
+   * and a Describe behind it: its answer is the copy's description (`recordDescriptions`).
+   */
   private prepareOn(statement: Statement, hidden: boolean): void {
     const cache = this.cache
     const serverName = statement.serverName
@@ -503,6 +635,8 @@ export class PreparedStatements {
     this.pieces.push(statement.parse)
     if (hidden) this.queue.pushHidden(Expect.HiddenParse, serverName)
     else this.queue.pushStatement(Expect.Parse, statement)
+    this.pieces.push(describeStatement(statement.serverNameZ))
+    this.queue.pushStatement(Expect.HiddenDescribe, statement)
     cache.sent(serverName)
     if (hidden) counters.statementsReprepared++
     else counters.statementsPrepared++
@@ -530,6 +664,10 @@ export class PreparedStatements {
     let capture = false
     /** The kept ParameterDescription goes out before this message. */
     let prefix = false
+    /** The dropped message answers the pooler's own Describe (kept as the copy's description). */
+    let described = false
+    /** Goes to the client before this message. */
+    let before: Buffer | undefined
     let replacement: Buffer | undefined
     switch (type) {
       case PARSE_COMPLETE:
@@ -550,8 +688,11 @@ export class PreparedStatements {
         else if (kind === Expect.UnknownBind) queue.shift()
         break
       case PARAMETER_DESCRIPTION:
-        // A Describe that may run again answers twice if it fails after this: held until it succeeds.
-        if (kind === Expect.Describe && this.retryWatch.isHead(queue.shifted)) {
+        if (kind === Expect.HiddenDescribe) {
+          drop = true
+          described = true
+        } else if (kind === Expect.Describe && this.retryWatch.isHead(queue.shifted)) {
+          // A Describe that may run again answers twice if it fails after this: held until it succeeds.
           drop = true
           capture = true
           this.edits.paramsWanted = true
@@ -559,7 +700,12 @@ export class PreparedStatements {
         break
       case ROW_DESCRIPTION:
       case NO_DATA:
-        if (kind === Expect.Describe) {
+        if (kind === Expect.HiddenDescribe) {
+          drop = true
+          described = true
+          this.describedNow.push(head.statement!)
+          queue.shift()
+        } else if (kind === Expect.Describe) {
           prefix = this.edits.paramsWanted
           this.used()
         } else if (kind === Expect.UnknownDescribe) {
@@ -580,6 +726,7 @@ export class PreparedStatements {
       case ERROR: {
         // Read before `onError` may shift the head (which clears its fields).
         const statement = head.statement
+        before = this.paramsBeforeError(head)
         replacement = this.onError(head) ?? this.clientNamed(kind, statement, body!, bodyStart, length)
         drop = replacement !== undefined
         break
@@ -601,19 +748,92 @@ export class PreparedStatements {
     // Edits in offset order: the held-back start of this message, then its drop and replacement.
     const edits = this.edits
     if (prefix) edits.insertParams(Math.max(start, 0))
-    if (start < 0) edits.releaseWithheld(capture, drop)
+    if (before !== undefined) edits.insert(Math.max(start, 0), before)
+    if (start < 0) {
+      edits.releaseWithheld(
+        described ? Withheld.Capture : capture ? Withheld.Params : drop ? Withheld.Drop : Withheld.Forward
+      )
+    }
     if (drop) {
-      if (capture) edits.dropIntoParams(Math.max(start, 0), end)
+      if (described) edits.dropIntoCapture(Math.max(start, 0), end)
+      else if (capture) edits.dropIntoParams(Math.max(start, 0), end)
       else edits.drop(Math.max(start, 0), end)
     }
     if (replacement !== undefined) edits.insert(end, replacement)
     this.settle(end)
   }
 
+  /**
+   * The answer to a Describe the pooler sent is the description of the copy it just prepared: kept
+   * for the clients that will use that copy, and, for this client's statement, PostgreSQL's
+   * description of it when nothing fixed one before (the copy was prepared for its Parse, or for its
+   * first use, or after it was told the type changed).
+   */
+  private recordDescriptions(): void {
+    const bytes = this.edits.takeCaptured()
+    const statements = this.describedNow
+    let params: Buffer | undefined
+    let n = 0
+    for (let pos = 0; pos + 5 <= bytes.length; ) {
+      const next = pos + 1 + bytes.readInt32BE(pos + 1)
+      if (bytes[pos] === PARAMETER_DESCRIPTION) {
+        params = bytes.subarray(pos, next)
+      } else if (n < statements.length) {
+        const statement = statements[n++]!
+        const resultType = resultTypeKey(bytes, pos, next)
+        const copyParams = params ?? EMPTY
+        this.cache.described(statement.serverName, resultType, copyParams)
+        statement.resultType ??= resultType
+        if (params !== undefined) statement.params ??= params
+        params = undefined
+      }
+      pos = next
+    }
+    statements.length = 0
+  }
+
+  /**
+   * A hidden Parse or Describe ahead of the client's Describe of the same statement failed (its table
+   * was dropped, say): PostgreSQL, which has the statement, would send its ParameterDescription
+   * before the error. Not in a failed transaction, where PostgreSQL refuses to describe a statement
+   * that returns rows before it describes anything.
+   */
+  private paramsBeforeError(head: Expectation): Buffer | undefined {
+    const kind = head.kind
+    if (kind !== Expect.HiddenParse && kind !== Expect.HiddenDescribe) return undefined
+    if (this.server?.lastErrorCode === "25P02") return undefined
+    const serverName = kind === Expect.HiddenParse ? head.serverName : head.statement!.serverName
+    const queue = this.queue
+    let client: Expectation | undefined
+    for (let i = 1; i < queue.size; i++) {
+      const entry = queue.at(i)
+      if (entry.kind !== Expect.HiddenDescribe) {
+        client = entry
+        break
+      }
+    }
+    let statement: Statement | undefined
+    if (client !== undefined) {
+      if (client.kind === Expect.Describe) statement = client.statement
+    } else if (this.holdSeq >= 0 && this.holdKind === Expect.Describe) {
+      statement = this.holdStatement
+    }
+    return statement !== undefined && statement.serverName === serverName ? statement.params : undefined
+  }
+
   /** The client's Bind or Describe at the head succeeded: it has seen the statement's result type. */
   private used(): void {
     const statement = this.queue.head.statement
-    if (statement !== undefined) statement.usedAt = this.pool.statements.now
+    if (statement !== undefined) {
+      statement.usedAt = this.pool.statements.now
+      if (statement.resultType === undefined) {
+        const copy = this.cache.describedOf(statement.serverName)
+        if (copy !== undefined) {
+          statement.resultType = copy.resultType
+          if (copy.params.length > 0) statement.params ??= copy.params
+        }
+      }
+    }
     if (this.retryWatch.seq === this.queue.shifted) this.retryWatch.cancel()
     this.queue.shift()
   }
@@ -660,8 +880,10 @@ export class PreparedStatements {
           this.retry(server, statement)
           return EMPTY
         }
-        // The client sees the error: it has seen the statement's new result type by now.
+        // The client sees the error: from now on it takes the statement's result type as it is.
         statement.usedAt = this.pool.statements.now
+        statement.resultType = undefined
+        statement.checkedStamp = -1
       } else if (code === "26000") {
         // The server lost it behind the pooler's back (SQL DEALLOCATE, DISCARD in a function), or
         // never had it: a hidden Parse earlier in the pipeline met an aborted transaction. Prepared
@@ -801,6 +1023,7 @@ export class PreparedStatements {
    * silent settings reply, say) go out now, so a client waiting after Flush is not left waiting.
    */
   settleAfter(server: ServerConnection): void {
+    if (this.holdSeq >= 0 && this.queue.shifted > this.holdSeq) this.resume(server)
     if (this.queue.size > 0 && server.atBoundary && !this.edits.holding) this.settle(-1)
   }
 
@@ -830,6 +1053,14 @@ export class PreparedStatements {
   }
 
   /** Writes a server chunk (the held server's) to the client with this chunk's edits applied. */
-  private readonly send = (chunk: Buffer): boolean =>
-    this.edits.apply(this.client, this.server!, chunk, this.retryWatch.state !== RetryState.None)
+  private readonly send = (chunk: Buffer): boolean => {
+    const ok = this.edits.apply(
+      this.client,
+      this.server!,
+      chunk,
+      this.retryWatch.state !== RetryState.None || this.queue.headKind === Expect.HiddenDescribe
+    )
+    if (this.describedNow.length > 0 && this.edits.hasCaptured) this.recordDescriptions()
+    return ok
+  }
 }

@@ -24,6 +24,18 @@ const {
 
 /** In the edit list: where the held ParameterDescription is taken from (a drop), or written (an insert). */
 const PARAMS_MARK = Buffer.alloc(0)
+/** In the edit list: a dropped range kept as the answer to the pooler's own Describe (`takeCaptured`). */
+const CAPTURE_MARK = Buffer.alloc(0)
+
+/** What becomes of the held-back start of a message once it is complete (`releaseWithheld`). */
+export enum Withheld {
+  Forward = 0,
+  Drop = 1,
+  /** Held as the ParameterDescription of a Describe that may run again. */
+  Params = 2,
+  /** Kept as the answer to the pooler's own Describe. */
+  Capture = 3
+}
 
 export class ReplyEdits {
   // Drops [at, end) and inserts (end = -1) of the chunk being scanned, in offset order. Parallel
@@ -37,6 +49,8 @@ export class ReplyEdits {
   private params: Buffer | undefined = undefined
   /** A ParameterDescription is being held back, or about to be. */
   paramsWanted = false
+  /** Answers to the pooler's own Describes, whole messages in order, until `takeCaptured`. */
+  private readonly captured: Array<Buffer> = []
 
   /** Whether part of a reply message is held back, so nothing made up may be written before it. */
   get holding(): boolean {
@@ -64,6 +78,25 @@ export class ReplyEdits {
     this.opBuf.push(PARAMS_MARK)
   }
 
+  /** [at, end) of the chunk answers the pooler's own Describe: kept, not forwarded. */
+  dropIntoCapture(at: number, end: number): void {
+    this.opAt.push(at)
+    this.opEnd.push(end)
+    this.opBuf.push(CAPTURE_MARK)
+  }
+
+  /** Whether answers to the pooler's Describes were kept since the last `takeCaptured`. */
+  get hasCaptured(): boolean {
+    return this.captured.length > 0
+  }
+
+  /** The kept answers to the pooler's Describes, as one buffer of whole messages. */
+  takeCaptured(): Buffer {
+    const bytes = this.captured.length === 1 ? this.captured[0]! : Buffer.concat(this.captured)
+    this.captured.length = 0
+    return bytes
+  }
+
   /** The held ParameterDescription goes to the client at `at`: its Describe succeeded. */
   insertParams(at: number): void {
     this.insert(at, PARAMS_MARK)
@@ -75,15 +108,13 @@ export class ReplyEdits {
     this.paramsWanted = false
   }
 
-  /**
-   * The message whose start was held back ended in this chunk: its held bytes become the held
-   * ParameterDescription (`capture`), are dropped with it (`drop`), or go out ahead of the chunk.
-   */
-  releaseWithheld(capture: boolean, drop: boolean): void {
+  /** The message whose start was held back ended in this chunk: its held bytes go as `fate` says. */
+  releaseWithheld(fate: Withheld): void {
     const withheld = this.withheld
     if (withheld.length === 0) return
-    if (capture) this.params = Buffer.concat(withheld)
-    else if (!drop) for (let i = 0; i < withheld.length; i++) this.insert(0, withheld[i]!)
+    if (fate === Withheld.Params) this.params = Buffer.concat(withheld)
+    else if (fate === Withheld.Capture) this.captured.push(Buffer.concat(withheld))
+    else if (fate === Withheld.Forward) for (let i = 0; i < withheld.length; i++) this.insert(0, withheld[i]!)
     withheld.length = 0
   }
 
@@ -93,13 +124,15 @@ export class ReplyEdits {
     this.opEnd.length = 0
     this.opBuf.length = 0
     this.withheld.length = 0
+    this.captured.length = 0
     this.discardParams()
   }
 
   /**
    * Writes `chunk` (the held server's, already scanned) to `client` with its edits applied; returns
-   * `socket.write`'s answer. `holdDescriptions`: a watched exchange may run again, so an incomplete
-   * ParameterDescription, RowDescription or NoData may yet be dropped.
+   * `socket.write`'s answer. `holdDescriptions`: a watched exchange may run again, or the pooler's own
+   * Describe is answering, so an incomplete ParameterDescription, RowDescription or NoData may yet be
+   * dropped.
    */
   apply(client: net.Socket, server: ServerConnection, chunk: Buffer, holdDescriptions: boolean): boolean {
     let limit = chunk.length
@@ -131,7 +164,9 @@ export class ReplyEdits {
       if (at > pos) pos = at
       const end = opEnd[i]!
       const buf = opBuf[i]
-      if (buf === PARAMS_MARK) {
+      if (buf === CAPTURE_MARK) {
+        if (end > at) this.captured.push(Buffer.from(chunk.subarray(at, end)))
+      } else if (buf === PARAMS_MARK) {
         if (end >= 0 && this.paramsWanted) {
           const tail = chunk.subarray(at, end)
           this.params = this.params === undefined ? Buffer.from(tail) : Buffer.concat([this.params, tail])

@@ -23,6 +23,23 @@ import type { StatementRegistry } from "../pool/StatementRegistry.ts"
 const UNSURE = -1
 const NO_SERVER: Map<string, number> = new Map()
 
+/** What a Describe of one server-side copy answered (see `described`). */
+export interface CopyDescription {
+  /** The copy's stamp: the description is that copy's only while the table still holds this stamp. */
+  readonly stamp: number
+  /** `resultTypeKey` of its RowDescription or NoData. */
+  readonly resultType: string
+  /** Its ParameterDescription message. */
+  readonly params: Buffer
+}
+
+/**
+ * The descriptions of each server's copies, beside the server's own table (kept by the table's
+ * identity, so they go with the server when it is closed). Read only on the rare paths: a statement
+ * prepared on a server, and a client's use of a statement whose result type it has seen.
+ */
+const descriptions = new WeakMap<Map<string, number>, Map<string, CopyDescription>>()
+
 export class ServerStatementCache {
   private table: Map<string, number> = NO_SERVER
 
@@ -38,6 +55,44 @@ export class ServerStatementCache {
 
   detach(): void {
     this.table = NO_SERVER
+  }
+
+  /** The description of the server's copy of `serverName`, if it was described since it was prepared. */
+  describedOf(serverName: string): CopyDescription | undefined {
+    const found = descriptions.get(this.table)?.get(serverName)
+    return found !== undefined && found.stamp === this.table.get(serverName) ? found : undefined
+  }
+
+  /** The Describe sent behind the Parse of `serverName` answered: what the copy returns. */
+  described(serverName: string, resultType: string, params: Buffer): CopyDescription | undefined {
+    const stamp = this.table.get(serverName)
+    if (stamp === undefined || stamp === UNSURE) return undefined
+    let table = descriptions.get(this.table)
+    if (table === undefined) {
+      table = new Map()
+      descriptions.set(this.table, table)
+    }
+    const description: CopyDescription = { stamp, resultType, params }
+    table.set(serverName, description)
+    // Entries of copies closed since are dropped here rather than at each Close (a cheap bound).
+    if (table.size > this.table.size * 2 + 16) {
+      for (const [name, d] of table) if (this.table.get(name) !== d.stamp) table.delete(name)
+    }
+    return description
+  }
+
+  /**
+   * The server's copy of `serverName` was prepared after the statement went stale (`markStale` came
+   * later, from what this copy showed): stamped anew, so it stays current, with its description.
+   */
+  renew(serverName: string): void {
+    const stamp = this.table.get(serverName)
+    if (stamp === undefined || stamp === UNSURE) return
+    const renewed = this.registry.tick()
+    this.table.set(serverName, renewed)
+    const table = descriptions.get(this.table)
+    const found = table?.get(serverName)
+    if (found !== undefined && found.stamp === stamp) table!.set(serverName, { ...found, stamp: renewed })
   }
 
   /** The stamp of the server's copy, if the pooler believes it has one. */

@@ -10,6 +10,7 @@ export const PARSE_COMPLETE_MESSAGE = Buffer.from([Backend.ParseComplete, 0, 0, 
 export const CLOSE_COMPLETE_MESSAGE = Buffer.from([Backend.CloseComplete, 0, 0, 0, 4])
 export const READY_IDLE = readyForQuery("I")
 export const SYNC_MESSAGE = Buffer.from([Frontend.Sync, 0, 0, 0, 4])
+export const FLUSH_MESSAGE = Buffer.from([Frontend.Flush, 0, 0, 0, 4])
 
 /** End of the NUL-terminated string starting at `at` (the NUL's offset), or -1. */
 export const cstringEnd = (data: Buffer, at: number, end: number): number => {
@@ -41,6 +42,38 @@ export const closeStatement = (serverName: string): Buffer => {
   m[5] = STATEMENT_TARGET
   m.write(serverName, 6)
   return m
+}
+
+/** Describe of a server-side statement (`serverNameZ`: its name and NUL). */
+export const describeStatement = (serverNameZ: Buffer): Buffer => {
+  const m = Buffer.allocUnsafe(6 + serverNameZ.length)
+  m[0] = Frontend.Describe
+  m.writeInt32BE(5 + serverNameZ.length, 1)
+  m[5] = STATEMENT_TARGET
+  serverNameZ.copy(m, 6)
+  return m
+}
+
+/**
+ * What PostgreSQL compares when it re-plans a prepared statement (`cached plan must not change
+ * result type`: `equalTupleDescs`, `equalRowTypes` from version 17), read from the RowDescription
+ * at [`pos`, `next`) of `data` (or a NoData): the number of columns and each one's name, type and
+ * type modifier. The table and column a field comes from, and its format, are left out: a table
+ * dropped and created again with the same columns gives the same result type. A column's
+ * collation, which PostgreSQL compares too, is not in the message.
+ */
+export const resultTypeKey = (data: Buffer, pos: number, next: number): string => {
+  if (data[pos] !== Backend.RowDescription) return "n"
+  const count = data.readUInt16BE(pos + 5)
+  let key = `T${count}`
+  let at = pos + 7
+  for (let i = 0; i < count && at < next; i++) {
+    const nameEnd = data.indexOf(0, at)
+    if (nameEnd < 0 || nameEnd + 19 > next) break
+    key += `|${data.toString("utf8", at, nameEnd)}:${data.readUInt32BE(nameEnd + 7)}:${data.readInt32BE(nameEnd + 13)}`
+    at = nameEnd + 19
+  }
+  return key
 }
 
 /** Close of the unnamed statement: makes a server without the client's unnamed statement fail as PostgreSQL would. */

@@ -1,6 +1,6 @@
 import type * as net from "node:net"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
-import type { CheckoutCallback, TenantPool } from "../pool/index.ts"
+import type { CheckoutCallback, ListenSubscriber, TenantPool } from "../pool/index.ts"
 import {
   ClientMessage,
   classifyClientMessage,
@@ -15,11 +15,20 @@ import {
   type PreparedStatementOptions,
   PreparedStatements
 } from "./PreparedStatements.ts"
+import { LISTENS, PROBE, sessionEffects, UNPIN, unlistenTargets } from "./SessionEffects.ts"
+import { customSettingNames, type ProbeResult, probeResult, STATEMENT_TIMEOUT, sessionProbe } from "./SessionProbe.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, settingsChange, settingsKey } from "./settings.ts"
+import { adoptSettings, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
 
 const { Producer, Sync, Terminate, Opens } = ClientMessage
-const { Parse: PARSE, Bind: BIND } = Frontend
+const { Parse: PARSE, Bind: BIND, Query: QUERY } = Frontend
+
+/** Notifications one client may have waiting for its transaction to end, and unread bytes in its socket. */
+const MAX_WAITING_NOTIFICATIONS = 100_000
+const MAX_UNREAD_BYTES = 16 * 1024 * 1024
+
+/** SQL longer than this is not read for session effects: it counts as `PROBE` (one round trip at its boundary). */
+const READ_SQL_MAX = 65_536
 
 /** Held messages up to this size are gathered whole; larger ones only as far as needed (`largeHeld`). */
 const HOLD_WHOLE = 65_536
@@ -59,7 +68,8 @@ const READY_IDLE = readyForQuery("I")
  *    Query/Execute (whose ReadyForQuery comes after CopyDone/CopyFail) or are ignored by the server
  *    outside COPY. So `Q "COPY … FROM STDIN"`, CopyData…, CopyDone releases at its ReadyForQuery;
  * 4. `!partial` — the bytes forwarded end on a message boundary (no half-sent message);
- * 5. the client is not pinned by a SQL-level PREPARE (see below).
+ * 5. no probe of the client's session state is in flight and nothing pins the client to its server
+ *    (see "Session state" below).
  *
  * This is checked after each server chunk has been handed to the client socket (so the final bytes
  * are already queued for the client when the server moves on), after each client chunk (a trailing
@@ -85,6 +95,14 @@ const READY_IDLE = readyForQuery("I")
  * the ones its rewriting changed. A client with no server whose chunk only prepares statements the
  * pool knows is answered without one (`answerAlone`). A client that ran SQL-level PREPARE is pinned
  * to its server until it deallocates (`statements.pinned`).
+ *
+ * ## Session state (docs/architecture.md#session-state-in-transaction-mode)
+ *
+ * Query and Parse texts are read by `sessionEffects`; when one may have left session state, the
+ * server is not released at the next boundary but asked (`probe`) what the session holds: its
+ * settings become the client's (re-applied wherever it goes next, reset for the next client of this
+ * server), state that cannot move pins the client (`pinReason`), and its LISTENs move to the pool's
+ * ListenHub. Client bytes wait in `queue` while the pooler's questions are out.
  */
 export class TransactionRelay {
   private readonly scanner: MessageScanner
@@ -159,13 +177,51 @@ export class TransactionRelay {
     statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
     // Parse, Bind, Describe and Close may be rewritten, so they are held back (see `gather`).
-    this.scanner = new MessageScanner(this.onClientMessage, { maxMessageSize, inspect: "", hold: "PBDC" })
+    // Query and Parse texts are read for session effects (SessionEffects.ts); Bind for its statement.
+    this.scanner = new MessageScanner(this.onClientMessage, {
+      maxMessageSize,
+      inspect: "QPB",
+      inspectMax: READ_SQL_MAX,
+      hold: "PBDC"
+    })
     this.handler = { onData: this.onServerData, onClose: this.onServerClose, onFault: (cause) => this.fault(cause) }
     this.statements = new PreparedStatements(client, pool, statements, settings)
     this.maxHeldParse = Math.max(statements.maxMemory, HOLD_WHOLE)
     this.renames = statements.rename
     this.maxMessageSize = maxMessageSize
     this.settingsKey = settingsKey(settings)
+    this.startupSettings = new Map(settings)
+  }
+
+  /** The client's settings as it logged in: what `RESET` returns a setting to. */
+  private readonly startupSettings: ReadonlyMap<string, string>
+
+  // ---- session state (docs/session-state.md) -----------------------------------------------------
+
+  /** SessionEffects flags of what the client sent since the last probe of its server. */
+  private effects = 0
+  /** Flags of the client's prepared statements that have any, by client-side name (a Bind runs them). */
+  private statementEffects: Map<string, number> | undefined = undefined
+  /** Custom (dotted) settings the client has named: the probe asks for them, since pg_settings does not list them. */
+  private customSettings: Set<string> | undefined = undefined
+  /** Texts of flagged prepared statements, for the channels their UNLISTEN and the custom settings they name. */
+  private statementTexts: Map<string, string> | undefined = undefined
+  /** Channels the client's UNLISTENs named since the last probe ("*" for all). */
+  private unlistens: Array<string> | undefined = undefined
+  /** The server is being asked what the client left on it; client bytes wait meanwhile. */
+  private probing = false
+  /** Why the client keeps its server across transactions (state that cannot move), if it does. */
+  private pinReason: string | undefined = undefined
+  /** This client as a LISTEN subscriber of its pool's hub (made on its first LISTEN). */
+  private subscriber: ListenSubscriber | undefined = undefined
+  /** Notifications for the client that wait for its server's transaction to end. */
+  private readonly notifications: Array<Buffer> = []
+  /** NotificationResponses the held server sent while its LISTENs moved to the hub, and whether each was withheld. */
+  private moved: Array<{ readonly body: Buffer; readonly withheld: boolean }> | undefined = undefined
+
+  /** What pins the client to its server, if anything (admin console, metric). */
+  get pinnedBy(): string | undefined {
+    return this.pinReason ?? (this.statements.pinned ? "SQL-level prepared statement" : undefined)
   }
 
   /** `settings` as a `settingsKey`, kept current with it. */
@@ -204,8 +260,7 @@ export class TransactionRelay {
     this.draining = true
     const server = this.held
     if (server === undefined) this.end({ _tag: "Drained" })
-    else if (this.releasable(server)) this.releaseAtBoundary(server)
-    else if (this.atBoundary(server)) this.end({ _tag: "Drained" }) // pinned: its server is closed
+    else this.settle(server) // at a boundary: released, or (pinned) the relay ends and its server is closed
   }
 
   /**
@@ -219,8 +274,9 @@ export class TransactionRelay {
 
   // ---- client → server ------------------------------------------------------------------------
 
-  private readonly onClientMessage = (type: number): void => {
+  private readonly onClientMessage = (type: number, length: number, body: Buffer | undefined, start: number): void => {
     if (this.terminateAt >= 0) return // nothing after Terminate counts
+    if (type === QUERY || type === PARSE || type === BIND) this.readEffects(type, length, body, start)
     const kind = classifyClientMessage(type)
     if (kind === Producer) {
       this.chunkProducers++
@@ -236,6 +292,67 @@ export class TransactionRelay {
       this.chunkOpen = true
     }
     this.chunkMessages++
+  }
+
+  /** Notes what a Query, a Parse or a Bind may leave on the server (see SessionEffects.ts). */
+  private readEffects(type: number, length: number, body: Buffer | undefined, start: number): void {
+    if (type === BIND) {
+      const known = this.statementEffects
+      if (known === undefined) return
+      if (body === undefined) {
+        this.effects |= PROBE
+        return
+      }
+      const portalEnd = body.indexOf(0, start)
+      const name = body.toString("utf8", portalEnd + 1, body.indexOf(0, portalEnd + 1))
+      const flags = known.get(name)
+      if (flags !== undefined) this.ran(flags, this.statementTexts?.get(name))
+      return
+    }
+    if (body === undefined || length > READ_SQL_MAX) {
+      // Too large to read: assume the worst, once, at its boundary.
+      this.effects |= PROBE
+      return
+    }
+    const end = start + length
+    if (type === QUERY) {
+      const flags = sessionEffects(body, start, end)
+      if (flags !== 0) this.ran(flags, body.toString("utf8", start, end - 1))
+      return
+    }
+    // Parse: flags are kept for the statement and count when a Bind runs it.
+    const nameEnd = body.indexOf(0, start)
+    const flags = sessionEffects(body, nameEnd + 1, end)
+    if (flags === 0 && this.statementEffects === undefined) return
+    const name = body.toString("utf8", start, nameEnd)
+    if (flags === 0) {
+      this.statementEffects!.delete(name)
+      this.statementTexts?.delete(name)
+      return
+    }
+    this.statementEffects ??= new Map()
+    this.statementEffects.set(name, flags)
+    this.statementTexts ??= new Map()
+    this.statementTexts.set(name, body.toString("utf8", nameEnd + 1, body.indexOf(0, nameEnd + 1)))
+  }
+
+  private ran(flags: number, sql: string | undefined): void {
+    this.effects |= flags
+    if (sql === undefined) return
+    if ((flags & LISTENS) !== 0) {
+      const targets = unlistenTargets(sql)
+      if (targets.length > 0) {
+        this.unlistens ??= []
+        this.unlistens.push(...targets)
+      }
+    }
+    if ((flags & PROBE) !== 0 && sql.includes(".")) {
+      const names = customSettingNames(sql)
+      if (names.length > 0) {
+        this.customSettings ??= new Set()
+        for (const name of names) this.customSettings.add(name)
+      }
+    }
   }
 
   private readonly onClientView = (view: Buffer): void => {
@@ -297,10 +414,18 @@ export class TransactionRelay {
 
     const server = this.held
     if (server !== undefined) {
+      if (this.probing) {
+        // The server is answering the pooler's own questions: the client's bytes follow them.
+        this.queuedProducers += this.chunkProducers
+        if (data.length > 0) this.queue.push(data)
+        this.backlog = true
+        this.flow()
+        return
+      }
       server.pending += this.chunkProducers
       if (data.length > 0 && !this.statements.write(server, data)) this.blockOnServer(server)
       if (this.terminating) this.end({ _tag: "ClientTerminated" })
-      else if (this.releasable(server)) this.releaseAtBoundary(server)
+      else this.settle(server)
       return
     }
 
@@ -456,8 +581,6 @@ export class TransactionRelay {
     this.held = server
     server.handler = this.handler
     this.statements.attach(server)
-    server.pending += this.queuedProducers
-    this.queuedProducers = 0
     // Another client may have left different settings on this server: restore ours first.
     if (server.syncedTo !== this.settingsKey) {
       const change = settingsChange(server, this.settings)
@@ -470,6 +593,16 @@ export class TransactionRelay {
     }
     this.changesAtAttach = server.parameterChanges
     this.attachedAt = performance.now()
+    this.writeQueue(server)
+    if (this.terminating) this.end({ _tag: "ClientTerminated" })
+    else this.settle(server)
+    this.flow()
+  }
+
+  /** Writes the client bytes queued while no server could take them. */
+  private writeQueue(server: ServerConnection): void {
+    server.pending += this.queuedProducers
+    this.queuedProducers = 0
     const queue = this.queue
     let ok = true
     if (queue.length === 1) {
@@ -481,9 +614,6 @@ export class TransactionRelay {
     }
     queue.length = 0
     if (!ok) this.blockOnServer(server)
-    if (this.terminating) this.end({ _tag: "ClientTerminated" })
-    else if (this.releasable(server)) this.releaseAtBoundary(server)
-    else this.flow()
   }
 
   // ---- server → client ------------------------------------------------------------------------
@@ -505,7 +635,9 @@ export class TransactionRelay {
     }
     this.statements.settleAfter(server)
     if (this.statements.takeReopened()) this.open = true
-    if (this.releasable(server)) this.releaseAtBoundary(server)
+    // A Terminate that arrived while the pooler asked the server about its session ends the relay now.
+    if (this.terminating && !this.probing) this.end({ _tag: "ClientTerminated" })
+    else this.settle(server)
   }
 
   private readonly onServerClose = (reason: string): void => {
@@ -517,7 +649,248 @@ export class TransactionRelay {
 
   /** The release rule (see the class comment). */
   private releasable(server: ServerConnection): boolean {
-    return server.isIdle && !this.open && !this.partial && !this.statements.pinned
+    return (
+      server.isIdle &&
+      !this.open &&
+      !this.partial &&
+      !this.probing &&
+      this.pinReason === undefined &&
+      !this.statements.pinned
+    )
+  }
+
+  /**
+   * At a transaction boundary: asks the server what the client left on it when its SQL may have
+   * changed session state (`probe`), then hands on notifications that waited, and releases the
+   * server — or keeps it, when something pins the client to it.
+   */
+  private settle(server: ServerConnection): void {
+    if (this.probing || !this.atBoundary(server)) return
+    if (this.needsProbe()) {
+      this.probe(server)
+      return
+    }
+    this.effects = 0
+    if (this.notifications.length > 0) this.deliverNotifications()
+    if (this.releasable(server)) this.releaseAtBoundary(server)
+    else if (this.draining) this.end({ _tag: "Drained" }) // pinned: its server is closed
+  }
+
+  private needsProbe(): boolean {
+    return (this.effects & PROBE) !== 0 || ((this.effects & UNPIN) !== 0 && this.pinnedBy !== undefined)
+  }
+
+  // ---- session state: probe, settings, pins, LISTEN (docs/session-state.md) ---------------------
+
+  private probe(server: ServerConnection): void {
+    this.probing = true
+    this.effects = 0
+    this.pool.counters.sessionProbes++
+    server.probe(sessionProbe(this.customSettings, server.target.user), this.onProbed)
+  }
+
+  private readonly onProbed = (rows: ReadonlyArray<ReadonlyArray<string | null>>): void => {
+    try {
+      this.probed(probeResult(rows))
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  /**
+   * Runs inside the server's read callback: whatever it writes to the server is queued behind the
+   * probe's reply, and the relay settles when the server's handler hears of that reply.
+   */
+  private probed(result: ProbeResult): void {
+    const server = this.held
+    if (server === undefined || this.ended) return
+    this.pin(result.pin)
+    this.adoptProbedSettings(server, result.settings)
+    const unlistens = this.unlistens
+    this.unlistens = undefined
+    const subscriber = this.subscriber
+    if (unlistens !== undefined && subscriber !== undefined) {
+      const hub = this.pool.listenHub
+      for (const target of unlistens) {
+        if (target === "*") hub.unlistenAll(subscriber)
+        else hub.unlisten(target, subscriber)
+      }
+    }
+    if (result.channels.length > 0) this.moveListens(server, result.channels)
+    else this.resync(server, "")
+  }
+
+  /** Records what pins the client (undefined: nothing), keeping the pool's count of pinned clients. */
+  private pin(reason: string | undefined): void {
+    if ((reason === undefined) !== (this.pinReason === undefined)) {
+      this.pool.counters.pinnedClients += reason === undefined ? -1 : 1
+    }
+    this.pinReason = reason
+  }
+
+  /**
+   * What the client's session on this server now holds becomes the client's own settings, and the
+   * server's record of them: settings it RESET go back to its startup values (as PostgreSQL's RESET
+   * does), settings it SET follow it to its next server, and the next client of this server gets
+   * them reset (`settingsChange`). Reported settings are followed from ParameterStatus instead.
+   */
+  private adoptProbedSettings(server: ServerConnection, probed: ReadonlyMap<string, string>): void {
+    const settings = this.settings
+    let changed = false
+    if (server.parameterChanges !== this.changesAtAttach) {
+      // Reported settings the client changed are its own now (as at detach), or resync would undo them.
+      adoptSettings(settings, server)
+      this.changesAtAttach = server.parameterChanges
+      changed = true
+    }
+    // Reported settings a relay follows (settings.ts); a reported one it does not follow
+    // (session_authorization, default_transaction_read_only) is treated like any other.
+    const reported = new Set<string>()
+    for (const name of server.parameters.keys()) {
+      const lower = name.toLowerCase()
+      if (TRACKED_PARAMETERS.includes(lower)) reported.add(lower)
+    }
+    for (const [name, value] of probed) {
+      if (reported.has(name)) continue
+      if (server.settings.get(name) !== value || !server.unreported.has(name)) server.applied(name, value, false)
+      if (settings.get(name) !== value) {
+        settings.set(name, value)
+        changed = true
+      }
+    }
+    for (const name of [...server.unreported]) if (!probed.has(name)) server.unapplied(name)
+    // The probe RESET statement_timeout on the server; `resync` restores the client's own value.
+    server.unapplied(STATEMENT_TIMEOUT)
+    for (const [name, value] of [...settings]) {
+      if (reported.has(name) || probed.has(name)) continue
+      const initial = this.startupSettings.get(name)
+      if (initial === undefined) settings.delete(name)
+      else if (initial !== value) settings.set(name, initial)
+      else continue
+      changed = true
+    }
+    if (changed) this.settingsKey = settingsKey(settings)
+  }
+
+  /**
+   * Brings the server in line with the client's settings (a RESET to a startup value) and runs
+   * `extra`; the probe ends when that reply is in.
+   */
+  private resync(server: ServerConnection, extra: string): void {
+    const change = settingsChange(server, this.settings)
+    const sql = change.sql === "" ? extra : extra === "" ? change.sql : `${change.sql}; ${extra}`
+    if (sql === "") {
+      server.syncedTo = this.settingsKey
+      this.endProbe(server)
+      return
+    }
+    server.probe(sql, () => {
+      try {
+        change.commit()
+        server.syncedTo = this.settingsKey
+        this.endProbe(server)
+      } catch (cause) {
+        this.fault(cause)
+      }
+    })
+  }
+
+  /**
+   * The client LISTENed: its channels move to the pool's listening connection (ListenHub) and the
+   * server stops listening. Until the server has, a notification may reach the client both ways
+   * (or, during the pooler's own queries, only as the server's withheld copy): `moved` records the
+   * server's copies so that `endProbe` delivers each notification once.
+   */
+  private moveListens(server: ServerConnection, channels: ReadonlyArray<string>): void {
+    const hub = this.pool.listenHub
+    this.subscriber ??= { onNotification: this.onHubNotification, onLost: this.onListenLost }
+    const subscriber = this.subscriber
+    this.moved = []
+    server.onNotification = this.onMovedNotification
+    let left = channels.length
+    let failure: TidepoolError | undefined
+    for (const channel of channels) {
+      hub.listen(channel, subscriber, (error) => {
+        failure ??= error
+        if (--left > 0) return
+        try {
+          if (this.ended || this.held !== server) return
+          if (failure !== undefined) this.end({ _tag: "ClientError", error: failure })
+          else this.resync(server, "UNLISTEN *")
+        } catch (cause) {
+          this.fault(cause)
+        }
+      })
+    }
+  }
+
+  private readonly onMovedNotification = (body: Buffer, start: number, length: number, withheld: boolean): void => {
+    this.moved?.push({ body: Buffer.from(body.subarray(start, start + length)), withheld })
+  }
+
+  /** The probe is over: notifications are reconciled and the client's waiting bytes go to the server. */
+  private endProbe(server: ServerConnection): void {
+    this.probing = false
+    const moved = this.moved
+    if (moved !== undefined) {
+      this.moved = undefined
+      server.onNotification = undefined
+      const waiting = this.notifications
+      for (const { body, withheld } of moved) {
+        const copy = waiting.findIndex(
+          (message) => message.length === body.length + 5 && message.subarray(5).equals(body)
+        )
+        if (!withheld) {
+          // The client has it from the server already.
+          if (copy >= 0) waiting.splice(copy, 1)
+        } else if (copy < 0) {
+          const message = Buffer.allocUnsafe(body.length + 5)
+          message[0] = 0x41
+          message.writeInt32BE(body.length + 4, 1)
+          body.copy(message, 5)
+          waiting.push(message)
+        }
+      }
+    }
+    this.backlog = false
+    this.writeQueue(server)
+    this.flow()
+  }
+
+  private readonly onHubNotification = (message: Buffer): void => {
+    try {
+      if (this.ended) return
+      if (this.notifications.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
+        // A listener that does not read (or a transaction that never ends) must not grow the process.
+        this.end({
+          _tag: "ClientError",
+          error: tidepoolError("ELISTENLOST", "the client did not read its notifications")
+        })
+        return
+      }
+      // PostgreSQL delivers notifications between transactions: while a server is held, they wait.
+      if (this.held !== undefined) this.notifications.push(message)
+      else if (!this.client.write(message)) this.blockOnClient()
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private readonly onListenLost = (error: TidepoolError): void => {
+    try {
+      this.subscriber = undefined
+      this.end({ _tag: "ClientError", error })
+    } catch (cause) {
+      this.fault(cause)
+    }
+  }
+
+  private deliverNotifications(): void {
+    const waiting = this.notifications
+    let ok = true
+    for (let i = 0; i < waiting.length; i++) ok = this.client.write(waiting[i]!)
+    waiting.length = 0
+    if (!ok) this.blockOnClient()
   }
 
   /** Between transactions, whether or not the client is pinned to its server. */
@@ -639,21 +1012,33 @@ export class TransactionRelay {
     this.backlog = false
     this.queue.length = 0
     this.carry.length = 0
+    this.notifications.length = 0
+    if (this.pinReason !== undefined) this.pool.counters.pinnedClients-- // its server goes with it (giveBack)
+    const subscriber = this.subscriber
+    if (subscriber !== undefined) {
+      this.subscriber = undefined
+      this.pool.listenHub.unlistenAll(subscriber)
+    }
     const server = this.held
+    if (server !== undefined && this.moved !== undefined) {
+      this.moved = undefined
+      server.onNotification = undefined
+    }
     if (server !== undefined) this.giveBack(server, end)
     this.onEnd(end)
   }
 
   /** Puts the held server back when the release rule holds; closes it otherwise, never reusing it. */
   private giveBack(server: ServerConnection, end: RelayEnd): void {
-    const clean = !this.faulted && this.releasable(server)
-    const pinned = !clean && !this.faulted && this.atBoundary(server)
+    const clean = !this.faulted && this.releasable(server) && !this.needsProbe()
+    const pinned = !clean && !this.faulted && this.atBoundary(server) && !this.probing
+    const pin = this.pinnedBy ?? "session state not yet read"
     this.detach(server)
     if (clean) {
       this.pool.release(server)
     } else if (pinned) {
-      // Its SQL-level prepared statements belong to this client: the server goes with it.
-      this.pool.retire(server, "client left with SQL-level prepared statements")
+      // What pins the client (or what it may have left) belongs to it alone: the server goes with it.
+      this.pool.retire(server, `client left with a ${pin}`)
     } else if (end._tag === "ClientTerminated" && !server.closed) {
       // Polite close: bytes already written (what preceded Terminate) reach the server before its
       // own Terminate, so they run as on a direct connection.

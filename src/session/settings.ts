@@ -30,6 +30,8 @@ export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
   "lc_time"
 ])
 
+const STATEMENT_TIMEOUT = "statement_timeout"
+
 const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 
 /** A query that gives a server a client's settings, and what to record once it has run. */
@@ -64,10 +66,19 @@ export const settingsChange = (server: ServerConnection, desired: ReadonlyMap<st
     reset.push(name)
   }
   if (set.length === 0 && reset.length === 0) return NO_CHANGE
+  // The server still has the last client's statement_timeout, and PostgreSQL arms it per statement:
+  // changing it first, alone, keeps a short one from cancelling the rest (which closes the server).
+  let first = ""
+  const timeout = desired.get(STATEMENT_TIMEOUT)
+  if (timeout !== undefined && set.some(([name]) => name === STATEMENT_TIMEOUT)) {
+    first = `SELECT pg_catalog.set_config('statement_timeout', ${quoteLiteral(timeout)}, false); `
+  } else if (reset.includes(STATEMENT_TIMEOUT)) first = "RESET statement_timeout; "
   return {
-    sql: calls === "" ? resets.slice(2) : calls + resets,
+    sql: first + (calls === "" ? resets.slice(2) : calls + resets),
     commit: () => {
-      for (const [name, value] of set) server.applied(name, value)
+      // Followed only if tracked and reported (search_path is tracked, but reported only from PostgreSQL 18).
+      for (const [name, value] of set)
+        server.applied(name, value, TRACKED_PARAMETERS.includes(name) ? undefined : false)
       for (const name of reset) server.unapplied(name)
     }
   }

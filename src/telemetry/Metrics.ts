@@ -114,6 +114,18 @@ const POOL_METRICS: ReadonlyArray<PoolMetric> = [
     value: (p) => p.counters.checkoutTimeouts
   },
   {
+    name: "tidepool_pool_pinned_clients",
+    type: "gauge",
+    help: "Transaction-mode clients pinned to their server by state that cannot move (advisory lock, temporary table, WITH HOLD cursor, SQL PREPARE).",
+    value: (p) => p.counters.pinnedClients
+  },
+  {
+    name: "tidepool_session_probes_total",
+    type: "counter",
+    help: "Transaction boundaries where a server was asked what a client left in its session (after SET, LISTEN, advisory locks, …).",
+    value: (p) => p.counters.sessionProbes
+  },
+  {
     name: "tidepool_transactions_total",
     type: "counter",
     help: "Transactions completed (transaction mode: one per server release).",
@@ -379,6 +391,34 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
         tenant
       )
       if (tenant === undefined) {
+        const { admission } = events
+        out.family(
+          "tidepool_client_connections",
+          "gauge",
+          "Client connections open on both ports, logged in or not (TIDEPOOL_MAX_CLIENT_CONNECTIONS caps them)."
+        )
+        out.sample("tidepool_client_connections", "", admission.open)
+        out.family(
+          "tidepool_client_handshakes",
+          "gauge",
+          "Client connections accepted and not yet authenticated (TIDEPOOL_MAX_HANDSHAKES caps them)."
+        )
+        out.sample("tidepool_client_handshakes", "", admission.handshaking)
+        out.family(
+          "tidepool_client_connections_refused_total",
+          "counter",
+          "Connections refused as soon as they were accepted, by the limit that refused them."
+        )
+        out.sample(
+          "tidepool_client_connections_refused_total",
+          '{reason="max_client_connections"}',
+          admission.refusedClients
+        )
+        out.sample(
+          "tidepool_client_connections_refused_total",
+          '{reason="max_handshakes"}',
+          admission.refusedHandshakes
+        )
         const active = new Set(registry.all().map((p) => p.settings.tenant))
         out.family("tidepool_tenants_active", "gauge", "Tenants with at least one live pool.")
         out.sample("tidepool_tenants_active", "", active.size)

@@ -88,7 +88,8 @@ const {
   BackendKeyData: K,
   Authentication: R,
   DataRow: D,
-  RowDescription: T
+  RowDescription: T,
+  NotificationResponse: A
 } = Backend
 
 let nextId = 1
@@ -157,6 +158,15 @@ export class ServerConnection {
   withholdBetweenTransactions = false
   /** Offset in the current chunk where withheld bytes start, or -1. */
   private withheldFrom = -1
+  /** The rows of the silent `probe` in flight and what to call with them at its ReadyForQuery. */
+  private probeRows: Array<Array<string | null>> | undefined = undefined
+  private probeDone: ((rows: ReadonlyArray<ReadonlyArray<string | null>>) => void) | undefined = undefined
+  /**
+   * Called with every NotificationResponse ('A') this server sends, silent phases included (the
+   * body is a view, valid during the call). A transaction-mode relay uses it while it moves a
+   * client's LISTENs off this server (docs/session-state.md#listen-and-notify).
+   */
+  onNotification: ((body: Buffer, start: number, length: number, silent: boolean) => void) | undefined = undefined
   /** SQLSTATE and message of the last ErrorResponse seen, for reporting a loss mid-transaction. */
   lastErrorCode: string | undefined = undefined
   lastErrorMessage: string | undefined = undefined
@@ -177,6 +187,8 @@ export class ServerConnection {
   idleHandler: ServerHandler | undefined = undefined
   private loginSink: ((m: LoginMessage) => void) | undefined = undefined
   private readonly scanner: MessageScanner
+  /** Whether DataRow bodies are read outside probes (`{ rows: true }` connections). */
+  private readonly rowsInspected: boolean
 
   /**
    * @param reads the socket's own `ReadBuffer` when it was opened with one (plaintext): the chunks
@@ -188,9 +200,10 @@ export class ServerConnection {
     options: ConnectOptions = {},
     readonly reads?: ReadBuffer
   ) {
+    this.rowsInspected = options.rows === true
     this.scanner = new MessageScanner(this.onMessage, {
       maxMessageSize: 0,
-      inspect: options.rows === true ? "ZSEKRCDT" : "ZSEKRC"
+      inspect: options.rows === true ? "ZSEKRCDTA" : "ZSEKRCA"
     })
     if (reads !== undefined) reads.sink = this.onSocketData
     else socket.on("data", this.onSocketData)
@@ -206,7 +219,20 @@ export class ServerConnection {
       if (this.silent > 0 && --this.silent === 0) {
         this.silentEnd = this.scanner.messageEnd
         this.base = this.silentEnd
+        const done = this.probeDone
+        if (done !== undefined) {
+          const rows = this.probeRows!
+          this.probeDone = undefined
+          this.probeRows = undefined
+          this.scanner.setInspected(D, this.rowsInspected)
+          if (this.silentError === undefined) done(rows)
+        }
       }
+    } else if (type === D) {
+      if (this.probeRows !== undefined && silent)
+        this.probeRows.push(decodeDataRow(body!.subarray(start, start + length)))
+    } else if (type === A) {
+      this.onNotification?.(body!, start, length, silent)
     } else if (type === S) {
       const [name, value] = decodeParameterStatus(body!, start, start + length)
       this.parameters.set(name, value)
@@ -303,6 +329,19 @@ export class ServerConnection {
     this.socket.write(serialize.query(sql))
   }
 
+  /**
+   * A silent query whose rows the pooler reads: `done` gets them when its ReadyForQuery arrives
+   * (not if it failed: a failed silent query closes the server, as for `sendSilently`). Only one at
+   * a time, and only when no other silent reply is owed, so the rows are this query's.
+   */
+  probe(sql: string, done: (rows: ReadonlyArray<ReadonlyArray<string | null>>) => void): void {
+    if (this.silent > 0 || this.probeDone !== undefined) throw new Error("probe while a silent reply is owed")
+    this.probeRows = []
+    this.probeDone = done
+    this.scanner.setInspected(D, true)
+    this.sendSilently(sql)
+  }
+
   private readonly onSocketError = (err: Error): void => {
     this.closeReason ||= err.message
   }
@@ -359,12 +398,19 @@ export class ServerConnection {
     for (const [name, value] of this.parameters) this.settings.set(name.toLowerCase(), value)
   }
 
-  /** The pooler set `name` (lower-cased) on this server. */
-  applied(name: string, value: string): void {
+  /**
+   * The pooler set `name` (lower-cased) on this server, or learnt that a client did. `followed`: a
+   * relay learns of its changes from ParameterStatus, so it needs no RESET for the next client;
+   * by default, whether PostgreSQL reports it.
+   */
+  applied(name: string, value: string, followed?: boolean): void {
     this.syncedTo = undefined
     this.settings.set(name, value)
-    let reported = false
-    for (const key of this.parameters.keys()) if (key.toLowerCase() === name) reported = true
+    let reported = followed
+    if (reported === undefined) {
+      reported = false
+      for (const key of this.parameters.keys()) if (key.toLowerCase() === name) reported = true
+    }
     if (reported) this.unreported.delete(name)
     else this.unreported.add(name)
   }

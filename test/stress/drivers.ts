@@ -194,9 +194,9 @@ const runOps = async (
           )
         } else {
           // node-postgres: a name per epoch, so each is a fresh Parse of a text the pool's servers may hold
-          // from before the DDL. postgres.js keys its statements by text and would re-use the stale one
-          // (the unfixed stale-reuse defect, differences.ts): unnamed.
-          const named = name === "node-postgres" ? `sh${gate.epoch}` : undefined
+          // from before the DDL. postgres.js keys its statements by text: it re-uses its statement after
+          // the DDL, meets 0A000 and prepares it again by itself (stale-reuse, differences.ts).
+          const named = name === "node-postgres" ? `sh${gate.epoch}` : "sh"
           log.push(await driver.query(substitute("SELECT id, x FROM {S0} ORDER BY id", ctx), [], named))
         }
       } else if (op.k === "tx") {

@@ -9,7 +9,10 @@ const statement = (name: string): Statement => ({
   parse: Buffer.alloc(0),
   bytes: 0,
   parsedAt: 1,
-  usedAt: -1
+  usedAt: -1,
+  resultType: undefined,
+  checkedStamp: -1,
+  params: undefined
 })
 
 const kinds = (queue: ExpectationQueue) => Array.from({ length: queue.size }, (_, i) => queue.at(i).kind)

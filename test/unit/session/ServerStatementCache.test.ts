@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest"
 import { StatementRegistry } from "../../../src/pool/StatementRegistry.ts"
 import { ServerStatementCache } from "../../../src/session/ServerStatementCache.ts"
+import { resultTypeKey } from "../../../src/session/StatementMessages.ts"
 
 const setup = (capacity = 3) => {
   const registry = new StatementRegistry()
@@ -69,5 +70,66 @@ describe("ServerStatementCache", () => {
     expect(prepare(cache, "b")).toEqual([])
     cache.clear()
     expect(cache.stampOf("a")).toBeUndefined()
+  })
+
+  it("a copy's description holds for that copy only: prepared again, closed or unsure, it is unknown", () => {
+    const ctx = setup()
+    const { cache } = ctx
+    const params = Buffer.from([0x74, 0, 0, 0, 6, 0, 0])
+    prepare(cache, "a")
+    expect(cache.describedOf("a")).toBeUndefined()
+    cache.described("a", "T1|x:23:-1", params)
+    expect(cache.describedOf("a")).toMatchObject({ resultType: "T1|x:23:-1", params })
+    prepare(cache, "a") // a fresh copy (the stale one closed first): not described yet
+    expect(cache.describedOf("a")).toBeUndefined()
+    cache.described("a", "T1|x:25:-1", params)
+    cache.unsure("a")
+    expect(cache.describedOf("a")).toBeUndefined()
+    prepare(cache, "a")
+    cache.described("a", "T1|x:25:-1", params)
+    // Stale pool-wide after it was described, renewed: current, its description kept.
+    const { registry } = ctx
+    registry.markStale("a")
+    expect(cache.holdsCurrent("a")).toBe(false)
+    cache.renew("a")
+    expect(cache.holdsCurrent("a")).toBe(true)
+    expect(cache.describedOf("a")?.resultType).toBe("T1|x:25:-1")
+    cache.unsure("a")
+    // Never recorded for a copy the server may not hold.
+    expect(cache.described("a", "n", params)).toBeUndefined()
+    cache.detach()
+    expect(cache.describedOf("a")).toBeUndefined()
+  })
+})
+
+describe("resultTypeKey", () => {
+  const rowDescription = (fields: ReadonlyArray<{ name: string; table: number; type: number; mod: number }>) => {
+    const parts = fields.map((f) => {
+      const b = Buffer.alloc(Buffer.byteLength(f.name) + 19)
+      b.write(f.name, 0)
+      const at = Buffer.byteLength(f.name) + 1
+      b.writeUInt32BE(f.table, at)
+      b.writeInt16BE(1, at + 4)
+      b.writeUInt32BE(f.type, at + 6)
+      b.writeInt16BE(-1, at + 10)
+      b.writeInt32BE(f.mod, at + 12)
+      return b
+    })
+    const body = Buffer.concat([Buffer.from([0, fields.length]), ...parts])
+    const head = Buffer.from([0x54, 0, 0, 0, 0])
+    head.writeInt32BE(body.length + 4, 1)
+    return Buffer.concat([head, body])
+  }
+  const key = (m: Buffer) => resultTypeKey(m, 0, m.length)
+
+  it("compares what PostgreSQL compares: names, types and modifiers, not the table the columns come from", () => {
+    const int = rowDescription([{ name: "x", table: 16384, type: 23, mod: -1 }])
+    expect(key(int)).toBe(key(rowDescription([{ name: "x", table: 99999, type: 23, mod: -1 }])))
+    expect(key(int)).not.toBe(key(rowDescription([{ name: "x", table: 16384, type: 25, mod: -1 }])))
+    expect(key(int)).not.toBe(key(rowDescription([{ name: "y", table: 16384, type: 23, mod: -1 }])))
+    expect(key(rowDescription([{ name: "v", table: 1, type: 1043, mod: 14 }]))).not.toBe(
+      key(rowDescription([{ name: "v", table: 1, type: 1043, mod: 24 }]))
+    )
+    expect(key(Buffer.from([0x6e, 0, 0, 0, 4]))).not.toBe(key(rowDescription([])))
   })
 })
