@@ -1,7 +1,7 @@
 import { Cause, ConfigProvider, Console, Context, Effect, Exit, Layer } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { ApiServer } from "../api/index.ts"
-import { supervise, WORKER_ENV } from "../cluster/index.ts"
+import { supervise, WORKER_ENV, workerReady } from "../cluster/index.ts"
 import { AppConfig, type ConfigFileContents, environment, loadConfigFile } from "../config/index.ts"
 import { Listeners } from "../listener/index.ts"
 import { tidepoolLayer } from "../Tidepool.ts"
@@ -60,6 +60,7 @@ export const serve = (configFile: string | undefined) =>
       yield* Effect.logInfo(
         `${worker === undefined ? "" : `worker ${worker + 1}: `}tidepool listening on ${config.listenAddr}: transaction mode port ${transactionPort}, session mode port ${sessionPort}, HTTP API port ${api.port}; ${file?.tenants.length ?? 0} tenant(s) from the config file`
       )
+      if (worker !== undefined) yield* workerReady
       const context = yield* Effect.context<never>()
       installSignals((level, message) =>
         Effect.runSyncWith(context)(level === "info" ? Effect.logInfo(message) : Effect.logWarning(message))

@@ -178,7 +178,16 @@ export const supervise = (config: AppConfigShape) =>
         for (const s of slots) s.child?.kill("SIGTERM")
         onAllReady?.()
       }
+      if (!stopping && code === 0) {
+        // A worker that ends by itself with status 0 was told to (the admin console's SHUTDOWN): the
+        // operator means the pooler, so every worker drains.
+        log("info", `worker ${slot.index + 1} shut down on request; every worker drains`)
+        stopping = true
+        for (const s of slots) s.child?.kill("SIGTERM")
+      }
       if (stopping) {
+        // A stop during start-up: nobody waits for the rest to be ready any more.
+        onAllReady?.()
         log("info", `worker ${slot.index + 1} exited (${signal ?? code})`)
         if (slots.every((s) => s.child === undefined)) Effect.runSyncWith(context)(Deferred.succeed(done, undefined))
         return
@@ -231,10 +240,11 @@ export const supervise = (config: AppConfigShape) =>
       yield* Deferred.await(done)
       return yield* Effect.sync(() => process.exit(1))
     }
-    log(
-      "info",
-      `tidepool supervisor: ${config.workers} workers listening on ${config.listenAddr}: transaction mode port ${config.transactionPort}, session mode port ${config.sessionPort}, HTTP API port ${config.apiPort} (worker 1)`
-    )
+    if (!stopping)
+      log(
+        "info",
+        `tidepool supervisor: ${config.workers} workers listening on ${config.listenAddr}: transaction mode port ${config.transactionPort}, session mode port ${config.sessionPort}, HTTP API port ${config.apiPort} (worker 1)`
+      )
     yield* Deferred.await(done)
     log("info", `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`)
   })

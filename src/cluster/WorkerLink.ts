@@ -109,9 +109,11 @@ export const workerInbox = Layer.effectDiscard(
       Effect.sync(() => process.once("disconnect", onDisconnect)),
       () => Effect.sync(() => process.off("disconnect", onDisconnect))
     )
-    send({ t: "ready" })
   })
 )
+
+/** Tells the supervisor this worker listens (its layer is built): the next workers may start. */
+export const workerReady = Effect.sync(() => send({ t: "ready" }))
 
 /**
  * The tenant store of a worker: every write is announced to the other workers, which reload that
