@@ -96,8 +96,10 @@ const holders = (sessions: ReadonlyArray<RegisteredSession>) => {
 }
 
 export const showClients = (s: AdminSnapshot): ResultSet => ({
+  // PgBouncer's columns, then Tidepool's own: `pinned` says what keeps a transaction-mode client on its server.
   columns: columns(`type user database state addr port:i4 local_addr local_port:i4 connect_time request_time
-    wait:i4 wait_us:i4 close_needed:i4 ptr link remote_pid:i4 tls application_name prepared_statements:i4 id:i8`),
+    wait:i4 wait_us:i4 close_needed:i4 ptr link remote_pid:i4 tls application_name prepared_statements:i4 id:i8
+    pinned`),
   rows: s.sessions.flatMap((session) => {
     const info = session.handle.info
     if (info === undefined) return []
@@ -123,7 +125,8 @@ export const showClients = (s: AdminSnapshot): ResultSet => ({
         info.tls ? "TLS" : "",
         info.applicationName,
         "0",
-        n(session.processId)
+        n(session.processId),
+        info.pinnedBy() ?? ""
       ]
     ]
   })

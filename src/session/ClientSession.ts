@@ -438,6 +438,9 @@ class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
   server(): ServerConnection | undefined {
     return this.relay instanceof TransactionRelay ? this.relay.server : this.held
   }
+  pinnedBy(): string | undefined {
+    return this.relay instanceof TransactionRelay ? this.relay.pinnedBy : undefined
+  }
   cancel(): Effect.Effect<void> {
     // Only the query running for this client right now; a client between transactions holds no
     // server, and its cancel does nothing (no delayed cancel hitting someone else's query).

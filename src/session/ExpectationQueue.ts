@@ -87,7 +87,8 @@ class Slot implements Expectation {
  */
 const NONE: Expectation = new Slot()
 
-const INITIAL_SIZE = 64
+// Small: most clients pipeline little, and an idle client keeps this ring (it doubles as needed).
+const INITIAL_SIZE = 4
 
 export class ExpectationQueue {
   private slots: Array<Slot> = Array.from({ length: INITIAL_SIZE }, () => new Slot())

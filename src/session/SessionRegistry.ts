@@ -20,6 +20,8 @@ export interface SessionInfo {
   /** `active`: holds a server; `waiting`: waits for one; `idle`: neither (transaction mode, between transactions). */
   readonly state: () => "active" | "waiting" | "idle"
   readonly server: () => ServerConnection | undefined
+  /** Transaction mode: what pins the client to its server, if anything (docs/session-state.md). */
+  readonly pinnedBy: () => string | undefined
 }
 
 /** What the registry needs from a live client session. */

@@ -30,7 +30,8 @@ beforeAll(async () => {
           { db_user_alias: "mix", db_user: "app", db_password: PASSWORD, pool_size: 2 }
         ]
       }
-    ]
+    ],
+    config: { adminUsers: [{ name: "ops", secret: "ops-secret" }] }
   })
 })
 
@@ -170,6 +171,14 @@ describe("session state in transaction mode", () => {
       }
       await eventually(() => busy("pair"), 1, "servers held while A holds the lock")
       expect((await poolOf("pair"))?.counters.pinnedClients).toBe(1)
+      // The admin console says why.
+      const admin = new pg.Client({
+        connectionString: `postgresql://ops:ops-secret@127.0.0.1:${tidepool.transactionPort}/pgbouncer`
+      })
+      await admin.connect()
+      const pins = (await admin.query("SHOW CLIENTS")).rows.map((r) => r.pinned).sort()
+      await admin.end()
+      expect(pins).toEqual(["", "session advisory lock"])
       await a.query("SELECT pg_advisory_unlock(42)")
       await eventually(() => busy("pair"), 0, "servers held after the unlock")
       expect((await poolOf("pair"))?.counters.pinnedClients).toBe(0)

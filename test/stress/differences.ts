@@ -81,8 +81,10 @@ export const DIFFERENCES: Readonly<
 
 export const AVOIDED: ReadonlyArray<{ readonly what: string; readonly why: string }> = [
   {
-    what: "a plain SET of a setting PostgreSQL does not report (work_mem, statement_timeout, search_path before 18)",
-    why: "it stays on the server for the next client (docs/operations.md, 'Session state'); scripts use SET LOCAL for those"
+    what: "a custom setting (app.x) a client never set, read with current_setting(name, true)",
+    why:
+      "once any client set it on a server, PostgreSQL keeps the name defined there (reset to ''), so another client " +
+      "reads '' where its own session would read NULL (docs/session-state.md); scripts SET only built-in settings"
   },
   {
     what: "a named Parse inside a failed transaction",

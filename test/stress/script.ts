@@ -323,7 +323,7 @@ const simpleSql = ({ op, a, b }: SimpleOp): [string, Fails] => {
   }
 }
 
-/** Settings PostgreSQL reports (ParameterStatus), which Tidepool follows per client: plain SET is fine. */
+/** Settings PostgreSQL reports (ParameterStatus), which Tidepool follows per client. */
 const REPORTED: ReadonlyArray<readonly [string, ReadonlyArray<string>]> = [
   ["TimeZone", ["UTC", "Asia/Tokyo", "America/New_York", "Europe/Paris"]],
   ["DateStyle", ["ISO, MDY", "ISO, DMY", "SQL, DMY", "Postgres, MDY", "German, DMY"]],
@@ -331,12 +331,17 @@ const REPORTED: ReadonlyArray<readonly [string, ReadonlyArray<string>]> = [
   ["application_name", ["c{C}-a", "c{C}-b", ""]]
 ]
 
-/** Settings only SET LOCAL may change (a plain SET of an unreported setting outlives the transaction). */
-const LOCAL: ReadonlyArray<readonly [string, ReadonlyArray<string>]> = [
+/** Settings PostgreSQL does not report: Tidepool follows a client's SETs of them too. */
+const UNREPORTED: ReadonlyArray<readonly [string, ReadonlyArray<string>]> = [
   ["work_mem", ["1MB", "2345kB", "64MB"]],
-  ["statement_timeout", ["5min", "0", "1h"]],
-  ...REPORTED
+  ["statement_timeout", ["5min", "0", "1h"]]
 ]
+
+/** Settings a client may SET for its session. */
+const SESSION: ReadonlyArray<readonly [string, ReadonlyArray<string>]> = [...REPORTED, ...UNREPORTED]
+
+/** Settings a transaction may SET LOCAL. */
+const LOCAL = SESSION
 
 const pick = <A>(xs: ReadonlyArray<A>, n: number): A => xs[n % xs.length]!
 
@@ -751,7 +756,9 @@ class Compiler {
         return
       }
       case "set": {
-        const [setting, values] = pick(REPORTED, it.setting)
+        // Any setting: reported ones are followed from ParameterStatus, the others by asking the
+        // server at the transaction's end (docs/session-state.md).
+        const [setting, values] = pick(SESSION, it.setting)
         const value = pick(values, it.value)
         const sql =
           it.how === "set"
