@@ -7,8 +7,7 @@ import type { PoolMode } from "../pool/index.ts"
 import { GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TxStatus } from "../protocol/index.ts"
 import { clientSession, type RegisteredSession, SessionRegistry } from "../session/index.ts"
 // Not re-exported by telemetry's index yet (owned elsewhere); the listener is its only provider.
-import { HandshakeSlot } from "../telemetry/EventCounters.ts"
-import { EventCounters } from "../telemetry/index.ts"
+import { EventCounters, HandshakeSlot } from "../telemetry/index.ts"
 import { DownstreamTls } from "../tls/index.ts"
 
 export class ListenError extends Data.TaggedError("ListenError")<{ readonly message: string }> {}
