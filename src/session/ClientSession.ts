@@ -154,6 +154,10 @@ const serve = (client: ClientSocket, mode: PoolMode, shuttingDown: () => boolean
             ? relay
             : Effect.provideService(relay, References.MinimumLogLevel, attached.level)
         }),
+        // The session's own resources (its place in pool.clients, its registration, a session-mode
+        // server) are given back before the client hears why it ended: a client that reconnects at
+        // once after the error must find its slot free (EMAXCONNSESSION on a pool of one otherwise).
+        Effect.scoped,
         Effect.catch(fail)
       )
 
