@@ -96,6 +96,15 @@ const anyWord = (text: Uint8Array, start: number, end: number, next: number, sto
       return wordIs(text, start, end, "hold") ? PROBE : 0
     case 0x70: // p
       if (wordIs(text, start, end, "prepare")) return PROBE
+      // pg_temp.t: a temporary object named without TEMP.
+      if (
+        length >= 7 &&
+        lower(text[start + 1]!) === 0x67 &&
+        text[start + 2] === 0x5f &&
+        wordHas(text, start, end, "pg_temp")
+      ) {
+        return PROBE
+      }
       // pg_advisory_…, pg_try_advisory_…: look inside only words that start that way.
       if (
         length > 11 &&
@@ -165,6 +174,8 @@ const localSetConfig = (text: Uint8Array, pos: number, stop: number): boolean =>
       continue
     }
     if (c === 0x27) quoted = true
+    // A comment or a dollar quote ($$, $tag$; not a parameter $1) could hide a comma: not provably local.
+    else if (c === 0x2d || c === 0x2f || (c === 0x24 && !(text[i + 1]! >= 0x30 && text[i + 1]! <= 0x39))) return false
     else if (c === 0x28) depth++
     else if (c === 0x29) {
       if (--depth === 0) {
@@ -197,6 +208,8 @@ export const sessionEffects = (text: Uint8Array, start: number, end: number): nu
   let tagStart = 0
   let tagEnd = 0
   let atStatement = true
+  /** The current string literal is an E'…' one: a backslash escapes the next byte. */
+  let escapes = false
   let pos = start
   while (pos < end) {
     const c = text[pos]!
@@ -212,8 +225,10 @@ export const sessionEffects = (text: Uint8Array, start: number, end: number): nu
           continue
         }
         if (c === 0x3b /* ; */) atStatement = true
-        else if (c === 0x27 /* ' */) state = SQUOTE
-        else if (c === 0x22 /* " */) {
+        else if (c === 0x27 /* ' */) {
+          state = SQUOTE
+          escapes = pos > start && lower(text[pos - 1]!) === 0x65 && (pos - 1 === start || !isWordByte(text[pos - 2]!))
+        } else if (c === 0x22 /* " */) {
           state = DQUOTE
           atStatement = false
         } else if (c === 0x2d /* - */ && text[pos + 1] === 0x2d) {
@@ -239,6 +254,10 @@ export const sessionEffects = (text: Uint8Array, start: number, end: number): nu
         continue
       }
       case SQUOTE:
+        if (escapes && c === 0x5c /* \ */) {
+          pos += 2
+          continue
+        }
         if (c === 0x27) state = NORMAL
         else if (isWordByte(c)) {
           const wEnd = wordEnd(text, pos, end)
@@ -249,7 +268,14 @@ export const sessionEffects = (text: Uint8Array, start: number, end: number): nu
         pos++
         continue
       case DQUOTE:
+        // A quoted name may still be a function or an object that matters ("pg_advisory_lock", pg_temp).
         if (c === 0x22) state = NORMAL
+        else if (isWordByte(c)) {
+          const wEnd = wordEnd(text, pos, end)
+          flags |= anyWord(text, pos, wEnd, wEnd, end)
+          pos = wEnd
+          continue
+        }
         pos++
         continue
       case DOLLAR: {
@@ -295,6 +321,7 @@ const dollarCloses = (text: Uint8Array, pos: number, end: number, tagStart: numb
   return true
 }
 
+const COMMENTS = /\/\*[\s\S]*?\*\/|--[^\n]*/g
 const UNLISTEN = /(?:^|;)\s*(?:unlisten\s+("(?:[^"]|"")+"|\*|[^\s;]+)|discard\s+all\b)/gi
 
 /**
@@ -303,7 +330,8 @@ const UNLISTEN = /(?:^|;)\s*(?:unlisten\s+("(?:[^"]|"")+"|\*|[^\s;]+)|discard\s+
  */
 export const unlistenTargets = (sql: string): Array<string> => {
   const targets: Array<string> = []
-  for (const match of sql.matchAll(UNLISTEN)) {
+  const bare = sql.replace(COMMENTS, " ")
+  for (const match of bare.matchAll(UNLISTEN)) {
     const name = match[1]
     if (name === undefined || name === "*")
       targets.push("*") // DISCARD ALL, UNLISTEN *

@@ -26,7 +26,8 @@ const SESSION_SETTINGS =
   "SELECT name, pg_catalog.current_setting(name, true) AS value FROM pg_catalog.pg_settings" +
   " WHERE source = 'session' AND context IN ('user', 'superuser')"
 
-const quoteLiteral = (value: string): string => `'${value.replace(/'/g, "''")}'`
+// E'…' with backslashes doubled: right whatever standard_conforming_strings the session has.
+const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 
 /**
  * The probe's SQL. Custom settings (`app.user_id`) are not listed in `pg_settings`, so those the

@@ -21,7 +21,7 @@ import type { RelayEnd } from "./SessionRelay.ts"
 import { adoptSettings, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
 
 const { Producer, Sync, Terminate, Opens } = ClientMessage
-const { Parse: PARSE, Bind: BIND, Query: QUERY } = Frontend
+const { Parse: PARSE, Bind: BIND, Query: QUERY, FunctionCall: FUNCTION_CALL } = Frontend
 
 /** Notifications one client may have waiting for its transaction to end, and unread bytes in its socket. */
 const MAX_WAITING_NOTIFICATIONS = 100_000
@@ -231,7 +231,8 @@ export class TransactionRelay {
 
   /** The server held right now, for CancelRequest routing. */
   get server(): ServerConnection | undefined {
-    return this.held
+    // While the pooler asks the server about the session, no client query runs there to cancel.
+    return this.probing ? undefined : this.held
   }
 
   /** Waiting for the pool to lend a server (admin console's client state). */
@@ -277,6 +278,7 @@ export class TransactionRelay {
   private readonly onClientMessage = (type: number, length: number, body: Buffer | undefined, start: number): void => {
     if (this.terminateAt >= 0) return // nothing after Terminate counts
     if (type === QUERY || type === PARSE || type === BIND) this.readEffects(type, length, body, start)
+    else if (type === FUNCTION_CALL) this.effects |= PROBE // by OID: set_config or a lock may be what it calls
     const kind = classifyClientMessage(type)
     if (kind === Producer) {
       this.chunkProducers++
@@ -326,8 +328,14 @@ export class TransactionRelay {
     if (flags === 0 && this.statementEffects === undefined) return
     const name = body.toString("utf8", start, nameEnd)
     if (flags === 0) {
-      this.statementEffects!.delete(name)
+      const known = this.statementEffects!
+      known.delete(name)
       this.statementTexts?.delete(name)
+      // Empty again: later Parses and Binds decode no names.
+      if (known.size === 0) {
+        this.statementEffects = undefined
+        this.statementTexts = undefined
+      }
       return
     }
     this.statementEffects ??= new Map()
@@ -653,6 +661,7 @@ export class TransactionRelay {
       server.isIdle &&
       !this.open &&
       !this.partial &&
+      server.atBoundary &&
       !this.probing &&
       this.pinReason === undefined &&
       !this.statements.pinned
@@ -667,6 +676,11 @@ export class TransactionRelay {
   private settle(server: ServerConnection): void {
     if (this.probing || !this.atBoundary(server)) return
     if (this.needsProbe()) {
+      // A cancel still on its way would hit the probe (and a failed probe closes the server).
+      if (server.cancelsInFlight > 0) {
+        server.onCancelsDone = this.onCancelsDone
+        return
+      }
       this.probe(server)
       return
     }
@@ -674,6 +688,15 @@ export class TransactionRelay {
     if (this.notifications.length > 0) this.deliverNotifications()
     if (this.releasable(server)) this.releaseAtBoundary(server)
     else if (this.draining) this.end({ _tag: "Drained" }) // pinned: its server is closed
+  }
+
+  private readonly onCancelsDone = (): void => {
+    try {
+      const server = this.held
+      if (server !== undefined && !this.ended) this.settle(server)
+    } catch (cause) {
+      this.fault(cause)
+    }
   }
 
   private needsProbe(): boolean {
@@ -684,6 +707,12 @@ export class TransactionRelay {
 
   private probe(server: ServerConnection): void {
     this.probing = true
+    if ((this.effects & LISTENS) !== 0 && this.moved === undefined) {
+      // A notification for a channel the client just started listening on may come inside the
+      // probe's (withheld) reply, before the hub listens: keep it (see `moveListens`).
+      this.moved = []
+      server.onNotification = this.onMovedNotification
+    }
     this.effects = 0
     this.pool.counters.sessionProbes++
     server.probe(sessionProbe(this.customSettings, server.target.user), this.onProbed)
@@ -805,7 +834,7 @@ export class TransactionRelay {
     const hub = this.pool.listenHub
     this.subscriber ??= { onNotification: this.onHubNotification, onLost: this.onListenLost }
     const subscriber = this.subscriber
-    this.moved = []
+    this.moved ??= []
     server.onNotification = this.onMovedNotification
     let left = channels.length
     let failure: TidepoolError | undefined
@@ -868,8 +897,9 @@ export class TransactionRelay {
         })
         return
       }
-      // PostgreSQL delivers notifications between transactions: while a server is held, they wait.
-      if (this.held !== undefined) this.notifications.push(message)
+      // PostgreSQL delivers notifications between transactions: while a transaction runs, they wait.
+      const held = this.held
+      if (held !== undefined && (this.probing || !this.atBoundary(held))) this.notifications.push(message)
       else if (!this.client.write(message)) this.blockOnClient()
     } catch (cause) {
       this.fault(cause)
@@ -893,9 +923,13 @@ export class TransactionRelay {
     if (!ok) this.blockOnClient()
   }
 
-  /** Between transactions, whether or not the client is pinned to its server. */
+  /**
+   * Between transactions, whether or not the client is pinned to its server. The server's bytes
+   * must end on a message boundary too: an asynchronous message (a notification) cut in two after
+   * the last ReadyForQuery must reach the client whole before anything else happens.
+   */
   private atBoundary(server: ServerConnection): boolean {
-    return server.isIdle && !this.open && !this.partial
+    return server.isIdle && !this.open && !this.partial && server.atBoundary
   }
 
   /** Releases the held server at a transaction boundary; ends the relay there when draining. */

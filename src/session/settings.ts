@@ -32,6 +32,17 @@ export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
 
 const STATEMENT_TIMEOUT = "statement_timeout"
 
+/**
+ * A setting's name for RESET, each dotted part a quoted identifier: a custom name comes from a
+ * client's SQL (and PostgreSQL before 14 accepts almost any text after a dot), so it is never
+ * spliced in as SQL.
+ */
+const quoteSettingName = (name: string): string =>
+  name
+    .split(".")
+    .map((part) => `"${part.replace(/"/g, '""')}"`)
+    .join(".")
+
 const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 
 /** A query that gives a server a client's settings, and what to record once it has run. */
@@ -62,7 +73,7 @@ export const settingsChange = (server: ServerConnection, desired: ReadonlyMap<st
   }
   for (const name of server.unreported) {
     if (desired.has(name)) continue
-    resets += `; RESET ${name}`
+    resets += `; RESET ${quoteSettingName(name)}`
     reset.push(name)
   }
   if (set.length === 0 && reset.length === 0) return NO_CHANGE

@@ -199,6 +199,25 @@ describe("session state in transaction mode", () => {
     }
   })
 
+  it("a pinned client that LISTENs gets notifications while it idles (the leader pattern)", async () => {
+    const a = await client("pair")
+    const b = await client("pair")
+    try {
+      await a.query("SELECT pg_advisory_lock(77)")
+      await a.query("LISTEN leader_jobs")
+      // One more statement: A is now idle, pinned, with nothing of its LISTEN still in flight.
+      await a.query("SELECT 1")
+      const got = new Promise<string | undefined>((resolve) => a.once("notification", (n) => resolve(n.payload)))
+      await b.query("NOTIFY leader_jobs, 'job-1'")
+      const deadline = new Promise<string>((resolve) => setTimeout(() => resolve("no notification in 5 s"), 5_000))
+      expect(await Promise.race([got, deadline])).toBe("job-1")
+      await a.query("SELECT pg_advisory_unlock(77)")
+    } finally {
+      await a.end()
+      await b.end()
+    }
+  })
+
   it("temporary tables, WITH HOLD cursors and PL/pgSQL-prepared statements pin; dropping, closing or deallocating unpins", async () => {
     const a = await client("pair")
     try {

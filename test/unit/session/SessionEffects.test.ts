@@ -46,7 +46,16 @@ describe("sessionEffects", () => {
       "prepare s as select 1",
       "do $$ begin execute 'prepare s as select 1'; end $$",
       "do $body$ BEGIN SET work_mem = '1MB'; END $body$",
-      "select f('set work_mem = 1')"
+      "select f('set work_mem = 1')",
+      // Found in review: temporary objects without TEMP, quoted names, a comment or dollar quote
+      // hiding the last argument, and E'' escapes.
+      "CREATE TABLE pg_temp.t (x int)",
+      "SELECT * INTO pg_temp.t2 FROM t",
+      'SELECT "pg_advisory_lock"(42)',
+      "SELECT pg_catalog.\"set_config\"('work_mem', '1GB', false)",
+      "SELECT set_config('work_mem', '1GB', false --, true\n)",
+      "SELECT set_config('app.user', $$'$$, false), ', true)'",
+      "SELECT E'\\'\"'; SET work_mem = '1GB'; SELECT '\"'"
     ]) {
       expect([sql, flags(sql) & PROBE]).toEqual([sql, PROBE])
     }
@@ -64,6 +73,8 @@ describe("sessionEffects", () => {
   it("reads UNLISTEN targets as PostgreSQL folds them", () => {
     expect(unlistenTargets('UNLISTEN Foo; unlisten "Bar""x"; select 1; unlisten *')).toEqual(["foo", 'Bar"x', "*"])
     expect(unlistenTargets("DISCARD ALL")).toEqual(["*"])
+    expect(unlistenTargets("/* x */ UNLISTEN ch")).toEqual(["ch"])
+    expect(unlistenTargets("-- c\nUNLISTEN ch")).toEqual(["ch"])
     expect(unlistenTargets("discard plans")).toEqual([])
   })
 })
