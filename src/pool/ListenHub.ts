@@ -1,6 +1,7 @@
 import { Cause, Effect, Exit, Option } from "effect"
 import { serialize } from "pg-protocol"
 import { TidepoolError, tidepoolError } from "../errors/index.ts"
+import { quoteIdentifier } from "../protocol/index.ts"
 import { connect, type ServerConnection, type ServerHandler, type UpstreamTarget } from "../upstream/index.ts"
 
 /**
@@ -468,7 +469,6 @@ const samePlace = (a: UpstreamTarget, b: UpstreamTarget): boolean =>
   (a.tls === undefined) === (b.tls === undefined)
 
 /** `"name"`, with embedded quotes doubled: any channel name, exactly, whatever its case. */
-export const quoteIdentifier = (name: string): string => `"${name.replaceAll('"', '""')}"`
 
 /** The name PostgreSQL will use: at most 63 bytes, cut on a UTF-8 character boundary. */
 export const clipIdentifier = (name: string): string => {

@@ -1,3 +1,6 @@
+import { quoteLiteral } from "../protocol/index.ts"
+import { STATEMENT_TIMEOUT } from "./settings.ts"
+
 /**
  * The question a transaction-mode relay asks a server at a transaction boundary when its client's
  * SQL may have left session state there (SessionEffects.ts): which settings the session changed,
@@ -25,9 +28,6 @@ const PROBE_REST =
 const SESSION_SETTINGS =
   "SELECT name, pg_catalog.current_setting(name, true) AS value FROM pg_catalog.pg_settings" +
   " WHERE source = 'session' AND context IN ('user', 'superuser')"
-
-// E'…' with backslashes doubled: right whatever standard_conforming_strings the session has.
-const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
 
 /**
  * The probe's SQL. Custom settings (`app.user_id`) are not listed in `pg_settings`, so those the
@@ -79,9 +79,6 @@ export interface ProbeResult {
   /** What keeps the client on this server, or undefined when nothing does. */
   readonly pin: string | undefined
 }
-
-/** The setting the probe RESETs on the server itself, so the relay must restore a client's own value. */
-export const STATEMENT_TIMEOUT = "statement_timeout"
 
 const PINS = ["session advisory lock", "temporary table", "WITH HOLD cursor", "SQL-level prepared statement"]
 

@@ -16,9 +16,9 @@ import {
   PreparedStatements
 } from "./PreparedStatements.ts"
 import { LISTENS, PROBE, sessionEffects, UNPIN, unlistenTargets } from "./SessionEffects.ts"
-import { customSettingNames, type ProbeResult, probeResult, STATEMENT_TIMEOUT, sessionProbe } from "./SessionProbe.ts"
+import { customSettingNames, type ProbeResult, probeResult, sessionProbe } from "./SessionProbe.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
+import { adoptSettings, STATEMENT_TIMEOUT, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
 
 const { Producer, Sync, Terminate, Opens } = ClientMessage
 const { Parse: PARSE, Bind: BIND, Query: QUERY, FunctionCall: FUNCTION_CALL } = Frontend

@@ -1,3 +1,4 @@
+import { quoteIdentifier, quoteLiteral } from "../protocol/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 
 /**
@@ -30,20 +31,15 @@ export const FORWARDED_PARAMETERS: ReadonlySet<string> = new Set([
   "lc_time"
 ])
 
-const STATEMENT_TIMEOUT = "statement_timeout"
+/** A setting the pooler changes itself around its own silent queries (SessionProbe.ts, `settingsChange`). */
+export const STATEMENT_TIMEOUT = "statement_timeout"
 
 /**
  * A setting's name for RESET, each dotted part a quoted identifier: a custom name comes from a
  * client's SQL (and PostgreSQL before 14 accepts almost any text after a dot), so it is never
  * spliced in as SQL.
  */
-const quoteSettingName = (name: string): string =>
-  name
-    .split(".")
-    .map((part) => `"${part.replace(/"/g, '""')}"`)
-    .join(".")
-
-const quoteLiteral = (value: string): string => `E'${value.replace(/\\/g, "\\\\").replace(/'/g, "''")}'`
+const quoteSettingName = (name: string): string => name.split(".").map(quoteIdentifier).join(".")
 
 /** A query that gives a server a client's settings, and what to record once it has run. */
 export interface SettingsChange {
