@@ -254,39 +254,35 @@ export const sessionEffects = (text: Uint8Array, start: number, end: number): nu
         continue
       }
       case SQUOTE:
-        if (escapes && c === 0x5c /* \ */) {
-          pos += 2
-          continue
-        }
-        if (c === 0x27) state = NORMAL
-        else if (isWordByte(c)) {
-          const wEnd = wordEnd(text, pos, end)
-          flags |= quotedWord(text, pos, wEnd)
-          pos = wEnd
-          continue
-        }
-        pos++
-        continue
       case DQUOTE:
-        // A quoted name may still be a function or an object that matters ("pg_advisory_lock", pg_temp).
-        if (c === 0x22) state = NORMAL
-        else if (isWordByte(c)) {
-          const wEnd = wordEnd(text, pos, end)
-          flags |= anyWord(text, pos, wEnd, wEnd, end)
-          pos = wEnd
-          continue
-        }
-        pos++
-        continue
       case DOLLAR: {
-        if (c === 0x24 && dollarCloses(text, pos, end, tagStart, tagEnd)) {
+        // Inside a literal, a quoted name or a dollar-quoted body: first whether it closes here,
+        // then its words (SQL that may run in this session, or a name that matters).
+        if (state === SQUOTE) {
+          if (escapes && c === 0x5c /* \ */) {
+            pos += 2
+            continue
+          }
+          if (c === 0x27) {
+            state = NORMAL
+            pos++
+            continue
+          }
+        } else if (state === DQUOTE) {
+          if (c === 0x22) {
+            state = NORMAL
+            pos++
+            continue
+          }
+        } else if (c === 0x24 && dollarCloses(text, pos, end, tagStart, tagEnd)) {
           pos += tagEnd - tagStart
           state = NORMAL
           continue
         }
         if (isWordByte(c)) {
           const wEnd = wordEnd(text, pos, end)
-          flags |= quotedWord(text, pos, wEnd)
+          // A quoted name ("pg_advisory_lock", pg_temp) counts as a word outside quotes would.
+          flags |= state === DQUOTE ? anyWord(text, pos, wEnd, wEnd, end) : quotedWord(text, pos, wEnd)
           pos = wEnd
           continue
         }
