@@ -19,6 +19,8 @@ const PASSWORD = "app-secret"
 
 beforeAll(async () => {
   db = await startPostgres({ roles: [{ name: "app", password: PASSWORD, superuser: true }] })
+  // One connection only: the pool's server takes it, so a listening connection cannot be opened.
+  await db.query(`CREATE ROLE limited LOGIN PASSWORD '${PASSWORD}' CONNECTION LIMIT 1`)
   tidepool = await startTidepool({
     tenants: [
       {
@@ -27,7 +29,8 @@ beforeAll(async () => {
         users: [
           { db_user_alias: "solo", db_user: "app", db_password: PASSWORD, pool_size: 1 },
           { db_user_alias: "pair", db_user: "app", db_password: PASSWORD, pool_size: 2 },
-          { db_user_alias: "mix", db_user: "app", db_password: PASSWORD, pool_size: 2 }
+          { db_user_alias: "mix", db_user: "app", db_password: PASSWORD, pool_size: 2 },
+          { db_user_alias: "limited", db_user: "limited", db_password: PASSWORD, pool_size: 1 }
         ]
       }
     ],
@@ -216,6 +219,15 @@ describe("session state in transaction mode", () => {
       await a.end()
       await b.end()
     }
+  })
+
+  it("a LISTEN the listening connection cannot take ends the session with ELISTENFAILED", async () => {
+    const a = await client("limited")
+    const failed = new Promise<string | undefined>((resolve) => a.once("error", (e) => resolve(e.message)))
+    await a.query("LISTEN refused_here").catch(() => {})
+    const deadline = new Promise<string>((resolve) => setTimeout(() => resolve("no error in 5 s"), 5_000))
+    expect(await Promise.race([failed, deadline])).toMatch(/^\(ELISTENFAILED\) could not open the listening connection/)
+    await a.end().catch(() => {})
   })
 
   it("temporary tables, WITH HOLD cursors and PL/pgSQL-prepared statements pin; dropping, closing or deallocating unpins", async () => {
