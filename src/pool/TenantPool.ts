@@ -183,6 +183,24 @@ export class TenantPool {
     }
   }
 
+  /**
+   * Admits one more client of this pool, or says which limit refuses it: session mode holds a server
+   * per client (`pool_size`), every mode caps clients at `max_clients`. Each admitted client is
+   * given back with `leave`.
+   */
+  admit(): TidepoolError | undefined {
+    if (this.settings.mode === "session" && this.clients >= this.settings.size)
+      return tidepoolError("EMAXCONNSESSION", this.settings.size)
+    if (this.clients >= this.settings.maxClients) return tidepoolError("EMAXCONN", this.settings.maxClients)
+    this.clients++
+    return undefined
+  }
+
+  /** A client admitted by `admit` left. */
+  leave(): void {
+    this.clients--
+  }
+
   /** How long the oldest waiting checkout has waited, in ms (0 when nobody waits). */
   longestWaitMs(now: number = Date.now()): number {
     for (const w of this.waiters) if (!w.cancelled) return now - w.since

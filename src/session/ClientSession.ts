@@ -490,10 +490,13 @@ interface RelayOptions {
 /** The client counts in `pool.clients` until the session's scope closes. */
 const countClient = (pool: TenantPool, startedAt: number) =>
   Effect.acquireRelease(
-    Effect.sync(() => pool.clients++),
+    Effect.suspend(() => {
+      const refused = pool.admit()
+      return refused === undefined ? Effect.void : Effect.fail(refused)
+    }),
     () =>
       Effect.sync(() => {
-        pool.clients--
+        pool.leave()
         pool.counters.clientLifetime.observe(Date.now() - startedAt)
       })
   )
@@ -550,8 +553,6 @@ const attach = (
             : undefined)
       }
     })
-    if (mode === "session" && pool.clients >= size) return yield* tidepoolError("EMAXCONNSESSION", size)
-    if (pool.clients >= pool.settings.maxClients) return yield* tidepoolError("EMAXCONN", pool.settings.maxClients)
     yield* countClient(pool, startedAt)
 
     const { server, settings, reported } =
