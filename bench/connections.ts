@@ -35,12 +35,12 @@ import pg from "pg"
 import { startPostgres } from "../test/support/postgres.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
-import { type PoolMode, systemNode, UsageError } from "./options.ts"
+import { baselineNodeDefault, buildMode, type PoolMode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
 import { median } from "./report.ts"
-import { startTidepool } from "./tidepool.ts"
+import { type BuildMode, buildLabel, startTidepool } from "./tidepool.ts"
 
 const ROLE = "bench"
 const PASSWORD = "bench"
@@ -82,6 +82,8 @@ export interface ConnectOptions {
   /** Tidepool's port and PgBouncer's pool_mode; session mode fits only the -C run (clients ≤ pool). */
   readonly mode: PoolMode
   readonly out: string | undefined
+  /** How the Tidepool targets run: compiled (`dist`, default) or from the sources (`tsx`). */
+  readonly build: BuildMode
 }
 
 export const CONNECT_HELP = `npm run bench -- --connect [flags]
@@ -91,6 +93,8 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
 
   --targets LIST       tidepool, tidepool-base, pgbouncer (default tidepool,pgbouncer)
   --baseline DIR       checkout for tidepool-base (as in the matrix); --baseline-node PATH its Node
+                       (default: the node dev dependency's Node 24)
+  --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
   --repeat N           repetitions, targets in rotating order; medians reported (default 1)
   --clients N          pgbench -C clients (default 8)
   --duration, -T S     seconds of pgbench -C per run (default 10; 0 skips)
@@ -149,6 +153,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         pool: { type: "string" },
         mode: { type: "string" },
         out: { type: "string" },
+        build: { type: "string" },
         help: { type: "boolean", short: "h" }
       }
     }).values
@@ -188,7 +193,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
   return {
     targets: [...new Set(targets)] as Array<ConnectTarget>,
     baseline,
-    baselineNode: values["baseline-node"] === undefined ? systemNode() : String(values["baseline-node"]),
+    baselineNode: values["baseline-node"] === undefined ? baselineNodeDefault() : String(values["baseline-node"]),
     repeat: count("repeat", 1),
     clients: count("clients", 8),
     duration: count("duration", 10, 0),
@@ -201,7 +206,8 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     waveClients: count("wave-clients", 4),
     pool: count("pool", 20),
     mode: modeOf(values.mode),
-    out: values.out === undefined ? undefined : String(values.out)
+    out: values.out === undefined ? undefined : String(values.out),
+    build: buildMode(values.build === undefined ? undefined : String(values.build))
   }
 }
 
@@ -756,8 +762,8 @@ export const connections = (options: ConnectOptions) =>
     const loadAtStart = os.loadavg()[0]!
     const revision =
       options.baseline === undefined
-        ? tidepoolRevision()
-        : `${tidepoolRevision()}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
+        ? `${tidepoolRevision()} ${buildLabel(options.build)}`
+        : `${tidepoolRevision()} ${buildLabel(options.build)}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
     const pgbench = yield* pgbenchVersion
     const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
     const workDir = yield* scopedTempDir("tidepool-bench-")
@@ -810,6 +816,7 @@ export const connections = (options: ConnectOptions) =>
                   TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(maxClients),
                   TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
                 },
+                build: options.build,
                 ...(name === "tidepool-base"
                   ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
                   : {})
