@@ -34,6 +34,7 @@ import { Effect, Fiber, type Scope } from "effect"
 import pg from "pg"
 import { startPostgres } from "../test/support/postgres.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
+import { startLoginFloor } from "./loginFloorProcess.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
 import { baselineNodeDefault, buildMode, type PoolMode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
@@ -47,13 +48,14 @@ const PASSWORD = "bench"
 const DATABASE = "bench"
 const TENANT = "bench"
 
-export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer"] as const
+export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "login-floor"] as const
 type ConnectTarget = (typeof CONNECT_TARGETS)[number]
 
 const LABEL: Record<ConnectTarget, string> = {
   tidepool: "Tidepool",
   "tidepool-base": "Tidepool (base)",
-  pgbouncer: "PgBouncer"
+  pgbouncer: "PgBouncer",
+  "login-floor": "Node login floor"
 }
 
 export interface ConnectOptions {
@@ -91,7 +93,9 @@ export const CONNECT_HELP = `npm run bench -- --connect [flags]
 Login costs, per pooler process: CPU per new connection (pgbench -S -C, SCRAM), CPU per refused
 login (wrong password; unknown tenant), resident memory per idle authenticated client.
 
-  --targets LIST       tidepool, tidepool-base, pgbouncer (default tidepool,pgbouncer)
+  --targets LIST       tidepool, tidepool-base, pgbouncer, login-floor (default tidepool,pgbouncer);
+                       login-floor: bench/loginFloor.ts, a bare Node.js server doing Tidepool's
+                       login (SCRAM with a cached verifier) and holding clients idle, no upstream
   --baseline DIR       checkout for tidepool-base (as in the matrix); --baseline-node PATH its Node
                        (default: the node dev dependency's Node 24)
   --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
@@ -562,7 +566,7 @@ const refusedRun = (run: Run, target: Target, options: ConnectOptions, repetitio
       refusals(target, { ...target.endpoint, password: "not-the-password" }, options, offset)
     )
     run.wrongPasswordUs = wrong.us
-    const unknownUser = target.name === "pgbouncer" ? "nosuch" : `${ROLE}.nosuch`
+    const unknownUser = target.name === "pgbouncer" || target.name === "login-floor" ? "nosuch" : `${ROLE}.nosuch`
     const unknown = yield* Effect.promise(() =>
       refusals(target, { ...target.endpoint, user: unknownUser }, options, offset + options.refused)
     )
@@ -612,7 +616,8 @@ const render = (
     median((results.get(name) ?? []).map(f).filter((v): v is number => v !== undefined))
   const vs = (name: ConnectTarget, f: (run: Run) => number | undefined) => [
     name === "pgbouncer" ? "" : ratio(results.get(name), results.get("pgbouncer"), f),
-    name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : ""
+    name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : "",
+    name === "tidepool" || name === "tidepool-base" ? ratio(results.get(name), results.get("login-floor"), f) : ""
   ]
   const names = options.targets
   const connect = (run: Run) => run.connectUs
@@ -640,7 +645,7 @@ const render = (
     ...(options.duration > 0
       ? [
           ...table(
-            ["target", "new conn/s", "CPU µs per connection", "vs PgBouncer", "vs base"],
+            ["target", "new conn/s", "CPU µs per connection", "vs PgBouncer", "vs base", "vs floor"],
             names.map((name) => [
               LABEL[name],
               fmt(metric(name, (run) => run.connectsPerS)),
@@ -659,9 +664,11 @@ const render = (
               "CPU µs per wrong password",
               "vs PgBouncer",
               "vs base",
+              "vs floor",
               "CPU µs per unknown tenant",
               "vs PgBouncer",
-              "vs base"
+              "vs base",
+              "vs floor"
             ],
             names.map((name) => [
               LABEL[name],
@@ -682,6 +689,7 @@ const render = (
               "RSS kB per idle client",
               "vs PgBouncer",
               "vs base",
+              "vs floor",
               "CPU µs per login (concurrent)",
               "s to connect all"
             ],
@@ -704,6 +712,7 @@ const render = (
               `s until all ${options.storm} arriving at once are authenticated`,
               "vs PgBouncer",
               "vs base",
+              "vs floor",
               "p99 login ms",
               "CPU µs per login"
             ],
@@ -796,31 +805,33 @@ export const connections = (options: ConnectOptions) =>
       Effect.gen(function* () {
         yield* progress(`starting ${LABEL[name]}`)
         const running =
-          name === "pgbouncer"
-            ? yield* startPgBouncer({
-                upstream: direct,
-                authSecret: rolpassword,
-                poolSize: options.pool,
-                maxClients,
-                mode: options.mode
-              })
-            : yield* startTidepool({
-                upstream: direct,
-                tenant: TENANT,
-                poolSize: options.pool,
-                maxClients,
-                mode: options.mode,
-                // The node-wide limits sized to the run, as PgBouncer's max_client_conn is (and it
-                // has no handshake cap): the storm measures logins, not refusals.
-                env: {
-                  TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(maxClients),
-                  TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
-                },
-                build: options.build,
-                ...(name === "tidepool-base"
-                  ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
-                  : {})
-              })
+          name === "login-floor"
+            ? yield* startLoginFloor(ROLE, PASSWORD, DATABASE)
+            : name === "pgbouncer"
+              ? yield* startPgBouncer({
+                  upstream: direct,
+                  authSecret: rolpassword,
+                  poolSize: options.pool,
+                  maxClients,
+                  mode: options.mode
+                })
+              : yield* startTidepool({
+                  upstream: direct,
+                  tenant: TENANT,
+                  poolSize: options.pool,
+                  maxClients,
+                  mode: options.mode,
+                  // The node-wide limits sized to the run, as PgBouncer's max_client_conn is (and it
+                  // has no handshake cap): the storm measures logins, not refusals.
+                  env: {
+                    TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(maxClients),
+                    TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
+                  },
+                  build: options.build,
+                  ...(name === "tidepool-base"
+                    ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
+                    : {})
+                })
         // Unmeasured: JIT and pools warmed up by a few seconds of logins.
         yield* runPgbench({
           endpoint: running.endpoint,
