@@ -229,8 +229,14 @@ describe("TIDEPOOL_WORKERS=2: one host", () => {
     expect(refused).toMatch(/^\(EMAXCONNSESSION\)/)
 
     process.kill(victimPid, "SIGSTOP")
-    await cli.waitFor(new RegExp(`worker 2 \\(pid ${victimPid}\\) hung: no heartbeat`))
-    await cli.waitFor(new RegExp(`worker 2 started \\(pid (?!${victimPid}\\))\\d+\\)`))
+    try {
+      await cli.waitFor(new RegExp(`worker 2 \\(pid ${victimPid}\\) hung: no heartbeat`))
+      await cli.waitFor(new RegExp(`worker 2 started \\(pid (?!${victimPid}\\))\\d+\\)`))
+    } catch (e) {
+      // The supervisor did not kill it: a stopped process must not outlive the test.
+      process.kill(victimPid, "SIGKILL")
+      throw e
+    }
     expect(await outcome).not.toBe("completed")
     // Its backend was cancelled, not left running out its minute.
     const gone = deadline("the hung worker's backend to end")
