@@ -2,7 +2,7 @@
 
 import { execFile, spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
-import { existsSync } from "node:fs"
+import { existsSync, rmSync } from "node:fs"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -81,9 +81,10 @@ const configFile = (options: TidepoolOptions) => {
  * Where a checkout's compiled build goes: `.tmp/` is git-ignored, and `dist/` is left alone (bin/tidepool.js
  * prefers a `dist/` when there is one, so a bench run must not leave one behind). The build's
  * `package.json` sits beside its `dist/`, where `src/version.ts` looks for it; packages resolve
- * from the checkout's `node_modules` above.
+ * from the checkout's `node_modules` above. One per bench process (two runs at once in one
+ * checkout must not rebuild under each other), removed when it exits.
  */
-const buildDir = (checkout: string) => path.join(checkout, ".tmp", "bench-build")
+const buildDir = (checkout: string) => path.join(checkout, ".tmp", "bench-build", String(process.pid))
 
 const builds = new Map<string, Promise<string>>()
 
@@ -102,6 +103,7 @@ export const buildTidepool = (checkout: string): Promise<string> => {
     }
     await fs.rm(out, { recursive: true, force: true })
     await fs.mkdir(out, { recursive: true })
+    process.once("exit", () => rmSync(out, { recursive: true, force: true }))
     await fs.copyFile(path.join(checkout, "package.json"), path.join(out, "package.json"))
     const failure = await new Promise<string | undefined>((resolve) =>
       execFile(
