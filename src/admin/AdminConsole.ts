@@ -3,7 +3,7 @@ import { ADDRESS_BLOCKED, AUTH_FAILURES, annotateOutcome, authenticateScram, Cir
 import { type Gathered, HostViews } from "../cluster/HostViews.ts"
 import { AppConfig } from "../config/index.ts"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
-import { PoolRegistry, type TenantPool } from "../pool/index.ts"
+import { PoolRegistry } from "../pool/index.ts"
 import {
   backendKeyData,
   commandComplete,
@@ -20,6 +20,7 @@ import {
 import type { ClientSocket } from "../session/ClientSocket.ts"
 import { SessionRegistry } from "../session/SessionRegistry.ts"
 import { TenantRegistry } from "../tenants/index.ts"
+import { runPoolCommand } from "./AdminCommands.ts"
 import { AdminControl } from "./AdminControl.ts"
 import {
   type AdminSnapshot,
@@ -247,26 +248,6 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
         ? Effect.fail(tidepoolError("EADMINCOMMAND", `no such database: ${name}`))
         : Effect.succeed(name)
     }
-    const poolsOf = (name: string | undefined): ReadonlyArray<TenantPool> =>
-      registry
-        .all()
-        .filter(
-          (p) =>
-            name === undefined || name === p.settings.tenant || name === `${p.settings.tenant}/${p.settings.database}`
-        )
-
-    const waitQuiet = (pools: ReadonlyArray<TenantPool>) =>
-      Effect.forEach(
-        // A session-mode client holds its server for life: waiting for it could take forever.
-        pools.filter((p) => p.settings.mode === "transaction"),
-        (pool) =>
-          Effect.callback<void>((resume) => {
-            const forget = pool.whenQuiet(() => resume(Effect.void))
-            return Effect.sync(forget)
-          }),
-        { discard: true }
-      )
-
     const statement = (sql: string, out: Array<Buffer>): Effect.Effect<void, TidepoolError> =>
       Effect.gen(function* () {
         const words = sql.trim().split(/\s+/)
@@ -324,41 +305,21 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
             render(out, whole, "SHOW")
             return
           }
-          case "PAUSE": {
-            const name = yield* target(arg, false)
-            const paused = registry.pause(name)
-            yield* Effect.logWarning(`admin ${login.user}: PAUSE ${name ?? "(all)"}`)
-            // As PgBouncer: answer once every running transaction has finished.
-            yield* waitQuiet(paused)
-            out.push(commandComplete("PAUSE"))
-            return
-          }
-          case "RESUME": {
-            const name = yield* target(arg, false)
-            registry.resume(name)
-            yield* Effect.logWarning(`admin ${login.user}: RESUME ${name ?? "(all)"}`)
-            out.push(commandComplete("RESUME"))
-            return
-          }
-          case "RECONNECT": {
-            const name = yield* target(arg, false)
-            for (const pool of poolsOf(name)) pool.reconnect()
-            yield* Effect.logWarning(`admin ${login.user}: RECONNECT ${name ?? "(all)"}`)
-            out.push(commandComplete("RECONNECT"))
-            return
-          }
+          case "PAUSE":
+          case "RESUME":
+          case "RECONNECT":
           case "KILL": {
-            const name = yield* target(arg, true)
-            const pools = new Set(poolsOf(name))
-            yield* Effect.logWarning(`admin ${login.user}: KILL ${name}`)
-            for (const session of sessions.all()) {
-              const info = session.handle.info
-              if (info !== undefined && pools.has(info.pool) && session.handle.kill !== undefined) {
-                yield* session.handle.kill()
-              }
+            const name = yield* target(arg, command === "KILL")
+            yield* Effect.logWarning(`admin ${login.user}: ${command} ${name ?? "(all)"}`)
+            if (host === undefined) yield* runPoolCommand(registry, sessions, command, name)
+            else {
+              // Every worker carries it out (PAUSE: and waits for its running transactions).
+              const done = yield* host.gather(`admin-command:${command} ${name ?? ""}`, 0)
+              const missing = done.parts.filter((p) => p.data !== "done").map((p) => p.worker)
+              if (done.parts.length === 0) out.push(notice("the supervisor did not answer: nothing was done"))
+              else if (missing.length > 0) out.push(notice(`worker ${missing.join(", ")} went away before it was done`))
             }
-            for (const pool of pools) pool.reconnect()
-            out.push(commandComplete("KILL"))
+            out.push(commandComplete(command))
             return
           }
           case "RELOAD":

@@ -18,9 +18,12 @@ export class HostViews extends Context.Service<
   {
     /** This worker's number, from 1 (the `worker` label and column). */
     readonly worker: number
-    /** Asks every worker (this one included); a worker that does not answer within 2 s has `data` undefined. */
-    readonly gather: (what: string) => Effect.Effect<Gathered>
-    /** What this worker answers to gathers named `name`; JSON-serialisable. */
+    /**
+     * Asks every worker (this one included); a worker that does not answer within `timeoutMs`
+     * (default 2 s; 0: no deadline, only a worker's death ends its wait) has `data` undefined.
+     */
+    readonly gather: (what: string, timeoutMs?: number) => Effect.Effect<Gathered>
+    /** What this worker answers to gathers named `name` (JSON-serialisable, or a promise of it). */
     readonly provide: (name: string, producer: (arg: string) => unknown) => void
   }
 >()("tidepool/HostViews") {}

@@ -20,8 +20,6 @@ const RESTART_FIRST_MS = 500
 const RESTART_MAX_MS = 30_000
 /** A worker that lived this long is no longer "crashing": its next restart comes quickly again. */
 const STABLE_MS = 60_000
-/** A gather waits this long for every worker; one that has not answered by then is shown as absent. */
-const GATHER_MS = 2000
 
 /**
  * TIDEPOOL_WORKER_HANG_TIMEOUT (ms, default 10 s, 0: off): a ready worker whose heartbeat is this
@@ -68,7 +66,7 @@ interface Gather {
   readonly askerId: number
   readonly asked: ReadonlyArray<Slot>
   readonly answers: Map<number, unknown>
-  readonly timer: NodeJS.Timeout
+  readonly timer: NodeJS.Timeout | undefined
 }
 
 /** Sends a CancelRequest for `backend` and resolves when PostgreSQL has taken it (closed), or after `timeoutMs`. */
@@ -205,8 +203,9 @@ export const supervise = (config: AppConfigShape) =>
           const id = nextGather++
           // Every worker that is up, the asker included; one starting or gone is shown as absent.
           const asked = slots.filter((s) => s.child?.connected === true && s.ready)
-          const timer = setTimeout(() => finishGather(id), GATHER_MS)
-          timer.unref()
+          // No deadline (commands): each worker answers or dies, and a hung one is killed.
+          const timer = message.timeoutMs === 0 ? undefined : setTimeout(() => finishGather(id), message.timeoutMs)
+          timer?.unref()
           gathers.set(id, { asker: slot, askerId: message.id, asked, answers: new Map(), timer })
           for (const s of asked) toWorker(s.index, { t: "collect", id, what: message.what })
           if (asked.length === 0) finishGather(id)

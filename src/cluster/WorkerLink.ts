@@ -1,4 +1,5 @@
 import { Effect, FiberSet, Layer } from "effect"
+import { POOL_COMMANDS, type PoolCommand, runPoolCommand } from "../admin/AdminCommands.ts"
 import {
   type AdminSnapshot,
   type ResultSet,
@@ -111,8 +112,10 @@ const seatGate = Layer.effect(
   })
 )
 
-/** A gather whose supervisor never answers (it is going away) gives up after this long. */
-const GATHER_GIVE_UP_MS = 5000
+/** How long a view waits for every worker, by default (the supervisor's deadline). */
+const GATHER_MS = 2000
+/** A gather whose supervisor never answers (it is going away) gives up this long after its deadline. */
+const GATHER_GIVE_UP_MS = 3000
 
 /** Views of the whole host: gathers through the supervisor, answers to other workers' gathers. */
 const hostViews = (self: number) =>
@@ -127,13 +130,14 @@ const hostViews = (self: number) =>
           const colon = message.what.indexOf(":")
           const name = colon < 0 ? message.what : message.what.slice(0, colon)
           const producer = producers.get(name)
-          let data: unknown = null
-          try {
-            data = producer?.(colon < 0 ? "" : message.what.slice(colon + 1)) ?? null
-          } catch (e) {
-            data = { error: String(e) }
-          }
-          send({ t: "collected", id: message.id, data })
+          const id = message.id
+          const arg = colon < 0 ? "" : message.what.slice(colon + 1)
+          Promise.resolve()
+            .then(() => producer?.(arg) ?? null)
+            .then(
+              (data) => send({ t: "collected", id, data }),
+              (e) => send({ t: "collected", id, data: { error: String(e) } })
+            )
         } else if (message.t === "gathered") {
           waiting.get(message.id)?.({ parts: message.parts, workers: message.workers })
         }
@@ -143,17 +147,21 @@ const hostViews = (self: number) =>
         provide: (name: string, producer: (arg: string) => unknown) => {
           producers.set(name, producer)
         },
-        gather: (what: string) =>
+        gather: (what: string, timeoutMs = GATHER_MS) =>
           Effect.callback<Gathered>((resume) => {
             const id = nextId++
-            const timer = setTimeout(() => finish({ parts: [], workers: [] }), GATHER_GIVE_UP_MS)
+            // Only for a supervisor going away: it answers by its own deadline otherwise.
+            const timer =
+              timeoutMs === 0
+                ? undefined
+                : setTimeout(() => finish({ parts: [], workers: [] }), timeoutMs + GATHER_GIVE_UP_MS)
             const finish = (gathered: Gathered) => {
               clearTimeout(timer)
               waiting.delete(id)
               resume(Effect.succeed(gathered))
             }
             waiting.set(id, finish)
-            send({ t: "gather", id, what })
+            send({ t: "gather", id, what, timeoutMs })
             return Effect.sync(() => {
               clearTimeout(timer)
               waiting.delete(id)
@@ -205,8 +213,19 @@ export const workerInbox = Layer.effectDiscard(
       USERS: showUsers,
       LISTS: showLists
     }
-    // The admin console's SHOW of another worker (docs/admin-console.md#worker-mode).
+    // The admin console's SHOW and pool commands of another worker (docs/admin-console.md#worker-mode).
     views.provide("admin", (what) => adminViews[what]?.(snapshot()).rows ?? null)
+    const runPromise = Effect.runPromiseWith(yield* Effect.context<never>())
+    views.provide("admin-command", (text) => {
+      const [command = "", name] = text.split(" ", 2)
+      if (!POOL_COMMANDS.has(command)) return null
+      return runPromise(
+        Effect.andThen(
+          runPoolCommand(pools, sessions, command as PoolCommand, name === "" ? undefined : name),
+          Effect.succeed("done")
+        )
+      )
+    })
     yield* onMessage((message) => {
       switch (message.t) {
         case "cancel":

@@ -48,7 +48,8 @@ export type ToSupervisor =
   /** Seats given back; `reclaimed`: the answer to a `seat-reclaim` (sent even when n is 0). */
   | { readonly t: "seat-release"; readonly key: string; readonly n: number; readonly reclaimed: boolean }
   /** Asks for every worker's `collected` answer to `what` (a host-wide view). */
-  | { readonly t: "gather"; readonly id: number; readonly what: string }
+  /** `timeoutMs` 0: wait for every worker (or its death), as commands do. */
+  | { readonly t: "gather"; readonly id: number; readonly what: string; readonly timeoutMs: number }
   | { readonly t: "collected"; readonly id: number; readonly data: unknown }
 
 export type ToWorker =

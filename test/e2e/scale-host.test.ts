@@ -42,6 +42,14 @@ const attempt = (user: string, port: number) =>
     (e: Error) => ({ client: undefined, refused: e.message })
   )
 
+const scrape = async () => {
+  const response = await fetch(`http://127.0.0.1:${apiPort}/metrics`, {
+    headers: { authorization: `Bearer ${await mintToken({}, { secret: TEST_JWT_SECRET })}` }
+  })
+  expect(response.status).toBe(200)
+  return parseExposition(await response.text())
+}
+
 const workerOf = (c: pg.Client): number => ownerOf((c as unknown as { processID: number }).processID) + 1
 
 const deadline = (what: string) => {
@@ -139,7 +147,7 @@ describe("TIDEPOOL_WORKERS=2: one host", () => {
     }
   }, 60_000)
 
-  it("/metrics and the admin console show every worker; SHOW … LOCAL one", async () => {
+  it("/metrics and the admin console show every worker, SHOW … LOCAL one; PAUSE and RESUME reach every worker", async () => {
     const clients: Array<pg.Client> = []
     try {
       const wait = deadline("clients on both workers")
@@ -150,12 +158,8 @@ describe("TIDEPOOL_WORKERS=2: one host", () => {
       }
       const perWorker = [1, 2].map((w) => clients.filter((c) => workerOf(c) === w).length)
 
-      const response = await fetch(`http://127.0.0.1:${apiPort}/metrics`, {
-        headers: { authorization: `Bearer ${await mintToken({}, { secret: TEST_JWT_SECRET })}` }
-      })
-      expect(response.status).toBe(200)
       // Strict: one TYPE per family, no series twice.
-      const metrics = parseExposition(await response.text())
+      const metrics = await scrape()
       const active = (worker: number) =>
         metrics.value("tidepool_connections_active", {
           worker: String(worker),
@@ -195,6 +199,26 @@ describe("TIDEPOOL_WORKERS=2: one host", () => {
           [1, "ready"],
           [2, "ready"]
         ])
+
+        // A command reaches every worker: PAUSE holds the pool on both, RESUME lifts it on both.
+        const paused = async () => {
+          const m = await scrape()
+          return [1, 2].map((w) =>
+            m.value("tidepool_pool_paused", {
+              worker: String(w),
+              tenant: "capped",
+              user: "app",
+              mode: "transaction",
+              db_name: "postgres"
+            })
+          )
+        }
+        expect(await paused()).toEqual([0, 0])
+        await admin.query("PAUSE capped")
+        expect(await paused()).toEqual([1, 1])
+        await admin.query("RESUME capped")
+        expect(await paused()).toEqual([0, 0])
+        await Promise.all(clients.map((c) => c.query("SELECT 1")))
       } finally {
         await admin.end()
       }
