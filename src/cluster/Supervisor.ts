@@ -151,6 +151,18 @@ export const supervise = (config: AppConfigShape) =>
       const slot = instances.get(instance)
       if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
     })
+    // The admin console's PAUSEs in force, replayed to a worker that starts later (a restart).
+    let pausedAll = false
+    const pausedNames = new Set<string>()
+    const notePause = (what: string) => {
+      const [command, name = ""] = what.slice("admin-command:".length).split(" ", 2)
+      if (command === "PAUSE" && name === "") pausedAll = true
+      else if (command === "PAUSE") pausedNames.add(name)
+      else if (command === "RESUME" && name === "") {
+        pausedAll = false
+        pausedNames.clear()
+      } else if (command === "RESUME") pausedNames.delete(name)
+    }
     const gathers = new Map<number, Gather>()
     let nextGather = 0
     const workerInfo = (now: number): Array<WorkerInfo> =>
@@ -187,6 +199,10 @@ export const supervise = (config: AppConfigShape) =>
           slot.ready = true
           slot.everReady = true
           slot.lastBeat = Date.now()
+          // Its answers (id -1) match no gather: nobody waits for a replayed PAUSE.
+          if (pausedAll) toWorker(slot.index, { t: "collect", id: -1, what: "admin-command:PAUSE " })
+          for (const name of pausedNames)
+            toWorker(slot.index, { t: "collect", id: -1, what: `admin-command:PAUSE ${name}` })
           if (slot.index === 0 && !started) startRest()
           if (slots.every((s) => s.ready)) onAllReady?.()
           break
@@ -200,6 +216,7 @@ export const supervise = (config: AppConfigShape) =>
           seats.release(slot.instance, message.key, message.n, message.reclaimed)
           break
         case "gather": {
+          if (message.what.startsWith("admin-command:")) notePause(message.what)
           const id = nextGather++
           // Every worker that is up, the asker included; one starting or gone is shown as absent.
           const asked = slots.filter((s) => s.child?.connected === true && s.ready)
