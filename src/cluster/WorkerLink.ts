@@ -1,4 +1,4 @@
-import { Effect, FiberSet, Layer } from "effect"
+import { Effect, FiberSet, Layer, Option } from "effect"
 import { POOL_COMMANDS, type PoolCommand, runPoolCommand } from "../admin/AdminCommands.ts"
 import {
   type AdminSnapshot,
@@ -193,7 +193,8 @@ export const workerInbox = Layer.effectDiscard(
     const tenants = yield* Tenants
     const changes = yield* TenantChanges
     const run = yield* FiberSet.makeRuntime<never, unknown, unknown>()
-    const views = yield* HostViews
+    // Provided with workerServices; optional here so that the layer's type needs nothing extra.
+    const views = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
     const config = yield* AppConfig
     const pools = yield* PoolRegistry
     const registry = yield* TenantRegistry
@@ -214,9 +215,9 @@ export const workerInbox = Layer.effectDiscard(
       LISTS: showLists
     }
     // The admin console's SHOW and pool commands of another worker (docs/admin-console.md#worker-mode).
-    views.provide("admin", (what) => adminViews[what]?.(snapshot()).rows ?? null)
+    views?.provide("admin", (what) => adminViews[what]?.(snapshot()).rows ?? null)
     const runPromise = Effect.runPromiseWith(yield* Effect.context<never>())
-    views.provide("admin-command", (text) => {
+    views?.provide("admin-command", (text) => {
       const [command = "", name] = text.split(" ", 2)
       if (!POOL_COMMANDS.has(command)) return null
       return runPromise(
