@@ -239,7 +239,7 @@ export class TransactionRelay implements ServerHandler {
   /** This client as a LISTEN subscriber of its pool's hub (made on its first LISTEN). */
   private subscriber: ListenSubscriber | undefined = undefined
   /** Notifications for the client that wait for its server's transaction to end. */
-  private readonly notifications: Array<Buffer> = []
+  private notifications: Array<Buffer> | undefined = undefined
   /** NotificationResponses the held server sent while its LISTENs moved to the hub, and whether each was withheld. */
   private moved: Array<{ readonly body: Buffer; readonly withheld: boolean }> | undefined = undefined
 
@@ -273,7 +273,12 @@ export class TransactionRelay implements ServerHandler {
     if (this.ended) return
     this.reads = reads
     if (reads !== undefined) reads.sink = this.onClientView
-    else this.client.on("data", this.onClientData)
+    else {
+      this.onClientData = (input) => {
+        this.guardedClientData(input)
+      }
+      this.client.on("data", this.onClientData)
+    }
     this.client.on("close", this.onClientClose)
     if (readAhead.length > 0) this.guardedClientData(readAhead)
     if (!this.ended && this.client.destroyed) this.onClientClose()
@@ -392,9 +397,8 @@ export class TransactionRelay implements ServerHandler {
     this.guardedClientData(Buffer.from(view))
   }
 
-  private readonly onClientData = (input: Buffer): void => {
-    this.guardedClientData(input)
-  }
+  /** 'data' events of a client read without a ReadBuffer (TLS), made when one starts. */
+  private onClientData: ((input: Buffer) => void) | undefined = undefined
 
   // Every callback a socket or the pool calls is guarded: an exception of ours ends this session
   // alone (see `fault`), never the process with every other client in it.
@@ -721,7 +725,7 @@ export class TransactionRelay implements ServerHandler {
       return
     }
     this.effects = 0
-    if (this.notifications.length > 0) this.deliverNotifications()
+    if (this.notifications !== undefined && this.notifications.length > 0) this.deliverNotifications()
     if (this.releasable(server)) this.releaseAtBoundary(server)
     else if (this.draining) this.end({ _tag: "Drained" }) // pinned: its server is closed
   }
@@ -906,7 +910,7 @@ export class TransactionRelay implements ServerHandler {
     if (moved !== undefined) {
       this.moved = undefined
       server.onNotification = undefined
-      const waiting = this.notifications
+      const waiting = (this.notifications ??= [])
       for (const { body, withheld } of moved) {
         const copy = waiting.findIndex(
           (message) => message.length === body.length + 5 && message.subarray(5).equals(body)
@@ -931,7 +935,8 @@ export class TransactionRelay implements ServerHandler {
   private onHubNotification(message: Buffer): void {
     try {
       if (this.ended) return
-      if (this.notifications.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
+      const waiting = (this.notifications ??= [])
+      if (waiting.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
         // A listener that does not read (or a transaction that never ends) must not grow the process.
         this.end({
           _tag: "ClientError",
@@ -941,7 +946,7 @@ export class TransactionRelay implements ServerHandler {
       }
       // PostgreSQL delivers notifications between transactions: while a transaction runs, they wait.
       const held = this.held
-      if (held !== undefined && (this.probing || !this.atBoundary(held))) this.notifications.push(message)
+      if (held !== undefined && (this.probing || !this.atBoundary(held))) waiting.push(message)
       else if (!this.client.write(message)) this.blockOnClient()
     } catch (cause) {
       this.fault(cause)
@@ -958,7 +963,7 @@ export class TransactionRelay implements ServerHandler {
   }
 
   private deliverNotifications(): void {
-    const waiting = this.notifications
+    const waiting = this.notifications!
     let ok = true
     for (let i = 0; i < waiting.length; i++) ok = this.client.write(waiting[i]!)
     waiting.length = 0
@@ -1076,7 +1081,7 @@ export class TransactionRelay implements ServerHandler {
     this.ended = true
     const client = this.client
     if (this.reads !== undefined) this.reads.sink = ignore
-    client.off("data", this.onClientData)
+    if (this.onClientData !== undefined) client.off("data", this.onClientData)
     client.off("close", this.onClientClose)
     if (this.onClientDrain !== undefined) client.off("drain", this.onClientDrain)
     if (this.waiter !== undefined) {
@@ -1087,7 +1092,7 @@ export class TransactionRelay implements ServerHandler {
     this.backlog = false
     this.queue.length = 0
     this.carry.length = 0
-    this.notifications.length = 0
+    this.notifications = undefined
     if (this.pinReason !== undefined) this.pool.counters.pinnedClients-- // its server goes with it (giveBack)
     const subscriber = this.subscriber
     if (subscriber !== undefined) {
