@@ -123,10 +123,11 @@ const named = (texts: ReadonlyArray<string>): string =>
   texts.length <= NAMED ? texts.join("; ") : `${texts.slice(0, NAMED).join("; ")}; and ${texts.length - NAMED} more`
 
 /**
- * The client-facing front doors. Each accepted socket runs a ClientSession fiber in one FiberSet.
- * Closing the scope is the graceful shutdown (docs/architecture.md#shutdown): stop accepting, let every session reach
- * its next transaction boundary up to the drain timeout, then interrupt whoever is left (they get
- * 57P01).
+ * The client-facing front doors. Each accepted socket's login runs as one fiber in a FiberSet; a
+ * logged-in session then lives on without it, as a LiveSession the listener supervises
+ * (docs/login-path.md). Closing the scope is the graceful shutdown (docs/architecture.md#shutdown):
+ * stop accepting, let every session reach its next transaction boundary up to the drain timeout,
+ * then interrupt the logins and close the sessions still left (they get 57P01).
  */
 export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners", {
   make: Effect.gen(function* () {

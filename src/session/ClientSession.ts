@@ -597,7 +597,24 @@ export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
     if (this.kicked !== undefined) r.abort()
   }
 
-  private readonly onRelayEnd = (end: RelayEnd): void => this.relayEnded(end)
+  /** How its relay ended, once it has: its teardown is queued (`TEARDOWNS`). */
+  private end: RelayEnd | undefined = undefined
+
+  private readonly onRelayEnd = (end: RelayEnd): void => {
+    this.end = end
+    queueTeardown(this)
+  }
+
+  /** Its turn in the teardown queue. */
+  tearDown(): void {
+    try {
+      this.relayEnded(this.end!)
+    } catch (cause) {
+      // A bug of ours: logged, and the listener is not left waiting for this session at shutdown.
+      this.supervisor.run(Effect.logError("internal error tearing down a client session", Cause.die(cause)))
+      this.supervisor.ended(this)
+    }
+  }
 
   /**
    * How the relay ended decides the session's error, if any. Its resources are given back before
@@ -667,6 +684,36 @@ export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
         return undefined
     }
   }
+}
+
+/**
+ * Sessions whose relay ended, torn down a slice per turn of the event loop: when a thousand
+ * clients disconnect at once, their teardowns (registration, pool place, the socket's close, a
+ * log line or a server's reset) interleave with the traffic of the sessions still running instead
+ * of blocking the loop for all of them in one go (docs/login-path.md, "The disconnect wave").
+ */
+const TEARDOWNS: Array<LiveSession> = []
+let teardownHead = 0
+const TEARDOWN_SLICE = 16
+
+const queueTeardown = (session: LiveSession): void => {
+  TEARDOWNS.push(session)
+  if (TEARDOWNS.length - teardownHead === 1) setImmediate(drainTeardowns)
+}
+
+const drainTeardowns = (): void => {
+  const stop = Math.min(TEARDOWNS.length, teardownHead + TEARDOWN_SLICE)
+  while (teardownHead < stop) {
+    const session = TEARDOWNS[teardownHead]!
+    TEARDOWNS[teardownHead++] = undefined as unknown as LiveSession
+    session.tearDown()
+  }
+  if (teardownHead < TEARDOWNS.length) {
+    setImmediate(drainTeardowns)
+    return
+  }
+  TEARDOWNS.length = 0
+  teardownHead = 0
 }
 
 interface RelayOptions {
