@@ -168,6 +168,11 @@ export class PreparedStatements {
     PreparedStatements.made++
   }
 
+  /** See ClientStatements.useSettings. */
+  useSettings(settings: ReadonlyMap<string, string>): void {
+    this.statements.useSettings(settings)
+  }
+
   /** The client ran SQL-level PREPARE: its server must stay with it. */
   get pinned(): boolean {
     return this.sqlPrepared > 0

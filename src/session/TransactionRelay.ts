@@ -18,7 +18,14 @@ import {
 import { LISTENS, PROBE, sessionEffects, UNPIN, unlistenTargets } from "./SessionEffects.ts"
 import { customSettingNames, type ProbeResult, probeResult, sessionProbe } from "./SessionProbe.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, STATEMENT_TIMEOUT, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
+import {
+  adoptSettings,
+  STATEMENT_TIMEOUT,
+  settingsChange,
+  settingsKey,
+  sharedSettings,
+  TRACKED_PARAMETERS
+} from "./settings.ts"
 
 const { Producer, Sync, Terminate, Opens } = ClientMessage
 const { Parse: PARSE, Bind: BIND, Query: QUERY, FunctionCall: FUNCTION_CALL } = Frontend
@@ -180,7 +187,7 @@ export class TransactionRelay implements ServerHandler {
     private readonly client: net.Socket,
     private readonly pool: TenantPool,
     maxMessageSize: number,
-    private readonly settings: Map<string, string>,
+    settings: Map<string, string>,
     private readonly onEnd: (end: RelayEnd) => void,
     statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
@@ -188,18 +195,33 @@ export class TransactionRelay implements ServerHandler {
     this.maxHeldParse = Math.max(statements.maxMemory, HOLD_WHOLE)
     this.renames = statements.rename
     this.maxMessageSize = maxMessageSize
-    // Interned: the clients of a pool nearly always share one (settings.ts).
+    // Both interned: the clients of a pool nearly always have the same settings (settings.ts).
     this.settingsKey = settingsKey(settings)
+    this.settings = sharedSettings(this.settingsKey, settings)
   }
 
   /**
-   * The client's settings as it logged in: what `RESET` returns a setting to. Copied just before
-   * `settings` first changes (`keepStartup`); until then `settings` is it.
+   * The client's session settings (lower-cased names); re-applied silently whenever a transaction
+   * lands on a server whose values differ, and updated from what the client SETs. Shared with the
+   * clients that logged in with the same ones, never changed, until the client's first change
+   * (`ownSettings`) gives it a copy of its own.
+   */
+  private settings: Map<string, string>
+
+  /**
+   * The client's settings as it logged in: what `RESET` returns a setting to. Set when `settings`
+   * becomes the client's own (the shared map it had, which never changes); until then `settings`.
    */
   private startupSettings: ReadonlyMap<string, string> | undefined = undefined
 
-  private keepStartup(): void {
-    this.startupSettings ??= new Map(this.settings)
+  /** Before the first change to `settings`: the client's own copy, and everyone who reads it told. */
+  private ownSettings(): Map<string, string> {
+    if (this.startupSettings === undefined) {
+      this.startupSettings = this.settings
+      this.settings = new Map(this.settings)
+      this.statements?.useSettings(this.settings)
+    }
+    return this.settings
   }
 
   /** The client's first bytes: its scanner. */
@@ -803,8 +825,7 @@ export class TransactionRelay implements ServerHandler {
    * them reset (`settingsChange`). Reported settings are followed from ParameterStatus instead.
    */
   private adoptProbedSettings(server: ServerConnection, probed: ReadonlyMap<string, string>): void {
-    this.keepStartup()
-    const settings = this.settings
+    const settings = this.ownSettings()
     let changed = false
     if (server.parameterChanges !== this.changesAtAttach) {
       // Reported settings the client changed are its own now (as at detach), or resync would undo them.
@@ -992,8 +1013,7 @@ export class TransactionRelay implements ServerHandler {
   /** Stops listening to `server` and leaves its socket flowing, so the pool (or the next client) can read it. */
   private detach(server: ServerConnection): void {
     if (server.parameterChanges !== this.changesAtAttach) {
-      this.keepStartup()
-      adoptSettings(this.settings, server)
+      adoptSettings(this.ownSettings(), server)
       this.settingsKey = settingsKey(this.settings)
     }
     this.statements?.detach(server)

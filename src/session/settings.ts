@@ -110,6 +110,20 @@ export const settingsKey = (settings: ReadonlyMap<string, string>): string => {
 const interned = new Map<string, string>()
 const INTERNED_MAX = 4096
 
+/**
+ * The settings map of clients that logged in with the settings `key` names: the first such map,
+ * shared by the rest. Read only: a relay copies it before its client's first change.
+ */
+export const sharedSettings = (key: string, settings: Map<string, string>): Map<string, string> => {
+  const known = sharedMaps.get(key)
+  if (known !== undefined) return known
+  if (sharedMaps.size >= INTERNED_MAX) sharedMaps.clear()
+  sharedMaps.set(key, settings)
+  return settings
+}
+
+const sharedMaps = new Map<string, Map<string, string>>()
+
 const intern = (key: string): string => {
   const known = interned.get(key)
   if (known !== undefined) return known
