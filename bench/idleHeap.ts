@@ -7,7 +7,8 @@
  * are there before the first snapshot), takes a heap snapshot (V8 collects garbage first), logs in
  * N idle clients with the lean client, takes another, and prints what grew, divided by N. Exact
  * (the snapshot counts live objects), so unlike RSS it does not move with the machine's load. This
- * is how docs/login-path.md's per-client tables were made.
+ * is how docs/login-path.md's per-client tables were made. `--queried`: each client runs one query
+ * before the second snapshot (what a client that has been used and then idles keeps).
  */
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
@@ -26,7 +27,8 @@ const { values } = parseArgs({
     mode: { type: "string" },
     build: { type: "string" },
     dir: { type: "string" },
-    top: { type: "string" }
+    top: { type: "string" },
+    queried: { type: "boolean" }
   }
 })
 const idle = Number(values.idle ?? 2000)
@@ -124,6 +126,8 @@ const program = Effect.gen(function* () {
       const batch = await Promise.all(
         Array.from({ length: Math.min(64, idle - i) }, (_, j) => LeanClient.login(target, keys, source(i + j)))
       )
+      // --queried: each ran one query first (its relay has built what a first checkout builds).
+      if (values.queried === true) await Promise.all(batch.map((client) => client.query("select 1")))
       out.push(...batch)
     }
     return out
@@ -138,7 +142,7 @@ const program = Effect.gen(function* () {
     .sort((p, q) => q.bytes - p.bytes)
   const total = rows.reduce((sum, row) => sum + row.bytes, 0)
   const lines = [
-    `JS heap per idle ${mode}-mode client (${clients.length} clients, ${build}): ${total.toFixed(0)} bytes`,
+    `JS heap per idle ${mode}-mode client (${clients.length} clients, ${build}${values.queried === true ? ", each after one query" : ""}): ${total.toFixed(0)} bytes`,
     "",
     "| what | bytes per client | objects per client |",
     "| --- | ---: | ---: |",
