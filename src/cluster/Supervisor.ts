@@ -21,23 +21,6 @@ const RESTART_MAX_MS = 30_000
 /** A worker that lived this long is no longer "crashing": its next restart comes quickly again. */
 const STABLE_MS = 60_000
 
-/**
- * TIDEPOOL_WORKER_HANG_TIMEOUT (ms, default 10 s, 0: off): a ready worker whose heartbeat is this
- * late is killed with SIGKILL and handled like a crash (docs/scale-out.md#hang-detection).
- */
-export const HANG_TIMEOUT_ENV = "TIDEPOOL_WORKER_HANG_TIMEOUT"
-const HANG_TIMEOUT_DEFAULT_MS = 10_000
-
-/** The hang bound, or a message saying why the variable is wrong. */
-export const hangTimeoutMs = (raw: string | undefined = process.env[HANG_TIMEOUT_ENV]): number | string => {
-  if (raw === undefined) return HANG_TIMEOUT_DEFAULT_MS
-  const text = raw.trim()
-  const n = Number(text)
-  if (text === "" || !Number.isInteger(n) || n < 0 || n > 3_600_000 || (n > 0 && n < 200))
-    return `${HANG_TIMEOUT_ENV} must be 0 (off) or milliseconds from 200 to 3600000, not ${JSON.stringify(raw)}`
-  return n
-}
-
 interface Slot {
   readonly index: number
   child: ChildProcess | undefined
@@ -103,11 +86,7 @@ export const supervise = (config: AppConfigShape) =>
       )
       return yield* Effect.sync(() => process.exit(1))
     }
-    const hangMs = hangTimeoutMs()
-    if (typeof hangMs === "string") {
-      yield* Console.error(`tidepool: ${hangMs}`)
-      return yield* Effect.sync(() => process.exit(1))
-    }
+    const hangMs = config.workerHangTimeoutMs
     // Several beats per bound: one late timer tick is no hang.
     const beatMs = hangMs === 0 ? 0 : Math.min(1000, Math.max(50, Math.floor(hangMs / 5)))
     const context = yield* Effect.context<never>()
@@ -387,7 +366,7 @@ export const supervise = (config: AppConfigShape) =>
           slot.hangs++
           log(
             "error",
-            `worker ${slot.index + 1} (pid ${child.pid}) hung: no heartbeat for ${silent} ms (${HANG_TIMEOUT_ENV}=${hangMs}); killing it with SIGKILL`
+            `worker ${slot.index + 1} (pid ${child.pid}) hung: no heartbeat for ${silent} ms (TIDEPOOL_WORKER_HANG_TIMEOUT=${hangMs}); killing it with SIGKILL`
           )
           child.kill("SIGKILL")
         }

@@ -10,5 +10,5 @@ export {
   type WorkerInfo
 } from "./messages.ts"
 export { SeatLedger, type SeatsOut } from "./Seats.ts"
-export { HANG_TIMEOUT_ENV, hangTimeoutMs, supervise } from "./Supervisor.ts"
+export { supervise } from "./Supervisor.ts"
 export { workerInbox, workerReady, workerServices, workerStore } from "./WorkerLink.ts"

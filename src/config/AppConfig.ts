@@ -82,6 +82,7 @@ export interface AppConfigShape {
   readonly adminUsers: ReadonlyArray<AdminUser>
   /** Worker processes on this host (docs/scale-out.md); 1 = one process, no supervisor. */
   readonly workers: number
+  readonly workerHangTimeoutMs: number
   readonly configFile: Option.Option<string>
 }
 
@@ -680,6 +681,21 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
       raw.trim().toLowerCase() === "auto"
         ? Result.succeed(Math.min(255, availableParallelism()))
         : integer(1, 255, "`auto` or an integer")(raw)
+  },
+  workerHangTimeoutMs: {
+    env: "TIDEPOOL_WORKER_HANG_TIMEOUT",
+    fileKey: "worker_hang_timeout",
+    type: "milliseconds, 0 or at least 200 (0 = off)",
+    description:
+      "Worker mode: a worker whose heartbeat (sent every fifth of this, at most every second) is this late is killed with SIGKILL and handled like a crash (docs/scale-out.md#hang-detection)",
+    default: () => 10_000,
+    // Below 200 ms a busy event loop's ordinary pauses (a GC, a large write) would read as hangs.
+    parse: (raw: string) =>
+      Result.flatMap(millis(0)(raw), (ms) =>
+        ms > 0 && ms < 200
+          ? Result.fail(`expected 0 (off) or at least 200 ms, got ${JSON.stringify(raw)}`)
+          : Result.succeed(ms)
+      )
   }
 }
 
@@ -855,6 +871,7 @@ const defaults = (): AppConfigShape => ({
   traceCheckoutEvery: settings.traceCheckoutEvery.default(),
   adminUsers: settings.adminUsers.default(),
   workers: settings.workers.default(),
+  workerHangTimeoutMs: settings.workerHangTimeoutMs.default(),
   configFile: Option.none()
 })
 

@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
@@ -172,6 +173,21 @@ describe("TIDEPOOL_WORKERS=2: one host", () => {
       expect(metrics.value("tidepool_worker_up", { worker: "1" })).toBe(1)
       expect(metrics.value("tidepool_worker_up", { worker: "2" })).toBe(1)
       expect(metrics.samples.filter((s) => s.name === "process_resident_memory_bytes")).toHaveLength(2)
+
+      // The HTTP API: both workers listen on its port, and its per-process route answers for the host.
+      const workerPids = [...cli.output().matchAll(/worker \d started \(pid (\d+)\)/g)].map((m) => m[1])
+      const listening = execFileSync("ss", ["-Hltnp", `sport = :${apiPort}`], { encoding: "utf8" })
+      const listeners = new Set([...listening.matchAll(/pid=(\d+)/g)].map((m) => m[1]))
+      expect([...listeners].filter((pid) => workerPids.includes(pid))).toHaveLength(2)
+      const response = await fetch(`http://127.0.0.1:${apiPort}/api/tenants/capped/pools`, {
+        headers: { authorization: `Bearer ${await mintToken({}, { secret: TEST_JWT_SECRET })}` }
+      })
+      expect(response.status).toBe(200)
+      const { data } = (await response.json()) as { data: Array<{ worker: number; clients_active: number }> }
+      expect(data.map((row) => [row.worker, row.clients_active]).sort()).toEqual([
+        [1, perWorker[0]],
+        [2, perWorker[1]]
+      ])
 
       const admin = await connect("ops", txPort, "pgbouncer")
       try {
