@@ -319,7 +319,10 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
     const views = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
     const loopDelay = yield* Effect.acquireRelease(
       Effect.sync(() => {
-        const h = monitorEventLoopDelay({ resolution: 10 })
+        // A sample every 100 ms: at 10 ms its timer alone cost an idle process about 7 ms of CPU
+        // a second on this class of VM (docs/benchmarks.md, "idle CPU"). A stall still shows in full:
+        // the sample due during it reports the whole delay.
+        const h = monitorEventLoopDelay({ resolution: 100 })
         h.enable()
         return h
       }),
