@@ -86,6 +86,23 @@ const snapshot = async (pid: number, dir: string): Promise<Snapshot> => {
   throw new Error("no heap snapshot within 300 s")
 }
 
+const rssKb = async (pid: number): Promise<number> =>
+  Number((await fs.readFile(`/proc/${pid}/status`, "utf8")).match(/VmRSS:\s+(\d+)/)?.[1] ?? Number.NaN)
+
+/** Resident kB by kind of mapping: malloc's main heap (`[heap]`), other anonymous memory (V8's heap, malloc arenas), files. */
+const rssByKind = async (pid: number) => {
+  const kinds = { heap: 0, anonymous: 0, files: 0 }
+  let kind: keyof typeof kinds = "anonymous"
+  for (const line of (await fs.readFile(`/proc/${pid}/smaps`, "utf8")).split("\n")) {
+    const header = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line)
+    if (header !== null) {
+      const name = header[1]!
+      kind = name === "[heap]" ? "heap" : name === "" || name.startsWith("[") ? "anonymous" : "files"
+    } else if (line.startsWith("Rss:")) kinds[kind] += Number(line.split(/\s+/)[1])
+  }
+  return kinds
+}
+
 const program = Effect.gen(function* () {
   const dir = yield* scopedTempDir("tidepool-idle-heap-")
   const server = yield* Effect.acquireRelease(
@@ -120,6 +137,8 @@ const program = Effect.gen(function* () {
     }
   })
   const a = byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir)))
+  const rssBefore = yield* Effect.promise(() => rssKb(tidepool.pid))
+  const kindsBefore = yield* Effect.promise(() => rssByKind(tidepool.pid))
   const clients = yield* Effect.promise(async () => {
     const out: Array<LeanClient> = []
     for (let i = 0; i < idle; i += 64) {
@@ -132,7 +151,13 @@ const program = Effect.gen(function* () {
     }
     return out
   })
+  // Resident memory with the clients' garbage still around (as the --connect figure), then after
+  // the full collection a heap snapshot makes.
+  yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 3000)))
+  const rssIdle = yield* Effect.promise(() => rssKb(tidepool.pid))
   const b = byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir)))
+  const rssCollected = yield* Effect.promise(() => rssKb(tidepool.pid))
+  const kindsAfter = yield* Effect.promise(() => rssByKind(tidepool.pid))
   const rows = [...new Set([...a.keys(), ...b.keys()])]
     .map((key) => {
       const x = a.get(key) ?? { bytes: 0, count: 0 }
@@ -143,6 +168,11 @@ const program = Effect.gen(function* () {
   const total = rows.reduce((sum, row) => sum + row.bytes, 0)
   const lines = [
     `JS heap per idle ${mode}-mode client (${clients.length} clients, ${build}${values.queried === true ? ", each after one query" : ""}): ${total.toFixed(0)} bytes`,
+    `RSS per client: ${(((rssIdle - rssBefore) * 1024) / clients.length).toFixed(0)} bytes 3 s after the last login, ` +
+      `${(((rssCollected - rssBefore) * 1024) / clients.length).toFixed(0)} after a full collection (the second snapshot's): ` +
+      (["heap", "anonymous", "files"] as const)
+        .map((kind) => `${kind} ${(((kindsAfter[kind] - kindsBefore[kind]) * 1024) / clients.length).toFixed(0)}`)
+        .join(", "),
     "",
     "| what | bytes per client | objects per client |",
     "| --- | ---: | ---: |",

@@ -13,7 +13,7 @@
  * what this spends above PgBouncer is out of reach for a Node.js pooler. The bench's `login-floor`
  * target (`--connect`) runs it beside Tidepool and PgBouncer.
  *
- * Run as `node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS]` — Node 24 strips the
+ * Run as `node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS [stream]]` — Node 24 strips the
  * types itself, so no tsx (whose `__name` wrappers would add to every closure) is in the way.
  */
 import {
@@ -27,12 +27,17 @@ import {
 } from "node:crypto"
 import * as net from "node:net"
 
-const [portArg, user, password, delayArg] = process.argv.slice(2)
+const [portArg, user, password, delayArg, readsArg] = process.argv.slice(2)
 if (portArg === undefined || user === undefined || password === undefined) {
   process.stderr.write("usage: node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS]\n")
   process.exit(2)
 }
 const failureDelayMs = Number(delayArg ?? 500)
+/**
+ * `stream`: the accepted socket is read through its 'data' events (Node allocates a buffer per
+ * read), as Tidepool's handshake reads are, instead of into one shared buffer: what that costs.
+ */
+const streamReads = readsArg === "stream"
 
 // The verifier, derived once (Tidepool's SecretCache keeps one per password), with its HMAC keys
 // as KeyObjects (scram.ts: a Buffer key costs createHmac two thrown TypeErrors on Node 24).
@@ -295,6 +300,13 @@ function destroy(this: net.Socket): void {
 }
 
 const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (accepted) => {
+  if (streamReads) {
+    const client = new Client(accepted)
+    accepted.on("data", (chunk: Buffer) => client.read(chunk))
+    accepted.on("error", destroy)
+    accepted.resume()
+    return
+  }
   // net.Server has no `onread` option: the accepted handle moves to a socket that reads into the
   // one shared buffer (as Tidepool's ClientSocket.takeOver and bench/relayFloor.ts do).
   const handle = (accepted as unknown as { _handle: unknown })._handle

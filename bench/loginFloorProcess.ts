@@ -18,13 +18,15 @@ export const startLoginFloor = (
   user: string,
   password: string,
   database: string,
-  failureDelayMs = 500
+  failureDelayMs = 500,
+  /** `stream`: read logins through 'data' events (see loginFloor.ts). */
+  reads: "shared" | "stream" = "shared"
 ): Effect.Effect<{ readonly endpoint: Endpoint; readonly pid: number }, BenchError, Scope.Scope> =>
   Effect.gen(function* () {
     const port = yield* Effect.promise(() => freePort())
     const child = yield* Effect.acquireRelease(
       Effect.sync(() =>
-        spawn(process.execPath, ["bench/loginFloor.ts", String(port), user, password, String(failureDelayMs)], {
+        spawn(process.execPath, ["bench/loginFloor.ts", String(port), user, password, String(failureDelayMs), reads], {
           cwd: root,
           stdio: ["ignore", "ignore", "pipe"]
         })
