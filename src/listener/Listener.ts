@@ -5,9 +5,14 @@ import { AppConfig } from "../config/index.ts"
 import { type ErrorCode, renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { PoolMode } from "../pool/index.ts"
 import { GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TxStatus } from "../protocol/index.ts"
-// Not the session index: the supervision types are the listener's business only.
-import { clientSession, type LiveSession, type LoginTicket, type SessionSupervisor } from "../session/ClientSession.ts"
-import { type RegisteredSession, SessionRegistry } from "../session/index.ts"
+import {
+  clientSession,
+  type LiveSession,
+  type LoginTicket,
+  type RegisteredSession,
+  SessionRegistry,
+  type SessionSupervisor
+} from "../session/index.ts"
 import { EventCounters } from "../telemetry/index.ts"
 import { DownstreamTls } from "../tls/index.ts"
 
