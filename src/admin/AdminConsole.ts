@@ -187,7 +187,11 @@ const unquote = (arg: string | undefined): string | undefined =>
  * The admin console session: PgBouncer's commands over the simple query protocol. Each statement of
  * a query string answers on its own; an error ends the query string, not the session.
  */
-export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
+/**
+ * An authenticated admin console session, until its client leaves or the pooler drains. `draining`:
+ * the listeners drain (a login that completes now is refused with 57P01, as a tenant's is).
+ */
+export const adminConsole = (client: ClientSocket, login: AdminLogin, draining: () => boolean) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const registry = yield* PoolRegistry
@@ -211,6 +215,9 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
     )
+    // Checked after registering, so a drain that starts in between has drained it anyway; a console
+    // registered after the drain began would otherwise hold the shutdown for the whole drain timeout.
+    if (draining()) return yield* tidepoolError("EADMINSHUTDOWN")
     client.write(
       Buffer.concat([
         // psql and drivers need these; server_version is PgBouncer's, so tools treat us as PgBouncer.

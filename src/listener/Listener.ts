@@ -100,18 +100,28 @@ const REFUSAL_LOG_INTERVAL_MS = 10_000
 
 const ignore = () => {}
 
-/** One connection's login: its handshake slot, and whether its session outlives its fiber. */
+/**
+ * One connection's login: its handshake slot, its count in the node's connection cap, and whether
+ * its session outlives its fiber (the session then gives the count back, `SessionSupervisor.left`).
+ */
 class Ticket implements LoginTicket {
   handshaking = true
+  counted = true
   handedOn = false
   constructor(
-    private readonly admission: { handshaking: number },
+    private readonly admission: { handshaking: number; open: number },
     private readonly live: Set<LiveSession>
   ) {}
   authenticated(): void {
     if (!this.handshaking) return
     this.handshaking = false
     this.admission.handshaking--
+  }
+  over(): void {
+    this.authenticated()
+    if (this.handedOn || !this.counted) return
+    this.counted = false
+    this.admission.open--
   }
   adopt(session: LiveSession): void {
     this.handedOn = true
@@ -288,9 +298,11 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
 
     const supervisor: SessionSupervisor = {
       draining: () => drained,
+      left: () => {
+        admission.open--
+      },
       ended: (session) => {
         if (!live.delete(session)) return
-        admission.open--
         if (live.size === 0 && whenNoneLive.length > 0) {
           const waiting = whenNoneLive
           whenNoneLive = []
@@ -307,7 +319,8 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
     /**
      * The front door's limits, checked before the connection costs anything more than its socket:
      * a refused one gets no fiber and no session state. A connection counts from accept to its
-     * end (its login's fiber, then its session's end, `supervisor.ended`); a handshake until the
+     * end (its login's refusal or fiber's end, or its session's relay's end, `supervisor.left`),
+     * freed before the client hears why it ended; a handshake until the
      * login succeeds (`LoginTicket.authenticated`, for tenant and admin logins alike) or the fiber ends.
      */
     const admit = (socket: net.Socket, mode: PoolMode): void => {
@@ -324,11 +337,9 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
       admission.open++
       admission.handshaking++
       const ticket = new Ticket(admission, live)
-      run(clientSession(socket, mode, supervisor, ticket)).addObserver(() => {
-        ticket.authenticated()
-        // A session its login handed on counts until it ends; anything else ends here.
-        if (!ticket.handedOn) admission.open--
-      })
+      // A session its login handed on counts until its relay ends; anything else ends here at the
+      // latest (a refused login stops counting before its client is told, `LoginTicket.over`).
+      run(clientSession(socket, mode, supervisor, ticket)).addObserver(() => ticket.over())
     }
 
     const door = (mode: PoolMode, port: number, envVar: string) =>

@@ -99,7 +99,12 @@ const poolKey = (tenant: string, user: string, mode: PoolMode, database: string)
 export interface SessionSupervisor {
   /** The listeners are draining: a login that completes now is refused with 57P01. */
   readonly draining: () => boolean
-  /** The session ended and has given back everything it held. */
+  /**
+   * An adopted session's relay ended: its connection no longer counts toward
+   * TIDEPOOL_MAX_CLIENT_CONNECTIONS (called once, before the client can hear why it ended).
+   */
+  readonly left: (session: LiveSession) => void
+  /** The session ended and has given back everything it held (a session-mode server's reset included). */
   readonly ended: (session: LiveSession) => void
   /** Runs a session's teardown (its log lines, a session-mode server's reset) on a fiber of its own. */
   readonly run: (teardown: Effect.Effect<void>) => void
@@ -115,6 +120,11 @@ export interface LoginTicket {
    * AuthenticationOk is sent: the end of its handshake, which frees its handshake slot.
    */
   readonly authenticated: () => void
+  /**
+   * The login ends without a session (refused, failed, interrupted): its connection stops counting,
+   * before the client is told why, so that a client reconnecting at once finds its slot free.
+   */
+  readonly over: () => void
   /** From here on the session lives without its login's fiber, until `SessionSupervisor.ended`. */
   readonly adopt: (session: LiveSession) => void
 }
@@ -154,6 +164,7 @@ const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervis
     const fail = (error: TidepoolError) => {
       answered = true
       events.error(log.tenant, error.code)
+      ticket.over()
       client.fail(error)
       // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
       // address's refusals are a flood's: the block itself was logged once when it began.
@@ -172,6 +183,7 @@ const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervis
       if (answered) return Effect.void
       if (timedOut) return fail(tidepoolError("EAUTHTIMEOUT"))
       answered = true
+      ticket.over()
       client.fail(tidepoolError("EADMINSHUTDOWN"))
       return Effect.void
     })
@@ -181,7 +193,7 @@ const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervis
         const auth = yield* handshake(client, log, startup)
         authenticated()
         client.write(authenticationOk())
-        if ("admin" in auth) return yield* adminConsole(client, auth.admin)
+        if ("admin" in auth) return yield* adminConsole(client, auth.admin, supervisor.draining)
         const level = tenantLogLevel(auth.tenant.feature_flags)
         const attached = attach(client, auth, mode, startedAt, supervisor, ticket, level)
         yield* level === undefined ? attached : Effect.provideService(attached, References.MinimumLogLevel, level)
@@ -536,36 +548,35 @@ export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
   }
 
   /**
-   * Gives back what the session holds, in the reverse order of taking it: its registration, a
-   * session-mode server (reset, or closed), its place in the pool. Synchronous unless there is a
-   * server to reset. Once only.
+   * Gives back what the session holds: its registration and its place in the pool at once
+   * (`leave`), then a session-mode server (reset, or closed). Synchronous unless there is a server
+   * to reset. Once only.
    */
   giveBack(): Effect.Effect<void> {
-    const server = this.release()
-    return server === undefined
-      ? Effect.void
-      : Effect.andThen(
-          resetAndRelease(this.pool, server),
-          Effect.sync(() => this.leavePool())
-        )
+    this.leave()
+    const server = this.held
+    this.held = undefined
+    return server === undefined ? Effect.void : resetAndRelease(this.pool, server)
   }
 
   /**
-   * `giveBack`'s synchronous part: everything, unless there is a session-mode server to reset, which
-   * it returns (the place in the pool is then given back after the reset).
+   * `giveBack`'s synchronous part: the registration, the place in the pool and (an adopted
+   * session) the connection's count; a session-mode server stays held until its reset. Run as soon
+   * as the relay ends, in its callback: a client that closed (its FIN answered by Node at once) or
+   * heard its error and reconnects must find its place free, not wait for the teardown queue or a
+   * session-mode server's reset (a login admitted meanwhile waits for that server in the pool's
+   * queue, as for any busy server).
    */
-  private release(): ServerConnection | undefined {
-    if (this.done) return undefined
+  private leave(): void {
+    if (this.done) return
     this.done = true
     const key = this.key
     if (key !== undefined) {
       this.key = undefined
       this.sessions.unregister(key)
     }
-    const server = this.held
-    this.held = undefined
-    if (server === undefined) this.leavePool()
-    return server
+    this.leavePool()
+    if (this.relay !== undefined) this.supervisor.left(this)
   }
 
   private leavePool(): void {
@@ -602,6 +613,7 @@ export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
 
   private readonly onRelayEnd = (end: RelayEnd): void => {
     this.end = end
+    this.leave()
     queueTeardown(this)
   }
 
@@ -618,16 +630,17 @@ export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
 
   /**
    * How the relay ended decides the session's error, if any. Its resources are given back before
-   * the client hears why it ended: a client that reconnects at once after the error must find its
-   * slot free (EMAXCONNSESSION on a pool of one otherwise). A clean end with nothing to log and no
-   * server to reset costs no fiber.
+   * the client hears why it ended (its places already in `onRelayEnd`, a session-mode server by its
+   * reset here): a client that reconnects at once after the error must find its slot free
+   * (EMAXCONNSESSION on a pool of one otherwise). A clean end with nothing to log and no server to
+   * reset costs no fiber.
    */
   private relayEnded(end: RelayEnd): void {
     const error = this.errorOf(end)
     const level = this.level ?? this.supervisor.logLevel
     const debug = LogLevel.isLessThanOrEqualTo(level, "Debug")
     if (error === undefined && this.held === undefined && !debug) {
-      this.release()
+      this.leave()
       this.client.socket.destroySoon()
       this.supervisor.ended(this)
       return
