@@ -36,12 +36,12 @@ import { startPostgres } from "../test/support/postgres.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
 import { startLoginFloor } from "./loginFloorProcess.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
-import { baselineNodeDefault, buildMode, type PoolMode, UsageError } from "./options.ts"
+import { baselineNodeDefault, buildMode, nodeFlagsOf, type PoolMode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
 import { median } from "./report.ts"
-import { type BuildMode, buildLabel, startTidepool } from "./tidepool.ts"
+import { type BuildMode, buildLabel, flagsLabel, startTidepool } from "./tidepool.ts"
 
 const ROLE = "bench"
 const PASSWORD = "bench"
@@ -86,6 +86,8 @@ export interface ConnectOptions {
   readonly out: string | undefined
   /** How the Tidepool targets run: compiled (`dist`, default) or from the sources (`tsx`). */
   readonly build: BuildMode
+  /** Extra Node.js flags for the tidepool target only. */
+  readonly nodeFlags: ReadonlyArray<string>
 }
 
 export const CONNECT_HELP = `npm run bench -- --connect [flags]
@@ -99,6 +101,7 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
   --baseline DIR       checkout for tidepool-base (as in the matrix); --baseline-node PATH its Node
                        (default: the node dev dependency's Node 24)
   --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
+  --node-flags="FLAGS" extra Node.js flags for the tidepool target only (e.g. "--optimize-for-size")
   --repeat N           repetitions, targets in rotating order; medians reported (default 1)
   --clients N          pgbench -C clients (default 8)
   --duration, -T S     seconds of pgbench -C per run (default 10; 0 skips)
@@ -158,6 +161,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         mode: { type: "string" },
         out: { type: "string" },
         build: { type: "string" },
+        "node-flags": { type: "string" },
         help: { type: "boolean", short: "h" }
       }
     }).values
@@ -211,7 +215,8 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     pool: count("pool", 20),
     mode: modeOf(values.mode),
     out: values.out === undefined ? undefined : String(values.out),
-    build: buildMode(values.build === undefined ? undefined : String(values.build))
+    build: buildMode(values.build === undefined ? undefined : String(values.build)),
+    nodeFlags: nodeFlagsOf(values["node-flags"] === undefined ? undefined : String(values["node-flags"]))
   }
 }
 
@@ -771,8 +776,8 @@ export const connections = (options: ConnectOptions) =>
     const loadAtStart = os.loadavg()[0]!
     const revision =
       options.baseline === undefined
-        ? `${tidepoolRevision()} ${buildLabel(options.build)}`
-        : `${tidepoolRevision()} ${buildLabel(options.build)}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
+        ? `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}`
+        : `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
     const pgbench = yield* pgbenchVersion
     const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
     const workDir = yield* scopedTempDir("tidepool-bench-")
@@ -828,6 +833,7 @@ export const connections = (options: ConnectOptions) =>
                     TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
                   },
                   build: options.build,
+                  ...(name === "tidepool" ? { nodeFlags: options.nodeFlags } : {}),
                   ...(name === "tidepool-base"
                     ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
                     : {})

@@ -28,7 +28,10 @@ const { values } = parseArgs({
     build: { type: "string" },
     dir: { type: "string" },
     top: { type: "string" },
-    queried: { type: "boolean" }
+    queried: { type: "boolean" },
+    hold: { type: "string" },
+    "rss-only": { type: "boolean" },
+    "node-flag": { type: "string", multiple: true }
   }
 })
 const idle = Number(values.idle ?? 2000)
@@ -121,7 +124,7 @@ const program = Effect.gen(function* () {
     build,
     ...(values.dir === undefined ? {} : { dir: path.resolve(values.dir) }),
     env: { TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(idle + 200) },
-    nodeFlags: ["--heapsnapshot-signal=SIGUSR2", `--diagnostic-dir=${dir}`]
+    nodeFlags: ["--heapsnapshot-signal=SIGUSR2", `--diagnostic-dir=${dir}`, ...(values["node-flag"] ?? [])]
   })
   const target = { ...tidepool.endpoint }
   const keys = new ScramKeyCache()
@@ -136,7 +139,10 @@ const program = Effect.gen(function* () {
       for (const client of warm) client.terminate()
     }
   })
-  const a = byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir)))
+  // --rss-only: no snapshots (their writer's own memory stays in the process's malloc heap).
+  const snapshots = values["rss-only"] !== true
+  const none = new Map<string, { bytes: number; count: number }>()
+  const a = snapshots ? byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir))) : none
   const rssBefore = yield* Effect.promise(() => rssKb(tidepool.pid))
   const kindsBefore = yield* Effect.promise(() => rssByKind(tidepool.pid))
   const clients = yield* Effect.promise(async () => {
@@ -155,7 +161,7 @@ const program = Effect.gen(function* () {
   // the full collection a heap snapshot makes.
   yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 3000)))
   const rssIdle = yield* Effect.promise(() => rssKb(tidepool.pid))
-  const b = byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir)))
+  const b = snapshots ? byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir))) : none
   const rssCollected = yield* Effect.promise(() => rssKb(tidepool.pid))
   const kindsAfter = yield* Effect.promise(() => rssByKind(tidepool.pid))
   const rows = [...new Set([...a.keys(), ...b.keys()])]
@@ -179,6 +185,11 @@ const program = Effect.gen(function* () {
     ...rows.slice(0, top).map((row) => `| ${row.key} | ${row.bytes.toFixed(0)} | ${row.count.toFixed(2)} |`)
   ]
   process.stdout.write(`${lines.join("\n")}\n`)
+  // --hold S: the clients stay S seconds more, for a look at the process (gdb, heaptrack).
+  if (values.hold !== undefined) {
+    process.stdout.write(`holding ${clients.length} idle clients on pid ${tidepool.pid} for ${values.hold} s\n`)
+    yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, Number(values.hold) * 1000)))
+  }
   for (const client of clients) client.terminate()
 }).pipe(
   Effect.scoped,

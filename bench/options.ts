@@ -42,7 +42,12 @@ export interface BenchOptions {
   readonly workers: number
   /** How both Tidepool targets run: compiled (`dist`) or from the sources (`tsx`). */
   readonly build: BuildMode
+  /** Extra Node.js flags for the `tidepool` target only (`--node-flags=--optimize-for-size`). */
+  readonly nodeFlags: ReadonlyArray<string>
 }
+
+export const nodeFlagsOf = (raw: string | undefined): ReadonlyArray<string> =>
+  raw === undefined ? [] : raw.split(/\s+/).filter((flag) => flag !== "")
 
 /** The Node.js that `npm ci` installs (the `node` dev dependency), if it is there. */
 const devDependencyNode = fileURLToPath(new URL("../node_modules/node/bin/node", import.meta.url))
@@ -96,6 +101,8 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
                            node_modules/node/bin/node, else the system's node)
   --build MODE             dist (default): both Tidepool targets compiled with tsc first, as
                            the Docker image runs them; tsx: from the TypeScript sources
+  --node-flags="FLAGS"     extra Node.js flags for the tidepool target only (not tidepool-base),
+                           e.g. "--optimize-for-size"; with --baseline . the same build without them
   --repeat N               runs per cell, interleaved across targets; medians reported (default 1)
   --pool N                 server connections per pool, Tidepool and PgBouncer alike (default 20)
   --threads, -j N          pgbench threads (default 2)
@@ -176,7 +183,8 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
     baseline: values.baseline === undefined ? undefined : path.resolve(values.baseline),
     baselineNode: values["baseline-node"] ?? baselineNodeDefault(),
     workers: positiveInteger("workers", values.workers ?? "1"),
-    build: buildMode(values.build)
+    build: buildMode(values.build),
+    nodeFlags: nodeFlagsOf(values["node-flags"])
   })
 }
 
@@ -217,6 +225,7 @@ const parse = (argv: ReadonlyArray<string>) =>
       "baseline-node": { type: "string" },
       workers: { type: "string" },
       build: { type: "string" },
+      "node-flags": { type: "string" },
       help: { type: "boolean", short: "h" }
     }
   })

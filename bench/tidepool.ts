@@ -40,6 +40,10 @@ export interface TidepoolOptions {
 
 export type BuildMode = "dist" | "tsx"
 
+/** How the report names the tidepool target's extra Node.js flags. */
+export const flagsLabel = (flags: ReadonlyArray<string>): string =>
+  flags.length === 0 ? "" : ` with node ${flags.join(" ")}`
+
 /** How the report names a build mode. */
 export const buildLabel = (build: BuildMode): string =>
   build === "dist" ? "(compiled: tsc to dist/, as the Docker image runs it)" : "(from the sources through tsx)"
@@ -92,7 +96,9 @@ const builds = new Map<string, Promise<string>>()
  * Compiles `checkout` once per bench process (fresh each run, so never a stale build): its own
  * TypeScript, its own `tsconfig.build.json`. Resolves with the entry point (`…/dist/main.js`).
  */
-export const buildTidepool = (checkout: string): Promise<string> => {
+export const buildTidepool = (dir: string): Promise<string> => {
+  // One build per checkout however it is named (`--baseline .` is this one).
+  const checkout = path.resolve(dir)
   const known = builds.get(checkout)
   if (known !== undefined) return known
   const built = (async () => {
