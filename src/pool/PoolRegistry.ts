@@ -59,10 +59,17 @@ export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/Pool
     /**
      * The pool a client joins. In worker mode it also holds the client's host-wide seat, which the
      * client's `admit` (next, synchronously) takes: the one step of a login that may wait for the
-     * supervisor (docs/scale-out.md#max_clients-across-workers).
+     * supervisor (docs/scale-out.md#max_clients-across-workers). A pool that closed meanwhile (the
+     * sweep, its tenant stopped) lets its waiting logins go: they ask again, of the pool that serves
+     * the key now, rather than join a closed one (a transaction-mode client whose settings the pool
+     * knew would be greeted there and then fail every transaction).
      */
     const get = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
-      seats === undefined ? poolFor(settings) : Effect.tap(poolFor(settings), (pool) => pool.reserveSeat())
+      seats === undefined
+        ? poolFor(settings)
+        : Effect.flatMap(poolFor(settings), (pool) =>
+            Effect.flatMap(pool.reserveSeat(), () => (pool.isClosed ? get(settings) : Effect.succeed(pool)))
+          )
 
     const poolFor = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
       Effect.suspend(() => {

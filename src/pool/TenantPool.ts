@@ -323,9 +323,14 @@ export class TenantPool {
     }
   }
 
-  /** The pool closed: logins waiting for a seat go on to find it closed; unused seats go back. */
+  /**
+   * The pool closed: logins waiting for a seat go on to find it closed (and ask the pool that serves
+   * the key now, PoolRegistry.get); unused seats go back, those reserved for logins on their way
+   * too (no login joins a closed pool, and a closed pool is no longer swept for stale reservations).
+   */
   private closeSeats(): void {
     for (const w of this.seatWaiters.splice(0)) w.done(undefined)
+    this.reservedSeats = 0
     this.returnSpareSeats()
   }
 

@@ -244,6 +244,8 @@ describe("a session-mode client that ends and reconnects at once (pgbench -C)", 
       for (let i = 0; i < 30; i++) {
         const client = new pg.Client({ connectionString: url })
         await client.connect()
+        // The server was reset before it was lent again, though the place was freed before the reset.
+        expect((await client.query("SHOW application_name")).rows[0].application_name).not.toBe("dirty")
         await client.query("SET application_name = 'dirty'")
         await client.end()
       }
