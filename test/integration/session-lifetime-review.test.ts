@@ -105,9 +105,15 @@ class Wire {
  * Logs in with SCRAM up to the server's first SASL message, then waits for `resume` before sending
  * the client's first SASL message; ends at ReadyForQuery ("ready") or at the refusal's SQLSTATE.
  */
-const loginPausedInScram = async (port: number, user: string, password: string, database: string) => {
+const loginPausedInScram = async (
+  port: number,
+  user: string,
+  password: string,
+  database: string,
+  extra: Record<string, string> = {}
+) => {
   const wire = await Wire.open(port)
-  wire.socket.write(startupMessage({ user, database }))
+  wire.socket.write(startupMessage({ user, database, ...extra }))
   const scram = new ScramClient({ password })
   let paused: () => void = () => {}
   const atSasl = new Promise<void>((resolve) => {
@@ -153,6 +159,7 @@ const holdings = (tidepool: RunningTidepool) =>
         handshaking: admission.handshaking,
         registered: (yield* SessionRegistry).all().length,
         clients: pools.reduce((n, p) => n + p.stats.clients, 0),
+        waiting: pools.reduce((n, p) => n + p.stats.waiting, 0),
         busyServers: pools.reduce((n, p) => n + p.stats.busy, 0)
       }
     })
@@ -249,6 +256,67 @@ describe("a session-mode client that ends and reconnects at once (pgbench -C)", 
         await client.query("SET application_name = 'dirty'")
         await client.end()
       }
+    } finally {
+      await tidepool.stop()
+    }
+  })
+})
+
+/** Polls until `condition` holds; the deadline turns a leak into a failure that says what was seen. */
+const until = async <A>(what: string, read: () => Promise<A>, condition: (a: A) => boolean) => {
+  const deadline = Date.now() + 10_000
+  for (;;) {
+    const value = await read()
+    if (condition(value)) return value
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last seen ${JSON.stringify(value)}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+describe("a login that ends before its greeting gives back what it took", () => {
+  it("when its client leaves while it waits for a server, and when its handshake times out", async () => {
+    const tidepool = await startTidepool({ tenants: [tenant(1)], config: { handshakeTimeoutMs: 1000 } })
+    try {
+      const holder = new pg.Client({
+        connectionString: tidepool.url({ user: "app.acme", password: PASSWORD, mode: "transaction" })
+      })
+      await holder.connect()
+      await holder.query("BEGIN")
+      // A setting no server of the pool has accepted yet: the login checks it on a server, and the
+      // only one is in the holder's transaction.
+      const waiter = await loginPausedInScram(tidepool.transactionPort, "app.acme", PASSWORD, "postgres", {
+        application_name: "waiter"
+      })
+      waiter.resume()
+      await until(
+        "the login to wait for a server",
+        () => holdings(tidepool),
+        (h) => h.waiting === 1
+      )
+      expect(await holdings(tidepool)).toMatchObject({ open: 2, handshaking: 0, clients: 2 })
+      waiter.wire.socket.destroy()
+      await until(
+        "the login to give back its place and stop waiting",
+        () => holdings(tidepool),
+        (h) => h.waiting === 0 && h.clients === 1 && h.open === 1
+      )
+      await holder.query("COMMIT")
+      await holder.end()
+      await until(
+        "the holder's session to end",
+        () => holdings(tidepool),
+        (h) => h.open === 0 && h.clients === 0 && h.busyServers === 0 && h.registered === 0
+      )
+
+      // Stalled in SCRAM until the handshake's deadline: told so, and nothing is left counting.
+      const stalled = await loginPausedInScram(tidepool.transactionPort, "app.acme", PASSWORD, "postgres")
+      // Never resumed: its messages are read here, not by its login loop.
+      expect(await within("the handshake timeout", stalled.wire.errorCode())).toBe("08006")
+      await until(
+        "the timed-out login to give back its slots",
+        () => holdings(tidepool),
+        (h) => h.open === 0 && h.handshaking === 0
+      )
     } finally {
       await tidepool.stop()
     }
