@@ -165,6 +165,20 @@ const holdings = (tidepool: RunningTidepool) =>
     })
   )
 
+/** Polls until `condition` holds; the deadline turns a leak into a failure that says what was seen. */
+const until = async <A>(what: string, read: () => Promise<A>, condition: (a: A) => boolean) => {
+  const deadline = Date.now() + 10_000
+  for (;;) {
+    const value = await read()
+    if (condition(value)) return value
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last seen ${JSON.stringify(value)}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+const nothingHeld = (h: Awaited<ReturnType<typeof holdings>>) =>
+  h.open === 0 && h.handshaking === 0 && h.registered === 0 && h.clients === 0 && h.busyServers === 0
+
 describe("an admin console login that completes while the pooler drains", () => {
   it("is refused with 57P01 and does not hold the shutdown for the drain timeout", async () => {
     const tidepool = await startTidepool({
@@ -222,6 +236,8 @@ describe("a client that reconnects the moment it hears why its session ended", (
         await again.connect()
         await again.end()
       }
+      // Counted out once each, not twice: the count comes back to exactly zero.
+      await until("every connection to be counted out", () => holdings(tidepool), nothingHeld)
     } finally {
       await tidepool.stop()
     }
@@ -237,6 +253,7 @@ describe("a client that reconnects the moment it hears why its session ended", (
         await right.connect()
         await right.end()
       }
+      await until("every connection to be counted out", () => holdings(tidepool), nothingHeld)
     } finally {
       await tidepool.stop()
     }
@@ -256,22 +273,12 @@ describe("a session-mode client that ends and reconnects at once (pgbench -C)", 
         await client.query("SET application_name = 'dirty'")
         await client.end()
       }
+      await until("every connection to be counted out", () => holdings(tidepool), nothingHeld)
     } finally {
       await tidepool.stop()
     }
   })
 })
-
-/** Polls until `condition` holds; the deadline turns a leak into a failure that says what was seen. */
-const until = async <A>(what: string, read: () => Promise<A>, condition: (a: A) => boolean) => {
-  const deadline = Date.now() + 10_000
-  for (;;) {
-    const value = await read()
-    if (condition(value)) return value
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; last seen ${JSON.stringify(value)}`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
-}
 
 describe("a login that ends before its greeting gives back what it took", () => {
   it("when its client leaves while it waits for a server, and when its handshake times out", async () => {
