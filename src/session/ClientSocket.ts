@@ -18,6 +18,24 @@ export const READ_AHEAD_LIMIT = 16 * 1024
 
 const EMPTY = Buffer.alloc(0)
 
+/** How long a connection we end may still read what its client sends before it is cut. */
+const LINGER_MS = 1000
+
+/**
+ * A lingering close, for a connection we have just ended (`end`, our last bytes queued): closing
+ * it with bytes unread makes the kernel answer with a reset, and a reset makes the client's kernel
+ * drop whatever it has not read yet — our error with it (a client blocked sending a large message
+ * reads only afterwards). So what the client still sends is read and dropped (the socket flows
+ * with no 'data' listener of ours) until it closes its side, and for at most LINGER_MS, after
+ * which the connection is cut whatever it does.
+ */
+const linger = (socket: net.Socket): void => {
+  if (socket.destroyed) return
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS)
+  socket.once("close", () => clearTimeout(timer))
+  socket.resume()
+}
+
 /**
  * A client socket during the control-plane phase (startup, authentication, the wait for a server):
  * reads are Effects that wait for bytes. Reading pauses once `READ_AHEAD_LIMIT` bytes are held and
@@ -201,16 +219,14 @@ export class ClientSocket {
     this.socket.pause()
   }
 
-  /** Sends the error (unless it is log-only) and closes the connection. */
+  /** Sends the error (unless it is log-only) and closes the connection, lingering (see `linger`). */
   fail(error: TidepoolError): void {
-    this.socket.pause()
     this.flush()
-    if (!this.closed && this.socket.writable && error.severity !== "LOG") {
-      this.socket.end(renderErrorResponse(error))
-    } else {
-      this.socket.end()
-    }
-    this.socket.destroySoon()
+    const socket = this.socket
+    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(renderErrorResponse(error))
+    else socket.end()
+    socket.off("data", this.onData)
+    linger(socket)
   }
 
   /**
