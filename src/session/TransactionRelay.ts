@@ -239,7 +239,9 @@ export class TransactionRelay implements ServerHandler {
 
   /** The prepared-statement state, made at the first checkout (or a Parse answered without a server). */
   private prepared(): PreparedStatements {
-    return (this.statements ??= new PreparedStatements(this.client, this.pool, this.statementOptions, this.settings))
+    if (this.statements === undefined)
+      this.statements = new PreparedStatements(this.client, this.pool, this.statementOptions, this.settings)
+    return this.statements
   }
 
   // ---- session state (docs/session-state.md) -----------------------------------------------------
@@ -931,7 +933,8 @@ export class TransactionRelay implements ServerHandler {
     if (moved !== undefined) {
       this.moved = undefined
       server.onNotification = undefined
-      const waiting = (this.notifications ??= [])
+      if (this.notifications === undefined) this.notifications = []
+      const waiting = this.notifications
       for (const { body, withheld } of moved) {
         const copy = waiting.findIndex(
           (message) => message.length === body.length + 5 && message.subarray(5).equals(body)
@@ -956,7 +959,8 @@ export class TransactionRelay implements ServerHandler {
   private onHubNotification(message: Buffer): void {
     try {
       if (this.ended) return
-      const waiting = (this.notifications ??= [])
+      if (this.notifications === undefined) this.notifications = []
+      const waiting = this.notifications
       if (waiting.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
         // A listener that does not read (or a transaction that never ends) must not grow the process.
         this.end({
