@@ -52,6 +52,7 @@ export const serve = (configFile: string | undefined) =>
       const node = yield* Layer.build(
         tidepoolLayer(worker === undefined || worker === 0 ? (file?.tenants ?? []) : [], {
           ...(worker === undefined ? {} : { worker }),
+          ...(config.cluster ? { cluster: true } : {}),
           ...(worker === undefined || worker === 0 ? {} : { api: false })
         })
       )

@@ -1,4 +1,7 @@
+export { advertisedHost, clusterServices } from "./ClusterLink.ts"
 export { fairShares, Ledger, type LedgerOut } from "./Ledger.ts"
 export { type BackendRef, ownerOf, type ToSupervisor, type ToWorker, WORKER_ENV } from "./messages.ts"
+export { type Claim, type Directive, type Division, divide } from "./PoolShares.ts"
+export { MAX_SLOT, SLOT_SHIFT, slotOf } from "./StoreRunner.ts"
 export { supervise } from "./Supervisor.ts"
 export { workerInbox, workerReady, workerServices, workerStore } from "./WorkerLink.ts"
