@@ -55,7 +55,9 @@ describe("divide", () => {
           const d = divide(size, claims)
           const total = claims.reduce((s, c, i) => s + c.held + d.grants[i]!, 0)
           expect(total).toBeLessThanOrEqual(size)
-          d.grants.forEach((g, i) => expect(g).toBeLessThanOrEqual(Math.max(0, d.shares[i]! - claims[i]!.held)))
+          for (const [i, g] of d.grants.entries()) {
+            expect(g).toBeLessThanOrEqual(Math.max(0, d.shares[i]! - claims[i]!.held))
+          }
         }
       }
     }
