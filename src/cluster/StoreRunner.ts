@@ -28,6 +28,20 @@ const POLL_MS = 1_000
 
 export const slotOf = (processId: number): number => processId >>> SLOT_SHIFT
 
+/**
+ * A pool's name in the store: its key's parts (tenant, user, mode, database; NUL-separated in
+ * memory, which PostgreSQL text cannot hold) as a JSON array, readable in `tidepool_permits`.
+ */
+export const storeKey = (key: string): string => JSON.stringify(key.split("\u0000"))
+const memoryKey = (stored: string): string | undefined => {
+  try {
+    const parts: unknown = JSON.parse(stored)
+    return Array.isArray(parts) ? parts.join("\u0000") : undefined
+  } catch {
+    return undefined
+  }
+}
+
 const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS tidepool_runners (
     runner_id BIGSERIAL PRIMARY KEY,
@@ -322,10 +336,12 @@ export class StoreRunner {
       void this.enqueue(() => this.reclaimed())
       return
     }
-    if (this.client !== undefined) {
-      this.options.log("warning", `permit ledger: store query failed: ${message}`)
-      this.lost()
-    }
+    if (this.client === undefined) return
+    this.options.log("warning", `permit ledger: store query failed: ${message}`)
+    // The session is fine after an error PostgreSQL reported (the work is retried at the next tick),
+    // except for those that end it (shutdown, connection exceptions).
+    const state = e instanceof pg.DatabaseError ? (e.code ?? "") : ""
+    if (state === "" || state.startsWith("57P") || state.startsWith("08")) this.lost()
   }
 
   /** The store session ended: fail static (keep what is held) until the tick reconnects. */
@@ -355,7 +371,8 @@ export class StoreRunner {
       if (this.client === client) this.lost()
     })
     client.on("notification", (n) => {
-      if (n.payload !== undefined && this.lines.has(n.payload)) this.touch(n.payload)
+      const key = n.payload === undefined ? undefined : memoryKey(n.payload)
+      if (key !== undefined && this.lines.has(key)) this.touch(key)
     })
     await client.connect()
     try {
@@ -576,14 +593,15 @@ export class StoreRunner {
     const line = this.lines.get(key)
     if (line === undefined || line.debt > 0 || this.runnerId === undefined) return
     const me = this.runnerId
+    const sk = storeKey(key)
     const release = line.release
     const want = line.want
     const result = await this.transaction(async (c) => {
-      await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, key])
+      await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
       const rows = (
         await c.query(
           "SELECT runner_id, held, want, want_since, keep, press FROM tidepool_permits WHERE pool_key = $1 ORDER BY runner_id",
-          [key]
+          [sk]
         )
       ).rows.map((r) => ({
         id: Number(r.runner_id),
@@ -602,7 +620,9 @@ export class StoreRunner {
         rows.push(own)
       }
       own.held = Math.max(0, own.held - release)
-      own.since = want > 0 ? (own.want > 0 ? own.since : now) : 0
+      // A runner that gives permits back while it still wants goes to the back of the queue: a pool
+      // smaller than the number of busy runners rotates instead of returning to the same one.
+      own.since = want > 0 ? (own.want > 0 && release === 0 ? own.since : now) : 0
       own.want = want
       const claims: Array<Claim> = rows.map((r) => ({ held: r.held, want: r.want, since: r.since }))
       const division = divide(line.size, claims)
@@ -619,7 +639,7 @@ export class StoreRunner {
         if (r.keep !== d.keep || r.press !== d.press) {
           notify = true
           await c.query("UPDATE tidepool_permits SET keep = $3, press = $4 WHERE pool_key = $1 AND runner_id = $2", [
-            key,
+            sk,
             r.id,
             d.keep,
             d.press
@@ -629,7 +649,7 @@ export class StoreRunner {
       const mine = division.directives[i]!
       if (own.held === 0 && own.want === 0) {
         if (before !== undefined) {
-          await c.query("DELETE FROM tidepool_permits WHERE pool_key = $1 AND runner_id = $2", [key, me])
+          await c.query("DELETE FROM tidepool_permits WHERE pool_key = $1 AND runner_id = $2", [sk, me])
           notify ||= before.held > 0
         }
       } else if (
@@ -642,12 +662,12 @@ export class StoreRunner {
         await c.query(
           `INSERT INTO tidepool_permits (pool_key, runner_id, held, want, want_since, keep, press) VALUES ($1, $2, $3, $4, $5, $6, $7)
            ON CONFLICT (pool_key, runner_id) DO UPDATE SET held = $3, want = $4, want_since = $5, keep = $6, press = $7`,
-          [key, me, own.held, own.want, own.since, mine.keep, mine.press]
+          [sk, me, own.held, own.want, own.since, mine.keep, mine.press]
         )
         // Permits given back are free for whoever waits.
         notify ||= release > 0 && rows.some((r) => r !== own && r.want > 0)
       }
-      if (notify) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, key])
+      if (notify) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, sk])
       return { granted, directive: mine }
     })
     line.release -= release
