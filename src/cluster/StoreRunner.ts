@@ -103,6 +103,10 @@ interface PoolLine {
   debt: number
   /** The directive last given to the pool. */
   directive: Directive
+  /** Permits granted whose server has not logged in yet. */
+  fresh: number
+  /** A lowering directive waits for the fresh servers to serve once (see `apply`). */
+  deferred: boolean
 }
 
 type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
@@ -200,6 +204,7 @@ export class StoreRunner {
       },
       release: (n) => {
         line.held -= n
+        line.fresh = Math.min(line.fresh, line.held)
         const absorbed = Math.min(n, line.debt)
         line.debt -= absorbed
         line.release += n - absorbed
@@ -214,7 +219,15 @@ export class StoreRunner {
         this.touch(key)
         this.onHeldChange?.()
       },
-      opened: (server) => this.backendOp(true, server),
+      opened: (server) => {
+        if (line.fresh > 0 && --line.fresh === 0 && line.deferred) {
+          // After TenantPool has lent the new server (it does so right after telling us it opened).
+          setImmediate(() => {
+            if (line.deferred) this.apply(line)
+          })
+        }
+        this.backendOp(true, server)
+      },
       closed: (server) => this.backendOp(false, server)
     }
   }
@@ -262,6 +275,23 @@ export class StoreRunner {
     await client?.end().catch(() => undefined)
   }
 
+  /**
+   * Gives the pool its directive. One that takes servers away waits while a server granted to this
+   * runner is still connecting: a new server serves one transaction before it is given up, or a
+   * pool smaller than the number of busy runners would hand its permit round without serving anyone.
+   */
+  private apply(line: PoolLine): void {
+    const d = line.directive
+    const lowers = d.press || (d.keep !== null && d.keep < line.held)
+    if (lowers && line.fresh > 0) {
+      line.deferred = true
+      return
+    }
+    line.deferred = false
+    const pool = line.pool
+    if (pool !== undefined && !pool.isClosed) pool.direct(d.keep ?? Number.POSITIVE_INFINITY, d.press)
+  }
+
   private heldTotal(): number {
     let n = 0
     for (const line of this.lines.values()) n += line.held
@@ -271,7 +301,17 @@ export class StoreRunner {
   private line(key: string): PoolLine {
     let line = this.lines.get(key)
     if (line === undefined) {
-      line = { pool: undefined, size: 0, held: 0, want: 0, release: 0, debt: 0, directive: LIFTED }
+      line = {
+        pool: undefined,
+        size: 0,
+        held: 0,
+        want: 0,
+        release: 0,
+        debt: 0,
+        directive: LIFTED,
+        fresh: 0,
+        deferred: false
+      }
       this.lines.set(key, line)
     }
     return line
@@ -438,8 +478,15 @@ export class StoreRunner {
       return
     }
     const now = performance.now()
-    // Pools whose clients wait ask again (a lost notification); releases the store missed are retried.
-    for (const [key, line] of this.lines) if (line.want > 0 || line.release > 0) this.dirty.add(key)
+    // Pools whose clients wait ask again (a lost notification); releases the store missed are retried;
+    // a directive held back for a server that never logged in applies now.
+    for (const [key, line] of this.lines) {
+      if (line.want > 0 || line.release > 0) this.dirty.add(key)
+      if (line.deferred) {
+        line.fresh = 0
+        this.apply(line)
+      }
+    }
     this.pump()
     if (now - this.lastRenewal >= this.options.leaseMs / 3) {
       this.lastRenewal = now
@@ -680,12 +727,20 @@ export class StoreRunner {
         line.held -= result.granted
         line.release += result.granted
         this.dirty.add(key)
-      } else pool.grant(result.granted)
+      } else {
+        line.fresh += result.granted
+        pool.grant(result.granted)
+      }
     }
     const d = result.directive
+    if (result.granted > 0 || release > 0 || d.keep !== line.directive.keep || d.press !== line.directive.press)
+      this.options.log(
+        "debug",
+        `permit ledger: pool ${sk}: released ${release}, granted ${result.granted}, holds ${line.held}, wants ${line.want}, keep ${d.keep ?? "any"}${d.press ? ", pressed" : ""}`
+      )
     if (d.keep !== line.directive.keep || d.press !== line.directive.press) {
       line.directive = d
-      if (pool !== undefined && !pool.isClosed) pool.direct(d.keep ?? Number.POSITIVE_INFINITY, d.press)
+      this.apply(line)
     }
     if ((line.pool === undefined || line.pool.isClosed) && line.held === 0 && line.want === 0 && line.release === 0)
       this.lines.delete(key)
