@@ -168,10 +168,6 @@ export class StoreRunner {
   static async start(options: RunnerOptions): Promise<StoreRunner> {
     const runner = new StoreRunner(options)
     await runner.connect()
-    await runner.transaction(async (c) => {
-      await c.query("SELECT pg_advisory_xact_lock($1, -1)", [NS])
-      for (const ddl of SCHEMA) await c.query(ddl)
-    })
     await runner.register()
     await runner.refreshAddresses()
     const tick = Math.min(POLL_MS, Math.max(100, Math.floor(options.leaseMs / 3)))
@@ -442,6 +438,11 @@ export class StoreRunner {
   /** Takes a runner row (a free slot, this one's previous if it can) and its session lock. */
   private async register(): Promise<void> {
     const previous = this.slotNumber
+    // The tables too: a store that came back empty (restored, replaced) gets them again.
+    await this.transaction(async (c) => {
+      await c.query("SELECT pg_advisory_xact_lock($1, -1)", [NS])
+      for (const ddl of SCHEMA) await c.query(ddl)
+    })
     const row = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, 0)", [NS])
       const used = new Set((await c.query("SELECT slot FROM tidepool_runners")).rows.map((r) => Number(r.slot)))

@@ -220,6 +220,16 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
         if (Date.now() > deadline) throw new Error("load never got going")
         await new Promise((r) => setTimeout(r, 10))
       }
+      // A statement the dead runner leaves running: its server must not count as free (the pool would
+      // go above 10) until the reclaim has cancelled it.
+      const sleeper = await connect(victim.port)
+      void sleeper.query("SELECT pg_sleep(30)").catch(() => undefined)
+      for (;;) {
+        const rows = await db.query(
+          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+        )
+        if (rows.length > 0) break
+      }
       victim.cli.child.kill("SIGKILL")
       await victim.cli.exited
       const killedAt = Date.now()
@@ -227,7 +237,7 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
       // Its share returns: the survivors, whose 20 clients want more than 10, reach all 10 servers.
       for (;;) {
         const log = survivors.map((r) => r.cli.output()).join("\n")
-        if (/reclaimed runner \d+/.test(log) && (await serversOf(db)) === POOL) break
+        if (/reclaimed runner \d+ .* [1-9]\d* backend\(s\) cancelled/.test(log) && (await serversOf(db)) === POOL) break
         if (Date.now() - killedAt > 15_000) throw new Error(`the dead runner's permits never came back:\n${log}`)
         await new Promise((r) => setTimeout(r, 20))
       }
