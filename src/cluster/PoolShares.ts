@@ -40,6 +40,17 @@ const LIFTED: Directive = { keep: null, press: false }
  */
 export const divide = (size: number, claims: ReadonlyArray<Claim>): Division => {
   const n = claims.length
+  const used = claims.reduce((s, c) => s + c.held, 0)
+  // Above its size (a runner came back from a reclaim with servers still open): every holder is
+  // told its share until it is within, even if nobody waits.
+  if (used > size && claims.every((c) => c.want <= 0)) {
+    const shares = fairShares(
+      size,
+      claims.map((c) => c.held),
+      claims.map((_, i) => i)
+    )
+    return { shares, grants: claims.map(() => 0), directives: shares.map((keep) => ({ keep, press: false })) }
+  }
   if (claims.every((c) => c.want <= 0)) {
     return { shares: claims.map((c) => c.held), grants: claims.map(() => 0), directives: claims.map(() => LIFTED) }
   }
@@ -50,7 +61,7 @@ export const divide = (size: number, claims: ReadonlyArray<Claim>): Division => 
     .map((_, i) => i)
     .sort((a, b) => rank(claims[a]!) - rank(claims[b]!) || since(claims[a]!) - since(claims[b]!) || a - b)
   const shares = fairShares(size, demands, priority)
-  let free = Math.max(0, size - claims.reduce((s, c) => s + c.held, 0))
+  let free = Math.max(0, size - used)
   const grants = claims.map(() => 0)
   for (const i of priority) {
     const c = claims[i]!
@@ -59,7 +70,7 @@ export const divide = (size: number, claims: ReadonlyArray<Claim>): Division => 
     grants[i] = g
     free -= g
   }
-  const unmet = claims.some((c, i) => c.want - grants[i]! > 0)
+  const unmet = used > size || claims.some((c, i) => c.want - grants[i]! > 0)
   const directives = unmet
     ? claims.map((c, i) => ({ keep: shares[i]!, press: c.want - grants[i]! <= 0 }))
     : claims.map(() => LIFTED)

@@ -99,8 +99,6 @@ interface PoolLine {
   want: number
   /** Released permits the store does not know of yet. */
   release: number
-  /** Held from before this runner's row was reclaimed: they close, and are not the store's. */
-  debt: number
   /** The directive last given to the pool. */
   directive: Directive
   /** Permits granted whose server has not logged in yet. */
@@ -189,8 +187,7 @@ export class StoreRunner {
     const line = this.line(key)
     line.pool = pool
     line.size = pool.settings.size
-    if (line.debt > 0) pool.direct(0, true)
-    else if (line.directive.keep !== null || line.directive.press)
+    if (line.directive.keep !== null || line.directive.press)
       pool.direct(line.directive.keep ?? Number.POSITIVE_INFINITY, line.directive.press)
     return {
       want: (size, n) => {
@@ -201,17 +198,7 @@ export class StoreRunner {
       release: (n) => {
         line.held -= n
         line.fresh = Math.min(line.fresh, line.held)
-        const absorbed = Math.min(n, line.debt)
-        line.debt -= absorbed
-        line.release += n - absorbed
-        if (absorbed > 0 && line.debt === 0) {
-          this.options.log(
-            "info",
-            `pool ${key}: the servers opened before this runner's lease was reclaimed have closed`
-          )
-          line.directive = LIFTED
-          if (line.pool !== undefined && !line.pool.isClosed) line.pool.direct(Number.POSITIVE_INFINITY, false)
-        }
+        line.release += n
         this.touch(key)
         this.onHeldChange?.()
       },
@@ -265,6 +252,7 @@ export class StoreRunner {
         await c.query("DELETE FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
         for (const row of keys.rows) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, row.pool_key])
       })
+      this.options.log("info", `permit ledger: runner ${this.runnerId} left the store; its permits are free`)
     })
     const client = this.client
     this.client = undefined
@@ -303,7 +291,6 @@ export class StoreRunner {
         held: 0,
         want: 0,
         release: 0,
-        debt: 0,
         directive: LIFTED,
         fresh: 0,
         deferred: false
@@ -535,9 +522,10 @@ export class StoreRunner {
   }
 
   /**
-   * Our row was reclaimed while we were cut off: what our pools hold is no longer ours in the store.
-   * Those servers close (idle ones now, busy ones at their next release) without store traffic; we
-   * register again and ask for permits afresh.
+   * Our row was reclaimed while we were cut off, and others may have been given our permits. We
+   * register again and write what our pools really hold: while the pool is above its size nobody
+   * is granted anything, and every holder above its share (ours included) closes servers — idle ones
+   * at once, busy ones at their next release — until the pool is within its size again.
    */
   private async reclaimed(): Promise<void> {
     if (this.client === undefined || this.runnerId === undefined) return
@@ -545,18 +533,13 @@ export class StoreRunner {
     if (exists.rows.length > 0) return
     this.options.log(
       "warning",
-      `permit ledger: runner ${this.runnerId}'s lease was reclaimed while it was away from the store; closing its servers and registering again`
+      `permit ledger: runner ${this.runnerId}'s lease was reclaimed while it was away from the store; registering again with what its pools hold`
     )
     await this.client.query("SELECT pg_advisory_unlock_all()")
     this.runnerId = undefined
     this.backendOps = []
     for (const [key, line] of this.lines) {
-      line.debt = line.held
       line.release = 0
-      if (line.debt > 0) {
-        line.directive = { keep: 0, press: true }
-        line.pool?.direct(0, true)
-      }
       this.dirty.add(key)
     }
     await this.register()
@@ -639,11 +622,14 @@ export class StoreRunner {
    */
   private async settle(key: string): Promise<void> {
     const line = this.lines.get(key)
-    if (line === undefined || line.debt > 0 || this.runnerId === undefined) return
+    if (line === undefined || this.runnerId === undefined) return
     const me = this.runnerId
     const sk = storeKey(key)
     const release = line.release
     const want = line.want
+    // What the pools hold now is the truth (the row says that plus releases not yet written, or
+    // nothing at all after a reclaim).
+    const holding = line.held
     const result = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
       const rows = (
@@ -667,7 +653,7 @@ export class StoreRunner {
         own = { id: me, held: 0, want: 0, since: 0, keep: null, press: false }
         rows.push(own)
       }
-      own.held = Math.max(0, own.held - release)
+      own.held = holding
       // A runner that gives permits back while it still wants goes to the back of the queue: a pool
       // smaller than the number of busy runners rotates instead of returning to the same one.
       own.since = want > 0 ? (own.want > 0 && release === 0 ? own.since : now) : 0

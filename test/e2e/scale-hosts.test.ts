@@ -256,6 +256,19 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     expect(max).toBeLessThanOrEqual(POOL)
     expect(failures).toEqual([])
   }, 60_000)
+
+  it("a runner stopped with SIGTERM leaves the store: its row and permits are gone at once, not after the lease", async () => {
+    const leaving = runners[1]!
+    const c = await connect(leaving.port)
+    await c.query("SELECT 1")
+    await c.end()
+    const before = await db.query("SELECT count(*)::int AS n FROM tidepool_runners")
+    leaving.cli.child.kill("SIGTERM")
+    expect(await leaving.cli.exited).toBe(0)
+    expect(leaving.cli.output()).toMatch(/left the store; its permits are free/)
+    const after = await db.query("SELECT count(*)::int AS n FROM tidepool_runners")
+    expect(after[0].n).toBe(before[0].n - 1)
+  }, 30_000)
 })
 
 /** A TCP relay to the store that can cut every connection and refuse new ones, then come back on the same port. */
@@ -297,6 +310,15 @@ const storeLink = async (target: PostgresServer) => {
   }
 }
 
+/** Waits (bounded) until `runner` has logged `pattern` after `from`. */
+const logged = async (runner: Runner, from: number, pattern: RegExp) => {
+  const deadline = Date.now() + 15_000
+  while (!pattern.test(runner.cli.output().slice(from))) {
+    if (Date.now() > deadline) throw new Error(`never logged ${pattern}:\n${runner.cli.output().slice(from)}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
 describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
   it("running clients continue, new transactions run on held servers, no new capacity; it recovers when the store returns", async () => {
     const db = await startPostgres({
@@ -306,7 +328,8 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
       ]
     })
     const store = await startPostgres()
-    const link = await storeLink(store)
+    // One relay per runner: both are cut for the outage, then one alone.
+    const links = [await storeLink(store), await storeLink(store)]
     const runners: Array<Runner> = []
     const clients: Array<pg.Client> = []
     try {
@@ -314,19 +337,13 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
         ["app", 4],
         ["tiny", 1]
       ])
-      runners.push(await startRunner(link.url, config, 11))
-      runners.push(await startRunner(link.url, undefined, 12))
+      runners.push(await startRunner(links[0]!.url, config, 11))
+      runners.push(await startRunner(links[1]!.url, undefined, 12))
       for (const r of runners) clients.push(await connect(r.port), await connect(r.port))
       await Promise.all(clients.map((c) => c.query("SELECT 1")))
       const marks = runners.map((r) => r.cli.output().length)
-      await link.down()
-      for (const [i, r] of runners.entries()) {
-        const deadline = Date.now() + 15_000
-        while (!/lost the tenant store/.test(r.cli.output().slice(marks[i]))) {
-          if (Date.now() > deadline) throw new Error(`runner ${i + 1} never noticed the outage:\n${r.cli.output()}`)
-          await new Promise((resolve) => setTimeout(resolve, 20))
-        }
-      }
+      await Promise.all(links.map((l) => l.down()))
+      for (const [i, r] of runners.entries()) await logged(r, marks[i]!, /lost the tenant store/)
       // A pool that holds nothing gets nothing while the store is away (its first login needs a server).
       const waiting = new pg.Client({ connectionString: url(runners[0]!.port, "tiny") })
       waiting.on("error", () => undefined)
@@ -341,17 +358,37 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
       }
       expect(await serversOf(db)).toBeLessThanOrEqual(4)
       expect(await serversOf(db, "tiny")).toBe(0)
-      await link.up()
+      await Promise.all(links.map((l) => l.up()))
       // Back: the waiting pool gets its permit, each runner says the store is back.
       expect((await tinyQuery).rows[0].s).toBe("served")
       for (const r of runners) await r.cli.waitFor(/the tenant store is back/)
       await waiting.end()
+
+      // Runner 2 alone cut off for longer than the lease: runner 1 reclaims its permits (the one
+      // case where the pool may go above pool_size, until runner 2 is back). Back, runner 2 finds its
+      // row gone and registers again with what it really holds, so the store grants nothing beyond
+      // the pool's size: runner 1's four clients busy at once never make it more than 4 servers.
+      const mark = runners[0]!.cli.output().length
+      const mark2 = runners[1]!.cli.output().length
+      await links[1]!.down()
+      await logged(runners[0]!, mark, /reclaimed runner \d+ \(slot 2,/)
+      await links[1]!.up()
+      await logged(runners[1]!, mark2, /lease was reclaimed while it was away/)
+      await logged(runners[1]!, mark2, /registered as slot 2/)
+      const ofRunner1 = [clients[0]!, clients[1]!, clients[4]!, await connect(runners[0]!.port)]
+      clients.push(ofRunner1[3]!)
+      const busy = Promise.all(ofRunner1.map((c) => c.query("SELECT pg_sleep(0.5)")))
+      const { max } = await sample(db, busy)
+      await busy
+      expect(max).toBeLessThanOrEqual(4)
+      const ones = await Promise.all(clients.map((c) => c.query("SELECT 1 AS one")))
+      expect(ones.map((r) => r.rows[0].one)).toEqual(clients.map(() => 1))
     } finally {
       if (process.env.SCALE_DEBUG)
         writeFileSync("/tmp/scale-hosts-outage.log", runners.map((r) => r.cli.output()).join("\n=====\n"))
       await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
       await Promise.all(runners.map(stopRunner))
-      await link.down()
+      await Promise.all(links.map((l) => l.down()))
       await store.stop()
       await db.stop()
     }

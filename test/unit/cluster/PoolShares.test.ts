@@ -43,6 +43,24 @@ describe("divide", () => {
     expect(d.directives[0]).toEqual({ keep: 0, press: false })
   })
 
+  it("above its size (a runner back from a reclaim), grants nothing and tells every holder its share", () => {
+    const d = divide(4, [
+      { held: 4, want: 0, since: 0 },
+      { held: 2, want: 0, since: 0 }
+    ])
+    expect(d.grants).toEqual([0, 0])
+    expect(d.directives).toEqual([
+      { keep: 2, press: false },
+      { keep: 2, press: false }
+    ])
+    expect(
+      divide(4, [
+        { held: 4, want: 1, since: 1 },
+        { held: 2, want: 0, since: 0 }
+      ]).grants
+    ).toEqual([0, 0])
+  })
+
   it("never grants beyond the pool, whatever the claims", () => {
     for (let size = 1; size <= 6; size++) {
       for (let a = 0; a <= size; a++) {
