@@ -103,8 +103,10 @@ interface PoolLine {
   directive: Directive
   /** Permits granted whose server has not logged in yet. */
   fresh: number
-  /** A lowering directive waits for the fresh servers to serve once (see `apply`). */
-  deferred: boolean
+  /** Since when (monotonic ms; 0: not) a lowering directive waits for fresh servers to serve once (see `apply`). */
+  deferred: number
+  /** When its last transaction ran (monotonic ms): the once-a-second re-ask skips a pool just settled. */
+  settledAt: number
 }
 
 type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
@@ -203,10 +205,10 @@ export class StoreRunner {
         this.onHeldChange?.()
       },
       opened: (server) => {
-        if (line.fresh > 0 && --line.fresh === 0 && line.deferred) {
+        if (line.fresh > 0 && --line.fresh === 0 && line.deferred > 0) {
           // After TenantPool has lent the new server (it does so right after telling us it opened).
           setImmediate(() => {
-            if (line.deferred) this.apply(line)
+            if (line.deferred > 0) this.apply(line)
           })
         }
         this.backendOp(true, server)
@@ -268,10 +270,10 @@ export class StoreRunner {
     const d = line.directive
     const lowers = d.press || (d.keep !== null && d.keep < line.held)
     if (lowers && line.fresh > 0) {
-      line.deferred = true
+      if (line.deferred === 0) line.deferred = performance.now()
       return
     }
-    line.deferred = false
+    line.deferred = 0
     const pool = line.pool
     if (pool !== undefined && !pool.isClosed) pool.direct(d.keep ?? Number.POSITIVE_INFINITY, d.press)
   }
@@ -293,7 +295,8 @@ export class StoreRunner {
         release: 0,
         directive: LIFTED,
         fresh: 0,
-        deferred: false
+        deferred: 0,
+        settledAt: 0
       }
       this.lines.set(key, line)
     }
@@ -469,8 +472,8 @@ export class StoreRunner {
     // Pools whose clients wait ask again (a lost notification); releases the store missed are retried;
     // a directive held back for a server that never logged in applies now.
     for (const [key, line] of this.lines) {
-      if (line.want > 0 || line.release > 0) this.dirty.add(key)
-      if (line.deferred) {
+      if ((line.want > 0 || line.release > 0) && now - line.settledAt >= POLL_MS) this.dirty.add(key)
+      if (line.deferred > 0 && now - line.deferred >= POLL_MS) {
         line.fresh = 0
         this.apply(line)
       }
@@ -561,7 +564,10 @@ export class StoreRunner {
     for (const row of expired.rows) {
       const id = Number(row.runner_id)
       const free = await c.query("SELECT pg_try_advisory_lock($1, $2::int) AS ok", [NS, id])
-      if (!free.rows[0].ok) continue
+      if (!free.rows[0].ok) {
+        this.options.log("debug", `permit ledger: runner ${id}'s lease expired but its store session is still open`)
+        continue
+      }
       try {
         const backends = (
           await c.query("SELECT host, port, pid, secret FROM tidepool_backends WHERE runner_id = $1", [id])
@@ -623,6 +629,7 @@ export class StoreRunner {
   private async settle(key: string): Promise<void> {
     const line = this.lines.get(key)
     if (line === undefined || this.runnerId === undefined) return
+    line.settledAt = performance.now()
     const me = this.runnerId
     const sk = storeKey(key)
     const release = line.release

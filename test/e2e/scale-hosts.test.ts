@@ -238,7 +238,12 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
       for (;;) {
         const log = survivors.map((r) => r.cli.output()).join("\n")
         if (/reclaimed runner \d+ .* [1-9]\d* backend\(s\) cancelled/.test(log) && (await serversOf(db)) === POOL) break
-        if (Date.now() - killedAt > 15_000) throw new Error(`the dead runner's permits never came back:\n${log}`)
+        if (Date.now() - killedAt > 15_000) {
+          const sessions = await db.query(
+            "SELECT pid, usename, application_name, state, wait_event_type, wait_event, left(query, 80) AS query FROM pg_stat_activity WHERE backend_type = 'client backend'"
+          )
+          throw new Error(`the dead runner's permits never came back:\n${JSON.stringify(sessions, null, 1)}\n${log}`)
+        }
         await new Promise((r) => setTimeout(r, 20))
       }
       const backAfter = Date.now() - killedAt
