@@ -337,21 +337,21 @@ export class StoreRunner {
   private pump(): void {
     if (this.pumping || this.client === undefined || this.runnerId === undefined) return
     this.pumping = true
+    // One pass over what is dirty now, then the queue's other jobs: under a stream of changes (a
+    // busy pool's wants, its peers' NOTIFYs) the renewal and the reclaim must still get their turn,
+    // or a live runner's lease would run out behind its own pool traffic.
     void this.enqueue(async () => {
       try {
-        while (this.client !== undefined && this.runnerId !== undefined) {
-          if (this.backendOps.length > 0) {
-            await this.flushBackends()
-            continue
-          }
-          const key = this.dirty.values().next().value
-          if (key === undefined) break
+        if (this.backendOps.length > 0) await this.flushBackends()
+        for (const key of [...this.dirty]) {
+          if (this.client === undefined || this.runnerId === undefined) break
           this.dirty.delete(key)
           await this.settle(key)
         }
       } finally {
         this.pumping = false
       }
+      if (this.dirty.size > 0 || this.backendOps.length > 0) this.pump()
     })
   }
 
@@ -661,9 +661,11 @@ export class StoreRunner {
         rows.push(own)
       }
       own.held = holding
-      // A runner that gives permits back while it still wants goes to the back of the queue: a pool
-      // smaller than the number of busy runners rotates instead of returning to the same one.
-      own.since = want > 0 ? (own.want > 0 && release === 0 ? own.since : now) : 0
+      // A runner that gives back its last permit while it still wants goes to the back of the queue:
+      // a pool smaller than the number of busy runners rotates instead of returning to the same one.
+      // (Not for any release: in a larger pool that moved the rounding's extra permit from runner to
+      // runner at every hand-over, each time a server closed and another opened.)
+      own.since = want > 0 ? (own.want > 0 && !(release > 0 && holding === 0) ? own.since : now) : 0
       own.want = want
       const claims: Array<Claim> = rows.map((r) => ({ held: r.held, want: r.want, since: r.since }))
       const division = divide(line.size, claims)
