@@ -160,6 +160,8 @@ export class StoreRunner {
   private timer: NodeJS.Timeout | undefined
   private stopping = false
   private reconnecting = false
+  /** Pool transactions since the last renewal (logged at debug with it: the ledger's store traffic). */
+  private settles = 0
   private onHeldChange: (() => void) | undefined
 
   private constructor(private readonly options: RunnerOptions) {}
@@ -513,6 +515,9 @@ export class StoreRunner {
       await this.reclaimed()
       return
     }
+    if (this.settles > 0)
+      this.options.log("debug", `permit ledger: ${this.settles} pool transaction(s) since the last renewal`)
+    this.settles = 0
     await this.refreshAddresses()
     if (performance.now() - this.connectedAt >= this.options.leaseMs) await this.reclaimExpired()
   }
@@ -630,6 +635,7 @@ export class StoreRunner {
     const line = this.lines.get(key)
     if (line === undefined || this.runnerId === undefined) return
     line.settledAt = performance.now()
+    this.settles++
     const me = this.runnerId
     const sk = storeKey(key)
     const release = line.release

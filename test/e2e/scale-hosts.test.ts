@@ -138,6 +138,7 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
       )
       const { max, samples } = await sample(db, benches)
       for (const { stdout } of await benches) {
+        if (process.env.SCALE_DEBUG) console.log(stdout.match(/number of transactions actually processed: \d+/)?.[0])
         expect(stdout).toMatch(/number of failed transactions: 0 /)
         expect(Number(stdout.match(/number of transactions actually processed: (\d+)/)?.[1])).toBeGreaterThan(50)
       }
