@@ -404,6 +404,13 @@ export class StoreRunner {
     })
     await client.connect()
     try {
+      // A host that vanishes (power, network) never closes its store session: PostgreSQL notices
+      // only by TCP keepalive, by default after two hours, and until then its lock keeps its permits
+      // from being reclaimed. Probes at a third of the lease bound that to about 4/3 of a lease.
+      const probe = Math.max(1, Math.ceil(this.options.leaseMs / 3000))
+      await client.query(
+        `SET tcp_keepalives_idle = ${probe}; SET tcp_keepalives_interval = ${probe}; SET tcp_keepalives_count = 3`
+      )
       await client.query(`LISTEN ${CHANNEL}`)
     } catch (e) {
       await client.end().catch(() => undefined)
