@@ -327,13 +327,15 @@ const logged = async (runner: Runner, from: number, pattern: RegExp) => {
 
 describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
   it("running clients continue, new transactions run on held servers, no new capacity; it recovers when the store returns", async () => {
-    const db = await startPostgres({
-      roles: [
-        { name: "app", password: PASSWORD },
-        { name: "tiny", password: PASSWORD }
-      ]
-    })
-    const store = await startPostgres()
+    const [db, store] = await Promise.all([
+      startPostgres({
+        roles: [
+          { name: "app", password: PASSWORD },
+          { name: "tiny", password: PASSWORD }
+        ]
+      }),
+      startPostgres()
+    ])
     // One relay per runner: both are cut for the outage, then one alone.
     const links = [await storeLink(store), await storeLink(store)]
     const runners: Array<Runner> = []
