@@ -45,8 +45,11 @@ export const clusterServices: Layer.Layer<PermitGate | PeerWorkers, TenantStoreE
           new TenantStoreError({
             message: `cluster mode: registering with the permit ledger in the tenant store failed: ${e instanceof Error ? e.message : String(e)}`
           })
-      }),
-      (runner) => Effect.promise(() => runner.stop(config.shutdownTimeoutMs))
+      }).pipe(Effect.withSpan("cluster.register", { attributes: { address } })),
+      (runner) =>
+        Effect.promise(() => runner.stop(config.shutdownTimeoutMs)).pipe(
+          Effect.withSpan("cluster.leave", { attributes: { address } })
+        )
     )
     return Context.make(PermitGate, { attach: (pool) => runner.attach(pool) }).pipe(
       Context.add(PeerWorkers, {
