@@ -359,8 +359,10 @@ export class StoreRunner {
 
   private failed(e: unknown): void {
     const message = e instanceof Error ? e.message : String(e)
-    if ((e as { code?: string }).code === "23503") {
-      // A foreign key to our runner row failed: the row is gone, reclaimed by another runner.
+    const code = (e as { code?: string }).code
+    if (code === "23503" || code === "42P01") {
+      // A foreign key to our runner row failed: the row is gone, reclaimed by another runner; or
+      // the ledger's tables are gone (a store restored or replaced): register again either way.
       void this.enqueue(() => this.reclaimed())
       return
     }
@@ -544,7 +546,9 @@ export class StoreRunner {
    */
   private async reclaimed(): Promise<void> {
     if (this.client === undefined || this.runnerId === undefined) return
-    const exists = await this.client.query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+    const exists = await this.client
+      .query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+      .catch((e: { code?: string }) => (e.code === "42P01" ? { rows: [] } : Promise.reject(e)))
     if (exists.rows.length > 0) return
     this.options.log(
       "warning",
