@@ -34,26 +34,28 @@ import { Effect, Fiber, type Scope } from "effect"
 import pg from "pg"
 import { startPostgres } from "../test/support/postgres.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
+import { startLoginFloor } from "./loginFloorProcess.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
-import { type PoolMode, systemNode, UsageError } from "./options.ts"
+import { baselineNodeDefault, buildMode, nodeFlagsOf, type PoolMode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
 import { median } from "./report.ts"
-import { startTidepool } from "./tidepool.ts"
+import { type BuildMode, buildLabel, flagsLabel, startTidepool } from "./tidepool.ts"
 
 const ROLE = "bench"
 const PASSWORD = "bench"
 const DATABASE = "bench"
 const TENANT = "bench"
 
-export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer"] as const
+export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "login-floor"] as const
 type ConnectTarget = (typeof CONNECT_TARGETS)[number]
 
 const LABEL: Record<ConnectTarget, string> = {
   tidepool: "Tidepool",
   "tidepool-base": "Tidepool (base)",
-  pgbouncer: "PgBouncer"
+  pgbouncer: "PgBouncer",
+  "login-floor": "Node login floor"
 }
 
 export interface ConnectOptions {
@@ -82,6 +84,10 @@ export interface ConnectOptions {
   /** Tidepool's port and PgBouncer's pool_mode; session mode fits only the -C run (clients ≤ pool). */
   readonly mode: PoolMode
   readonly out: string | undefined
+  /** How the Tidepool targets run: compiled (`dist`, default) or from the sources (`tsx`). */
+  readonly build: BuildMode
+  /** Extra Node.js flags for the tidepool target only. */
+  readonly nodeFlags: ReadonlyArray<string>
 }
 
 export const CONNECT_HELP = `npm run bench -- --connect [flags]
@@ -89,8 +95,13 @@ export const CONNECT_HELP = `npm run bench -- --connect [flags]
 Login costs, per pooler process: CPU per new connection (pgbench -S -C, SCRAM), CPU per refused
 login (wrong password; unknown tenant), resident memory per idle authenticated client.
 
-  --targets LIST       tidepool, tidepool-base, pgbouncer (default tidepool,pgbouncer)
+  --targets LIST       tidepool, tidepool-base, pgbouncer, login-floor (default tidepool,pgbouncer);
+                       login-floor: bench/loginFloor.ts, a bare Node.js server doing Tidepool's
+                       login (SCRAM with a cached verifier) and holding clients idle, no upstream
   --baseline DIR       checkout for tidepool-base (as in the matrix); --baseline-node PATH its Node
+                       (default: the node dev dependency's Node 24)
+  --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
+  --node-flags="FLAGS" extra Node.js flags for the tidepool target only (e.g. "--optimize-for-size")
   --repeat N           repetitions, targets in rotating order; medians reported (default 1)
   --clients N          pgbench -C clients (default 8)
   --duration, -T S     seconds of pgbench -C per run (default 10; 0 skips)
@@ -149,6 +160,8 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         pool: { type: "string" },
         mode: { type: "string" },
         out: { type: "string" },
+        build: { type: "string" },
+        "node-flags": { type: "string" },
         help: { type: "boolean", short: "h" }
       }
     }).values
@@ -188,7 +201,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
   return {
     targets: [...new Set(targets)] as Array<ConnectTarget>,
     baseline,
-    baselineNode: values["baseline-node"] === undefined ? systemNode() : String(values["baseline-node"]),
+    baselineNode: values["baseline-node"] === undefined ? baselineNodeDefault() : String(values["baseline-node"]),
     repeat: count("repeat", 1),
     clients: count("clients", 8),
     duration: count("duration", 10, 0),
@@ -201,7 +214,9 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     waveClients: count("wave-clients", 4),
     pool: count("pool", 20),
     mode: modeOf(values.mode),
-    out: values.out === undefined ? undefined : String(values.out)
+    out: values.out === undefined ? undefined : String(values.out),
+    build: buildMode(values.build === undefined ? undefined : String(values.build)),
+    nodeFlags: nodeFlagsOf(values["node-flags"] === undefined ? undefined : String(values["node-flags"]))
   }
 }
 
@@ -556,7 +571,7 @@ const refusedRun = (run: Run, target: Target, options: ConnectOptions, repetitio
       refusals(target, { ...target.endpoint, password: "not-the-password" }, options, offset)
     )
     run.wrongPasswordUs = wrong.us
-    const unknownUser = target.name === "pgbouncer" ? "nosuch" : `${ROLE}.nosuch`
+    const unknownUser = target.name === "pgbouncer" || target.name === "login-floor" ? "nosuch" : `${ROLE}.nosuch`
     const unknown = yield* Effect.promise(() =>
       refusals(target, { ...target.endpoint, user: unknownUser }, options, offset + options.refused)
     )
@@ -606,7 +621,8 @@ const render = (
     median((results.get(name) ?? []).map(f).filter((v): v is number => v !== undefined))
   const vs = (name: ConnectTarget, f: (run: Run) => number | undefined) => [
     name === "pgbouncer" ? "" : ratio(results.get(name), results.get("pgbouncer"), f),
-    name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : ""
+    name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : "",
+    name === "tidepool" || name === "tidepool-base" ? ratio(results.get(name), results.get("login-floor"), f) : ""
   ]
   const names = options.targets
   const connect = (run: Run) => run.connectUs
@@ -634,7 +650,7 @@ const render = (
     ...(options.duration > 0
       ? [
           ...table(
-            ["target", "new conn/s", "CPU µs per connection", "vs PgBouncer", "vs base"],
+            ["target", "new conn/s", "CPU µs per connection", "vs PgBouncer", "vs base", "vs floor"],
             names.map((name) => [
               LABEL[name],
               fmt(metric(name, (run) => run.connectsPerS)),
@@ -653,9 +669,11 @@ const render = (
               "CPU µs per wrong password",
               "vs PgBouncer",
               "vs base",
+              "vs floor",
               "CPU µs per unknown tenant",
               "vs PgBouncer",
-              "vs base"
+              "vs base",
+              "vs floor"
             ],
             names.map((name) => [
               LABEL[name],
@@ -676,6 +694,7 @@ const render = (
               "RSS kB per idle client",
               "vs PgBouncer",
               "vs base",
+              "vs floor",
               "CPU µs per login (concurrent)",
               "s to connect all"
             ],
@@ -698,6 +717,7 @@ const render = (
               `s until all ${options.storm} arriving at once are authenticated`,
               "vs PgBouncer",
               "vs base",
+              "vs floor",
               "p99 login ms",
               "CPU µs per login"
             ],
@@ -756,8 +776,8 @@ export const connections = (options: ConnectOptions) =>
     const loadAtStart = os.loadavg()[0]!
     const revision =
       options.baseline === undefined
-        ? tidepoolRevision()
-        : `${tidepoolRevision()}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
+        ? `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}`
+        : `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
     const pgbench = yield* pgbenchVersion
     const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
     const workDir = yield* scopedTempDir("tidepool-bench-")
@@ -790,30 +810,34 @@ export const connections = (options: ConnectOptions) =>
       Effect.gen(function* () {
         yield* progress(`starting ${LABEL[name]}`)
         const running =
-          name === "pgbouncer"
-            ? yield* startPgBouncer({
-                upstream: direct,
-                authSecret: rolpassword,
-                poolSize: options.pool,
-                maxClients,
-                mode: options.mode
-              })
-            : yield* startTidepool({
-                upstream: direct,
-                tenant: TENANT,
-                poolSize: options.pool,
-                maxClients,
-                mode: options.mode,
-                // The node-wide limits sized to the run, as PgBouncer's max_client_conn is (and it
-                // has no handshake cap): the storm measures logins, not refusals.
-                env: {
-                  TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(maxClients),
-                  TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
-                },
-                ...(name === "tidepool-base"
-                  ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
-                  : {})
-              })
+          name === "login-floor"
+            ? yield* startLoginFloor(ROLE, PASSWORD, DATABASE)
+            : name === "pgbouncer"
+              ? yield* startPgBouncer({
+                  upstream: direct,
+                  authSecret: rolpassword,
+                  poolSize: options.pool,
+                  maxClients,
+                  mode: options.mode
+                })
+              : yield* startTidepool({
+                  upstream: direct,
+                  tenant: TENANT,
+                  poolSize: options.pool,
+                  maxClients,
+                  mode: options.mode,
+                  // The node-wide limits sized to the run, as PgBouncer's max_client_conn is (and it
+                  // has no handshake cap): the storm measures logins, not refusals.
+                  env: {
+                    TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(maxClients),
+                    TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
+                  },
+                  build: options.build,
+                  ...(name === "tidepool" ? { nodeFlags: options.nodeFlags } : {}),
+                  ...(name === "tidepool-base"
+                    ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
+                    : {})
+                })
         // Unmeasured: JIT and pools warmed up by a few seconds of logins.
         yield* runPgbench({
           endpoint: running.endpoint,

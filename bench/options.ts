@@ -1,8 +1,10 @@
 /** Command-line flags of `npm run bench -- …`. */
 import * as fs from "node:fs"
 import * as path from "node:path"
+import { fileURLToPath } from "node:url"
 import { parseArgs } from "node:util"
 import type { Protocol } from "./pgbench.ts"
+import type { BuildMode } from "./tidepool.ts"
 
 export const TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "direct", "node-relay"] as const
 /** What runs without `--targets`; `node-relay` (the floor of a Node.js relay) only on request. */
@@ -38,6 +40,27 @@ export interface BenchOptions {
   readonly baselineNode: string
   /** TIDEPOOL_WORKERS of the `tidepool` target (docs/scale-out.md); 1 = one process. */
   readonly workers: number
+  /** How both Tidepool targets run: compiled (`dist`) or from the sources (`tsx`). */
+  readonly build: BuildMode
+  /** Extra Node.js flags for the `tidepool` target only (`--node-flags=--optimize-for-size`). */
+  readonly nodeFlags: ReadonlyArray<string>
+}
+
+export const nodeFlagsOf = (raw: string | undefined): ReadonlyArray<string> =>
+  raw === undefined ? [] : raw.split(/\s+/).filter((flag) => flag !== "")
+
+/** The Node.js that `npm ci` installs (the `node` dev dependency), if it is there. */
+const devDependencyNode = fileURLToPath(new URL("../node_modules/node/bin/node", import.meta.url))
+
+/**
+ * The default Node.js for `tidepool-base`: the `node` dev dependency's (Node 24, what Tidepool
+ * runs on), else the system's. A baseline on another Node measures the runtime, not the change.
+ */
+export const baselineNodeDefault = (): string => (fs.existsSync(devDependencyNode) ? devDependencyNode : systemNode())
+
+export const buildMode = (raw: string | undefined): BuildMode => {
+  if (raw === undefined || raw === "dist" || raw === "tsx") return raw ?? "dist"
+  throw new UsageError(`--build: expected dist or tsx, got ${JSON.stringify(raw)}`)
 }
 
 /**
@@ -74,8 +97,12 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
                            --baseline DIR on --baseline-node, started like tidepool)
   --baseline DIR           checkout of another Tidepool build for tidepool-base, e.g. a git
                            worktree of main with its node_modules (required by tidepool-base)
-  --baseline-node PATH     Node.js binary for tidepool-base (default: the system's node, the
-                           first on PATH outside node_modules/.bin)
+  --baseline-node PATH     Node.js binary for tidepool-base (default: the node dev dependency,
+                           node_modules/node/bin/node, else the system's node)
+  --build MODE             dist (default): both Tidepool targets compiled with tsc first, as
+                           the Docker image runs them; tsx: from the TypeScript sources
+  --node-flags="FLAGS"     extra Node.js flags for the tidepool target only (not tidepool-base),
+                           e.g. "--optimize-for-size"; with --baseline . the same build without them
   --repeat N               runs per cell, interleaved across targets; medians reported (default 1)
   --pool N                 server connections per pool, Tidepool and PgBouncer alike (default 20)
   --threads, -j N          pgbench threads (default 2)
@@ -154,8 +181,10 @@ export const parseOptions = (argv: ReadonlyArray<string>): BenchOptions | undefi
     maxConnections: positiveInteger("max-connections", values["max-connections"] ?? "300"),
     out: values.out,
     baseline: values.baseline === undefined ? undefined : path.resolve(values.baseline),
-    baselineNode: values["baseline-node"] ?? systemNode(),
-    workers: positiveInteger("workers", values.workers ?? "1")
+    baselineNode: values["baseline-node"] ?? baselineNodeDefault(),
+    workers: positiveInteger("workers", values.workers ?? "1"),
+    build: buildMode(values.build),
+    nodeFlags: nodeFlagsOf(values["node-flags"])
   })
 }
 
@@ -195,6 +224,8 @@ const parse = (argv: ReadonlyArray<string>) =>
       baseline: { type: "string" },
       "baseline-node": { type: "string" },
       workers: { type: "string" },
+      build: { type: "string" },
+      "node-flags": { type: "string" },
       help: { type: "boolean", short: "h" }
     }
   })

@@ -21,7 +21,7 @@ import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
 import { startRelayFloor } from "./relayFloorProcess.ts"
 import { describeRun, type Measurement, renderReport } from "./report.ts"
-import { startTidepool } from "./tidepool.ts"
+import { buildLabel, flagsLabel, startTidepool } from "./tidepool.ts"
 
 const ROLE = "bench"
 const PASSWORD = "bench"
@@ -186,8 +186,8 @@ const bench = (options: BenchOptions) =>
     // Read now: the source Tidepool is about to load, not what it may have become an hour later.
     const revision =
       options.baseline === undefined
-        ? tidepoolRevision()
-        : `${tidepoolRevision()}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
+        ? `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}`
+        : `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
     const pgbench = yield* pgbenchVersion
     const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
     const workDir = yield* scopedTempDir("tidepool-bench-")
@@ -217,7 +217,9 @@ const bench = (options: BenchOptions) =>
           poolSize: options.pool,
           maxClients,
           mode: options.mode,
-          workers: options.workers
+          workers: options.workers,
+          build: options.build,
+          nodeFlags: options.nodeFlags
         })
         targets.push({ name, ...tidepool })
       } else if (name === "tidepool-base") {
@@ -230,7 +232,8 @@ const bench = (options: BenchOptions) =>
           mode: options.mode,
           dir: options.baseline!,
           node: options.baselineNode,
-          label: "Tidepool (base)"
+          label: "Tidepool (base)",
+          build: options.build
         })
         targets.push({ name, ...tidepool })
       } else if (name === "pgbouncer") {

@@ -1,7 +1,8 @@
 /** Tidepool as a child process (`tidepool serve --config FILE`), so its CPU time is its own. */
 
-import { spawn } from "node:child_process"
+import { execFile, spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
+import { existsSync, rmSync } from "node:fs"
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
@@ -26,11 +27,26 @@ export interface TidepoolOptions {
   readonly label?: string
   /** Extra environment (e.g. TIDEPOOL_MAX_HANDSHAKES for a storm), over the defaults below. */
   readonly env?: Readonly<Record<string, string>>
-  /** Extra Node.js flags (e.g. `--cpu-prof`), before `--import tsx`. */
+  /** Extra Node.js flags (e.g. `--cpu-prof`), before the entry point. */
   readonly nodeFlags?: ReadonlyArray<string>
   /** TIDEPOOL_WORKERS (`--workers`); 1 = one process. */
   readonly workers?: number
+  /**
+   * `dist` (default): compiled with the checkout's `tsconfig.build.json`, as `npm run build` and
+   * the Docker image run it; `tsx`: the TypeScript sources through tsx, as `npm run serve` does.
+   */
+  readonly build?: BuildMode
 }
+
+export type BuildMode = "dist" | "tsx"
+
+/** How the report names the tidepool target's extra Node.js flags. */
+export const flagsLabel = (flags: ReadonlyArray<string>): string =>
+  flags.length === 0 ? "" : ` with node ${flags.join(" ")}`
+
+/** How the report names a build mode. */
+export const buildLabel = (build: BuildMode): string =>
+  build === "dist" ? "(compiled: tsc to dist/, as the Docker image runs it)" : "(from the sources through tsx)"
 
 export interface RunningTidepool {
   readonly endpoint: Endpoint
@@ -65,16 +81,68 @@ const configFile = (options: TidepoolOptions) => {
   )
 }
 
+/**
+ * Where a checkout's compiled build goes: `.tmp/` is git-ignored, and `dist/` is left alone (bin/tidepool.js
+ * prefers a `dist/` when there is one, so a bench run must not leave one behind). The build's
+ * `package.json` sits beside its `dist/`, where `src/version.ts` looks for it; packages resolve
+ * from the checkout's `node_modules` above. One per bench process (two runs at once in one
+ * checkout must not rebuild under each other), removed when it exits.
+ */
+const buildDir = (checkout: string) => path.join(checkout, ".tmp", "bench-build", String(process.pid))
+
+const builds = new Map<string, Promise<string>>()
+
+/**
+ * Compiles `checkout` once per bench process (fresh each run, so never a stale build): its own
+ * TypeScript, its own `tsconfig.build.json`. Resolves with the entry point (`…/dist/main.js`).
+ */
+export const buildTidepool = (dir: string): Promise<string> => {
+  // One build per checkout however it is named (`--baseline .` is this one).
+  const checkout = path.resolve(dir)
+  const known = builds.get(checkout)
+  if (known !== undefined) return known
+  const built = (async () => {
+    const out = buildDir(checkout)
+    const tsc = path.join(checkout, "node_modules", "typescript", "bin", "tsc")
+    if (!existsSync(path.join(checkout, "tsconfig.build.json")) || !existsSync(tsc)) {
+      throw new Error(`${checkout} has no tsconfig.build.json or TypeScript to build it with (use --build tsx)`)
+    }
+    await fs.rm(out, { recursive: true, force: true })
+    await fs.mkdir(out, { recursive: true })
+    process.once("exit", () => rmSync(out, { recursive: true, force: true }))
+    await fs.copyFile(path.join(checkout, "package.json"), path.join(out, "package.json"))
+    const failure = await new Promise<string | undefined>((resolve) =>
+      execFile(
+        process.execPath,
+        [tsc, "-p", "tsconfig.build.json", "--outDir", path.join(out, "dist"), "--sourceMap", "false"],
+        { cwd: checkout, maxBuffer: 16 * 1024 * 1024 },
+        (error, stdout) => resolve(error === null ? undefined : `${stdout}`.slice(0, 2000))
+      )
+    )
+    const main = path.join(out, "dist", "main.js")
+    // tsc emits despite type errors (someone's change in progress); only a missing build is fatal.
+    if (!existsSync(main)) throw new Error(`building ${checkout} failed:\n${failure ?? ""}`)
+    if (failure !== undefined) process.stderr.write(`bench: ${checkout} built with type errors:\n${failure}\n`)
+    return main
+  })()
+  builds.set(checkout, built)
+  return built
+}
+
 const launch = async (dir: string, options: TidepoolOptions) => {
   const config = path.join(dir, "tidepool.json")
   await fs.writeFile(config, configFile(options))
   const [session, transaction, api] = [await freePort(), await freePort(), await freePort()]
-  // Exactly as `npm run serve` (and the suite's runCli) start it: from the sources, through tsx.
+  const checkout = options.dir ?? ROOT
+  // As users run it: compiled (the Docker image's `node bin/tidepool.js` runs dist/), or, with
+  // --build tsx, as `npm run serve` (and the suite's runCli) start it, from the sources.
+  const entry =
+    (options.build ?? "dist") === "dist" ? [await buildTidepool(checkout)] : ["--import", "tsx", "src/main.ts"]
   const child = spawn(
     options.node ?? process.execPath,
-    [...(options.nodeFlags ?? []), "--import", "tsx", "src/main.ts", "serve", "--config", config],
+    [...(options.nodeFlags ?? []), ...entry, "serve", "--config", config],
     {
-      cwd: options.dir ?? ROOT,
+      cwd: checkout,
       env: {
         ...process.env,
         TIDEPOOL_LOG_FORMAT: "json",
@@ -138,7 +206,10 @@ export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTi
   Effect.gen(function* () {
     const dir = yield* scopedTempDir("tidepool-bench-tidepool-")
     const launched = yield* Effect.acquireRelease(
-      Effect.promise(() => launch(dir, options)),
+      Effect.tryPromise({
+        try: () => launch(dir, options),
+        catch: (error) => new BenchError({ message: (error as Error).message })
+      }),
       // SIGTERM starts a graceful shutdown, bounded by TIDEPOOL_SHUTDOWN_TIMEOUT below.
       (running) => Effect.promise(() => terminate(running.child, 10_000))
     )

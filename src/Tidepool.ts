@@ -14,7 +14,7 @@ import { DownstreamTls, UpstreamTls } from "./tls/index.ts"
 export interface TidepoolLayerOptions {
   /** Where tenants live; default: what AppConfig says (DATABASE_URL, else SQLite in the data dir). */
   readonly store?: Layer.Layer<TenantStore, TenantStoreError, AppConfig>
-  /** Serve the HTTP API on PORT (default true). */
+  /** Serve the HTTP API on PORT (default true; tests that need no API leave it out). */
   readonly api?: boolean
   /** Worker mode (docs/scale-out.md): this process is worker `worker` of a supervisor. */
   readonly worker?: number

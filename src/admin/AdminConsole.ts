@@ -1,10 +1,10 @@
-import { Deferred, Effect, Result } from "effect"
+import { Deferred, Effect, Option, Result } from "effect"
 import { ADDRESS_BLOCKED, AUTH_FAILURES, annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
+import { type Gathered, HostViews } from "../cluster/HostViews.ts"
 import { AppConfig } from "../config/index.ts"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
-import { PoolRegistry, type TenantPool } from "../pool/index.ts"
+import { PoolRegistry } from "../pool/index.ts"
 import {
-  authenticationOk,
   backendKeyData,
   commandComplete,
   createScramSecret,
@@ -20,6 +20,7 @@ import {
 import type { ClientSocket } from "../session/ClientSocket.ts"
 import { SessionRegistry } from "../session/SessionRegistry.ts"
 import { TenantRegistry } from "../tenants/index.ts"
+import { runPoolCommand } from "./AdminCommands.ts"
 import { AdminControl } from "./AdminControl.ts"
 import {
   type AdminSnapshot,
@@ -80,7 +81,7 @@ export const authenticateAdmin = Effect.fn("client.auth")(
       return yield* proof.failure.code === "EWRONGPASSWORD" ? refuse(proof.failure) : proof.failure
     }
     yield* attempt.succeeded
-    client.write(authenticationOk())
+    // The caller ends the handshake (its slot, AuthenticationOk) as it does a tenant login's.
     return { user } satisfies AdminLogin
   },
   Effect.scoped,
@@ -88,7 +89,8 @@ export const authenticateAdmin = Effect.fn("client.auth")(
 )
 
 const HELP = [
-  "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|HELP",
+  "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|WORKERS|HELP",
+  "SHOW view LOCAL  worker mode: this worker only (without LOCAL: every worker of the host)",
   "PAUSE [db]    hold new transactions (db: tenant or tenant/database); waits for running ones",
   "RESUME [db]   release held transactions",
   "RECONNECT [db] replace every server connection once it is idle",
@@ -110,6 +112,73 @@ const render = (out: Array<Buffer>, result: ResultSet, tag: string) => {
 const notice = (message: string, detail?: string) =>
   noticeResponse({ severity: "NOTICE", code: "00000", message, ...(detail !== undefined ? { detail } : {}) })
 
+/** Worker mode: views with a row per object of one process, shown with a `worker` column last. */
+const PER_WORKER = new Set(["POOLS", "CLIENTS", "SERVERS", "STATS"])
+/** Worker mode: views with a row per configured thing, whose counts are summed over the workers. */
+const SUMMED: Record<string, { readonly sum: ReadonlySet<string>; readonly max: ReadonlySet<string> }> = {
+  DATABASES: { sum: new Set(["current_connections", "current_client_connections"]), max: new Set(["paused"]) },
+  USERS: { sum: new Set(["current_connections", "current_client_connections"]), max: new Set() },
+  LISTS: { sum: new Set(["pools:items", "used_clients:items", "used_servers:items"]), max: new Set() }
+}
+const WORKER_COLUMN = { name: "worker", typeOid: 23 }
+
+type Rows = ReadonlyArray<ReadonlyArray<string | null>>
+
+/** The rows of every worker that answered, each with its worker number appended. */
+const perWorker = (gathered: Gathered): Rows =>
+  gathered.parts.flatMap((part) =>
+    Array.isArray(part.data) ? (part.data as Rows).map((row) => [...row, String(part.worker)]) : []
+  )
+
+/**
+ * Rows keyed by their first column, merged over the workers: the `sum` columns added up (LISTS: the
+ * rows named there), the `max` ones at their largest, the rest (configuration, the same everywhere)
+ * as the first worker has them.
+ */
+const summed = (result: ResultSet, gathered: Gathered, spec: (typeof SUMMED)[string]): Rows => {
+  const names = result.columns.map((c) => c.name)
+  const merged = new Map<string | null, Array<string | null>>()
+  for (const part of gathered.parts) {
+    if (!Array.isArray(part.data)) continue
+    for (const row of part.data as Rows) {
+      const key = row[0] ?? null
+      const into = merged.get(key)
+      if (into === undefined) {
+        merged.set(key, [...row])
+        continue
+      }
+      row.forEach((value, i) => {
+        const name = names[i]!
+        const add = spec.sum.has(name) || spec.sum.has(`${key}:${name}`)
+        if (add) into[i] = String(Number(into[i] ?? 0) + Number(value ?? 0))
+        else if (spec.max.has(name)) into[i] = String(Math.max(Number(into[i] ?? 0), Number(value ?? 0)))
+      })
+    }
+  }
+  return [...merged.values()]
+}
+
+const showWorkers = (gathered: Gathered): ResultSet => ({
+  columns: [
+    WORKER_COLUMN,
+    { name: "pid", typeOid: 23 },
+    { name: "state", typeOid: 25 },
+    { name: "started", typeOid: 25 },
+    { name: "restarts", typeOid: 23 },
+    { name: "hangs", typeOid: 23 },
+    { name: "heartbeat_age_ms", typeOid: 23 }
+  ],
+  rows: gathered.workers.map((w) => [
+    String(w.worker),
+    w.pid === null ? null : String(w.pid),
+    w.pid === null ? "restarting" : w.ready ? "ready" : "starting",
+    `${new Date(w.startedAt).toISOString().replace("T", " ").slice(0, 19)} UTC`,
+    String(w.restarts),
+    String(w.hangs),
+    w.beatAgeMs === null ? null : String(w.beatAgeMs)
+  ])
+})
+
 /** `"acme/app"`, `'acme/app'` or `acme/app` → `acme/app`. */
 const unquote = (arg: string | undefined): string | undefined =>
   arg === undefined ? undefined : arg.replace(/^(["'])(.*)\1$/, "$2")
@@ -118,13 +187,19 @@ const unquote = (arg: string | undefined): string | undefined =>
  * The admin console session: PgBouncer's commands over the simple query protocol. Each statement of
  * a query string answers on its own; an error ends the query string, not the session.
  */
-export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
+/**
+ * An authenticated admin console session, until its client leaves or the pooler drains. `draining`:
+ * the listeners drain (a login that completes now is refused with 57P01, as a tenant's is).
+ */
+export const adminConsole = (client: ClientSocket, login: AdminLogin, draining: () => boolean) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
     const registry = yield* PoolRegistry
     const sessions = yield* SessionRegistry
     const tenants = yield* TenantRegistry
     const control = yield* AdminControl
+    // Worker mode: SHOW answers for the whole host (docs/admin-console.md#worker-mode).
+    const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
     const drained = yield* Deferred.make<void>()
 
     const key = yield* Effect.acquireRelease(
@@ -140,6 +215,9 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
       ),
       (key) => Effect.sync(() => sessions.unregister(key))
     )
+    // Checked after registering, so a drain that starts in between has drained it anyway; a console
+    // registered after the drain began would otherwise hold the shutdown for the whole drain timeout.
+    if (draining()) return yield* tidepoolError("EADMINSHUTDOWN")
     client.write(
       Buffer.concat([
         // psql and drivers need these; server_version is PgBouncer's, so tools treat us as PgBouncer.
@@ -177,32 +255,13 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
         ? Effect.fail(tidepoolError("EADMINCOMMAND", `no such database: ${name}`))
         : Effect.succeed(name)
     }
-    const poolsOf = (name: string | undefined): ReadonlyArray<TenantPool> =>
-      registry
-        .all()
-        .filter(
-          (p) =>
-            name === undefined || name === p.settings.tenant || name === `${p.settings.tenant}/${p.settings.database}`
-        )
-
-    const waitQuiet = (pools: ReadonlyArray<TenantPool>) =>
-      Effect.forEach(
-        // A session-mode client holds its server for life: waiting for it could take forever.
-        pools.filter((p) => p.settings.mode === "transaction"),
-        (pool) =>
-          Effect.callback<void>((resume) => {
-            const forget = pool.whenQuiet(() => resume(Effect.void))
-            return Effect.sync(forget)
-          }),
-        { discard: true }
-      )
-
     const statement = (sql: string, out: Array<Buffer>): Effect.Effect<void, TidepoolError> =>
       Effect.gen(function* () {
         const words = sql.trim().split(/\s+/)
         const command = (words[0] ?? "").toUpperCase()
         const arg = words[1]
-        if (words.length > 2) {
+        const local = command === "SHOW" && words.length === 3 && words[2]!.toUpperCase() === "LOCAL"
+        if (words.length > 2 && !local) {
           return yield* tidepoolError("EADMINCOMMAND", `too many arguments: ${sql.trim()}`)
         }
         switch (command) {
@@ -223,47 +282,51 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin) =>
               out.push(notice("Console usage", HELP), commandComplete("SHOW"))
               return
             }
+            if (what === "WORKERS") {
+              const gathered = host === undefined ? { parts: [], workers: [] } : yield* host.gather("none")
+              render(out, showWorkers(gathered), "SHOW")
+              return
+            }
             const view = views[what]
             if (view === undefined)
               return yield* tidepoolError("EADMINCOMMAND", `unknown SHOW: ${arg ?? ""}; try SHOW HELP`)
-            render(out, view(snapshot()), "SHOW")
-            return
-          }
-          case "PAUSE": {
-            const name = yield* target(arg, false)
-            const paused = registry.pause(name)
-            yield* Effect.logWarning(`admin ${login.user}: PAUSE ${name ?? "(all)"}`)
-            // As PgBouncer: answer once every running transaction has finished.
-            yield* waitQuiet(paused)
-            out.push(commandComplete("PAUSE"))
-            return
-          }
-          case "RESUME": {
-            const name = yield* target(arg, false)
-            registry.resume(name)
-            yield* Effect.logWarning(`admin ${login.user}: RESUME ${name ?? "(all)"}`)
-            out.push(commandComplete("RESUME"))
-            return
-          }
-          case "RECONNECT": {
-            const name = yield* target(arg, false)
-            for (const pool of poolsOf(name)) pool.reconnect()
-            yield* Effect.logWarning(`admin ${login.user}: RECONNECT ${name ?? "(all)"}`)
-            out.push(commandComplete("RECONNECT"))
-            return
-          }
-          case "KILL": {
-            const name = yield* target(arg, true)
-            const pools = new Set(poolsOf(name))
-            yield* Effect.logWarning(`admin ${login.user}: KILL ${name}`)
-            for (const session of sessions.all()) {
-              const info = session.handle.info
-              if (info !== undefined && pools.has(info.pool) && session.handle.kill !== undefined) {
-                yield* session.handle.kill()
-              }
+            const result = view(snapshot())
+            const sum = SUMMED[what]
+            if (host === undefined || (!PER_WORKER.has(what) && sum === undefined)) {
+              render(out, result, "SHOW")
+              return
             }
-            for (const pool of pools) pool.reconnect()
-            out.push(commandComplete("KILL"))
+            // LOCAL, or no answer from the supervisor (it is going away): this worker's own rows.
+            const gathered = local ? { parts: [], workers: [] } : yield* host.gather(`admin:${what}`)
+            const parts =
+              gathered.parts.length > 0
+                ? gathered.parts
+                : [{ worker: host.worker, pid: process.pid, data: result.rows }]
+            if (!local && gathered.parts.length === 0)
+              out.push(notice("the supervisor did not answer: this worker only"))
+            const absent = parts.filter((p) => !Array.isArray(p.data)).map((p) => p.worker)
+            if (absent.length > 0) out.push(notice(`worker ${absent.join(", ")} did not answer: not shown`))
+            const whole: ResultSet = PER_WORKER.has(what)
+              ? { columns: [...result.columns, WORKER_COLUMN], rows: perWorker({ parts, workers: [] }) }
+              : { columns: result.columns, rows: summed(result, { parts, workers: [] }, sum!) }
+            render(out, whole, "SHOW")
+            return
+          }
+          case "PAUSE":
+          case "RESUME":
+          case "RECONNECT":
+          case "KILL": {
+            const name = yield* target(arg, command === "KILL")
+            yield* Effect.logWarning(`admin ${login.user}: ${command} ${name ?? "(all)"}`)
+            if (host === undefined) yield* runPoolCommand(registry, sessions, command, name)
+            else {
+              // Every worker carries it out (PAUSE: and waits for its running transactions).
+              const done = yield* host.gather(`admin-command:${command} ${name ?? ""}`, 0)
+              const missing = done.parts.filter((p) => p.data !== "done").map((p) => p.worker)
+              if (done.parts.length === 0) out.push(notice("the supervisor did not answer: nothing was done"))
+              else if (missing.length > 0) out.push(notice(`worker ${missing.join(", ")} went away before it was done`))
+            }
+            out.push(commandComplete(command))
             return
           }
           case "RELOAD":

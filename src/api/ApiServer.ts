@@ -1,12 +1,14 @@
 import { createServer } from "node:http"
 import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
-import { Cause, Context, Data, Effect, Layer } from "effect"
+import { Cause, Context, Data, Effect, Layer, Option } from "effect"
 import { HttpRouter, HttpServer, HttpServerError, HttpServerRequest, HttpServerResponse } from "effect/http"
+import { HostViews } from "../cluster/HostViews.ts"
 import { AppConfig, type AppConfigShape } from "../config/index.ts"
+import { PoolRegistry } from "../pool/index.ts"
 import { metricsRouter } from "../telemetry/index.ts"
 import { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
 import { openApiDocument } from "./OpenApi.ts"
-import { type Route, routes } from "./routes.ts"
+import { type Route, routes, TENANT_POOLS_VIEW, tenantPoolRows } from "./routes.ts"
 
 export class ApiListenError extends Data.TaggedError("ApiListenError")<{ readonly message: string }> {}
 
@@ -108,6 +110,11 @@ export class ApiServer extends Context.Service<ApiServer, { readonly port: numbe
     this,
     Effect.gen(function* () {
       const config = yield* AppConfig
+      const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+      if (host !== undefined) {
+        const registry = yield* PoolRegistry
+        host.provide(TENANT_POOLS_VIEW, (id) => tenantPoolRows(registry.poolsOf(id)))
+      }
       if (config.apiJwtSecret === undefined) {
         yield* Effect.logWarning(
           "API_JWT_SECRET is not set: every management API call except /api/health is refused (403)"
@@ -124,7 +131,14 @@ export class ApiServer extends Context.Service<ApiServer, { readonly port: numbe
       const server = yield* Layer.build(
         // Neither a log line per request nor one for the address: `serve` logs the ports itself.
         HttpRouter.serve(app, { disableLogger: true, disableListenLog: true }).pipe(
-          Layer.provideMerge(NodeHttpServer.layer(createServer, { host: config.listenAddr, port: config.apiPort }))
+          Layer.provideMerge(
+            NodeHttpServer.layer(createServer, {
+              host: config.listenAddr,
+              port: config.apiPort,
+              // Worker mode: every worker answers on the one API port, as on the proxy ports.
+              ...(config.workers > 1 ? { reusePort: true } : {})
+            })
+          )
         )
       ).pipe(
         Effect.map(Context.get(HttpServer.HttpServer)),

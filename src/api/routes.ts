@@ -1,7 +1,8 @@
 import * as NodeHttpServerRequest from "@effect/platform-node/NodeHttpServerRequest"
-import { DateTime, Effect, Redacted, Result, Schema } from "effect"
+import { DateTime, Effect, Option, Redacted, Result, Schema } from "effect"
 import { HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { CircuitBreaker } from "../auth/index.ts"
+import { HostViews } from "../cluster/HostViews.ts"
 import {
   type AppConfig,
   formatPath,
@@ -11,7 +12,7 @@ import {
   type TenantIssue,
   tenantIssues
 } from "../config/index.ts"
-import { PoolRegistry } from "../pool/index.ts"
+import { PoolRegistry, type TenantPool } from "../pool/index.ts"
 import { TenantChanges } from "../session/index.ts"
 import { TenantStore, Tenants } from "../tenants/index.ts"
 import { tenantJson } from "./TenantJson.ts"
@@ -413,34 +414,46 @@ export const routes: ReadonlyArray<Route> = [
   {
     method: "GET",
     path: "/api/tenants/:id/pools",
-    summary: "This node's pools of the tenant: clients active and waiting, servers active and idle, longest wait",
+    summary:
+      "This node's pools of the tenant (worker mode: every worker's, with its number): clients active and waiting, servers active and idle, longest wait",
     responses: {
       "200":
-        '{"data":[{"user","database","mode","pool_size","clients_active","clients_waiting","servers_active","servers_idle","servers_opening","longest_wait_ms"}]}',
+        '{"data":[{"user","database","mode","pool_size","clients_active","clients_waiting","servers_active","servers_idle","servers_opening","longest_wait_ms","worker"?}]}',
       "404": '{"error":"not found"}'
     },
     handler: Effect.gen(function* () {
       const id = yield* idParam
       if ((yield* Tenants).get(id) === undefined) return notFound
-      const now = Date.now()
-      const pools = (yield* PoolRegistry).poolsOf(id)
-      return json(200, {
-        data: pools.map((pool) => {
-          const s = pool.stats
-          return {
-            user: pool.settings.user,
-            database: pool.settings.database,
-            mode: pool.settings.mode,
-            pool_size: pool.settings.size,
-            clients_active: s.clients,
-            clients_waiting: s.waiting,
-            servers_active: s.busy,
-            servers_idle: s.idle,
-            servers_opening: s.opening,
-            longest_wait_ms: pool.longestWaitMs(now)
-          }
-        })
-      })
+      const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+      if (host === undefined) return json(200, { data: tenantPoolRows((yield* PoolRegistry).poolsOf(id)) })
+      // Worker mode: every worker's pools, each row naming its worker (as SHOW POOLS does), so any
+      // worker the request reaches answers the same.
+      const gathered = yield* host.gather(`${TENANT_POOLS_VIEW}:${id}`)
+      const data: Array<unknown> = []
+      for (const part of gathered.parts)
+        if (Array.isArray(part.data)) for (const row of part.data) data.push({ ...row, worker: part.worker })
+      return json(200, { data })
     })
   }
 ]
+
+/** The gathered view behind `GET /api/tenants/:id/pools` in worker mode (registered by ApiServer). */
+export const TENANT_POOLS_VIEW = "tenant-pools"
+
+/** A tenant's pools on this process, as `GET /api/tenants/:id/pools` shows them. */
+export const tenantPoolRows = (pools: ReadonlyArray<TenantPool>, now: number = Date.now()) =>
+  pools.map((pool) => {
+    const s = pool.stats
+    return {
+      user: pool.settings.user,
+      database: pool.settings.database,
+      mode: pool.settings.mode,
+      pool_size: pool.settings.size,
+      clients_active: s.clients,
+      clients_waiting: s.waiting,
+      servers_active: s.busy,
+      servers_idle: s.idle,
+      servers_opening: s.opening,
+      longest_wait_ms: pool.longestWaitMs(now)
+    }
+  })

@@ -170,6 +170,38 @@ export interface AuthAttempt {
 }
 
 /**
+ * An `AuthAttempt` that its holder ends itself, with no scope: `end` once with a verdict, and
+ * `end("abandoned")` whatever happens (a no-op once ended). The login path uses it through
+ * `CircuitBreaker.begin`: a scope, its finalizer and an uninterruptible region per login cost more
+ * than the check they guard.
+ */
+export class Check implements AuthAttempt {
+  private open = true
+
+  constructor(
+    private readonly breaker: Breaker,
+    private readonly key: string
+  ) {}
+
+  /** Ends the check (once; false afterwards); true when a failure tripped the breaker. */
+  end(outcome: "succeeded" | "failed" | "abandoned"): boolean {
+    if (!this.open) return false
+    this.open = false
+    return this.breaker.end(this.key, outcome)
+  }
+
+  get succeeded(): Effect.Effect<void> {
+    return Effect.sync(() => {
+      this.end("succeeded")
+    })
+  }
+
+  get failed(): Effect.Effect<boolean> {
+    return Effect.sync(() => this.end("failed"))
+  }
+}
+
+/**
  * Authentication circuit breakers (docs/authentication.md). Per (tenant, client address): too many wrong
  * passwords block the address (`ECIRCUITBREAKER`), listed and cleared through the `network_bans`
  * API. A password check counts from the moment it starts, so concurrent attempts cannot outrun the
@@ -201,37 +233,44 @@ export class CircuitBreaker extends Context.Service<CircuitBreaker>()("tidepool/
       })
 
     /**
+     * Starts a password check from `address` to `tenant` now if the key has room: the check, "blocked"
+     * when the address is blocked, "full" when it must wait (`waitForRoom`, then try again). Checked
+     * and taken in one synchronous step, so no other login can slip in between. The caller ends the
+     * check, and must make sure it does whatever happens (an uninterruptible region from here to
+     * its `onExit`).
+     */
+    const tryBegin = (tenant: string, address: string): Check | "blocked" | "full" => {
+      const key = addressKey(tenant, address)
+      const started = auth.tryBegin(key)
+      return started === "started" ? new Check(auth, key) : started
+    }
+
+    /**
      * Starts a password check from `address` to `tenant`, waiting while the key has no room;
      * undefined when the address is blocked. The check stops counting when the scope closes unless
      * it ended with `succeeded` or `failed` (the client left, broke the protocol, or the upstream
      * failed: no password was judged).
      */
-    const attempt = (tenant: string, address: string): Effect.Effect<AuthAttempt | undefined, never, Scope.Scope> => {
-      const key = addressKey(tenant, address)
-      return Effect.uninterruptibleMask((restore) =>
+    const attempt = (tenant: string, address: string): Effect.Effect<AuthAttempt | undefined, never, Scope.Scope> =>
+      Effect.uninterruptibleMask((restore) =>
         Effect.gen(function* () {
           for (;;) {
-            // Checked and taken in one synchronous step: no other login can slip in between.
-            const started = auth.tryBegin(key)
-            if (started === "blocked") return undefined
-            if (started === "started") break
-            yield* restore(waitForRoom(key))
+            const began = tryBegin(tenant, address)
+            if (began === "blocked") return undefined
+            if (began !== "full") {
+              yield* Effect.addFinalizer(() => Effect.sync(() => began.end("abandoned")))
+              return began
+            }
+            yield* restore(waitForRoom(addressKey(tenant, address)))
           }
-          let open = true
-          const end = (outcome: "succeeded" | "failed" | "abandoned") =>
-            Effect.sync(() => {
-              if (!open) return false
-              open = false
-              return auth.end(key, outcome)
-            })
-          yield* Effect.addFinalizer(() => end("abandoned"))
-          return { succeeded: Effect.asVoid(end("succeeded")), failed: end("failed") } satisfies AuthAttempt
         })
       )
-    }
 
     return {
       attempt,
+      tryBegin,
+      /** Waits until a check of (tenant, address) ends or the key is cleared (`tryBegin` said "full"). */
+      waitForRoom: (tenant: string, address: string) => waitForRoom(addressKey(tenant, address)),
       /** Whether logins from `address` to `tenant` are blocked right now. */
       isAddressBlocked: (tenant: string, address: string) =>
         Effect.sync(() => auth.isBlocked(addressKey(tenant, address))),

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto"
-import { type Context, Effect, Redacted, Result, Tracer } from "effect"
+import { Context, Effect, Exit, Redacted, Result, Tracer } from "effect"
 import { AppConfig, type Tenant, type User } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import {
@@ -13,7 +13,7 @@ import {
 } from "../protocol/index.ts"
 import type { UpstreamTarget } from "../upstream/index.ts"
 import { AuthQuery, USER_NOT_FOUND } from "./AuthQuery.ts"
-import { ADDRESS_BLOCKED, AUTH_FAILURES, type AuthAttempt, CircuitBreaker } from "./CircuitBreaker.ts"
+import { ADDRESS_BLOCKED, AUTH_FAILURES, type Check, CircuitBreaker } from "./CircuitBreaker.ts"
 import { JitApi, looksLikeToken, passwordKeys } from "./Jit.ts"
 import { SecretCache } from "./SecretCache.ts"
 
@@ -37,17 +37,23 @@ export const inSpan =
   <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
     Effect.useSpan(name, options, (span) => Effect.provideService(self, Tracer.ParentSpan, span))
 
-const expectPasswordMessage = (channel: AuthChannel) =>
-  Effect.flatMap(channel.readMessage, (m) =>
-    m.type === PASSWORD_MESSAGE
-      ? Effect.succeed(m.body)
-      : Effect.fail(
-          tidepoolError(
-            "EAUTHPROTOCOL",
-            `expected a password message, got message type '${String.fromCharCode(m.type)}'`
-          )
-        )
-  )
+const notPassword = (type: number) =>
+  tidepoolError("EAUTHPROTOCOL", `expected a password message, got message type '${String.fromCharCode(type)}'`)
+
+/**
+ * A client-visible error made without a stack trace: V8 captures one for every `Error` (some
+ * microseconds each), and a refusal's error is a value sent to the client and logged by its
+ * message, never by its stack.
+ */
+const withoutStack = <A>(make: () => A): A => {
+  const limit = Error.stackTraceLimit
+  Error.stackTraceLimit = 0
+  try {
+    return make()
+  } finally {
+    Error.stackTraceLimit = limit
+  }
+}
 
 /**
  * Runs a SCRAM-SHA-256 exchange against `secret`. A wrong proof fails with EWRONGPASSWORD after
@@ -56,44 +62,56 @@ const expectPasswordMessage = (channel: AuthChannel) =>
  * Returns the ClientKey recovered from the proof, for SCRAM pass-through upstream.
  * With `channelBinding` (the TLS connection's tls-server-end-point data) SCRAM-SHA-256-PLUS is
  * offered first, so `channel_binding=require` clients can prove there is no man in the middle.
+ *
+ * Two reads chained by `flatMap`, no generator: every login runs it, and each step of a
+ * generator-based Effect is a turn of the fiber's loop. Nothing inside logs or opens a span, so
+ * the `client.auth.scram` span is not made the current parent (a context patch saved).
  */
-export const authenticateScram = Effect.fnUntraced(function* (
+export const authenticateScram = (
   channel: AuthChannel,
   secret: ScramSecret,
   user: string,
   failureDelayMs: number,
   channelBinding?: Buffer
-) {
-  // Made only when a proof is wrong: an error captures a stack trace, which every login would pay for.
-  const wrongPassword = Effect.andThen(
-    Effect.sleep(failureDelayMs),
-    Effect.failSync(() => tidepoolError("EWRONGPASSWORD", user))
-  )
-  const server = new ScramServer(
-    secret,
-    channelBinding === undefined ? {} : { channelBinding: { type: "tls-server-end-point", data: channelBinding } }
-  )
-  channel.write(authenticationSASL(server.mechanisms))
-  const initial = yield* expectPasswordMessage(channel)
-  const nul = initial.indexOf(0)
-  if (nul < 0 || initial.length < nul + 5) return yield* tidepoolError("EAUTHPROTOCOL", "malformed SASLInitialResponse")
-  const mechanism = initial.toString("utf8", 0, nul)
-  const dataLength = initial.readInt32BE(nul + 1)
-  const data = dataLength < 0 ? Buffer.alloc(0) : initial.subarray(nul + 5, nul + 5 + dataLength)
-  if (!server.mechanisms.includes(mechanism)) {
-    return yield* tidepoolError("EAUTHPROTOCOL", `unsupported SASL mechanism ${mechanism}`)
-  }
-  yield* Effect.annotateCurrentSpan("mechanism", mechanism)
-  const first = server.handleClientFirst(mechanism, data)
-  if (!("serverFirst" in first)) return yield* tidepoolError("EAUTHPROTOCOL", first.message)
-  channel.write(authenticationSASLContinue(first.serverFirst))
-  const final = server.handleClientFinal(yield* expectPasswordMessage(channel))
-  if (!("serverFinal" in final)) {
-    return yield* final.reason === "password" ? wrongPassword : tidepoolError("EAUTHPROTOCOL", final.message)
-  }
-  channel.write(authenticationSASLFinal(final.serverFinal))
-  return final.clientKey
-}, inSpan("client.auth.scram"))
+): Effect.Effect<Buffer, TidepoolError> =>
+  Effect.useSpan("client.auth.scram", (span) => {
+    const server = new ScramServer(
+      secret,
+      channelBinding === undefined ? {} : { channelBinding: { type: "tls-server-end-point", data: channelBinding } }
+    )
+    channel.write(authenticationSASL(server.mechanisms))
+    return Effect.flatMap(channel.readMessage, (m) => {
+      if (m.type !== PASSWORD_MESSAGE) return Effect.fail(notPassword(m.type))
+      const initial = m.body
+      const nul = initial.indexOf(0)
+      if (nul < 0 || initial.length < nul + 5) {
+        return Effect.fail(tidepoolError("EAUTHPROTOCOL", "malformed SASLInitialResponse"))
+      }
+      const mechanism = initial.toString("utf8", 0, nul)
+      const dataLength = initial.readInt32BE(nul + 1)
+      const data = dataLength < 0 ? Buffer.alloc(0) : initial.subarray(nul + 5, nul + 5 + dataLength)
+      if (!server.mechanisms.includes(mechanism)) {
+        return Effect.fail(tidepoolError("EAUTHPROTOCOL", `unsupported SASL mechanism ${mechanism}`))
+      }
+      span.attribute("mechanism", mechanism)
+      const first = server.handleClientFirst(mechanism, data)
+      if (!("serverFirst" in first)) return Effect.fail(tidepoolError("EAUTHPROTOCOL", first.message))
+      channel.write(authenticationSASLContinue(first.serverFirst))
+      return Effect.flatMap(channel.readMessage, (m) => {
+        if (m.type !== PASSWORD_MESSAGE) return Effect.fail(notPassword(m.type))
+        const final = server.handleClientFinal(m.body)
+        if (!("serverFinal" in final)) {
+          if (final.reason !== "password") return Effect.fail(tidepoolError("EAUTHPROTOCOL", final.message))
+          const wrong = withoutStack(() => tidepoolError("EWRONGPASSWORD", user))
+          return failureDelayMs > 0
+            ? Effect.andThen(Effect.sleep(failureDelayMs), Effect.fail(wrong))
+            : Effect.fail(wrong)
+        }
+        channel.write(authenticationSASLFinal(final.serverFinal))
+        return Effect.succeed(final.clientKey)
+      })
+    })
+  })
 
 export { ADDRESS_BLOCKED } from "./CircuitBreaker.ts"
 
@@ -132,23 +150,31 @@ export interface ClientTransport {
   readonly jit: boolean
 }
 
+const expectPasswordMessage = (channel: AuthChannel) =>
+  Effect.flatMap(channel.readMessage, (m) =>
+    m.type === PASSWORD_MESSAGE ? Effect.succeed(m.body) : Effect.fail(notPassword(m.type))
+  )
+
 /**
  * A failed login: counted by the address breaker, answered after the delay that slows guessing,
  * reading nothing from the client meanwhile. The failure that trips the breaker is logged: the
  * refusals that follow are logged at debug level only (a flood would otherwise flood the log too).
  */
 const refuser =
-  (channel: AuthChannel, attempt: AuthAttempt, delayMs: number, who: Readonly<Record<string, string>>) =>
-  (error: TidepoolError) =>
-    Effect.gen(function* () {
-      if (yield* attempt.failed) {
-        yield* Effect.logWarning(
-          `${who.peer_ip} blocked for ${AUTH_FAILURES.blockMs / 1000} s after ${AUTH_FAILURES.failures} failed logins`
-        ).pipe(Effect.annotateLogs({ ...who, code: "ECIRCUITBREAKER" }))
-      }
+  (channel: AuthChannel, check: Check, delayMs: number, who: Readonly<Record<string, string>>) =>
+  (error: TidepoolError): Effect.Effect<never, TidepoolError> =>
+    Effect.suspend(() => {
+      const tripped = check.end("failed")
       channel.stopReading?.()
-      yield* Effect.sleep(delayMs)
-      return yield* error
+      const refused = Effect.andThen(Effect.sleep(delayMs), Effect.fail(error))
+      return tripped
+        ? Effect.andThen(
+            Effect.logWarning(
+              `${who.peer_ip} blocked for ${AUTH_FAILURES.blockMs / 1000} s after ${AUTH_FAILURES.failures} failed logins`
+            ).pipe(Effect.annotateLogs({ ...who, code: "ECIRCUITBREAKER" })),
+            refused
+          )
+        : refused
     })
 
 /** A configured user's pools log in with its stored password. */
@@ -176,73 +202,125 @@ const passThrough = (
  * auth_query secret re-fetches it first: a changed secret means the cache was stale, not the client
  * wrong, and the next attempt uses the new one.
  */
-export const authenticateClient = Effect.fnUntraced(
-  function* (
-    channel: AuthChannel,
-    tenant: Tenant,
-    user: User,
-    username: string,
-    address: string,
-    transport: ClientTransport
-  ) {
-    const channelBinding = transport.channelBinding
-    const config = yield* AppConfig
-    const breaker = yield* CircuitBreaker
-    const authQuery = tenant.require_user ? undefined : yield* AuthQuery
-    yield* Effect.annotateCurrentSpan({
-      "tidepool.tenant": tenant.external_id,
-      "db.user": username,
-      method: authQuery === undefined ? "scram-sha-256" : "scram-sha-256 auth_query"
-    })
-    // No password is judged here: the refusal does not count toward the breaker.
-    if (tenant.use_jit && transport.jit && !transport.tls) return yield* tidepoolError("ESSLREQUIRED", username)
-    const attempt = yield* breaker.attempt(tenant.external_id, address)
-    if (attempt === undefined) return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
-    const refuse = refuser(channel, attempt, config.authFailureDelayMs, {
-      tenant: tenant.external_id,
-      user: username,
-      peer_ip: address
-    })
-
-    if (tenant.use_jit && transport.tls) {
-      return yield* authenticateCleartext(channel, tenant, user, username, address, transport.jit, attempt)
-    }
-
-    if (authQuery === undefined) {
-      const secret = (yield* SecretCache).forPassword(tenant.external_id, user.db_user, user.db_password)
-      const proof = yield* Effect.result(authenticateScram(channel, secret, username, 0, channelBinding))
-      if (Result.isFailure(proof)) {
-        return yield* proof.failure.code === "EWRONGPASSWORD" ? refuse(proof.failure) : proof.failure
+export const authenticateClient = (
+  channel: AuthChannel,
+  tenant: Tenant,
+  user: User,
+  username: string,
+  address: string,
+  transport: ClientTransport
+): Effect.Effect<ClientCredentials, TidepoolError, AppConfig | CircuitBreaker | SecretCache | AuthQuery | JitApi> =>
+  Effect.useSpan(
+    "client.auth",
+    {
+      attributes: {
+        "tidepool.tenant": tenant.external_id,
+        "db.user": username,
+        method: tenant.require_user ? "scram-sha-256" : "scram-sha-256 auth_query"
       }
-      yield* attempt.succeeded
-      return stored(user)
-    }
+    },
+    (span) =>
+      Effect.provideService(
+        Effect.withFiber((fiber) => {
+          // No password is judged here: the refusal does not count toward the breaker.
+          if (tenant.use_jit && transport.jit && !transport.tls) {
+            return Effect.fail(tidepoolError("ESSLREQUIRED", username))
+          }
+          const services = fiber.context as Context.Context<AppConfig | CircuitBreaker>
+          const breaker = Context.getUnsafe(services, CircuitBreaker)
+          const delayMs = Context.getUnsafe(services, AppConfig).authFailureDelayMs
+          const judged = (check: Check) => {
+            const refuse = refuser(channel, check, delayMs, {
+              tenant: tenant.external_id,
+              user: username,
+              peer_ip: address
+            })
+            if (tenant.use_jit && transport.tls) {
+              return authenticateCleartext(channel, tenant, user, username, address, transport.jit, check)
+            }
+            if (!tenant.require_user)
+              return authQueryLogin(channel, tenant, username, transport, check, refuse, delayMs)
+            const secret = Context.getUnsafe(fiber.context as Context.Context<SecretCache>, SecretCache).forPassword(
+              tenant.external_id,
+              user.db_user,
+              user.db_password
+            )
+            return Effect.matchEffect(authenticateScram(channel, secret, username, 0, transport.channelBinding), {
+              onFailure: (error) => (error.code === "EWRONGPASSWORD" ? refuse(error) : Effect.fail(error)),
+              onSuccess: () => {
+                check.end("succeeded")
+                return Effect.succeed(stored(user))
+              }
+            })
+          }
+          // The check is taken and its end made certain in one uninterruptible step; only the wait for
+          // room and the exchange itself can be interrupted. A check that ends without a verdict (the
+          // client left, broke the protocol, the upstream failed) stops counting.
+          return Effect.uninterruptibleMask((restore) => {
+            const begin: Effect.Effect<ClientCredentials, TidepoolError, AppConfig | SecretCache | AuthQuery | JitApi> =
+              Effect.suspend(() => {
+                const began = breaker.tryBegin(tenant.external_id, address)
+                if (began === "blocked") return Effect.fail(tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED))
+                if (began === "full")
+                  return Effect.andThen(restore(breaker.waitForRoom(tenant.external_id, address)), begin)
+                return Effect.onExit(restore(judged(began)), () => Effect.sync(() => began.end("abandoned")))
+              })
+            return begin
+          })
+        }).pipe(Effect.onExit((exit) => outcome(span, exit))),
+        Tracer.ParentSpan,
+        span
+      )
+  )
 
-    const found = yield* Effect.result(authQuery.secret(tenant, username))
-    if (Result.isFailure(found)) {
-      // An unknown role costs an upstream query: it counts like a wrong password.
-      const unknown = found.failure.code === "EAUTHQUERY" && found.failure.message === USER_NOT_FOUND
-      return yield* unknown ? refuse(found.failure) : found.failure
+/** docs/architecture.md#telemetry: the `client.auth` span says how the login ended, and a failure's catalogued code. */
+const outcome = (span: Tracer.Span, exit: Exit.Exit<unknown, TidepoolError>): Effect.Effect<void> => {
+  if (Exit.isSuccess(exit)) span.attribute("tidepool.outcome", "ok")
+  else {
+    for (const reason of exit.cause.reasons) {
+      if (reason._tag === "Fail") {
+        span.attribute("tidepool.outcome", "fail")
+        span.attribute("error.code", reason.error.code)
+        break
+      }
     }
-    const { secret, fresh } = found.success
-    const proof = yield* Effect.result(authenticateScram(channel, secret, username, 0, channelBinding))
-    if (Result.isFailure(proof)) {
-      if (proof.failure.code !== "EWRONGPASSWORD") return yield* proof.failure
-      const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))
-      // A stale cache is not the client's failure; the attempt still fails, as the proof was made
-      // with the old salt and cannot be checked against the new verifier.
-      return yield* stale
-        ? Effect.andThen(Effect.sleep(config.authFailureDelayMs), Effect.fail(proof.failure))
-        : refuse(proof.failure)
-    }
-    yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.success, serverKey: secret.serverKey })
-    yield* attempt.succeeded
-    return passThrough(authQuery, tenant.external_id, username)
-  },
-  Effect.scoped,
-  annotateOutcome,
-  inSpan("client.auth")
-)
+  }
+  return Effect.void
+}
+
+/**
+ * auth_query users: checked against the verifier fetched from the database, whose recovered
+ * ClientKey then logs their pools in upstream (SCRAM pass-through).
+ */
+const authQueryLogin = Effect.fnUntraced(function* (
+  channel: AuthChannel,
+  tenant: Tenant,
+  username: string,
+  transport: ClientTransport,
+  check: Check,
+  refuse: (error: TidepoolError) => Effect.Effect<never, TidepoolError>,
+  delayMs: number
+) {
+  const authQuery = yield* AuthQuery
+  const found = yield* Effect.result(authQuery.secret(tenant, username))
+  if (Result.isFailure(found)) {
+    // An unknown role costs an upstream query: it counts like a wrong password.
+    const unknown = found.failure.code === "EAUTHQUERY" && found.failure.message === USER_NOT_FOUND
+    return yield* unknown ? refuse(found.failure) : found.failure
+  }
+  const { secret, fresh } = found.success
+  const proof = yield* Effect.result(authenticateScram(channel, secret, username, 0, transport.channelBinding))
+  if (Result.isFailure(proof)) {
+    if (proof.failure.code !== "EWRONGPASSWORD") return yield* proof.failure
+    const stale = !fresh && (yield* authQuery.refetch(tenant, username, secret))
+    // A stale cache is not the client's failure; the attempt still fails, as the proof was made
+    // with the old salt and cannot be checked against the new verifier.
+    return yield* stale ? Effect.andThen(Effect.sleep(delayMs), Effect.fail(proof.failure)) : refuse(proof.failure)
+  }
+  yield* authQuery.remember(tenant.external_id, username, { clientKey: proof.success, serverKey: secret.serverKey })
+  check.end("succeeded")
+  return passThrough(authQuery, tenant.external_id, username)
+})
 
 /**
  * JIT tenants, TLS clients (docs/jit.md): a cleartext password, accepted when it is the role's
@@ -261,7 +339,7 @@ const authenticateCleartext = Effect.fnUntraced(function* (
   username: string,
   address: string,
   jitRequested: boolean,
-  attempt: AuthAttempt
+  attempt: Check
 ) {
   const config = yield* AppConfig
   const jit = yield* JitApi

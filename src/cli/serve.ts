@@ -47,13 +47,12 @@ export const serve = (configFile: string | undefined) =>
     return yield* Effect.gen(function* () {
       const config = yield* AppConfig
       if (config.workers > 1 && worker === undefined) return yield* supervise(config)
-      // Worker mode: worker 0 writes the config file's tenants and serves the HTTP API; the others
-      // start once it has (docs/scale-out.md#one-host-workers).
+      // Worker mode: worker 0 writes the config file's tenants; the others start once it has
+      // (docs/scale-out.md#one-host-workers). Every worker serves the proxy ports and the HTTP API.
       const node = yield* Layer.build(
         tidepoolLayer(worker === undefined || worker === 0 ? (file?.tenants ?? []) : [], {
           ...(worker === undefined ? {} : { worker }),
-          ...(config.cluster ? { cluster: true } : {}),
-          ...(worker === undefined || worker === 0 ? {} : { api: false })
+          ...(config.cluster ? { cluster: true } : {})
         })
       )
       const { sessionPort, transactionPort, shutdown } = Context.get(node, Listeners)

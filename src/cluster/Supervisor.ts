@@ -3,7 +3,17 @@ import * as net from "node:net"
 import { Console, Deferred, Effect } from "effect"
 import type { AppConfigShape } from "../config/index.ts"
 import { Ledger } from "./Ledger.ts"
-import { type BackendRef, ownerOf, type ToSupervisor, type ToWorker, WORKER_ENV } from "./messages.ts"
+import {
+  type BackendRef,
+  BEAT_ENV,
+  type GatheredPart,
+  ownerOf,
+  type ToSupervisor,
+  type ToWorker,
+  WORKER_ENV,
+  type WorkerInfo
+} from "./messages.ts"
+import { SeatLedger } from "./Seats.ts"
 
 /** A crashed worker is restarted after this long, doubled while it keeps crashing, up to RESTART_MAX_MS. */
 const RESTART_FIRST_MS = 500
@@ -26,6 +36,20 @@ interface Slot {
   restartDelayMs: number
   /** Backends its pools opened (plaintext upstreams), by pool key and backend pid. */
   readonly backends: Map<string, BackendRef>
+  /** When its last heartbeat came (epoch ms); 0 before it is ready. */
+  lastBeat: number
+  /** Killed as hung: its exit is a crash, not a second hang. */
+  killedAsHung: boolean
+  restarts: number
+  hangs: number
+}
+
+interface Gather {
+  readonly asker: Slot
+  readonly askerId: number
+  readonly asked: ReadonlyArray<Slot>
+  readonly answers: Map<number, unknown>
+  readonly timer: NodeJS.Timeout | undefined
 }
 
 /** Sends a CancelRequest for `backend` and resolves when PostgreSQL has taken it (closed), or after `timeoutMs`. */
@@ -62,6 +86,9 @@ export const supervise = (config: AppConfigShape) =>
       )
       return yield* Effect.sync(() => process.exit(1))
     }
+    const hangMs = config.workerHangTimeoutMs
+    // Several beats per bound: one late timer tick is no hang.
+    const beatMs = hangMs === 0 ? 0 : Math.min(1000, Math.max(50, Math.floor(hangMs / 5)))
     const context = yield* Effect.context<never>()
     const log = (level: "info" | "warning" | "error", message: string) =>
       Effect.runSyncWith(context)(
@@ -80,7 +107,11 @@ export const supervise = (config: AppConfigShape) =>
       everReady: false,
       startedAt: 0,
       restartDelayMs: RESTART_FIRST_MS,
-      backends: new Map()
+      backends: new Map(),
+      lastBeat: 0,
+      killedAsHung: false,
+      restarts: 0,
+      hangs: 0
     }))
     let stopping = false
     let failed = false
@@ -95,6 +126,47 @@ export const supervise = (config: AppConfigShape) =>
       const slot = instances.get(instance)
       if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
     })
+    const seats = new SeatLedger(config.workers, (instance, message) => {
+      const slot = instances.get(instance)
+      if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
+    })
+    // The admin console's PAUSEs in force, replayed to a worker that starts later (a restart).
+    let pausedAll = false
+    const pausedNames = new Set<string>()
+    const notePause = (what: string) => {
+      const [command, name = ""] = what.slice("admin-command:".length).split(" ", 2)
+      if (command === "PAUSE" && name === "") pausedAll = true
+      else if (command === "PAUSE") pausedNames.add(name)
+      else if (command === "RESUME" && name === "") {
+        pausedAll = false
+        pausedNames.clear()
+      } else if (command === "RESUME") pausedNames.delete(name)
+    }
+    const gathers = new Map<number, Gather>()
+    let nextGather = 0
+    const workerInfo = (now: number): Array<WorkerInfo> =>
+      slots.map((s) => ({
+        worker: s.index + 1,
+        pid: s.child?.pid ?? null,
+        ready: s.ready,
+        startedAt: s.startedAt,
+        restarts: s.restarts,
+        hangs: s.hangs,
+        beatAgeMs: s.lastBeat === 0 ? null : now - s.lastBeat
+      }))
+    const finishGather = (id: number) => {
+      const g = gathers.get(id)
+      if (g === undefined) return
+      gathers.delete(id)
+      clearTimeout(g.timer)
+      const parts: Array<GatheredPart> = g.asked.map((s) => ({
+        worker: s.index + 1,
+        pid: s.child?.pid ?? 0,
+        data: g.answers.get(s.index)
+      }))
+      if (g.asker.child !== undefined)
+        toWorker(g.asker.index, { t: "gathered", id: g.askerId, parts, workers: workerInfo(Date.now()) })
+    }
     const others = (from: number, message: ToWorker) => {
       for (const slot of slots) if (slot.index !== from) toWorker(slot.index, message)
     }
@@ -105,9 +177,43 @@ export const supervise = (config: AppConfigShape) =>
         case "ready":
           slot.ready = true
           slot.everReady = true
+          slot.lastBeat = Date.now()
+          // Its answers (id -1) match no gather: nobody waits for a replayed PAUSE.
+          if (pausedAll) toWorker(slot.index, { t: "collect", id: -1, what: "admin-command:PAUSE " })
+          for (const name of pausedNames)
+            toWorker(slot.index, { t: "collect", id: -1, what: `admin-command:PAUSE ${name}` })
           if (slot.index === 0 && !started) startRest()
           if (slots.every((s) => s.ready)) onAllReady?.()
           break
+        case "beat":
+          slot.lastBeat = Date.now()
+          break
+        case "seat-want":
+          seats.want(slot.instance, message.key, message.limit, message.need)
+          break
+        case "seat-release":
+          seats.release(slot.instance, message.key, message.n, message.reclaimed)
+          break
+        case "gather": {
+          if (message.what.startsWith("admin-command:")) notePause(message.what)
+          const id = nextGather++
+          // Every worker that is up, the asker included; one starting or gone is shown as absent.
+          const asked = slots.filter((s) => s.child?.connected === true && s.ready)
+          // No deadline (commands): each worker answers or dies, and a hung one is killed.
+          const timer = message.timeoutMs === 0 ? undefined : setTimeout(() => finishGather(id), message.timeoutMs)
+          timer?.unref()
+          gathers.set(id, { asker: slot, askerId: message.id, asked, answers: new Map(), timer })
+          for (const s of asked) toWorker(s.index, { t: "collect", id, what: message.what })
+          if (asked.length === 0) finishGather(id)
+          break
+        }
+        case "collected": {
+          const g = gathers.get(message.id)
+          if (g === undefined) break
+          g.answers.set(slot.index, message.data)
+          if (g.asked.every((s) => g.answers.has(s.index))) finishGather(message.id)
+          break
+        }
         case "want":
           ledger.want(slot.instance, message.key, message.size, message.n)
           break
@@ -139,7 +245,7 @@ export const supervise = (config: AppConfigShape) =>
 
     const start = (slot: Slot) => {
       const child = fork(process.argv[1]!, process.argv.slice(2), {
-        env: { ...process.env, [WORKER_ENV]: String(slot.index) },
+        env: { ...process.env, [WORKER_ENV]: String(slot.index), [BEAT_ENV]: String(beatMs) },
         // Its own process group: a terminal's Ctrl+C reaches the supervisor only, which drains the workers once.
         detached: true,
         stdio: ["ignore", "inherit", "inherit", "ipc"]
@@ -148,6 +254,8 @@ export const supervise = (config: AppConfigShape) =>
       slot.instance = nextInstance++
       instances.set(slot.instance, slot)
       slot.ready = false
+      slot.lastBeat = 0
+      slot.killedAsHung = false
       slot.startedAt = Date.now()
       const instance = slot.instance
       child.on("message", (message) => {
@@ -161,6 +269,14 @@ export const supervise = (config: AppConfigShape) =>
       if (slot.child !== child) return
       slot.child = undefined
       slot.ready = false
+      slot.lastBeat = 0
+      // Its clients went with it: their seats are free at once.
+      seats.forget(slot.instance)
+      for (const [id, g] of gathers)
+        if (g.asked.includes(slot) && !g.answers.has(slot.index)) {
+          g.answers.set(slot.index, undefined)
+          if (g.asked.every((s) => g.answers.has(s.index))) finishGather(id)
+        }
       const backends = [...slot.backends.values()]
       slot.backends.clear()
       // Its servers' sockets are closed with the process, but a backend running a statement runs it to
@@ -197,6 +313,7 @@ export const supervise = (config: AppConfigShape) =>
         "error",
         `worker ${slot.index + 1} (pid ${child.pid}) died (${signal ?? `exit status ${code}`}); its clients were disconnected; restarting it in ${slot.restartDelayMs} ms`
       )
+      slot.restarts++
       const delay = slot.restartDelayMs
       slot.restartDelayMs = Math.min(RESTART_MAX_MS, slot.restartDelayMs * 2)
       setTimeout(() => {
@@ -233,6 +350,29 @@ export const supervise = (config: AppConfigShape) =>
     }
     process.on("SIGTERM", onSignal)
     process.on("SIGINT", onSignal)
+
+    // Hang detection: a ready worker's event loop beats every beatMs; one silent for hangMs is stuck
+    // (an endless loop, a blocking call, SIGSTOP) and can neither serve its clients nor return its
+    // permits, so it is killed and handled like a crash: backends cancelled, permits freed, restarted.
+    if (hangMs > 0) {
+      const watchdog = setInterval(() => {
+        const now = Date.now()
+        for (const slot of slots) {
+          const child = slot.child
+          if (child === undefined || !slot.ready || slot.killedAsHung || slot.lastBeat === 0) continue
+          const silent = now - slot.lastBeat
+          if (silent <= hangMs) continue
+          slot.killedAsHung = true
+          slot.hangs++
+          log(
+            "error",
+            `worker ${slot.index + 1} (pid ${child.pid}) hung: no heartbeat for ${silent} ms (TIDEPOOL_WORKER_HANG_TIMEOUT=${hangMs}); killing it with SIGKILL`
+          )
+          child.kill("SIGKILL")
+        }
+      }, beatMs)
+      watchdog.unref()
+    }
 
     start(slots[0]!)
     yield* Effect.promise(() => allReady)

@@ -1,9 +1,23 @@
-import { Effect, FiberSet, Layer } from "effect"
-import type { AppConfig } from "../config/index.ts"
-import { PermitGate, type PoolPermits, type TenantPool } from "../pool/index.ts"
+import { Effect, FiberSet, Layer, Option } from "effect"
+import { POOL_COMMANDS, type PoolCommand, runPoolCommand } from "../admin/AdminCommands.ts"
+import {
+  type AdminSnapshot,
+  type ResultSet,
+  showClients,
+  showDatabases,
+  showLists,
+  showPools,
+  showServers,
+  showStats,
+  showUsers
+} from "../admin/AdminViews.ts"
+import { AppConfig } from "../config/index.ts"
+import { PermitGate, type PoolPermits, PoolRegistry, type TenantPool } from "../pool/index.ts"
+import { type PoolSeats, SeatGate } from "../pool/SeatGate.ts"
 import { PeerWorkers, SessionRegistry, TenantChanges } from "../session/index.ts"
-import { TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
-import type { ToSupervisor, ToWorker } from "./messages.ts"
+import { TenantRegistry, TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
+import { type Gathered, HostViews } from "./HostViews.ts"
+import { BEAT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
 
 /**
  * A worker's side of the supervisor's IPC channel (docs/scale-out.md#one-host-workers). Nothing
@@ -68,6 +82,95 @@ const permitGate = Layer.effect(
   })
 )
 
+/** The supervisor's side of each pool's client seats (global max_clients). */
+const seatGate = Layer.effect(
+  SeatGate,
+  Effect.gen(function* () {
+    // The newest pool of each key: seats belong to the worker and the key, not to one pool object.
+    const pools = new Map<string, TenantPool>()
+    yield* onMessage((message) => {
+      if (message.t !== "seats" && message.t !== "seat-reclaim") return
+      const pool = pools.get(message.key)
+      const live = pool !== undefined && !pool.isClosed ? pool : undefined
+      if (message.t === "seats") {
+        if (live === undefined) {
+          if (message.n > 0) send({ t: "seat-release", key: message.key, n: message.n, reclaimed: false })
+        } else live.seatsGranted(message.n, message.spare)
+      } else if (live === undefined) send({ t: "seat-release", key: message.key, n: 0, reclaimed: true })
+      else live.reclaimSeats()
+    })
+    return {
+      attach: (pool: TenantPool): PoolSeats => {
+        const key = pool.settings.key
+        pools.set(key, pool)
+        return {
+          want: (limit, need) => send({ t: "seat-want", key, limit, need }),
+          release: (n, reclaimed) => send({ t: "seat-release", key, n, reclaimed })
+        }
+      }
+    }
+  })
+)
+
+/** How long a view waits for every worker, by default (the supervisor's deadline). */
+const GATHER_MS = 2000
+/** A gather whose supervisor never answers (it is going away) gives up this long after its deadline. */
+const GATHER_GIVE_UP_MS = 3000
+
+/** Views of the whole host: gathers through the supervisor, answers to other workers' gathers. */
+const hostViews = (self: number) =>
+  Layer.effect(
+    HostViews,
+    Effect.gen(function* () {
+      const producers = new Map<string, (arg: string) => unknown>()
+      const waiting = new Map<number, (gathered: Gathered) => void>()
+      let nextId = 0
+      yield* onMessage((message) => {
+        if (message.t === "collect") {
+          const colon = message.what.indexOf(":")
+          const name = colon < 0 ? message.what : message.what.slice(0, colon)
+          const producer = producers.get(name)
+          const id = message.id
+          const arg = colon < 0 ? "" : message.what.slice(colon + 1)
+          Promise.resolve()
+            .then(() => producer?.(arg) ?? null)
+            .then(
+              (data) => send({ t: "collected", id, data }),
+              (e) => send({ t: "collected", id, data: { error: String(e) } })
+            )
+        } else if (message.t === "gathered") {
+          waiting.get(message.id)?.({ parts: message.parts, workers: message.workers })
+        }
+      })
+      return {
+        worker: self + 1,
+        provide: (name: string, producer: (arg: string) => unknown) => {
+          producers.set(name, producer)
+        },
+        gather: (what: string, timeoutMs = GATHER_MS) =>
+          Effect.callback<Gathered>((resume) => {
+            const id = nextId++
+            // Only for a supervisor going away: it answers by its own deadline otherwise.
+            const timer =
+              timeoutMs === 0
+                ? undefined
+                : setTimeout(() => finish({ parts: [], workers: [] }), timeoutMs + GATHER_GIVE_UP_MS)
+            const finish = (gathered: Gathered) => {
+              clearTimeout(timer)
+              waiting.delete(id)
+              resume(Effect.succeed(gathered))
+            }
+            waiting.set(id, finish)
+            send({ t: "gather", id, what, timeoutMs })
+            return Effect.sync(() => {
+              clearTimeout(timer)
+              waiting.delete(id)
+            })
+          })
+      }
+    })
+  )
+
 /** What a worker tells the others through the supervisor: cancels it does not own, terminates. */
 const peers = (self: number) =>
   Layer.succeed(PeerWorkers, {
@@ -77,8 +180,8 @@ const peers = (self: number) =>
   })
 
 /** Provided under the data plane in worker mode: PoolRegistry and SessionRegistry pick them up. */
-export const workerServices = (self: number): Layer.Layer<PermitGate | PeerWorkers> =>
-  Layer.merge(permitGate, peers(self))
+export const workerServices = (self: number): Layer.Layer<PermitGate | SeatGate | PeerWorkers | HostViews> =>
+  Layer.mergeAll(permitGate, seatGate, peers(self), hostViews(self))
 
 /**
  * What other workers ask of this one: cancel a query of a client it serves, reload a tenant another
@@ -90,6 +193,40 @@ export const workerInbox = Layer.effectDiscard(
     const tenants = yield* Tenants
     const changes = yield* TenantChanges
     const run = yield* FiberSet.makeRuntime<never, unknown, unknown>()
+    // Provided with workerServices; optional here so that the layer's type needs nothing extra.
+    const views = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+    const config = yield* AppConfig
+    const pools = yield* PoolRegistry
+    const registry = yield* TenantRegistry
+    const snapshot = (): AdminSnapshot => ({
+      config,
+      tenants: registry.all(),
+      pools: pools.all(),
+      sessions: sessions.all(),
+      now: Date.now()
+    })
+    const adminViews: Record<string, (s: AdminSnapshot) => ResultSet> = {
+      POOLS: showPools,
+      CLIENTS: showClients,
+      SERVERS: showServers,
+      STATS: showStats,
+      DATABASES: showDatabases,
+      USERS: showUsers,
+      LISTS: showLists
+    }
+    // The admin console's SHOW and pool commands of another worker (docs/admin-console.md#worker-mode).
+    views?.provide("admin", (what) => adminViews[what]?.(snapshot()).rows ?? null)
+    const runPromise = Effect.runPromiseWith(yield* Effect.context<never>())
+    views?.provide("admin-command", (text) => {
+      const [command = "", name] = text.split(" ", 2)
+      if (!POOL_COMMANDS.has(command)) return null
+      return runPromise(
+        Effect.andThen(
+          runPoolCommand(pools, sessions, command as PoolCommand, name === "" ? undefined : name),
+          Effect.succeed("done")
+        )
+      )
+    })
     yield* onMessage((message) => {
       switch (message.t) {
         case "cancel":
@@ -112,8 +249,15 @@ export const workerInbox = Layer.effectDiscard(
   })
 )
 
-/** Tells the supervisor this worker listens (its layer is built): the next workers may start. */
-export const workerReady = Effect.sync(() => send({ t: "ready" }))
+/**
+ * Tells the supervisor this worker listens (its layer is built): the next workers may start. From
+ * now on it beats: a worker whose event loop stops beating is killed as hung (docs/scale-out.md).
+ */
+export const workerReady = Effect.sync(() => {
+  send({ t: "ready" })
+  const beatMs = Number(process.env[BEAT_ENV] ?? 0)
+  if (beatMs > 0) setInterval(() => send({ t: "beat" }), beatMs).unref()
+})
 
 /**
  * The tenant store of a worker: every write is announced to the other workers, which reload that

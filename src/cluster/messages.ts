@@ -12,8 +12,30 @@ export interface BackendRef {
   readonly port: number
 }
 
+/** One worker's answer to a gather (docs/scale-out.md#views-of-the-whole-host), or its absence. */
+export interface GatheredPart {
+  /** The worker's number, from 1 as in logs and the `worker` label. */
+  readonly worker: number
+  readonly pid: number
+  /** undefined: the worker did not answer within the gather's deadline (starting, hung, gone). */
+  readonly data: unknown
+}
+
+/** A worker as the supervisor sees it (SHOW WORKERS, `tidepool_worker_*` metrics). */
+export interface WorkerInfo {
+  readonly worker: number
+  readonly pid: number | null
+  readonly ready: boolean
+  readonly startedAt: number
+  readonly restarts: number
+  readonly hangs: number
+  /** Milliseconds since its last heartbeat (null before its first). */
+  readonly beatAgeMs: number | null
+}
+
 export type ToSupervisor =
   | { readonly t: "ready" }
+  | { readonly t: "beat" }
   | { readonly t: "want"; readonly key: string; readonly size: number; readonly n: number }
   | { readonly t: "release"; readonly key: string; readonly n: number }
   | { readonly t: "opened"; readonly key: string; readonly backend: BackendRef }
@@ -21,6 +43,14 @@ export type ToSupervisor =
   | { readonly t: "cancel"; readonly processId: number; readonly secret: string }
   | { readonly t: "tenant"; readonly id: string }
   | { readonly t: "terminate"; readonly id: string }
+  /** Client seats (global max_clients): `need` logins wait for a seat; 0 asks for spare seats only. */
+  | { readonly t: "seat-want"; readonly key: string; readonly limit: number; readonly need: number }
+  /** Seats given back; `reclaimed`: the answer to a `seat-reclaim` (sent even when n is 0). */
+  | { readonly t: "seat-release"; readonly key: string; readonly n: number; readonly reclaimed: boolean }
+  /** Asks for every worker's `collected` answer to `what` (a host-wide view). */
+  /** `timeoutMs` 0: wait for every worker (or its death), as commands do. */
+  | { readonly t: "gather"; readonly id: number; readonly what: string; readonly timeoutMs: number }
+  | { readonly t: "collected"; readonly id: number; readonly data: unknown }
 
 export type ToWorker =
   | { readonly t: "grant"; readonly key: string; readonly n: number }
@@ -28,9 +58,23 @@ export type ToWorker =
   | { readonly t: "cancel"; readonly processId: number; readonly secret: string }
   | { readonly t: "tenant"; readonly id: string }
   | { readonly t: "terminate"; readonly id: string }
+  /** The answer to a `seat-want`: `n` seats granted (maybe 0); keep about `spare` unused seats. */
+  | { readonly t: "seats"; readonly key: string; readonly n: number; readonly spare: number }
+  /** Another worker needs a seat and none is free on the host: give back every unused seat. */
+  | { readonly t: "seat-reclaim"; readonly key: string }
+  | { readonly t: "collect"; readonly id: number; readonly what: string }
+  | {
+      readonly t: "gathered"
+      readonly id: number
+      readonly parts: ReadonlyArray<GatheredPart>
+      readonly workers: ReadonlyArray<WorkerInfo>
+    }
 
 /** The environment variable that makes `tidepool serve` a worker: its number, from 0. */
 export const WORKER_ENV = "TIDEPOOL_WORKER_INDEX"
+
+/** How often a worker beats (ms), set by the supervisor in the worker's environment; unset: no beat. */
+export const BEAT_ENV = "TIDEPOOL_WORKER_BEAT_MS"
 
 /** Bits 23–30 of a worker's client process ids: its number plus one (see SessionRegistry). */
 export const ownerOf = (processId: number): number => (processId >>> 23) - 1

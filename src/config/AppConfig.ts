@@ -88,6 +88,7 @@ export interface AppConfigShape {
   readonly leaseMs: number
   /** Cluster mode: the host other runners forward CancelRequests to; "" = listenAddr, or the host name if that is a wildcard. */
   readonly advertiseHost: string
+  readonly workerHangTimeoutMs: number
   readonly configFile: Option.Option<string>
 }
 
@@ -719,6 +720,21 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
       "Cluster mode: where other hosts send this host's CancelRequests (with PROXY_PORT_TRANSACTION); empty = TIDEPOOL_LISTEN_ADDR, or the host name when that is a wildcard",
     default: () => "",
     parse: (raw: string) => Result.succeed(raw.trim())
+  },
+  workerHangTimeoutMs: {
+    env: "TIDEPOOL_WORKER_HANG_TIMEOUT",
+    fileKey: "worker_hang_timeout",
+    type: "milliseconds, 0 or at least 200 (0 = off)",
+    description:
+      "Worker mode: a worker whose heartbeat (sent every fifth of this, at most every second) is this late is killed with SIGKILL and handled like a crash (docs/scale-out.md#hang-detection)",
+    default: () => 10_000,
+    // Below 200 ms a busy event loop's ordinary pauses (a GC, a large write) would read as hangs.
+    parse: (raw: string) =>
+      Result.flatMap(millis(0)(raw), (ms) =>
+        ms > 0 && ms < 200
+          ? Result.fail(`expected 0 (off) or at least 200 ms, got ${JSON.stringify(raw)}`)
+          : Result.succeed(ms)
+      )
   }
 }
 
@@ -921,6 +937,7 @@ const defaults = (): AppConfigShape => ({
   cluster: settings.cluster.default(),
   leaseMs: settings.leaseMs.default(),
   advertiseHost: settings.advertiseHost.default(),
+  workerHangTimeoutMs: settings.workerHangTimeoutMs.default(),
   configFile: Option.none()
 })
 

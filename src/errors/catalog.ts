@@ -146,7 +146,7 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (limit: number) => `max client connections reached, limit: ${limit}`,
-    meaning: "The pool already has `max_clients` clients connected.",
+    meaning: "The pool already has `max_clients` clients connected (in worker mode, across all the host's workers).",
     remedy: "Raise the user's `max_clients` (or the tenant's `default_max_clients`) or close idle clients."
   }),
   EMAXCONNSESSION: entry({
@@ -154,7 +154,8 @@ export const catalog = {
     severity: fatal,
     prefix: true,
     text: (limit: number) => `max clients reached in session mode - max clients are limited to pool_size: ${limit}`,
-    meaning: "In session mode each client holds a server, so clients per pool are capped at `pool_size`.",
+    meaning:
+      "In session mode each client holds a server, so clients per pool are capped at `pool_size` (in worker mode, across all the host's workers).",
     remedy: "Use transaction mode (port 6543) for many clients, or raise `pool_size`."
   }),
   EMAXPOOLSREACHED: entry({

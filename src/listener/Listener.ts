@@ -1,13 +1,19 @@
 import * as net from "node:net"
-import { Context, Data, Effect, FiberSet, Layer, Option } from "effect"
+import { Context, Data, Effect, FiberSet, Layer, References } from "effect"
 import { AdminControl } from "../admin/index.ts"
 import { AppConfig } from "../config/index.ts"
 import { type ErrorCode, renderErrorResponse, tidepoolError } from "../errors/index.ts"
 import type { PoolMode } from "../pool/index.ts"
 import { GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, TxStatus } from "../protocol/index.ts"
-import { clientSession, type RegisteredSession, SessionRegistry } from "../session/index.ts"
-// Not re-exported by telemetry's index yet (owned elsewhere); the listener is its only provider.
-import { EventCounters, HandshakeSlot } from "../telemetry/index.ts"
+import {
+  clientSession,
+  type LiveSession,
+  type LoginTicket,
+  type RegisteredSession,
+  SessionRegistry,
+  type SessionSupervisor
+} from "../session/index.ts"
+import { EventCounters } from "../telemetry/index.ts"
 import { DownstreamTls } from "../tls/index.ts"
 
 export class ListenError extends Data.TaggedError("ListenError")<{ readonly message: string }> {}
@@ -94,6 +100,35 @@ const REFUSAL_LOG_INTERVAL_MS = 10_000
 
 const ignore = () => {}
 
+/**
+ * One connection's login: its handshake slot, its count in the node's connection cap, and whether
+ * its session outlives its fiber (the session then gives the count back, `SessionSupervisor.left`).
+ */
+class Ticket implements LoginTicket {
+  handshaking = true
+  counted = true
+  handedOn = false
+  constructor(
+    private readonly admission: { handshaking: number; open: number },
+    private readonly live: Set<LiveSession>
+  ) {}
+  authenticated(): void {
+    if (!this.handshaking) return
+    this.handshaking = false
+    this.admission.handshaking--
+  }
+  over(): void {
+    this.authenticated()
+    if (this.handedOn || !this.counted) return
+    this.counted = false
+    this.admission.open--
+  }
+  adopt(session: LiveSession): void {
+    this.handedOn = true
+    this.live.add(session)
+  }
+}
+
 const NO = Buffer.from("N")
 
 /** At most this many sessions are named in one log line; the rest are counted. */
@@ -103,10 +138,11 @@ const named = (texts: ReadonlyArray<string>): string =>
   texts.length <= NAMED ? texts.join("; ") : `${texts.slice(0, NAMED).join("; ")}; and ${texts.length - NAMED} more`
 
 /**
- * The client-facing front doors. Each accepted socket runs a ClientSession fiber in one FiberSet.
- * Closing the scope is the graceful shutdown (docs/architecture.md#shutdown): stop accepting, let every session reach
- * its next transaction boundary up to the drain timeout, then interrupt whoever is left (they get
- * 57P01).
+ * The client-facing front doors. Each accepted socket's login runs as one fiber in a FiberSet; a
+ * logged-in session then lives on without it, as a LiveSession the listener supervises
+ * (docs/login-path.md). Closing the scope is the graceful shutdown (docs/architecture.md#shutdown):
+ * stop accepting, let every session reach its next transaction boundary up to the drain timeout,
+ * then interrupt the logins and close the sessions still left (they get 57P01).
  */
 export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners", {
   make: Effect.gen(function* () {
@@ -114,6 +150,7 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
     const sessions = yield* SessionRegistry
     const fibers = yield* FiberSet.make()
     const run = yield* FiberSet.runtime(fibers)<Effect.Services<ReturnType<typeof clientSession>>>()
+    const events = yield* EventCounters
 
     const servers: Array<net.Server> = []
     /**
@@ -121,11 +158,35 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
      * timeout). Idempotent; run on SIGTERM before anything else is torn down, and again as a finalizer.
      */
     let drained = false
+    /**
+     * Sessions past their login, each held by its LiveSession rather than a fiber: the drain waits
+     * for them as it waits for the logins' fibers, and closes whoever is left at its timeout.
+     */
+    const live = new Set<LiveSession>()
+    let whenNoneLive: Array<() => void> = []
+    const noneLive = Effect.callback<void>((resume) => {
+      if (live.size === 0) {
+        resume(Effect.void)
+        return
+      }
+      const wake = () => resume(Effect.void)
+      whenNoneLive.push(wake)
+      return Effect.sync(() => {
+        whenNoneLive = whenNoneLive.filter((w) => w !== wake)
+      })
+    })
+    /** Until every login's fiber and every session has ended (new logins are refused meanwhile). */
+    const allEnded = Effect.gen(function* () {
+      while (live.size > 0 || (yield* FiberSet.size(fibers)) > 0) {
+        yield* FiberSet.awaitEmpty(fibers)
+        yield* noneLive
+      }
+    })
     const shutdown = Effect.gen(function* () {
       for (const server of servers.splice(0)) server.close()
       if (drained) return
       drained = true
-      const left = yield* FiberSet.size(fibers)
+      const left = (yield* FiberSet.size(fibers)) + live.size
       if (left === 0) return
       const timeoutMs = config.shutdownTimeoutMs
       const registered = sessions.all()
@@ -150,19 +211,22 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
       sessions.drainAll()
       // This runs from finalizers and interruption handlers, which are uninterruptible: the wait
       // must opt in to interruption, or the drain timeout could never cut it short.
-      const ended = yield* FiberSet.awaitEmpty(fibers).pipe(Effect.interruptible, Effect.timeoutOption(timeoutMs))
-      if (Option.isSome(ended)) {
+      const ended = yield* allEnded.pipe(Effect.interruptible, Effect.timeoutOption(timeoutMs))
+      if (ended._tag === "Some") {
         yield* Effect.logInfo(`shutdown: every client session ended within ${Date.now() - startedAt} ms`)
         return
       }
-      // Whoever is left is interrupted when the FiberSet closes, right after this: 57P01 each.
-      const still = yield* FiberSet.size(fibers)
       const remaining = sessions.all()
       const stillHolding = remaining.flatMap((s) => holding(s)?.text ?? [])
+      const still = (yield* FiberSet.size(fibers)) + live.size
       const stillLoggingIn = Math.max(0, still - remaining.length)
       yield* Effect.logWarning(
         `shutdown: drain timeout (${timeoutMs} ms) reached; force-closing ${still} client session(s) with 57P01${stillHolding.length > 0 ? `: ${named(stillHolding)}` : ""}${stillLoggingIn > 0 ? `${stillHolding.length > 0 ? ";" : ":"} ${stillLoggingIn} still logging in` : ""}`
       ).pipe(Effect.annotateLogs({ code: "EADMINSHUTDOWN" }))
+      // Logins are interrupted when the FiberSet closes, right after this; sessions are closed now,
+      // and their teardown (a session-mode server's reset, bounded) is waited for.
+      for (const session of [...live]) session.close()
+      yield* noneLive
     })
     yield* Effect.addFinalizer(() => shutdown)
     // The admin console's SHUTDOWN: stop accepting at once; `tidepool serve` then returns, and
@@ -177,7 +241,6 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
       Effect.forkScoped
     )
 
-    const events = yield* EventCounters
     const downstreamTls = yield* DownstreamTls
     const { admission } = events
     const services = yield* Effect.context<never>()
@@ -233,11 +296,32 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
     const refuseClients = refusal("EMAXCLIENTCONNS", config.maxClientConnections, "TIDEPOOL_MAX_CLIENT_CONNECTIONS")
     const refuseHandshakes = refusal("EMAXHANDSHAKES", config.maxHandshakes, "TIDEPOOL_MAX_HANDSHAKES")
 
+    const supervisor: SessionSupervisor = {
+      draining: () => drained,
+      left: () => {
+        admission.open--
+      },
+      ended: (session) => {
+        if (!live.delete(session)) return
+        if (live.size === 0 && whenNoneLive.length > 0) {
+          const waiting = whenNoneLive
+          whenNoneLive = []
+          for (const wake of waiting) wake()
+        }
+      },
+      run: (teardown) => {
+        fork(teardown)
+      },
+      logLevel: yield* References.MinimumLogLevel,
+      events
+    }
+
     /**
      * The front door's limits, checked before the connection costs anything more than its socket:
-     * a refused one gets no fiber and no session state. Counted from accept to the session's end (an
-     * observer of a fiber that already ended runs at once); a handshake until the login succeeds
-     * (reported through `HandshakeSlot`) or the session ends.
+     * a refused one gets no fiber and no session state. A connection counts from accept to its
+     * end (its login's refusal or fiber's end, or its session's relay's end, `supervisor.left`),
+     * freed before the client hears why it ended; a handshake until the
+     * login succeeds (`LoginTicket.authenticated`, for tenant and admin logins alike) or the fiber ends.
      */
     const admit = (socket: net.Socket, mode: PoolMode): void => {
       if (admission.open >= config.maxClientConnections) {
@@ -252,21 +336,10 @@ export class Listeners extends Context.Service<Listeners>()("tidepool/Listeners"
       }
       admission.open++
       admission.handshaking++
-      const slot: HandshakeSlot = { done: false }
-      const fiber = run(
-        Effect.provideService(
-          clientSession(socket, mode, () => drained),
-          HandshakeSlot,
-          slot
-        )
-      )
-      fiber.addObserver(() => {
-        admission.open--
-        if (!slot.done) {
-          slot.done = true
-          admission.handshaking--
-        }
-      })
+      const ticket = new Ticket(admission, live)
+      // A session its login handed on counts until its relay ends; anything else ends here at the
+      // latest (a refused login stops counting before its client is told, `LoginTicket.over`).
+      run(clientSession(socket, mode, supervisor, ticket)).addObserver(() => ticket.over())
     }
 
     const door = (mode: PoolMode, port: number, envVar: string) =>

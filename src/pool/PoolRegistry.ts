@@ -3,6 +3,7 @@ import { AppConfig } from "../config/index.ts"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { checkoutSpans } from "./CheckoutSpans.ts"
 import { PermitGate } from "./PermitGate.ts"
+import { SeatGate } from "./SeatGate.ts"
 import { makeTenantPool, type PoolSettings, type TenantPool } from "./TenantPool.ts"
 
 interface Entry {
@@ -29,6 +30,8 @@ export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/Pool
     const pools = new Map<string, Entry>()
     // Worker mode only (docs/scale-out.md): pool_size is shared with the host's other workers.
     const gate = yield* Effect.serviceOption(PermitGate)
+    // … and so are max_clients and, in session mode, pool_size as a client limit.
+    const seats = Option.getOrUndefined(yield* Effect.serviceOption(SeatGate))
 
     const closeEntry = (key: string, entry: Entry) =>
       Effect.suspend(() => {
@@ -53,7 +56,22 @@ export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/Pool
     // could each start one and double its cap.
     const creating = yield* Semaphore.make(1)
 
+    /**
+     * The pool a client joins. In worker mode it also holds the client's host-wide seat, which the
+     * client's `admit` (next, synchronously) takes: the one step of a login that may wait for the
+     * supervisor (docs/scale-out.md#max_clients-across-workers). A pool that closed meanwhile (the
+     * sweep, its tenant stopped) lets its waiting logins go: they ask again, of the pool that serves
+     * the key now, rather than join a closed one (a transaction-mode client whose settings the pool
+     * knew would be greeted there and then fail every transaction).
+     */
     const get = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
+      seats === undefined
+        ? poolFor(settings)
+        : Effect.flatMap(poolFor(settings), (pool) =>
+            Effect.flatMap(pool.reserveSeat(), () => (pool.isClosed ? get(settings) : Effect.succeed(pool)))
+          )
+
+    const poolFor = (settings: PoolSettings): Effect.Effect<TenantPool, TidepoolError> =>
       Effect.suspend(() => {
         const existing = pools.get(settings.key)
         if (existing !== undefined && !existing.pool.isClosed) {
@@ -74,6 +92,7 @@ export class PoolRegistry extends Context.Service<PoolRegistry>()("tidepool/Pool
           const pool = yield* makeTenantPool(settings).pipe(Scope.provide(scope))
           if (isPaused(settings)) pool.pause()
           if (Option.isSome(gate)) pool.gate = gate.value.attach(pool)
+          if (seats !== undefined) pool.seats = seats.attach(pool)
           const tracer = yield* Effect.tracer
           // Effect's built-in tracer exports nothing (no exporter configured, see telemetry/Tracing.ts):
           // spans made for it would be work for no one.

@@ -4,6 +4,7 @@ import { connect, ServerConnection, type UpstreamTarget } from "../upstream/inde
 import { LatencyHistogram } from "./Histogram.ts"
 import { ListenHub } from "./ListenHub.ts"
 import type { PoolPermits } from "./PermitGate.ts"
+import type { PoolSeats } from "./SeatGate.ts"
 import { StatementRegistry } from "./StatementRegistry.ts"
 
 export type PoolMode = "transaction" | "session"
@@ -186,12 +187,20 @@ export class TenantPool {
   /**
    * Admits one more client of this pool, or says which limit refuses it: session mode holds a server
    * per client (`pool_size`), every mode caps clients at `max_clients`. Each admitted client is
-   * given back with `leave`.
+   * given back with `leave`. In worker mode the limits hold for the whole host: the seat the client
+   * takes was reserved by `reserveSeat` (PoolRegistry.get), which asked the supervisor if need be.
    */
   admit(): TidepoolError | undefined {
-    if (this.settings.mode === "session" && this.clients >= this.settings.size)
-      return tidepoolError("EMAXCONNSESSION", this.settings.size)
-    if (this.clients >= this.settings.maxClients) return tidepoolError("EMAXCONN", this.settings.maxClients)
+    if (this.seats === undefined) {
+      if (this.settings.mode === "session" && this.clients >= this.settings.size)
+        return tidepoolError("EMAXCONNSESSION", this.settings.size)
+      if (this.clients >= this.settings.maxClients) return tidepoolError("EMAXCONN", this.settings.maxClients)
+      this.clients++
+      return undefined
+    }
+    // A closed pool refuses at checkout (ESERVERCLOSED), as in a single process.
+    if (this.closed || this.reservedSeats > 0) this.reservedSeats = Math.max(0, this.reservedSeats - 1)
+    else if (this.clients >= this.seatsHeld) return this.seatRefusal()
     this.clients++
     return undefined
   }
@@ -199,6 +208,137 @@ export class TenantPool {
   /** A client admitted by `admit` left. */
   leave(): void {
     this.clients--
+    if (this.seats !== undefined) this.returnSpareSeats()
+  }
+
+  /**
+   * Worker mode: host-wide seats (docs/scale-out.md#max_clients-across-workers). `seatsHeld` counts
+   * this worker's clients plus the seats it keeps spare and those reserved for logins on their way.
+   */
+  seats: PoolSeats | undefined = undefined
+  private seatsHeld = 0
+  private reservedSeats = 0
+  private reservedAt = 0
+  private spareSeats = 0
+  private seatAsked = false
+  private readonly seatWaiters: Array<{ readonly done: (error: TidepoolError | undefined) => void; asked: boolean }> =
+    []
+
+  /** The host-wide limit on this pool's clients: session mode holds a server per client. */
+  private get seatLimit(): number {
+    const { mode, size, maxClients } = this.settings
+    return mode === "session" ? Math.min(size, maxClients) : maxClients
+  }
+
+  private seatRefusal(): TidepoolError {
+    const { mode, size, maxClients } = this.settings
+    return mode === "session" && size <= maxClients
+      ? tidepoolError("EMAXCONNSESSION", size)
+      : tidepoolError("EMAXCONN", maxClients)
+  }
+
+  /**
+   * Worker mode: holds a host-wide seat for a client about to `admit`. Free when this worker holds a
+   * spare seat (the usual case); otherwise one supervisor round trip, which at the limit first takes
+   * unused seats back from the other workers; fails with the limit's error when the host is full.
+   */
+  reserveSeat(): Effect.Effect<void, TidepoolError> {
+    return Effect.callback<void, TidepoolError>((resume) => {
+      if (this.takeSeat()) {
+        resume(Effect.void)
+        return
+      }
+      const waiter = {
+        asked: false,
+        done: (error: TidepoolError | undefined) => resume(error === undefined ? Effect.void : Effect.fail(error))
+      }
+      this.seatWaiters.push(waiter)
+      this.askSeats()
+      return Effect.sync(() => {
+        const i = this.seatWaiters.indexOf(waiter)
+        if (i >= 0) this.seatWaiters.splice(i, 1)
+      })
+    })
+  }
+
+  private takeSeat(): boolean {
+    if (this.seats === undefined || this.closed) return true
+    if (this.clients + this.reservedSeats >= this.seatsHeld) return false
+    this.reservedSeats++
+    this.reservedAt = Date.now()
+    // Running low: ask for more before a login has to wait for them.
+    if (!this.seatAsked && this.seatsHeld - this.clients - this.reservedSeats < Math.ceil(this.spareSeats / 2)) {
+      this.seatAsked = true
+      this.seats.want(this.seatLimit, 0)
+    }
+    return true
+  }
+
+  private askSeats(): void {
+    if (this.seatAsked) return
+    let need = 0
+    for (const w of this.seatWaiters) {
+      w.asked = true
+      need++
+    }
+    if (need === 0) return
+    this.seatAsked = true
+    this.seats!.want(this.seatLimit, need)
+  }
+
+  /** The supervisor's answer to a `want`: `n` more seats (maybe none); keep about `spare` unused. */
+  seatsGranted(n: number, spare: number): void {
+    this.seatsHeld += n
+    this.spareSeats = spare
+    this.seatAsked = false
+    for (let i = 0; i < this.seatWaiters.length; ) {
+      const w = this.seatWaiters[i]!
+      if (this.takeSeat()) {
+        this.seatWaiters.splice(i, 1)
+        w.done(undefined)
+      } else if (w.asked) {
+        // The supervisor took back every unused seat of the host before answering: the host is full.
+        this.seatWaiters.splice(i, 1)
+        w.done(this.seatRefusal())
+      } else i++
+    }
+    this.askSeats()
+    this.returnSpareSeats()
+  }
+
+  /** Another worker's login needs a seat and the host has none free: every unused seat goes back. */
+  reclaimSeats(): void {
+    const unused = Math.max(0, this.seatsHeld - this.clients - this.reservedSeats)
+    this.seatsHeld -= unused
+    this.seats?.release(unused, true)
+  }
+
+  private returnSpareSeats(): void {
+    const unused = this.seatsHeld - this.clients - this.reservedSeats
+    // Hysteresis: a client leaving and the next arriving do not each cost a message.
+    const keep = this.closed ? 0 : this.spareSeats
+    if (unused > 2 * keep || (this.closed && unused > 0)) {
+      this.seatsHeld -= unused - keep
+      this.seats!.release(unused - keep, false)
+    }
+  }
+
+  /**
+   * The pool closed: logins waiting for a seat go on to find it closed (and ask the pool that serves
+   * the key now, PoolRegistry.get); unused seats go back, those reserved for logins on their way
+   * too (no login joins a closed pool, and a closed pool is no longer swept for stale reservations).
+   */
+  private closeSeats(): void {
+    for (const w of this.seatWaiters.splice(0)) w.done(undefined)
+    this.reservedSeats = 0
+    this.returnSpareSeats()
+  }
+
+  /** A reservation whose login never called `admit` (its fiber interrupted in between) is dropped. */
+  private expireSeats(now: number): void {
+    if (this.seats === undefined || this.reservedSeats === 0 || now - this.reservedAt < 1000) return
+    this.reservedSeats = 0
+    this.returnSpareSeats()
   }
 
   /** How long the oldest waiting checkout has waited, in ms (0 when nobody waits). */
@@ -426,6 +566,7 @@ export class TenantPool {
    * registry's coarse timer.
    */
   maintain(now: number): void {
+    this.expireSeats(now)
     const { serverIdleTimeoutMs, minSize, size } = this.settings
     // Oldest first: the idle list is used LIFO, so its head has waited longest.
     for (let i = 0; i < this.idle.length; ) {
@@ -490,6 +631,7 @@ export class TenantPool {
       else s.close("pool closed")
     }
     if (this.gate !== undefined) this.settlePermits()
+    if (this.seats !== undefined) this.closeSeats()
   }
 
   get isClosed(): boolean {

@@ -64,7 +64,9 @@ export class MessageScanner {
   streamFirst = false
 
   private readonly onMessage: MessageCallback
-  private readonly inspected: Uint8Array
+  /** Shared with every scanner of the same `inspect` until `setInspected` gives it its own. */
+  private inspected: Uint8Array
+  private ownInspected = false
   private readonly maxMessageSize: number
   private readonly inspectMax: number
   private readonly hold: boolean
@@ -85,17 +87,16 @@ export class MessageScanner {
     this.maxMessageSize = options.maxMessageSize
     this.inspectMax = options.inspectMax ?? Number.POSITIVE_INFINITY
     this.hold = options.hold !== undefined
-    this.holdTypes = new Uint8Array(256)
-    for (let i = 0; i < (options.hold ?? "").length; i++) this.holdTypes[options.hold!.charCodeAt(i)] = 1
-    this.inspected = new Uint8Array(256)
-    for (let i = 0; i < options.inspect.length; i++) {
-      const code = options.inspect.charCodeAt(i)
-      if (code < 256) this.inspected[code] = 1
-    }
+    this.holdTypes = typeTable(options.hold ?? "")
+    this.inspected = typeTable(options.inspect)
   }
 
   /** Starts or stops handing bodies of `type` to the callback (for a reply the caller wants to read). */
   setInspected(type: number, on: boolean): void {
+    if (!this.ownInspected) {
+      this.inspected = new Uint8Array(this.inspected)
+      this.ownInspected = true
+    }
     this.inspected[type] = on ? 1 : 0
   }
 
@@ -212,6 +213,26 @@ export class MessageScanner {
     return -1
   }
 }
+
+/**
+ * A 256-entry table with 1 for each type in `types`, made once per distinct `types` and shared: a
+ * scanner per client would otherwise carry two of its own (some 900 bytes with their ArrayBuffers).
+ * Never written once made (`setInspected` copies first).
+ */
+const typeTable = (types: string): Uint8Array => {
+  let table = typeTables.get(types)
+  if (table === undefined) {
+    table = new Uint8Array(256)
+    for (let i = 0; i < types.length; i++) {
+      const code = types.charCodeAt(i)
+      if (code < 256) table[code] = 1
+    }
+    typeTables.set(types, table)
+  }
+  return table
+}
+
+const typeTables = new Map<string, Uint8Array>()
 
 /** Whether an inspected body, as handed to a MessageCallback, starts with `prefix` (e.g. a statement name). */
 export const bodyStartsWith = (body: Buffer, bodyStart: number, length: number, prefix: Buffer): boolean =>

@@ -86,6 +86,10 @@ const NONCE = /^[\x21-\x2b\x2d-\x7e]+$/
 // Optional trailing extensions: PostgreSQL reads and ignores any `,x=value` attributes.
 const EXTENSIONS = /^(?:,[A-Za-z]=[^,]*)*$/
 
+// One value for every wrong proof: an Error captures a stack trace when made (some microseconds),
+// and a guessed password is the one failure that comes in floods.
+const WRONG_PROOF = new ScramError({ reason: "password", message: "SCRAM proof does not match the stored secret" })
+
 const protocolError = (message: string) => new ScramError({ reason: "protocol", message })
 const malformed = (detail: string) => protocolError(`malformed SCRAM message: ${detail}`)
 
@@ -307,7 +311,7 @@ export class ScramServer {
     const keys = secretKeys(this.secret)
     const clientKey = xor(proof, hmac(keys.storedKey, authMessage))
     if (!sameBytes(sha256(clientKey), this.secret.storedKey)) {
-      return new ScramError({ reason: "password", message: "SCRAM proof does not match the stored secret" })
+      return WRONG_PROOF
     }
     return { serverFinal: `v=${hmac(keys.serverKey, authMessage).toString("base64")}`, clientKey }
   }

@@ -1,6 +1,6 @@
 import type * as net from "node:net"
 import type { BlockList } from "node:net"
-import { Cause, type Context, Effect, Exit, type Fiber, References } from "effect"
+import { Cause, Context, Effect, Exit, LogLevel, References } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -36,7 +36,13 @@ import type { ServerConnection } from "../upstream/index.ts"
 import { ClientSocket } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
 import { acceptDirectTls, answerSslRequest, tenantBySni } from "./negotiateTls.ts"
-import { type IdleProbe, type SessionHandle, type SessionInfo, SessionRegistry } from "./SessionRegistry.ts"
+import {
+  type IdleProbe,
+  type SessionHandle,
+  type SessionInfo,
+  type SessionKey,
+  SessionRegistry
+} from "./SessionRegistry.ts"
 import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
 import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsChange } from "./settings.ts"
 import { TransactionRelay } from "./TransactionRelay.ts"
@@ -86,94 +92,137 @@ const poolKey = (tenant: string, user: string, mode: PoolMode, database: string)
   `${tenant}\u0000${user}\u0000${mode}\u0000${database}`
 
 /**
- * One client connection, from its first byte to its close: handshake, tenant resolution, SCRAM,
- * attach to a server, then the relay. Its scope owns the server it holds: whatever way the session
- * ends, the server goes back reset or is closed, never leaked and never reused dirty.
- * `shuttingDown` says whether the listeners are draining: a login that completes then is refused
- * with 57P01, like the sessions the drain closes.
+ * How the listener supervises the sessions its connections become (one per listener): a logged-in
+ * session outlives its login's fiber, held by its `LiveSession` alone, and the listener's drain
+ * waits for it, and force-closes it, through this.
  */
-export const clientSession = (socket: net.Socket, mode: PoolMode, shuttingDown: () => boolean = NOT_DRAINING) =>
-  // Wrapped here, outside the generator, whose context lives as long as the session: the accepted
-  // socket is replaced by another one at `takeOver` and must not be kept alive by it.
-  serve(new ClientSocket(socket), mode, shuttingDown)
+export interface SessionSupervisor {
+  /** The listeners are draining: a login that completes now is refused with 57P01. */
+  readonly draining: () => boolean
+  /**
+   * An adopted session's relay ended: its connection no longer counts toward
+   * TIDEPOOL_MAX_CLIENT_CONNECTIONS (called once, before the client can hear why it ended).
+   */
+  readonly left: (session: LiveSession) => void
+  /** The session ended and has given back everything it held (a session-mode server's reset included). */
+  readonly ended: (session: LiveSession) => void
+  /** Runs a session's teardown (its log lines, a session-mode server's reset) on a fiber of its own. */
+  readonly run: (teardown: Effect.Effect<void>) => void
+  /** The node's least severe log level; a tenant's `log_level` overrides it for its sessions. */
+  readonly logLevel: LogLevel.LogLevel
+  readonly events: Context.Service.Shape<typeof EventCounters>
+}
 
-const NOT_DRAINING = () => false
+/** One accepted connection's login, from the listener. */
+export interface LoginTicket {
+  /**
+   * The client authenticated (a tenant's or the admin console's login), before its
+   * AuthenticationOk is sent: the end of its handshake, which frees its handshake slot.
+   */
+  readonly authenticated: () => void
+  /**
+   * The login ends without a session (refused, failed, interrupted): its connection stops counting,
+   * before the client is told why, so that a client reconnecting at once finds its slot free.
+   */
+  readonly over: () => void
+  /** From here on the session lives without its login's fiber, until `SessionSupervisor.ended`. */
+  readonly adopt: (session: LiveSession) => void
+}
 
-const serve = (client: ClientSocket, mode: PoolMode, shuttingDown: () => boolean) =>
-  Effect.gen(function* () {
-    const config = yield* AppConfig
-    const events = yield* EventCounters
+/**
+ * One client connection, from its first byte to its greeting (or refusal), as one fiber: startup,
+ * tenant resolution, SCRAM, attach to a pool. The handshake's deadline is one timer that interrupts
+ * the fiber. A logged-in client's session then runs on without a fiber: its relay's callbacks and
+ * its `LiveSession`, which holds what the session holds (its place in the pool, its registration, a
+ * session-mode server) and gives it all back when the relay ends, whatever way it ends.
+ */
+export const clientSession = (socket: net.Socket, mode: PoolMode, supervisor: SessionSupervisor, ticket: LoginTicket) =>
+  // Wrapped here, outside the generator: the accepted socket is replaced by another one at
+  // `takeOver` and must not be kept alive by it.
+  serve(new ClientSocket(socket), mode, supervisor, ticket)
+
+const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervisor, ticket: LoginTicket) =>
+  Effect.withFiber((fiber) => {
+    const config = Context.getUnsafe(fiber.context as Context.Context<AppConfig>, AppConfig)
+    const events = supervisor.events
     const log: LogContext = { mode, peer_ip: client.remoteAddress }
-    const timedOut = () => Effect.fail(tidepoolError("EAUTHTIMEOUT"))
     const startedAt = Date.now()
+    // The handshake's deadline: startup and authentication, not the wait for a server that follows
+    // (bounded by the pool's checkout timeout, as every wait for a server is).
+    let timedOut = false
+    let answered = false
+    let timer: ReturnType<typeof setTimeout> | undefined = setTimeout(() => {
+      timedOut = true
+      fiber.interruptUnsafe()
+    }, config.handshakeTimeoutMs)
+    const authenticated = () => {
+      clearTimeout(timer)
+      timer = undefined
+      ticket.authenticated()
+    }
 
-    const fail = (error: TidepoolError) =>
-      Effect.andThen(
-        Effect.sync(() => {
-          events.error(log.tenant, error.code)
-          client.fail(error)
-        }).pipe(
-          Effect.tap(() =>
-            Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" })
-          )
-        ),
-        // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
-        // address's refusals are a flood's: the block itself was logged once when it began.
+    const fail = (error: TidepoolError) => {
+      answered = true
+      events.error(log.tenant, error.code)
+      ticket.over()
+      client.fail(error)
+      // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
+      // address's refusals are a flood's: the block itself was logged once when it began.
+      return Effect.andThen(
+        Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
         (error.code === "ECLIENTSOCKETCLOSED" ||
         (error.code === "ECIRCUITBREAKER" && error.message.endsWith(ADDRESS_BLOCKED))
           ? Effect.logDebug(error.message)
           : Effect.logWarning(error.message)
         ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
       )
+    }
+    const failLater = (error: TidepoolError) => Effect.suspend(() => fail(error))
+    // Interrupted: by the handshake's deadline (the client is told EAUTHTIMEOUT) or by the shutdown.
+    const interrupted = Effect.suspend(() => {
+      if (answered) return Effect.void
+      if (timedOut) return fail(tidepoolError("EAUTHTIMEOUT"))
+      answered = true
+      ticket.over()
+      client.fail(tidepoolError("EADMINSHUTDOWN"))
+      return Effect.void
+    })
 
-    // The handshake and attach run to completion and let go of everything they used; the fiber
-    // then waits for its relay holding only the LiveSession (docs/login-path.md, "Idle clients").
     const session = (startup: Readonly<Record<string, string>>) =>
       Effect.gen(function* () {
-        const auth = yield* handshake(client, log, startup).pipe(
-          Effect.timeoutOrElse({
-            duration: Math.max(0, config.handshakeTimeoutMs - (Date.now() - startedAt)),
-            orElse: timedOut
-          })
-        )
-        if ("admin" in auth) {
-          yield* adminConsole(client, auth.admin)
-          return undefined
-        }
+        const auth = yield* handshake(client, log, startup)
+        authenticated()
+        client.write(authenticationOk())
+        if ("admin" in auth) return yield* adminConsole(client, auth.admin, supervisor.draining)
         const level = tenantLogLevel(auth.tenant.feature_flags)
-        const attached = attach(client, auth, mode, startedAt, shuttingDown)
-        const live = yield* level === undefined
-          ? attached
-          : Effect.provideService(attached, References.MinimumLogLevel, level)
-        return { live, level }
+        const attached = attach(client, auth, mode, startedAt, supervisor, ticket, level)
+        yield* level === undefined ? attached : Effect.provideService(attached, References.MinimumLogLevel, level)
       }).pipe(
-        Effect.flatMap((attached) => {
-          if (attached === undefined) return Effect.void
-          const relay = runRelay(attached.live)
-          return attached.level === undefined
-            ? relay
-            : Effect.provideService(relay, References.MinimumLogLevel, attached.level)
-        }),
-        // The session's own resources (its place in pool.clients, its registration, a session-mode
-        // server) are given back before the client hears why it ended: a client that reconnects at
-        // once after the error must find its slot free (EMAXCONNSESSION on a pool of one otherwise).
-        Effect.scoped,
-        Effect.catch(fail)
+        Effect.onInterrupt(() => interrupted),
+        Effect.catch(failLater)
       )
 
     // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
-    yield* readStartup(client).pipe(
-      Effect.timeoutOrElse({ duration: config.handshakeTimeoutMs, orElse: timedOut }),
+    return readStartup(client).pipe(
       Effect.flatMap((startup) => {
         if (startup === undefined) return Effect.void // a CancelRequest, handled
         const parent = clientTraceParent(startup)
         return session(startup).pipe(inSpan("client.session", parent === undefined ? ROOT : { parent }))
       }),
-      Effect.catch((error) => fail(error).pipe(inSpan("client.session", ROOT))),
-      Effect.onInterrupt(() => Effect.sync(() => client.fail(tidepoolError("EADMINSHUTDOWN")))),
-      Effect.ensuring(Effect.sync(() => client.socket.destroySoon()))
+      Effect.catch((error) => failLater(error).pipe(inSpan("client.session", ROOT))),
+      Effect.onInterrupt(() => interrupted),
+      Effect.ensuring(
+        Effect.sync(() => {
+          clearTimeout(timer)
+          // A session handed to its relay lives on; anything else ends with its fiber.
+          if (!client.handedOver) {
+            client.flush()
+            client.socket.destroySoon()
+          }
+        })
+      )
     )
-  }).pipe(Effect.scoped)
+  })
 
 /**
  * The startup phase: TLS negotiation (SSLRequest or direct TLS), CancelRequest (handled here; then
@@ -279,7 +328,6 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
       jit: identity.jit
     }).pipe(Effect.tapError((error) => Effect.sync(() => events.loginFailed(tenant.external_id, method, error.code))))
     events.loginSucceeded(tenant.external_id, identity.user, method)
-    client.write(authenticationOk())
 
     const settings = new Map<string, string>()
     for (const [name, value] of identity.settings) if (FORWARDED_PARAMETERS.has(name)) settings.set(name, value)
@@ -298,20 +346,34 @@ const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Reco
   })
 
 /**
- * Lends a server for the current scope; `giveBack` runs when the scope closes. Waiting is
- * interruptible (shutdown, client gone); a server handed over in the same instant as an interruption
- * goes straight back to the pool instead of being lost.
+ * Lends a server to a logged-in client. The wait is given up as soon as the client leaves, so a
+ * server is not lent to nobody, and is interruptible (shutdown); a server handed over in the same
+ * instant as an interruption goes straight back to the pool instead of being lost. Bounded by the
+ * pool's checkout timeout (ECHECKOUTTIMEOUT), as every wait for a server is, not by the handshake's.
  */
-const lend = (pool: TenantPool, giveBack: (server: ServerConnection) => Effect.Effect<void>) =>
+const lendToClient = (client: ClientSocket, pool: TenantPool, lent: (server: ServerConnection) => void) =>
   Effect.uninterruptibleMask((restore) => {
     let delivered: ServerConnection | undefined
     const checkout = Effect.callback<ServerConnection, TidepoolError>((resume) => {
+      let settled = false
       const waiter = pool.checkout((error, server) => {
+        settled = true
         delivered = server
+        client.forgetGone()
         resume(server !== undefined ? Effect.succeed(server) : Effect.fail(error!))
       })
+      if (!settled) {
+        // Told it is in while it waits (its AuthenticationOk), as a login that needs no wait is.
+        client.flush()
+        client.whenGone(() => {
+          settled = true
+          if (waiter !== undefined) pool.cancel(waiter)
+          resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+        })
+      }
       return Effect.sync(() => {
-        if (waiter !== undefined) pool.cancel(waiter)
+        client.forgetGone()
+        if (!settled && waiter !== undefined) pool.cancel(waiter)
       })
     })
     return restore(checkout).pipe(
@@ -320,12 +382,13 @@ const lend = (pool: TenantPool, giveBack: (server: ServerConnection) => Effect.E
           if (delivered !== undefined) pool.release(delivered)
         })
       ),
-      Effect.tap((server) => Effect.addFinalizer(() => giveBack(server)))
+      // Still uninterruptible: from here the server has a keeper.
+      Effect.tap((server) => Effect.sync(() => lent(server)))
     )
   })
 
 /** Puts a session-mode server back: reset when its state is known and resettable, closed otherwise. */
-const resetAndRelease = (pool: TenantPool) => (server: ServerConnection) =>
+const resetAndRelease = (pool: TenantPool, server: ServerConnection) =>
   Effect.gen(function* () {
     if (server.closed || server.pending > 0 || server.inBatch) {
       pool.discard(server, "client left mid-request")
@@ -336,32 +399,25 @@ const resetAndRelease = (pool: TenantPool) => (server: ServerConnection) =>
       yield* server.simpleQuery("DISCARD ALL")
       server.resetSettings()
     })
-    // Finalizers run uninterruptibly: the reset opts in, so that the timeout can stop it.
+    // Run uninterruptibly (a shutdown must not lose the server): the reset opts in, so that the
+    // timeout can stop it.
     const exit = yield* reset.pipe(Effect.interruptible, Effect.timeout(5000), Effect.exit)
     if (Exit.isSuccess(exit) && server.isIdle) pool.release(server)
     else pool.discard(server, "reset failed")
-  })
-
-/**
- * The wait for a server at login: bounded by the pool's checkout timeout (ECHECKOUTTIMEOUT), as every
- * wait for a server is, not by the handshake timeout, so a login in a busy moment waits as long as a
- * query would; and given up as soon as the client leaves, so a server is not lent to nobody.
- */
-const lendToClient = (
-  client: ClientSocket,
-  pool: TenantPool,
-  giveBack: (server: ServerConnection) => Effect.Effect<void>
-) => Effect.raceFirst(lend(pool, giveBack), client.gone)
+  }).pipe(Effect.uninterruptible)
 
 /**
  * Session mode: the client's server for life, given the client's startup settings (a value the
- * server rejects is the client's error, as on a direct connection).
+ * server rejects is the client's error, as on a direct connection). Held by the LiveSession from
+ * the moment it is lent.
  */
-const attachSession = (client: ClientSocket, pool: TenantPool, startup: ReadonlyMap<string, string>) =>
+const attachSession = (live: LiveSession, startup: ReadonlyMap<string, string>) =>
   Effect.gen(function* () {
-    const server = yield* lendToClient(client, pool, resetAndRelease(pool))
+    const server = yield* lendToClient(live.client, live.pool, (server) => {
+      live.held = server
+    })
     yield* applySettings(server, startup)
-    return { server, settings: undefined, reported: [...server.parameters] }
+    return { settings: undefined, reported: [...server.parameters] }
   })
 
 /**
@@ -371,12 +427,18 @@ const attachSession = (client: ClientSocket, pool: TenantPool, startup: Readonly
  */
 const attachTransaction = (client: ClientSocket, pool: TenantPool, startup: ReadonlyMap<string, string>) =>
   Effect.gen(function* () {
-    const unchecked = [...startup].filter(([name, value]) => !pool.knownSettings.has(`${name}=${value}`))
-    if (pool.parameters === undefined || unchecked.length > 0) {
-      yield* Effect.scoped(
-        Effect.flatMap(
-          lendToClient(client, pool, (server) => Effect.sync(() => pool.release(server))),
-          (server) => applySettings(server, startup)
+    let unchecked = pool.parameters === undefined
+    for (const [name, value] of startup) if (!pool.knownSettings.has(`${name}=${value}`)) unchecked = true
+    if (unchecked) {
+      let lent: ServerConnection | undefined
+      yield* lendToClient(client, pool, (server) => {
+        lent = server
+      }).pipe(
+        Effect.flatMap((server) => applySettings(server, startup)),
+        Effect.onExit(() =>
+          Effect.sync(() => {
+            if (lent !== undefined) pool.release(lent)
+          })
         )
       )
       // Bounded: a pool seeing endless distinct application_names re-checks rather than grows.
@@ -385,19 +447,26 @@ const attachTransaction = (client: ClientSocket, pool: TenantPool, startup: Read
     }
     const pristine = pool.parameters ?? new Map<string, string>()
     const settings = clientSettings(pristine, startup)
-    return { server: undefined, settings, reported: reportedParameters(pristine, settings) }
+    return { settings, reported: reportedParameters(pristine, settings) }
   })
 
 /**
- * A logged-in client, from its registration to its end: the registry's handle (cancel, drain, kick,
- * KILL), what the admin console and the idle sweep read, and what its relay is started with. One
- * object with methods rather than a handle of closures: an idle client keeps it for its whole life.
+ * A logged-in client, from its admission to its pool to its end: what it holds (its place in the
+ * pool, its registration, a session-mode server), the registry's handle (cancel, drain, kick, KILL),
+ * what the admin console and the idle sweep read, and its relay. Once greeted, it is the session:
+ * no fiber waits for it; the relay's end gives everything back (`relayEnded`). One object with
+ * methods rather than a handle of closures: an idle client keeps it for its whole life.
  */
-class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
+export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
   relay: SessionRelay | TransactionRelay | undefined = undefined
+  /** Session mode: the server held for the session's life. */
+  held: ServerConnection | undefined = undefined
+  /** While registered: its BackendKeyData. */
+  key: SessionKey | undefined = undefined
   drainRequested = false
   kicked: TidepoolError | undefined = undefined
-  readonly connectedAt = Date.now()
+  /** Its resources were given back (or are being): it counts for nothing any more. */
+  done = false
   readonly address: string
   readonly port: number
   readonly tls: boolean
@@ -408,12 +477,12 @@ class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
     readonly tenant: string,
     readonly user: string,
     readonly applicationName: string,
-    /** Session mode: the server held for the session's life. */
-    readonly held: ServerConnection | undefined,
-    /** Transaction mode: the client's settings, which its relay keeps current. */
-    readonly settings: Map<string, string> | undefined,
-    readonly relayOptions: RelayOptions,
-    private readonly fiber: Fiber.Fiber<unknown, unknown>
+    /** Epoch ms of the connection's accept. */
+    readonly connectedAt: number,
+    private readonly sessions: Context.Service.Shape<typeof SessionRegistry>,
+    private readonly supervisor: SessionSupervisor,
+    /** The tenant's `log_level`, when it has one. */
+    private readonly level: LogLevel.LogLevel | undefined
   ) {
     this.address = client.remoteAddress
     this.port = client.socket.remotePort ?? 0
@@ -461,7 +530,11 @@ class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
   }
   // Fire and forget: the console answers KILL without waiting for each session to close.
   kill(): Effect.Effect<void> {
-    return Effect.sync(() => this.fiber.interruptUnsafe())
+    return Effect.sync(() => this.close())
+  }
+  /** Ends the session now with 57P01 (KILL, or the drain's timeout). */
+  close(): void {
+    this.kick(tidepoolError("EADMINSHUTDOWN"))
   }
   bytesRead(): number {
     return this.client.socket.bytesRead
@@ -473,6 +546,187 @@ class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
     if (relay instanceof TransactionRelay) return relay.server === undefined ? !relay.isWaiting : relay.server.isIdle
     return relay !== undefined && this.held?.isIdle === true
   }
+
+  /**
+   * Gives back what the session holds: its registration and its place in the pool at once
+   * (`leave`), then a session-mode server (reset, or closed). Synchronous unless there is a server
+   * to reset. Once only.
+   */
+  giveBack(): Effect.Effect<void> {
+    this.leave()
+    const server = this.held
+    this.held = undefined
+    return server === undefined ? Effect.void : resetAndRelease(this.pool, server)
+  }
+
+  /**
+   * `giveBack`'s synchronous part: the registration, the place in the pool and (an adopted
+   * session) the connection's count; a session-mode server stays held until its reset. Run as soon
+   * as the relay ends, in its callback: a client that closed (its FIN answered by Node at once) or
+   * heard its error and reconnects must find its place free, not wait for the teardown queue or a
+   * session-mode server's reset (a login admitted meanwhile waits for that server in the pool's
+   * queue, as for any busy server).
+   */
+  private leave(): void {
+    if (this.done) return
+    this.done = true
+    const key = this.key
+    if (key !== undefined) {
+      this.key = undefined
+      this.sessions.unregister(key)
+    }
+    this.leavePool()
+    if (this.relay !== undefined) this.supervisor.left(this)
+  }
+
+  private leavePool(): void {
+    this.pool.leave()
+    this.pool.counters.clientLifetime.observe(Date.now() - this.connectedAt)
+  }
+
+  /**
+   * Greeted: the relay takes the socket, in the same tick (once the handshake reader lets go,
+   * unread bytes must reach the relay), and the session goes on without the login's fiber.
+   */
+  start(settings: Map<string, string> | undefined, options: RelayOptions, ticket: LoginTicket): void {
+    const { readAhead, reads } = this.client.takeOver()
+    const r =
+      settings === undefined
+        ? new SessionRelay(this.client.socket, this.held!, options.maxMessageSize, this.pool.counters, this.onRelayEnd)
+        : new TransactionRelay(
+            this.client.socket,
+            this.pool,
+            options.maxMessageSize,
+            settings,
+            this.onRelayEnd,
+            options
+          )
+    this.relay = r
+    ticket.adopt(this)
+    r.start(readAhead, reads)
+    if (this.drainRequested) r.drain()
+    if (this.kicked !== undefined) r.abort()
+  }
+
+  /** How its relay ended, once it has: its teardown is queued (`TEARDOWNS`). */
+  private end: RelayEnd | undefined = undefined
+
+  private readonly onRelayEnd = (end: RelayEnd): void => {
+    this.end = end
+    this.leave()
+    queueTeardown(this)
+  }
+
+  /** Its turn in the teardown queue. */
+  tearDown(): void {
+    try {
+      this.relayEnded(this.end!)
+    } catch (cause) {
+      // A bug of ours: logged, and the listener is not left waiting for this session at shutdown.
+      this.supervisor.run(Effect.logError("internal error tearing down a client session", Cause.die(cause)))
+      this.supervisor.ended(this)
+    }
+  }
+
+  /**
+   * How the relay ended decides the session's error, if any. Its resources are given back before
+   * the client hears why it ended (its places already in `onRelayEnd`, a session-mode server by its
+   * reset here): a client that reconnects at once after the error must find its slot free
+   * (EMAXCONNSESSION on a pool of one otherwise). A clean end with nothing to log and no server to
+   * reset costs no fiber.
+   */
+  private relayEnded(end: RelayEnd): void {
+    const error = this.errorOf(end)
+    const level = this.level ?? this.supervisor.logLevel
+    const debug = LogLevel.isLessThanOrEqualTo(level, "Debug")
+    if (error === undefined && this.held === undefined && !debug) {
+      this.leave()
+      this.client.socket.destroySoon()
+      this.supervisor.ended(this)
+      return
+    }
+    const annotations = {
+      tenant: this.tenant,
+      user: this.user,
+      mode: this.pool.settings.mode,
+      peer_ip: this.address
+    }
+    const logged = Effect.logDebug(`relay ended: ${end._tag}`)
+    const teardown = (
+      end._tag === "Fault"
+        ? // A bug of ours: the operator gets the cause and stack, the client only the code.
+          Effect.andThen(
+            logged,
+            Effect.logError("internal error in the relay; the session was closed", Cause.die(end.cause))
+          )
+        : logged
+    ).pipe(
+      Effect.andThen(this.giveBack()),
+      Effect.andThen(
+        Effect.suspend(() => {
+          if (error === undefined) {
+            this.client.socket.destroySoon()
+            return Effect.void
+          }
+          this.supervisor.events.error(this.tenant, error.code)
+          this.client.fail(error)
+          return (
+            error.code === "ECLIENTSOCKETCLOSED" ? Effect.logDebug(error.message) : Effect.logWarning(error.message)
+          ).pipe(Effect.annotateLogs("code", error.code))
+        })
+      ),
+      Effect.annotateLogs(annotations),
+      Effect.ensuring(Effect.sync(() => this.supervisor.ended(this)))
+    )
+    this.supervisor.run(
+      this.level === undefined ? teardown : Effect.provideService(teardown, References.MinimumLogLevel, this.level)
+    )
+  }
+
+  private errorOf(end: RelayEnd): TidepoolError | undefined {
+    switch (end._tag) {
+      case "ClientError":
+        return end.error
+      case "ServerClosed":
+        return tidepoolError("ESERVERCLOSED", end.reason)
+      case "Fault":
+        return tidepoolError("EINTERNAL")
+      case "Drained":
+        return this.kicked ?? tidepoolError("EADMINSHUTDOWN")
+      default:
+        return undefined
+    }
+  }
+}
+
+/**
+ * Sessions whose relay ended, torn down a slice per turn of the event loop: when a thousand
+ * clients disconnect at once, their teardowns (registration, pool place, the socket's close, a
+ * log line or a server's reset) interleave with the traffic of the sessions still running instead
+ * of blocking the loop for all of them in one go (docs/login-path.md, "The disconnect wave").
+ */
+const TEARDOWNS: Array<LiveSession> = []
+let teardownHead = 0
+const TEARDOWN_SLICE = 16
+
+const queueTeardown = (session: LiveSession): void => {
+  TEARDOWNS.push(session)
+  if (TEARDOWNS.length - teardownHead === 1) setImmediate(drainTeardowns)
+}
+
+const drainTeardowns = (): void => {
+  const stop = Math.min(TEARDOWNS.length, teardownHead + TEARDOWN_SLICE)
+  while (teardownHead < stop) {
+    const session = TEARDOWNS[teardownHead]!
+    TEARDOWNS[teardownHead++] = undefined as unknown as LiveSession
+    session.tearDown()
+  }
+  if (teardownHead < TEARDOWNS.length) {
+    setImmediate(drainTeardowns)
+    return
+  }
+  TEARDOWNS.length = 0
+  teardownHead = 0
 }
 
 interface RelayOptions {
@@ -483,42 +737,19 @@ interface RelayOptions {
   readonly maxMemory: number
 }
 
-// The session scope's finalizers are made out here, where they can close over nothing but their
-// arguments: made inside `attach`, they would keep its whole context (the tenant, the credentials,
-// the startup settings) alive for as long as the session lasts.
-
-/** The client counts in `pool.clients` until the session's scope closes. */
-const countClient = (pool: TenantPool, startedAt: number) =>
-  Effect.acquireRelease(
-    Effect.suspend(() => {
-      const refused = pool.admit()
-      return refused === undefined ? Effect.void : Effect.fail(refused)
-    }),
-    () =>
-      Effect.sync(() => {
-        pool.leave()
-        pool.counters.clientLifetime.observe(Date.now() - startedAt)
-      })
-  )
-
-/** The session is reachable by cancel requests, drains and kicks until its scope closes. */
-const register = (sessions: Context.Service.Shape<typeof SessionRegistry>, live: LiveSession) =>
-  Effect.acquireRelease(
-    Effect.sync(() => sessions.register(live)),
-    (key) => Effect.sync(() => sessions.unregister(key))
-  )
-
 /**
- * Attaches an authenticated client to its pool: counts it, lends or checks a server, registers it
- * and greets it. Returns the LiveSession whose relay the caller then runs; the count and the
- * registration are released when the session's scope closes.
+ * Attaches an authenticated client to its pool: admits it, lends or checks a server, registers it,
+ * greets it and starts its relay. Whatever ends it before the greeting gives back what it took (the
+ * caller tells the client why); after the greeting the LiveSession holds it all.
  */
 const attach = (
   client: ClientSocket,
   auth: Authenticated,
   mode: PoolMode,
   startedAt: number,
-  shuttingDown: () => boolean
+  supervisor: SessionSupervisor,
+  ticket: LoginTicket,
+  level: LogLevel.LogLevel | undefined
 ) =>
   Effect.gen(function* () {
     const config = yield* AppConfig
@@ -553,78 +784,46 @@ const attach = (
             : undefined)
       }
     })
-    yield* countClient(pool, startedAt)
-
-    const { server, settings, reported } =
-      mode === "session"
-        ? yield* attachSession(client, pool, auth.settings)
-        : yield* attachTransaction(client, pool, auth.settings)
+    const refused = pool.admit()
+    if (refused !== undefined) return yield* refused
     const live = new LiveSession(
       client,
       pool,
       tenant.external_id,
       auth.identity.user,
       auth.settings.get("application_name") ?? "",
-      server,
-      settings,
-      {
-        maxMessageSize: config.maxMessageSize,
-        rename: tenant.feature_flags.prepared_statements !== false,
-        cacheSize: config.preparedCacheSize,
-        maxCount: config.maxPreparedStatements,
-        maxMemory: config.maxPreparedMemory
-      },
-      yield* Effect.withFiber((fiber: Fiber.Fiber<unknown, unknown>) => Effect.succeed(fiber))
+      startedAt,
+      sessions,
+      supervisor,
+      level
     )
-    const key = yield* register(sessions, live)
-    // A login that ends while the pooler drains was registered too late to be drained: it is told
-    // now, as a drained client would be, instead of being greeted and then held until the timeout.
-    // Checked after registering, so a drain that starts in between has drained this session anyway.
-    if (shuttingDown()) return yield* tidepoolError("EADMINSHUTDOWN")
-    const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
-    if (revoked !== undefined) return yield* revoked
-    const greeting: Array<Buffer> = []
-    for (const [name, value] of reported) greeting.push(parameterStatus(name, value))
-    greeting.push(backendKeyData(key.processId, key.secretKey), readyForQuery("I"))
-    client.write(Buffer.concat(greeting))
-    pool.counters.clientConnect.observe(Date.now() - startedAt)
-    return live
-  })
-
-/** Runs the session's relay until it ends; how it ended decides the session's error, if any. */
-const runRelay = (live: LiveSession) =>
-  Effect.callback<RelayEnd>((resume) => {
-    const onEnd = (end: RelayEnd) => resume(Effect.succeed(end))
-    // Same tick as the relay's start: once the handshake reader lets go, unread bytes must reach the relay.
-    const { readAhead, reads } = live.client.takeOver()
-    const options = live.relayOptions
-    const r =
-      live.settings === undefined
-        ? new SessionRelay(live.client.socket, live.held!, options.maxMessageSize, live.pool.counters, onEnd)
-        : new TransactionRelay(live.client.socket, live.pool, options.maxMessageSize, live.settings, onEnd, options)
-    live.relay = r
-    r.start(readAhead, reads)
-    if (live.drainRequested) r.drain()
-    if (live.kicked !== undefined) r.abort()
-    return Effect.sync(() => r.abort())
-  }).pipe(Effect.flatMap((end) => relayEnded(live, end)))
-
-const relayEnded = (live: LiveSession, end: RelayEnd): Effect.Effect<void, TidepoolError> =>
-  Effect.andThen(Effect.logDebug(`relay ended: ${end._tag}`), () => {
-    switch (end._tag) {
-      case "ClientError":
-        return Effect.fail(end.error)
-      case "ServerClosed":
-        return Effect.fail(tidepoolError("ESERVERCLOSED", end.reason))
-      case "Fault":
-        // A bug of ours: the operator gets the cause and stack, the client only the code.
-        return Effect.andThen(
-          Effect.logError("internal error in the relay; the session was closed", Cause.die(end.cause)),
-          Effect.fail(tidepoolError("EINTERNAL"))
-        )
-      case "Drained":
-        return Effect.fail(live.kicked ?? tidepoolError("EADMINSHUTDOWN"))
-      default:
-        return Effect.void
-    }
+    const greet = Effect.gen(function* () {
+      const { settings, reported } =
+        mode === "session"
+          ? yield* attachSession(live, auth.settings)
+          : yield* attachTransaction(client, pool, auth.settings)
+      live.key = sessions.register(live)
+      // A login that ends while the pooler drains was registered too late to be drained: it is
+      // told now, as a drained client would be, instead of being greeted and then held until the
+      // timeout. Checked after registering, so a drain that starts in between has drained it anyway.
+      if (supervisor.draining()) return yield* tidepoolError("EADMINSHUTDOWN")
+      const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
+      if (revoked !== undefined) return yield* revoked
+      for (const [name, value] of reported) client.write(parameterStatus(name, value))
+      client.write(backendKeyData(live.key.processId, live.key.secretKey))
+      client.write(readyForQuery("I"))
+      pool.counters.clientConnect.observe(Date.now() - startedAt)
+      live.start(
+        settings,
+        {
+          maxMessageSize: config.maxMessageSize,
+          rename: tenant.feature_flags.prepared_statements !== false,
+          cacheSize: config.preparedCacheSize,
+          maxCount: config.maxPreparedStatements,
+          maxMemory: config.maxPreparedMemory
+        },
+        ticket
+      )
+    })
+    yield* Effect.onExit(greet, (exit) => (Exit.isSuccess(exit) ? Effect.void : live.giveBack()))
   })

@@ -18,6 +18,24 @@ export const READ_AHEAD_LIMIT = 16 * 1024
 
 const EMPTY = Buffer.alloc(0)
 
+/** How long a connection we end may still read what its client sends before it is cut. */
+const LINGER_MS = 1000
+
+/**
+ * A lingering close, for a connection we have just ended (`end`, our last bytes queued): closing
+ * it with bytes unread makes the kernel answer with a reset, and a reset makes the client's kernel
+ * drop whatever it has not read yet — our error with it (a client blocked sending a large message
+ * reads only afterwards). So what the client still sends is read and dropped (the socket flows
+ * with no 'data' listener of ours) until it closes its side, and for at most LINGER_MS, after
+ * which the connection is cut whatever it does.
+ */
+const linger = (socket: net.Socket): void => {
+  if (socket.destroyed) return
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS)
+  socket.once("close", () => clearTimeout(timer))
+  socket.resume()
+}
+
 /**
  * A client socket during the control-plane phase (startup, authentication, the wait for a server):
  * reads are Effects that wait for bytes. Reading pauses once `READ_AHEAD_LIMIT` bytes are held and
@@ -30,9 +48,16 @@ const EMPTY = Buffer.alloc(0)
  */
 export class ClientSocket {
   private buffered: Buffer = EMPTY
+  /**
+   * Written and not yet sent: the control plane's replies go out when it next waits for the client
+   * (or ends), so a login's SASLFinal, AuthenticationOk and greeting leave in one write.
+   */
+  private out: Buffer | Array<Buffer> | undefined = undefined
   private wake: (() => void) | undefined = undefined
   private onGone: (() => void) | undefined = undefined
   closed = false
+  /** The relay has the socket (`takeOver`): the session no longer ends with its login. */
+  handedOver = false
   /** An SSLRequest was answered; PostgreSQL allows one per connection. */
   sslRequested = false
 
@@ -93,6 +118,8 @@ export class ClientSocket {
   /** Waits until more bytes arrive; fails with ECLIENTSOCKETCLOSED when the client went away. */
   private get more(): Effect.Effect<void, TidepoolError> {
     return Effect.callback<void, TidepoolError>((resume) => {
+      // The client answers only what it has received.
+      this.flush()
       if (this.closed) {
         resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
         return
@@ -106,20 +133,19 @@ export class ClientSocket {
   }
 
   /**
-   * Fails with ECLIENTSOCKETCLOSED once the client has gone; never succeeds. Heard while reading
-   * flows: a client paused at the read-ahead limit is found gone only when next read.
+   * Calls `callback` once, when the client goes (at once if it has gone). Heard while reading flows:
+   * a client paused at the read-ahead limit is found gone only when next read. One at a time.
    */
-  get gone(): Effect.Effect<never, TidepoolError> {
-    return Effect.callback<never, TidepoolError>((resume) => {
-      if (this.closed) {
-        resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-        return
-      }
-      this.onGone = () => resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-      return Effect.sync(() => {
-        this.onGone = undefined
-      })
-    })
+  whenGone(callback: () => void): void {
+    if (this.closed) {
+      callback()
+      return
+    }
+    this.onGone = callback
+  }
+
+  forgetGone(): void {
+    this.onGone = undefined
   }
 
   /** The first unread byte, waiting for it if need be (a TLS ClientHello starts with 0x16). */
@@ -169,8 +195,20 @@ export class ClientSocket {
     })
   }
 
+  /** Queues `data`; it is sent with whatever else is queued when the session next waits for the client. */
   write(data: Buffer): void {
-    if (!this.closed && this.socket.writable) this.socket.write(data)
+    const out = this.out
+    if (out === undefined) this.out = data
+    else if (Array.isArray(out)) out.push(data)
+    else this.out = [out, data]
+  }
+
+  /** Sends what is queued, in one write. */
+  flush(): void {
+    const out = this.out
+    if (out === undefined) return
+    this.out = undefined
+    if (!this.closed && this.socket.writable) this.socket.write(Array.isArray(out) ? Buffer.concat(out) : out)
   }
 
   /**
@@ -181,15 +219,14 @@ export class ClientSocket {
     this.socket.pause()
   }
 
-  /** Sends the error (unless it is log-only) and closes the connection. */
+  /** Sends the error (unless it is log-only) and closes the connection, lingering (see `linger`). */
   fail(error: TidepoolError): void {
-    this.socket.pause()
-    if (!this.closed && this.socket.writable && error.severity !== "LOG") {
-      this.socket.end(renderErrorResponse(error))
-    } else {
-      this.socket.end()
-    }
-    this.socket.destroySoon()
+    this.flush()
+    const socket = this.socket
+    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(renderErrorResponse(error))
+    else socket.end()
+    socket.off("data", this.onData)
+    linger(socket)
   }
 
   /**
@@ -208,6 +245,7 @@ export class ClientSocket {
    * covers both paths).
    */
   takeOver(): { readonly readAhead: Buffer; readonly reads: ReadBuffer | undefined } {
+    this.handedOver = true
     const readAhead = this.detach()
     const old = this.socket as net.Socket & { _handle?: { readStop?: unknown } | null }
     const handle = old._handle
@@ -239,9 +277,12 @@ export class ClientSocket {
   }
 
   /**
-   * Stops the control-plane reader and returns the bytes read ahead, which belong to the relay.
+   * Stops the control-plane reader and returns the bytes read ahead, which belong to the relay (or
+   * the TLS socket). What was written is sent first.
    */
   detach(): Buffer {
+    // Before the TLS handshake (its `S`) or the relay's first write (the greeting).
+    this.flush()
     this.socket.off("data", this.onData)
     this.socket.off("close", this.onClose)
     // An empty view still holds the chunk it was cut from, which the relay would keep alive.

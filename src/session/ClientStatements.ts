@@ -79,9 +79,14 @@ export class ClientStatements {
   constructor(
     private readonly registry: StatementRegistry,
     private readonly limits: ClientStatementLimits,
-    /** The client's session settings (kept current by the relay). */
-    private readonly settings: ReadonlyMap<string, string>
+    /** The client's session settings (kept current by the relay, which may replace the map: `useSettings`). */
+    private settings: ReadonlyMap<string, string>
   ) {}
+
+  /** The relay's settings map is now this one (its own copy, made at the client's first change). */
+  useSettings(settings: ReadonlyMap<string, string>): void {
+    this.settings = settings
+  }
 
   get size(): number {
     return this.byName.size

@@ -115,6 +115,12 @@ const FAILED = TxStatus.Failed
  * the server holds.
  */
 export class PreparedStatements {
+  /**
+   * How many were made in this process: a relay makes one at its client's first checkout, never for
+   * a client that stays idle (test/unit/session/TransactionRelay.test.ts checks it).
+   */
+  static made = 0
+
   private readonly statements: ClientStatements
   private readonly cache: ServerStatementCache
   private readonly queue = new ExpectationQueue()
@@ -159,6 +165,12 @@ export class PreparedStatements {
   ) {
     this.statements = new ClientStatements(pool.statements, options, settings)
     this.cache = new ServerStatementCache(pool.statements, options.cacheSize)
+    PreparedStatements.made++
+  }
+
+  /** See ClientStatements.useSettings. */
+  useSettings(settings: ReadonlyMap<string, string>): void {
+    this.statements.useSettings(settings)
   }
 
   /** The client ran SQL-level PREPARE: its server must stay with it. */

@@ -18,7 +18,14 @@ import {
 import { LISTENS, PROBE, sessionEffects, UNPIN, unlistenTargets } from "./SessionEffects.ts"
 import { customSettingNames, type ProbeResult, probeResult, sessionProbe } from "./SessionProbe.ts"
 import type { RelayEnd } from "./SessionRelay.ts"
-import { adoptSettings, STATEMENT_TIMEOUT, settingsChange, settingsKey, TRACKED_PARAMETERS } from "./settings.ts"
+import {
+  adoptSettings,
+  STATEMENT_TIMEOUT,
+  settingsChange,
+  settingsKey,
+  sharedSettings,
+  TRACKED_PARAMETERS
+} from "./settings.ts"
 
 const { Producer, Sync, Terminate, Opens } = ClientMessage
 const { Parse: PARSE, Bind: BIND, Query: QUERY, FunctionCall: FUNCTION_CALL } = Frontend
@@ -104,10 +111,18 @@ const READY_IDLE = readyForQuery("I")
  * server), state that cannot move pins the client (`pinReason`), and its LISTENs move to the pool's
  * ListenHub. Client bytes wait in `queue` while the pooler's questions are out.
  */
-export class TransactionRelay {
-  private readonly scanner: MessageScanner
-  private readonly handler: ServerHandler
-  private readonly statements: PreparedStatements
+export class TransactionRelay implements ServerHandler {
+  // Built on first use: a client that stays idle keeps none of them (docs/login-path.md, "Idle
+  // clients"). Callbacks handed to sockets, the pool and the hub are made when first handed over, and
+  // the server calls the relay itself (`onData`, `onClose`, `onFault`): no closure per client up front.
+  private scanner: MessageScanner | undefined = undefined
+  private statements: PreparedStatements | undefined = undefined
+  private readonly statementOptions: PreparedStatementOptions
+  private onCheckout: CheckoutCallback | undefined = undefined
+  private onServerDrain: (() => void) | undefined = undefined
+  private onClientDrain: (() => void) | undefined = undefined
+  private onProbed: ((rows: ReadonlyArray<ReadonlyArray<string | null>>) => void) | undefined = undefined
+  private onMovedNotification: ServerConnection["onNotification"] = undefined
   /** An incomplete message held back by the scanner, gathered until whole (`carryNeed`: 0 = header incomplete). */
   private readonly carry: Array<Buffer> = []
   private carryHave = 0
@@ -172,29 +187,62 @@ export class TransactionRelay {
     private readonly client: net.Socket,
     private readonly pool: TenantPool,
     maxMessageSize: number,
-    private readonly settings: Map<string, string>,
+    settings: Map<string, string>,
     private readonly onEnd: (end: RelayEnd) => void,
     statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
-    // Parse, Bind, Describe and Close may be rewritten, so they are held back (see `gather`).
-    // Query and Parse texts are read for session effects (SessionEffects.ts); Bind for its statement.
-    this.scanner = new MessageScanner(this.onClientMessage, {
-      maxMessageSize,
-      inspect: "QPB",
-      inspectMax: READ_SQL_MAX,
-      hold: "PBDC"
-    })
-    this.handler = { onData: this.onServerData, onClose: this.onServerClose, onFault: (cause) => this.fault(cause) }
-    this.statements = new PreparedStatements(client, pool, statements, settings)
+    this.statementOptions = statements
     this.maxHeldParse = Math.max(statements.maxMemory, HOLD_WHOLE)
     this.renames = statements.rename
     this.maxMessageSize = maxMessageSize
+    // Both interned: the clients of a pool nearly always have the same settings (settings.ts).
     this.settingsKey = settingsKey(settings)
-    this.startupSettings = new Map(settings)
+    this.settings = sharedSettings(this.settingsKey, settings)
   }
 
-  /** The client's settings as it logged in: what `RESET` returns a setting to. */
-  private readonly startupSettings: ReadonlyMap<string, string>
+  /**
+   * The client's session settings (lower-cased names); re-applied silently whenever a transaction
+   * lands on a server whose values differ, and updated from what the client SETs. Shared with the
+   * clients that logged in with the same ones, never changed, until the client's first change
+   * (`ownSettings`) gives it a copy of its own.
+   */
+  private settings: Map<string, string>
+
+  /**
+   * The client's settings as it logged in: what `RESET` returns a setting to. Set when `settings`
+   * becomes the client's own (the shared map it had, which never changes); until then `settings`.
+   */
+  private startupSettings: ReadonlyMap<string, string> | undefined = undefined
+
+  /** Before the first change to `settings`: the client's own copy, and everyone who reads it told. */
+  private ownSettings(): Map<string, string> {
+    if (this.startupSettings === undefined) {
+      this.startupSettings = this.settings
+      this.settings = new Map(this.settings)
+      this.statements?.useSettings(this.settings)
+    }
+    return this.settings
+  }
+
+  /** The client's first bytes: its scanner. */
+  private makeScanner(): MessageScanner {
+    // Parse, Bind, Describe and Close may be rewritten, so they are held back (see `gather`).
+    // Query and Parse texts are read for session effects (SessionEffects.ts); Bind for its statement.
+    this.scanner = new MessageScanner(
+      (type, length, body, start) => {
+        this.onClientMessage(type, length, body, start)
+      },
+      { maxMessageSize: this.maxMessageSize, inspect: "QPB", inspectMax: READ_SQL_MAX, hold: "PBDC" }
+    )
+    return this.scanner
+  }
+
+  /** The prepared-statement state, made at the first checkout (or a Parse answered without a server). */
+  private prepared(): PreparedStatements {
+    if (this.statements === undefined)
+      this.statements = new PreparedStatements(this.client, this.pool, this.statementOptions, this.settings)
+    return this.statements
+  }
 
   // ---- session state (docs/session-state.md) -----------------------------------------------------
 
@@ -215,13 +263,13 @@ export class TransactionRelay {
   /** This client as a LISTEN subscriber of its pool's hub (made on its first LISTEN). */
   private subscriber: ListenSubscriber | undefined = undefined
   /** Notifications for the client that wait for its server's transaction to end. */
-  private readonly notifications: Array<Buffer> = []
+  private notifications: Array<Buffer> | undefined = undefined
   /** NotificationResponses the held server sent while its LISTENs moved to the hub, and whether each was withheld. */
   private moved: Array<{ readonly body: Buffer; readonly withheld: boolean }> | undefined = undefined
 
   /** What pins the client to its server, if anything (admin console, metric). */
   get pinnedBy(): string | undefined {
-    return this.pinReason ?? (this.statements.pinned ? "SQL-level prepared statement" : undefined)
+    return this.pinReason ?? (this.statements?.pinned === true ? "SQL-level prepared statement" : undefined)
   }
 
   /** `settings` as a `settingsKey`, kept current with it. */
@@ -249,9 +297,14 @@ export class TransactionRelay {
     if (this.ended) return
     this.reads = reads
     if (reads !== undefined) reads.sink = this.onClientView
-    else this.client.on("data", this.onClientData)
+    else {
+      this.onClientData = (input) => {
+        this.guardedClientData(input)
+      }
+      this.client.on("data", this.onClientData)
+    }
     this.client.on("close", this.onClientClose)
-    if (readAhead.length > 0) this.onClientData(readAhead)
+    if (readAhead.length > 0) this.guardedClientData(readAhead)
     if (!this.ended && this.client.destroyed) this.onClientClose()
   }
 
@@ -275,7 +328,7 @@ export class TransactionRelay {
 
   // ---- client → server ------------------------------------------------------------------------
 
-  private readonly onClientMessage = (type: number, length: number, body: Buffer | undefined, start: number): void => {
+  private onClientMessage(type: number, length: number, body: Buffer | undefined, start: number): void {
     if (this.terminateAt >= 0) return // nothing after Terminate counts
     if (type === QUERY || type === PARSE || type === BIND) this.readEffects(type, length, body, start)
     else if (type === FUNCTION_CALL) this.effects |= PROBE // by OID: set_config or a lock may be what it calls
@@ -288,7 +341,7 @@ export class TransactionRelay {
       this.chunkSyncs++
       this.chunkOpen = false
     } else if (kind === Terminate) {
-      this.terminateAt = this.scanner.messageStart
+      this.terminateAt = this.scanner!.messageStart
       return
     } else if (kind === Opens) {
       this.chunkOpen = true
@@ -363,13 +416,17 @@ export class TransactionRelay {
     }
   }
 
+  // Only one of these two is handed to the socket: a plaintext client reads into the shared buffer.
   private readonly onClientView = (view: Buffer): void => {
-    this.onClientData(Buffer.from(view))
+    this.guardedClientData(Buffer.from(view))
   }
+
+  /** 'data' events of a client read without a ReadBuffer (TLS), made when one starts. */
+  private onClientData: ((input: Buffer) => void) | undefined = undefined
 
   // Every callback a socket or the pool calls is guarded: an exception of ours ends this session
   // alone (see `fault`), never the process with every other client in it.
-  private readonly onClientData = (input: Buffer): void => {
+  private guardedClientData(input: Buffer): void {
     try {
       this.clientData(input)
     } catch (cause) {
@@ -385,7 +442,7 @@ export class TransactionRelay {
       if (this.refusal !== undefined) this.end({ _tag: "ClientError", error: this.refusal })
       return
     }
-    const scanner = this.scanner
+    const scanner = this.scanner ?? this.makeScanner()
     this.chunkProducers = 0
     this.chunkSyncs = 0
     this.chunkMessages = 0
@@ -431,7 +488,7 @@ export class TransactionRelay {
         return
       }
       server.pending += this.chunkProducers
-      if (data.length > 0 && !this.statements.write(server, data)) this.blockOnServer(server)
+      if (data.length > 0 && !this.statements!.write(server, data)) this.blockOnServer(server)
       if (this.terminating) this.end({ _tag: "ClientTerminated" })
       else this.settle(server)
       return
@@ -456,7 +513,7 @@ export class TransactionRelay {
       return
     } else if (!this.partial && this.queue.length === 0) {
       // Parse, Close, Flush and Sync alone may not need a server (see PreparedStatements.answerAlone).
-      const answered = this.statements.answerAlone(data)
+      const answered = this.prepared().answerAlone(data)
       if (answered >= 0) {
         this.queuedProducers -= this.chunkSyncs
         if (answered === 0) this.blockOnClient()
@@ -489,7 +546,7 @@ export class TransactionRelay {
       const verdict = this.largeHeld(head)
       if (verdict !== STREAM) return undefined
       // Enough of its head is here: the rest streams (the scanner lets this one through).
-      this.scanner.streamFirst = true
+      this.scanner!.streamFirst = true
       this.clearCarry()
       return head
     }
@@ -553,16 +610,15 @@ export class TransactionRelay {
 
   private checkout(): void {
     this.waiting = true
+    this.onCheckout ??= (error, server) => {
+      try {
+        this.checkedOut(error, server)
+      } catch (cause) {
+        this.fault(cause)
+      }
+    }
     const waiter = this.pool.checkout(this.onCheckout)
     if (this.waiting) this.waiter = waiter
-  }
-
-  private readonly onCheckout: CheckoutCallback = (error, server) => {
-    try {
-      this.checkedOut(error, server)
-    } catch (cause) {
-      this.fault(cause)
-    }
   }
 
   private checkedOut(error: Parameters<CheckoutCallback>[0], server: ServerConnection | undefined): void {
@@ -587,8 +643,8 @@ export class TransactionRelay {
   /** Takes a freshly lent server: owes it the queued producers, writes the queued bytes. */
   private attach(server: ServerConnection): void {
     this.held = server
-    server.handler = this.handler
-    this.statements.attach(server)
+    server.handler = this
+    this.prepared().attach(server)
     // Another client may have left different settings on this server: restore ours first.
     if (server.syncedTo !== this.settingsKey) {
       const change = settingsChange(server, this.settings)
@@ -614,10 +670,10 @@ export class TransactionRelay {
     const queue = this.queue
     let ok = true
     if (queue.length === 1) {
-      ok = this.statements.write(server, queue[0]!)
+      ok = this.statements!.write(server, queue[0]!)
     } else if (queue.length > 1) {
       server.socket.cork()
-      for (let i = 0; i < queue.length; i++) ok = this.statements.write(server, queue[i]!)
+      for (let i = 0; i < queue.length; i++) ok = this.statements!.write(server, queue[i]!)
       server.socket.uncork()
     }
     queue.length = 0
@@ -626,7 +682,8 @@ export class TransactionRelay {
 
   // ---- server → client ------------------------------------------------------------------------
 
-  private readonly onServerData = (chunk: Buffer): void => {
+  /** ServerHandler: a chunk from the held server. */
+  onData(chunk: Buffer): void {
     try {
       this.serverData(chunk)
     } catch (cause) {
@@ -637,20 +694,27 @@ export class TransactionRelay {
   private serverData(chunk: Buffer): void {
     const server = this.held
     if (server === undefined || this.ended) return
+    const statements = this.statements!
     if (chunk.length > 0) {
       this.pool.counters.serverBytes += chunk.length
-      if (!this.statements.forward(server, chunk)) this.blockOnClient()
+      if (!statements.forward(server, chunk)) this.blockOnClient()
     }
-    this.statements.settleAfter(server)
-    if (this.statements.takeReopened()) this.open = true
+    statements.settleAfter(server)
+    if (statements.takeReopened()) this.open = true
     // A Terminate that arrived while the pooler asked the server about its session ends the relay now.
     if (this.terminating && !this.probing) this.end({ _tag: "ClientTerminated" })
     else this.settle(server)
   }
 
-  private readonly onServerClose = (reason: string): void => {
+  /** ServerHandler: the held server closed. */
+  onClose(reason: string): void {
     if (this.held === undefined || this.ended) return
     this.end({ _tag: "ServerClosed", reason })
+  }
+
+  /** ServerHandler: an exception of ours while the held server's chunk was handled. */
+  onFault(cause: unknown): void {
+    this.fault(cause)
   }
 
   // ---- release --------------------------------------------------------------------------------
@@ -664,7 +728,7 @@ export class TransactionRelay {
       server.atBoundary &&
       !this.probing &&
       this.pinReason === undefined &&
-      !this.statements.pinned
+      this.statements?.pinned !== true
     )
   }
 
@@ -685,7 +749,7 @@ export class TransactionRelay {
       return
     }
     this.effects = 0
-    if (this.notifications.length > 0) this.deliverNotifications()
+    if (this.notifications !== undefined && this.notifications.length > 0) this.deliverNotifications()
     if (this.releasable(server)) this.releaseAtBoundary(server)
     else if (this.draining) this.end({ _tag: "Drained" }) // pinned: its server is closed
   }
@@ -711,19 +775,18 @@ export class TransactionRelay {
       // A notification for a channel the client just started listening on may come inside the
       // probe's (withheld) reply, before the hub listens: keep it (see `moveListens`).
       this.moved = []
-      server.onNotification = this.onMovedNotification
+      server.onNotification = this.movedNotifications()
     }
     this.effects = 0
     this.pool.counters.sessionProbes++
-    server.probe(sessionProbe(this.customSettings, server.target.user), this.onProbed)
-  }
-
-  private readonly onProbed = (rows: ReadonlyArray<ReadonlyArray<string | null>>): void => {
-    try {
-      this.probed(probeResult(rows))
-    } catch (cause) {
-      this.fault(cause)
+    this.onProbed ??= (rows) => {
+      try {
+        this.probed(probeResult(rows))
+      } catch (cause) {
+        this.fault(cause)
+      }
     }
+    server.probe(sessionProbe(this.customSettings, server.target.user), this.onProbed)
   }
 
   /**
@@ -764,7 +827,7 @@ export class TransactionRelay {
    * them reset (`settingsChange`). Reported settings are followed from ParameterStatus instead.
    */
   private adoptProbedSettings(server: ServerConnection, probed: ReadonlyMap<string, string>): void {
-    const settings = this.settings
+    const settings = this.ownSettings()
     let changed = false
     if (server.parameterChanges !== this.changesAtAttach) {
       // Reported settings the client changed are its own now (as at detach), or resync would undo them.
@@ -792,7 +855,7 @@ export class TransactionRelay {
     server.unapplied(STATEMENT_TIMEOUT)
     for (const [name, value] of [...settings]) {
       if (reported.has(name) || probed.has(name)) continue
-      const initial = this.startupSettings.get(name)
+      const initial = this.startupSettings!.get(name)
       if (initial === undefined) settings.delete(name)
       else if (initial !== value) settings.set(name, initial)
       else continue
@@ -832,10 +895,13 @@ export class TransactionRelay {
    */
   private moveListens(server: ServerConnection, channels: ReadonlyArray<string>): void {
     const hub = this.pool.listenHub
-    this.subscriber ??= { onNotification: this.onHubNotification, onLost: this.onListenLost }
+    this.subscriber ??= {
+      onNotification: (message) => this.onHubNotification(message),
+      onLost: (error) => this.onListenLost(error)
+    }
     const subscriber = this.subscriber
     this.moved ??= []
-    server.onNotification = this.onMovedNotification
+    server.onNotification = this.movedNotifications()
     let left = channels.length
     let failure: TidepoolError | undefined
     for (const channel of channels) {
@@ -853,8 +919,11 @@ export class TransactionRelay {
     }
   }
 
-  private readonly onMovedNotification = (body: Buffer, start: number, length: number, withheld: boolean): void => {
-    this.moved?.push({ body: Buffer.from(body.subarray(start, start + length)), withheld })
+  private movedNotifications(): NonNullable<ServerConnection["onNotification"]> {
+    this.onMovedNotification ??= (body, start, length, withheld) => {
+      this.moved?.push({ body: Buffer.from(body.subarray(start, start + length)), withheld })
+    }
+    return this.onMovedNotification
   }
 
   /** The probe is over: notifications are reconciled and the client's waiting bytes go to the server. */
@@ -864,6 +933,7 @@ export class TransactionRelay {
     if (moved !== undefined) {
       this.moved = undefined
       server.onNotification = undefined
+      if (this.notifications === undefined) this.notifications = []
       const waiting = this.notifications
       for (const { body, withheld } of moved) {
         const copy = waiting.findIndex(
@@ -886,10 +956,12 @@ export class TransactionRelay {
     this.flow()
   }
 
-  private readonly onHubNotification = (message: Buffer): void => {
+  private onHubNotification(message: Buffer): void {
     try {
       if (this.ended) return
-      if (this.notifications.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
+      if (this.notifications === undefined) this.notifications = []
+      const waiting = this.notifications
+      if (waiting.length >= MAX_WAITING_NOTIFICATIONS || this.client.writableLength > MAX_UNREAD_BYTES) {
         // A listener that does not read (or a transaction that never ends) must not grow the process.
         this.end({
           _tag: "ClientError",
@@ -899,14 +971,14 @@ export class TransactionRelay {
       }
       // PostgreSQL delivers notifications between transactions: while a transaction runs, they wait.
       const held = this.held
-      if (held !== undefined && (this.probing || !this.atBoundary(held))) this.notifications.push(message)
+      if (held !== undefined && (this.probing || !this.atBoundary(held))) waiting.push(message)
       else if (!this.client.write(message)) this.blockOnClient()
     } catch (cause) {
       this.fault(cause)
     }
   }
 
-  private readonly onListenLost = (error: TidepoolError): void => {
+  private onListenLost(error: TidepoolError): void {
     try {
       this.subscriber = undefined
       this.end({ _tag: "ClientError", error })
@@ -916,7 +988,7 @@ export class TransactionRelay {
   }
 
   private deliverNotifications(): void {
-    const waiting = this.notifications
+    const waiting = this.notifications!
     let ok = true
     for (let i = 0; i < waiting.length; i++) ok = this.client.write(waiting[i]!)
     waiting.length = 0
@@ -945,15 +1017,15 @@ export class TransactionRelay {
   /** Stops listening to `server` and leaves its socket flowing, so the pool (or the next client) can read it. */
   private detach(server: ServerConnection): void {
     if (server.parameterChanges !== this.changesAtAttach) {
-      adoptSettings(this.settings, server)
+      adoptSettings(this.ownSettings(), server)
       this.settingsKey = settingsKey(this.settings)
     }
-    this.statements.detach(server)
+    this.statements?.detach(server)
     this.held = undefined
     server.handler = undefined
     if (this.serverBlocked) {
       this.serverBlocked = false
-      server.socket.off("drain", this.onServerDrain)
+      server.socket.off("drain", this.onServerDrain!)
     }
     if (this.serverPaused) {
       this.serverPaused = false
@@ -966,6 +1038,10 @@ export class TransactionRelay {
   private blockOnServer(server: ServerConnection): void {
     if (this.serverBlocked) return
     this.serverBlocked = true
+    this.onServerDrain ??= () => {
+      this.serverBlocked = false
+      this.guardedFlow()
+    }
     server.socket.once("drain", this.onServerDrain)
     this.flow()
   }
@@ -973,18 +1049,12 @@ export class TransactionRelay {
   private blockOnClient(): void {
     if (this.clientBlocked) return
     this.clientBlocked = true
+    this.onClientDrain ??= () => {
+      this.clientBlocked = false
+      this.guardedFlow()
+    }
     this.client.once("drain", this.onClientDrain)
     this.flow()
-  }
-
-  private readonly onServerDrain = (): void => {
-    this.serverBlocked = false
-    this.guardedFlow()
-  }
-
-  private readonly onClientDrain = (): void => {
-    this.clientBlocked = false
-    this.guardedFlow()
   }
 
   private guardedFlow(): void {
@@ -1035,9 +1105,9 @@ export class TransactionRelay {
     this.ended = true
     const client = this.client
     if (this.reads !== undefined) this.reads.sink = ignore
-    client.off("data", this.onClientData)
+    if (this.onClientData !== undefined) client.off("data", this.onClientData)
     client.off("close", this.onClientClose)
-    client.off("drain", this.onClientDrain)
+    if (this.onClientDrain !== undefined) client.off("drain", this.onClientDrain)
     if (this.waiter !== undefined) {
       this.pool.cancel(this.waiter)
       this.waiter = undefined
@@ -1046,7 +1116,7 @@ export class TransactionRelay {
     this.backlog = false
     this.queue.length = 0
     this.carry.length = 0
-    this.notifications.length = 0
+    this.notifications = undefined
     if (this.pinReason !== undefined) this.pool.counters.pinnedClients-- // its server goes with it (giveBack)
     const subscriber = this.subscriber
     if (subscriber !== undefined) {

@@ -1,4 +1,4 @@
-export { clientSession } from "./ClientSession.ts"
+export { clientSession, type LiveSession, type LoginTicket, type SessionSupervisor } from "./ClientSession.ts"
 export { IdleSweep } from "./IdleSweep.ts"
 export {
   PeerWorkers,

@@ -98,6 +98,37 @@ export const settingsChange = (server: ServerConnection, desired: ReadonlyMap<st
 export const settingsKey = (settings: ReadonlyMap<string, string>): string => {
   let key = ""
   for (const [name, value] of settings) key += `${name}\0${value}\0`
+  return intern(key)
+}
+
+/**
+ * Keys seen, each kept once. A key is built by concatenation (a tree of a dozen string pieces, some
+ * 600 bytes) and kept by its client for as long as it is connected; the clients of a pool nearly
+ * always have the same settings, so they share one flat string instead. Bounded: past the limit
+ * (many distinct `application_name`s, say) it starts over, which only costs the sharing.
+ */
+const interned = new Map<string, string>()
+const INTERNED_MAX = 4096
+
+/**
+ * The settings map of clients that logged in with the settings `key` names: the first such map,
+ * shared by the rest. Read only: a relay copies it before its client's first change.
+ */
+export const sharedSettings = (key: string, settings: Map<string, string>): Map<string, string> => {
+  const known = sharedMaps.get(key)
+  if (known !== undefined) return known
+  if (sharedMaps.size >= INTERNED_MAX) sharedMaps.clear()
+  sharedMaps.set(key, settings)
+  return settings
+}
+
+const sharedMaps = new Map<string, Map<string, string>>()
+
+const intern = (key: string): string => {
+  const known = interned.get(key)
+  if (known !== undefined) return known
+  if (interned.size >= INTERNED_MAX) interned.clear()
+  interned.set(key, key)
   return key
 }
 

@@ -1,4 +1,4 @@
-import { Context, Effect, Fiber, Layer } from "effect"
+import { Context, Effect, Layer } from "effect"
 import { TenantRegistry } from "../tenants/index.ts"
 
 /** A counter per distinct label tuple; the key joins the label values with NUL. */
@@ -7,18 +7,6 @@ export type LabelledCounts = Map<string, number>
 const bump = (counts: LabelledCounts, key: string) => {
   counts.set(key, (counts.get(key) ?? 0) + 1)
 }
-
-/**
- * The connection whose login runs in this fiber, provided by the listener: a login that succeeds
- * marks it, so the handshake cap counts only connections still logging in. Found through the current
- * fiber, so the session code reports it through the `loginSucceeded` call it already makes.
- */
-export interface HandshakeSlot {
-  done: boolean
-}
-export const HandshakeSlot = Context.Reference<HandshakeSlot | undefined>("tidepool/HandshakeSlot", {
-  defaultValue: () => undefined
-})
 
 /** The listener's limits (docs/configuration.md, "Limits that protect the node"), for the metrics. */
 export interface Admission {
@@ -58,11 +46,6 @@ export class EventCounters extends Context.Service<EventCounters>()("tidepool/Ev
       error: (tenant: string | undefined, code: string): void => bump(errors, `${known(tenant)}\u0000${code}`),
       loginSucceeded: (tenant: string, user: string, method: string): void => {
         bump(joinsOk, `${known(tenant)}\u0000${user}\u0000${method}`)
-        const slot = Fiber.getCurrent()?.getRef(HandshakeSlot)
-        if (slot !== undefined && !slot.done) {
-          slot.done = true
-          admission.handshaking--
-        }
       },
       loginFailed: (tenant: string | undefined, method: string, code: string): void =>
         bump(joinsFail, `${known(tenant)}\u0000${method}\u0000${code}`),

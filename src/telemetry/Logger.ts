@@ -21,7 +21,10 @@ const fieldsOf = (annotations: Readonly<Record<string, unknown>>): Record<string
 const levelName = (level: LogLevel.LogLevel): string => (level === "Warn" ? "warning" : level.toLowerCase())
 
 const messageOf = (message: unknown): string => {
+  if (typeof message === "string") return message
   const parts = Array.isArray(message) ? message : [message]
+  // The usual line: one string (Effect passes the log call's arguments as an array).
+  if (parts.length === 1 && typeof parts[0] === "string") return parts[0]
   return parts.map((p) => (typeof p === "string" ? p : JSON.stringify(render(p)))).join(" ")
 }
 
@@ -30,8 +33,13 @@ const jsonLogger = Logger.make(({ logLevel, message, date, cause, fiber }) => {
   const line: Record<string, unknown> = {
     level: levelName(logLevel),
     time: date.toISOString(),
-    msg: messageOf(message),
-    ...fieldsOf(fiber.getRef(References.CurrentLogAnnotations))
+    msg: messageOf(message)
+  }
+  // Straight into the line, not through fieldsOf's object and a spread: refused logins log a line each.
+  const annotations = fiber.getRef(References.CurrentLogAnnotations)
+  for (const key of FIELDS) {
+    const v = annotations[key]
+    if (v !== undefined) line[key] = render(v)
   }
   if (cause.reasons.length > 0) line.cause = Cause.pretty(cause)
   // The innermost log span is the last one.

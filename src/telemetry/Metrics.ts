@@ -1,5 +1,7 @@
 import { monitorEventLoopDelay } from "node:perf_hooks"
-import { Context, Effect, Layer } from "effect"
+import { Context, Effect, Layer, Option } from "effect"
+import type { Gathered } from "../cluster/HostViews.ts"
+import { HostViews } from "../cluster/HostViews.ts"
 import { LATENCY_BUCKETS_SECONDS, type LatencyHistogram, PoolRegistry, type TenantPool } from "../pool/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
 import { EventCounters, type LabelledCounts } from "./EventCounters.ts"
@@ -223,6 +225,87 @@ const counted = (
   }
 }
 
+const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*/
+
+/**
+ * Worker mode (docs/observability.md#worker-mode): one exposition of the host from each worker's,
+ * every sample labelled with its `worker` (so no two series are alike; sums are PromQL's
+ * `sum without (worker)`), each family's HELP and TYPE once and its samples together, as the text
+ * format requires; then the supervisor's view of the workers.
+ */
+export const mergeExpositions = (gathered: Gathered, tenant?: string): string => {
+  interface Family {
+    readonly head: Array<string>
+    readonly samples: Array<string>
+  }
+  const families = new Map<string, Family>()
+  const familyOf = (name: string): Family => {
+    let f = families.get(name)
+    if (f === undefined) {
+      f = { head: [], samples: [] }
+      families.set(name, f)
+    }
+    return f
+  }
+  for (const part of gathered.parts) {
+    if (typeof part.data !== "string") continue
+    const label = `worker="${part.worker}"`
+    let current: Family | undefined
+    for (const line of part.data.split("\n")) {
+      if (line === "") continue
+      if (line.startsWith("# ")) {
+        const [, kind, name] = line.split(" ", 3)
+        if (name === undefined) continue
+        current = familyOf(name)
+        if ((kind === "HELP" || kind === "TYPE") && current.head.length < 2 && !current.head.includes(line))
+          current.head.push(line)
+        continue
+      }
+      const name = line.match(METRIC_NAME)?.[0]
+      if (name === undefined || current === undefined) continue
+      const rest = line.slice(name.length)
+      current.samples.push(
+        rest.startsWith("{}")
+          ? `${name}{${label}}${rest.slice(2)}`
+          : rest.startsWith("{")
+            ? `${name}{${label},${rest.slice(1)}`
+            : `${name}{${label}}${rest}`
+      )
+    }
+  }
+  const lines: Array<string> = []
+  for (const f of families.values()) lines.push(...f.head, ...f.samples)
+  if (tenant === undefined && gathered.workers.length > 0) {
+    const answered = new Set(gathered.parts.filter((p) => typeof p.data === "string").map((p) => p.worker))
+    const perWorker = (name: string, type: string, help: string, value: (w: Gathered["workers"][number]) => number) => {
+      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`)
+      for (const w of gathered.workers) lines.push(`${name}{worker="${w.worker}"} ${value(w)}`)
+    }
+    perWorker("tidepool_worker_up", "gauge", "1 if the worker answered this scrape.", (w) =>
+      answered.has(w.worker) ? 1 : 0
+    )
+    perWorker(
+      "tidepool_worker_restarts_total",
+      "counter",
+      "Times the supervisor restarted the worker after it died or hung.",
+      (w) => w.restarts
+    )
+    perWorker(
+      "tidepool_worker_hangs_total",
+      "counter",
+      "Times the worker was killed for missing its heartbeat (TIDEPOOL_WORKER_HANG_TIMEOUT).",
+      (w) => w.hangs
+    )
+    perWorker(
+      "tidepool_worker_heartbeat_age_seconds",
+      "gauge",
+      "Time since the worker's last heartbeat reached the supervisor, in seconds.",
+      (w) => (w.beatAgeMs ?? 0) / 1000
+    )
+  }
+  return `${lines.join("\n")}\n`
+}
+
 /**
  * Renders Prometheus metrics from the live pools and the event counters at scrape time: nothing is
  * kept per series between scrapes, so a pool that is gone (or a deleted tenant's counters, pruned
@@ -233,9 +316,13 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
     const registry = yield* PoolRegistry
     const tenants = yield* TenantRegistry
     const events = yield* EventCounters
+    const views = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
     const loopDelay = yield* Effect.acquireRelease(
       Effect.sync(() => {
-        const h = monitorEventLoopDelay({ resolution: 10 })
+        // A sample every 100 ms: at 10 ms its timer alone cost an idle process about 7 ms of CPU
+        // a second on this class of VM (docs/benchmarks.md, "idle CPU"). A stall still shows in full:
+        // the sample due during it reports the whole delay.
+        const h = monitorEventLoopDelay({ resolution: 100 })
         h.enable()
         return h
       }),
@@ -429,7 +516,21 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
       return out.text()
     }
 
-    return { render } as const
+    views?.provide("metrics", (tenant) => render(tenant === "" ? undefined : tenant))
+
+    /**
+     * What `/metrics` answers: this process's exposition, or in worker mode the whole host's, every
+     * series labelled with its worker.
+     */
+    const scrape = (tenant?: string): Effect.Effect<string> =>
+      views === undefined
+        ? Effect.sync(() => render(tenant))
+        : Effect.map(views.gather(tenant === undefined ? "metrics" : `metrics:${tenant}`), (gathered) =>
+            // The supervisor going away answers nothing: this worker's own view is better than none.
+            gathered.parts.length === 0 ? render(tenant) : mergeExpositions(gathered, tenant)
+          )
+
+    return { render, scrape } as const
   })
 }) {
   static readonly layer = Layer.effect(this, this.make)

@@ -13,7 +13,7 @@ const forbidden = HttpServerResponse.empty({ status: 403 })
 
 /**
  * `GET /metrics` (every tenant plus process metrics) and `GET /metrics/:tenant` (that tenant's
- * series), as route layers for the API server's router.
+ * series), as route layers for the API server's router. In worker mode, of every worker of the host.
  */
 export const metricsRouter = (authorize: MetricsAuthorizer) =>
   Layer.mergeAll(
@@ -23,7 +23,7 @@ export const metricsRouter = (authorize: MetricsAuthorizer) =>
       Effect.gen(function* () {
         if (!(yield* authorize(yield* HttpServerRequest.HttpServerRequest))) return forbidden
         const metrics = yield* Metrics
-        return HttpServerResponse.text(metrics.render(), { contentType: PROMETHEUS_CONTENT_TYPE })
+        return HttpServerResponse.text(yield* metrics.scrape(), { contentType: PROMETHEUS_CONTENT_TYPE })
       })
     ),
     HttpRouter.add(
@@ -33,7 +33,7 @@ export const metricsRouter = (authorize: MetricsAuthorizer) =>
         if (!(yield* authorize(yield* HttpServerRequest.HttpServerRequest))) return forbidden
         const { tenant } = yield* HttpRouter.params
         const metrics = yield* Metrics
-        return HttpServerResponse.text(metrics.render(tenant ?? ""), { contentType: PROMETHEUS_CONTENT_TYPE })
+        return HttpServerResponse.text(yield* metrics.scrape(tenant ?? ""), { contentType: PROMETHEUS_CONTENT_TYPE })
       })
     )
   )

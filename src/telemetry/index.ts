@@ -1,4 +1,4 @@
-export { EventCounters, HandshakeSlot, type LabelledCounts } from "./EventCounters.ts"
+export { EventCounters, type LabelledCounts } from "./EventCounters.ts"
 export { type LogFormat, loggerLayer, tenantLogLevel } from "./Logger.ts"
 export { Metrics, PROMETHEUS_CONTENT_TYPE } from "./Metrics.ts"
 export { type MetricsAuthorizer, metricsRouter } from "./MetricsHttp.ts"

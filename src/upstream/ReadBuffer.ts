@@ -23,24 +23,27 @@ let sharedBuffer: Buffer | undefined
 export class ReadBuffer {
   /** Receives every chunk read. */
   sink: (chunk: Buffer) => void = ignore
-  /** For the `onread` option of `net.connect` or `new net.Socket`. */
-  readonly onread: net.OnReadOpts
   private buffer: Buffer | undefined
   private retained = false
 
-  private constructor(readonly shared: boolean) {
+  private constructor(readonly shared: boolean) {}
+
+  /**
+   * For the `onread` option of `net.connect` or `new net.Socket`, made when asked for: the socket
+   * copies what it needs out of it, so no per-client object stays behind for a shared buffer.
+   */
+  get onread(): net.OnReadOpts {
     const callback = (bytes: number, buffer: Uint8Array): boolean => {
       const chunk = buffer as Buffer
       this.sink(bytes === chunk.length ? chunk : chunk.subarray(0, bytes))
       // `false` would stop reading; flow control goes through pause() and resume() instead.
       return true
     }
-    if (shared) {
+    if (this.shared) {
       sharedBuffer ??= Buffer.allocUnsafe(SIZE)
-      this.onread = { buffer: sharedBuffer, callback }
-    } else {
-      this.onread = { buffer: () => this.next(), callback }
+      return { buffer: sharedBuffer, callback }
     }
+    return { buffer: () => this.next(), callback }
   }
 
   static own(): ReadBuffer {

@@ -4,6 +4,7 @@ import { serialize } from "pg-protocol"
 import { afterEach, describe, expect, it } from "vitest"
 import { TenantPool } from "../../../src/pool/index.ts"
 import { errorResponse, MessageScanner, readyForQuery } from "../../../src/protocol/index.ts"
+import { PreparedStatements } from "../../../src/session/PreparedStatements.ts"
 import type { RelayEnd } from "../../../src/session/SessionRelay.ts"
 import { TransactionRelay } from "../../../src/session/TransactionRelay.ts"
 import { ServerConnection } from "../../../src/upstream/index.ts"
@@ -573,6 +574,23 @@ describe("TransactionRelay", () => {
     await c.count("Z", 1)
     expect(b.received.filter((x) => x === "d")).toHaveLength(400)
     expect(t.pool.stats).toMatchObject({ idle: 1, busy: 0 })
+  })
+
+  it("builds no prepared-statement state for a client that stays idle; a client's first query builds it", async () => {
+    const t = await setup()
+    const before = PreparedStatements.made
+    const idle = [await t.connectClient(), await t.connectClient(), await t.connectClient()]
+    const busy = await t.connectClient()
+    busy.socket.write(q("SELECT 1"))
+    await busy.count("Z", 1)
+    busy.socket.write(q("SELECT 2"))
+    await busy.count("Z", 2)
+    // One for the client that queried (once, not per transaction), none for the three idle ones.
+    expect(PreparedStatements.made - before).toBe(1)
+    // The idle ones still work when they do speak.
+    idle[0]!.socket.write(q("SELECT 3"))
+    await idle[0]!.count("Z", 1)
+    expect(PreparedStatements.made - before).toBe(2)
   })
 
   it("leaves no listeners behind", async () => {

@@ -1,0 +1,330 @@
+/**
+ * The floor of a Node.js login: a bare server (no Effect, no pooling, no PostgreSQL behind it) that
+ * does exactly the login Tidepool does and then holds the client idle. Startup packet (SSLRequest
+ * answered `N`), SCRAM-SHA-256 against a verifier derived once at start, with the crypto choices
+ * of src/protocol/scram.ts (HMAC keys as `KeyObject`s made once, nonces from a pooled random
+ * block), AuthenticationSASLFinal + AuthenticationOk, the ParameterStatus set PostgreSQL 17
+ * reports, BackendKeyData, ReadyForQuery. An idle client keeps its socket and one small object.
+ * A Query gets a canned one-row answer (`1`), enough for pgbench -S and the bench's sample query;
+ * a Sync gets ReadyForQuery; Terminate closes. Refusals (unknown user, wrong password) wait the
+ * same delay as Tidepool's `auth_failure_delay` (a timer) before their ErrorResponse.
+ *
+ * What Tidepool spends above this per login, per refusal and per idle client is Tidepool's own;
+ * what this spends above PgBouncer is out of reach for a Node.js pooler. The bench's `login-floor`
+ * target (`--connect`) runs it beside Tidepool and PgBouncer.
+ *
+ * Run as `node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS [stream]]` — Node 24 strips the
+ * types itself, so no tsx (whose `__name` wrappers would add to every closure) is in the way.
+ */
+import {
+  createHash,
+  createHmac,
+  createSecretKey,
+  pbkdf2Sync,
+  randomBytes,
+  randomFillSync,
+  timingSafeEqual
+} from "node:crypto"
+import * as net from "node:net"
+
+const [portArg, user, password, delayArg, readsArg] = process.argv.slice(2)
+if (portArg === undefined || user === undefined || password === undefined) {
+  process.stderr.write("usage: node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS]\n")
+  process.exit(2)
+}
+const failureDelayMs = Number(delayArg ?? 500)
+/**
+ * `stream`: the accepted socket is read through its 'data' events (Node allocates a buffer per
+ * read), as Tidepool's handshake reads are, instead of into one shared buffer: what that costs.
+ */
+const streamReads = readsArg === "stream"
+
+// The verifier, derived once (Tidepool's SecretCache keeps one per password), with its HMAC keys
+// as KeyObjects (scram.ts: a Buffer key costs createHmac two thrown TypeErrors on Node 24).
+const ITERATIONS = 4096
+const salt = randomBytes(16)
+const saltedPassword = pbkdf2Sync(password, salt, ITERATIONS, 32, "sha256")
+const hmac = (key: Parameters<typeof createHmac>[1], data: string) => createHmac("sha256", key).update(data).digest()
+const clientKey = hmac(createSecretKey(saltedPassword), "Client Key")
+const storedKeyBytes = createHash("sha256").update(clientKey).digest()
+const storedKey = createSecretKey(storedKeyBytes)
+const serverKey = createSecretKey(hmac(createSecretKey(saltedPassword), "Server Key"))
+const serverFirstTail = `,s=${salt.toString("base64")},i=${ITERATIONS}`
+
+// Nonces from one random block, refilled every 256 logins (as scram.ts does).
+const NONCE_BYTES = 18
+const noncePool = Buffer.alloc(NONCE_BYTES * 256)
+let nonceAt = noncePool.length
+const nonce = (): string => {
+  if (nonceAt === noncePool.length) {
+    randomFillSync(noncePool)
+    nonceAt = 0
+  }
+  const value = noncePool.toString("base64", nonceAt, nonceAt + NONCE_BYTES)
+  nonceAt += NONCE_BYTES
+  return value
+}
+
+// ---- messages -------------------------------------------------------------------------------------
+
+const message = (type: string, body: Buffer): Buffer => {
+  const out = Buffer.allocUnsafe(5 + body.length)
+  out[0] = type.charCodeAt(0)
+  out.writeInt32BE(4 + body.length, 1)
+  body.copy(out, 5)
+  return out
+}
+const int32 = (n: number) => {
+  const b = Buffer.allocUnsafe(4)
+  b.writeInt32BE(n)
+  return b
+}
+const cstring = (s: string) => Buffer.from(`${s}\0`)
+const authentication = (code: number, data?: string | Buffer) =>
+  message("R", Buffer.concat([int32(code), data === undefined ? Buffer.alloc(0) : Buffer.from(data)]))
+const errorResponse = (code: string, text: string) =>
+  message(
+    "E",
+    Buffer.concat([cstring("SFATAL"), cstring("VFATAL"), cstring(`C${code}`), cstring(`M${text}`), cstring("")])
+  )
+
+const SASL = authentication(10, Buffer.concat([cstring("SCRAM-SHA-256"), cstring("")]))
+const NO_SSL = Buffer.from("N")
+const READY = message("Z", Buffer.from("I"))
+// What PostgreSQL 17 reports at login (and Tidepool passes on), encoded once.
+const PARAMETERS = Buffer.concat(
+  [
+    ["application_name", ""],
+    ["client_encoding", "UTF8"],
+    ["DateStyle", "ISO, MDY"],
+    ["default_transaction_read_only", "off"],
+    ["in_hot_standby", "off"],
+    ["integer_datetimes", "on"],
+    ["IntervalStyle", "postgres"],
+    ["is_superuser", "off"],
+    ["scram_iterations", "4096"],
+    ["server_encoding", "UTF8"],
+    ["server_version", "17.10"],
+    ["session_authorization", user],
+    ["standard_conforming_strings", "on"],
+    ["TimeZone", "UTC"]
+  ].map(([name, value]) => message("S", Buffer.concat([cstring(name!), cstring(value!)])))
+)
+/** A canned answer: one row of int4 columns (`null` for NULL), CommandComplete, ReadyForQuery. */
+const rows = (values: ReadonlyArray<string | null>): Buffer => {
+  const columns = values.map((_, i) =>
+    Buffer.concat([
+      cstring(`c${i}`),
+      int32(0),
+      Buffer.from([0, 0]),
+      int32(23),
+      Buffer.from([0, 4]),
+      int32(-1),
+      Buffer.from([0, 0])
+    ])
+  )
+  const row = values.map((value) =>
+    value === null ? int32(-1) : Buffer.concat([int32(Buffer.byteLength(value)), Buffer.from(value)])
+  )
+  const count = Buffer.from([values.length >> 8, values.length & 0xff])
+  return Buffer.concat([
+    message("T", Buffer.concat([count, ...columns])),
+    message("D", Buffer.concat([count, ...row])),
+    message("C", cstring("SELECT 1")),
+    READY
+  ])
+}
+const SELECT_ONE = rows(["1"])
+// pgbench's start-up question about pgbench_accounts' partitioning (pgbench 15: three columns;
+// NULL partstrat = not partitioned): the only query the bench sends that wants more than one.
+const PGBENCH_PARTITIONS = rows(["1", null, "0"])
+const PARTSTRAT = Buffer.from("partstrat")
+
+const UNKNOWN_USER = (name: string) => errorResponse("28000", `role "${name}" does not exist`)
+const WRONG_PASSWORD = errorResponse("28P01", `password authentication failed for user "${user}"`)
+
+// ---- one client -------------------------------------------------------------------------------------
+
+const STARTUP = 0
+const SASL_INITIAL = 1
+const SASL_FINAL = 2
+const READY_STATE = 3
+const REFUSED = 4
+
+let nextProcessId = 1
+
+/** A client's state: the SCRAM fields live only until the login ends. */
+class Client {
+  socket: net.Socket
+  state = STARTUP
+  /** A message split across reads, gathered until whole (rare). */
+  carry: Buffer | undefined = undefined
+  nonce: string | undefined = undefined
+  authPrefix: string | undefined = undefined
+
+  constructor(socket: net.Socket) {
+    this.socket = socket
+  }
+
+  /** Handles every whole message in `chunk`, keeping a trailing partial one. */
+  read(input: Buffer): void {
+    let chunk = input
+    if (this.carry !== undefined) {
+      chunk = Buffer.concat([this.carry, input])
+      this.carry = undefined
+    }
+    let at = 0
+    while (at < chunk.length && this.state !== REFUSED) {
+      if (this.state === STARTUP) {
+        if (chunk.length - at < 4) break
+        const length = chunk.readInt32BE(at)
+        if (chunk.length - at < length) break
+        this.startup(chunk, at + 4, at + length)
+        at += length
+        continue
+      }
+      if (chunk.length - at < 5) break
+      const length = chunk.readInt32BE(at + 1) + 1
+      if (chunk.length - at < length) break
+      this.message(chunk[at]!, chunk, at + 5, at + length)
+      at += length
+    }
+    // A partial message is copied out: the read buffer is shared by every client.
+    if (at < chunk.length && this.state !== REFUSED) this.carry = Buffer.from(chunk.subarray(at))
+  }
+
+  startup(chunk: Buffer, start: number, end: number): void {
+    const code = chunk.readInt32BE(start)
+    if (code === 80877103) {
+      this.socket.write(NO_SSL)
+      return
+    }
+    if (code !== 196608) {
+      this.socket.destroy() // CancelRequest, GSS: nothing to do here
+      return
+    }
+    let name = ""
+    let at = start + 4
+    while (at < end - 1) {
+      const keyEnd = chunk.indexOf(0, at)
+      const valueEnd = chunk.indexOf(0, keyEnd + 1)
+      if (chunk.toString("latin1", at, keyEnd) === "user") name = chunk.toString("utf8", keyEnd + 1, valueEnd)
+      at = valueEnd + 1
+    }
+    if (name !== user) {
+      this.refuse(UNKNOWN_USER(name))
+      return
+    }
+    this.state = SASL_INITIAL
+    this.socket.write(SASL)
+  }
+
+  message(type: number, chunk: Buffer, start: number, end: number): void {
+    if (type === 0x58) {
+      this.socket.destroy() // Terminate
+      return
+    }
+    if (this.state === READY_STATE) {
+      if (type === 0x51) {
+        const sql = chunk.subarray(start, end)
+        this.socket.write(sql.indexOf(PARTSTRAT) >= 0 ? PGBENCH_PARTITIONS : SELECT_ONE)
+      } else if (type === 0x53) this.socket.write(READY)
+      return
+    }
+    if (type !== 0x70) {
+      this.refuse(errorResponse("08P01", "expected a SASL response"))
+      return
+    }
+    if (this.state === SASL_INITIAL) {
+      // SASLInitialResponse: mechanism, int32 length, "n,,n=…,r=<client nonce>".
+      const mechanismEnd = chunk.indexOf(0, start)
+      const first = chunk.toString("utf8", mechanismEnd + 5, end)
+      const bare = first.slice(first.indexOf(",", first.indexOf(",") + 1) + 1)
+      const clientNonce = bare.slice(bare.indexOf("r=") + 2)
+      this.nonce = clientNonce + nonce()
+      const serverFirst = `r=${this.nonce}${serverFirstTail}`
+      this.authPrefix = `${bare},${serverFirst},`
+      this.state = SASL_FINAL
+      this.socket.write(authentication(11, serverFirst))
+      return
+    }
+    // SASLResponse: "c=biws,r=<nonce>,p=<proof>".
+    const final = chunk.toString("utf8", start, end)
+    const proofAt = final.lastIndexOf(",p=")
+    const withoutProof = final.slice(0, proofAt)
+    const authMessage = this.authPrefix + withoutProof
+    const expected = `,r=${this.nonce}`
+    this.nonce = undefined
+    this.authPrefix = undefined
+    const proof = Buffer.from(final.slice(proofAt + 3), "base64")
+    if (proof.length !== 32 || !withoutProof.endsWith(expected)) {
+      this.refuse(WRONG_PASSWORD)
+      return
+    }
+    const signature = hmac(storedKey, authMessage)
+    const presented = Buffer.allocUnsafe(32)
+    for (let i = 0; i < 32; i++) presented[i] = proof[i]! ^ signature[i]!
+    const proven = createHash("sha256").update(presented).digest()
+    if (!timingSafeEqual(proven, storedKeyBytes)) {
+      this.refuse(WRONG_PASSWORD)
+      return
+    }
+    const serverSignature = hmac(serverKey, authMessage).toString("base64")
+    const key = Buffer.allocUnsafe(13)
+    key[0] = 0x4b
+    key.writeInt32BE(12, 1)
+    key.writeInt32BE(nextProcessId++ & 0x7fffffff, 5)
+    randomFillSync(key, 9, 4)
+    this.state = READY_STATE
+    this.socket.write(
+      Buffer.concat([authentication(12, `v=${serverSignature}`), authentication(0), PARAMETERS, key, READY])
+    )
+  }
+
+  /** Stops reading; answers after the failure delay, as Tidepool does. */
+  refuse(error: Buffer): void {
+    this.state = REFUSED
+    this.socket.pause()
+    setTimeout(() => {
+      this.socket.end(error)
+    }, failureDelayMs)
+  }
+}
+
+// ---- the listener -------------------------------------------------------------------------------------
+
+const buffer = Buffer.allocUnsafe(64 * 1024)
+
+function destroy(this: net.Socket): void {
+  this.destroy()
+}
+
+const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (accepted) => {
+  if (streamReads) {
+    const client = new Client(accepted)
+    accepted.on("data", (chunk: Buffer) => client.read(chunk))
+    accepted.on("error", destroy)
+    accepted.resume()
+    return
+  }
+  // net.Server has no `onread` option: the accepted handle moves to a socket that reads into the
+  // one shared buffer (as Tidepool's ClientSocket.takeOver and bench/relayFloor.ts do).
+  const handle = (accepted as unknown as { _handle: unknown })._handle
+  let client: Client | undefined
+  const socket = new net.Socket({
+    handle,
+    onread: {
+      buffer,
+      callback: (bytes: number) => {
+        client?.read(buffer.subarray(0, bytes))
+        return true
+      }
+    }
+  } as net.SocketConstructorOpts)
+  ;(accepted as unknown as { _handle: unknown })._handle = null
+  accepted.destroy()
+  client = new Client(socket)
+  socket.on("error", destroy)
+})
+server.listen({ port: Number(portArg), host: "127.0.0.1", backlog: 4096 })
+process.on("SIGTERM", () => process.exit(0))

@@ -1,0 +1,109 @@
+/**
+ * The host's client seats (docs/scale-out.md#max_clients-across-workers), kept by the supervisor:
+ * per pool, how many seats (admitted clients or seats kept spare for the next ones) each worker
+ * holds, never more than the pool's limit in all. Workers hold seats in blocks, so a login far from
+ * the limit costs no IPC; at the limit the supervisor takes unused seats back from the other
+ * workers before it says no. Pure and synchronous; it speaks through `send`.
+ */
+
+export type SeatsOut =
+  | { readonly t: "seats"; readonly key: string; readonly n: number; readonly spare: number }
+  | { readonly t: "seat-reclaim"; readonly key: string }
+
+interface Request {
+  readonly worker: number
+  readonly need: number
+}
+
+interface PoolSeats {
+  limit: number
+  readonly held: Map<number, number>
+  readonly queue: Array<Request>
+  /** Workers asked to give back unused seats for the request at the head of the queue, not answered yet. */
+  asked: Set<number> | undefined
+}
+
+export class SeatLedger {
+  private readonly pools = new Map<string, PoolSeats>()
+
+  /**
+   * @param workers how many workers share the host: a worker keeps about `limit / (4 × workers)`
+   *   seats spare, so one cannot hoard a pool's limit while the others start.
+   */
+  constructor(
+    private readonly workers: number,
+    private readonly send: (worker: number, message: SeatsOut) => void
+  ) {}
+
+  want(worker: number, key: string, limit: number, need: number): void {
+    const pool = this.pool(key)
+    pool.limit = limit
+    pool.queue.push({ worker, need })
+    this.serve(key, pool)
+  }
+
+  release(worker: number, key: string, n: number, reclaimed: boolean): void {
+    const pool = this.pool(key)
+    const held = (pool.held.get(worker) ?? 0) - n
+    if (held > 0) pool.held.set(worker, held)
+    else pool.held.delete(worker)
+    if (reclaimed) pool.asked?.delete(worker)
+    this.serve(key, pool)
+  }
+
+  /** A worker is gone, and its clients with it: its seats are free. */
+  forget(worker: number): void {
+    for (const [key, pool] of this.pools) {
+      pool.held.delete(worker)
+      pool.asked?.delete(worker)
+      // Its request at the head had others asked for seats on its behalf: the next request asks anew.
+      if (pool.queue[0]?.worker === worker) pool.asked = undefined
+      for (let i = pool.queue.length - 1; i >= 0; i--) if (pool.queue[i]!.worker === worker) pool.queue.splice(i, 1)
+      this.serve(key, pool)
+    }
+  }
+
+  /** Seats held per worker (tests, views). */
+  heldBy(key: string): ReadonlyMap<number, number> {
+    return this.pools.get(key)?.held ?? new Map()
+  }
+
+  private pool(key: string): PoolSeats {
+    let pool = this.pools.get(key)
+    if (pool === undefined) {
+      pool = { limit: 0, held: new Map(), queue: [], asked: undefined }
+      this.pools.set(key, pool)
+    }
+    return pool
+  }
+
+  private serve(key: string, pool: PoolSeats): void {
+    const spare = Math.floor(pool.limit / (4 * this.workers))
+    while (pool.queue.length > 0) {
+      const request = pool.queue[0]!
+      let used = 0
+      for (const n of pool.held.values()) used += n
+      const free = pool.limit - used
+      if (request.need > 0 && free < request.need) {
+        if (pool.asked === undefined) {
+          // Seats another worker keeps spare are seats nobody uses: take them back before refusing.
+          pool.asked = new Set()
+          for (const [worker, n] of pool.held) {
+            if (worker !== request.worker && n > 0) {
+              pool.asked.add(worker)
+              this.send(worker, { t: "seat-reclaim", key })
+            }
+          }
+        }
+        if (pool.asked.size > 0) return
+      }
+      // Enough, or everyone has given back what it could: what is free is all there is.
+      pool.asked = undefined
+      pool.queue.shift()
+      const n = Math.max(0, Math.min(free, request.need + spare))
+      if (n > 0) pool.held.set(request.worker, (pool.held.get(request.worker) ?? 0) + n)
+      this.send(request.worker, { t: "seats", key, n, spare })
+    }
+    if (pool.held.size === 0 && pool.asked === undefined) this.pools.delete(key)
+  }
+}
