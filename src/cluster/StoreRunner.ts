@@ -454,7 +454,22 @@ export class StoreRunner {
         "INSERT INTO tidepool_runners (slot, address) VALUES ($1, $2) RETURNING runner_id",
         [slot, this.options.address]
       )
-      return { id: Number(inserted.rows[0].runner_id), slot }
+      const id = Number(inserted.rows[0].runner_id)
+      // Registering again after a reclaim: what the pools still hold is declared in the same
+      // transaction, under each pool's lock, so no other runner is granted it in between.
+      const holding = [...this.lines]
+        .filter(([, line]) => line.held > 0)
+        .map(([key, line]) => [storeKey(key), line.held] as const)
+        .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      for (const [sk, held] of holding) {
+        await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
+        await c.query(
+          "INSERT INTO tidepool_permits (pool_key, runner_id, held, want, want_since) VALUES ($1, $2, $3, 0, 0)",
+          [sk, id, held]
+        )
+        await c.query("SELECT pg_notify($1, $2)", [CHANNEL, sk])
+      }
+      return { id, slot }
     })
     await this.client!.query("SELECT pg_advisory_lock($1, $2::int)", [NS, row.id])
     this.runnerId = row.id
