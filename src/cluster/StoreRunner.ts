@@ -462,7 +462,10 @@ export class StoreRunner {
         .map(([key, line]) => [storeKey(key), line.held] as const)
         .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
       for (const [sk, held] of holding) {
-        await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
+        // Never wait for a pool's lock while holding the registration lock: a pool whose lock is
+        // busy is declared by this runner's next transaction on it instead.
+        const locked = await c.query("SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS ok", [NS + 1, sk])
+        if (!locked.rows[0].ok) continue
         await c.query(
           "INSERT INTO tidepool_permits (pool_key, runner_id, held, want, want_since) VALUES ($1, $2, $3, 0, 0)",
           [sk, id, held]
@@ -515,6 +518,14 @@ export class StoreRunner {
     if (this.client !== undefined || this.stopping) return
     await this.connect()
     const c = this.client!
+    if (this.runnerId === undefined) {
+      // Lost the store while registering again: finish that first.
+      await this.register()
+      for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
+      for (const key of this.lines.keys()) this.dirty.add(key)
+      this.pump()
+      return
+    }
     // A reclaimer may hold our lock for a moment: then our row is about to go; the renewal tells.
     const locked = await c.query("SELECT pg_try_advisory_lock($1, $2::int) AS ok", [NS, this.runnerId])
     if (!locked.rows[0].ok) {
