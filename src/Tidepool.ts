@@ -2,7 +2,7 @@ import { Effect, Layer } from "effect"
 import { AdminControl } from "./admin/index.ts"
 import { ApiServer } from "./api/index.ts"
 import { AuthQuery, CircuitBreaker, JitApi, SecretCache } from "./auth/index.ts"
-import { workerInbox, workerServices, workerStore } from "./cluster/index.ts"
+import { clusterServices, workerInbox, workerServices, workerStore } from "./cluster/index.ts"
 import type { AppConfig, Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
@@ -18,6 +18,8 @@ export interface TidepoolLayerOptions {
   readonly api?: boolean
   /** Worker mode (docs/scale-out.md): this process is worker `worker` of a supervisor. */
   readonly worker?: number
+  /** Cluster mode (docs/scale-out.md#several-hosts): pool_size is shared with other hosts through the store. */
+  readonly cluster?: boolean
 }
 
 /**
@@ -49,7 +51,12 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolL
     worker === undefined
       ? Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep)
       : Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep, workerInbox)
-  const base = worker === undefined ? tenantsLayer : Layer.merge(tenantsLayer, workerServices(worker))
+  const base =
+    worker !== undefined
+      ? Layer.merge(tenantsLayer, workerServices(worker))
+      : options.cluster === true
+        ? Layer.merge(tenantsLayer, clusterServices)
+        : tenantsLayer
   const dataPlane = front.pipe(
     Layer.provideMerge(TenantChanges.layer),
     Layer.provideMerge(PoolRegistry.layer),

@@ -50,10 +50,10 @@ export const serve = (configFile: string | undefined) =>
       // Worker mode: worker 0 writes the config file's tenants; the others start once it has
       // (docs/scale-out.md#one-host-workers). Every worker serves the proxy ports and the HTTP API.
       const node = yield* Layer.build(
-        tidepoolLayer(
-          worker === undefined || worker === 0 ? (file?.tenants ?? []) : [],
-          worker === undefined ? {} : { worker }
-        )
+        tidepoolLayer(worker === undefined || worker === 0 ? (file?.tenants ?? []) : [], {
+          ...(worker === undefined ? {} : { worker }),
+          ...(config.cluster ? { cluster: true } : {})
+        })
       )
       const { sessionPort, transactionPort, shutdown } = Context.get(node, Listeners)
       const api = Context.get(node, ApiServer)

@@ -1,3 +1,4 @@
+export { advertisedHost, clusterServices } from "./ClusterLink.ts"
 export { type Gathered, HostViews } from "./HostViews.ts"
 export { fairShares, Ledger, type LedgerOut } from "./Ledger.ts"
 export {
@@ -9,6 +10,8 @@ export {
   WORKER_ENV,
   type WorkerInfo
 } from "./messages.ts"
+export { type Claim, type Directive, type Division, divide } from "./PoolShares.ts"
 export { SeatLedger, type SeatsOut } from "./Seats.ts"
+export { MAX_SLOT, SLOT_SHIFT, slotOf } from "./StoreRunner.ts"
 export { supervise } from "./Supervisor.ts"
 export { workerInbox, workerReady, workerServices, workerStore } from "./WorkerLink.ts"

@@ -82,6 +82,12 @@ export interface AppConfigShape {
   readonly adminUsers: ReadonlyArray<AdminUser>
   /** Worker processes on this host (docs/scale-out.md); 1 = one process, no supervisor. */
   readonly workers: number
+  /** Several hosts share each pool_size through the PostgreSQL store (docs/scale-out.md#several-hosts). */
+  readonly cluster: boolean
+  /** Cluster mode: a runner whose lease is not renewed this long (store up) may have its permits reclaimed. */
+  readonly leaseMs: number
+  /** Cluster mode: the host other runners forward CancelRequests to; "" = listenAddr, or the host name if that is a wildcard. */
+  readonly advertiseHost: string
   readonly workerHangTimeoutMs: number
   readonly configFile: Option.Option<string>
 }
@@ -168,6 +174,12 @@ const sizeUnits: Readonly<Record<string, number>> = {
 }
 
 const port = integer(0, 65535, "a port number")
+const onOff = (raw: string): Result.Result<boolean, string> => {
+  const text = raw.trim().toLowerCase()
+  if (["on", "true", "1", "yes"].includes(text)) return Result.succeed(true)
+  if (["off", "false", "0", "no"].includes(text)) return Result.succeed(false)
+  return Result.fail(`expected on or off, got ${JSON.stringify(raw)}`)
+}
 const millis = (min: number) =>
   withUnits(timeUnits, 1, min, maxTimerMs, "a duration in milliseconds", "500ms, 30s, 5min, 1h, 1d")
 const bytes = (min: number, max: number) => withUnits(sizeUnits, 1, min, max, "a size in bytes", "64kB, 16MB, 1GB")
@@ -682,6 +694,33 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
         ? Result.succeed(Math.min(255, availableParallelism()))
         : integer(1, 255, "`auto` or an integer")(raw)
   },
+  cluster: {
+    env: "TIDEPOOL_CLUSTER",
+    fileKey: "cluster",
+    type: "`on` or `off`",
+    description:
+      "Several hosts share each pool_size through the permit ledger in the PostgreSQL store (docs/scale-out.md); needs DATABASE_URL",
+    default: () => false,
+    parse: onOff
+  },
+  leaseMs: {
+    env: "TIDEPOOL_LEASE_MS",
+    fileKey: "lease_ms",
+    type: "milliseconds, 300 or more",
+    description:
+      "Cluster mode: a host that has not renewed its lease in the store this long (while the store was up), and whose store session is gone, has its permits reclaimed",
+    default: () => 15_000,
+    parse: millis(300)
+  },
+  advertiseHost: {
+    env: "TIDEPOOL_ADVERTISE_HOST",
+    fileKey: "advertise_host",
+    type: "IP address or host name",
+    description:
+      "Cluster mode: where other hosts send this host's CancelRequests (with PROXY_PORT_TRANSACTION); empty = TIDEPOOL_LISTEN_ADDR, or the host name when that is a wildcard",
+    default: () => "",
+    parse: (raw: string) => Result.succeed(raw.trim())
+  },
   workerHangTimeoutMs: {
     env: "TIDEPOOL_WORKER_HANG_TIMEOUT",
     fileKey: "worker_hang_timeout",
@@ -747,6 +786,30 @@ const tlsPairProblems = (s: Settings): Array<ConfigProblem> => {
   ]
 }
 
+// Cluster mode keeps its ledger in the PostgreSQL store and tells other hosts where to forward
+// cancels: without either, it would silently be one host's pooler again.
+const clusterProblems = (s: Settings): Array<ConfigProblem> => {
+  if (!s.cluster) return []
+  const problems: Array<ConfigProblem> = []
+  const why = `${settings.cluster.env} (server: ${settings.cluster.fileKey}) is on`
+  if (s.databaseUrl === undefined)
+    problems.push({
+      path: settings.cluster.env,
+      reason: `${why}: it needs a PostgreSQL tenant store (${settings.databaseUrl.env}), where the hosts share their permits`
+    })
+  if (s.workers > 1)
+    problems.push({
+      path: settings.workers.env,
+      reason: `${why}: several hosts each with several workers is not built yet; run one process per host (or one host with ${settings.workers.env})`
+    })
+  if (s.transactionPort === 0)
+    problems.push({
+      path: settings.transactionPort.env,
+      reason: `${why}: other hosts forward CancelRequests to this port, so it cannot be 0`
+    })
+  return problems
+}
+
 /**
  * Parses raw setting values (absent: the default) with the parsers above, then checks the rules
  * across settings. Every problem is reported, by environment variable name, so one run lists them
@@ -771,7 +834,7 @@ export const parseSettings = (
   }
   if (problems.length > 0) return Result.fail(problems)
   const parsed = out as Settings
-  const crossField = [...portProblems(parsed), ...tlsPairProblems(parsed)]
+  const crossField = [...portProblems(parsed), ...tlsPairProblems(parsed), ...clusterProblems(parsed)]
   return crossField.length > 0 ? Result.fail(crossField) : Result.succeed(parsed)
 }
 
@@ -871,6 +934,9 @@ const defaults = (): AppConfigShape => ({
   traceCheckoutEvery: settings.traceCheckoutEvery.default(),
   adminUsers: settings.adminUsers.default(),
   workers: settings.workers.default(),
+  cluster: settings.cluster.default(),
+  leaseMs: settings.leaseMs.default(),
+  advertiseHost: settings.advertiseHost.default(),
   workerHangTimeoutMs: settings.workerHangTimeoutMs.default(),
   configFile: Option.none()
 })

@@ -79,6 +79,11 @@ export class PeerWorkers extends Context.Service<
   PeerWorkers,
   {
     readonly self: number
+    /**
+     * Cluster mode (docs/scale-out.md#several-hosts): process ids are `prefix()` (the runner's number
+     * in the bits from `shift` up) plus `shift` random bits; absent: the worker layout above.
+     */
+    readonly ids?: { readonly shift: number; readonly prefix: () => number }
     readonly forwardCancel: (processId: number, secretKey: Buffer) => void
     /** `…/terminate` ran here: the other workers do the same. */
     readonly terminated: (tenant: string) => void
@@ -95,10 +100,12 @@ export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepoo
     const sessions = new Map<number, Entry>()
     const router = Option.getOrUndefined(yield* Effect.serviceOption(PeerWorkers))
     const owner = router === undefined ? 0 : (router.self + 1) << OWNER_SHIFT
+    const shift = router?.ids?.shift ?? OWNER_SHIFT
+    const prefix = router?.ids?.prefix ?? (() => owner)
     return {
       register: (handle: SessionHandle): SessionKey => {
         let processId: number
-        do processId = router === undefined ? randomInt(1, 2 ** 31 - 1) : owner | randomInt(0, 2 ** OWNER_SHIFT)
+        do processId = router === undefined ? randomInt(1, 2 ** 31 - 1) : prefix() | randomInt(0, 2 ** shift)
         while (sessions.has(processId))
         const secretKey = randomInt(-(2 ** 31), 2 ** 31 - 1)
         sessions.set(processId, { secretKey, handle, seenBytes: handle.idle?.bytesRead() ?? 0, idleSince: Date.now() })
@@ -109,7 +116,7 @@ export class SessionRegistry extends Context.Service<SessionRegistry>()("tidepoo
       },
       cancel: (processId: number, secretKey: Buffer): Effect.Effect<boolean> =>
         Effect.suspend(() => {
-          if (router !== undefined && processId >>> OWNER_SHIFT !== owner >>> OWNER_SHIFT) {
+          if (router !== undefined && processId >>> shift !== prefix() >>> shift) {
             router.forwardCancel(processId, secretKey)
             return Effect.succeed(true)
           }

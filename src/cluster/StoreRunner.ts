@@ -1,0 +1,787 @@
+import * as net from "node:net"
+import pg from "pg"
+import type { PoolPermits, TenantPool } from "../pool/index.ts"
+import type { ServerConnection } from "../upstream/index.ts"
+import { type Claim, type Directive, divide } from "./PoolShares.ts"
+
+/**
+ * One runner of the store ledger (docs/scale-out.md#several-hosts): this process's line to the
+ * permit ledger kept in the PostgreSQL tenant store, shared by every host. Each pool's permits are
+ * taken and given back in short transactions serialised per pool by a transaction-scoped advisory
+ * lock; the runner's row is a lease it renews; a runner whose lease expired while the store was up
+ * and whose store session is gone has its servers' queries cancelled and its permits reclaimed by
+ * any other. Nothing here runs per transaction: the store hears of a pool when it opens or closes
+ * servers, or when its clients start or stop waiting.
+ *
+ * Plain callbacks over one dedicated `pg` connection (its session holds the runner's advisory lock
+ * and LISTENs), every store job in one queue, so the runner's own transactions never interleave.
+ */
+
+/** The advisory-lock namespace (first int4): runner locks are (NS, runner_id), pool locks (NS + 1, hashtext(key)). */
+const NS = 0x74696470
+const CHANNEL = "tidepool_permits"
+/** Process ids in cluster mode: the runner's slot in bits 20–30, 20 random bits below. */
+export const SLOT_SHIFT = 20
+export const MAX_SLOT = 2 ** (31 - SLOT_SHIFT) - 1
+/** How often a pool whose clients wait asks again, should a notification be lost (reconnects). */
+const POLL_MS = 1_000
+
+export const slotOf = (processId: number): number => processId >>> SLOT_SHIFT
+
+/**
+ * A pool's name in the store: its key's parts (tenant, user, mode, database; NUL-separated in
+ * memory, which PostgreSQL text cannot hold) as a JSON array, readable in `tidepool_permits`.
+ */
+export const storeKey = (key: string): string => JSON.stringify(key.split("\u0000"))
+const memoryKey = (stored: string): string | undefined => {
+  try {
+    const parts: unknown = JSON.parse(stored)
+    return Array.isArray(parts) ? parts.join("\u0000") : undefined
+  } catch {
+    return undefined
+  }
+}
+
+const SCHEMA = [
+  `CREATE TABLE IF NOT EXISTS tidepool_runners (
+    runner_id BIGSERIAL PRIMARY KEY,
+    slot INT NOT NULL UNIQUE,
+    address TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    renewed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+  )`,
+  `CREATE TABLE IF NOT EXISTS tidepool_permits (
+    pool_key TEXT NOT NULL,
+    runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
+    held INT NOT NULL,
+    want INT NOT NULL,
+    want_since BIGINT NOT NULL DEFAULT 0,
+    keep INT,
+    press BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (pool_key, runner_id)
+  )`,
+  "CREATE INDEX IF NOT EXISTS tidepool_permits_runner ON tidepool_permits (runner_id)",
+  `CREATE TABLE IF NOT EXISTS tidepool_backends (
+    runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
+    host TEXT NOT NULL,
+    port INT NOT NULL,
+    pid INT NOT NULL,
+    secret TEXT NOT NULL,
+    PRIMARY KEY (runner_id, host, port, pid)
+  )`
+]
+
+export interface RunnerOptions {
+  readonly url: string
+  readonly leaseMs: number
+  /** host:port other runners forward this runner's CancelRequests to. */
+  readonly address: string
+  /** Bounds each cancel sent for a reclaimed runner's backend, and each store query. */
+  readonly timeoutMs: number
+  readonly log: (level: "debug" | "info" | "warning", message: string) => void
+}
+
+interface BackendRef {
+  readonly host: string
+  readonly port: number
+  readonly pid: number
+  /** The backend's cancel key, hex. */
+  readonly secret: string
+}
+
+interface PoolLine {
+  /** The newest pool of this key; an older one closing still returns its permits under the key. */
+  pool: TenantPool | undefined
+  size: number
+  /** Permits this runner's pools hold (granted and not released). */
+  held: number
+  /** More permits wanted now (the pool's last `want`, less what was granted since). */
+  want: number
+  /** Released permits the store does not know of yet. */
+  release: number
+  /** The directive last given to the pool. */
+  directive: Directive
+  /** Permits granted whose server has not logged in yet. */
+  fresh: number
+  /** Since when (monotonic ms; 0: not) a lowering directive waits for fresh servers to serve once (see `apply`). */
+  deferred: number
+  /** When its last transaction ran (monotonic ms): the once-a-second re-ask skips a pool just settled. */
+  settledAt: number
+}
+
+type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
+
+const LIFTED: Directive = { keep: null, press: false }
+
+/** Sends a CancelRequest and resolves once the server has taken it (closed), or after `timeoutMs`. */
+export const sendCancelRequest = (
+  host: string,
+  port: number,
+  pid: number,
+  secret: Buffer,
+  timeoutMs: number
+): Promise<void> =>
+  new Promise((resolve) => {
+    const packet = Buffer.alloc(12 + secret.length)
+    packet.writeInt32BE(packet.length, 0)
+    packet.writeInt32BE(80877102, 4)
+    packet.writeInt32BE(pid, 8)
+    secret.copy(packet, 12)
+    const socket = net.connect({ host, port })
+    const timer = setTimeout(() => socket.destroy(), timeoutMs)
+    socket.on("error", () => undefined)
+    socket.on("close", () => {
+      clearTimeout(timer)
+      resolve()
+    })
+    socket.on("connect", () => socket.end(packet))
+  })
+
+const splitAddress = (address: string): { host: string; port: number } => {
+  const at = address.lastIndexOf(":")
+  return { host: address.slice(0, at).replace(/^\[|\]$/g, ""), port: Number(address.slice(at + 1)) }
+}
+
+export class StoreRunner {
+  private client: pg.Client | undefined
+  /** When the current store session began (monotonic ms): reclaiming needs a lease's worth of it. */
+  private connectedAt = 0
+  private runnerId: number | undefined
+  private slotNumber = 0
+  private readonly lines = new Map<string, PoolLine>()
+  private readonly dirty = new Set<string>()
+  private backendOps: Array<BackendOp> = []
+  /** Open servers' backends by host/port/pid, re-recorded after a re-registration. */
+  private readonly backends = new Map<string, BackendRef>()
+  private addresses = new Map<number, string>()
+  private queue: Promise<void> = Promise.resolve()
+  private pumping = false
+  private lastRenewal = 0
+  private timer: NodeJS.Timeout | undefined
+  private stopping = false
+  private reconnecting = false
+  /** Pool transactions since the last renewal (logged at debug with it: the ledger's store traffic). */
+  private settles = 0
+  private onHeldChange: (() => void) | undefined
+
+  private constructor(private readonly options: RunnerOptions) {}
+
+  /** Connects, creates the ledger's tables if needed and registers; fails if the store cannot be reached. */
+  static async start(options: RunnerOptions): Promise<StoreRunner> {
+    const runner = new StoreRunner(options)
+    await runner.connect()
+    await runner.register()
+    await runner.refreshAddresses()
+    const tick = Math.min(POLL_MS, Math.max(100, Math.floor(options.leaseMs / 3)))
+    runner.timer = setInterval(() => runner.tick(), tick)
+    runner.timer.unref()
+    return runner
+  }
+
+  /** This runner's number in BackendKeyData (1–2047). */
+  get slot(): number {
+    return this.slotNumber
+  }
+
+  /** The high bits of this runner's client process ids. */
+  readonly prefix = (): number => this.slotNumber << SLOT_SHIFT
+
+  attach(pool: TenantPool): PoolPermits {
+    const key = pool.settings.key
+    const line = this.line(key)
+    line.pool = pool
+    line.size = pool.settings.size
+    if (line.directive.keep !== null || line.directive.press)
+      pool.direct(line.directive.keep ?? Number.POSITIVE_INFINITY, line.directive.press)
+    return {
+      want: (size, n) => {
+        line.size = size
+        line.want = Math.max(0, n)
+        this.touch(key)
+      },
+      release: (n) => {
+        line.held -= n
+        line.fresh = Math.min(line.fresh, line.held)
+        line.release += n
+        this.touch(key)
+        this.onHeldChange?.()
+      },
+      opened: (server) => {
+        if (line.fresh > 0 && --line.fresh === 0 && line.deferred > 0) {
+          // After TenantPool has lent the new server (it does so right after telling us it opened).
+          setImmediate(() => {
+            if (line.deferred > 0) this.apply(line)
+          })
+        }
+        this.backendOp(true, server)
+      },
+      closed: (server) => this.backendOp(false, server)
+    }
+  }
+
+  /** A CancelRequest for another runner's client: sent on to that runner's address, as an ordinary one. */
+  forwardCancel(processId: number, secret: Buffer): void {
+    const slot = slotOf(processId)
+    const send = (address: string | undefined) => {
+      if (address === undefined || address === this.options.address) return
+      const { host, port } = splitAddress(address)
+      this.options.log("debug", `CancelRequest for runner ${slot} forwarded to ${address}`)
+      void sendCancelRequest(host, port, processId, secret, this.options.timeoutMs)
+    }
+    const known = this.addresses.get(slot)
+    if (known !== undefined) send(known)
+    else void this.enqueue(() => this.refreshAddresses()).then(() => send(this.addresses.get(slot)))
+  }
+
+  /**
+   * Shutdown, after the pools have closed: waits (up to `timeoutMs`) until every permit's server has
+   * closed and the store knows, then deletes this runner's row so its permits are free at once. A
+   * permit still held at the deadline stays with the row, for the lease to reclaim after cancels.
+   */
+  async stop(timeoutMs: number): Promise<void> {
+    clearInterval(this.timer)
+    const deadline = Date.now() + timeoutMs
+    while (this.heldTotal() > 0 && Date.now() < deadline) {
+      await new Promise<void>((resolve) => {
+        this.onHeldChange = resolve
+        setTimeout(resolve, deadline - Date.now()).unref()
+      })
+    }
+    this.onHeldChange = undefined
+    this.stopping = true
+    await this.enqueue(async () => {
+      if (this.client === undefined || this.runnerId === undefined || this.heldTotal() > 0) return
+      await this.transaction(async (c) => {
+        const keys = await c.query("SELECT pool_key FROM tidepool_permits WHERE runner_id = $1", [this.runnerId])
+        await c.query("DELETE FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+        for (const row of keys.rows) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, row.pool_key])
+      })
+      this.options.log("info", `permit ledger: runner ${this.runnerId} left the store; its permits are free`)
+    })
+    const client = this.client
+    this.client = undefined
+    await client?.end().catch(() => undefined)
+  }
+
+  /**
+   * Gives the pool its directive. One that takes servers away waits while a server granted to this
+   * runner is still connecting: a new server serves one transaction before it is given up, or a
+   * pool smaller than the number of busy runners would hand its permit round without serving anyone.
+   */
+  private apply(line: PoolLine): void {
+    const d = line.directive
+    const lowers = d.press || (d.keep !== null && d.keep < line.held)
+    if (lowers && line.fresh > 0) {
+      if (line.deferred === 0) line.deferred = performance.now()
+      return
+    }
+    line.deferred = 0
+    const pool = line.pool
+    if (pool !== undefined && !pool.isClosed) pool.direct(d.keep ?? Number.POSITIVE_INFINITY, d.press)
+  }
+
+  private heldTotal(): number {
+    let n = 0
+    for (const line of this.lines.values()) n += line.held
+    return n
+  }
+
+  private line(key: string): PoolLine {
+    let line = this.lines.get(key)
+    if (line === undefined) {
+      line = {
+        pool: undefined,
+        size: 0,
+        held: 0,
+        want: 0,
+        release: 0,
+        directive: LIFTED,
+        fresh: 0,
+        deferred: 0,
+        settledAt: 0
+      }
+      this.lines.set(key, line)
+    }
+    return line
+  }
+
+  private touch(key: string): void {
+    this.dirty.add(key)
+    this.pump()
+  }
+
+  private backendOp(add: boolean, server: ServerConnection): void {
+    // A TLS upstream may refuse a plaintext cancel: its permit is reclaimed without one, as on one host.
+    if (server.target.tls !== undefined) return
+    const ref = {
+      host: server.target.host,
+      port: server.target.port,
+      pid: server.backendPid,
+      secret: server.backendSecret.toString("hex")
+    }
+    const id = `${ref.host}:${ref.port}:${ref.pid}`
+    if (add) this.backends.set(id, ref)
+    else this.backends.delete(id)
+    this.backendOps.push({ add, ref })
+    this.pump()
+  }
+
+  /** Runs store jobs one at a time; a job that fails (the store is away) leaves its work for later. */
+  private enqueue<A>(job: () => Promise<A>): Promise<A | undefined> {
+    const run = this.queue.then(job).catch((e: unknown) => {
+      this.failed(e)
+      return undefined
+    })
+    this.queue = run.then(() => undefined)
+    return run
+  }
+
+  private pump(): void {
+    if (this.pumping || this.client === undefined || this.runnerId === undefined) return
+    this.pumping = true
+    // One pass over what is dirty now, then the queue's other jobs: under a stream of changes (a
+    // busy pool's wants, its peers' NOTIFYs) the renewal and the reclaim must still get their turn,
+    // or a live runner's lease would run out behind its own pool traffic.
+    void this.enqueue(async () => {
+      try {
+        if (this.backendOps.length > 0) await this.flushBackends()
+        for (const key of [...this.dirty]) {
+          if (this.client === undefined || this.runnerId === undefined) break
+          this.dirty.delete(key)
+          await this.settle(key)
+        }
+      } finally {
+        this.pumping = false
+      }
+      if (this.dirty.size > 0 || this.backendOps.length > 0) this.pump()
+    })
+  }
+
+  private failed(e: unknown): void {
+    const message = e instanceof Error ? e.message : String(e)
+    const code = (e as { code?: string }).code
+    if (code === "23503" || code === "42P01") {
+      // A foreign key to our runner row failed: the row is gone, reclaimed by another runner; or
+      // the ledger's tables are gone (a store restored or replaced): register again either way.
+      void this.enqueue(() => this.reclaimed())
+      return
+    }
+    if (this.client === undefined) return
+    this.options.log("warning", `permit ledger: store query failed: ${message}`)
+    // The session is fine after an error PostgreSQL reported (the work is retried at the next tick),
+    // except for those that end it (shutdown, connection exceptions).
+    const state = e instanceof pg.DatabaseError ? (e.code ?? "") : ""
+    if (state === "" || state.startsWith("57P") || state.startsWith("08")) this.lost()
+  }
+
+  /** The store session ended: fail static (keep what is held) until the tick reconnects. */
+  private lost(): void {
+    const client = this.client
+    if (client === undefined) return
+    this.client = undefined
+    this.options.log(
+      "warning",
+      "permit ledger: lost the tenant store; serving with the permits held (no new ones) until it is back"
+    )
+    client.end().catch(() => undefined)
+  }
+
+  private async connect(): Promise<void> {
+    const client = new pg.Client({
+      connectionString: this.options.url,
+      application_name: "tidepool runner",
+      keepAlive: true,
+      connectionTimeoutMillis: this.options.timeoutMs,
+      query_timeout: Math.max(this.options.timeoutMs, 2_000)
+    })
+    client.on("error", () => {
+      if (this.client === client) this.lost()
+    })
+    client.on("end", () => {
+      if (this.client === client) this.lost()
+    })
+    client.on("notification", (n) => {
+      const key = n.payload === undefined ? undefined : memoryKey(n.payload)
+      if (key !== undefined && this.lines.has(key)) this.touch(key)
+    })
+    await client.connect()
+    try {
+      // A host that vanishes (power, network) never closes its store session: PostgreSQL notices
+      // only by TCP keepalive, by default after two hours, and until then its lock keeps its permits
+      // from being reclaimed. Probes at a third of the lease bound that to about 4/3 of a lease.
+      const probe = Math.max(1, Math.ceil(this.options.leaseMs / 3000))
+      await client.query(
+        `SET tcp_keepalives_idle = ${probe}; SET tcp_keepalives_interval = ${probe}; SET tcp_keepalives_count = 3`
+      )
+      await client.query(`LISTEN ${CHANNEL}`)
+    } catch (e) {
+      await client.end().catch(() => undefined)
+      throw e
+    }
+    this.client = client
+    this.connectedAt = performance.now()
+  }
+
+  private async transaction<A>(body: (c: pg.Client) => Promise<A>): Promise<A> {
+    const c = this.client
+    if (c === undefined) throw new Error("not connected to the tenant store")
+    await c.query("BEGIN")
+    try {
+      const result = await body(c)
+      await c.query("COMMIT")
+      return result
+    } catch (e) {
+      await c.query("ROLLBACK").catch(() => undefined)
+      throw e
+    }
+  }
+
+  /** Takes a runner row (a free slot, this one's previous if it can) and its session lock. */
+  private async register(): Promise<void> {
+    const previous = this.slotNumber
+    // The tables too: a store that came back empty (restored, replaced) gets them again.
+    await this.transaction(async (c) => {
+      await c.query("SELECT pg_advisory_xact_lock($1, -1)", [NS])
+      for (const ddl of SCHEMA) await c.query(ddl)
+    })
+    const row = await this.transaction(async (c) => {
+      await c.query("SELECT pg_advisory_xact_lock($1, 0)", [NS])
+      const used = new Set((await c.query("SELECT slot FROM tidepool_runners")).rows.map((r) => Number(r.slot)))
+      let slot = previous > 0 && !used.has(previous) ? previous : 0
+      for (let s = 1; slot === 0 && s <= MAX_SLOT; s++) if (!used.has(s)) slot = s
+      if (slot === 0) throw new Error(`permit ledger: all ${MAX_SLOT} runner slots are taken`)
+      const inserted = await c.query(
+        "INSERT INTO tidepool_runners (slot, address) VALUES ($1, $2) RETURNING runner_id",
+        [slot, this.options.address]
+      )
+      const id = Number(inserted.rows[0].runner_id)
+      // Registering again after a reclaim: what the pools still hold is declared in the same
+      // transaction, under each pool's lock, so no other runner is granted it in between.
+      const holding = [...this.lines]
+        .filter(([, line]) => line.held > 0)
+        .map(([key, line]) => [storeKey(key), line.held] as const)
+        .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+      for (const [sk, held] of holding) {
+        // Never wait for a pool's lock while holding the registration lock: a pool whose lock is
+        // busy is declared by this runner's next transaction on it instead.
+        const locked = await c.query("SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS ok", [NS + 1, sk])
+        if (!locked.rows[0].ok) continue
+        await c.query(
+          "INSERT INTO tidepool_permits (pool_key, runner_id, held, want, want_since) VALUES ($1, $2, $3, 0, 0)",
+          [sk, id, held]
+        )
+        await c.query("SELECT pg_notify($1, $2)", [CHANNEL, sk])
+      }
+      return { id, slot }
+    })
+    await this.client!.query("SELECT pg_advisory_lock($1, $2::int)", [NS, row.id])
+    this.runnerId = row.id
+    this.slotNumber = row.slot
+    this.lastRenewal = performance.now()
+    if (previous > 0 && previous !== row.slot)
+      this.options.log(
+        "warning",
+        `permit ledger: runner slot ${previous} was taken meanwhile; now slot ${row.slot} (cancels of clients from before reach them only on this host)`
+      )
+    this.options.log("info", `permit ledger: runner ${row.id} registered as slot ${row.slot} (${this.options.address})`)
+  }
+
+  private tick(): void {
+    if (this.stopping) return
+    if (this.client === undefined) {
+      if (!this.reconnecting) {
+        this.reconnecting = true
+        void this.enqueue(() => this.reconnect()).finally(() => {
+          this.reconnecting = false
+        })
+      }
+      return
+    }
+    const now = performance.now()
+    // Pools whose clients wait ask again (a lost notification); releases the store missed are retried;
+    // a directive held back for a server that never logged in applies now.
+    for (const [key, line] of this.lines) {
+      if ((line.want > 0 || line.release > 0) && now - line.settledAt >= POLL_MS) this.dirty.add(key)
+      if (line.deferred > 0 && now - line.deferred >= POLL_MS) {
+        line.fresh = 0
+        this.apply(line)
+      }
+    }
+    this.pump()
+    if (now - this.lastRenewal >= this.options.leaseMs / 3) {
+      this.lastRenewal = now
+      void this.enqueue(() => this.renew())
+    }
+  }
+
+  private async reconnect(): Promise<void> {
+    if (this.client !== undefined || this.stopping) return
+    await this.connect()
+    const c = this.client!
+    if (this.runnerId === undefined) {
+      // Lost the store while registering again: finish that first.
+      await this.register()
+      for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
+      for (const key of this.lines.keys()) this.dirty.add(key)
+      this.pump()
+      return
+    }
+    // A reclaimer may hold our lock for a moment: then our row is about to go; the renewal tells.
+    const locked = await c.query("SELECT pg_try_advisory_lock($1, $2::int) AS ok", [NS, this.runnerId])
+    if (!locked.rows[0].ok) {
+      this.lost()
+      return
+    }
+    this.options.log("info", "permit ledger: the tenant store is back")
+    await this.renew()
+    if (this.client !== undefined) {
+      for (const [key, line] of this.lines) if (line.want > 0 || line.release > 0 || line.held > 0) this.dirty.add(key)
+      this.pump()
+    }
+  }
+
+  private async renew(): Promise<void> {
+    const c = this.client
+    if (c === undefined || this.runnerId === undefined) return
+    const renewed = await c.query("UPDATE tidepool_runners SET renewed_at = now() WHERE runner_id = $1", [
+      this.runnerId
+    ])
+    if (renewed.rowCount === 0) {
+      await this.reclaimed()
+      return
+    }
+    if (this.settles > 0)
+      this.options.log("debug", `permit ledger: ${this.settles} pool transaction(s) since the last renewal`)
+    this.settles = 0
+    await this.refreshAddresses()
+    if (performance.now() - this.connectedAt >= this.options.leaseMs) await this.reclaimExpired()
+  }
+
+  private async refreshAddresses(): Promise<void> {
+    const c = this.client
+    if (c === undefined) return
+    const rows = (await c.query("SELECT slot, address FROM tidepool_runners")).rows
+    this.addresses = new Map(rows.map((r) => [Number(r.slot), String(r.address)]))
+  }
+
+  /**
+   * Our row was reclaimed while we were cut off, and others may have been given our permits. We
+   * register again and write what our pools really hold: while the pool is above its size nobody
+   * is granted anything, and every holder above its share (ours included) closes servers — idle ones
+   * at once, busy ones at their next release — until the pool is within its size again.
+   */
+  private async reclaimed(): Promise<void> {
+    if (this.client === undefined || this.runnerId === undefined) return
+    const exists = await this.client
+      .query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+      .catch((e: { code?: string }) => (e.code === "42P01" ? { rows: [] } : Promise.reject(e)))
+    if (exists.rows.length > 0) return
+    this.options.log(
+      "warning",
+      `permit ledger: runner ${this.runnerId}'s lease was reclaimed while it was away from the store; registering again with what its pools hold`
+    )
+    await this.client.query("SELECT pg_advisory_unlock_all()")
+    this.runnerId = undefined
+    this.backendOps = []
+    for (const [key, line] of this.lines) {
+      line.release = 0
+      this.dirty.add(key)
+    }
+    await this.register()
+    for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
+    this.pump()
+  }
+
+  /**
+   * Other runners whose lease ran out while we (and so the store) were up for a lease's length, and
+   * whose store session is gone (their advisory lock is free): cancel their recorded backends'
+   * queries, then delete their rows, which frees their permits, and tell their pools.
+   */
+  private async reclaimExpired(): Promise<void> {
+    const c = this.client!
+    const expired = await c.query(
+      "SELECT runner_id, slot, address FROM tidepool_runners WHERE runner_id <> $1 AND renewed_at < now() - make_interval(secs => $2::float8 / 1000)",
+      [this.runnerId, this.options.leaseMs]
+    )
+    for (const row of expired.rows) {
+      const id = Number(row.runner_id)
+      const free = await c.query("SELECT pg_try_advisory_lock($1, $2::int) AS ok", [NS, id])
+      if (!free.rows[0].ok) {
+        this.options.log("debug", `permit ledger: runner ${id}'s lease expired but its store session is still open`)
+        continue
+      }
+      try {
+        const backends = (
+          await c.query("SELECT host, port, pid, secret FROM tidepool_backends WHERE runner_id = $1", [id])
+        ).rows as Array<BackendRef>
+        await Promise.all(
+          backends.map((b) =>
+            sendCancelRequest(b.host, b.port, b.pid, Buffer.from(b.secret, "hex"), this.options.timeoutMs)
+          )
+        )
+        const permits = await this.transaction(async (tx) => {
+          const keys = await tx.query("SELECT pool_key, held FROM tidepool_permits WHERE runner_id = $1", [id])
+          await tx.query("DELETE FROM tidepool_runners WHERE runner_id = $1", [id])
+          for (const k of keys.rows) await tx.query("SELECT pg_notify($1, $2)", [CHANNEL, k.pool_key])
+          return keys.rows.reduce((s, k) => s + Number(k.held), 0)
+        })
+        this.options.log(
+          "info",
+          `permit ledger: reclaimed runner ${id} (slot ${row.slot}, ${row.address}): lease expired and its store session gone; ${backends.length} backend(s) cancelled, ${permits} permit(s) freed`
+        )
+      } finally {
+        await c.query("SELECT pg_advisory_unlock($1, $2::int)", [NS, id])
+      }
+    }
+  }
+
+  /** Writes the backends opened and closed since the last flush, in order. */
+  private async flushBackends(): Promise<void> {
+    const ops = this.backendOps
+    this.backendOps = []
+    const c = this.client!
+    try {
+      for (let i = 0; i < ops.length; ) {
+        const add = ops[i]!.add
+        let j = i
+        while (j < ops.length && ops[j]!.add === add) j++
+        const refs = JSON.stringify(ops.slice(i, j).map((o) => o.ref))
+        await c.query(
+          add
+            ? `INSERT INTO tidepool_backends (runner_id, host, port, pid, secret)
+               SELECT $1, x.host, x.port, x.pid, x.secret FROM json_to_recordset($2) AS x(host text, port int, pid int, secret text)
+               ON CONFLICT DO NOTHING`
+            : `DELETE FROM tidepool_backends b USING json_to_recordset($2) AS x(host text, port int, pid int)
+               WHERE b.runner_id = $1 AND b.host = x.host AND b.port = x.port AND b.pid = x.pid`,
+          [this.runnerId, refs]
+        )
+        i = j
+      }
+    } catch (e) {
+      this.backendOps = [...ops, ...this.backendOps]
+      throw e
+    }
+  }
+
+  /**
+   * One pool's transaction: under the pool's advisory lock, record what this runner holds and
+   * wants, take the free permits its fair share allows, and write every runner's directive; a
+   * NOTIFY tells the others when there is something for them (a grant to take, a new directive).
+   */
+  private async settle(key: string): Promise<void> {
+    const line = this.lines.get(key)
+    if (line === undefined || this.runnerId === undefined) return
+    line.settledAt = performance.now()
+    this.settles++
+    const me = this.runnerId
+    const sk = storeKey(key)
+    const release = line.release
+    const want = line.want
+    // What the pools hold now is the truth (the row says that plus releases not yet written, or
+    // nothing at all after a reclaim).
+    const holding = line.held
+    const result = await this.transaction(async (c) => {
+      await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
+      const rows = (
+        await c.query(
+          "SELECT runner_id, held, want, want_since, keep, press FROM tidepool_permits WHERE pool_key = $1 ORDER BY runner_id",
+          [sk]
+        )
+      ).rows.map((r) => ({
+        id: Number(r.runner_id),
+        held: Number(r.held),
+        want: Number(r.want),
+        since: Number(r.want_since),
+        keep: r.keep === null ? null : Number(r.keep),
+        press: Boolean(r.press)
+      }))
+      // Orders waits across hosts; clock skew between hosts only reorders who waited longest.
+      const now = Date.now()
+      let own = rows.find((r) => r.id === me)
+      const before = own === undefined ? undefined : { ...own }
+      if (own === undefined) {
+        own = { id: me, held: 0, want: 0, since: 0, keep: null, press: false }
+        rows.push(own)
+      }
+      own.held = holding
+      // A runner that gives back its last permit while it still wants goes to the back of the queue:
+      // a pool smaller than the number of busy runners rotates instead of returning to the same one.
+      // (Not for any release: in a larger pool that moved the rounding's extra permit from runner to
+      // runner at every hand-over, each time a server closed and another opened.)
+      own.since = want > 0 ? (own.want > 0 && !(release > 0 && holding === 0) ? own.since : now) : 0
+      own.want = want
+      const claims: Array<Claim> = rows.map((r) => ({ held: r.held, want: r.want, since: r.since }))
+      const division = divide(line.size, claims)
+      const i = rows.indexOf(own)
+      const granted = division.grants[i]!
+      own.held += granted
+      own.want -= granted
+      if (own.want === 0) own.since = 0
+      let notify = false
+      for (const [k, r] of rows.entries()) {
+        const d = division.directives[k]!
+        if (r === own) continue
+        if (division.grants[k]! > 0) notify = true
+        if (r.keep !== d.keep || r.press !== d.press) {
+          notify = true
+          await c.query("UPDATE tidepool_permits SET keep = $3, press = $4 WHERE pool_key = $1 AND runner_id = $2", [
+            sk,
+            r.id,
+            d.keep,
+            d.press
+          ])
+        }
+      }
+      const mine = division.directives[i]!
+      if (own.held === 0 && own.want === 0) {
+        if (before !== undefined) {
+          await c.query("DELETE FROM tidepool_permits WHERE pool_key = $1 AND runner_id = $2", [sk, me])
+          notify ||= before.held > 0
+        }
+      } else if (
+        before === undefined ||
+        before.held !== own.held ||
+        before.want !== own.want ||
+        before.keep !== mine.keep ||
+        before.press !== mine.press
+      ) {
+        await c.query(
+          `INSERT INTO tidepool_permits (pool_key, runner_id, held, want, want_since, keep, press) VALUES ($1, $2, $3, $4, $5, $6, $7)
+           ON CONFLICT (pool_key, runner_id) DO UPDATE SET held = $3, want = $4, want_since = $5, keep = $6, press = $7`,
+          [sk, me, own.held, own.want, own.since, mine.keep, mine.press]
+        )
+        // Permits given back are free for whoever waits.
+        notify ||= release > 0 && rows.some((r) => r !== own && r.want > 0)
+      }
+      if (notify) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, sk])
+      return { granted, directive: mine }
+    })
+    line.release -= release
+    line.want = Math.max(0, line.want - result.granted)
+    const pool = line.pool
+    if (result.granted > 0) {
+      line.held += result.granted
+      if (pool === undefined || pool.isClosed) {
+        // Its pool closed meanwhile: the permits go straight back.
+        line.held -= result.granted
+        line.release += result.granted
+        this.dirty.add(key)
+      } else {
+        line.fresh += result.granted
+        pool.grant(result.granted)
+      }
+    }
+    const d = result.directive
+    if (result.granted > 0 || release > 0 || d.keep !== line.directive.keep || d.press !== line.directive.press)
+      this.options.log(
+        "debug",
+        `permit ledger: pool ${sk}: released ${release}, granted ${result.granted}, holds ${line.held}, wants ${line.want}, keep ${d.keep ?? "any"}${d.press ? ", pressed" : ""}`
+      )
+    if (d.keep !== line.directive.keep || d.press !== line.directive.press) {
+      line.directive = d
+      this.apply(line)
+    }
+    if ((line.pool === undefined || line.pool.isClosed) && line.held === 0 && line.want === 0 && line.release === 0)
+      this.lines.delete(key)
+  }
+}

@@ -1,0 +1,404 @@
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import * as net from "node:net"
+import { tmpdir } from "node:os"
+import * as path from "node:path"
+import pg from "pg"
+import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { slotOf } from "../../src/cluster/index.ts"
+import { type CliProcess, runCli } from "../support/cli.ts"
+import { freePort } from "../support/ports.ts"
+import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { hasTool, run } from "../support/tools.ts"
+
+/**
+ * TIDEPOOL_CLUSTER=on (docs/scale-out.md#several-hosts): three `tidepool serve` processes on their
+ * own ports share one PostgreSQL store, and each pool's pool_size through the permit ledger in it.
+ * Real processes, real PostgreSQL (one server as store and tenant database), pgbench and node-postgres.
+ */
+const hasPgbench = await hasTool("pgbench")
+const PASSWORD = "app-secret"
+const POOL = 10
+const LEASE_MS = 1_500
+const VAULT_ENC_KEY = "0f".repeat(32)
+const dir = mkdtempSync(path.join(tmpdir(), "tidepool-hosts-"))
+afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+interface Runner {
+  readonly cli: CliProcess
+  readonly port: number
+}
+
+const writeConfig = (name: string, db: PostgresServer, users: ReadonlyArray<readonly [string, number]>) => {
+  const file = path.join(dir, name)
+  writeFileSync(
+    file,
+    [
+      "tenants:",
+      "  - external_id: acme",
+      `    db_host: ${db.host}`,
+      `    db_port: ${db.port}`,
+      "    db_database: postgres",
+      "    users:",
+      ...users.flatMap(([user, size]) => [
+        `      - db_user: ${user}`,
+        `        db_password: ${PASSWORD}`,
+        `        pool_size: ${size}`
+      ])
+    ].join("\n")
+  )
+  return file
+}
+
+/** A runner: `tidepool serve` in cluster mode on ports of its own; only the first seeds the tenants. */
+const startRunner = async (storeUrl: string, config: string | undefined, n: number): Promise<Runner> => {
+  const port = await freePort()
+  const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
+    DATABASE_URL: storeUrl,
+    TIDEPOOL_CLUSTER: "on",
+    TIDEPOOL_LEASE_MS: String(LEASE_MS),
+    PROXY_PORT_TRANSACTION: String(port),
+    PROXY_PORT_SESSION: String(await freePort()),
+    PORT: String(await freePort()),
+    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+    TIDEPOOL_DATA_DIR: path.join(dir, `data-${n}`),
+    TIDEPOOL_TENANT_REFRESH_MS: "1000",
+    TIDEPOOL_LOG_LEVEL: "debug",
+    VAULT_ENC_KEY
+  })
+  await cli.waitFor(/tidepool listening/)
+  return { cli, port }
+}
+
+const stopRunner = async (runner: Runner | undefined) => {
+  if (runner === undefined || runner.cli.child.exitCode !== null || runner.cli.child.signalCode !== null) return
+  runner.cli.child.kill("SIGTERM")
+  await runner.cli.exited
+}
+
+const url = (port: number, user = "app") => `postgresql://${user}.acme:${PASSWORD}@127.0.0.1:${port}/postgres`
+
+const connect = async (port: number, user = "app") => {
+  const c = new pg.Client({ connectionString: url(port, user) })
+  c.on("error", () => undefined)
+  await c.connect()
+  return c
+}
+
+/** Connections of `user` as PostgreSQL sees them (the runners' store sessions are the superuser's). */
+const serversOf = async (db: PostgresServer, user = "app"): Promise<number> =>
+  Number((await db.query("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", [user]))[0].n)
+
+/** Samples `serversOf` until `stop` resolves; returns the largest count seen and how many samples. */
+const sample = async (db: PostgresServer, stop: Promise<unknown>, user = "app") => {
+  let done = false
+  void stop.finally(() => {
+    done = true
+  })
+  let max = 0
+  let samples = 0
+  while (!done) {
+    max = Math.max(max, await serversOf(db, user))
+    samples++
+  }
+  return { max, samples }
+}
+
+describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
+  let db: PostgresServer
+  const runners: Array<Runner> = []
+
+  beforeAll(async () => {
+    db = await startPostgres({
+      roles: [
+        { name: "app", password: PASSWORD },
+        { name: "tiny", password: PASSWORD }
+      ]
+    })
+    const config = writeConfig("hosts.yaml", db, [
+      ["app", POOL],
+      ["tiny", 1]
+    ])
+    runners.push(await startRunner(db.url(), config, 1))
+    runners.push(...(await Promise.all([startRunner(db.url(), undefined, 2), startRunner(db.url(), undefined, 3)])))
+    if (hasPgbench) await run("pgbench", ["-i", "-s", "1", "-q", db.url({ user: "app", password: PASSWORD })])
+  }, 60_000)
+
+  afterAll(async () => {
+    if (process.env.SCALE_DEBUG)
+      writeFileSync("/tmp/scale-hosts.log", runners.map((r) => r.cli.output()).join("\n=====\n"))
+    await Promise.all(runners.map(stopRunner))
+    await db?.stop()
+  })
+
+  it.skipIf(!hasPgbench)(
+    "pgbench through all three at once never has more than pool_size servers, and no failed transaction",
+    async () => {
+      const benches = Promise.all(
+        runners.map((r) => run("pgbench", ["-c", "8", "-j", "2", "-T", "5", "-n", url(r.port)]))
+      )
+      const { max, samples } = await sample(db, benches)
+      for (const { stdout } of await benches) {
+        if (process.env.SCALE_DEBUG) console.log(stdout.match(/number of transactions actually processed: \d+/)?.[0])
+        expect(stdout).toMatch(/number of failed transactions: 0 /)
+        expect(Number(stdout.match(/number of transactions actually processed: (\d+)/)?.[1])).toBeGreaterThan(50)
+      }
+      expect(samples).toBeGreaterThan(10)
+      expect(max).toBeLessThanOrEqual(POOL)
+      // Really shared out under load, not one runner's share.
+      expect(max).toBeGreaterThan(4)
+    },
+    40_000
+  )
+
+  it("a pool of 1 shared by three runners serves the clients of each", async () => {
+    const clients = await Promise.all(runners.flatMap((r) => [connect(r.port, "tiny"), connect(r.port, "tiny")]))
+    const work = Promise.all(
+      clients.map(async (c, i) => {
+        for (let k = 0; k < 4; k++) {
+          const { rows } = await c.query("SELECT $1::int AS i", [i])
+          expect(rows[0].i).toBe(i)
+        }
+      })
+    )
+    const { max } = await sample(db, work, "tiny")
+    await work
+    expect(max).toBeLessThanOrEqual(1)
+    await Promise.all(clients.map((c) => c.end()))
+  }, 30_000)
+
+  it("a cancel sent to another runner than the client's cancels its query", async () => {
+    const [owner, other] = [runners[0]!, runners[1]!]
+    const victim = await connect(owner.port)
+    const processId = (victim as unknown as { processID: number }).processID
+    expect(slotOf(processId)).toBeGreaterThan(0)
+    const query = new pg.Query("SELECT pg_sleep(30)")
+    const outcome = new Promise<string | undefined>((resolve) => {
+      query.on("error", (e) => resolve((e as { code?: string }).code))
+      query.on("end", () => resolve(undefined))
+    })
+    victim.query(query)
+    for (;;) {
+      const rows = await db.query(
+        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+      )
+      if (rows.length > 0) break
+    }
+    const canceller = new pg.Client({ host: "127.0.0.1", port: other.port })
+    ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
+    expect(await outcome).toBe("57014")
+    expect(other.cli.output()).toMatch(/CancelRequest for runner \d+ forwarded to 127\.0\.0\.1:/)
+    await victim.end()
+  }, 30_000)
+
+  it("kill -9 of a runner mid-load: the others keep serving, its share comes back after the lease, never above pool_size", async () => {
+    const victim = runners[2]!
+    const survivors = runners.slice(0, 2)
+    let stop = false
+    let served = 0
+    let servedBySurvivors = 0
+    const failures: Array<string> = []
+    const loop = async (runner: Runner) => {
+      const c = await connect(runner.port)
+      while (!stop) {
+        try {
+          await c.query("SELECT pg_sleep(0.005)")
+          served++
+          if (runner !== victim) servedBySurvivors++
+        } catch (e) {
+          // Only the killed runner's clients may fail; they stop.
+          if (runner !== victim) failures.push(String((e as Error).message))
+          return
+        }
+      }
+      await c.end().catch(() => undefined)
+    }
+    const clients = runners.flatMap((r) => Array.from({ length: 10 }, () => loop(r)))
+    let stopSampling: () => void = () => undefined
+    const sampling = sample(db, new Promise<void>((resolve) => (stopSampling = resolve)))
+    try {
+      const deadline = Date.now() + 20_000
+      while (served < 300) {
+        if (Date.now() > deadline) throw new Error("load never got going")
+        await new Promise((r) => setTimeout(r, 10))
+      }
+      // A statement the dead runner leaves running: its server must not count as free (the pool would
+      // go above 10) until the reclaim has cancelled it.
+      const sleeper = await connect(victim.port)
+      void sleeper.query("SELECT pg_sleep(30)").catch(() => undefined)
+      for (;;) {
+        const rows = await db.query(
+          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+        )
+        if (rows.length > 0) break
+      }
+      victim.cli.child.kill("SIGKILL")
+      await victim.cli.exited
+      const killedAt = Date.now()
+      const atKill = servedBySurvivors
+      // Its share returns: the survivors, whose 20 clients want more than 10, reach all 10 servers.
+      for (;;) {
+        const log = survivors.map((r) => r.cli.output()).join("\n")
+        if (/reclaimed runner \d+ .* [1-9]\d* backend\(s\) cancelled/.test(log) && (await serversOf(db)) === POOL) break
+        if (Date.now() - killedAt > 15_000) {
+          const sessions = await db.query(
+            "SELECT pid, usename, application_name, state, wait_event_type, wait_event, left(query, 80) AS query FROM pg_stat_activity WHERE backend_type = 'client backend'"
+          )
+          throw new Error(`the dead runner's permits never came back:\n${JSON.stringify(sessions, null, 1)}\n${log}`)
+        }
+        await new Promise((r) => setTimeout(r, 20))
+      }
+      const backAfter = Date.now() - killedAt
+      if (process.env.SCALE_DEBUG)
+        console.log(`kill -9: the pool was back at ${POOL} servers ${backAfter} ms after the kill`)
+      // The documented bound: the lease, a renewal period, and the cancels (generous on a loaded machine).
+      expect(backAfter).toBeLessThan(LEASE_MS * 4 + 5_000)
+      expect(servedBySurvivors).toBeGreaterThan(atKill)
+    } finally {
+      stop = true
+      stopSampling()
+      await Promise.all(clients)
+    }
+    const { max } = await sampling
+    expect(max).toBeLessThanOrEqual(POOL)
+    expect(failures).toEqual([])
+  }, 60_000)
+
+  it("a runner stopped with SIGTERM leaves the store: its row and permits are gone at once, not after the lease", async () => {
+    const leaving = runners[1]!
+    const c = await connect(leaving.port)
+    await c.query("SELECT 1")
+    await c.end()
+    const before = await db.query("SELECT count(*)::int AS n FROM tidepool_runners")
+    leaving.cli.child.kill("SIGTERM")
+    expect(await leaving.cli.exited).toBe(0)
+    expect(leaving.cli.output()).toMatch(/left the store; its permits are free/)
+    const after = await db.query("SELECT count(*)::int AS n FROM tidepool_runners")
+    expect(after[0].n).toBe(before[0].n - 1)
+  }, 30_000)
+})
+
+/** A TCP relay to the store that can cut every connection and refuse new ones, then come back on the same port. */
+const storeLink = async (target: PostgresServer) => {
+  const sockets = new Set<net.Socket>()
+  let server: net.Server | undefined
+  const port = await freePort()
+  const up = () =>
+    new Promise<void>((resolve, reject) => {
+      server = net.createServer((client) => {
+        const upstream = net.connect({ host: target.host, port: target.port })
+        for (const s of [client, upstream]) {
+          sockets.add(s)
+          s.on("error", () => undefined)
+          s.on("close", () => {
+            sockets.delete(s)
+            client.destroy()
+            upstream.destroy()
+          })
+        }
+        client.pipe(upstream)
+        upstream.pipe(client)
+      })
+      server.once("error", reject)
+      server.listen(port, "127.0.0.1", () => resolve())
+    })
+  const down = async () => {
+    const s = server
+    server = undefined
+    const closed = new Promise<void>((resolve) => (s === undefined ? resolve() : s.close(() => resolve())))
+    for (const socket of sockets) socket.destroy()
+    await closed
+  }
+  await up()
+  return {
+    url: `postgresql://postgres:${encodeURIComponent(target.superPassword)}@127.0.0.1:${port}/postgres`,
+    up,
+    down
+  }
+}
+
+/** Waits (bounded) until `runner` has logged `pattern` after `from`. */
+const logged = async (runner: Runner, from: number, pattern: RegExp) => {
+  const deadline = Date.now() + 15_000
+  while (!pattern.test(runner.cli.output().slice(from))) {
+    if (Date.now() > deadline) throw new Error(`never logged ${pattern}:\n${runner.cli.output().slice(from)}`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
+  it("running clients continue, new transactions run on held servers, no new capacity; it recovers when the store returns", async () => {
+    const [db, store] = await Promise.all([
+      startPostgres({
+        roles: [
+          { name: "app", password: PASSWORD },
+          { name: "tiny", password: PASSWORD }
+        ]
+      }),
+      startPostgres()
+    ])
+    // One relay per runner: both are cut for the outage, then one alone.
+    const links = [await storeLink(store), await storeLink(store)]
+    const runners: Array<Runner> = []
+    const clients: Array<pg.Client> = []
+    try {
+      const config = writeConfig("outage.yaml", db, [
+        ["app", 4],
+        ["tiny", 1]
+      ])
+      runners.push(await startRunner(links[0]!.url, config, 11))
+      runners.push(await startRunner(links[1]!.url, undefined, 12))
+      for (const r of runners) clients.push(await connect(r.port), await connect(r.port))
+      await Promise.all(clients.map((c) => c.query("SELECT 1")))
+      const marks = runners.map((r) => r.cli.output().length)
+      await Promise.all(links.map((l) => l.down()))
+      for (const [i, r] of runners.entries()) await logged(r, marks[i]!, /lost the tenant store/)
+      // A pool that holds nothing gets nothing while the store is away (its first login needs a server).
+      const waiting = new pg.Client({ connectionString: url(runners[0]!.port, "tiny") })
+      waiting.on("error", () => undefined)
+      const tinyQuery = waiting.connect().then(() => waiting.query("SELECT 'served' AS s"))
+      // Running clients continue, and new clients of the runners' held servers are served too.
+      for (const r of runners) clients.push(await connect(r.port))
+      for (let round = 0; round < 3; round++) {
+        const sums = await Promise.all(
+          clients.map((c) => c.query("SELECT sum(x)::int AS s FROM generate_series(1, 100) x"))
+        )
+        expect(sums.map((s) => s.rows[0].s)).toEqual(clients.map(() => 5050))
+      }
+      expect(await serversOf(db)).toBeLessThanOrEqual(4)
+      expect(await serversOf(db, "tiny")).toBe(0)
+      await Promise.all(links.map((l) => l.up()))
+      // Back: the waiting pool gets its permit, each runner says the store is back.
+      expect((await tinyQuery).rows[0].s).toBe("served")
+      for (const r of runners) await r.cli.waitFor(/the tenant store is back/)
+      await waiting.end()
+
+      // Runner 2 alone cut off for longer than the lease: runner 1 reclaims its permits (the one
+      // case where the pool may go above pool_size, until runner 2 is back). Back, runner 2 finds its
+      // row gone and registers again with what it really holds, so the store grants nothing beyond
+      // the pool's size: runner 1's four clients busy at once never make it more than 4 servers.
+      const mark = runners[0]!.cli.output().length
+      const mark2 = runners[1]!.cli.output().length
+      await links[1]!.down()
+      await logged(runners[0]!, mark, /reclaimed runner \d+ \(slot 2,/)
+      await links[1]!.up()
+      await logged(runners[1]!, mark2, /lease was reclaimed while it was away/)
+      await logged(runners[1]!, mark2, /registered as slot 2/)
+      const ofRunner1 = [clients[0]!, clients[1]!, clients[4]!, await connect(runners[0]!.port)]
+      clients.push(ofRunner1[3]!)
+      const busy = Promise.all(ofRunner1.map((c) => c.query("SELECT pg_sleep(0.5)")))
+      const { max } = await sample(db, busy)
+      await busy
+      expect(max).toBeLessThanOrEqual(4)
+      const ones = await Promise.all(clients.map((c) => c.query("SELECT 1 AS one")))
+      expect(ones.map((r) => r.rows[0].one)).toEqual(clients.map(() => 1))
+    } finally {
+      if (process.env.SCALE_DEBUG)
+        writeFileSync("/tmp/scale-hosts-outage.log", runners.map((r) => r.cli.output()).join("\n=====\n"))
+      await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
+      await Promise.all(runners.map(stopRunner))
+      await Promise.all(links.map((l) => l.down()))
+      await store.stop()
+      await db.stop()
+    }
+  }, 60_000)
+})
