@@ -55,6 +55,9 @@ const startRunner = async (storeUrl: string, config: string | undefined, n: numb
   const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
     DATABASE_URL: storeUrl,
     TIDEPOOL_CLUSTER: "on",
+    // Cluster mode runs one process per host (workers per host are not built with it), also when
+    // the suite runs under TIDEPOOL_WORKERS=2 (npm run test:e2e:workers).
+    TIDEPOOL_WORKERS: "1",
     TIDEPOOL_LEASE_MS: String(LEASE_MS),
     PROXY_PORT_TRANSACTION: String(port),
     PROXY_PORT_SESSION: String(await freePort()),
