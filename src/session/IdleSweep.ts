@@ -20,8 +20,15 @@ export const IdleSweep = Layer.effectDiscard(
     const services = yield* Effect.context<never>()
     const log = Effect.runForkWith(services)
     const timeoutOf = (id: string) => tenants.get(id)?.client_idle_timeout ?? 0
+    // Most nodes set no client_idle_timeout at all: then the pass over every session is skipped.
+    // Safe to resume later: a session's idle time is measured from the last change it shows then.
+    const anyTimeout = () => {
+      for (const tenant of tenants.all()) if ((tenant.client_idle_timeout ?? 0) > 0) return true
+      return false
+    }
     const sweep = () => {
       try {
+        if (!anyTimeout()) return
         const ended = sessions.sweepIdle(Date.now(), timeoutOf)
         if (ended > 0) log(Effect.logInfo(`client_idle_timeout closed ${ended} idle client(s)`))
       } catch (cause) {
