@@ -375,7 +375,11 @@ export const supervise = (config: AppConfigShape) =>
     }
 
     start(slots[0]!)
-    yield* Effect.promise(() => allReady)
+    // A signal during start-up ends the wait too (`done`, once the workers started so far exited).
+    // Uninterruptible, as the wait below: the runtime's own SIGTERM handling interrupts this fiber.
+    yield* Effect.uninterruptible(
+      Effect.promise(() => Promise.race([allReady, Effect.runPromise(Deferred.await(done))]))
+    )
     if (failed) {
       yield* Deferred.await(done)
       return yield* Effect.sync(() => process.exit(1))
@@ -385,6 +389,9 @@ export const supervise = (config: AppConfigShape) =>
         "info",
         `tidepool supervisor: ${config.workers} workers listening on ${config.listenAddr}: transaction mode port ${config.transactionPort}, session mode port ${config.sessionPort}, HTTP API port ${config.apiPort} (worker 1)`
       )
-    yield* Deferred.await(done)
+    // Uninterruptible: SIGTERM also interrupts this fiber (the runtime's own signal handling), and
+    // a supervisor that returned then would exit while its workers still drain — a service manager
+    // takes the main process's exit for the end of the service and kills what is left.
+    yield* Effect.uninterruptible(Deferred.await(done))
     log("info", `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`)
   })

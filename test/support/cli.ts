@@ -28,15 +28,15 @@ export const runCli = (args: ReadonlyArray<string>, env: Record<string, string>)
   }
   child.stdout!.on("data", onText)
   child.stderr!.on("data", onText)
+  // 'close', not 'exit': the output is complete then. Set before the waiters are told, so a
+  // pattern never printed fails at once.
+  let done = false
   const exited = new Promise<number | string>((resolve) => {
-    child.on("exit", (code, signal) => {
+    child.on("close", (code, signal) => {
+      done = true
       resolve(code ?? signal ?? -1)
       for (const w of waiters) w()
     })
-  })
-  let done = false
-  void exited.then(() => {
-    done = true
   })
   return {
     child,
