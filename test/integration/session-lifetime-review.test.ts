@@ -11,6 +11,7 @@ import { SessionRegistry } from "../../src/session/index.ts"
 import { EventCounters } from "../../src/telemetry/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
+import { errorFields, Wire } from "../support/wire.ts"
 
 // Review of the login/session-lifetime rewrite (docs/login-path.md): the ways a login or a session
 // ends that hold, or free too late, something a reconnecting client or the shutdown waits for.
@@ -44,60 +45,15 @@ const within = <A>(what: string, promise: Promise<A>, ms = 15_000): Promise<A> =
   ]).finally(() => clearTimeout(timer))
 }
 
-/** A protocol connection driven by hand, message by message. */
-class Wire {
-  private buffered = Buffer.alloc(0)
-  private readonly queue: Array<{ type: string; body: Buffer }> = []
-  private wake: (() => void) | undefined
-  closed = false
-  constructor(readonly socket: net.Socket) {
-    socket.on("data", (chunk: Buffer) => {
-      this.buffered = Buffer.concat([this.buffered, chunk])
-      while (this.buffered.length >= 5) {
-        const length = this.buffered.readInt32BE(1)
-        if (this.buffered.length < 1 + length) break
-        this.queue.push({
-          type: String.fromCharCode(this.buffered[0]!),
-          body: Buffer.from(this.buffered.subarray(5, 1 + length))
-        })
-        this.buffered = this.buffered.subarray(1 + length)
-      }
-      this.wake?.()
-    })
-    socket.on("close", () => {
-      this.closed = true
-      this.wake?.()
-    })
-    socket.on("error", () => {})
-  }
-  static async open(port: number): Promise<Wire> {
-    const socket = net.connect(port, "127.0.0.1")
-    await new Promise<void>((resolve, reject) => {
-      socket.once("connect", resolve)
-      socket.once("error", reject)
-    })
-    return new Wire(socket)
-  }
-  async next(): Promise<{ type: string; body: Buffer } | undefined> {
-    for (;;) {
-      const m = this.queue.shift()
-      if (m !== undefined) return m
-      if (this.closed) return undefined
-      await new Promise<void>((resolve) => {
-        this.wake = resolve
-      })
-      this.wake = undefined
-    }
-  }
-  /** The SQLSTATE of the next ErrorResponse before the connection closes, if any. */
-  async errorCode(): Promise<string | undefined> {
-    for (;;) {
-      const m = await this.next()
-      if (m === undefined) return undefined
-      if (m.type !== "E") continue
-      const fields = m.body.toString("utf8").split("\0")
-      return fields.find((f) => f.startsWith("C"))?.slice(1)
-    }
+/** The next message, or undefined once the connection has closed. */
+const nextOrEnd = (wire: Wire) => wire.next().catch(() => undefined)
+
+/** The SQLSTATE of the next ErrorResponse before the connection closes, if any. */
+const errorCode = async (wire: Wire): Promise<string | undefined> => {
+  for (;;) {
+    const m = await nextOrEnd(wire)
+    if (m === undefined) return undefined
+    if (m.type === "E") return errorFields(m.body).C
   }
 }
 
@@ -112,7 +68,7 @@ const loginPausedInScram = async (
   database: string,
   extra: Record<string, string> = {}
 ) => {
-  const wire = await Wire.open(port)
+  const wire = await Wire.connect(port)
   wire.socket.write(startupMessage({ user, database, ...extra }))
   const scram = new ScramClient({ password })
   let paused: () => void = () => {}
@@ -125,12 +81,9 @@ const loginPausedInScram = async (
   })
   const outcome = (async (): Promise<string> => {
     for (;;) {
-      const m = await wire.next()
+      const m = await nextOrEnd(wire)
       if (m === undefined) return "closed"
-      if (m.type === "E") {
-        const fields = m.body.toString("utf8").split("\0")
-        return fields.find((f) => f.startsWith("C"))?.slice(1) ?? "error"
-      }
+      if (m.type === "E") return errorFields(m.body).C ?? "error"
       if (m.type === "Z") return "ready"
       if (m.type !== "R") continue
       const code = m.body.readInt32BE(0)
@@ -318,7 +271,7 @@ describe("a login that ends before its greeting gives back what it took", () => 
       // Stalled in SCRAM until the handshake's deadline: told so, and nothing is left counting.
       const stalled = await loginPausedInScram(tidepool.transactionPort, "app.acme", PASSWORD, "postgres")
       // Never resumed: its messages are read here, not by its login loop.
-      expect(await within("the handshake timeout", stalled.wire.errorCode())).toBe("08006")
+      expect(await within("the handshake timeout", errorCode(stalled.wire))).toBe("08006")
       await until(
         "the timed-out login to give back its slots",
         () => holdings(tidepool),
