@@ -5,6 +5,7 @@ import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { slotOf } from "../../src/cluster/index.ts"
+import { cancelWhileBusy } from "../support/cancel.ts"
 import { type CliProcess, runCli } from "../support/cli.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
@@ -174,21 +175,8 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     const victim = await connect(owner.port)
     const processId = (victim as unknown as { processID: number }).processID
     expect(slotOf(processId)).toBeGreaterThan(0)
-    const query = new pg.Query("SELECT pg_sleep(30)")
-    const outcome = new Promise<string | undefined>((resolve) => {
-      query.on("error", (e) => resolve((e as { code?: string }).code))
-      query.on("end", () => resolve(undefined))
-    })
-    victim.query(query)
-    for (;;) {
-      const rows = await db.query(
-        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
-      )
-      if (rows.length > 0) break
-    }
-    const canceller = new pg.Client({ host: "127.0.0.1", port: other.port })
-    ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
-    expect(await outcome).toBe("57014")
+    const { victimCode } = await cancelWhileBusy({ db, port: other.port, victim })
+    expect(victimCode).toBe("57014")
     expect(other.cli.output()).toMatch(/CancelRequest for runner \d+ forwarded to 127\.0\.0\.1:/)
     await victim.end()
   }, 30_000)

@@ -5,6 +5,7 @@ import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { ownerOf } from "../../src/cluster/index.ts"
 import { callApi } from "../support/api.ts"
+import { cancelWhileBusy } from "../support/cancel.ts"
 import { type CliProcess, runCli } from "../support/cli.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
@@ -126,21 +127,8 @@ describe("TIDEPOOL_WORKERS=3", () => {
       const owner = ownerOf((victim as unknown as { processID: number }).processID)
       expect(owner).toBeGreaterThanOrEqual(0)
       expect(owner).toBeLessThan(3)
-      const query = new pg.Query("SELECT pg_sleep(30)")
-      const outcome = new Promise<string | undefined>((resolve) => {
-        query.on("error", (e) => resolve((e as { code?: string }).code))
-        query.on("end", () => resolve(undefined))
-      })
-      victim.query(query)
-      for (;;) {
-        const rows = await db.query(
-          "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
-        )
-        if (rows.length > 0) break
-      }
-      const canceller = new pg.Client({ host: "127.0.0.1", port })
-      ;(canceller as unknown as { cancel(c: pg.Client, q: pg.Query): void }).cancel(victim, query)
-      expect(await outcome).toBe("57014")
+      const { victimCode } = await cancelWhileBusy({ db, port, victim })
+      expect(victimCode).toBe("57014")
       await victim.end()
       forwarded = (cli.output().match(/forwarded to worker/g) ?? []).length - before
     }
