@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { slotOf } from "../../src/cluster/index.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
 import { type CliProcess, runCli } from "../support/cli.ts"
+import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { hasTool, run } from "../support/tools.ts"
@@ -29,26 +30,15 @@ interface Runner {
   readonly port: number
 }
 
-const writeConfig = (name: string, db: PostgresServer, users: ReadonlyArray<readonly [string, number]>) => {
-  const file = path.join(dir, name)
-  writeFileSync(
-    file,
-    [
-      "tenants:",
-      "  - external_id: acme",
-      `    db_host: ${db.host}`,
-      `    db_port: ${db.port}`,
-      "    db_database: postgres",
-      "    users:",
-      ...users.flatMap(([user, size]) => [
-        `      - db_user: ${user}`,
-        `        db_password: ${PASSWORD}`,
-        `        pool_size: ${size}`
-      ])
-    ].join("\n")
-  )
-  return file
-}
+const writeTenantConfig = (name: string, db: PostgresServer, users: ReadonlyArray<readonly [string, number]>) =>
+  writeConfig(path.join(dir, name), [
+    {
+      external_id: "acme",
+      db_host: db.host,
+      db_port: db.port,
+      users: users.map(([user, size]) => ({ db_user: user, db_password: PASSWORD, pool_size: size }))
+    }
+  ])
 
 /** A runner: `tidepool serve` in cluster mode on ports of its own; only the first seeds the tenants. */
 const startRunner = async (storeUrl: string, config: string | undefined, n: number): Promise<Runner> => {
@@ -118,7 +108,7 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
         { name: "tiny", password: PASSWORD }
       ]
     })
-    const config = writeConfig("hosts.yaml", db, [
+    const config = writeTenantConfig("hosts.yaml", db, [
       ["app", POOL],
       ["tiny", 1]
     ])
@@ -332,7 +322,7 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
     const runners: Array<Runner> = []
     const clients: Array<pg.Client> = []
     try {
-      const config = writeConfig("outage.yaml", db, [
+      const config = writeTenantConfig("outage.yaml", db, [
         ["app", 4],
         ["tiny", 1]
       ])

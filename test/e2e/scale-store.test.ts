@@ -1,9 +1,10 @@
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
 import { afterAll, describe, expect, it } from "vitest"
 import { runCli } from "../support/cli.ts"
+import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { startPostgres } from "../support/postgres.ts"
 
@@ -19,21 +20,14 @@ describe("TIDEPOOL_WORKERS=2 with a PostgreSQL store", () => {
   it("keeps serving, within pool_size, while the store is down", async () => {
     const db = await startPostgres({ roles: [{ name: "app", password: "app-secret" }] })
     const store = await startPostgres()
-    const config = path.join(dir, "tidepool.yaml")
-    writeFileSync(
-      config,
-      [
-        "tenants:",
-        "  - external_id: acme",
-        `    db_host: ${db.host}`,
-        `    db_port: ${db.port}`,
-        "    db_database: postgres",
-        "    users:",
-        "      - db_user: app",
-        "        db_password: app-secret",
-        "        pool_size: 4"
-      ].join("\n")
-    )
+    const config = writeConfig(path.join(dir, "tidepool.yaml"), [
+      {
+        external_id: "acme",
+        db_host: db.host,
+        db_port: db.port,
+        users: [{ db_user: "app", db_password: "app-secret", pool_size: 4 }]
+      }
+    ])
     const port = await freePort()
     const cli = runCli(["serve", "--config", config], {
       DATABASE_URL: store.url(),

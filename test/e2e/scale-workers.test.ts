@@ -7,6 +7,7 @@ import { ownerOf } from "../../src/cluster/index.ts"
 import { callApi } from "../support/api.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
 import { type CliProcess, runCli } from "../support/cli.ts"
+import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { TEST_JWT_SECRET } from "../support/tidepool.ts"
@@ -58,21 +59,14 @@ const client = async () => {
 beforeAll(async () => {
   db = await startPostgres({ roles: [{ name: "app", password: PASSWORD }] })
   dir = mkdtempSync(path.join(tmpdir(), "tidepool-scale-"))
-  const config = path.join(dir, "tidepool.yaml")
-  writeFileSync(
-    config,
-    [
-      "tenants:",
-      "  - external_id: acme",
-      `    db_host: ${db.host}`,
-      `    db_port: ${db.port}`,
-      "    db_database: postgres",
-      "    users:",
-      "      - db_user: app",
-      `        db_password: ${PASSWORD}`,
-      `        pool_size: ${POOL}`
-    ].join("\n")
-  )
+  const config = writeConfig(path.join(dir, "tidepool.yaml"), [
+    {
+      external_id: "acme",
+      db_host: db.host,
+      db_port: db.port,
+      users: [{ db_user: "app", db_password: PASSWORD, pool_size: POOL }]
+    }
+  ])
   port = await freePort()
   apiPort = await freePort()
   cli = runCli(["serve", "--config", config], {
