@@ -37,8 +37,17 @@ export interface TenantStoreShape {
    * empty for SQLite, which one node owns.
    */
   readonly changes: Stream.Stream<string, TenantStoreError>
-  /** Sends `payload` on the change channel (PostgreSQL): a listener proves it listens by hearing it. */
+  /**
+   * Sends `payload` on the change channel (PostgreSQL): a listener proves it listens by hearing it,
+   * and a tenant's terminate reaches every node with it (Tenants). Payloads with a space are never
+   * external_ids.
+   */
   readonly signal: (payload: string) => Effect.Effect<void, TenantStoreError>
+  /**
+   * PostgreSQL only: the store's client, for read-only views of the other tables kept in the store
+   * (the cluster ledger's, src/cluster/StoreViews.ts), so they need no connection of their own.
+   */
+  readonly sql?: SqlClient.SqlClient | undefined
 }
 
 export class TenantStore extends Context.Service<TenantStore, TenantStoreShape>()("tidepool/TenantStore") {}
@@ -188,7 +197,8 @@ const makeSqlStore = (kind: "sqlite" | "postgres", vault: Vault, changes: Stream
           return rows.length > 0
         }),
       changes,
-      signal
+      signal,
+      ...(kind === "postgres" ? { sql } : {})
     }
     return store
   })
