@@ -1,8 +1,9 @@
 import * as net from "node:net"
 import { TLSSocket } from "node:tls"
 import { Effect } from "effect"
-import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { renderErrorResponse, TidepoolError, tidepoolError } from "../errors/index.ts"
 import { decodeStartupPacket, ProtocolError, type StartupPacket } from "../protocol/index.ts"
+import { TLS_HANDSHAKE_RECORD } from "../tls/index.ts"
 import { ReadBuffer } from "../upstream/index.ts"
 
 /** Authentication messages are small; anything bigger is not a password or SASL exchange. */
@@ -78,6 +79,11 @@ export class ClientSocket {
     return this.buffered.length
   }
 
+  /** The first unread byte (when `readAhead` > 0). */
+  get firstByte(): number {
+    return this.buffered[0]!
+  }
+
   /** Continues the control-plane phase on `socket` (the TLS socket that wraps the detached one). */
   adopt(socket: net.Socket): void {
     this.socket = socket
@@ -115,17 +121,37 @@ export class ClientSocket {
     return normalizeAddress(this.socket.remoteAddress ?? "")
   }
 
-  /** Waits until more bytes arrive; fails with ECLIENTSOCKETCLOSED when the client went away. */
-  private get more(): Effect.Effect<void, TidepoolError> {
-    return Effect.callback<void, TidepoolError>((resume) => {
+  /**
+   * Resumes with `take`'s first answer (a `TidepoolError` fails the read): at once when the bytes
+   * held already answer it, which is the usual case (a message has nearly always arrived whole),
+   * else tried again as bytes arrive. One `Effect.callback` per read, no generator and no Effect
+   * per arrival: each step of the fiber's loop is CPU a login pays for (docs/login-path.md).
+   * Fails with ECLIENTSOCKETCLOSED when the client went away before `take` had its answer.
+   */
+  private until<A>(take: (self: ClientSocket) => A | TidepoolError | undefined): Effect.Effect<A, TidepoolError> {
+    return Effect.callback<A, TidepoolError>((resume) => {
+      const answered = (): boolean => {
+        const result = take(this)
+        if (result === undefined) return false
+        resume(result instanceof TidepoolError ? Effect.fail(result) : Effect.succeed(result))
+        return true
+      }
+      if (answered()) return
       // The client answers only what it has received.
       this.flush()
-      if (this.closed) {
-        resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-        return
+      const wait = (): boolean => {
+        if (this.closed) {
+          resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+          return false
+        }
+        this.wake = wake
+        if (this.socket.isPaused()) this.socket.resume()
+        return true
       }
-      this.wake = () => resume(this.closed ? Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")) : Effect.void)
-      if (this.socket.isPaused()) this.socket.resume()
+      const wake = (): void => {
+        if (!answered()) wait()
+      }
+      if (!wait()) return
       return Effect.sync(() => {
         this.wake = undefined
       })
@@ -150,49 +176,51 @@ export class ClientSocket {
 
   /** The first unread byte, waiting for it if need be (a TLS ClientHello starts with 0x16). */
   get peek(): Effect.Effect<number, TidepoolError> {
-    return Effect.gen({ self: this }, function* () {
-      while (this.buffered.length === 0) yield* this.more
-      return this.buffered[0]!
-    })
+    return this.until(takeFirstByte)
   }
 
   get readStartup(): Effect.Effect<StartupPacket, TidepoolError> {
-    return Effect.gen({ self: this }, function* () {
-      for (;;) {
-        const result = decodeStartupPacket(this.buffered)
-        if (result instanceof ProtocolError) {
-          return yield* result.reason === "StartupPacketTooLarge"
-            ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
-            : tidepoolError("ESTARTUPMESSAGE", result.message)
-        }
-        if (result !== undefined) {
-          this.buffered = this.buffered.subarray(result.consumed)
-          return result.packet
-        }
-        yield* this.more
-      }
-    })
+    return this.until(takeStartup)
+  }
+
+  /**
+   * The connection's first packet, or `DIRECT_TLS` when its first byte opens a TLS handshake
+   * (PostgreSQL 17's direct TLS; nothing is consumed then): one read for what `peek` and
+   * `readStartup` would take two for.
+   */
+  get readFirst(): Effect.Effect<StartupPacket | typeof DIRECT_TLS, TidepoolError> {
+    return this.until(takeFirst)
   }
 
   /** Reads one typed message during authentication (PasswordMessage/SASL responses are all 'p'). */
   get readMessage(): Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError> {
-    return Effect.gen({ self: this }, function* () {
-      for (;;) {
-        if (this.buffered.length >= 5) {
-          const length = this.buffered.readInt32BE(1)
-          if (length < 4 || length > MAX_AUTH_MESSAGE) {
-            return yield* tidepoolError("EAUTHPROTOCOL", `invalid message length ${length}`)
-          }
-          if (this.buffered.length >= 1 + length) {
-            const type = this.buffered[0]!
-            const body = this.buffered.subarray(5, 1 + length)
-            this.buffered = this.buffered.subarray(1 + length)
-            return { type, body }
-          }
-        }
-        yield* this.more
-      }
-    })
+    return this.until(takeMessage)
+  }
+
+  /** `readStartup`'s step: a whole packet from the bytes held, an error, or undefined for more. */
+  takeStartup(): StartupPacket | TidepoolError | undefined {
+    const result = decodeStartupPacket(this.buffered)
+    if (result === undefined) return undefined
+    if (result instanceof ProtocolError) {
+      return result.reason === "StartupPacketTooLarge"
+        ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
+        : tidepoolError("ESTARTUPMESSAGE", result.message)
+    }
+    this.buffered = this.buffered.subarray(result.consumed)
+    return result.packet
+  }
+
+  /** `readMessage`'s step. */
+  takeMessage(): { readonly type: number; readonly body: Buffer } | TidepoolError | undefined {
+    const buffered = this.buffered
+    if (buffered.length < 5) return undefined
+    const length = buffered.readInt32BE(1)
+    if (length < 4 || length > MAX_AUTH_MESSAGE) {
+      return tidepoolError("EAUTHPROTOCOL", `invalid message length ${length}`)
+    }
+    if (buffered.length < 1 + length) return undefined
+    this.buffered = buffered.subarray(1 + length)
+    return { type: buffered[0]!, body: buffered.subarray(5, 1 + length) }
   }
 
   /** Queues `data`; it is sent with whatever else is queued when the session next waits for the client. */
@@ -295,3 +323,13 @@ export class ClientSocket {
 /** `::ffff:1.2.3.4` → `1.2.3.4`, so allow lists and logs speak IPv4 for IPv4 clients. */
 export const normalizeAddress = (address: string): string =>
   address.startsWith("::ffff:") && address.includes(".") ? address.slice(7) : address
+
+/** `ClientSocket.readFirst`: the connection opens with a TLS handshake record. */
+export const DIRECT_TLS = "direct TLS" as const
+
+// Module-level, so a read allocates no closure for its step.
+const takeFirstByte = (self: ClientSocket): number | undefined => (self.readAhead === 0 ? undefined : self.firstByte)
+const takeStartup = (self: ClientSocket) => self.takeStartup()
+const takeMessage = (self: ClientSocket) => self.takeMessage()
+const takeFirst = (self: ClientSocket): StartupPacket | typeof DIRECT_TLS | TidepoolError | undefined =>
+  self.readAhead === 0 ? undefined : self.firstByte === TLS_HANDSHAKE_RECORD ? DIRECT_TLS : self.takeStartup()
