@@ -2,7 +2,7 @@ import { Data, Effect, Option } from "effect"
 import type { SqlClient } from "effect/sql"
 import { AppConfig } from "../config/index.ts"
 import { PeerWorkers } from "../session/SessionRegistry.ts"
-import { TenantStore } from "../tenants/TenantStore.ts"
+import { TenantStore, withinDeadline } from "../tenants/TenantStore.ts"
 
 /**
  * Cluster mode (docs/scale-out.md#several-hosts): what the store ledger says now, read from the
@@ -81,22 +81,21 @@ export const poolName = (stored: string): PoolName => {
 const num = (v: unknown): number => Number(v ?? 0)
 
 const bounded = <A>(what: string, effect: Effect.Effect<A, unknown>): Effect.Effect<A, StoreViewError> =>
-  effect.pipe(
+  withinDeadline(
     Effect.mapError(
+      effect,
       (e) =>
         new StoreViewError({
           message: `the tenant store could not be read (${what}): ${e instanceof Error ? e.message : String(e)}`
         })
     ),
-    Effect.timeoutOrElse({
-      duration: VIEW_TIMEOUT_MS,
-      orElse: () =>
-        Effect.fail(
-          new StoreViewError({
-            message: `the tenant store did not answer within ${VIEW_TIMEOUT_MS / 1000} s (${what})`
-          })
-        )
-    })
+    VIEW_TIMEOUT_MS,
+    () =>
+      Effect.fail(
+        new StoreViewError({
+          message: `the tenant store did not answer within ${VIEW_TIMEOUT_MS / 1000} s (${what})`
+        })
+      )
   )
 
 interface PermitDbRow {

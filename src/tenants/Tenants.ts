@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto"
 import { Context, Deferred, Effect, Layer, Option, Schedule, Semaphore, Stream } from "effect"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { TenantRegistry } from "./TenantRegistry.ts"
-import { TenantStore, type TenantStoreError } from "./TenantStore.ts"
+import { TenantStore, type TenantStoreError, withinDeadline } from "./TenantStore.ts"
 
 /** What changed in the tenant cache; listeners apply it to pools and sessions. */
 export type TenantChange =
@@ -27,6 +27,7 @@ export type TerminateReach =
  * terminated its own clients already.
  */
 const TERMINATE = "terminate "
+const BROADCAST_TIMEOUT_MS = 2_000
 
 interface Cached {
   readonly tenant: Tenant
@@ -184,11 +185,19 @@ export class Tenants extends Context.Service<Tenants>()("tidepool/Tenants", {
       broadcastTerminate: (externalId: string): Effect.Effect<TerminateReach> =>
         store.kind !== "postgres"
           ? Effect.succeed({ _tag: "none" } as const)
-          : store.signal(`${TERMINATE}${origin} ${externalId}`).pipe(
-              Effect.as<TerminateReach>({ _tag: "store" }),
-              Effect.catch((e) => Effect.succeed<TerminateReach>({ _tag: "failed", message: e.message })),
-              Effect.withSpan("tenants.broadcast_terminate", { attributes: { "tidepool.tenant": externalId } })
-            ),
+          : withinDeadline(
+              store.signal(`${TERMINATE}${origin} ${externalId}`).pipe(
+                Effect.as<TerminateReach>({ _tag: "store" }),
+                Effect.catch((e) => Effect.succeed<TerminateReach>({ _tag: "failed", message: e.message }))
+              ),
+              // A store that has gone silent must not hold the API's answer: the caller can retry.
+              BROADCAST_TIMEOUT_MS,
+              () =>
+                Effect.succeed<TerminateReach>({
+                  _tag: "failed",
+                  message: `tenant store: NOTIFY did not complete within ${BROADCAST_TIMEOUT_MS / 1000} s`
+                })
+            ).pipe(Effect.withSpan("tenants.broadcast_terminate", { attributes: { "tidepool.tenant": externalId } })),
       get: (id: string) => byId.get(id)?.tenant,
       /** Writes the tenant (keeping its ban state) and applies the change on this node. */
       put: (tenant: Tenant) =>
