@@ -4,7 +4,7 @@ import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { slotOf } from "../../src/cluster/index.ts"
+import { ownerOf, slotOf } from "../../src/cluster/index.ts"
 import { callApi, mintToken } from "../support/api.ts"
 import { type CliProcess, runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
@@ -15,8 +15,9 @@ import { TEST_JWT_SECRET } from "../support/tidepool.ts"
 
 /**
  * TIDEPOOL_CLUSTER=on, two `tidepool serve` processes sharing one PostgreSQL store
- * (docs/scale-out.md#several-hosts): the HTTP API answers the same on both (a terminate through
- * one ends the tenant's clients on the other), and operators see the store ledger on either host
+ * (docs/scale-out.md#several-hosts), and a third host of two workers outside cluster mode on the
+ * same store: the HTTP API answers the same on every host (a terminate through one ends the
+ * tenant's clients on the others, every worker's), and operators see the store ledger on either host
  * (`SHOW RUNNERS`, `SHOW PERMITS`) and each host's own runner in its `/metrics`. Host A reaches the
  * store through a relay the test silences at the end: its views then answer a coded
  * error within their bound (2 s) instead of hanging.
@@ -33,14 +34,18 @@ interface Host {
   readonly apiPort: number
 }
 
-const startHost = async (storeUrl: string, config: string | undefined, n: number): Promise<Host> => {
+/**
+ * A host: `tidepool serve` on ports of its own, in cluster mode; or with `workers`, a host of that
+ * many workers outside cluster mode on the same store (the API answers the same there too).
+ */
+const startHost = async (storeUrl: string, config: string | undefined, n: number, workers = 1): Promise<Host> => {
   const port = await freePort()
   const apiPort = await freePort()
   const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
     DATABASE_URL: storeUrl,
-    TIDEPOOL_CLUSTER: "on",
-    // One process per host in cluster mode, also under npm run test:e2e:workers.
-    TIDEPOOL_WORKERS: "1",
+    // Cluster mode runs one process per host, also under npm run test:e2e:workers.
+    ...(workers === 1 ? { TIDEPOOL_CLUSTER: "on" } : {}),
+    TIDEPOOL_WORKERS: String(workers),
     PROXY_PORT_TRANSACTION: String(port),
     PROXY_PORT_SESSION: String(await freePort()),
     PORT: String(apiPort),
@@ -51,7 +56,7 @@ const startHost = async (storeUrl: string, config: string | undefined, n: number
     TIDEPOOL_DATA_DIR: path.join(dir, `data-${n}`),
     VAULT_ENC_KEY
   })
-  await cli.waitFor(/tidepool listening/)
+  await cli.waitFor(workers === 1 ? /tidepool listening/ : /workers listening/)
   return { cli, port, apiPort }
 }
 
@@ -169,7 +174,7 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
       }
     ])
     hosts.push(await startHost(link.url, config, 1))
-    hosts.push(await startHost(db.url(), undefined, 2))
+    hosts.push(...(await Promise.all([startHost(db.url(), undefined, 2), startHost(db.url(), undefined, 3, 2)])))
   }, 60_000)
 
   afterAll(async () => {
@@ -185,7 +190,7 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
   it("SHOW RUNNERS and SHOW PERMITS on either host show both runners; each host's /metrics shows its own", async () => {
     const [a, b] = [hosts[0]!, hosts[1]!]
     // A client on each host, each having run a transaction: each runner holds a permit.
-    for (const host of hosts) {
+    for (const host of [a, b]) {
       const c = await connect(host.port)
       clients.push(c)
       expect((await c.query("SELECT 1 AS one")).rows[0].one).toBe(1)
@@ -263,24 +268,35 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
     }
   }, 30_000)
 
-  it("a terminate through host A's API ends the tenant's clients on host B too (57P01)", async () => {
-    const [a, b] = [hosts[0]!, hosts[1]!]
-    const onB = clients[1]!
-    const ended = new Promise<Error & { code?: string }>((resolve) => onB.once("error", resolve))
+  it("a terminate through host A's API ends the tenant's clients on host B and on both workers of host C (57P01)", async () => {
+    const [a, b, c] = [hosts[0]!, hosts[1]!, hosts[2]!]
+    // Host C: clients until both of its workers have some (the kernel spreads them by a hash).
+    const onC: Array<pg.Client> = []
+    while (new Set(onC.map((x) => ownerOf((x as unknown as { processID: number }).processID))).size < 2) {
+      if (onC.length === 16) throw new Error("16 clients of host C all landed on one worker")
+      const client = await connect(c.port)
+      clients.push(client)
+      onC.push(client)
+      expect((await client.query("SELECT 1 AS one")).rows[0].one).toBe(1)
+    }
+    const ended = [clients[1]!, ...onC].map(
+      (client) => new Promise<Error & { code?: string }>((resolve) => client.once("error", resolve))
+    )
     const answer = await callApi(a, "GET", "/api/tenants/acme/terminate")
     expect(answer.status).toBe(200)
-    // Host A's own client is counted; host B's ends when the store's notification reaches it.
+    // Host A's own client is counted; the others end when the store's notification reaches them.
     expect(answer.json).toEqual({ result: "success", disconnected: 1, reach: "all_nodes" })
-    expect((await within("host B's client to be terminated", ended)).code).toBe("57P01")
+    const codes = await within("the other hosts' clients to be terminated", Promise.all(ended))
+    expect(codes.map((e) => e.code)).toEqual(ended.map(() => "57P01"))
     await within(
       "host B to log the terminate",
       b.cli.waitFor(/tenant terminated by another node: 1 client\(s\) disconnected/)
     )
-    // New clients are served at once, on either host.
+    // New clients are served at once, on every host.
     for (const host of hosts) {
-      const c = await connect(host.port)
-      clients.push(c)
-      expect((await c.query("SELECT 2 AS two")).rows[0].two).toBe(2)
+      const client = await connect(host.port)
+      clients.push(client)
+      expect((await client.query("SELECT 2 AS two")).rows[0].two).toBe(2)
     }
   }, 30_000)
 
