@@ -259,23 +259,24 @@ export class ClientSocket {
 
   /**
    * Ends the control-plane phase: returns the bytes read ahead, which belong to the relay, and how
-   * the relay reads from now on. A plaintext connection moves to a socket that reads into the
-   * shared `ReadBuffer` (the relay then copies what it keeps); Node's net.Server cannot make its
-   * sockets that way, so the accepted socket's handle is handed to a new `net.Socket`, which is safe
-   * only while nothing is queued on either side of the old one and neither side has ended.
-   * Otherwise (TLS, bytes queued, a client already gone) the socket stays and 'data' events carry
-   * the reads (`reads` undefined).
+   * the relay reads from now on. A plaintext connection's socket switches, in place, to reading into
+   * the shared `ReadBuffer` (the relay then copies what it keeps): Node's net.Server cannot make
+   * its sockets that way, so the socket is given what the `onread` option would have given it
+   * (`useReadBuffer`). Safe only while nothing is queued in the socket's stream and neither side has
+   * ended. Otherwise (TLS, bytes queued, a client already gone) the socket stays as it is and 'data'
+   * events carry the reads (`reads` undefined).
    *
    * Still Node internals on Node 24 (checked on 24.21): `net.createServer` takes no `onread`, and
-   * the only public `handle` a `net.Socket` accepts is a `net.BoundSocket`, an unconnected socket
-   * bound before connect or listen, not an accepted one. So `_handle` is used, guarded: a Node
-   * whose handle has no `readStop` keeps the 'data' path (test/unit/session/ClientSocket.test.ts
-   * covers both paths).
+   * no public API turns an accepted socket's reads into `onread` reads. So the socket's own `onread`
+   * fields (`kBuffer`, `kBufferCb`) and its handle's `useUserBuffer` are used, guarded: a Node
+   * without them moves the handle to a new `net.Socket` made with `onread` (one more socket per
+   * client), and a Node whose handle has no `readStop` keeps the 'data' path
+   * (test/unit/session/ClientSocket.test.ts covers the paths).
    */
   takeOver(): { readonly readAhead: Buffer; readonly reads: ReadBuffer | undefined } {
     this.handedOver = true
     const readAhead = this.detach()
-    const old = this.socket as net.Socket & { _handle?: { readStop?: unknown } | null }
+    const old = this.socket as net.Socket & { _handle?: NodeHandle | null }
     const handle = old._handle
     if (
       old instanceof TLSSocket ||
@@ -294,6 +295,7 @@ export class ClientSocket {
       return { readAhead, reads: undefined }
     }
     const reads = ReadBuffer.shared()
+    if (useReadBuffer(old, handle, reads)) return { readAhead, reads }
     const moved = new net.Socket({ handle, onread: reads.onread } as net.SocketConstructorOpts)
     // The old socket lets go of the handle (destroying it now closes nothing) and, being destroyed,
     // no longer counts as one of its server's connections.
@@ -333,3 +335,43 @@ const takeStartup = (self: ClientSocket) => self.takeStartup()
 const takeMessage = (self: ClientSocket) => self.takeMessage()
 const takeFirst = (self: ClientSocket): StartupPacket | typeof DIRECT_TLS | TidepoolError | undefined =>
   self.readAhead === 0 ? undefined : self.firstByte === TLS_HANDSHAKE_RECORD ? DIRECT_TLS : self.takeStartup()
+
+/** What `takeOver` uses of a socket's native handle. */
+interface NodeHandle {
+  readonly readStop?: unknown
+  readonly useUserBuffer?: unknown
+  readonly reading?: boolean
+}
+
+/**
+ * The fields a `net.Socket` made with the `onread` option keeps it in (Node's `kBuffer` and
+ * `kBufferCb` symbols, found by their descriptions on a socket made for the purpose), or undefined
+ * on a Node that has none.
+ */
+const onreadFields = ((): { readonly buffer: symbol; readonly callback: symbol } | undefined => {
+  const symbols = Object.getOwnPropertySymbols(new net.Socket())
+  const buffer = symbols.find((s) => s.description === "kBuffer")
+  const callback = symbols.find((s) => s.description === "kBufferCb")
+  return buffer === undefined || callback === undefined ? undefined : { buffer, callback }
+})()
+
+/**
+ * Makes `socket` read into `reads` from now on, as if it had been made with `reads.onread`: what
+ * Node's Socket constructor and `initSocketHandle` do with that option, done to an accepted socket
+ * (one `net.Socket` per client instead of a second one made at `takeOver`). False, changing
+ * nothing, when this Node does not keep them where expected.
+ */
+const useReadBuffer = (socket: net.Socket, handle: NodeHandle, reads: ReadBuffer): boolean => {
+  const fields = onreadFields
+  if (fields === undefined || typeof handle.useUserBuffer !== "function") return false
+  const fieldsOf = socket as unknown as Record<symbol, unknown>
+  if (fieldsOf[fields.buffer] !== null || fieldsOf[fields.callback] !== null) return false
+  const { buffer, callback } = reads.onread
+  fieldsOf[fields.buffer] = buffer
+  fieldsOf[fields.callback] = callback
+  ;(handle.useUserBuffer as (buffer: Uint8Array) => void).call(handle, buffer as Uint8Array)
+  // A socket paused at the read-ahead limit may have stopped its handle's reads; `resume` on a
+  // socket with `onread` fields starts them again (and does nothing more when they run).
+  socket.resume()
+  return true
+}

@@ -4,6 +4,7 @@ import { Effect } from "effect"
 import { afterEach, describe, expect, it } from "vitest"
 import { startupMessage } from "../../../src/protocol/index.ts"
 import { ClientSocket, READ_AHEAD_LIMIT } from "../../../src/session/ClientSocket.ts"
+import type { ReadBuffer } from "../../../src/upstream/index.ts"
 
 /*
  * While nobody reads (the session waits for a server, or for its refusal delay), a client that keeps
@@ -102,14 +103,11 @@ const pair = async () => {
 }
 
 describe("ClientSocket.takeOver", () => {
-  it("moves a plaintext connection to a ReadBuffer socket that reads, writes and hears the close", async () => {
-    const { accepted, peer } = await pair()
-    const client = new ClientSocket(accepted)
-    const { readAhead, reads } = client.takeOver()
-    expect(readAhead.length).toBe(0)
+  /** Reads through the ReadBuffer, writes, and hears the client's close. */
+  const relays = async (client: ClientSocket, peer: net.Socket, reads: ReadBuffer | undefined) => {
     expect(reads).toBeDefined()
-    expect(client.socket).not.toBe(accepted)
     const received: Array<string> = []
+    // A 'data' listener would put the socket back into stream reads: none here.
     reads!.sink = (chunk) => received.push(chunk.toString())
     peer.write("ping")
     const echoed = once(peer, "data")
@@ -119,6 +117,27 @@ describe("ClientSocket.takeOver", () => {
     peer.end()
     await closed
     expect(received.join("")).toBe("ping")
+  }
+
+  it("switches a plaintext connection's own socket to ReadBuffer reads: one socket per client", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted)
+    const { readAhead, reads } = client.takeOver()
+    expect(readAhead.length).toBe(0)
+    expect(client.socket).toBe(accepted)
+    await relays(client, peer, reads)
+  })
+
+  it("moves the handle to a new socket made with onread when this Node keeps no onread fields where expected", async () => {
+    const { accepted, peer } = await pair()
+    // What a Node whose sockets do not start with these fields at null looks like to takeOver.
+    const kBuffer = Object.getOwnPropertySymbols(accepted).find((s) => s.description === "kBuffer")!
+    ;(accepted as unknown as Record<symbol, unknown>)[kBuffer] = undefined
+    const client = new ClientSocket(accepted)
+    const { reads } = client.takeOver()
+    expect(client.socket).not.toBe(accepted)
+    expect(accepted.destroyed).toBe(true)
+    await relays(client, peer, reads)
   })
 
   it("keeps the socket (and 'data' events) when the client has already ended its side", async () => {
