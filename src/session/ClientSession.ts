@@ -15,6 +15,7 @@ import {
   AppConfig,
   allowListOf,
   isAllowed,
+  parseCidr,
   type Tenant,
   type User,
   userMaxClients,
@@ -77,16 +78,33 @@ const ROOT = { root: true } as const
 
 /**
  * A tenant's allow list as a BlockList, built once per list: the cached tenant keeps the same array
- * until it changes, so a login only checks its address.
+ * until it changes, so a login only checks its address. `EVERYONE` for a list that allows every
+ * address of both families (the default, `0.0.0.0/0` and `::/0`): the BlockList would answer yes
+ * to any address the kernel gives us, so the login skips it (and its address parsing).
  */
-const allowLists = new WeakMap<ReadonlyArray<string>, BlockList>()
-const allowListFor = (tenant: Tenant): BlockList => {
+const EVERYONE = "everyone"
+const allowLists = new WeakMap<ReadonlyArray<string>, BlockList | typeof EVERYONE>()
+const allowListFor = (tenant: Tenant): BlockList | typeof EVERYONE => {
   let list = allowLists.get(tenant.allow_list)
   if (list === undefined) {
-    list = allowListOf(tenant.allow_list)
+    const widest = tenant.allow_list.map(parseCidr).filter((cidr) => cidr?.prefix === 0)
+    list =
+      widest.some((cidr) => cidr?.family === "ipv4") && widest.some((cidr) => cidr?.family === "ipv6")
+        ? EVERYONE
+        : allowListOf(tenant.allow_list)
     allowLists.set(tenant.allow_list, list)
   }
   return list
+}
+
+/**
+ * `isAllowed`. A list that allows every address refuses only a client whose address is unknown (its
+ * socket already closed: `remoteAddress` is then ""); any other comes from the kernel's
+ * getpeername and is an address.
+ */
+const allowed = (tenant: Tenant, address: string): boolean => {
+  const list = allowListFor(tenant)
+  return list === EVERYONE ? address !== "" : isAllowed(list, address)
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
@@ -423,7 +441,7 @@ const identifyChecks = (login: Login, startup: Readonly<Record<string, string>>)
   const ban = banOf(tenant)
   if (ban !== undefined) return refuse(ban)
   // Before the user lookup, so an address outside the allow list learns nothing about the users.
-  if (!isAllowed(allowListFor(tenant), log.peer_ip)) return refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
+  if (!allowed(tenant, log.peer_ip)) return refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
   const users = matchUsers(tenant, identity.user)
   if (users.length > 1) return refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
   const user = users[0]
