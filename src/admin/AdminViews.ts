@@ -339,7 +339,7 @@ export const showLists = (s: AdminSnapshot): ResultSet => {
 /** `SHOW RUNNERS` (cluster mode): every runner in the store ledger, as the store has it now. */
 export const showRunners = (rows: ReadonlyArray<RunnerRow>, leaseMs: number): ResultSet => ({
   columns: columns(
-    "runner_id:i8 slot:i4 address started lease_age_ms:i8 state permits_held:i4 permits_wanted:i4 pools:i4 local:i4"
+    "runner_id:i8 slot:i4 address started lease_age_ms:i8 state connected:i4 permits_held:i4 permits_wanted:i4 pools:i4 local:i4"
   ),
   rows: rows.map((r) => [
     r.runnerId,
@@ -350,6 +350,7 @@ export const showRunners = (rows: ReadonlyArray<RunnerRow>, leaseMs: number): Re
     // Expired is not yet reclaimed: a reclaimer also needs the runner's store session gone
     // (docs/scale-out.md#lease-timing).
     r.leaseAgeMs > leaseMs ? "expired" : "live",
+    r.connected ? "1" : "0",
     n(r.held),
     n(r.want),
     n(r.pools),

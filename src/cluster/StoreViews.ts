@@ -12,6 +12,12 @@ import { TenantStore, withinDeadline } from "../tenants/TenantStore.ts"
  * the scrape. Read-only: the ledger is StoreRunner's to write.
  */
 
+/**
+ * StoreRunner's advisory-lock namespace: a runner's store session holds the lock (NS, runner_id)
+ * for as long as it lives, so the store itself can say whether a runner is connected.
+ */
+const RUNNER_LOCK_NS = 0x74696470
+
 /** The bound on one view's store read: past it the store counts as unreachable for that view. */
 export const VIEW_TIMEOUT_MS = 2_000
 
@@ -34,6 +40,8 @@ export interface RunnerRow {
   readonly started: string
   /** Since the runner last renewed its lease, by the store's clock. */
   readonly leaseAgeMs: number
+  /** Its store session is alive: it holds its runner lock (a reclaim needs it gone). */
+  readonly connected: boolean
   readonly held: number
   readonly want: number
   readonly pools: number
@@ -55,6 +63,8 @@ export interface PermitRow extends PoolName {
 export interface OwnView {
   readonly registered: boolean
   readonly leaseAgeMs: number | undefined
+  /** The runner's own store session holds its lock, as the store sees it. */
+  readonly connected: boolean
   readonly permits: ReadonlyArray<PermitRow>
 }
 
@@ -119,65 +129,75 @@ const permitRow = (r: PermitDbRow): PermitRow => ({
 })
 
 /** The views over `sql`; `slot()` is this process's runner slot (its row's key). */
-export const makeStoreViews = (sql: SqlClient.SqlClient, slot: () => number): StoreViewsShape => ({
-  runners: bounded(
-    "tidepool_runners",
-    sql<{
-      runner_id: string
-      slot: number
-      address: string
-      started: string
-      lease_age_ms: number
-      held: number
-      want: number
-      pools: number
-    }>`SELECT r.runner_id::text AS runner_id, r.slot, r.address,
+export const makeStoreViews = (sql: SqlClient.SqlClient, slot: () => number): StoreViewsShape => {
+  // pg_locks shows a two-int4 advisory lock as (classid, objid) with objsubid 2.
+  const connected = sql.literal(`EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 2
+    AND l.classid = ${RUNNER_LOCK_NS} AND l.objid = r.runner_id::int::oid AND l.granted)`)
+  return {
+    runners: bounded(
+      "tidepool_runners",
+      sql<{
+        runner_id: string
+        slot: number
+        address: string
+        started: string
+        lease_age_ms: number
+        connected: boolean
+        held: number
+        want: number
+        pools: number
+      }>`SELECT r.runner_id::text AS runner_id, r.slot, r.address,
         to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' AS started,
         (extract(epoch FROM now() - r.renewed_at) * 1000)::float8 AS lease_age_ms,
+        ${connected} AS connected,
         coalesce(sum(p.held), 0)::int AS held, coalesce(sum(p.want), 0)::int AS want,
         count(p.pool_key)::int AS pools
       FROM tidepool_runners r LEFT JOIN tidepool_permits p ON p.runner_id = r.runner_id
       GROUP BY r.runner_id ORDER BY r.slot`
-  ).pipe(
-    Effect.map((rows) =>
-      rows.map((r) => ({
-        runnerId: r.runner_id,
-        slot: num(r.slot),
-        address: r.address,
-        started: r.started,
-        leaseAgeMs: Math.max(0, Math.round(num(r.lease_age_ms))),
-        held: num(r.held),
-        want: num(r.want),
-        pools: num(r.pools),
-        local: num(r.slot) === slot()
-      }))
-    )
-  ),
-  permits: bounded(
-    "tidepool_permits",
-    sql<PermitDbRow>`SELECT p.pool_key, p.runner_id::text AS runner_id, r.slot, p.held, p.want, p.keep, p.press
+    ).pipe(
+      Effect.map((rows) =>
+        rows.map((r) => ({
+          runnerId: r.runner_id,
+          slot: num(r.slot),
+          address: r.address,
+          started: r.started,
+          leaseAgeMs: Math.max(0, Math.round(num(r.lease_age_ms))),
+          connected: r.connected === true,
+          held: num(r.held),
+          want: num(r.want),
+          pools: num(r.pools),
+          local: num(r.slot) === slot()
+        }))
+      )
+    ),
+    permits: bounded(
+      "tidepool_permits",
+      sql<PermitDbRow>`SELECT p.pool_key, p.runner_id::text AS runner_id, r.slot, p.held, p.want, p.keep, p.press
       FROM tidepool_permits p JOIN tidepool_runners r ON r.runner_id = p.runner_id
       ORDER BY p.pool_key, r.slot`
-  ).pipe(Effect.map((rows) => rows.map(permitRow))),
-  own: Effect.suspend(() =>
-    bounded(
-      "this runner's rows",
-      sql<
-        PermitDbRow & { lease_age_ms: number }
-      >`SELECT r.runner_id::text AS runner_id, r.slot, (extract(epoch FROM now() - r.renewed_at) * 1000)::float8 AS lease_age_ms,
+    ).pipe(Effect.map((rows) => rows.map(permitRow))),
+    own: Effect.suspend(() =>
+      bounded(
+        "this runner's rows",
+        sql<
+          PermitDbRow & { lease_age_ms: number; connected: boolean }
+        >`SELECT r.runner_id::text AS runner_id, r.slot, (extract(epoch FROM now() - r.renewed_at) * 1000)::float8 AS lease_age_ms,
+          ${connected} AS connected,
           p.pool_key, p.held, p.want, p.keep, p.press
         FROM tidepool_runners r LEFT JOIN tidepool_permits p ON p.runner_id = r.runner_id
         WHERE r.slot = ${slot()}
         ORDER BY p.pool_key`
+      )
+    ).pipe(
+      Effect.map((rows) => ({
+        registered: rows.length > 0,
+        leaseAgeMs: rows[0] === undefined ? undefined : Math.max(0, num(rows[0].lease_age_ms)),
+        connected: rows[0]?.connected === true,
+        permits: rows.filter((r) => r.pool_key !== null).map(permitRow)
+      }))
     )
-  ).pipe(
-    Effect.map((rows) => ({
-      registered: rows.length > 0,
-      leaseAgeMs: rows[0] === undefined ? undefined : Math.max(0, num(rows[0].lease_age_ms)),
-      permits: rows.filter((r) => r.pool_key !== null).map(permitRow)
-    }))
-  )
-})
+  }
+}
 
 /**
  * The store views of this process, or undefined outside cluster mode (`TIDEPOOL_CLUSTER` off: no

@@ -328,6 +328,12 @@ const clusterSeries = (out: Exposition, own: OwnView | undefined, tenant: string
     )
     if (own !== undefined) out.sample("tidepool_cluster_runner_registered", "", own.registered ? 1 : 0)
     out.family(
+      "tidepool_cluster_store_connected",
+      "gauge",
+      "1 if this host's runner has its store session, as the store sees it (it holds its runner lock)."
+    )
+    if (own?.registered === true) out.sample("tidepool_cluster_store_connected", "", own.connected ? 1 : 0)
+    out.family(
       "tidepool_cluster_lease_age_seconds",
       "gauge",
       "Time since this host's runner last renewed its lease, by the store's clock, in seconds."

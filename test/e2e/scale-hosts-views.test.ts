@@ -220,15 +220,16 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
           "started",
           "lease_age_ms",
           "state",
+          "connected",
           "permits_held",
           "permits_wanted",
           "pools",
           "local"
         ])
-        expect(runners.rows.map((r) => [r.slot, r.address, r.state, r.permits_held, r.local])).toEqual(
+        expect(runners.rows.map((r) => [r.slot, r.address, r.state, r.connected, r.permits_held, r.local])).toEqual(
           [
-            [slotA, `127.0.0.1:${a.port}`, "live", heldBy.get(slotA), self === slotA ? 1 : 0],
-            [slotB, `127.0.0.1:${b.port}`, "live", heldBy.get(slotB), self === slotB ? 1 : 0]
+            [slotA, `127.0.0.1:${a.port}`, "live", 1, heldBy.get(slotA), self === slotA ? 1 : 0],
+            [slotB, `127.0.0.1:${b.port}`, "live", 1, heldBy.get(slotB), self === slotB ? 1 : 0]
           ].sort((x, y) => Number(x[0]) - Number(y[0]))
         )
         expect(runners.rows.every((r) => /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$/.test(r.started))).toBe(true)
@@ -260,6 +261,7 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
       const m = await scrape(host)
       expect(m.value("tidepool_cluster_store_up")).toBe(1)
       expect(m.value("tidepool_cluster_runner_registered")).toBe(1)
+      expect(m.value("tidepool_cluster_store_connected")).toBe(1)
       expect(m.value("tidepool_cluster_lease_age_seconds")).toBeGreaterThanOrEqual(0)
       expect(m.value("tidepool_cluster_permits_held", POOL_LABELS)).toBe(heldBy.get(slot))
       expect(m.value("tidepool_cluster_permits_wanted", POOL_LABELS)).toBe(0)
