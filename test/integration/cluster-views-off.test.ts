@@ -46,11 +46,15 @@ const connect = async (node: RunningTidepool, user: string, database = "postgres
 }
 
 /** `promise`, or a failure naming `what` once the deadline has passed. */
-const within = <A>(what: string, promise: Promise<A>): Promise<A> =>
-  Promise.race([
+const within = <A>(what: string, promise: Promise<A>): Promise<A> => {
+  let timer: NodeJS.Timeout | undefined
+  return Promise.race([
     promise,
-    new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`gave up waiting: ${what}`)), DEADLINE_MS))
-  ])
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`gave up waiting: ${what}`)), DEADLINE_MS)
+    })
+  ]).finally(() => clearTimeout(timer))
+}
 
 describe("several nodes on one PostgreSQL store, cluster mode off", () => {
   it("a terminate through node a's API ends the tenant's clients on node b with 57P01", async () => {
