@@ -149,7 +149,7 @@ export interface LoginTicket {
 }
 
 /**
- * The services a login uses, read from the fiber's context once per login (`Context.getUnsafe`)
+ * The services a login uses, read from the fiber's context (`Context.getUnsafe`, `servicesOf`)
  * and passed down: each `yield*` of a service is a turn of the fiber's loop, and a login made
  * eleven of them.
  */
@@ -173,16 +173,28 @@ type LoginRequirements =
   | CircuitBreaker
   | PoolRegistry
 
-const servicesOf = (context: Context.Context<LoginRequirements>, events: LoginServices["events"]): LoginServices => ({
-  config: Context.getUnsafe(context, AppConfig),
-  sessions: Context.getUnsafe(context, SessionRegistry),
-  downstreamTls: Context.getUnsafe(context, DownstreamTls),
-  upstreamTls: Context.getUnsafe(context, UpstreamTls),
-  tenants: Context.getUnsafe(context, TenantRegistry),
-  breaker: Context.getUnsafe(context, CircuitBreaker),
-  registry: Context.getUnsafe(context, PoolRegistry),
-  events
-})
+/**
+ * Every login of a listener starts with the same context (its FiberSet's), so the services are
+ * looked up once per context, not once per login.
+ */
+const servicesByContext = new WeakMap<Context.Context<LoginRequirements>, LoginServices>()
+
+const servicesOf = (context: Context.Context<LoginRequirements>, events: LoginServices["events"]): LoginServices => {
+  const known = servicesByContext.get(context)
+  if (known !== undefined && known.events === events) return known
+  const services: LoginServices = {
+    config: Context.getUnsafe(context, AppConfig),
+    sessions: Context.getUnsafe(context, SessionRegistry),
+    downstreamTls: Context.getUnsafe(context, DownstreamTls),
+    upstreamTls: Context.getUnsafe(context, UpstreamTls),
+    tenants: Context.getUnsafe(context, TenantRegistry),
+    breaker: Context.getUnsafe(context, CircuitBreaker),
+    registry: Context.getUnsafe(context, PoolRegistry),
+    events
+  }
+  servicesByContext.set(context, services)
+  return services
+}
 
 /**
  * One client connection, from its first byte to its greeting (or refusal), as one fiber: startup,
@@ -235,13 +247,15 @@ const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervis
         client.fail(error)
         // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
         // address's refusals are a flood's: the block itself was logged once when it began.
-        return Effect.andThen(
-          Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
-          (error.code === "ECLIENTSOCKETCLOSED" ||
+        const line =
+          error.code === "ECLIENTSOCKETCLOSED" ||
           (error.code === "ECIRCUITBREAKER" && error.message.endsWith(ADDRESS_BLOCKED))
             ? Effect.logDebug(error.message)
             : Effect.logWarning(error.message)
-          ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
+        // Data-first, no `pipe`: every refusal runs this.
+        return Effect.andThen(
+          Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
+          Effect.annotateLogs(line, { ...log, code: error.code })
         )
       },
       // Interrupted: by the handshake's deadline (the client is told EAUTHTIMEOUT) or by the shutdown.
