@@ -292,7 +292,7 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin, draining: 
               if (local) return yield* tidepoolError("EADMINCOMMAND", `SHOW ${what} has no LOCAL: it reads the store`)
               if (ledger === undefined) {
                 return yield* tidepoolError(
-                  "EADMINCOMMAND",
+                  "ECLUSTERVIEW",
                   `SHOW ${what}: cluster mode is off (TIDEPOOL_CLUSTER), so there is no permit ledger in the store`
                 )
               }
@@ -302,7 +302,7 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin, draining: 
                   : Effect.map(ledger.permits, showPermits)
               const answered = yield* Effect.result(result)
               if (Result.isFailure(answered)) {
-                return yield* tidepoolError("EADMINCOMMAND", `SHOW ${what}: ${answered.failure.message}`)
+                return yield* tidepoolError("ECLUSTERVIEW", `SHOW ${what}: ${answered.failure.message}`)
               }
               render(out, answered.success, "SHOW")
               return

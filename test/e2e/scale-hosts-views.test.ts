@@ -323,7 +323,7 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
     ] as const) {
       expect(failed?.code).toBe("42601")
       expect(failed?.message).toBe(
-        `(EADMINCOMMAND) SHOW ${view}: the tenant store did not answer within 2 s (${view === "RUNNERS" ? "tidepool_runners" : "tidepool_permits"})`
+        `(ECLUSTERVIEW) SHOW ${view}: the tenant store did not answer within 2 s (${view === "RUNNERS" ? "tidepool_runners" : "tidepool_permits"})`
       )
     }
     expect(m.value("tidepool_cluster_store_up")).toBe(0)

@@ -77,7 +77,7 @@ describe("several nodes on one PostgreSQL store, cluster mode off", () => {
     try {
       for (const view of ["RUNNERS", "PERMITS"]) {
         await expect(admin.query(`SHOW ${view}`)).rejects.toThrow(
-          `(EADMINCOMMAND) SHOW ${view}: cluster mode is off (TIDEPOOL_CLUSTER), so there is no permit ledger in the store`
+          `(ECLUSTERVIEW) SHOW ${view}: cluster mode is off (TIDEPOOL_CLUSTER), so there is no permit ledger in the store`
         )
       }
       // The session stays usable after the error.
