@@ -1,6 +1,6 @@
 import type * as net from "node:net"
 import type { BlockList } from "node:net"
-import { Cause, Context, Effect, Exit, LogLevel, References } from "effect"
+import { Cause, Context, Effect, Exit, type Fiber, LogLevel, References } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -209,87 +209,96 @@ export const clientSession = (
   supervisor: SessionSupervisor,
   ticket: LoginTicket
 ): Effect.Effect<void, never, LoginRequirements | Effect.Services<ReturnType<typeof afterStartup>>> =>
-  // Wrapped here, outside the generator: the accepted socket is replaced by another one at
-  // `takeOver` and must not be kept alive by it.
-  serve(new ClientSocket(socket), mode, supervisor, ticket)
-
-const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervisor, ticket: LoginTicket) =>
   Effect.withFiber((fiber) => {
     const services = servicesOf(fiber.context as Context.Context<LoginRequirements>, supervisor.events)
-    const { config, events } = services
-    const log: LogContext = { mode, peer_ip: client.remoteAddress }
-    const startedAt = Date.now()
-    // The handshake's deadline: startup and authentication, not the wait for a server that follows
-    // (bounded by the pool's checkout timeout, as every wait for a server is).
-    let timedOut = false
-    let answered = false
-    let timer: ReturnType<typeof setTimeout> | undefined = setTimeout(() => {
-      timedOut = true
-      fiber.interruptUnsafe()
-    }, config.handshakeTimeoutMs)
-    const login: Login = {
-      client,
-      log,
-      services,
-      mode,
-      startedAt,
-      supervisor,
-      ticket,
-      authenticated: () => {
-        clearTimeout(timer)
-        timer = undefined
-        ticket.authenticated()
-      },
-      fail: (error: TidepoolError) => {
-        answered = true
-        events.error(log.tenant, error.code)
-        ticket.over()
-        client.fail(error)
-        // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
-        // address's refusals are a flood's: the block itself was logged once when it began.
-        const line =
-          error.code === "ECLIENTSOCKETCLOSED" ||
-          (error.code === "ECIRCUITBREAKER" && error.message.endsWith(ADDRESS_BLOCKED))
-            ? Effect.logDebug(error.message)
-            : Effect.logWarning(error.message)
-        // Data-first, no `pipe`: every refusal runs this.
-        return Effect.andThen(
-          Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
-          Effect.annotateLogs(line, { ...log, code: error.code })
-        )
-      },
-      // Interrupted: by the handshake's deadline (the client is told EAUTHTIMEOUT) or by the shutdown.
-      interrupted: Effect.suspend(() => {
-        if (answered) return Effect.void
-        if (timedOut) return login.fail(tidepoolError("EAUTHTIMEOUT"))
-        answered = true
-        ticket.over()
-        client.fail(tidepoolError("EADMINSHUTDOWN"))
-        return Effect.void
-      })
-    }
-
-    const ended = () => {
-      clearTimeout(timer)
-      // A session handed to its relay lives on; anything else ends with its fiber.
-      if (!client.handedOver) {
-        client.flush()
-        client.socket.destroySoon()
-      }
-    }
-
-    // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
-    return Effect.matchEffect(readStartup(client, services), {
-      onFailure: (error) => Effect.suspend(() => login.fail(error)).pipe(inSpan("client.session", ROOT)),
-      onSuccess: (startup) => (startup === undefined ? Effect.void : afterStartup(login, startup))
-    }).pipe(
-      Effect.onExit((exit) => {
-        if (Exit.hasInterrupts(exit)) return Effect.ensuring(login.interrupted, Effect.sync(ended))
-        ended()
-        return Effect.void
-      })
-    )
+    // Without a certificate the connection can never become TLS: its handshake reads go through
+    // the shared read buffer from the start (`ClientSocket.sharedReads`).
+    const client = new ClientSocket(socket, services.downstreamTls.context() === undefined)
+    return serve(client, services, mode, supervisor, ticket, fiber)
   })
+
+const serve = (
+  client: ClientSocket,
+  services: LoginServices,
+  mode: PoolMode,
+  supervisor: SessionSupervisor,
+  ticket: LoginTicket,
+  fiber: Fiber.Fiber<unknown, unknown>
+) => {
+  const { config, events } = services
+  const log: LogContext = { mode, peer_ip: client.remoteAddress }
+  const startedAt = Date.now()
+  // The handshake's deadline: startup and authentication, not the wait for a server that follows
+  // (bounded by the pool's checkout timeout, as every wait for a server is).
+  let timedOut = false
+  let answered = false
+  let timer: ReturnType<typeof setTimeout> | undefined = setTimeout(() => {
+    timedOut = true
+    fiber.interruptUnsafe()
+  }, config.handshakeTimeoutMs)
+  const login: Login = {
+    client,
+    log,
+    services,
+    mode,
+    startedAt,
+    supervisor,
+    ticket,
+    authenticated: () => {
+      clearTimeout(timer)
+      timer = undefined
+      ticket.authenticated()
+    },
+    fail: (error: TidepoolError) => {
+      answered = true
+      events.error(log.tenant, error.code)
+      ticket.over()
+      client.fail(error)
+      // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
+      // address's refusals are a flood's: the block itself was logged once when it began.
+      const line =
+        error.code === "ECLIENTSOCKETCLOSED" ||
+        (error.code === "ECIRCUITBREAKER" && error.message.endsWith(ADDRESS_BLOCKED))
+          ? Effect.logDebug(error.message)
+          : Effect.logWarning(error.message)
+      // Data-first, no `pipe`: every refusal runs this.
+      return Effect.andThen(
+        Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
+        Effect.annotateLogs(line, { ...log, code: error.code })
+      )
+    },
+    // Interrupted: by the handshake's deadline (the client is told EAUTHTIMEOUT) or by the shutdown.
+    interrupted: Effect.suspend(() => {
+      if (answered) return Effect.void
+      if (timedOut) return login.fail(tidepoolError("EAUTHTIMEOUT"))
+      answered = true
+      ticket.over()
+      client.fail(tidepoolError("EADMINSHUTDOWN"))
+      return Effect.void
+    })
+  }
+
+  const ended = () => {
+    clearTimeout(timer)
+    // A session handed to its relay lives on; anything else ends with its fiber.
+    if (!client.handedOver) {
+      client.flush()
+      client.socket.destroySoon()
+    }
+  }
+
+  // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
+  return Effect.matchEffect(readStartup(client, services), {
+    onFailure: (error) => Effect.suspend(() => login.fail(error)).pipe(inSpan("client.session", ROOT)),
+    onSuccess: (startup) => (startup === undefined ? Effect.void : afterStartup(login, startup))
+  }).pipe(
+    Effect.onExit((exit) => {
+      if (Exit.hasInterrupts(exit)) return Effect.ensuring(login.interrupted, Effect.sync(ended))
+      ended()
+      return Effect.void
+    })
+  )
+}
 
 /** One login's state and services, passed down instead of read from the fiber's context. */
 interface Login {

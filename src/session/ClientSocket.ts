@@ -62,9 +62,25 @@ export class ClientSocket {
   /** An SSLRequest was answered; PostgreSQL allows one per connection. */
   sslRequested = false
 
-  /** The client's socket; after a TLS upgrade, the TLS socket wrapping the original one. */
-  constructor(public socket: net.Socket) {
-    socket.on("data", this.onData)
+  /**
+   * The handshake reads through the shared `ReadBuffer` (`onread`) rather than 'data' events: set
+   * when the connection cannot upgrade to TLS (no certificate when it was accepted), so its socket
+   * is never wrapped. Each read is copied out of the shared buffer (a handshake's are small), and
+   * none goes through the stream machinery (its push, 'data' event and next-tick read-ahead).
+   */
+  readonly sharedReads: boolean
+
+  /**
+   * The client's socket; after a TLS upgrade, the TLS socket wrapping the original one. With
+   * `plaintext` (no TLS is possible for this connection), its reads go through the shared read
+   * buffer from the start (`sharedReads`).
+   */
+  constructor(
+    public socket: net.Socket,
+    plaintext = false
+  ) {
+    this.sharedReads = plaintext && socket.readableLength === 0 && readInto(socket, this.onSharedRead)
+    if (!this.sharedReads) socket.on("data", this.onData)
     socket.on("close", this.onClose)
     socket.on("error", this.onError)
   }
@@ -100,6 +116,18 @@ export class ClientSocket {
     this.buffered = this.buffered.length === 0 ? chunk : Buffer.concat([this.buffered, chunk])
     if (this.buffered.length >= READ_AHEAD_LIMIT) this.socket.pause()
     this.notify()
+  }
+  /** `sharedReads`: a read into the shared buffer, copied out before the next read overwrites it. */
+  private readonly onSharedRead = (bytes: number, buffer: Uint8Array): boolean => {
+    const view = (buffer as Buffer).subarray(0, bytes)
+    this.buffered = this.buffered.length === 0 ? Buffer.from(view) : Buffer.concat([this.buffered, view])
+    if (this.buffered.length >= READ_AHEAD_LIMIT) this.socket.pause()
+    this.notify()
+    return true
+  }
+  /** Reads nothing more into this object (`sharedReads`): a lingering close's reads are dropped. */
+  private stopSharedReads(): void {
+    if (this.sharedReads) readInto(this.socket, drop)
   }
   private readonly onClose = () => {
     this.closed = true
@@ -254,6 +282,7 @@ export class ClientSocket {
     if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(renderErrorResponse(error))
     else socket.end()
     socket.off("data", this.onData)
+    this.stopSharedReads()
     linger(socket)
   }
 
@@ -295,6 +324,11 @@ export class ClientSocket {
       return { readAhead, reads: undefined }
     }
     const reads = ReadBuffer.shared()
+    if (this.sharedReads && readInto(old, reads.onread.callback)) {
+      // Paused at the read-ahead limit: the relay reads on from here.
+      if (old.isPaused()) old.resume()
+      return { readAhead, reads }
+    }
     if (useReadBuffer(old, handle, reads)) return { readAhead, reads }
     const moved = new net.Socket({ handle, onread: reads.onread } as net.SocketConstructorOpts)
     // The old socket lets go of the handle (destroying it now closes nothing) and, being destroyed,
@@ -314,6 +348,7 @@ export class ClientSocket {
     // Before the TLS handshake (its `S`) or the relay's first write (the greeting).
     this.flush()
     this.socket.off("data", this.onData)
+    this.stopSharedReads()
     this.socket.off("close", this.onClose)
     // An empty view still holds the chunk it was cut from, which the relay would keep alive.
     const rest = this.buffered.length === 0 ? EMPTY : this.buffered
@@ -371,7 +406,33 @@ const useReadBuffer = (socket: net.Socket, handle: NodeHandle, reads: ReadBuffer
   fieldsOf[fields.callback] = callback
   ;(handle.useUserBuffer as (buffer: Uint8Array) => void).call(handle, buffer as Uint8Array)
   // A socket paused at the read-ahead limit may have stopped its handle's reads; `resume` on a
-  // socket with `onread` fields starts them again (and does nothing more when they run).
-  socket.resume()
+  // socket with `onread` fields starts them again. One still reading (a socket just accepted) is
+  // left alone: `resume` would cost it a next-tick flow for nothing.
+  if (handle.reading !== true) socket.resume()
+  return true
+}
+
+const drop = (_bytes: number, _buffer: Uint8Array): boolean => true
+
+/**
+ * Reads of `socket` go to `callback`, through the shared read buffer: the first call switches an
+ * accepted socket to it (`useReadBuffer`), later ones only change who gets the reads (the relay at
+ * `takeOver`, nobody once the login has ended). False, changing nothing, when this Node does not
+ * keep a socket's `onread` fields where expected.
+ */
+const readInto = (socket: net.Socket, callback: (bytes: number, buffer: Uint8Array) => boolean): boolean => {
+  const fields = onreadFields
+  if (fields === undefined) return false
+  const fieldsOf = socket as unknown as Record<symbol, unknown>
+  if (fieldsOf[fields.buffer] !== null) {
+    fieldsOf[fields.callback] = callback
+    return true
+  }
+  const handle = (socket as net.Socket & { _handle?: NodeHandle | null })._handle
+  if (handle === undefined || handle === null || typeof handle.readStop !== "function") return false
+  const reads = ReadBuffer.shared()
+  // The callback is set before the switch, which is the one `useReadBuffer` gives the socket.
+  if (!useReadBuffer(socket, handle, reads)) return false
+  fieldsOf[fields.callback] = callback
   return true
 }
