@@ -109,6 +109,7 @@ export const describeRun = (result: PgbenchResult): string =>
     `mean ${fixed(result.meanMs, 3)} ms`,
     `p99 ${fixed(result.p99Ms, 3)} ms`,
     ...(result.cpuUsPerTx === undefined ? [] : [`${fixed(result.cpuUsPerTx, 1)} µs/tx`]),
+    ...(result.stackUsPerTx === undefined ? [] : [`stack ${fixed(result.stackUsPerTx, 1)} µs/tx`]),
     `over ${fixed(result.measuredS, 1)} s after ${fixed(result.connectMs / 1000, 1)} s connecting`,
     ...(result.failed > 0 ? [`${result.failed} failed`] : []),
     ...(result.aborted > 0 ? [`${result.aborted} clients aborted`] : [])
@@ -142,7 +143,7 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     const { protocol, clients, target } = measurement
     const label = [protocol, String(clients), TARGET_LABEL[target]]
     if (measurement.skipped !== undefined) {
-      rows.push([...label, "skipped", "", "", "", "", "", "", "", ...(withBase ? [""] : [])])
+      rows.push([...label, "skipped", "", "", "", "", "", "", "", "", ...(withBase ? [""] : [])])
       notes.push(`${protocol}, ${clients} clients, ${TARGET_LABEL[target]}: skipped — ${measurement.skipped}`)
       continue
     }
@@ -160,6 +161,12 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
       ratioText(pairedRatios(measurement, pgbouncer, (run) => run.tps)),
       ratioText(pairedRatios(measurement, pgbouncer, (run) => run.cpuUsPerTx)),
       ratioText(pairedRatios(measurement, pgbouncer, (run) => run.p99Ms)),
+      // Transactions per stack CPU-second, Tidepool ÷ PgBouncer: PgBouncer's stack µs/tx ÷ Tidepool's.
+      ratioText(
+        pairedRatios(measurement, pgbouncer, (run) =>
+          run.stackUsPerTx === undefined || run.stackUsPerTx <= 0 ? undefined : 1 / run.stackUsPerTx
+        )
+      ),
       ...(withBase ? [ratioText(pairedRatios(measurement, base, (run) => run.cpuUsPerTx))] : [])
     ])
     const where = `${protocol}, ${clients} clients, ${TARGET_LABEL[target]}`
@@ -189,9 +196,10 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     "TPS vs PgBouncer",
     "CPU vs PgBouncer",
     "p99 vs PgBouncer",
+    "TPS per stack CPU vs PgBouncer",
     ...(withBase ? ["CPU vs base"] : [])
   ]
-  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
   const widths = header.map((title, i) => Math.max(title.length, ...rows.map((row) => row[i]!.length)))
   const line = (cells: ReadonlyArray<string>) =>
     `| ${cells.map((cell, i) => (numeric.has(i) ? cell.padStart(widths[i]!) : cell.padEnd(widths[i]!))).join(" | ")} |`
@@ -215,7 +223,10 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     "",
     "TPS excludes connection set-up (pgbench's figure). Latencies are per transaction, from pgbench's " +
       "transaction log. CPU µs/tx is the pooler process's user+system CPU time over the steady part of " +
-      "the run divided by the transactions completed in it. Ratios are Tidepool ÷ PgBouncer" +
+      "the run divided by the transactions completed in it. TPS per stack CPU is the same window's " +
+      "transactions over the CPU of every process the benchmark started (pgbench, PostgreSQL, the poolers): " +
+      "what the TPS ratio would be on a machine of its own, CPU-bound, with other load on this one taken out. " +
+      "Ratios are Tidepool ÷ PgBouncer" +
       (options.targets.includes("node-relay")
         ? " (and Node relay ÷ PgBouncer: the Node relay, bench/relayFloor.ts, gives each client a " +
           "PostgreSQL connection of its own and only copies bytes, the floor of what a Node.js relay costs)"
