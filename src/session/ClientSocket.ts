@@ -279,7 +279,7 @@ export class ClientSocket {
   fail(error: TidepoolError): void {
     this.flush()
     const socket = this.socket
-    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(renderErrorResponse(error))
+    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(rendered(error))
     else socket.end()
     socket.off("data", this.onData)
     this.stopSharedReads()
@@ -355,6 +355,26 @@ export class ClientSocket {
     this.buffered = EMPTY
     return rest
   }
+}
+
+/**
+ * Refusals' ErrorResponses, rendered once per distinct error: a guessing client gets the same
+ * wrong-password or unknown-name error again and again. Bounded (cleared when full); errors with a
+ * detail or hint (an upstream's own) are rendered each time.
+ */
+const renderedErrors = new Map<string, Buffer>()
+const RENDERED_ERRORS_MAX = 1000
+
+const rendered = (error: TidepoolError): Buffer => {
+  if (error.detail !== undefined || error.hint !== undefined) return renderErrorResponse(error)
+  const key = `${error.code}\u0000${error.sqlstate}\u0000${error.severity}\u0000${error.message}`
+  let response = renderedErrors.get(key)
+  if (response === undefined) {
+    response = renderErrorResponse(error)
+    if (renderedErrors.size >= RENDERED_ERRORS_MAX) renderedErrors.clear()
+    renderedErrors.set(key, response)
+  }
+  return response
 }
 
 /** `::ffff:1.2.3.4` → `1.2.3.4`, so allow lists and logs speak IPv4 for IPv4 clients. */
