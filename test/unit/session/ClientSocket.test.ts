@@ -101,6 +101,23 @@ describe.each([
     expect(packet._tag).toBe("StartupMessage")
   })
 
+  it("keeps the bytes it holds when the next read arrives (the shared buffer is reused by every read)", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted, plaintext)
+    const packet = startupMessage({ user: "first-half.acme", database: "second-half" })
+    const cut = 20
+    // The first part is read and held; the second arrives in a later read, into the same buffer.
+    const held = afterRead(client, accepted, () => client.readAhead >= cut)
+    peer.write(packet.subarray(0, cut))
+    await held
+    peer.write(packet.subarray(cut))
+    const read = await Effect.runPromise(client.readStartup)
+    expect(read._tag === "StartupMessage" && read.parameters).toEqual({
+      user: "first-half.acme",
+      database: "second-half"
+    })
+  })
+
   it("hands the relay what arrived with the last handshake message, then the rest, through one socket", async () => {
     const { accepted, peer } = await pair()
     const client = new ClientSocket(accepted, plaintext)
