@@ -45,7 +45,7 @@ const notPassword = (type: number) =>
  * microseconds each), and a refusal's error is a value sent to the client and logged by its
  * message, never by its stack.
  */
-const withoutStack = <A>(make: () => A): A => {
+export const withoutStack = <A>(make: () => A): A => {
   const limit = Error.stackTraceLimit
   Error.stackTraceLimit = 0
   try {

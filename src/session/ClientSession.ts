@@ -9,7 +9,8 @@ import {
   CircuitBreaker,
   type ClientCredentials,
   inSpan,
-  matchUsers
+  matchUsers,
+  withoutStack
 } from "../auth/index.ts"
 import {
   AppConfig,
@@ -417,25 +418,20 @@ class Refusal {
  * list, user, `enforce_ssl`. Nothing in them waits, so they cost no fiber steps; a refusal is a
  * value the caller turns into its delay and error. Its errors are made without stack traces (a
  * refusal's error is sent and logged by its message): a prober's refusals should cost little.
+ * Only the errors: an exception here is a bug, and keeps its stack.
  */
 const identify = (login: Login, startup: Readonly<Record<string, string>>): Identified | Refusal => {
-  const limit = Error.stackTraceLimit
-  Error.stackTraceLimit = 0
-  try {
-    return identifyChecks(login, startup)
-  } finally {
-    Error.stackTraceLimit = limit
-  }
-}
-
-const identifyChecks = (login: Login, startup: Readonly<Record<string, string>>): Identified | Refusal => {
   const { client, log, services } = login
   const { tenants, events, breaker } = services
   const resolved = resolveIdentity(startup)
   if ("_tag" in resolved) return new Refusal(resolved, false)
   const identity = resolved.tenant !== undefined ? resolved : { ...resolved, tenant: tenantBySni(client, tenants) }
   log.user = identity.user
-  if (identity.tenant === undefined) return new Refusal(tidepoolError("ENOIDENTIFIER"), false)
+  if (identity.tenant === undefined)
+    return new Refusal(
+      withoutStack(() => tidepoolError("ENOIDENTIFIER")),
+      false
+    )
   log.tenant = identity.tenant
   // Every refusal that depends on what exists is answered after the same delay, so timing tells a
   // prober nothing about which tenants and users exist, and guessing stays slow. Nothing more is
@@ -449,27 +445,32 @@ const identifyChecks = (login: Login, startup: Readonly<Record<string, string>>)
   const notFound = (breakerKey: string) => {
     if (breaker.addressBlocked(breakerKey, log.peer_ip)) {
       events.loginFailed(identity.tenant, "none", "ECIRCUITBREAKER")
-      return new Refusal(tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED), false)
+      return new Refusal(
+        withoutStack(() => tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)),
+        false
+      )
     }
     const tripped = breaker.addressFailed(breakerKey, log.peer_ip)
     events.loginFailed(identity.tenant, "none", "ENOTFOUND")
     return new Refusal(
-      tidepoolError("ENOTFOUND", identity.user, identity.tenant!),
+      withoutStack(() => tidepoolError("ENOTFOUND", identity.user, identity.tenant!)),
       true,
       tripped ? breakerKey : undefined
     )
   }
   const tenant = tenants.get(identity.tenant)
   if (tenant === undefined) return notFound(UNKNOWN_TENANTS)
-  const ban = banOf(tenant)
+  const ban = withoutStack(() => banOf(tenant))
   if (ban !== undefined) return refuse(ban)
   // Before the user lookup, so an address outside the allow list learns nothing about the users.
-  if (!allowed(tenant, log.peer_ip)) return refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
+  if (!allowed(tenant, log.peer_ip)) return refuse(withoutStack(() => tidepoolError("EADDRNOTALLOWED", log.peer_ip)))
   const users = matchUsers(tenant, identity.user)
-  if (users.length > 1) return refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
+  if (users.length > 1)
+    return refuse(withoutStack(() => tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant!)))
   const user = users[0]
   if (user === undefined) return notFound(tenant.external_id)
-  if (tenant.enforce_ssl && client.tls === undefined) return refuse(tidepoolError("ESSLREQUIRED", identity.user))
+  if (tenant.enforce_ssl && client.tls === undefined)
+    return refuse(withoutStack(() => tidepoolError("ESSLREQUIRED", identity.user)))
   return { tenant, user, identity }
 }
 
