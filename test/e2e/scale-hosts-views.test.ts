@@ -321,7 +321,7 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
       ["RUNNERS", runners],
       ["PERMITS", permits]
     ] as const) {
-      expect(failed?.code).toBe("42601")
+      expect(failed?.code).toBe("55000")
       expect(failed?.message).toBe(
         `(ECLUSTERVIEW) SHOW ${view}: the tenant store did not answer within 2 s (${view === "RUNNERS" ? "tidepool_runners" : "tidepool_permits"})`
       )
