@@ -79,9 +79,11 @@ export interface RunnerOptions {
   /** Bounds each cancel sent for a reclaimed runner's backend, and each store query. */
   readonly timeoutMs: number
   readonly log: (level: "debug" | "info" | "warning", message: string) => void
+  /** Told the runner's slot at every registration (a re-registration may have to take another). */
+  readonly onSlot?: (slot: number) => void
 }
 
-interface BackendRef {
+export interface BackendRef {
   readonly host: string
   readonly port: number
   readonly pid: number
@@ -89,9 +91,39 @@ interface BackendRef {
   readonly secret: string
 }
 
+/**
+ * What holds a pool's permits on this runner: a TenantPool (one process per host), or the
+ * supervisor's host ledger for one pool key (several workers per host, src/cluster/HostPermits.ts).
+ */
+export interface PermitHolder {
+  readonly settings: { readonly key: string; readonly size: number }
+  readonly isClosed: boolean
+  grant(n: number): void
+  direct(keep: number, press: boolean): void
+}
+
+/** A holder's line to the runner; a backend is undefined for a TLS upstream (never recorded). */
+export interface LinePermits {
+  readonly want: (size: number, n: number) => void
+  readonly release: (n: number) => void
+  readonly opened: (backend: BackendRef | undefined) => void
+  readonly closed: (backend: BackendRef | undefined) => void
+}
+
+/** A server's cancel key as the store records it; undefined for a TLS upstream, which may refuse a plaintext cancel. */
+export const backendRef = (server: ServerConnection): BackendRef | undefined =>
+  server.target.tls !== undefined
+    ? undefined
+    : {
+        host: server.target.host,
+        port: server.target.port,
+        pid: server.backendPid,
+        secret: server.backendSecret.toString("hex")
+      }
+
 interface PoolLine {
   /** The newest pool of this key; an older one closing still returns its permits under the key. */
-  pool: TenantPool | undefined
+  pool: PermitHolder | undefined
   size: number
   /** Permits this runner's pools hold (granted and not released). */
   held: number
@@ -187,6 +219,16 @@ export class StoreRunner {
   readonly prefix = (): number => this.slotNumber << SLOT_SHIFT
 
   attach(pool: TenantPool): PoolPermits {
+    const line = this.attachHolder(pool)
+    return {
+      want: line.want,
+      release: line.release,
+      opened: (server) => line.opened(backendRef(server)),
+      closed: (server) => line.closed(backendRef(server))
+    }
+  }
+
+  attachHolder(pool: PermitHolder): LinePermits {
     const key = pool.settings.key
     const line = this.line(key)
     line.pool = pool
@@ -206,16 +248,16 @@ export class StoreRunner {
         this.touch(key)
         this.onHeldChange?.()
       },
-      opened: (server) => {
+      opened: (backend) => {
         if (line.fresh > 0 && --line.fresh === 0 && line.deferred > 0) {
           // After TenantPool has lent the new server (it does so right after telling us it opened).
           setImmediate(() => {
             if (line.deferred > 0) this.apply(line)
           })
         }
-        this.backendOp(true, server)
+        this.backendOp(true, backend)
       },
-      closed: (server) => this.backendOp(false, server)
+      closed: (backend) => this.backendOp(false, backend)
     }
   }
 
@@ -310,15 +352,9 @@ export class StoreRunner {
     this.pump()
   }
 
-  private backendOp(add: boolean, server: ServerConnection): void {
+  private backendOp(add: boolean, ref: BackendRef | undefined): void {
     // A TLS upstream may refuse a plaintext cancel: its permit is reclaimed without one, as on one host.
-    if (server.target.tls !== undefined) return
-    const ref = {
-      host: server.target.host,
-      port: server.target.port,
-      pid: server.backendPid,
-      secret: server.backendSecret.toString("hex")
-    }
+    if (ref === undefined) return
     const id = `${ref.host}:${ref.port}:${ref.pid}`
     if (add) this.backends.set(id, ref)
     else this.backends.delete(id)
@@ -477,6 +513,7 @@ export class StoreRunner {
     await this.client!.query("SELECT pg_advisory_lock($1, $2::int)", [NS, row.id])
     this.runnerId = row.id
     this.slotNumber = row.slot
+    this.options.onSlot?.(row.slot)
     this.lastRenewal = performance.now()
     if (previous > 0 && previous !== row.slot)
       this.options.log(

@@ -17,7 +17,8 @@ import { type PoolSeats, SeatGate } from "../pool/SeatGate.ts"
 import { PeerWorkers, SessionRegistry, TenantChanges } from "../session/index.ts"
 import { TenantRegistry, TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
 import { type Gathered, HostViews } from "./HostViews.ts"
-import { BEAT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
+import { BEAT_ENV, CLUSTER_WORKER_SHIFT, SLOT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
+import { SLOT_SHIFT } from "./StoreRunner.ts"
 
 /**
  * A worker's side of the supervisor's IPC channel (docs/scale-out.md#one-host-workers). Nothing
@@ -171,17 +172,45 @@ const hostViews = (self: number) =>
     })
   )
 
-/** What a worker tells the others through the supervisor: cancels it does not own, terminates. */
-const peers = (self: number) =>
-  Layer.succeed(PeerWorkers, {
-    self,
-    forwardCancel: (processId, secretKey) => send({ t: "cancel", processId, secret: secretKey.toString("hex") }),
-    terminated: (id) => send({ t: "terminate", id })
-  })
+/**
+ * What a worker tells the others through the supervisor: cancels it does not own, terminates. In
+ * cluster mode its clients' process ids carry the host's runner slot and its number
+ * (docs/scale-out.md#cancelrequest-across-hosts); a cancel for any other goes to the supervisor,
+ * which routes it to the worker or sends it on to the owner host.
+ */
+const peers = (self: number, cluster: boolean) =>
+  cluster
+    ? Layer.effect(
+        PeerWorkers,
+        Effect.gen(function* () {
+          let slot = Number(process.env[SLOT_ENV] ?? 0)
+          yield* onMessage((message) => {
+            if (message.t === "slot") slot = message.slot
+          })
+          return {
+            self,
+            ids: {
+              shift: CLUSTER_WORKER_SHIFT,
+              prefix: () => (slot << SLOT_SHIFT) | ((self + 1) << CLUSTER_WORKER_SHIFT)
+            },
+            forwardCancel: (processId: number, secretKey: Buffer) =>
+              send({ t: "cancel", processId, secret: secretKey.toString("hex") }),
+            terminated: (id: string) => send({ t: "terminate", id })
+          }
+        })
+      )
+    : Layer.succeed(PeerWorkers, {
+        self,
+        forwardCancel: (processId, secretKey) => send({ t: "cancel", processId, secret: secretKey.toString("hex") }),
+        terminated: (id) => send({ t: "terminate", id })
+      })
 
 /** Provided under the data plane in worker mode: PoolRegistry and SessionRegistry pick them up. */
-export const workerServices = (self: number): Layer.Layer<PermitGate | SeatGate | PeerWorkers | HostViews> =>
-  Layer.mergeAll(permitGate, seatGate, peers(self), hostViews(self))
+export const workerServices = (
+  self: number,
+  cluster = false
+): Layer.Layer<PermitGate | SeatGate | PeerWorkers | HostViews> =>
+  Layer.mergeAll(permitGate, seatGate, peers(self, cluster), hostViews(self))
 
 /**
  * What other workers ask of this one: cancel a query of a client it serves, reload a tenant another

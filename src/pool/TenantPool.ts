@@ -767,8 +767,17 @@ export class TenantPool {
       server.close("pool closed")
       return
     }
-    this.busy.add(server)
-    this.release(server)
+    // Worker and cluster mode: a server opened for a permit serves a waiting client before a
+    // directive can take it back (one that came while it connected). Without this, a pool smaller
+    // than the number of busy workers handed its permit round, each new server closed unused.
+    const first = gate !== undefined && !this.paused ? this.nextWaiter() : undefined
+    if (first !== undefined) {
+      server.lastUsedAt = Date.now()
+      this.lend(server, first)
+    } else {
+      this.busy.add(server)
+      this.release(server)
+    }
     // Connects went one at a time while failing: the clients still waiting need the rest now.
     if (recovered) this.grow()
   }
