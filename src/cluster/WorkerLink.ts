@@ -245,7 +245,8 @@ export const workerInbox = Layer.effectDiscard(
     }
     // The admin console's SHOW and pool commands of another worker (docs/admin-console.md#worker-mode).
     views?.provide("admin", (what) => adminViews[what]?.(snapshot()).rows ?? null)
-    const runPromise = Effect.runPromiseWith(yield* Effect.context<never>())
+    const context = yield* Effect.context<never>()
+    const runPromise = Effect.runPromiseWith(context)
     views?.provide("admin-command", (text) => {
       const [command = "", name] = text.split(" ", 2)
       if (!POOL_COMMANDS.has(command)) return null
@@ -270,7 +271,22 @@ export const workerInbox = Layer.effectDiscard(
       }
     })
     // Workers must not outlive their supervisor (its ledger is what keeps pool_size): drain and exit.
-    const onDisconnect = () => process.kill(process.pid, "SIGTERM")
+    // In cluster mode the supervisor was also the host's runner: its store session ended with it, so
+    // after the lease other hosts are given its permits (after cancelling its recorded backends'
+    // statements). A worker still draining then would hold servers beyond pool_size: it stops at
+    // once instead, as if the whole host had died (docs/scale-out.md#failure-table).
+    const onDisconnect = () => {
+      if (!config.cluster) {
+        process.kill(process.pid, "SIGTERM")
+        return
+      }
+      Effect.runSyncWith(context)(
+        Effect.logError(
+          `worker ${views?.worker ?? "?"}: the supervisor (this host's runner of the permit ledger) is gone; exiting at once, its clients disconnected`
+        )
+      )
+      process.exit(1)
+    }
     yield* Effect.acquireRelease(
       Effect.sync(() => process.once("disconnect", onDisconnect)),
       () => Effect.sync(() => process.off("disconnect", onDisconnect))

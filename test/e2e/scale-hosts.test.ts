@@ -46,9 +46,6 @@ const startRunner = async (storeUrl: string, config: string | undefined, n: numb
   const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
     DATABASE_URL: storeUrl,
     TIDEPOOL_CLUSTER: "on",
-    // Cluster mode runs one process per host (workers per host are not built with it), also when
-    // the suite runs under TIDEPOOL_WORKERS=2 (npm run test:e2e:workers).
-    TIDEPOOL_WORKERS: "1",
     TIDEPOOL_LEASE_MS: String(LEASE_MS),
     PROXY_PORT_TRANSACTION: String(port),
     PROXY_PORT_SESSION: String(await freePort()),
@@ -59,7 +56,8 @@ const startRunner = async (storeUrl: string, config: string | undefined, n: numb
     TIDEPOOL_LOG_LEVEL: "debug",
     VAULT_ENC_KEY
   })
-  await cli.waitFor(/tidepool listening/)
+  // One process, or (under TIDEPOOL_WORKERS, npm run test:e2e:workers) a supervisor once every worker listens.
+  await cli.waitFor(/"msg":"(tidepool listening|tidepool supervisor: \d+ workers listening)/)
   return { cli, port }
 }
 
