@@ -453,8 +453,7 @@ export const supervise = (config: AppConfigShape) =>
       Effect.uninterruptible
     )
     if (failed) {
-      yield* Deferred.await(done)
-      yield* leave
+      yield* Effect.uninterruptible(Effect.andThen(Deferred.await(done), leave))
       return yield* Effect.sync(() => process.exit(1))
     }
     if (!stopping)
@@ -465,7 +464,18 @@ export const supervise = (config: AppConfigShape) =>
     // Uninterruptible: SIGTERM also interrupts this fiber (the runtime's own signal handling), and
     // a supervisor that returned then would exit while its workers still drain — a service manager
     // takes the main process's exit for the end of the service and kills what is left.
-    yield* Effect.uninterruptible(Deferred.await(done))
-    yield* leave
-    log("info", `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`)
+    // Leaving the store is in the same region: an interruption pending since the signal would
+    // otherwise end the fiber right after the wait, before the host's row is deleted.
+    yield* Effect.uninterruptible(
+      Effect.andThen(Deferred.await(done), leave).pipe(
+        Effect.andThen(
+          Effect.sync(() =>
+            log(
+              "info",
+              `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`
+            )
+          )
+        )
+      )
+    )
   })
