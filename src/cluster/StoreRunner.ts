@@ -1,6 +1,7 @@
 import * as net from "node:net"
 import pg from "pg"
 import type { PoolPermits, TenantPool } from "../pool/index.ts"
+import type { PoolSeats } from "../pool/SeatGate.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { type Claim, type Directive, divide } from "./PoolShares.ts"
 
@@ -20,6 +21,10 @@ import { type Claim, type Directive, divide } from "./PoolShares.ts"
 /** The advisory-lock namespace (first int4): runner locks are (NS, runner_id), pool locks (NS + 1, hashtext(key)). */
 const NS = 0x74696470
 const CHANNEL = "tidepool_permits"
+/** Seats (max_clients across hosts): a runner was asked to give back unused seats, or answered. */
+const SEAT_CHANNEL = "tidepool_seats"
+/** How long a login short of a seat waits for the other runners to give back their unused ones. */
+const SEAT_ANSWER_MS = 2_000
 /** Process ids in cluster mode: the runner's slot in bits 20–30, 20 random bits below. */
 export const SLOT_SHIFT = 20
 export const MAX_SLOT = 2 ** (31 - SLOT_SHIFT) - 1
@@ -61,6 +66,13 @@ const SCHEMA = [
     PRIMARY KEY (pool_key, runner_id)
   )`,
   "CREATE INDEX IF NOT EXISTS tidepool_permits_runner ON tidepool_permits (runner_id)",
+  `CREATE TABLE IF NOT EXISTS tidepool_seats (
+    pool_key TEXT NOT NULL,
+    runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
+    held INT NOT NULL,
+    reclaim BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (pool_key, runner_id)
+  )`,
   `CREATE TABLE IF NOT EXISTS tidepool_backends (
     runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
     host TEXT NOT NULL,
@@ -143,6 +155,22 @@ interface PoolLine {
 
 type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
 
+/** A pool's client seats on this runner (max_clients across hosts, docs/scale-out.md#max_clients-across-hosts). */
+interface SeatLine {
+  pool: TenantPool | undefined
+  /** Seats this runner holds: its clients, those reserved for logins on their way, its spare block. */
+  held: number
+  limit: number
+  /** The pool's open request: logins short of a seat (0: a spare block is welcome); undefined: none. */
+  need: number | undefined
+  /** Since when (monotonic ms) the request waits for other runners to give back unused seats; 0: it does not. */
+  askedAt: number
+  /** Other runners asked this one for its unused seats: the pool's answer is to be written. */
+  answered: boolean
+  /** The pool was asked for its unused seats and has not answered yet. */
+  reclaiming: boolean
+}
+
 const LIFTED: Directive = { keep: null, press: false }
 
 /** Sends a CancelRequest and resolves once the server has taken it (closed), or after `timeoutMs`. */
@@ -182,6 +210,8 @@ export class StoreRunner {
   private slotNumber = 0
   private readonly lines = new Map<string, PoolLine>()
   private readonly dirty = new Set<string>()
+  private readonly seatLines = new Map<string, SeatLine>()
+  private readonly dirtySeats = new Set<string>()
   private backendOps: Array<BackendOp> = []
   /** Open servers' backends by host/port/pid, re-recorded after a re-registration. */
   private readonly backends = new Map<string, BackendRef>()
@@ -259,6 +289,157 @@ export class StoreRunner {
       },
       closed: (backend) => this.backendOp(false, backend)
     }
+  }
+
+  /**
+   * max_clients across hosts: the pool's seats are counted in the store, taken in blocks (so a login
+   * costs a store transaction only when its runner's block is used up), and a login is refused only
+   * after every other runner holding seats has been asked for its unused ones.
+   */
+  attachSeats(pool: TenantPool): PoolSeats {
+    const key = pool.settings.key
+    let line = this.seatLines.get(key)
+    if (line === undefined) {
+      line = { pool, held: 0, limit: 0, need: undefined, askedAt: 0, answered: false, reclaiming: false }
+      this.seatLines.set(key, line)
+    }
+    line.pool = pool
+    const seats = line
+    return {
+      want: (limit, need) => {
+        seats.limit = limit
+        seats.need = Math.max(seats.need ?? 0, need)
+        if (this.client === undefined) {
+          setImmediate(() => this.answerLocally(key, seats))
+          return
+        }
+        this.touchSeats(key)
+      },
+      release: (n, reclaimed) => {
+        seats.held -= n
+        if (reclaimed) {
+          seats.answered = true
+          seats.reclaiming = false
+        }
+        this.touchSeats(key)
+      }
+    }
+  }
+
+  private touchSeats(key: string): void {
+    this.dirtySeats.add(key)
+    this.pump()
+  }
+
+  /**
+   * Fail static for seats: while the store is away, logins are admitted up to the pool's limit on
+   * this host alone (as without cluster mode); once the store is back the seats held are written,
+   * and while the pool's rows add up to more than its limit nobody is granted a new one.
+   */
+  private answerLocally(key: string, line: SeatLine): void {
+    if (line.need === undefined) return
+    this.answerSeats(key, line, Math.min(line.need, Math.max(0, line.limit - line.held)), 0)
+  }
+
+  /** The answer to a pool's request: `n` seats more (maybe 0); keep about `spare` unused. */
+  private answerSeats(key: string, line: SeatLine, n: number, spare: number): void {
+    if (line.need === undefined) return
+    line.need = undefined
+    line.askedAt = 0
+    line.held += n
+    const pool = line.pool
+    if (pool === undefined || pool.isClosed) {
+      line.held -= n
+      if (n > 0) this.touchSeats(key)
+      return
+    }
+    pool.seatsGranted(n, spare)
+  }
+
+  /**
+   * One pool's seat transaction, under the pool's seat lock: write what this runner holds (the
+   * truth: its pools' count), answer a reclaim asked of it, and serve its pool's request — from the
+   * seats free, or, short of them, first asking every other runner holding seats to give back its
+   * unused ones and waiting (up to SEAT_ANSWER_MS, a runner that cannot answer being dead or cut
+   * off) until each has answered.
+   */
+  private async settleSeats(key: string): Promise<void> {
+    const line = this.seatLines.get(key)
+    if (line === undefined || this.runnerId === undefined) return
+    const me = this.runnerId
+    const sk = storeKey(key)
+    const need = line.need
+    const answered = line.answered
+    const now = performance.now()
+    const result = await this.transaction(async (c) => {
+      await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 2, sk])
+      const rows = (
+        await c.query("SELECT runner_id, held, reclaim FROM tidepool_seats WHERE pool_key = $1", [sk])
+      ).rows.map((r) => ({ id: Number(r.runner_id), held: Number(r.held), reclaim: Boolean(r.reclaim) }))
+      const own = rows.find((r) => r.id === me)
+      const others = rows.filter((r) => r.id !== me)
+      const askedOfUs = own?.reclaim === true && !answered
+      let held = line.held
+      let notify = answered
+      let wait = false
+      let grant = 0
+      let spare = 0
+      if (need !== undefined) {
+        const runners = Number((await c.query("SELECT count(*) AS n FROM tidepool_runners")).rows[0].n)
+        spare = Math.floor(line.limit / (4 * Math.max(1, runners)))
+        const free = line.limit - held - others.reduce((sum, r) => sum + r.held, 0)
+        if (need > 0 && free < need) {
+          const unasked = others.filter((r) => r.held > 0 && !r.reclaim)
+          if (line.askedAt === 0 && unasked.length > 0) {
+            for (const r of unasked)
+              await c.query("UPDATE tidepool_seats SET reclaim = true WHERE pool_key = $1 AND runner_id = $2", [
+                sk,
+                r.id
+              ])
+            notify = true
+            wait = true
+          } else if (others.some((r) => r.reclaim) && (line.askedAt === 0 || now - line.askedAt < SEAT_ANSWER_MS)) {
+            wait = true
+          }
+        }
+        if (!wait) {
+          grant = Math.max(0, Math.min(free, need + spare))
+          held += grant
+        }
+      }
+      const reclaim = own?.reclaim === true && !answered
+      if (held <= 0 && !reclaim) {
+        if (own !== undefined)
+          await c.query("DELETE FROM tidepool_seats WHERE pool_key = $1 AND runner_id = $2", [sk, me])
+      } else if (own === undefined || own.held !== held || own.reclaim !== reclaim) {
+        await c.query(
+          `INSERT INTO tidepool_seats (pool_key, runner_id, held, reclaim) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (pool_key, runner_id) DO UPDATE SET held = $3, reclaim = $4`,
+          [sk, me, Math.max(0, held), reclaim]
+        )
+      }
+      if (notify) await c.query("SELECT pg_notify($1, $2)", [SEAT_CHANNEL, sk])
+      return { wait, grant, spare, askedOfUs }
+    })
+    if (answered) line.answered = false
+    if (need !== undefined) {
+      if (result.wait) {
+        if (line.askedAt === 0) line.askedAt = now
+      } else this.answerSeats(key, line, result.grant, result.spare)
+    }
+    if (result.askedOfUs && !line.reclaiming) {
+      line.reclaiming = true
+      const pool = line.pool
+      // The pool answers through `release(n, true)`, even with 0.
+      if (pool !== undefined && !pool.isClosed) pool.reclaimSeats()
+      else {
+        line.reclaiming = false
+        line.answered = true
+        this.touchSeats(key)
+      }
+    }
+    if ((line.pool === undefined || line.pool.isClosed) && line.held <= 0 && line.need === undefined)
+      this.seatLines.delete(key)
   }
 
   /** A CancelRequest for another runner's client: sent on to that runner's address, as an ordinary one. */
@@ -386,10 +567,15 @@ export class StoreRunner {
           this.dirty.delete(key)
           await this.settle(key)
         }
+        for (const key of [...this.dirtySeats]) {
+          if (this.client === undefined || this.runnerId === undefined) break
+          this.dirtySeats.delete(key)
+          await this.settleSeats(key)
+        }
       } finally {
         this.pumping = false
       }
-      if (this.dirty.size > 0 || this.backendOps.length > 0) this.pump()
+      if (this.dirty.size > 0 || this.dirtySeats.size > 0 || this.backendOps.length > 0) this.pump()
     })
   }
 
@@ -419,6 +605,9 @@ export class StoreRunner {
       "warning",
       "permit ledger: lost the tenant store; serving with the permits held (no new ones) until it is back"
     )
+    // Logins waiting for a seat are not kept waiting for the store.
+    for (const [key, seats] of this.seatLines)
+      if (seats.need !== undefined) setImmediate(() => this.answerLocally(key, seats))
     client.end().catch(() => undefined)
   }
 
@@ -438,7 +627,10 @@ export class StoreRunner {
     })
     client.on("notification", (n) => {
       const key = n.payload === undefined ? undefined : memoryKey(n.payload)
-      if (key !== undefined && this.lines.has(key)) this.touch(key)
+      if (key === undefined) return
+      if (n.channel === SEAT_CHANNEL) {
+        if (this.seatLines.has(key)) this.touchSeats(key)
+      } else if (this.lines.has(key)) this.touch(key)
     })
     await client.connect()
     try {
@@ -449,7 +641,7 @@ export class StoreRunner {
       await client.query(
         `SET tcp_keepalives_idle = ${probe}; SET tcp_keepalives_interval = ${probe}; SET tcp_keepalives_count = 3`
       )
-      await client.query(`LISTEN ${CHANNEL}`)
+      await client.query(`LISTEN ${CHANNEL}; LISTEN ${SEAT_CHANNEL}`)
     } catch (e) {
       await client.end().catch(() => undefined)
       throw e
@@ -544,6 +736,8 @@ export class StoreRunner {
         this.apply(line)
       }
     }
+    // A request waiting for other runners' answers looks again (its deadline, a lost notification).
+    for (const [key, seats] of this.seatLines) if (seats.askedAt > 0 || seats.answered) this.dirtySeats.add(key)
     this.pump()
     if (now - this.lastRenewal >= this.options.leaseMs / 3) {
       this.lastRenewal = now
@@ -573,6 +767,7 @@ export class StoreRunner {
     await this.renew()
     if (this.client !== undefined) {
       for (const [key, line] of this.lines) if (line.want > 0 || line.release > 0 || line.held > 0) this.dirty.add(key)
+      for (const key of this.seatLines.keys()) this.dirtySeats.add(key)
       this.pump()
     }
   }
@@ -624,6 +819,8 @@ export class StoreRunner {
       line.release = 0
       this.dirty.add(key)
     }
+    // Our seat rows went with the runner row: the next transaction of each writes what we hold.
+    for (const key of this.seatLines.keys()) this.dirtySeats.add(key)
     await this.register()
     for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
     this.pump()

@@ -30,13 +30,22 @@ interface Runner {
   readonly port: number
 }
 
-const writeTenantConfig = (name: string, db: PostgresServer, users: ReadonlyArray<readonly [string, number]>) =>
+const writeTenantConfig = (
+  name: string,
+  db: PostgresServer,
+  users: ReadonlyArray<readonly [string, number] | readonly [string, number, number]>
+) =>
   writeConfig(path.join(dir, name), [
     {
       external_id: "acme",
       db_host: db.host,
       db_port: db.port,
-      users: users.map(([user, size]) => ({ db_user: user, db_password: PASSWORD, pool_size: size }))
+      users: users.map(([user, size, maxClients]) => ({
+        db_user: user,
+        db_password: PASSWORD,
+        pool_size: size,
+        ...(maxClients === undefined ? {} : { max_clients: maxClients })
+      }))
     }
   ])
 
@@ -103,12 +112,16 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     db = await startPostgres({
       roles: [
         { name: "app", password: PASSWORD },
-        { name: "tiny", password: PASSWORD }
+        { name: "tiny", password: PASSWORD },
+        { name: "capped", password: PASSWORD },
+        { name: "blocks", password: PASSWORD }
       ]
     })
     const config = writeTenantConfig("hosts.yaml", db, [
       ["app", POOL],
-      ["tiny", 1]
+      ["tiny", 1],
+      ["capped", 3, 4],
+      ["blocks", 3, 12]
     ])
     runners.push(await startRunner(db.url(), config, 1))
     runners.push(...(await Promise.all([startRunner(db.url(), undefined, 2), startRunner(db.url(), undefined, 3)])))
@@ -168,6 +181,77 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     expect(other.cli.output()).toMatch(/CancelRequest for runner \d+ forwarded to 127\.0\.0\.1:/)
     await victim.end()
   }, 30_000)
+
+  // Seats across hosts are kept by single-process runners; a host of several workers keeps
+  // max_clients for itself (docs/scale-out.md#max_clients-across-hosts), so under
+  // npm run test:e2e:workers this one does not apply.
+  it.skipIf(Number(process.env.TIDEPOOL_WORKERS ?? 1) > 1)(
+    "max_clients holds across hosts: 4 admitted over two runners, the next refused EMAXCONN on any runner, a seat freed is taken again",
+    async () => {
+      const admitted: Array<pg.Client> = []
+      const attempt = (port: number) =>
+        connect(port, "capped").then(
+          (client) => {
+            admitted.push(client)
+            return "admitted"
+          },
+          (e: Error) => e.message
+        )
+      try {
+        for (const r of [runners[0]!, runners[1]!, runners[0]!, runners[1]!])
+          expect(await attempt(r.port)).toBe("admitted")
+        // Full: whichever runner a login reaches, it is refused, after the others gave back what they do not use.
+        for (const r of [...runners, ...runners]) expect(await attempt(r.port)).toMatch(/^\(EMAXCONN\)/)
+        expect(admitted).toHaveLength(4)
+        await Promise.all(admitted.map((c) => c.query("SELECT 1")))
+        // One leaves on runner 1: the next login, on runner 2, takes its seat.
+        await admitted.shift()!.end()
+        expect(await attempt(runners[1]!.port)).toBe("admitted")
+        expect(await attempt(runners[2]!.port)).toMatch(/^\(EMAXCONN\)/)
+      } finally {
+        await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
+      }
+    },
+    30_000
+  )
+
+  it.skipIf(Number(process.env.TIDEPOOL_WORKERS ?? 1) > 1)(
+    "seats are taken in blocks, and a runner short of one takes back another runner's unused seats before refusing",
+    async () => {
+      // max_clients 12 over three runners: blocks of 12 / (4 × 3) = 1 spare seat.
+      const admitted: Array<pg.Client> = []
+      const attempt = (port: number) =>
+        connect(port, "blocks").then(
+          (client) => {
+            admitted.push(client)
+            return "admitted"
+          },
+          (e: Error) => e.message
+        )
+      try {
+        // Runner 1 holds a client and a spare seat; runner 2 takes the rest, one by one.
+        expect(await attempt(runners[0]!.port)).toBe("admitted")
+        const seats = async (runner: number) =>
+          Number(
+            (
+              await db.query(
+                "SELECT coalesce(sum(s.held), 0)::int AS n FROM tidepool_seats s JOIN tidepool_runners r USING (runner_id) WHERE s.pool_key LIKE '%\"blocks\"%' AND r.slot = $1",
+                [runner]
+              )
+            )[0].n
+          )
+        expect(await seats(1)).toBe(2)
+        for (let i = 0; i < 11; i++) expect(await attempt(runners[1]!.port)).toBe("admitted")
+        // The twelfth client on runner 2 got runner 1's spare seat back: the pool is full, not refused early.
+        expect(admitted).toHaveLength(12)
+        expect(await seats(1)).toBe(1)
+        for (const r of runners) expect(await attempt(r.port)).toMatch(/^\(EMAXCONN\)/)
+      } finally {
+        await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
+      }
+    },
+    30_000
+  )
 
   it("kill -9 of a runner mid-load: the others keep serving, its share comes back after the lease, never above pool_size", async () => {
     const victim = runners[2]!
