@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto"
 import * as net from "node:net"
 import pg from "pg"
 import type { PoolPermits, TenantPool } from "../pool/index.ts"
@@ -52,6 +53,7 @@ const SCHEMA = [
     runner_id BIGSERIAL PRIMARY KEY,
     slot INT NOT NULL UNIQUE,
     address TEXT NOT NULL,
+    token TEXT NOT NULL DEFAULT '',
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     renewed_at TIMESTAMPTZ NOT NULL DEFAULT now()
   )`,
@@ -66,6 +68,13 @@ const SCHEMA = [
     PRIMARY KEY (pool_key, runner_id)
   )`,
   "CREATE INDEX IF NOT EXISTS tidepool_permits_runner ON tidepool_permits (runner_id)",
+  // Stores created before runners had a token. (ALTER TABLE … IF NOT EXISTS would take its table's
+  // exclusive lock even when the column is there.)
+  `DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_runners') AND attname = 'token' AND NOT attisdropped) THEN
+      ALTER TABLE tidepool_runners ADD COLUMN token TEXT NOT NULL DEFAULT '';
+    END IF;
+  END $$`,
   `CREATE TABLE IF NOT EXISTS tidepool_seats (
     pool_key TEXT NOT NULL,
     runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
@@ -82,6 +91,17 @@ const SCHEMA = [
     PRIMARY KEY (runner_id, host, port, pid)
   )`
 ]
+
+/**
+ * Whether the ledger's tables are all there. The DDL runs only if not: even with IF NOT EXISTS,
+ * CREATE INDEX locks its table against writes, and at every registration that queued other
+ * runners' pool transactions behind it (two runners registering at once after a store restored
+ * empty deadlocked on it).
+ */
+const SCHEMA_PRESENT = `SELECT to_regclass('tidepool_runners') IS NOT NULL AND to_regclass('tidepool_permits') IS NOT NULL
+  AND to_regclass('tidepool_backends') IS NOT NULL AND to_regclass('tidepool_seats') IS NOT NULL
+  AND to_regclass('tidepool_permits_runner') IS NOT NULL
+  AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_runners') AND attname = 'token' AND NOT attisdropped) AS ok`
 
 export interface RunnerOptions {
   readonly url: string
@@ -207,6 +227,11 @@ export class StoreRunner {
   /** When the current store session began (monotonic ms): reclaiming needs a lease's worth of it. */
   private connectedAt = 0
   private runnerId: number | undefined
+  /**
+   * This registration's own mark on its row. A store restored empty restarts the runner_id
+   * sequence, so a runner id alone may name another runner's new row: every write checks the token.
+   */
+  private token = ""
   private slotNumber = 0
   private readonly lines = new Map<string, PoolLine>()
   private readonly dirty = new Set<string>()
@@ -373,6 +398,7 @@ export class StoreRunner {
     const now = performance.now()
     const result = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 2, sk])
+      await this.ours(c)
       const rows = (
         await c.query("SELECT runner_id, held, reclaim FROM tidepool_seats WHERE pool_key = $1", [sk])
       ).rows.map((r) => ({ id: Number(r.runner_id), held: Number(r.held), reclaim: Boolean(r.reclaim) }))
@@ -476,7 +502,7 @@ export class StoreRunner {
       if (this.client === undefined || this.runnerId === undefined || this.heldTotal() > 0) return
       await this.transaction(async (c) => {
         const keys = await c.query("SELECT pool_key FROM tidepool_permits WHERE runner_id = $1", [this.runnerId])
-        await c.query("DELETE FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+        await c.query("DELETE FROM tidepool_runners WHERE runner_id = $1 AND token = $2", [this.runnerId, this.token])
         for (const row of keys.rows) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, row.pool_key])
       })
       this.options.log("info", `permit ledger: runner ${this.runnerId} left the store; its permits are free`)
@@ -670,8 +696,10 @@ export class StoreRunner {
     // The tables too: a store that came back empty (restored, replaced) gets them again.
     await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, -1)", [NS])
+      if ((await c.query(SCHEMA_PRESENT)).rows[0].ok) return
       for (const ddl of SCHEMA) await c.query(ddl)
     })
+    const token = randomUUID()
     const row = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, 0)", [NS])
       const used = new Set((await c.query("SELECT slot FROM tidepool_runners")).rows.map((r) => Number(r.slot)))
@@ -679,10 +707,24 @@ export class StoreRunner {
       for (let s = 1; slot === 0 && s <= MAX_SLOT; s++) if (!used.has(s)) slot = s
       if (slot === 0) throw new Error(`permit ledger: all ${MAX_SLOT} runner slots are taken`)
       const inserted = await c.query(
-        "INSERT INTO tidepool_runners (slot, address) VALUES ($1, $2) RETURNING runner_id",
-        [slot, this.options.address]
+        "INSERT INTO tidepool_runners (slot, address, token) VALUES ($1, $2, $3) RETURNING runner_id",
+        [slot, this.options.address, token]
       )
-      const id = Number(inserted.rows[0].runner_id)
+      let id = Number(inserted.rows[0].runner_id)
+      // The row's lock, taken without waiting: after a store restored empty, the sequence starts
+      // again, and a live runner that has not noticed yet still holds the lock of the id we got
+      // (waiting for it hung this registration, and the whole queue behind it). Skip such ids.
+      // (A session lock taken here outlives the transaction, as it must.)
+      for (let tries = 0; ; tries++) {
+        const locked = await c.query("SELECT pg_try_advisory_lock($1, $2::int) AS ok", [NS, id])
+        if (locked.rows[0].ok) break
+        if (tries === 100) throw new Error("permit ledger: no free runner lock")
+        const next = await c.query(
+          "UPDATE tidepool_runners SET runner_id = nextval(pg_get_serial_sequence('tidepool_runners', 'runner_id')) WHERE runner_id = $1 RETURNING runner_id",
+          [id]
+        )
+        id = Number(next.rows[0].runner_id)
+      }
       // Registering again after a reclaim: what the pools still hold is declared in the same
       // transaction, under each pool's lock, so no other runner is granted it in between.
       const holding = [...this.lines]
@@ -702,8 +744,8 @@ export class StoreRunner {
       }
       return { id, slot }
     })
-    await this.client!.query("SELECT pg_advisory_lock($1, $2::int)", [NS, row.id])
     this.runnerId = row.id
+    this.token = token
     this.slotNumber = row.slot
     this.options.onSlot?.(row.slot)
     this.lastRenewal = performance.now()
@@ -775,9 +817,10 @@ export class StoreRunner {
   private async renew(): Promise<void> {
     const c = this.client
     if (c === undefined || this.runnerId === undefined) return
-    const renewed = await c.query("UPDATE tidepool_runners SET renewed_at = now() WHERE runner_id = $1", [
-      this.runnerId
-    ])
+    const renewed = await c.query(
+      "UPDATE tidepool_runners SET renewed_at = now() WHERE runner_id = $1 AND token = $2",
+      [this.runnerId, this.token]
+    )
     if (renewed.rowCount === 0) {
       await this.reclaimed()
       return
@@ -805,7 +848,7 @@ export class StoreRunner {
   private async reclaimed(): Promise<void> {
     if (this.client === undefined || this.runnerId === undefined) return
     const exists = await this.client
-      .query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+      .query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1 AND token = $2", [this.runnerId, this.token])
       .catch((e: { code?: string }) => (e.code === "42P01" ? { rows: [] } : Promise.reject(e)))
     if (exists.rows.length > 0) return
     this.options.log(
@@ -869,12 +912,27 @@ export class StoreRunner {
     }
   }
 
+  /**
+   * Our row is still ours (its token, see `token`), and stays so until the transaction ends; if not
+   * (reclaimed, or the store restored empty and the id reused), the error makes the runner register
+   * again (`failed`) instead of writing into another runner's rows.
+   */
+  private async ours(c: pg.Client): Promise<void> {
+    const row = await c.query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1 AND token = $2 FOR KEY SHARE", [
+      this.runnerId,
+      this.token
+    ])
+    if (row.rows.length === 0)
+      throw Object.assign(new Error("permit ledger: this runner's row is gone"), { code: "23503" })
+  }
+
   /** Writes the backends opened and closed since the last flush, in order. */
   private async flushBackends(): Promise<void> {
     const ops = this.backendOps
     this.backendOps = []
     const c = this.client!
     try {
+      await this.ours(c)
       for (let i = 0; i < ops.length; ) {
         const add = ops[i]!.add
         let j = i
@@ -916,6 +974,7 @@ export class StoreRunner {
     const holding = line.held
     const result = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
+      await this.ours(c)
       const rows = (
         await c.query(
           "SELECT runner_id, held, want, want_since, keep, press FROM tidepool_permits WHERE pool_key = $1 ORDER BY runner_id",

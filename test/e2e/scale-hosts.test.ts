@@ -253,6 +253,40 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     30_000
   )
 
+  it("the store restored empty: every runner registers again with what it holds, never above pool_size, and serves", async () => {
+    const marks = runners.map((r) => r.cli.output().length)
+    const clients = await Promise.all(runners.flatMap((r) => [connect(r.port), connect(r.port), connect(r.port)]))
+    let stop = false
+    const failures: Array<string> = []
+    const loops = clients.map(async (c) => {
+      while (!stop) await c.query("SELECT pg_sleep(0.01)").catch((e: Error) => failures.push(e.message))
+    })
+    let stopSampling: () => void = () => undefined
+    const sampling = sample(db, new Promise<void>((resolve) => (stopSampling = resolve)))
+    try {
+      // A restore from before the ledger existed (or a new, empty store): its tables are gone.
+      await db.query("DROP TABLE tidepool_backends, tidepool_permits, tidepool_seats, tidepool_runners")
+      for (const [i, r] of runners.entries()) {
+        await logged(r, marks[i]!, /lease was reclaimed while it was away/)
+        await logged(r, marks[i]!, /registered as slot \d+/)
+      }
+      // Each runner is its own row again (none took another's for its own), and each is served.
+      const rows = await db.query("SELECT runner_id, slot FROM tidepool_runners")
+      expect(rows).toHaveLength(runners.length)
+      const fresh = await Promise.all(runners.map((r) => connect(r.port)))
+      const ones = await Promise.all(fresh.map((c) => c.query("SELECT 1 AS one")))
+      expect(ones.map((r) => r.rows[0].one)).toEqual(fresh.map(() => 1))
+      await Promise.all(fresh.map((c) => c.end()))
+    } finally {
+      stop = true
+      stopSampling()
+      await Promise.all(loops)
+      await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
+    }
+    expect((await sampling).max).toBeLessThanOrEqual(POOL)
+    expect(failures).toEqual([])
+  }, 40_000)
+
   it("kill -9 of a runner mid-load: the others keep serving, its share comes back after the lease, never above pool_size", async () => {
     const victim = runners[2]!
     const survivors = runners.slice(0, 2)
