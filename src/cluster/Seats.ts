@@ -8,7 +8,7 @@
 
 export type SeatsOut =
   | { readonly t: "seats"; readonly key: string; readonly n: number; readonly spare: number }
-  | { readonly t: "seat-reclaim"; readonly key: string }
+  | { readonly t: "seat-reclaim"; readonly key: string; readonly round: number }
 
 interface Request {
   readonly worker: number
@@ -21,10 +21,17 @@ interface PoolSeats {
   readonly queue: Array<Request>
   /** Workers asked to give back unused seats for the request at the head of the queue, not answered yet. */
   asked: Set<number> | undefined
+  /**
+   * The current reclaim's number: an answer to an earlier one (its request's worker died, and the
+   * next request asked anew) is seats given back, not this round's answer — counted as one, it
+   * could end the round before the worker's real answer, refusing a login a seat it was freeing.
+   */
+  round: number
 }
 
 export class SeatLedger {
   private readonly pools = new Map<string, PoolSeats>()
+  private rounds = 0
 
   /**
    * @param workers how many workers share the host: a worker keeps about `limit / (4 × workers)`
@@ -42,12 +49,12 @@ export class SeatLedger {
     this.serve(key, pool)
   }
 
-  release(worker: number, key: string, n: number, reclaimed: boolean): void {
+  release(worker: number, key: string, n: number, reclaimed: boolean, round?: number): void {
     const pool = this.pool(key)
     const held = (pool.held.get(worker) ?? 0) - n
     if (held > 0) pool.held.set(worker, held)
     else pool.held.delete(worker)
-    if (reclaimed) pool.asked?.delete(worker)
+    if (reclaimed && (round === undefined || round === pool.round)) pool.asked?.delete(worker)
     this.serve(key, pool)
   }
 
@@ -71,7 +78,7 @@ export class SeatLedger {
   private pool(key: string): PoolSeats {
     let pool = this.pools.get(key)
     if (pool === undefined) {
-      pool = { limit: 0, held: new Map(), queue: [], asked: undefined }
+      pool = { limit: 0, held: new Map(), queue: [], asked: undefined, round: this.rounds }
       this.pools.set(key, pool)
     }
     return pool
@@ -88,10 +95,12 @@ export class SeatLedger {
         if (pool.asked === undefined) {
           // Seats another worker keeps spare are seats nobody uses: take them back before refusing.
           pool.asked = new Set()
+          // Numbered across pools' lives too: a pool forgotten and made again starts a new count.
+          pool.round = ++this.rounds
           for (const [worker, n] of pool.held) {
             if (worker !== request.worker && n > 0) {
               pool.asked.add(worker)
-              this.send(worker, { t: "seat-reclaim", key })
+              this.send(worker, { t: "seat-reclaim", key, round: pool.round })
             }
           }
         }

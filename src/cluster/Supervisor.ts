@@ -240,7 +240,7 @@ export const supervise = (config: AppConfigShape) =>
           seats.want(slot.instance, message.key, message.limit, message.need)
           break
         case "seat-release":
-          seats.release(slot.instance, message.key, message.n, message.reclaimed)
+          seats.release(slot.instance, message.key, message.n, message.reclaimed, message.round)
           break
         case "gather": {
           if (message.what.startsWith("admin-command:")) notePause(message.what)

@@ -89,6 +89,8 @@ const seatGate = Layer.effect(
   Effect.gen(function* () {
     // The newest pool of each key: seats belong to the worker and the key, not to one pool object.
     const pools = new Map<string, TenantPool>()
+    // The reclaim being answered: `reclaimSeats` answers at once, through `release` below.
+    let round: number | undefined
     yield* onMessage((message) => {
       if (message.t !== "seats" && message.t !== "seat-reclaim") return
       const pool = pools.get(message.key)
@@ -97,8 +99,16 @@ const seatGate = Layer.effect(
         if (live === undefined) {
           if (message.n > 0) send({ t: "seat-release", key: message.key, n: message.n, reclaimed: false })
         } else live.seatsGranted(message.n, message.spare)
-      } else if (live === undefined) send({ t: "seat-release", key: message.key, n: 0, reclaimed: true })
-      else live.reclaimSeats()
+      } else if (live === undefined)
+        send({ t: "seat-release", key: message.key, n: 0, reclaimed: true, round: message.round })
+      else {
+        round = message.round
+        try {
+          live.reclaimSeats()
+        } finally {
+          round = undefined
+        }
+      }
     })
     return {
       attach: (pool: TenantPool): PoolSeats => {
@@ -106,7 +116,12 @@ const seatGate = Layer.effect(
         pools.set(key, pool)
         return {
           want: (limit, need) => send({ t: "seat-want", key, limit, need }),
-          release: (n, reclaimed) => send({ t: "seat-release", key, n, reclaimed })
+          release: (n, reclaimed) =>
+            send(
+              reclaimed && round !== undefined
+                ? { t: "seat-release", key, n, reclaimed, round }
+                : { t: "seat-release", key, n, reclaimed }
+            )
         }
       }
     }
