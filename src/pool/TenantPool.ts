@@ -248,13 +248,25 @@ export class TenantPool {
         resume(Effect.void)
         return
       }
+      // Bounded like a checkout: an answer that never comes (a supervisor or store away, a peer
+      // that cannot answer) must not hold the login, and its connection, for ever.
+      const timer = setTimeout(() => {
+        const i = this.seatWaiters.indexOf(waiter)
+        if (i < 0) return
+        this.seatWaiters.splice(i, 1)
+        resume(Effect.fail(this.seatRefusal()))
+      }, this.settings.checkoutTimeoutMs)
       const waiter = {
         asked: false,
-        done: (error: TidepoolError | undefined) => resume(error === undefined ? Effect.void : Effect.fail(error))
+        done: (error: TidepoolError | undefined) => {
+          clearTimeout(timer)
+          resume(error === undefined ? Effect.void : Effect.fail(error))
+        }
       }
       this.seatWaiters.push(waiter)
       this.askSeats()
       return Effect.sync(() => {
+        clearTimeout(timer)
         const i = this.seatWaiters.indexOf(waiter)
         if (i >= 0) this.seatWaiters.splice(i, 1)
       })
