@@ -497,5 +497,6 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
       await store.stop()
       await db.stop()
     }
-  }, 60_000)
+    // Two hosts start inside the test: under TIDEPOOL_WORKERS each is three processes.
+  }, 120_000)
 })
