@@ -125,6 +125,8 @@ describe("TIDEPOOL_CLUSTER=on, TIDEPOOL_WORKERS=2: two hosts of two workers shar
       )
       const { max, samples } = await sample(db, benches)
       for (const { stdout } of await benches) {
+        if (process.env.SCALE_DEBUG)
+          console.log(stdout.match(/number of transactions actually processed: \d+/)?.[0], `max ${max} servers`)
         expect(stdout).toMatch(/number of failed transactions: 0 /)
         expect(Number(stdout.match(/number of transactions actually processed: (\d+)/)?.[1])).toBeGreaterThan(50)
       }
