@@ -175,9 +175,18 @@ interface PoolLine {
 
 type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
 
+/** What holds a pool's client seats on this runner: a TenantPool, or a host's supervisor (HostSeats). */
+export interface SeatHolder {
+  readonly settings: { readonly key: string }
+  readonly isClosed: boolean
+  seatsGranted(n: number, spare: number): void
+  /** Gives back every unused seat, through `release(n, true)` (even 0), now or later. */
+  reclaimSeats(): void
+}
+
 /** A pool's client seats on this runner (max_clients across hosts, docs/scale-out.md#max_clients-across-hosts). */
 interface SeatLine {
-  pool: TenantPool | undefined
+  pool: SeatHolder | undefined
   /** Seats this runner holds: its clients, those reserved for logins on their way, its spare block. */
   held: number
   limit: number
@@ -321,7 +330,7 @@ export class StoreRunner {
    * costs a store transaction only when its runner's block is used up), and a login is refused only
    * after every other runner holding seats has been asked for its unused ones.
    */
-  attachSeats(pool: TenantPool): PoolSeats {
+  attachSeats(pool: SeatHolder): PoolSeats {
     const key = pool.settings.key
     let line = this.seatLines.get(key)
     if (line === undefined) {

@@ -4,6 +4,7 @@ import { Console, Deferred, Effect, Redacted } from "effect"
 import type { AppConfigShape } from "../config/index.ts"
 import { advertisedHost } from "./ClusterLink.ts"
 import { HostPermits } from "./HostPermits.ts"
+import { HostSeats } from "./HostSeats.ts"
 import { Ledger } from "./Ledger.ts"
 import {
   type BackendRef,
@@ -174,10 +175,11 @@ export const supervise = (config: AppConfigShape) =>
     const store = runner
     const hostPermits = store === undefined ? undefined : new HostPermits((h) => store.attachHolder(h), toInstance)
     const ledger = hostPermits?.ledger ?? new Ledger(toInstance)
-    const seats = new SeatLedger(config.workers, (instance, message) => {
-      const slot = instances.get(instance)
-      if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
-    })
+    // Cluster mode: max_clients across hosts, the host's seats held in the store (HostSeats).
+    const seats =
+      store === undefined
+        ? new SeatLedger(config.workers, toInstance)
+        : new HostSeats((h) => store.attachSeats(h), config.workers, toInstance).ledger
     // The admin console's PAUSEs in force, replayed to a worker that starts later (a restart).
     let pausedAll = false
     const pausedNames = new Set<string>()

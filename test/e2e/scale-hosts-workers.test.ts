@@ -90,7 +90,8 @@ describe("TIDEPOOL_CLUSTER=on, TIDEPOOL_WORKERS=2: two hosts of two workers shar
     db = await startPostgres({
       roles: [
         { name: "app", password: PASSWORD },
-        { name: "tiny", password: PASSWORD }
+        { name: "tiny", password: PASSWORD },
+        { name: "capped", password: PASSWORD }
       ]
     })
     const config = writeConfig(path.join(dir, "hosts.yaml"), [
@@ -100,7 +101,8 @@ describe("TIDEPOOL_CLUSTER=on, TIDEPOOL_WORKERS=2: two hosts of two workers shar
         db_port: db.port,
         users: [
           { db_user: "app", db_password: PASSWORD, pool_size: POOL },
-          { db_user: "tiny", db_password: PASSWORD, pool_size: 1 }
+          { db_user: "tiny", db_password: PASSWORD, pool_size: 1 },
+          { db_user: "capped", db_password: PASSWORD, pool_size: 3, max_clients: 4 }
         ]
       }
     ])
@@ -172,6 +174,33 @@ describe("TIDEPOOL_CLUSTER=on, TIDEPOOL_WORKERS=2: two hosts of two workers shar
     }
     expect(other.cli.output()).toMatch(/CancelRequest for runner \d+ forwarded to 127\.0\.0\.1:/)
   }, 60_000)
+
+  it("max_clients holds across hosts of workers: 4 admitted over both, the next refused EMAXCONN on either, a seat freed is taken again", async () => {
+    const admitted: Array<pg.Client> = []
+    const attempt = (port: number) =>
+      connect(port, "capped").then(
+        (client) => {
+          admitted.push(client)
+          return "admitted"
+        },
+        (e: Error) => e.message
+      )
+    const [a, b] = [hosts[0]!.port, hosts[1]!.port]
+    try {
+      for (const port of [a, b, a, b]) expect(await attempt(port)).toBe("admitted")
+      // Full: whichever host and worker a login reaches, it is refused, after the host's other
+      // worker and the other host gave back what they do not use.
+      for (const port of [a, b, a, b, a, b]) expect(await attempt(port)).toMatch(/^\(EMAXCONN\)/)
+      expect(admitted).toHaveLength(4)
+      await Promise.all(admitted.map((c) => c.query("SELECT 1")))
+      // One leaves on host 1: the next login, on host 2, takes its seat.
+      await admitted.shift()!.end()
+      expect(await attempt(b)).toBe("admitted")
+      expect(await attempt(a)).toMatch(/^\(EMAXCONN\)/)
+    } finally {
+      await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
+    }
+  }, 30_000)
 
   it("kill -9 of one worker of a host mid-load: its statement is cancelled, its permits come back, never above pool_size", async () => {
     const host = hosts[0]!

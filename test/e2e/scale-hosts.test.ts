@@ -182,39 +182,34 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     await victim.end()
   }, 30_000)
 
-  // Seats across hosts are kept by single-process runners; a host of several workers keeps
-  // max_clients for itself (docs/scale-out.md#max_clients-across-hosts), so under
-  // npm run test:e2e:workers this one does not apply.
-  it.skipIf(Number(process.env.TIDEPOOL_WORKERS ?? 1) > 1)(
-    "max_clients holds across hosts: 4 admitted over two runners, the next refused EMAXCONN on any runner, a seat freed is taken again",
-    async () => {
-      const admitted: Array<pg.Client> = []
-      const attempt = (port: number) =>
-        connect(port, "capped").then(
-          (client) => {
-            admitted.push(client)
-            return "admitted"
-          },
-          (e: Error) => e.message
-        )
-      try {
-        for (const r of [runners[0]!, runners[1]!, runners[0]!, runners[1]!])
-          expect(await attempt(r.port)).toBe("admitted")
-        // Full: whichever runner a login reaches, it is refused, after the others gave back what they do not use.
-        for (const r of [...runners, ...runners]) expect(await attempt(r.port)).toMatch(/^\(EMAXCONN\)/)
-        expect(admitted).toHaveLength(4)
-        await Promise.all(admitted.map((c) => c.query("SELECT 1")))
-        // One leaves on runner 1: the next login, on runner 2, takes its seat.
-        await admitted.shift()!.end()
-        expect(await attempt(runners[1]!.port)).toBe("admitted")
-        expect(await attempt(runners[2]!.port)).toMatch(/^\(EMAXCONN\)/)
-      } finally {
-        await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
-      }
-    },
-    30_000
-  )
+  it("max_clients holds across hosts: 4 admitted over two runners, the next refused EMAXCONN on any runner, a seat freed is taken again", async () => {
+    const admitted: Array<pg.Client> = []
+    const attempt = (port: number) =>
+      connect(port, "capped").then(
+        (client) => {
+          admitted.push(client)
+          return "admitted"
+        },
+        (e: Error) => e.message
+      )
+    try {
+      for (const r of [runners[0]!, runners[1]!, runners[0]!, runners[1]!])
+        expect(await attempt(r.port)).toBe("admitted")
+      // Full: whichever runner a login reaches, it is refused, after the others gave back what they do not use.
+      for (const r of [...runners, ...runners]) expect(await attempt(r.port)).toMatch(/^\(EMAXCONN\)/)
+      expect(admitted).toHaveLength(4)
+      await Promise.all(admitted.map((c) => c.query("SELECT 1")))
+      // One leaves on runner 1: the next login, on runner 2, takes its seat.
+      await admitted.shift()!.end()
+      expect(await attempt(runners[1]!.port)).toBe("admitted")
+      expect(await attempt(runners[2]!.port)).toMatch(/^\(EMAXCONN\)/)
+    } finally {
+      await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
+    }
+  }, 30_000)
 
+  // The block arithmetic of a single-process runner (under npm run test:e2e:workers a host's
+  // supervisor hands its workers blocks of its own, which this does not count).
   it.skipIf(Number(process.env.TIDEPOOL_WORKERS ?? 1) > 1)(
     "seats are taken in blocks, and a runner short of one takes back another runner's unused seats before refusing",
     async () => {
