@@ -70,6 +70,11 @@ export interface ConnectOptions {
   readonly refused: number
   /** Idle clients for the memory figure; 0 skips. */
   readonly idle: number
+  /**
+   * Seconds of quiet before the idle phase's first reading and after its last login for the settled
+   * reading: the resident memory once the pooler has given a burst's memory back.
+   */
+  readonly idleSettle: number
   /** Logins in flight at once from this process (refused and idle phases). */
   readonly concurrency: number
   /** Idle clients asked for a query after the idle phase. */
@@ -109,6 +114,8 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
   --idle N             idle clients for the memory figure (default 10000; 0 skips; needs an
                        open-files limit above N for this process and the poolers: see
                        docs/benchmarks.md)
+  --idle-settle S      seconds of quiet before the first idle client and after the last, for the
+                       settled RSS figure (default 20; the 3-s figure is reported beside it)
   --concurrency N      logins in flight at once for --refused and --idle (default 64)
   --sample N           idle clients that run a query after the idle phase (default 100)
   --storm N            clients arriving at once: time until all are authenticated (default 10000;
@@ -152,6 +159,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         duration: { type: "string", short: "T" },
         refused: { type: "string" },
         idle: { type: "string" },
+        "idle-settle": { type: "string" },
         concurrency: { type: "string" },
         sample: { type: "string" },
         storm: { type: "string" },
@@ -207,6 +215,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     duration: count("duration", 10, 0),
     refused: count("refused", 600, 0),
     idle: count("idle", 10_000, 0),
+    idleSettle: count("idle-settle", 20, 3),
     concurrency: count("concurrency", 64),
     sample: count("sample", 100, 0),
     storm: count("storm", 10_000, 0),
@@ -231,7 +240,10 @@ interface Run {
   connectsPerS?: number
   wrongPasswordUs?: number
   unknownTenantUs?: number
+  /** RSS per idle client 3 s after the last login. */
   idleBytes?: number
+  /** The same `--idle-settle` seconds after. */
+  idleSettledBytes?: number
   idleLoginUs?: number
   /** Seconds to connect all the idle clients. */
   idleConnectS?: number
@@ -371,15 +383,20 @@ const connectIdle = async (endpoint: Endpoint, n: number, concurrency: number, o
  * login on the way, and a query on a sample of them afterwards.
  */
 const idleClients = async (target: Target, options: ConnectOptions) => {
-  await sleep(settleMs(options.idle))
+  // The same quiet time before as after: a pooler that gives memory back once it is quiet has
+  // given back its warm-up's by then.
+  await sleep(Math.max(settleMs(options.idle), options.idleSettle * 1000))
   const before = await rssKb(target.pid)
   const from = cpuTimeUs(target.pid)
   const startedAt = performance.now()
   const { clients, errors } = await connectIdle(target.endpoint, options.idle, options.concurrency, 0)
   const connectS = (performance.now() - startedAt) / 1000
   const loginUs = (cpuTimeUs(target.pid) - from) / Math.max(1, clients.length)
+  const lastLogin = performance.now()
   await sleep(settleMs(options.idle))
   const after = await rssKb(target.pid)
+  await sleep(Math.max(0, options.idleSettle * 1000 - (performance.now() - lastLogin)))
+  const settled = await rssKb(target.pid)
   const connected = clients.length
   // Spread over the whole crowd: the first and the last clients connected are asked alike.
   const step = Math.max(1, Math.floor(connected / Math.max(1, options.sample)))
@@ -391,10 +408,12 @@ const idleClients = async (target: Target, options: ConnectOptions) => {
   for (const client of clients) client.terminate()
   await sleep(settleMs(options.idle))
   const note =
-    `${connected} of ${options.idle} connected in ${connectS.toFixed(1)} s; RSS ${(before / 1024).toFixed(0)} → ${(after / 1024).toFixed(0)} MiB; ` +
+    `${connected} of ${options.idle} connected in ${connectS.toFixed(1)} s; RSS ${(before / 1024).toFixed(0)} → ${(after / 1024).toFixed(0)} MiB 3 s after the last login, ` +
+    `${(settled / 1024).toFixed(0)} MiB ${options.idleSettle} s after; ` +
     `a query on ${sample.length} of them: ${answered} answered in ${sampleMs.toFixed(0)} ms` +
     (errors.size === 0 ? "" : `; failed: ${counted(errors)}`)
-  return { bytes: connected === 0 ? Number.NaN : ((after - before) * 1024) / connected, loginUs, connectS, note }
+  const perClient = (kb: number) => (connected === 0 ? Number.NaN : ((kb - before) * 1024) / connected)
+  return { bytes: perClient(after), settledBytes: perClient(settled), loginUs, connectS, note }
 }
 
 /** `--storm` clients arriving at once: every connect is started in the same tick. */
@@ -520,11 +539,12 @@ const measure = (
         Effect.flatMap(start(target.name), (fresh) => Effect.promise(() => idleClients(fresh, options)))
       )
       run.idleBytes = idle.bytes
+      run.idleSettledBytes = idle.settledBytes
       run.idleLoginUs = idle.loginUs
       run.idleConnectS = idle.connectS
       run.notes.push(`idle (fresh process): ${idle.note}`)
       yield* progress(
-        `  ${target.name}: ${(idle.bytes / 1024).toFixed(1)} kB RSS per idle client, ` +
+        `  ${target.name}: ${(idle.bytes / 1024).toFixed(1)} kB RSS per idle client (${(idle.settledBytes / 1024).toFixed(1)} settled), ` +
           `${idle.loginUs.toFixed(0)} µs CPU per login (${idle.note})`
       )
     }
@@ -629,6 +649,7 @@ const render = (
   const wrong = (run: Run) => run.wrongPasswordUs
   const unknown = (run: Run) => run.unknownTenantUs
   const idle = (run: Run) => run.idleBytes
+  const settled = (run: Run) => run.idleSettledBytes
   const login = (run: Run) => run.idleLoginUs
   const connectAll = (run: Run) => run.idleConnectS
   const stormS = (run: Run) => run.stormS
@@ -691,7 +712,11 @@ const render = (
           ...table(
             [
               "target",
-              "RSS kB per idle client",
+              `RSS kB per idle client, ${options.idleSettle} s after the last login`,
+              "vs PgBouncer",
+              "vs base",
+              "vs floor",
+              "the same, 3 s after",
               "vs PgBouncer",
               "vs base",
               "vs floor",
@@ -700,6 +725,8 @@ const render = (
             ],
             names.map((name) => [
               LABEL[name],
+              fmt(metric(name, settled) / 1024, 1),
+              ...vs(name, settled),
               fmt(metric(name, idle) / 1024, 1),
               ...vs(name, idle),
               fmt(metric(name, login)),

@@ -56,12 +56,34 @@ export interface CpuSampler {
   stop(): ReadonlyArray<CpuSample>
 }
 
-export const sampleCpu = (pid: number, intervalMs = 100): CpuSampler => {
+/**
+ * utime + stime of every process below `root` (children, their children…), `root` itself left out,
+ * in µs: with `root` the bench process, the whole stack a run exercises — pgbench, PostgreSQL's
+ * backends and background processes, the poolers — and nothing of anyone else's on the machine.
+ * Processes that exited during the window are not counted (pgbench -C's backends): use it for
+ * runs on long-lived connections.
+ */
+export const treeCpuTimeUs = (root: number): number => {
+  let total = 0
+  const pending = childrenOf(root)
+  while (pending.length > 0) {
+    const pid = pending.pop()!
+    try {
+      total += ownCpuTimeUs(pid)
+    } catch {
+      continue // exited meanwhile
+    }
+    pending.push(...childrenOf(pid))
+  }
+  return total
+}
+
+export const sampleCpu = (pid: number, intervalMs = 100, read: (pid: number) => number = cpuTimeUs): CpuSampler => {
   const samples: Array<CpuSample> = []
   let stopped = false
   const take = () => {
     try {
-      samples.push({ at: Date.now(), cpuUs: cpuTimeUs(pid) })
+      samples.push({ at: Date.now(), cpuUs: read(pid) })
     } catch {
       // The process is gone; the run will fail on its own.
     }

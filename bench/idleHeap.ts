@@ -31,6 +31,8 @@ const { values } = parseArgs({
     queried: { type: "boolean" },
     hold: { type: "string" },
     "rss-only": { type: "boolean" },
+    node: { type: "string" },
+    settle: { type: "string" },
     "node-flag": { type: "string", multiple: true }
   }
 })
@@ -123,6 +125,7 @@ const program = Effect.gen(function* () {
     mode: mode === "session" ? "session" : "transaction",
     build,
     ...(values.dir === undefined ? {} : { dir: path.resolve(values.dir) }),
+    ...(values.node === undefined ? {} : { node: values.node }),
     env: { TIDEPOOL_MAX_CLIENT_CONNECTIONS: String(idle + 200) },
     nodeFlags: ["--heapsnapshot-signal=SIGUSR2", `--diagnostic-dir=${dir}`, ...(values["node-flag"] ?? [])]
   })
@@ -143,6 +146,9 @@ const program = Effect.gen(function* () {
   const snapshots = values["rss-only"] !== true
   const none = new Map<string, { bytes: number; count: number }>()
   const a = snapshots ? byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir))) : none
+  // --settle: the same quiet time before the first login as after the last.
+  if (Number(values.settle ?? 0) > 3)
+    yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, Number(values.settle) * 1000)))
   const rssBefore = yield* Effect.promise(() => rssKb(tidepool.pid))
   const kindsBefore = yield* Effect.promise(() => rssByKind(tidepool.pid))
   const clients = yield* Effect.promise(async () => {
@@ -161,6 +167,11 @@ const program = Effect.gen(function* () {
   // the full collection a heap snapshot makes.
   yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 3000)))
   const rssIdle = yield* Effect.promise(() => rssKb(tidepool.pid))
+  // --settle S: resident memory S s after the last login too, once the pooler has had its quiet
+  // time (src/telemetry/MemoryReclaim.ts gives a burst's memory back a few seconds after it ends).
+  const settleS = Number(values.settle ?? 0)
+  if (settleS > 3) yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, (settleS - 3) * 1000)))
+  const rssSettled = yield* Effect.promise(() => rssKb(tidepool.pid))
   const b = snapshots ? byConstructor(yield* Effect.promise(() => snapshot(tidepool.pid, dir))) : none
   const rssCollected = yield* Effect.promise(() => rssKb(tidepool.pid))
   const kindsAfter = yield* Effect.promise(() => rssByKind(tidepool.pid))
@@ -175,6 +186,7 @@ const program = Effect.gen(function* () {
   const lines = [
     `JS heap per idle ${mode}-mode client (${clients.length} clients, ${build}${values.queried === true ? ", each after one query" : ""}): ${total.toFixed(0)} bytes`,
     `RSS per client: ${(((rssIdle - rssBefore) * 1024) / clients.length).toFixed(0)} bytes 3 s after the last login, ` +
+      (settleS > 3 ? `${(((rssSettled - rssBefore) * 1024) / clients.length).toFixed(0)} ${settleS} s after, ` : "") +
       `${(((rssCollected - rssBefore) * 1024) / clients.length).toFixed(0)} after a full collection (the second snapshot's): ` +
       (["heap", "anonymous", "files"] as const)
         .map((kind) => `${kind} ${(((kindsAfter[kind] - kindsBefore[kind]) * 1024) / clients.length).toFixed(0)}`)

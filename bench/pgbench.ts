@@ -2,7 +2,7 @@
 import * as fs from "node:fs/promises"
 import * as path from "node:path"
 import { Effect } from "effect"
-import { type CpuSample, sampleCpu } from "./cpu.ts"
+import { type CpuSample, sampleCpu, treeCpuTimeUs } from "./cpu.ts"
 import { BenchError, runChecked, runProcess } from "./process.ts"
 
 export interface Endpoint {
@@ -52,6 +52,13 @@ export interface PgbenchResult {
   readonly p99Ms: number
   /** Pooler CPU per transaction in the steady part of the run; undefined without a pooler. */
   readonly cpuUsPerTx: number | undefined
+  /**
+   * The same for the whole stack: every process below the bench process (pgbench, PostgreSQL, the
+   * poolers; bench/cpu.ts treeCpuTimeUs). On a machine of its own and CPU-bound, TPS would be the
+   * cores over this; its ratio between two targets is their TPS ratio with other people's load
+   * on the machine taken out.
+   */
+  readonly stackUsPerTx: number | undefined
   /** pgbench's "initial connection time". */
   readonly connectMs: number
   /** Seconds pgbench measured over: `-T` minus the connection time. */
@@ -203,15 +210,29 @@ export const runPgbench = (run: PgbenchRun): Effect.Effect<PgbenchResult, BenchE
       `--log-prefix=${path.join(logDir, "tx")}`,
       ...connectionArgs(run.endpoint)
     ]
-    const { finished, samples } = yield* Effect.acquireUseRelease(
-      Effect.sync(() => (run.cpuPid === undefined ? undefined : sampleCpu(run.cpuPid))),
+    const { finished, samples, stackSamples } = yield* Effect.acquireUseRelease(
+      Effect.sync(() => ({
+        pooler: run.cpuPid === undefined ? undefined : sampleCpu(run.cpuPid),
+        // A walk of the process tree: every 500 ms is plenty for a window of seconds.
+        stack: sampleCpu(process.pid, 500, treeCpuTimeUs)
+      })),
       (sampler) =>
         runProcess("pgbench", args, {
           env: clientEnv(run.endpoint),
           // pgbench stops by itself after -T; the margin is for a target that wedges its clients.
           limit: `${duration + 120 + Math.ceil(run.clients / 10)} seconds`
-        }).pipe(Effect.map((finished) => ({ finished, samples: sampler?.stop() ?? [] }))),
-      (sampler) => Effect.sync(() => sampler?.stop())
+        }).pipe(
+          Effect.map((finished) => ({
+            finished,
+            samples: sampler.pooler?.stop() ?? [],
+            stackSamples: sampler.stack.stop()
+          }))
+        ),
+      (sampler) =>
+        Effect.sync(() => {
+          sampler.pooler?.stop()
+          sampler.stack.stop()
+        })
     )
     const log = yield* Effect.promise(() => readTransactionLog(logDir))
 
@@ -237,6 +258,7 @@ export const runPgbench = (run: PgbenchRun): Effect.Effect<PgbenchResult, BenchE
       meanMs: log.latencies.length === 0 ? Number.NaN : sum / log.latencies.length / 1000,
       p99Ms: percentile(sorted, 0.99) / 1000,
       cpuUsPerTx: run.cpuPid === undefined ? undefined : cpuPerTransaction(samples, log.completions),
+      stackUsPerTx: run.connectEach === true ? undefined : cpuPerTransaction(stackSamples, log.completions),
       connectMs,
       measuredS: duration - connectMs / 1000,
       exitCode: finished.code,

@@ -38,11 +38,41 @@ const pairedRatios = (
   return ratios
 }
 
-/** The median ratio, and with several repetitions their range: `0.72× (0.70–0.75)`. */
+/**
+ * A distribution-free confidence interval of the median of `values`, at 95 % or a little more: the
+ * order statistics x(k) and x(n+1−k) with the largest k for which a Binomial(n, ½) falls below k with
+ * probability at most 2.5 %. Needs 6 values (with fewer the range itself covers less than 95 %).
+ */
+export const medianInterval = (values: ReadonlyArray<number>): readonly [number, number] | undefined => {
+  const sorted = values.filter((value) => Number.isFinite(value)).sort((a, b) => a - b)
+  const n = sorted.length
+  if (n < 6) return undefined
+  let k = 0
+  let below = 0
+  let term = 0.5 ** n
+  // below = P(X ≤ k − 1) after each step, X ~ Binomial(n, ½)
+  while (below + term <= 0.025) {
+    below += term
+    term = (term * (n - k)) / (k + 1)
+    k++
+  }
+  // k ≥ 1 from n = 6 on (½⁶ < 2.5 %).
+  return [sorted[k - 1]!, sorted[n - k]!]
+}
+
+/**
+ * The median ratio, with several repetitions their range — `0.72× (0.70–0.75)` — and with six or
+ * more the median's 95 % interval: `0.92× (0.80–1.10; 95 % 0.88–0.97)`.
+ */
 const ratioText = (ratios: ReadonlyArray<number>) => {
   if (ratios.length === 0) return ""
   const text = `${median(ratios).toFixed(2)}×`
-  return ratios.length === 1 ? text : `${text} (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)})`
+  if (ratios.length === 1) return text
+  const range = `${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)}`
+  const interval = medianInterval(ratios)
+  return interval === undefined
+    ? `${text} (${range})`
+    : `${text} (${range}; 95 % ${interval[0].toFixed(2)}–${interval[1].toFixed(2)})`
 }
 
 export interface Summary {
@@ -79,6 +109,7 @@ export const describeRun = (result: PgbenchResult): string =>
     `mean ${fixed(result.meanMs, 3)} ms`,
     `p99 ${fixed(result.p99Ms, 3)} ms`,
     ...(result.cpuUsPerTx === undefined ? [] : [`${fixed(result.cpuUsPerTx, 1)} µs/tx`]),
+    ...(result.stackUsPerTx === undefined ? [] : [`stack ${fixed(result.stackUsPerTx, 1)} µs/tx`]),
     `over ${fixed(result.measuredS, 1)} s after ${fixed(result.connectMs / 1000, 1)} s connecting`,
     ...(result.failed > 0 ? [`${result.failed} failed`] : []),
     ...(result.aborted > 0 ? [`${result.aborted} clients aborted`] : [])
@@ -112,7 +143,7 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     const { protocol, clients, target } = measurement
     const label = [protocol, String(clients), TARGET_LABEL[target]]
     if (measurement.skipped !== undefined) {
-      rows.push([...label, "skipped", "", "", "", "", "", "", ...(withBase ? [""] : [])])
+      rows.push([...label, "skipped", "", "", "", "", "", "", "", "", ...(withBase ? [""] : [])])
       notes.push(`${protocol}, ${clients} clients, ${TARGET_LABEL[target]}: skipped — ${measurement.skipped}`)
       continue
     }
@@ -129,6 +160,13 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
       failed,
       ratioText(pairedRatios(measurement, pgbouncer, (run) => run.tps)),
       ratioText(pairedRatios(measurement, pgbouncer, (run) => run.cpuUsPerTx)),
+      ratioText(pairedRatios(measurement, pgbouncer, (run) => run.p99Ms)),
+      // Transactions per stack CPU-second, Tidepool ÷ PgBouncer: PgBouncer's stack µs/tx ÷ Tidepool's.
+      ratioText(
+        pairedRatios(measurement, pgbouncer, (run) =>
+          run.stackUsPerTx === undefined || run.stackUsPerTx <= 0 ? undefined : 1 / run.stackUsPerTx
+        )
+      ),
       ...(withBase ? [ratioText(pairedRatios(measurement, base, (run) => run.cpuUsPerTx))] : [])
     ])
     const where = `${protocol}, ${clients} clients, ${TARGET_LABEL[target]}`
@@ -157,9 +195,11 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     "failed",
     "TPS vs PgBouncer",
     "CPU vs PgBouncer",
+    "p99 vs PgBouncer",
+    "TPS per stack CPU vs PgBouncer",
     ...(withBase ? ["CPU vs base"] : [])
   ]
-  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9, 10])
+  const numeric = new Set([1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
   const widths = header.map((title, i) => Math.max(title.length, ...rows.map((row) => row[i]!.length)))
   const line = (cells: ReadonlyArray<string>) =>
     `| ${cells.map((cell, i) => (numeric.has(i) ? cell.padStart(widths[i]!) : cell.padEnd(widths[i]!))).join(" | ")} |`
@@ -183,7 +223,10 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     "",
     "TPS excludes connection set-up (pgbench's figure). Latencies are per transaction, from pgbench's " +
       "transaction log. CPU µs/tx is the pooler process's user+system CPU time over the steady part of " +
-      "the run divided by the transactions completed in it. Ratios are Tidepool ÷ PgBouncer" +
+      "the run divided by the transactions completed in it. TPS per stack CPU is the same window's " +
+      "transactions over the CPU of every process the benchmark started (pgbench, PostgreSQL, the poolers): " +
+      "what the TPS ratio would be on a machine of its own, CPU-bound, with other load on this one taken out. " +
+      "Ratios are Tidepool ÷ PgBouncer" +
       (options.targets.includes("node-relay")
         ? " (and Node relay ÷ PgBouncer: the Node relay, bench/relayFloor.ts, gives each client a " +
           "PostgreSQL connection of its own and only copies bytes, the floor of what a Node.js relay costs)"
@@ -192,7 +235,10 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
         ? `; CPU vs base is Tidepool ÷ Tidepool (base), the build in ${options.baseline} on ${options.baselineNode}`
         : "") +
       (options.repeat > 1
-        ? ", the median (and range) of the ratios of the runs that ran back to back in each repetition."
+        ? ", the median (and range) of the ratios of the runs that ran back to back in each repetition" +
+          (options.repeat >= 6
+            ? "; with 6 or more repetitions also a distribution-free 95 % confidence interval of that median (order statistics of the paired ratios)."
+            : ".")
         : "."),
     ...(notes.length === 0 ? [] : ["", ...notes.map((note) => `- ${note}`)]),
     ""

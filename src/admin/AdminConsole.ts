@@ -1,6 +1,7 @@
 import { Deferred, Effect, Option, Result } from "effect"
 import { ADDRESS_BLOCKED, AUTH_FAILURES, annotateOutcome, authenticateScram, CircuitBreaker } from "../auth/index.ts"
 import { type Gathered, HostViews } from "../cluster/HostViews.ts"
+import { storeViews } from "../cluster/StoreViews.ts"
 import { AppConfig } from "../config/index.ts"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import { PoolRegistry } from "../pool/index.ts"
@@ -29,7 +30,9 @@ import {
   showConfig,
   showDatabases,
   showLists,
+  showPermits,
   showPools,
+  showRunners,
   showServers,
   showStats,
   showUsers,
@@ -89,8 +92,9 @@ export const authenticateAdmin = Effect.fn("client.auth")(
 )
 
 const HELP = [
-  "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|WORKERS|HELP",
+  "SHOW POOLS|CLIENTS|SERVERS|STATS|DATABASES|USERS|CONFIG|LISTS|VERSION|WORKERS|RUNNERS|PERMITS|HELP",
   "SHOW view LOCAL  worker mode: this worker only (without LOCAL: every worker of the host)",
+  "SHOW RUNNERS|PERMITS  cluster mode: the permit ledger in the tenant store, every host",
   "PAUSE [db]    hold new transactions (db: tenant or tenant/database); waits for running ones",
   "RESUME [db]   release held transactions",
   "RECONNECT [db] replace every server connection once it is idle",
@@ -200,6 +204,8 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin, draining: 
     const control = yield* AdminControl
     // Worker mode: SHOW answers for the whole host (docs/admin-console.md#worker-mode).
     const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+    // Cluster mode: the store ledger's views (docs/admin-console.md#cluster-mode).
+    const ledger = yield* storeViews
     const drained = yield* Deferred.make<void>()
 
     const key = yield* Effect.acquireRelease(
@@ -280,6 +286,25 @@ export const adminConsole = (client: ClientSocket, login: AdminLogin, draining: 
             }
             if (what === "HELP") {
               out.push(notice("Console usage", HELP), commandComplete("SHOW"))
+              return
+            }
+            if (what === "RUNNERS" || what === "PERMITS") {
+              if (local) return yield* tidepoolError("EADMINCOMMAND", `SHOW ${what} has no LOCAL: it reads the store`)
+              if (ledger === undefined) {
+                return yield* tidepoolError(
+                  "ECLUSTERVIEW",
+                  `SHOW ${what}: cluster mode is off (TIDEPOOL_CLUSTER), so there is no permit ledger in the store`
+                )
+              }
+              const result =
+                what === "RUNNERS"
+                  ? Effect.map(ledger.runners, (rows) => showRunners(rows, config.leaseMs))
+                  : Effect.map(ledger.permits, showPermits)
+              const answered = yield* Effect.result(result)
+              if (Result.isFailure(answered)) {
+                return yield* tidepoolError("ECLUSTERVIEW", `SHOW ${what}: ${answered.failure.message}`)
+              }
+              render(out, answered.success, "SHOW")
               return
             }
             if (what === "WORKERS") {

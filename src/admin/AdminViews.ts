@@ -1,3 +1,4 @@
+import type { PermitRow, RunnerRow } from "../cluster/StoreViews.ts"
 import {
   type AppConfigShape,
   settingFields,
@@ -334,3 +335,41 @@ export const showLists = (s: AdminSnapshot): ResultSet => {
     ]
   }
 }
+
+/** `SHOW RUNNERS` (cluster mode): every runner in the store ledger, as the store has it now. */
+export const showRunners = (rows: ReadonlyArray<RunnerRow>, leaseMs: number): ResultSet => ({
+  columns: columns(
+    "runner_id:i8 slot:i4 address started lease_age_ms:i8 state connected:i4 permits_held:i4 permits_wanted:i4 pools:i4 local:i4"
+  ),
+  rows: rows.map((r) => [
+    r.runnerId,
+    n(r.slot),
+    r.address,
+    r.started,
+    n(r.leaseAgeMs),
+    // Expired is not yet reclaimed: a reclaimer also needs the runner's store session gone
+    // (docs/scale-out.md#lease-timing).
+    r.leaseAgeMs > leaseMs ? "expired" : "live",
+    r.connected ? "1" : "0",
+    n(r.held),
+    n(r.want),
+    n(r.pools),
+    r.local ? "1" : "0"
+  ])
+})
+
+/** `SHOW PERMITS` (cluster mode): one row per pool and runner of the store ledger. */
+export const showPermits = (rows: ReadonlyArray<PermitRow>): ResultSet => ({
+  columns: columns("database user pool_mode runner_id:i8 slot:i4 held:i4 want:i4 keep:i4 press:i4"),
+  rows: rows.map((r) => [
+    `${r.tenant}/${r.database}`,
+    r.user,
+    r.mode,
+    r.runnerId,
+    n(r.slot),
+    n(r.held),
+    n(r.want),
+    r.keep === null ? null : n(r.keep),
+    r.press ? "1" : "0"
+  ])
+})

@@ -323,13 +323,23 @@ export const routes: ReadonlyArray<Route> = [
   {
     method: "GET",
     path: "/api/tenants/:id/terminate",
-    summary: "Stop every pool of the tenant on this node; its clients get 57P01",
-    responses: { "200": '{"result":"success"}', "404": '{"error":"not found"}' },
+    summary: "Stop every pool of the tenant on every node sharing the store; its clients get 57P01",
+    responses: {
+      "200": '{"result":"success","disconnected":n,"reach":"all_nodes"|"this_node"}',
+      "404": '{"error":"not found"}',
+      "503": '{"error": …, "disconnected":n} (done on this node only: the store could not tell the others)'
+    },
     handler: Effect.gen(function* () {
       const id = yield* idParam
       if ((yield* Tenants).get(id) === undefined) return notFound
-      yield* (yield* TenantChanges).terminate(id)
-      return json(200, { result: "success" })
+      const { disconnected, reach } = yield* (yield* TenantChanges).terminate(id)
+      if (reach._tag === "failed") {
+        return json(503, {
+          error: `terminated on this node only: the tenant store could not tell the other nodes (${reach.message}); call it again once the store is back`,
+          disconnected
+        })
+      }
+      return json(200, { result: "success", disconnected, reach: reach._tag === "store" ? "all_nodes" : "this_node" })
     })
   },
   {

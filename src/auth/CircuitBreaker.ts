@@ -276,6 +276,12 @@ export class CircuitBreaker extends Context.Service<CircuitBreaker>()("tidepool/
         Effect.sync(() => auth.isBlocked(addressKey(tenant, address))),
       /** A failure from `address` that was not a password check (a refusal before one); true when it trips the breaker. */
       authFailed: (tenant: string, address: string) => Effect.sync(() => auth.fail(addressKey(tenant, address))),
+      /**
+       * `isAddressBlocked` and `authFailed` as plain calls, for the login path's synchronous checks
+       * (an unknown tenant's refusal costs no Effect steps).
+       */
+      addressBlocked: (tenant: string, address: string): boolean => auth.isBlocked(addressKey(tenant, address)),
+      addressFailed: (tenant: string, address: string): boolean => auth.fail(addressKey(tenant, address)),
       authSucceeded: (tenant: string, address: string) => Effect.sync(() => auth.succeed(addressKey(tenant, address))),
       /** The addresses currently blocked for `tenant`. */
       bans: (tenant: string) =>

@@ -45,7 +45,7 @@ const notPassword = (type: number) =>
  * microseconds each), and a refusal's error is a value sent to the client and logged by its
  * message, never by its stack.
  */
-const withoutStack = <A>(make: () => A): A => {
+export const withoutStack = <A>(make: () => A): A => {
   const limit = Error.stackTraceLimit
   Error.stackTraceLimit = 0
   try {
@@ -53,6 +53,21 @@ const withoutStack = <A>(make: () => A): A => {
   } finally {
     Error.stackTraceLimit = limit
   }
+}
+
+/**
+ * AuthenticationSASL for each list of mechanisms a `ScramServer` offers (two lists, shared by every
+ * exchange): rendered once, not per login. The buffer is only ever written, never changed.
+ */
+const saslRequests = new Map<ReadonlyArray<string>, Buffer>()
+const saslRequest = (mechanisms: ReadonlyArray<string>): Buffer => {
+  let request = saslRequests.get(mechanisms)
+  if (request === undefined) {
+    request = authenticationSASL(mechanisms)
+    // Bounded: a list made elsewhere than ScramServer's two would otherwise grow the map.
+    if (saslRequests.size < 8) saslRequests.set(mechanisms, request)
+  }
+  return request
 }
 
 /**
@@ -79,7 +94,7 @@ export const authenticateScram = (
       secret,
       channelBinding === undefined ? {} : { channelBinding: { type: "tls-server-end-point", data: channelBinding } }
     )
-    channel.write(authenticationSASL(server.mechanisms))
+    channel.write(saslRequest(server.mechanisms))
     return Effect.flatMap(channel.readMessage, (m) => {
       if (m.type !== PASSWORD_MESSAGE) return Effect.fail(notPassword(m.type))
       const initial = m.body

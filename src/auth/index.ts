@@ -15,7 +15,8 @@ export {
   authenticateScram,
   type ClientCredentials,
   inSpan,
-  matchUsers
+  matchUsers,
+  withoutStack
 } from "./ClientAuth.ts"
 export { JitApi, looksLikeJwt, looksLikeToken, passwordKeys } from "./Jit.ts"
 export { SecretCache } from "./SecretCache.ts"

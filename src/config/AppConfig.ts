@@ -89,6 +89,8 @@ export interface AppConfigShape {
   /** Cluster mode: the host other runners forward CancelRequests to; "" = listenAddr, or the host name if that is a wildcard. */
   readonly advertiseHost: string
   readonly workerHangTimeoutMs: number
+  /** Committed V8 heap growth after which a quiet process gives memory back (src/telemetry/MemoryReclaim.ts); 0 = never. */
+  readonly memoryReclaimBytes: number
   readonly configFile: Option.Option<string>
 }
 
@@ -735,6 +737,16 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
           ? Result.fail(`expected 0 (off) or at least 200 ms, got ${JSON.stringify(raw)}`)
           : Result.succeed(ms)
       )
+  },
+  memoryReclaimBytes: {
+    env: "TIDEPOOL_MEMORY_RECLAIM",
+    fileKey: "memory_reclaim",
+    type: "bytes (0 = off)",
+    description:
+      "When the process goes quiet after its V8 heap has grown this much (a burst of logins), it gives the memory back to the OS: one young-generation collection, then V8's own incremental memory reducer (docs/operations.md#memory-after-a-burst)",
+    // About the young generation's full size: a burst that filled it is worth a collection at the next quiet second.
+    default: () => 64 * 1_048_576,
+    parse: bytes(0, 1_099_511_627_776)
   }
 }
 
@@ -955,6 +967,7 @@ const defaults = (): AppConfigShape => ({
   leaseMs: settings.leaseMs.default(),
   advertiseHost: settings.advertiseHost.default(),
   workerHangTimeoutMs: settings.workerHangTimeoutMs.default(),
+  memoryReclaimBytes: settings.memoryReclaimBytes.default(),
   configFile: Option.none()
 })
 

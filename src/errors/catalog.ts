@@ -306,6 +306,16 @@ export const catalog = {
     meaning: "The admin console did not understand a command, or its argument names no pool.",
     remedy: "Run `SHOW HELP` for the commands; name pools as `tenant` or `tenant/database`."
   }),
+  ECLUSTERVIEW: entry({
+    sqlstate: "55000",
+    severity: "ERROR",
+    prefix: true,
+    text: (reason: string) => reason,
+    meaning:
+      "An admin console view of the store's permit ledger (`SHOW RUNNERS`, `SHOW PERMITS`) cannot be answered: cluster mode is off, or the tenant store did not answer within 2 s.",
+    remedy:
+      "Set `TIDEPOOL_CLUSTER=on` on every host sharing the store, or check that the store (`DATABASE_URL`) is reachable; the console stays usable."
+  }),
   ECLIENTIDLETIMEOUT: entry({
     sqlstate: "57P05",
     severity: fatal,

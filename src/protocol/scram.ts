@@ -24,6 +24,13 @@ export class ScramError extends Data.TaggedError("ScramError")<{
 export const SCRAM_SHA_256 = "SCRAM-SHA-256"
 export const SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
 
+/**
+ * The two lists a server offers, shared by every exchange: a caller may render each once
+ * (`ClientAuth` keeps their AuthenticationSASL messages) and find it by the list's identity.
+ */
+const PLAIN_MECHANISMS: ReadonlyArray<string> = Object.freeze([SCRAM_SHA_256])
+const BINDING_MECHANISMS: ReadonlyArray<string> = Object.freeze([SCRAM_SHA_256_PLUS, SCRAM_SHA_256])
+
 export interface ScramSecret {
   readonly iterations: number
   readonly salt: Buffer
@@ -202,7 +209,7 @@ export class ScramServer {
     this.secret = secret
     this.channelBinding = options.channelBinding
     this.serverNonce = options.nonce ?? randomNonce()
-    this.mechanisms = options.channelBinding === undefined ? [SCRAM_SHA_256] : [SCRAM_SHA_256_PLUS, SCRAM_SHA_256]
+    this.mechanisms = options.channelBinding === undefined ? PLAIN_MECHANISMS : BINDING_MECHANISMS
   }
 
   handleClientFirst(mechanism: string, data: Buffer | string): { readonly serverFirst: string } | ScramError {

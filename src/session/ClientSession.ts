@@ -1,6 +1,6 @@
 import type * as net from "node:net"
 import type { BlockList } from "node:net"
-import { Cause, Context, Effect, Exit, LogLevel, References } from "effect"
+import { Cause, Context, Effect, Exit, type Fiber, LogLevel, References } from "effect"
 import { adminConsole, authenticateAdmin, isAdminDatabase } from "../admin/index.ts"
 import {
   ADDRESS_BLOCKED,
@@ -9,12 +9,14 @@ import {
   CircuitBreaker,
   type ClientCredentials,
   inSpan,
-  matchUsers
+  matchUsers,
+  withoutStack
 } from "../auth/index.ts"
 import {
   AppConfig,
   allowListOf,
   isAllowed,
+  parseCidr,
   type Tenant,
   type User,
   userMaxClients,
@@ -27,13 +29,14 @@ import {
   backendKeyData,
   negotiateProtocolVersion,
   parameterStatus,
-  readyForQuery
+  readyForQuery,
+  type StartupPacket
 } from "../protocol/index.ts"
-import { clientTraceParent, EventCounters, tenantLogLevel } from "../telemetry/index.ts"
+import { clientTraceParent, type EventCounters, tenantLogLevel } from "../telemetry/index.ts"
 import { banOf, revokedSince, TenantRegistry } from "../tenants/index.ts"
 import { channelBindingOf, DownstreamTls, UpstreamTls } from "../tls/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"
-import { ClientSocket } from "./ClientSocket.ts"
+import { ClientSocket, DIRECT_TLS } from "./ClientSocket.ts"
 import { type ClientIdentity, resolveIdentity } from "./identity.ts"
 import { acceptDirectTls, answerSslRequest, tenantBySni } from "./negotiateTls.ts"
 import {
@@ -76,16 +79,33 @@ const ROOT = { root: true } as const
 
 /**
  * A tenant's allow list as a BlockList, built once per list: the cached tenant keeps the same array
- * until it changes, so a login only checks its address.
+ * until it changes, so a login only checks its address. `EVERYONE` for a list that allows every
+ * address of both families (the default, `0.0.0.0/0` and `::/0`): the BlockList would answer yes
+ * to any address the kernel gives us, so the login skips it (and its address parsing).
  */
-const allowLists = new WeakMap<ReadonlyArray<string>, BlockList>()
-const allowListFor = (tenant: Tenant): BlockList => {
+const EVERYONE = "everyone"
+const allowLists = new WeakMap<ReadonlyArray<string>, BlockList | typeof EVERYONE>()
+const allowListFor = (tenant: Tenant): BlockList | typeof EVERYONE => {
   let list = allowLists.get(tenant.allow_list)
   if (list === undefined) {
-    list = allowListOf(tenant.allow_list)
+    const widest = tenant.allow_list.map(parseCidr).filter((cidr) => cidr?.prefix === 0)
+    list =
+      widest.some((cidr) => cidr?.family === "ipv4") && widest.some((cidr) => cidr?.family === "ipv6")
+        ? EVERYONE
+        : allowListOf(tenant.allow_list)
     allowLists.set(tenant.allow_list, list)
   }
   return list
+}
+
+/**
+ * `isAllowed`. A list that allows every address refuses only a client whose address is unknown (its
+ * socket already closed: `remoteAddress` is then ""); any other comes from the kernel's
+ * getpeername and is an address.
+ */
+const allowed = (tenant: Tenant, address: string): boolean => {
+  const list = allowListFor(tenant)
+  return list === EVERYONE ? address !== "" : isAllowed(list, address)
 }
 
 const poolKey = (tenant: string, user: string, mode: PoolMode, database: string) =>
@@ -130,131 +150,239 @@ export interface LoginTicket {
 }
 
 /**
+ * The services a login uses, read from the fiber's context (`Context.getUnsafe`, `servicesOf`)
+ * and passed down: each `yield*` of a service is a turn of the fiber's loop, and a login made
+ * eleven of them.
+ */
+interface LoginServices {
+  readonly config: Context.Service.Shape<typeof AppConfig>
+  readonly sessions: Context.Service.Shape<typeof SessionRegistry>
+  readonly downstreamTls: Context.Service.Shape<typeof DownstreamTls>
+  readonly upstreamTls: Context.Service.Shape<typeof UpstreamTls>
+  readonly tenants: Context.Service.Shape<typeof TenantRegistry>
+  readonly breaker: Context.Service.Shape<typeof CircuitBreaker>
+  readonly registry: Context.Service.Shape<typeof PoolRegistry>
+  readonly events: Context.Service.Shape<typeof EventCounters>
+}
+
+type LoginRequirements =
+  | AppConfig
+  | SessionRegistry
+  | DownstreamTls
+  | UpstreamTls
+  | TenantRegistry
+  | CircuitBreaker
+  | PoolRegistry
+
+/**
+ * Every login of a listener starts with the same context (its FiberSet's), so the services are
+ * looked up once per context, not once per login.
+ */
+const servicesByContext = new WeakMap<Context.Context<LoginRequirements>, LoginServices>()
+
+const servicesOf = (context: Context.Context<LoginRequirements>, events: LoginServices["events"]): LoginServices => {
+  const known = servicesByContext.get(context)
+  if (known !== undefined && known.events === events) return known
+  const services: LoginServices = {
+    config: Context.getUnsafe(context, AppConfig),
+    sessions: Context.getUnsafe(context, SessionRegistry),
+    downstreamTls: Context.getUnsafe(context, DownstreamTls),
+    upstreamTls: Context.getUnsafe(context, UpstreamTls),
+    tenants: Context.getUnsafe(context, TenantRegistry),
+    breaker: Context.getUnsafe(context, CircuitBreaker),
+    registry: Context.getUnsafe(context, PoolRegistry),
+    events
+  }
+  servicesByContext.set(context, services)
+  return services
+}
+
+/**
  * One client connection, from its first byte to its greeting (or refusal), as one fiber: startup,
  * tenant resolution, SCRAM, attach to a pool. The handshake's deadline is one timer that interrupts
  * the fiber. A logged-in client's session then runs on without a fiber: its relay's callbacks and
  * its `LiveSession`, which holds what the session holds (its place in the pool, its registration, a
  * session-mode server) and gives it all back when the relay ends, whatever way it ends.
  */
-export const clientSession = (socket: net.Socket, mode: PoolMode, supervisor: SessionSupervisor, ticket: LoginTicket) =>
-  // Wrapped here, outside the generator: the accepted socket is replaced by another one at
-  // `takeOver` and must not be kept alive by it.
-  serve(new ClientSocket(socket), mode, supervisor, ticket)
-
-const serve = (client: ClientSocket, mode: PoolMode, supervisor: SessionSupervisor, ticket: LoginTicket) =>
+export const clientSession = (
+  socket: net.Socket,
+  mode: PoolMode,
+  supervisor: SessionSupervisor,
+  ticket: LoginTicket
+): Effect.Effect<void, never, LoginRequirements | Effect.Services<ReturnType<typeof afterStartup>>> =>
   Effect.withFiber((fiber) => {
-    const config = Context.getUnsafe(fiber.context as Context.Context<AppConfig>, AppConfig)
-    const events = supervisor.events
-    const log: LogContext = { mode, peer_ip: client.remoteAddress }
-    const startedAt = Date.now()
-    // The handshake's deadline: startup and authentication, not the wait for a server that follows
-    // (bounded by the pool's checkout timeout, as every wait for a server is).
-    let timedOut = false
-    let answered = false
-    let timer: ReturnType<typeof setTimeout> | undefined = setTimeout(() => {
-      timedOut = true
-      fiber.interruptUnsafe()
-    }, config.handshakeTimeoutMs)
-    const authenticated = () => {
+    const services = servicesOf(fiber.context as Context.Context<LoginRequirements>, supervisor.events)
+    // Without a certificate the connection can never become TLS: its handshake reads go through
+    // the shared read buffer from the start (`ClientSocket.sharedReads`).
+    const client = new ClientSocket(socket, services.downstreamTls.context() === undefined)
+    return serve(client, services, mode, supervisor, ticket, fiber)
+  })
+
+const serve = (
+  client: ClientSocket,
+  services: LoginServices,
+  mode: PoolMode,
+  supervisor: SessionSupervisor,
+  ticket: LoginTicket,
+  fiber: Fiber.Fiber<unknown, unknown>
+) => {
+  const { config, events } = services
+  const log: LogContext = { mode, peer_ip: client.remoteAddress }
+  const startedAt = Date.now()
+  // The handshake's deadline: startup and authentication, not the wait for a server that follows
+  // (bounded by the pool's checkout timeout, as every wait for a server is).
+  let timedOut = false
+  let answered = false
+  let timer: ReturnType<typeof setTimeout> | undefined = setTimeout(() => {
+    timedOut = true
+    fiber.interruptUnsafe()
+  }, config.handshakeTimeoutMs)
+  const login: Login = {
+    client,
+    log,
+    services,
+    mode,
+    startedAt,
+    supervisor,
+    ticket,
+    authenticated: () => {
       clearTimeout(timer)
       timer = undefined
       ticket.authenticated()
-    }
-
-    const fail = (error: TidepoolError) => {
+    },
+    fail: (error: TidepoolError) => {
       answered = true
       events.error(log.tenant, error.code)
       ticket.over()
       client.fail(error)
       // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
       // address's refusals are a flood's: the block itself was logged once when it began.
-      return Effect.andThen(
-        Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
-        (error.code === "ECLIENTSOCKETCLOSED" ||
+      const line =
+        error.code === "ECLIENTSOCKETCLOSED" ||
         (error.code === "ECIRCUITBREAKER" && error.message.endsWith(ADDRESS_BLOCKED))
           ? Effect.logDebug(error.message)
           : Effect.logWarning(error.message)
-        ).pipe(Effect.annotateLogs({ ...log, code: error.code }))
+      // Data-first, no `pipe`: every refusal runs this.
+      return Effect.andThen(
+        Effect.annotateCurrentSpan({ "error.code": error.code, "tidepool.tenant": log.tenant ?? "" }),
+        Effect.annotateLogs(line, { ...log, code: error.code })
       )
-    }
-    const failLater = (error: TidepoolError) => Effect.suspend(() => fail(error))
+    },
     // Interrupted: by the handshake's deadline (the client is told EAUTHTIMEOUT) or by the shutdown.
-    const interrupted = Effect.suspend(() => {
+    interrupted: Effect.suspend(() => {
       if (answered) return Effect.void
-      if (timedOut) return fail(tidepoolError("EAUTHTIMEOUT"))
+      if (timedOut) return login.fail(tidepoolError("EAUTHTIMEOUT"))
       answered = true
       ticket.over()
       client.fail(tidepoolError("EADMINSHUTDOWN"))
       return Effect.void
     })
+  }
 
-    const session = (startup: Readonly<Record<string, string>>) =>
-      Effect.gen(function* () {
-        const auth = yield* handshake(client, log, startup)
-        authenticated()
-        client.write(authenticationOk())
-        if ("admin" in auth) return yield* adminConsole(client, auth.admin, supervisor.draining)
-        const level = tenantLogLevel(auth.tenant.feature_flags)
-        const attached = attach(client, auth, mode, startedAt, supervisor, ticket, level)
-        yield* level === undefined ? attached : Effect.provideService(attached, References.MinimumLogLevel, level)
-      }).pipe(
-        Effect.onInterrupt(() => interrupted),
-        Effect.catch(failLater)
-      )
+  const ended = () => {
+    clearTimeout(timer)
+    // A session handed to its relay lives on; anything else ends with its fiber.
+    if (!client.handedOver) {
+      client.flush()
+      client.socket.destroySoon()
+    }
+  }
 
-    // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
-    return readStartup(client).pipe(
-      Effect.flatMap((startup) => {
-        if (startup === undefined) return Effect.void // a CancelRequest, handled
-        const parent = clientTraceParent(startup)
-        return session(startup).pipe(inSpan("client.session", parent === undefined ? ROOT : { parent }))
-      }),
-      Effect.catch((error) => failLater(error).pipe(inSpan("client.session", ROOT))),
-      Effect.onInterrupt(() => interrupted),
-      Effect.ensuring(
-        Effect.sync(() => {
-          clearTimeout(timer)
-          // A session handed to its relay lives on; anything else ends with its fiber.
-          if (!client.handedOver) {
-            client.flush()
-            client.socket.destroySoon()
-          }
-        })
-      )
-    )
-  })
+  // The startup packet comes first, so that a client's W3C traceparent can parent the session span.
+  return Effect.matchEffect(readStartup(client, services), {
+    onFailure: (error) => Effect.suspend(() => login.fail(error)).pipe(inSpan("client.session", ROOT)),
+    onSuccess: (startup) => (startup === undefined ? Effect.void : afterStartup(login, startup))
+  }).pipe(
+    Effect.onExit((exit) => {
+      if (Exit.hasInterrupts(exit)) return Effect.ensuring(login.interrupted, Effect.sync(ended))
+      ended()
+      return Effect.void
+    })
+  )
+}
+
+/** One login's state and services, passed down instead of read from the fiber's context. */
+interface Login {
+  readonly client: ClientSocket
+  readonly log: LogContext
+  readonly services: LoginServices
+  readonly mode: PoolMode
+  readonly startedAt: number
+  readonly supervisor: SessionSupervisor
+  readonly ticket: LoginTicket
+  /** The end of the handshake: its deadline and slot are given up. */
+  readonly authenticated: () => void
+  /** Tells the client why its login ended, and logs it (once). */
+  readonly fail: (error: TidepoolError) => Effect.Effect<void>
+  readonly interrupted: Effect.Effect<void>
+}
+
+/** From the StartupMessage on: the session span around the handshake, authentication and attach. */
+const afterStartup = (login: Login, startup: Readonly<Record<string, string>>) => {
+  const parent = clientTraceParent(startup)
+  return Effect.flatMap(handshake(login, startup), (auth) => {
+    login.authenticated()
+    login.client.write(authenticationOk())
+    if ("admin" in auth) return adminConsole(login.client, auth.admin, login.supervisor.draining)
+    const level = tenantLogLevel(auth.tenant.feature_flags)
+    const attached = attach(login, auth, level)
+    return level === undefined ? attached : Effect.provideService(attached, References.MinimumLogLevel, level)
+  }).pipe(
+    Effect.onInterrupt(() => login.interrupted),
+    Effect.catch((error) => Effect.suspend(() => login.fail(error))),
+    inSpan("client.session", parent === undefined ? ROOT : { parent })
+  )
+}
 
 /**
  * The startup phase: TLS negotiation (SSLRequest or direct TLS), CancelRequest (handled here; then
- * undefined), and the StartupMessage's parameters.
+ * undefined), and the StartupMessage's parameters. The usual connection sends its StartupMessage
+ * first, whole: one read, no generator.
  */
-const readStartup = (client: ClientSocket) =>
-  Effect.gen(function* () {
-    const sessions = yield* SessionRegistry
-    const downstreamTls = yield* DownstreamTls
+const readStartup = (
+  client: ClientSocket,
+  services: LoginServices
+): Effect.Effect<Readonly<Record<string, string>> | undefined, TidepoolError> =>
+  Effect.flatMap(client.readFirst, (first) =>
+    first === DIRECT_TLS
+      ? Effect.andThen(acceptDirectTls(client, services.downstreamTls), nextStartupPacket(client, services))
+      : startupPacket(client, services, first)
+  )
 
-    yield* acceptDirectTls(client, downstreamTls)
-    for (;;) {
-      const packet = yield* client.readStartup
-      switch (packet._tag) {
-        case "SSLRequest":
-          yield* answerSslRequest(client, downstreamTls)
-          break
-        case "GSSENCRequest":
-          client.write(Buffer.from("N"))
-          break
-        case "CancelRequest":
-          yield* sessions.cancel(packet.processId, packet.secretKey)
+const nextStartupPacket = (
+  client: ClientSocket,
+  services: LoginServices
+): Effect.Effect<Readonly<Record<string, string>> | undefined, TidepoolError> =>
+  Effect.flatMap(client.readStartup, (packet) => startupPacket(client, services, packet))
+
+const GSS_NO = Buffer.from("N")
+
+const startupPacket = (
+  client: ClientSocket,
+  services: LoginServices,
+  packet: StartupPacket
+): Effect.Effect<Readonly<Record<string, string>> | undefined, TidepoolError> => {
+  switch (packet._tag) {
+    case "SSLRequest":
+      return Effect.andThen(answerSslRequest(client, services.downstreamTls), nextStartupPacket(client, services))
+    case "GSSENCRequest":
+      client.write(GSS_NO)
+      return nextStartupPacket(client, services)
+    case "CancelRequest":
+      return Effect.andThen(
+        services.sessions.cancel(packet.processId, packet.secretKey),
+        Effect.sync(() => {
           client.socket.destroy()
           return undefined
-        case "StartupMessage":
-          if (packet.protocolMinor > 0 || packet.protocolOptions.length > 0) {
-            client.write(negotiateProtocolVersion(0, packet.protocolOptions))
-          }
-          return packet.parameters
+        })
+      )
+    case "StartupMessage":
+      if (packet.protocolMinor > 0 || packet.protocolOptions.length > 0) {
+        client.write(negotiateProtocolVersion(0, packet.protocolOptions))
       }
-    }
-  })
+      return Effect.succeed(packet.parameters)
+  }
+}
 
 /** Breaker key of logins naming a tenant that does not exist (tenant ids cannot contain NUL). */
 const UNKNOWN_TENANTS = "\u0000unknown"
@@ -265,85 +393,147 @@ const logBlocked = (log: LogContext, breakerKey: string) =>
     `${log.peer_ip} blocked for ${AUTH_FAILURES.blockMs / 1000} s after ${AUTH_FAILURES.failures} failed logins${breakerKey === UNKNOWN_TENANTS ? " naming tenants that do not exist" : ""}`
   ).pipe(Effect.annotateLogs({ ...log, code: "ECIRCUITBREAKER" }))
 
-const handshake = (client: ClientSocket, log: LogContext, startup: Readonly<Record<string, string>>) =>
-  Effect.gen(function* () {
-    const config = yield* AppConfig
-    const tenants = yield* TenantRegistry
-    const events = yield* EventCounters
-    const breaker = yield* CircuitBreaker
+/** Who a login is, once its checks before authentication have passed. */
+interface Identified {
+  readonly tenant: Tenant
+  readonly user: User
+  readonly identity: ClientIdentity
+}
 
-    if (isAdminDatabase(startup.database)) {
-      log.user = startup.user
-      return { admin: yield* authenticateAdmin(client, startup, log.peer_ip) }
-    }
+/**
+ * A login refused before authentication: `delayed` refusals depend on what exists (answered after
+ * the failure delay, reading nothing meanwhile); `tripped` names the breaker key whose block this
+ * refusal began (logged once).
+ */
+class Refusal {
+  constructor(
+    readonly error: TidepoolError,
+    readonly delayed: boolean,
+    readonly tripped: string | undefined = undefined
+  ) {}
+}
 
-    const resolved = resolveIdentity(startup)
-    if ("_tag" in resolved) return yield* resolved
-    const identity = resolved.tenant !== undefined ? resolved : { ...resolved, tenant: tenantBySni(client, tenants) }
-    log.user = identity.user
-    if (identity.tenant === undefined) return yield* tidepoolError("ENOIDENTIFIER")
-    log.tenant = identity.tenant
-    // Every refusal that depends on what exists is answered after the same delay, so timing tells a
-    // prober nothing about which tenants and users exist, and guessing stays slow. Nothing more is
-    // read from a refused client: its bytes stay in the kernel (and its sends block) meanwhile.
-    const refuse = (error: TidepoolError) => {
-      client.stopReading()
-      events.loginFailed(identity.tenant, "none", error.code)
-      return Effect.andThen(Effect.sleep(config.authFailureDelayMs), Effect.fail(error))
+/**
+ * The checks before authentication, as one synchronous function: identity, tenant, ban, allow
+ * list, user, `enforce_ssl`. Nothing in them waits, so they cost no fiber steps; a refusal is a
+ * value the caller turns into its delay and error. Its errors are made without stack traces (a
+ * refusal's error is sent and logged by its message): a prober's refusals should cost little.
+ * Only the errors: an exception here is a bug, and keeps its stack.
+ */
+const identify = (login: Login, startup: Readonly<Record<string, string>>): Identified | Refusal => {
+  const { client, log, services } = login
+  const { tenants, events, breaker } = services
+  const resolved = resolveIdentity(startup)
+  if ("_tag" in resolved) return new Refusal(resolved, false)
+  const identity = resolved.tenant !== undefined ? resolved : { ...resolved, tenant: tenantBySni(client, tenants) }
+  log.user = identity.user
+  if (identity.tenant === undefined)
+    return new Refusal(
+      withoutStack(() => tidepoolError("ENOIDENTIFIER")),
+      false
+    )
+  log.tenant = identity.tenant
+  // Every refusal that depends on what exists is answered after the same delay, so timing tells a
+  // prober nothing about which tenants and users exist, and guessing stays slow. Nothing more is
+  // read from a refused client: its bytes stay in the kernel (and its sends block) meanwhile.
+  const refuse = (error: TidepoolError) => {
+    events.loginFailed(identity.tenant, "none", error.code)
+    return new Refusal(error, true)
+  }
+  // A name that does not exist is a guess: it counts toward the address's breaker like a wrong
+  // password (unknown tenants under one key per address, so made-up names cannot grow the state).
+  const notFound = (breakerKey: string) => {
+    if (breaker.addressBlocked(breakerKey, log.peer_ip)) {
+      events.loginFailed(identity.tenant, "none", "ECIRCUITBREAKER")
+      return new Refusal(
+        withoutStack(() => tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)),
+        false
+      )
     }
-    // A name that does not exist is a guess: it counts toward the address's breaker like a wrong
-    // password (unknown tenants under one key per address, so made-up names cannot grow the state).
-    const tenantName = identity.tenant
-    const notFound = (breakerKey: string) =>
-      Effect.gen(function* () {
-        if (yield* breaker.isAddressBlocked(breakerKey, log.peer_ip)) {
-          events.loginFailed(identity.tenant, "none", "ECIRCUITBREAKER")
-          return yield* tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)
-        }
-        if (yield* breaker.authFailed(breakerKey, log.peer_ip)) yield* logBlocked(log, breakerKey)
-        return yield* refuse(tidepoolError("ENOTFOUND", identity.user, tenantName))
-      })
-    const tenant = tenants.get(identity.tenant)
-    if (tenant === undefined) return yield* notFound(UNKNOWN_TENANTS)
-    const ban = banOf(tenant)
-    if (ban !== undefined) return yield* refuse(ban)
-    // Before the user lookup, so an address outside the allow list learns nothing about the users.
-    if (!isAllowed(allowListFor(tenant), log.peer_ip)) {
-      return yield* refuse(tidepoolError("EADDRNOTALLOWED", log.peer_ip))
-    }
-    const users = matchUsers(tenant, identity.user)
-    if (users.length > 1) return yield* refuse(tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant))
-    const user = users[0]
-    if (user === undefined) return yield* notFound(tenant.external_id)
-    if (tenant.enforce_ssl && client.tls === undefined) {
-      return yield* refuse(tidepoolError("ESSLREQUIRED", identity.user))
-    }
+    const tripped = breaker.addressFailed(breakerKey, log.peer_ip)
+    events.loginFailed(identity.tenant, "none", "ENOTFOUND")
+    return new Refusal(
+      withoutStack(() => tidepoolError("ENOTFOUND", identity.user, identity.tenant!)),
+      true,
+      tripped ? breakerKey : undefined
+    )
+  }
+  const tenant = tenants.get(identity.tenant)
+  if (tenant === undefined) return notFound(UNKNOWN_TENANTS)
+  const ban = withoutStack(() => banOf(tenant))
+  if (ban !== undefined) return refuse(ban)
+  // Before the user lookup, so an address outside the allow list learns nothing about the users.
+  if (!allowed(tenant, log.peer_ip)) return refuse(withoutStack(() => tidepoolError("EADDRNOTALLOWED", log.peer_ip)))
+  const users = matchUsers(tenant, identity.user)
+  if (users.length > 1)
+    return refuse(withoutStack(() => tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant!)))
+  const user = users[0]
+  if (user === undefined) return notFound(tenant.external_id)
+  if (tenant.enforce_ssl && client.tls === undefined)
+    return refuse(withoutStack(() => tidepoolError("ESSLREQUIRED", identity.user)))
+  return { tenant, user, identity }
+}
 
-    const tls = client.tls
-    const method =
-      tenant.use_jit && tls !== undefined ? "cleartext" : tenant.require_user ? "scram-sha-256" : "auth_query"
-    const credentials = yield* authenticateClient(client, tenant, user, identity.user, log.peer_ip, {
+/** A refusal's answer: after the failure delay for those that depend on what exists. */
+const refused = (login: Login, refusal: Refusal): Effect.Effect<never, TidepoolError> => {
+  if (!refusal.delayed) return Effect.fail(refusal.error)
+  login.client.stopReading()
+  const answer = Effect.andThen(Effect.sleep(login.services.config.authFailureDelayMs), Effect.fail(refusal.error))
+  return refusal.tripped === undefined ? answer : Effect.andThen(logBlocked(login.log, refusal.tripped), answer)
+}
+
+type Handshaken = Authenticated | { readonly admin: Effect.Success<ReturnType<typeof authenticateAdmin>> }
+
+const handshake = (
+  login: Login,
+  startup: Readonly<Record<string, string>>
+): Effect.Effect<
+  Handshaken,
+  TidepoolError,
+  Effect.Services<ReturnType<typeof authenticateClient>> | Effect.Services<ReturnType<typeof authenticateAdmin>>
+> => {
+  const { client, log, services } = login
+  if (isAdminDatabase(startup.database)) {
+    log.user = startup.user
+    return Effect.map(authenticateAdmin(client, startup, log.peer_ip), (admin) => ({ admin }))
+  }
+  const identified = identify(login, startup)
+  if (identified instanceof Refusal) return refused(login, identified)
+  const { tenant, user, identity } = identified
+  const tls = client.tls
+  const method =
+    tenant.use_jit && tls !== undefined ? "cleartext" : tenant.require_user ? "scram-sha-256" : "auth_query"
+  return Effect.matchEffect(
+    authenticateClient(client, tenant, user, identity.user, log.peer_ip, {
       tls: tls !== undefined,
       channelBinding: tls === undefined ? undefined : channelBindingOf(tls),
       jit: identity.jit
-    }).pipe(Effect.tapError((error) => Effect.sync(() => events.loginFailed(tenant.external_id, method, error.code))))
-    events.loginSucceeded(tenant.external_id, identity.user, method)
-
-    const settings = new Map<string, string>()
-    for (const [name, value] of identity.settings) if (FORWARDED_PARAMETERS.has(name)) settings.set(name, value)
-    for (const [name, value] of Object.entries(startup)) {
-      const lower = name.toLowerCase()
-      if (FORWARDED_PARAMETERS.has(lower)) settings.set(lower, value)
+    }),
+    {
+      onFailure: (error) => {
+        services.events.loginFailed(tenant.external_id, method, error.code)
+        return Effect.fail(error)
+      },
+      onSuccess: (credentials) => {
+        services.events.loginSucceeded(tenant.external_id, identity.user, method)
+        const settings = new Map<string, string>()
+        for (const [name, value] of identity.settings) if (FORWARDED_PARAMETERS.has(name)) settings.set(name, value)
+        for (const name in startup) {
+          const lower = name.toLowerCase()
+          if (FORWARDED_PARAMETERS.has(lower)) settings.set(lower, startup[name]!)
+        }
+        return Effect.succeed({
+          tenant,
+          user,
+          identity,
+          credentials,
+          database: identity.database ?? tenant.db_database,
+          settings
+        } satisfies Authenticated)
+      }
     }
-    return {
-      tenant,
-      user,
-      identity,
-      credentials,
-      database: identity.database ?? tenant.db_database,
-      settings
-    } satisfies Authenticated
-  })
+  )
+}
 
 /**
  * Lends a server to a logged-in client. The wait is given up as soon as the client leaves, so a
@@ -417,7 +607,7 @@ const attachSession = (live: LiveSession, startup: ReadonlyMap<string, string>) 
       live.held = server
     })
     yield* applySettings(server, startup)
-    return { settings: undefined, reported: [...server.parameters] }
+    return { settings: undefined, reported: [...server.parameters] } satisfies Attached
   })
 
 /**
@@ -425,30 +615,45 @@ const attachSession = (live: LiveSession, startup: ReadonlyMap<string, string>) 
  * the pool's parameters (first client) or to check startup settings no server of the pool has
  * accepted yet. Everything else comes from the pool's pristine parameters.
  */
-const attachTransaction = (client: ClientSocket, pool: TenantPool, startup: ReadonlyMap<string, string>) =>
-  Effect.gen(function* () {
-    let unchecked = pool.parameters === undefined
-    for (const [name, value] of startup) if (!pool.knownSettings.has(`${name}=${value}`)) unchecked = true
-    if (unchecked) {
-      let lent: ServerConnection | undefined
-      yield* lendToClient(client, pool, (server) => {
-        lent = server
-      }).pipe(
-        Effect.flatMap((server) => applySettings(server, startup)),
-        Effect.onExit(() =>
-          Effect.sync(() => {
-            if (lent !== undefined) pool.release(lent)
-          })
-        )
-      )
+const attachTransaction = (
+  client: ClientSocket,
+  pool: TenantPool,
+  startup: ReadonlyMap<string, string>
+): Effect.Effect<Attached, TidepoolError> => {
+  let unchecked = pool.parameters === undefined
+  for (const [name, value] of startup) if (!pool.knownSettings.has(`${name}=${value}`)) unchecked = true
+  // The usual login: the pool knows its parameters and has seen these settings. No Effect step.
+  if (!unchecked) return Effect.succeed(transactionSettings(pool, startup))
+  let lent: ServerConnection | undefined
+  return lendToClient(client, pool, (server) => {
+    lent = server
+  }).pipe(
+    Effect.flatMap((server) => applySettings(server, startup)),
+    Effect.onExit(() =>
+      Effect.sync(() => {
+        if (lent !== undefined) pool.release(lent)
+      })
+    ),
+    Effect.map(() => {
       // Bounded: a pool seeing endless distinct application_names re-checks rather than grows.
       if (pool.knownSettings.size > 1000) pool.knownSettings.clear()
       for (const [name, value] of startup) pool.knownSettings.add(`${name}=${value}`)
-    }
-    const pristine = pool.parameters ?? new Map<string, string>()
-    const settings = clientSettings(pristine, startup)
-    return { settings, reported: reportedParameters(pristine, settings) }
-  })
+      return transactionSettings(pool, startup)
+    })
+  )
+}
+
+const transactionSettings = (pool: TenantPool, startup: ReadonlyMap<string, string>): Attached => {
+  const pristine = pool.parameters ?? new Map<string, string>()
+  const settings = clientSettings(pristine, startup)
+  return { settings, reported: reportedParameters(pristine, settings) }
+}
+
+/** What the greeting needs from attaching: the relay's settings (transaction mode) and the ParameterStatus to report. */
+interface Attached {
+  readonly settings: Map<string, string> | undefined
+  readonly reported: Iterable<readonly [string, string]>
+}
 
 /**
  * A logged-in client, from its admission to its pool to its end: what it holds (its place in the
@@ -742,23 +947,13 @@ interface RelayOptions {
  * greets it and starts its relay. Whatever ends it before the greeting gives back what it took (the
  * caller tells the client why); after the greeting the LiveSession holds it all.
  */
-const attach = (
-  client: ClientSocket,
-  auth: Authenticated,
-  mode: PoolMode,
-  startedAt: number,
-  supervisor: SessionSupervisor,
-  ticket: LoginTicket,
-  level: LogLevel.LogLevel | undefined
-) =>
-  Effect.gen(function* () {
-    const config = yield* AppConfig
-    const registry = yield* PoolRegistry
-    const sessions = yield* SessionRegistry
-    const upstreamTls = yield* UpstreamTls
-    const { tenant, user, database, credentials } = auth
-    const size = userPoolSize(tenant, user)
-    const pool = yield* registry.get({
+const attach = (login: Login, auth: Authenticated, level: LogLevel.LogLevel | undefined) => {
+  const { client, mode, startedAt, supervisor, ticket } = login
+  const { config, registry, sessions, upstreamTls, tenants } = login.services
+  const { tenant, user, database, credentials } = auth
+  const size = userPoolSize(tenant, user)
+  return Effect.flatMap(
+    registry.get({
       key: poolKey(tenant.external_id, credentials.poolUser, mode, database),
       tenant: tenant.external_id,
       user: credentials.upstream.user,
@@ -783,47 +978,53 @@ const attach = (
             ? { verify: false, ca: undefined }
             : undefined)
       }
-    })
-    const refused = pool.admit()
-    if (refused !== undefined) return yield* refused
-    const live = new LiveSession(
-      client,
-      pool,
-      tenant.external_id,
-      auth.identity.user,
-      auth.settings.get("application_name") ?? "",
-      startedAt,
-      sessions,
-      supervisor,
-      level
-    )
-    const greet = Effect.gen(function* () {
-      const { settings, reported } =
-        mode === "session"
-          ? yield* attachSession(live, auth.settings)
-          : yield* attachTransaction(client, pool, auth.settings)
-      live.key = sessions.register(live)
-      // A login that ends while the pooler drains was registered too late to be drained: it is
-      // told now, as a drained client would be, instead of being greeted and then held until the
-      // timeout. Checked after registering, so a drain that starts in between has drained it anyway.
-      if (supervisor.draining()) return yield* tidepoolError("EADMINSHUTDOWN")
-      const revoked = revokedSince(yield* TenantRegistry, tenant.external_id, auth.identity.user)
-      if (revoked !== undefined) return yield* revoked
-      for (const [name, value] of reported) client.write(parameterStatus(name, value))
-      client.write(backendKeyData(live.key.processId, live.key.secretKey))
-      client.write(readyForQuery("I"))
-      pool.counters.clientConnect.observe(Date.now() - startedAt)
-      live.start(
-        settings,
-        {
-          maxMessageSize: config.maxMessageSize,
-          rename: tenant.feature_flags.prepared_statements !== false,
-          cacheSize: config.preparedCacheSize,
-          maxCount: config.maxPreparedStatements,
-          maxMemory: config.maxPreparedMemory
-        },
-        ticket
+    }),
+    (pool) => {
+      const refused = pool.admit()
+      if (refused !== undefined) return Effect.fail(refused)
+      const live = new LiveSession(
+        client,
+        pool,
+        tenant.external_id,
+        auth.identity.user,
+        auth.settings.get("application_name") ?? "",
+        startedAt,
+        sessions,
+        supervisor,
+        level
       )
-    })
-    yield* Effect.onExit(greet, (exit) => (Exit.isSuccess(exit) ? Effect.void : live.giveBack()))
-  })
+      const greet = ({ settings, reported }: Attached) => {
+        live.key = sessions.register(live)
+        // A login that ends while the pooler drains was registered too late to be drained: it is
+        // told now, as a drained client would be, instead of being greeted and then held until the
+        // timeout. Checked after registering, so a drain that starts in between has drained it anyway.
+        if (supervisor.draining()) return Effect.fail(tidepoolError("EADMINSHUTDOWN"))
+        const revoked = revokedSince(tenants, tenant.external_id, auth.identity.user)
+        if (revoked !== undefined) return Effect.fail(revoked)
+        for (const [name, value] of reported) client.write(parameterStatus(name, value))
+        client.write(backendKeyData(live.key.processId, live.key.secretKey))
+        client.write(readyForQuery("I"))
+        pool.counters.clientConnect.observe(Date.now() - startedAt)
+        live.start(
+          settings,
+          {
+            maxMessageSize: config.maxMessageSize,
+            rename: tenant.feature_flags.prepared_statements !== false,
+            cacheSize: config.preparedCacheSize,
+            maxCount: config.maxPreparedStatements,
+            maxMemory: config.maxPreparedMemory
+          },
+          ticket
+        )
+        return Effect.void
+      }
+      return Effect.onExit(
+        Effect.flatMap(
+          mode === "session" ? attachSession(live, auth.settings) : attachTransaction(client, pool, auth.settings),
+          greet
+        ),
+        (exit) => (Exit.isSuccess(exit) ? Effect.void : live.giveBack())
+      )
+    }
+  )
+}

@@ -1,8 +1,9 @@
 import * as net from "node:net"
 import { TLSSocket } from "node:tls"
 import { Effect } from "effect"
-import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
+import { renderErrorResponse, TidepoolError, tidepoolError } from "../errors/index.ts"
 import { decodeStartupPacket, ProtocolError, type StartupPacket } from "../protocol/index.ts"
+import { TLS_HANDSHAKE_RECORD } from "../tls/index.ts"
 import { ReadBuffer } from "../upstream/index.ts"
 
 /** Authentication messages are small; anything bigger is not a password or SASL exchange. */
@@ -61,9 +62,25 @@ export class ClientSocket {
   /** An SSLRequest was answered; PostgreSQL allows one per connection. */
   sslRequested = false
 
-  /** The client's socket; after a TLS upgrade, the TLS socket wrapping the original one. */
-  constructor(public socket: net.Socket) {
-    socket.on("data", this.onData)
+  /**
+   * The handshake reads through the shared `ReadBuffer` (`onread`) rather than 'data' events: set
+   * when the connection cannot upgrade to TLS (no certificate when it was accepted), so its socket
+   * is never wrapped. Each read is copied out of the shared buffer (a handshake's are small), and
+   * none goes through the stream machinery (its push, 'data' event and next-tick read-ahead).
+   */
+  readonly sharedReads: boolean
+
+  /**
+   * The client's socket; after a TLS upgrade, the TLS socket wrapping the original one. With
+   * `plaintext` (no TLS is possible for this connection), its reads go through the shared read
+   * buffer from the start (`sharedReads`).
+   */
+  constructor(
+    public socket: net.Socket,
+    plaintext = false
+  ) {
+    this.sharedReads = plaintext && socket.readableLength === 0 && readInto(socket, this.onSharedRead)
+    if (!this.sharedReads) socket.on("data", this.onData)
     socket.on("close", this.onClose)
     socket.on("error", this.onError)
   }
@@ -76,6 +93,11 @@ export class ClientSocket {
   /** Bytes received and not yet read. */
   get readAhead(): number {
     return this.buffered.length
+  }
+
+  /** The first unread byte (when `readAhead` > 0). */
+  get firstByte(): number {
+    return this.buffered[0]!
   }
 
   /** Continues the control-plane phase on `socket` (the TLS socket that wraps the detached one). */
@@ -94,6 +116,18 @@ export class ClientSocket {
     this.buffered = this.buffered.length === 0 ? chunk : Buffer.concat([this.buffered, chunk])
     if (this.buffered.length >= READ_AHEAD_LIMIT) this.socket.pause()
     this.notify()
+  }
+  /** `sharedReads`: a read into the shared buffer, copied out before the next read overwrites it. */
+  private readonly onSharedRead = (bytes: number, buffer: Uint8Array): boolean => {
+    const view = (buffer as Buffer).subarray(0, bytes)
+    this.buffered = this.buffered.length === 0 ? Buffer.from(view) : Buffer.concat([this.buffered, view])
+    if (this.buffered.length >= READ_AHEAD_LIMIT) this.socket.pause()
+    this.notify()
+    return true
+  }
+  /** Reads nothing more into this object (`sharedReads`): a lingering close's reads are dropped. */
+  private stopSharedReads(): void {
+    if (this.sharedReads) readInto(this.socket, drop)
   }
   private readonly onClose = () => {
     this.closed = true
@@ -115,17 +149,37 @@ export class ClientSocket {
     return normalizeAddress(this.socket.remoteAddress ?? "")
   }
 
-  /** Waits until more bytes arrive; fails with ECLIENTSOCKETCLOSED when the client went away. */
-  private get more(): Effect.Effect<void, TidepoolError> {
-    return Effect.callback<void, TidepoolError>((resume) => {
+  /**
+   * Resumes with `take`'s first answer (a `TidepoolError` fails the read): at once when the bytes
+   * held already answer it, which is the usual case (a message has nearly always arrived whole),
+   * else tried again as bytes arrive. One `Effect.callback` per read, no generator and no Effect
+   * per arrival: each step of the fiber's loop is CPU a login pays for (docs/login-path.md).
+   * Fails with ECLIENTSOCKETCLOSED when the client went away before `take` had its answer.
+   */
+  private until<A>(take: (self: ClientSocket) => A | TidepoolError | undefined): Effect.Effect<A, TidepoolError> {
+    return Effect.callback<A, TidepoolError>((resume) => {
+      const answered = (): boolean => {
+        const result = take(this)
+        if (result === undefined) return false
+        resume(result instanceof TidepoolError ? Effect.fail(result) : Effect.succeed(result))
+        return true
+      }
+      if (answered()) return
       // The client answers only what it has received.
       this.flush()
-      if (this.closed) {
-        resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
-        return
+      const wait = (): boolean => {
+        if (this.closed) {
+          resume(Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")))
+          return false
+        }
+        this.wake = wake
+        if (this.socket.isPaused()) this.socket.resume()
+        return true
       }
-      this.wake = () => resume(this.closed ? Effect.fail(tidepoolError("ECLIENTSOCKETCLOSED")) : Effect.void)
-      if (this.socket.isPaused()) this.socket.resume()
+      const wake = (): void => {
+        if (!answered()) wait()
+      }
+      if (!wait()) return
       return Effect.sync(() => {
         this.wake = undefined
       })
@@ -150,49 +204,51 @@ export class ClientSocket {
 
   /** The first unread byte, waiting for it if need be (a TLS ClientHello starts with 0x16). */
   get peek(): Effect.Effect<number, TidepoolError> {
-    return Effect.gen({ self: this }, function* () {
-      while (this.buffered.length === 0) yield* this.more
-      return this.buffered[0]!
-    })
+    return this.until(takeFirstByte)
   }
 
   get readStartup(): Effect.Effect<StartupPacket, TidepoolError> {
-    return Effect.gen({ self: this }, function* () {
-      for (;;) {
-        const result = decodeStartupPacket(this.buffered)
-        if (result instanceof ProtocolError) {
-          return yield* result.reason === "StartupPacketTooLarge"
-            ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
-            : tidepoolError("ESTARTUPMESSAGE", result.message)
-        }
-        if (result !== undefined) {
-          this.buffered = this.buffered.subarray(result.consumed)
-          return result.packet
-        }
-        yield* this.more
-      }
-    })
+    return this.until(takeStartup)
+  }
+
+  /**
+   * The connection's first packet, or `DIRECT_TLS` when its first byte opens a TLS handshake
+   * (PostgreSQL 17's direct TLS; nothing is consumed then): one read for what `peek` and
+   * `readStartup` would take two for.
+   */
+  get readFirst(): Effect.Effect<StartupPacket | typeof DIRECT_TLS, TidepoolError> {
+    return this.until(takeFirst)
   }
 
   /** Reads one typed message during authentication (PasswordMessage/SASL responses are all 'p'). */
   get readMessage(): Effect.Effect<{ readonly type: number; readonly body: Buffer }, TidepoolError> {
-    return Effect.gen({ self: this }, function* () {
-      for (;;) {
-        if (this.buffered.length >= 5) {
-          const length = this.buffered.readInt32BE(1)
-          if (length < 4 || length > MAX_AUTH_MESSAGE) {
-            return yield* tidepoolError("EAUTHPROTOCOL", `invalid message length ${length}`)
-          }
-          if (this.buffered.length >= 1 + length) {
-            const type = this.buffered[0]!
-            const body = this.buffered.subarray(5, 1 + length)
-            this.buffered = this.buffered.subarray(1 + length)
-            return { type, body }
-          }
-        }
-        yield* this.more
-      }
-    })
+    return this.until(takeMessage)
+  }
+
+  /** `readStartup`'s step: a whole packet from the bytes held, an error, or undefined for more. */
+  takeStartup(): StartupPacket | TidepoolError | undefined {
+    const result = decodeStartupPacket(this.buffered)
+    if (result === undefined) return undefined
+    if (result instanceof ProtocolError) {
+      return result.reason === "StartupPacketTooLarge"
+        ? tidepoolError("ESTARTUPPACKETTOOLARGE", result.size ?? 0, result.max ?? 0)
+        : tidepoolError("ESTARTUPMESSAGE", result.message)
+    }
+    this.buffered = this.buffered.subarray(result.consumed)
+    return result.packet
+  }
+
+  /** `readMessage`'s step. */
+  takeMessage(): { readonly type: number; readonly body: Buffer } | TidepoolError | undefined {
+    const buffered = this.buffered
+    if (buffered.length < 5) return undefined
+    const length = buffered.readInt32BE(1)
+    if (length < 4 || length > MAX_AUTH_MESSAGE) {
+      return tidepoolError("EAUTHPROTOCOL", `invalid message length ${length}`)
+    }
+    if (buffered.length < 1 + length) return undefined
+    this.buffered = buffered.subarray(1 + length)
+    return { type: buffered[0]!, body: buffered.subarray(5, 1 + length) }
   }
 
   /** Queues `data`; it is sent with whatever else is queued when the session next waits for the client. */
@@ -223,31 +279,33 @@ export class ClientSocket {
   fail(error: TidepoolError): void {
     this.flush()
     const socket = this.socket
-    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(renderErrorResponse(error))
+    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(rendered(error))
     else socket.end()
     socket.off("data", this.onData)
+    this.stopSharedReads()
     linger(socket)
   }
 
   /**
    * Ends the control-plane phase: returns the bytes read ahead, which belong to the relay, and how
-   * the relay reads from now on. A plaintext connection moves to a socket that reads into the
-   * shared `ReadBuffer` (the relay then copies what it keeps); Node's net.Server cannot make its
-   * sockets that way, so the accepted socket's handle is handed to a new `net.Socket`, which is safe
-   * only while nothing is queued on either side of the old one and neither side has ended.
-   * Otherwise (TLS, bytes queued, a client already gone) the socket stays and 'data' events carry
-   * the reads (`reads` undefined).
+   * the relay reads from now on. A plaintext connection's socket switches, in place, to reading into
+   * the shared `ReadBuffer` (the relay then copies what it keeps): Node's net.Server cannot make
+   * its sockets that way, so the socket is given what the `onread` option would have given it
+   * (`useReadBuffer`). Safe only while nothing is queued in the socket's stream and neither side has
+   * ended. Otherwise (TLS, bytes queued, a client already gone) the socket stays as it is and 'data'
+   * events carry the reads (`reads` undefined).
    *
    * Still Node internals on Node 24 (checked on 24.21): `net.createServer` takes no `onread`, and
-   * the only public `handle` a `net.Socket` accepts is a `net.BoundSocket`, an unconnected socket
-   * bound before connect or listen, not an accepted one. So `_handle` is used, guarded: a Node
-   * whose handle has no `readStop` keeps the 'data' path (test/unit/session/ClientSocket.test.ts
-   * covers both paths).
+   * no public API turns an accepted socket's reads into `onread` reads. So the socket's own `onread`
+   * fields (`kBuffer`, `kBufferCb`) and its handle's `useUserBuffer` are used, guarded: a Node
+   * without them moves the handle to a new `net.Socket` made with `onread` (one more socket per
+   * client), and a Node whose handle has no `readStop` keeps the 'data' path
+   * (test/unit/session/ClientSocket.test.ts covers the paths).
    */
   takeOver(): { readonly readAhead: Buffer; readonly reads: ReadBuffer | undefined } {
     this.handedOver = true
     const readAhead = this.detach()
-    const old = this.socket as net.Socket & { _handle?: { readStop?: unknown } | null }
+    const old = this.socket as net.Socket & { _handle?: NodeHandle | null }
     const handle = old._handle
     if (
       old instanceof TLSSocket ||
@@ -266,6 +324,12 @@ export class ClientSocket {
       return { readAhead, reads: undefined }
     }
     const reads = ReadBuffer.shared()
+    if (this.sharedReads && readInto(old, reads.onread.callback)) {
+      // Paused at the read-ahead limit: the relay reads on from here.
+      if (old.isPaused()) old.resume()
+      return { readAhead, reads }
+    }
+    if (useReadBuffer(old, handle, reads)) return { readAhead, reads }
     const moved = new net.Socket({ handle, onread: reads.onread } as net.SocketConstructorOpts)
     // The old socket lets go of the handle (destroying it now closes nothing) and, being destroyed,
     // no longer counts as one of its server's connections.
@@ -284,6 +348,7 @@ export class ClientSocket {
     // Before the TLS handshake (its `S`) or the relay's first write (the greeting).
     this.flush()
     this.socket.off("data", this.onData)
+    this.stopSharedReads()
     this.socket.off("close", this.onClose)
     // An empty view still holds the chunk it was cut from, which the relay would keep alive.
     const rest = this.buffered.length === 0 ? EMPTY : this.buffered
@@ -292,6 +357,102 @@ export class ClientSocket {
   }
 }
 
+/**
+ * Refusals' ErrorResponses, rendered once per distinct error: a guessing client gets the same
+ * wrong-password or unknown-name error again and again. Bounded (cleared when full); errors with a
+ * detail or hint (an upstream's own) are rendered each time.
+ */
+const renderedErrors = new Map<string, Buffer>()
+const RENDERED_ERRORS_MAX = 1000
+
+const rendered = (error: TidepoolError): Buffer => {
+  if (error.detail !== undefined || error.hint !== undefined) return renderErrorResponse(error)
+  const key = `${error.code}\u0000${error.sqlstate}\u0000${error.severity}\u0000${error.message}`
+  let response = renderedErrors.get(key)
+  if (response === undefined) {
+    response = renderErrorResponse(error)
+    if (renderedErrors.size >= RENDERED_ERRORS_MAX) renderedErrors.clear()
+    renderedErrors.set(key, response)
+  }
+  return response
+}
+
 /** `::ffff:1.2.3.4` → `1.2.3.4`, so allow lists and logs speak IPv4 for IPv4 clients. */
 export const normalizeAddress = (address: string): string =>
   address.startsWith("::ffff:") && address.includes(".") ? address.slice(7) : address
+
+/** `ClientSocket.readFirst`: the connection opens with a TLS handshake record. */
+export const DIRECT_TLS = "direct TLS" as const
+
+// Module-level, so a read allocates no closure for its step.
+const takeFirstByte = (self: ClientSocket): number | undefined => (self.readAhead === 0 ? undefined : self.firstByte)
+const takeStartup = (self: ClientSocket) => self.takeStartup()
+const takeMessage = (self: ClientSocket) => self.takeMessage()
+const takeFirst = (self: ClientSocket): StartupPacket | typeof DIRECT_TLS | TidepoolError | undefined =>
+  self.readAhead === 0 ? undefined : self.firstByte === TLS_HANDSHAKE_RECORD ? DIRECT_TLS : self.takeStartup()
+
+/** What `takeOver` uses of a socket's native handle. */
+interface NodeHandle {
+  readonly readStop?: unknown
+  readonly useUserBuffer?: unknown
+  readonly reading?: boolean
+}
+
+/**
+ * The fields a `net.Socket` made with the `onread` option keeps it in (Node's `kBuffer` and
+ * `kBufferCb` symbols, found by their descriptions on a socket made for the purpose), or undefined
+ * on a Node that has none.
+ */
+const onreadFields = ((): { readonly buffer: symbol; readonly callback: symbol } | undefined => {
+  const symbols = Object.getOwnPropertySymbols(new net.Socket())
+  const buffer = symbols.find((s) => s.description === "kBuffer")
+  const callback = symbols.find((s) => s.description === "kBufferCb")
+  return buffer === undefined || callback === undefined ? undefined : { buffer, callback }
+})()
+
+/**
+ * Makes `socket` read into `reads` from now on, as if it had been made with `reads.onread`: what
+ * Node's Socket constructor and `initSocketHandle` do with that option, done to an accepted socket
+ * (one `net.Socket` per client instead of a second one made at `takeOver`). False, changing
+ * nothing, when this Node does not keep them where expected.
+ */
+const useReadBuffer = (socket: net.Socket, handle: NodeHandle, reads: ReadBuffer): boolean => {
+  const fields = onreadFields
+  if (fields === undefined || typeof handle.useUserBuffer !== "function") return false
+  const fieldsOf = socket as unknown as Record<symbol, unknown>
+  if (fieldsOf[fields.buffer] !== null || fieldsOf[fields.callback] !== null) return false
+  const { buffer, callback } = reads.onread
+  fieldsOf[fields.buffer] = buffer
+  fieldsOf[fields.callback] = callback
+  ;(handle.useUserBuffer as (buffer: Uint8Array) => void).call(handle, buffer as Uint8Array)
+  // A socket paused at the read-ahead limit may have stopped its handle's reads; `resume` on a
+  // socket with `onread` fields starts them again. One still reading (a socket just accepted) is
+  // left alone: `resume` would cost it a next-tick flow for nothing.
+  if (handle.reading !== true) socket.resume()
+  return true
+}
+
+const drop = (_bytes: number, _buffer: Uint8Array): boolean => true
+
+/**
+ * Reads of `socket` go to `callback`, through the shared read buffer: the first call switches an
+ * accepted socket to it (`useReadBuffer`), later ones only change who gets the reads (the relay at
+ * `takeOver`, nobody once the login has ended). False, changing nothing, when this Node does not
+ * keep a socket's `onread` fields where expected.
+ */
+const readInto = (socket: net.Socket, callback: (bytes: number, buffer: Uint8Array) => boolean): boolean => {
+  const fields = onreadFields
+  if (fields === undefined) return false
+  const fieldsOf = socket as unknown as Record<symbol, unknown>
+  if (fieldsOf[fields.buffer] !== null) {
+    fieldsOf[fields.callback] = callback
+    return true
+  }
+  const handle = (socket as net.Socket & { _handle?: NodeHandle | null })._handle
+  if (handle === undefined || handle === null || typeof handle.readStop !== "function") return false
+  const reads = ReadBuffer.shared()
+  // The callback is set before the switch, which is the one `useReadBuffer` gives the socket.
+  if (!useReadBuffer(socket, handle, reads)) return false
+  fieldsOf[fields.callback] = callback
+  return true
+}

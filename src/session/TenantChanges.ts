@@ -127,15 +127,38 @@ export class TenantChanges extends Context.Service<TenantChanges>()("tidepool/Te
         return n
       })
 
+    // A terminate sent by another process sharing the PostgreSQL store (another host, or another
+    // worker of this one).
+    yield* tenants.onTerminate((id) =>
+      Effect.gen(function* () {
+        const n = yield* terminateHere(id)
+        yield* Effect.logInfo(`tenant terminated by another node: ${n} client(s) disconnected`).pipe(
+          Effect.annotateLogs({ tenant: id })
+        )
+      })
+    )
+
     return {
-      /** GET …/terminate: stops every pool of the tenant and ends its clients (57P01). */
+      /**
+       * GET …/terminate: stops every pool of the tenant and ends its clients (57P01), here and on
+       * every node sharing the store (docs/api.md). `disconnected` counts this process's clients only.
+       */
       terminate: (id: string) =>
         Effect.gen(function* () {
-          const n = yield* terminateHere(id)
-          if (Option.isSome(peers)) peers.value.terminated(id)
-          return n
-        }),
-      /** A terminate another worker of this host ran (worker mode). */
+          const disconnected = yield* terminateHere(id)
+          // With a PostgreSQL store every worker of every host hears the store's notification, this
+          // host's other workers included; the supervisor carries it only where the store cannot
+          // (SQLite, or the notification failed), so no worker runs it twice.
+          const reach = yield* tenants.broadcastTerminate(id)
+          if (reach._tag !== "store" && Option.isSome(peers)) peers.value.terminated(id)
+          if (reach._tag === "failed") {
+            yield* Effect.logWarning(`tenant terminated on this node only: ${reach.message}`).pipe(
+              Effect.annotateLogs({ tenant: id })
+            )
+          }
+          return { disconnected, reach }
+        }).pipe(Effect.withSpan("tenants.terminate", { attributes: { "tidepool.tenant": id } })),
+      /** A terminate another worker of this host ran (worker mode, through the supervisor). */
       terminateHere
     } as const
   })

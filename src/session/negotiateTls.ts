@@ -25,7 +25,8 @@ const SSL_NO = Buffer.from("N")
 export const acceptDirectTls = (client: ClientSocket, downstream: Context.Service.Shape<typeof DownstreamTls>) =>
   Effect.gen(function* () {
     if ((yield* client.peek) !== TLS_HANDSHAKE_RECORD) return
-    const context = downstream.context()
+    // A connection accepted without a certificate stays plaintext (`ClientSocket.sharedReads`).
+    const context = client.sharedReads ? undefined : downstream.context()
     if (context === undefined) {
       client.socket.destroy()
       return yield* tidepoolError("ESSLHANDSHAKE", "direct TLS connection, but no certificate is configured")
@@ -55,7 +56,8 @@ export const answerSslRequest = (client: ClientSocket, downstream: Context.Servi
     // middle (CVE-2021-23214): refuse them rather than read them as the client's.
     if (client.readAhead > 0)
       return yield* tidepoolError("ESTARTUPMESSAGE", "received unencrypted data after SSL request")
-    const context = downstream.context()
+    // A connection accepted without a certificate stays plaintext (`ClientSocket.sharedReads`).
+    const context = client.sharedReads ? undefined : downstream.context()
     if (context === undefined) {
       client.write(SSL_NO)
       return

@@ -39,7 +39,8 @@ const jsonLogger = Logger.make(({ logLevel, message, date, cause, fiber }) => {
   const annotations = fiber.getRef(References.CurrentLogAnnotations)
   for (const key of FIELDS) {
     const v = annotations[key]
-    if (v !== undefined) line[key] = render(v)
+    // A string is never Redacted: the usual field skips the check.
+    if (v !== undefined) line[key] = typeof v === "string" ? v : render(v)
   }
   if (cause.reasons.length > 0) line.cause = Cause.pretty(cause)
   // The innermost log span is the last one.

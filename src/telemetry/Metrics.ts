@@ -1,7 +1,8 @@
 import { monitorEventLoopDelay } from "node:perf_hooks"
-import { Context, Effect, Layer, Option } from "effect"
+import { Context, Effect, Layer, Option, Result } from "effect"
 import type { Gathered } from "../cluster/HostViews.ts"
 import { HostViews } from "../cluster/HostViews.ts"
+import { type OwnView, type StoreViewError, storeViews } from "../cluster/StoreViews.ts"
 import { LATENCY_BUCKETS_SECONDS, type LatencyHistogram, PoolRegistry, type TenantPool } from "../pool/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
 import { EventCounters, type LabelledCounts } from "./EventCounters.ts"
@@ -307,6 +308,84 @@ export const mergeExpositions = (gathered: Gathered, tenant?: string): string =>
 }
 
 /**
+ * Cluster mode (docs/observability.md#cluster-mode): this host's runner as the store ledger has it,
+ * read at scrape time. Each host exports only its own runner, so a sum over hosts in PromQL is the
+ * whole ledger (the store is never counted twice). `own` is undefined when the store could not be
+ * read: then only `tidepool_cluster_store_up 0`, every family still declared.
+ */
+const clusterSeries = (out: Exposition, own: OwnView | undefined, tenant: string | undefined) => {
+  if (tenant === undefined) {
+    out.family(
+      "tidepool_cluster_store_up",
+      "gauge",
+      "1 if this scrape read this host's runner from the tenant store (cluster mode), within 2 s."
+    )
+    out.sample("tidepool_cluster_store_up", "", own === undefined ? 0 : 1)
+    out.family(
+      "tidepool_cluster_runner_registered",
+      "gauge",
+      "1 if the store ledger has this host's runner; 0 after another runner reclaimed it (until it registers again)."
+    )
+    if (own !== undefined) out.sample("tidepool_cluster_runner_registered", "", own.registered ? 1 : 0)
+    out.family(
+      "tidepool_cluster_store_connected",
+      "gauge",
+      "1 if this host's runner has its store session, as the store sees it (it holds its runner lock)."
+    )
+    if (own?.registered === true) out.sample("tidepool_cluster_store_connected", "", own.connected ? 1 : 0)
+    out.family(
+      "tidepool_cluster_lease_age_seconds",
+      "gauge",
+      "Time since this host's runner last renewed its lease, by the store's clock, in seconds."
+    )
+    if (own?.leaseAgeMs !== undefined) out.sample("tidepool_cluster_lease_age_seconds", "", own.leaseAgeMs / 1000)
+  }
+  // Rows with one label set (a JIT pool per token) are added up, as pool metrics are.
+  const byLabels = new Map<string, { held: number; want: number; keep: number | null; press: number }>()
+  for (const row of own?.permits ?? []) {
+    if (tenant !== undefined && row.tenant !== tenant) continue
+    const key = labels(POOL_LABELS, [row.tenant, row.user, row.mode, row.database])
+    const into = byLabels.get(key) ?? { held: 0, want: 0, keep: null, press: 0 }
+    into.held += row.held
+    into.want += row.want
+    if (row.keep !== null) into.keep = (into.keep ?? 0) + row.keep
+    if (row.press) into.press = 1
+    byLabels.set(key, into)
+  }
+  const family = (
+    name: string,
+    help: string,
+    value: (v: { held: number; want: number; keep: number | null; press: number }) => number | null
+  ) => {
+    out.family(name, "gauge", help)
+    for (const [labelText, v] of byLabels) {
+      const x = value(v)
+      if (x !== null) out.sample(name, labelText, x)
+    }
+  }
+  family(
+    "tidepool_cluster_permits_held",
+    "Permits of the pool this host's runner holds in the store ledger (sum over hosts: the pool's servers).",
+    (v) => v.held
+  )
+  family(
+    "tidepool_cluster_permits_wanted",
+    "Permits this host's runner asks the store ledger for beyond those it holds (its waiting clients).",
+    (v) => v.want
+  )
+  family(
+    "tidepool_cluster_permits_keep",
+    "The share the ledger tells this host to keep while another host's want is unmet (absent: no directive).",
+    (v) => v.keep
+  )
+  family(
+    "tidepool_cluster_permits_pressed",
+    "1 while the ledger presses this host to close idle servers (it wants nothing while others wait).",
+    (v) => v.press
+  )
+}
+
+/**
  * Renders Prometheus metrics from the live pools and the event counters at scrape time: nothing is
  * kept per series between scrapes, so a pool that is gone (or a deleted tenant's counters, pruned
  * here) simply disappears from the next exposition.
@@ -317,6 +396,7 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
     const tenants = yield* TenantRegistry
     const events = yield* EventCounters
     const views = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+    const ledger = yield* storeViews
     const loopDelay = yield* Effect.acquireRelease(
       Effect.sync(() => {
         // A sample every 100 ms: at 10 ms its timer alone cost an idle process about 7 ms of CPU
@@ -382,7 +462,7 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
     }
 
     /** The exposition for every tenant, or only one tenant's series (`/metrics/:tenant`, no process metrics). */
-    const render = (tenant?: string): string => {
+    const render = (tenant?: string, cluster?: Result.Result<OwnView, StoreViewError>): string => {
       events.prune()
       const out = new Exposition()
       const pools = registry.all().filter((p) => tenant === undefined || p.settings.tenant === tenant)
@@ -513,6 +593,7 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
         out.sample("tidepool_tenants_configured", "", tenants.all().length)
         processMetrics(out)
       }
+      if (cluster !== undefined) clusterSeries(out, Result.isSuccess(cluster) ? cluster.success : undefined, tenant)
       return out.text()
     }
 
@@ -524,7 +605,9 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
      */
     const scrape = (tenant?: string): Effect.Effect<string> =>
       views === undefined
-        ? Effect.sync(() => render(tenant))
+        ? ledger === undefined
+          ? Effect.sync(() => render(tenant))
+          : Effect.map(Effect.result(ledger.own), (own) => render(tenant, own))
         : Effect.map(views.gather(tenant === undefined ? "metrics" : `metrics:${tenant}`), (gathered) =>
             // The supervisor going away answers nothing: this worker's own view is better than none.
             gathered.parts.length === 0 ? render(tenant) : mergeExpositions(gathered, tenant)

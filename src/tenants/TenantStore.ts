@@ -4,7 +4,7 @@ import * as path from "node:path"
 // cluster modules, about a second of start-up for nothing.
 import * as NodeServices from "@effect/platform-node/NodeServices"
 import { PgClient, PgMigrator } from "@effect/sql-pg"
-import { Context, Data, Effect, Layer, type Option, Redacted, Schema, Stream } from "effect"
+import { Context, Data, Effect, Fiber, Layer, type Option, Redacted, Schema, Stream } from "effect"
 import { Reactivity } from "effect/reactivity"
 import { Migrator, SqlClient } from "effect/sql"
 import { formatProblem, problemsFromParseError, Tenant } from "../config/index.ts"
@@ -37,13 +37,42 @@ export interface TenantStoreShape {
    * empty for SQLite, which one node owns.
    */
   readonly changes: Stream.Stream<string, TenantStoreError>
-  /** Sends `payload` on the change channel (PostgreSQL): a listener proves it listens by hearing it. */
+  /**
+   * Sends `payload` on the change channel (PostgreSQL): a listener proves it listens by hearing it,
+   * and a tenant's terminate reaches every node with it (Tenants). Payloads with a space are never
+   * external_ids.
+   */
   readonly signal: (payload: string) => Effect.Effect<void, TenantStoreError>
+  /**
+   * PostgreSQL only: the store's client, for read-only views of the other tables kept in the store
+   * (the cluster ledger's, src/cluster/StoreViews.ts), so they need no connection of their own.
+   */
+  readonly sql?: SqlClient.SqlClient | undefined
 }
 
 export class TenantStore extends Context.Service<TenantStore, TenantStoreShape>()("tidepool/TenantStore") {}
 
 const CHANNEL = "tidepool_tenants"
+
+/**
+ * `effect`'s answer if it comes within `ms`, else `onTimeout`'s, at the deadline whatever the
+ * driver does: a store that has gone silent can hold a query (or its wait for one of the pool's
+ * connections) well past an interruption, so the query runs on in its own fiber, which is then
+ * interrupted in the background. For answers an operator waits on (API, console, scrape).
+ */
+export const withinDeadline = <A, E, B>(
+  effect: Effect.Effect<A, E>,
+  ms: number,
+  onTimeout: () => Effect.Effect<B, E>
+): Effect.Effect<A | B, E> =>
+  Effect.flatMap(Effect.forkDetach(effect), (fiber) =>
+    Fiber.join(fiber).pipe(
+      Effect.timeoutOrElse({
+        duration: ms,
+        orElse: () => Effect.andThen(Effect.forkDetach(Fiber.interrupt(fiber)), onTimeout())
+      })
+    )
+  )
 
 const migrations = Migrator.fromRecord({
   "0001_create_tenants": Effect.flatMap(
@@ -188,7 +217,8 @@ const makeSqlStore = (kind: "sqlite" | "postgres", vault: Vault, changes: Stream
           return rows.length > 0
         }),
       changes,
-      signal
+      signal,
+      ...(kind === "postgres" ? { sql } : {})
     }
     return store
   })

@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto"
 import { Context, Deferred, Effect, Layer, Option, Schedule, Semaphore, Stream } from "effect"
 import { AppConfig, type Tenant } from "../config/index.ts"
 import { TenantRegistry } from "./TenantRegistry.ts"
-import { TenantStore, type TenantStoreError } from "./TenantStore.ts"
+import { TenantStore, type TenantStoreError, withinDeadline } from "./TenantStore.ts"
 
 /** What changed in the tenant cache; listeners apply it to pools and sessions. */
 export type TenantChange =
@@ -10,6 +10,24 @@ export type TenantChange =
   | { readonly _tag: "Removed"; readonly before: Tenant }
 
 export type TenantListener = (change: TenantChange) => Effect.Effect<void>
+
+/**
+ * How far a tenant's terminate went beyond this process: `store` — every node and worker listening
+ * on the PostgreSQL store was notified; `none` — the store is SQLite, there is no other node (a
+ * host's other workers hear it from the supervisor); `failed` — the store could not send it.
+ */
+export type TerminateReach =
+  | { readonly _tag: "store" }
+  | { readonly _tag: "none" }
+  | { readonly _tag: "failed"; readonly message: string }
+
+/**
+ * The change channel's terminate message: `terminate <origin> <external_id>`. An external_id has no
+ * space, so no node takes it for a tenant to reload; `origin` is the sending process, which has
+ * terminated its own clients already.
+ */
+const TERMINATE = "terminate "
+const BROADCAST_TIMEOUT_MS = 2_000
 
 interface Cached {
   readonly tenant: Tenant
@@ -42,6 +60,8 @@ export class Tenants extends Context.Service<Tenants>()("tidepool/Tenants", {
     const byId = new Map<string, Cached>()
     const bySni = new Map<string, Tenant>()
     const listeners: Array<TenantListener> = []
+    const terminateListeners: Array<(externalId: string) => Effect.Effect<void>> = []
+    const origin = randomUUID()
     // Reloads and writes one at a time, so listeners see changes in order and diffs are exact.
     const lock = yield* Semaphore.make(1)
 
@@ -96,6 +116,15 @@ export class Tenants extends Context.Service<Tenants>()("tidepool/Tenants", {
       all: () => [...byId.values()].map((c) => c.tenant)
     }
 
+    /** Another process's terminate (`terminate <origin> <id>`): this one ends the tenant's clients too. */
+    const terminated = (payload: string): Effect.Effect<void> => {
+      const rest = payload.slice(TERMINATE.length)
+      const space = rest.indexOf(" ")
+      if (space < 0 || rest.slice(0, space) === origin) return Effect.void
+      const id = rest.slice(space + 1)
+      return Effect.forEach(terminateListeners, (l) => l(id), { discard: true })
+    }
+
     if (store.kind === "postgres") {
       // LISTEN is issued asynchronously: until this node hears its own ping, a change made elsewhere
       // could slip between the initial load and the listener. Pings carry a space, which no
@@ -103,7 +132,13 @@ export class Tenants extends Context.Service<Tenants>()("tidepool/Tenants", {
       const ping = `ping ${randomUUID()}`
       const listening = yield* Deferred.make<void>()
       yield* store.changes.pipe(
-        Stream.runForEach((id) => (id.includes(" ") ? Deferred.succeed(listening, undefined) : reload(id))),
+        Stream.runForEach((id) =>
+          id.startsWith(TERMINATE)
+            ? terminated(id)
+            : id.includes(" ")
+              ? Deferred.succeed(listening, undefined)
+              : reload(id)
+        ),
         Effect.tapError((e) => Effect.logWarning(`${e.message}; retrying`)),
         Effect.retry(Schedule.spaced("1 second")),
         Effect.forkScoped
@@ -138,6 +173,31 @@ export class Tenants extends Context.Service<Tenants>()("tidepool/Tenants", {
       registry,
       /** Runs `listener` for every later change, before the write that caused it returns. */
       onChange: (listener: TenantListener) => Effect.sync(() => void listeners.push(listener)),
+      /** Runs `listener` with the external_id of every terminate another process sends (below). */
+      onTerminate: (listener: (externalId: string) => Effect.Effect<void>) =>
+        Effect.sync(() => void terminateListeners.push(listener)),
+      /**
+       * Tells every other process sharing the PostgreSQL store (other hosts, and this host's other
+       * workers: each listens itself) to terminate the tenant as this one just did. Sent on the
+       * change channel like every tenant write, so it needs nothing but the store; a process whose
+       * listening connection is down at that moment misses it (there is nothing to reload later).
+       */
+      broadcastTerminate: (externalId: string): Effect.Effect<TerminateReach> =>
+        store.kind !== "postgres"
+          ? Effect.succeed({ _tag: "none" } as const)
+          : withinDeadline(
+              store.signal(`${TERMINATE}${origin} ${externalId}`).pipe(
+                Effect.as<TerminateReach>({ _tag: "store" }),
+                Effect.catch((e) => Effect.succeed<TerminateReach>({ _tag: "failed", message: e.message }))
+              ),
+              // A store that has gone silent must not hold the API's answer: the caller can retry.
+              BROADCAST_TIMEOUT_MS,
+              () =>
+                Effect.succeed<TerminateReach>({
+                  _tag: "failed",
+                  message: `tenant store: NOTIFY did not complete within ${BROADCAST_TIMEOUT_MS / 1000} s`
+                })
+            ).pipe(Effect.withSpan("tenants.broadcast_terminate", { attributes: { "tidepool.tenant": externalId } })),
       get: (id: string) => byId.get(id)?.tenant,
       /** Writes the tenant (keeping its ban state) and applies the change on this node. */
       put: (tenant: Tenant) =>

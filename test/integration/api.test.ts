@@ -427,7 +427,7 @@ describe("tenants through the API", () => {
     const client = await connect("term", "session")
     const ended = new Promise<Error & { code?: string }>((resolve) => client.once("error", resolve))
     const answer = await callApi(tidepool, "GET", "/api/tenants/term/terminate", { token })
-    expect(answer.json).toEqual({ result: "success" })
+    expect(answer.json).toEqual({ result: "success", disconnected: 1, reach: "this_node" })
     expect((await ended).code).toBe("57P01")
     expect((await callApi(tidepool, "GET", "/api/tenants/term/pools", { token })).json.data).toEqual([])
     expect(await connectFails("term")).toBeUndefined()

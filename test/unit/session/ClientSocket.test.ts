@@ -4,6 +4,7 @@ import { Effect } from "effect"
 import { afterEach, describe, expect, it } from "vitest"
 import { startupMessage } from "../../../src/protocol/index.ts"
 import { ClientSocket, READ_AHEAD_LIMIT } from "../../../src/session/ClientSocket.ts"
+import type { ReadBuffer } from "../../../src/upstream/index.ts"
 
 /*
  * While nobody reads (the session waits for a server, or for its refusal delay), a client that keeps
@@ -33,14 +34,39 @@ const afterData = (socket: net.Socket, done: () => boolean) =>
     socket.on("data", check)
   })
 
-describe("ClientSocket read-ahead", () => {
+/**
+ * Resolves when `done()` holds after a read of `accepted` (after the ClientSocket's own handling):
+ * a 'data' event, or with `sharedReads` a read into the shared buffer (its `onread` callback).
+ */
+const afterRead = (client: ClientSocket, accepted: net.Socket, done: () => boolean) => {
+  if (!client.sharedReads) return afterData(accepted, done)
+  const kBufferCb = Object.getOwnPropertySymbols(accepted).find((s) => s.description === "kBufferCb")!
+  const fields = accepted as unknown as Record<symbol, (bytes: number, buffer: Uint8Array) => boolean>
+  const own = fields[kBufferCb]!
+  return new Promise<void>((resolve) => {
+    fields[kBufferCb] = (bytes, buffer) => {
+      const result = own(bytes, buffer)
+      if (done()) {
+        fields[kBufferCb] = own
+        resolve()
+      }
+      return result
+    }
+  })
+}
+
+describe.each([
+  ["'data' events", false],
+  ["the shared read buffer (no TLS possible)", true]
+])("ClientSocket read-ahead, reading through %s", (_, plaintext) => {
   it("pauses at its limit while nobody reads, and the relay still gets every byte in order", async () => {
     const { accepted, peer } = await pair()
-    const client = new ClientSocket(accepted)
+    const client = new ClientSocket(accepted, plaintext)
+    expect(client.sharedReads).toBe(plaintext)
     const sent = pattern(40 * 1024 * 1024)
     const flushed = new Promise<void>((resolve) => peer.write(sent, () => resolve()))
     // Unbounded, the socket reads all 40 MB (nobody reads them); bounded, it pauses at the limit.
-    await afterData(accepted, () => accepted.isPaused() || accepted.bytesRead >= 8 * 1024 * 1024)
+    await afterRead(client, accepted, () => accepted.isPaused() || accepted.bytesRead >= 8 * 1024 * 1024)
     expect(accepted.isPaused()).toBe(true)
     expect(client.readAhead).toBeGreaterThanOrEqual(READ_AHEAD_LIMIT)
     expect(client.readAhead).toBeLessThanOrEqual(HELD_AT_MOST)
@@ -48,6 +74,7 @@ describe("ClientSocket read-ahead", () => {
 
     // The relay's turn: what was held comes first, then the rest as it arrives.
     const { readAhead, reads } = client.takeOver()
+    if (plaintext) expect(client.socket).toBe(accepted)
     const received: Array<Buffer> = [Buffer.from(readAhead)]
     let total = readAhead.length
     const all = new Promise<void>((resolve) => {
@@ -66,12 +93,47 @@ describe("ClientSocket read-ahead", () => {
 
   it("reads again when a read needs more than the held bytes", async () => {
     const { accepted, peer } = await pair()
-    const client = new ClientSocket(accepted)
+    const client = new ClientSocket(accepted, plaintext)
     client.stopReading()
     // A startup packet whose parameters arrive only after the socket was paused.
     peer.write(startupMessage({ user: "app.acme", database: "postgres" }))
     const packet = await Effect.runPromise(client.readStartup)
     expect(packet._tag).toBe("StartupMessage")
+  })
+
+  it("keeps the bytes it holds when the next read arrives (the shared buffer is reused by every read)", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted, plaintext)
+    const packet = startupMessage({ user: "first-half.acme", database: "second-half" })
+    const cut = 20
+    // The first part is read and held; the second arrives in a later read, into the same buffer.
+    const held = afterRead(client, accepted, () => client.readAhead >= cut)
+    peer.write(packet.subarray(0, cut))
+    await held
+    peer.write(packet.subarray(cut))
+    const read = await Effect.runPromise(client.readStartup)
+    expect(read._tag === "StartupMessage" && read.parameters).toEqual({
+      user: "first-half.acme",
+      database: "second-half"
+    })
+  })
+
+  it("hands the relay what arrived with the last handshake message, then the rest, through one socket", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted, plaintext)
+    // A startup packet and the first query in one segment, as a pipelining client sends them.
+    peer.write(Buffer.concat([startupMessage({ user: "app.acme" }), Buffer.from("Q-first")]))
+    const packet = await Effect.runPromise(client.readStartup)
+    expect(packet._tag).toBe("StartupMessage")
+    const { readAhead, reads } = client.takeOver()
+    expect(client.socket).toBe(accepted)
+    expect(readAhead.toString()).toBe("Q-first")
+    expect(reads).toBeDefined()
+    const next = new Promise<string>((resolve) => {
+      reads!.sink = (chunk) => resolve(chunk.toString())
+    })
+    peer.write("Q-second")
+    expect(await next).toBe("Q-second")
   })
 })
 
@@ -102,14 +164,11 @@ const pair = async () => {
 }
 
 describe("ClientSocket.takeOver", () => {
-  it("moves a plaintext connection to a ReadBuffer socket that reads, writes and hears the close", async () => {
-    const { accepted, peer } = await pair()
-    const client = new ClientSocket(accepted)
-    const { readAhead, reads } = client.takeOver()
-    expect(readAhead.length).toBe(0)
+  /** Reads through the ReadBuffer, writes, and hears the client's close. */
+  const relays = async (client: ClientSocket, peer: net.Socket, reads: ReadBuffer | undefined) => {
     expect(reads).toBeDefined()
-    expect(client.socket).not.toBe(accepted)
     const received: Array<string> = []
+    // A 'data' listener would put the socket back into stream reads: none here.
     reads!.sink = (chunk) => received.push(chunk.toString())
     peer.write("ping")
     const echoed = once(peer, "data")
@@ -119,6 +178,27 @@ describe("ClientSocket.takeOver", () => {
     peer.end()
     await closed
     expect(received.join("")).toBe("ping")
+  }
+
+  it("switches a plaintext connection's own socket to ReadBuffer reads: one socket per client", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted)
+    const { readAhead, reads } = client.takeOver()
+    expect(readAhead.length).toBe(0)
+    expect(client.socket).toBe(accepted)
+    await relays(client, peer, reads)
+  })
+
+  it("moves the handle to a new socket made with onread when this Node keeps no onread fields where expected", async () => {
+    const { accepted, peer } = await pair()
+    // What a Node whose sockets do not start with these fields at null looks like to takeOver.
+    const kBuffer = Object.getOwnPropertySymbols(accepted).find((s) => s.description === "kBuffer")!
+    ;(accepted as unknown as Record<symbol, unknown>)[kBuffer] = undefined
+    const client = new ClientSocket(accepted)
+    const { reads } = client.takeOver()
+    expect(client.socket).not.toBe(accepted)
+    expect(accepted.destroyed).toBe(true)
+    await relays(client, peer, reads)
   })
 
   it("keeps the socket (and 'data' events) when the client has already ended its side", async () => {
