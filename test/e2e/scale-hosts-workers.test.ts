@@ -277,4 +277,34 @@ describe("TIDEPOOL_CLUSTER=on, TIDEPOOL_WORKERS=2: two hosts of two workers shar
     expect(max).toBeLessThanOrEqual(POOL)
     for (const f of failures) expect(f).toMatch(/terminated|ECONNRESET|ECONNREFUSED|closed/i)
   }, 60_000)
+
+  it("kill -9 of a host's supervisor: its workers exit at once, so the servers they held never outlive the lease", async () => {
+    const [survivor, victim] = [hosts[0]!, hosts[1]!]
+    // A session of the pool of 1 on the victim, idle in a transaction: a cancel does not end it,
+    // only its worker going away does.
+    const holder = await connect(victim.port, "tiny")
+    await holder.query("BEGIN")
+    await holder.query("SELECT 1")
+    const workerPids = [...victim.cli.output().matchAll(/worker \d started \(pid (\d+)\)/g)].map((m) => Number(m[1]))
+    const alive = (pid: number) => {
+      try {
+        process.kill(pid, 0)
+        return true
+      } catch {
+        return false
+      }
+    }
+    const waiting = connect(survivor.port, "tiny").then(async (c) => {
+      const { rows } = await c.query("SELECT 'served' AS s")
+      await c.end()
+      return rows[0].s as string
+    })
+    const sampling = sample(db, waiting, "tiny")
+    victim.cli.child.kill("SIGKILL")
+    // The survivor gets the permit once the victim's lease has run out and it has been reclaimed.
+    expect(await waiting).toBe("served")
+    expect((await sampling).max).toBeLessThanOrEqual(1)
+    expect(workerPids.filter(alive)).toEqual([])
+    await holder.end().catch(() => undefined)
+  }, 30_000)
 })
