@@ -53,7 +53,7 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolL
       : Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep, workerInbox)
   const base =
     worker !== undefined
-      ? Layer.merge(tenantsLayer, workerServices(worker))
+      ? Layer.merge(tenantsLayer, workerServices(worker, options.cluster === true))
       : options.cluster === true
         ? Layer.merge(tenantsLayer, clusterServices)
         : tenantsLayer

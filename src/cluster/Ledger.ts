@@ -25,12 +25,41 @@ interface PoolLedger {
   readonly directives: Map<number, Directive>
 }
 
+/**
+ * Cluster mode with several workers (docs/scale-out.md#several-workers-on-each-of-several-hosts): the
+ * host's ledger shares out what the store granted the host, not `pool_size`.
+ */
+export interface LedgerBound {
+  /** Permits the store granted the host for the pool: the most its workers may hold. */
+  readonly granted: (key: string) => number
+  /**
+   * The store's directive for the host (Infinity: none): the workers' shares are of this (or of
+   * `pool_size`), not of what is granted so far, so a worker is never told to give up a permit
+   * just because the host is still waiting for the store.
+   */
+  readonly keep: (key: string) => number
+  /** The store pressed the host: another host waits, so no worker keeps a spare idle server. */
+  readonly pressed: (key: string) => boolean
+  /** After each settle: the workers hold `used` permits and still want `want` more. */
+  readonly settled: (key: string, size: number, used: number, want: number) => void
+}
+
 export class Ledger {
   private readonly pools = new Map<string, PoolLedger>()
   /** Orders wants that arrive in the same millisecond. */
   private tick = 0
 
-  constructor(private readonly send: (worker: number, message: LedgerOut) => void) {}
+  constructor(
+    private readonly send: (worker: number, message: LedgerOut) => void,
+    private readonly bound?: LedgerBound
+  ) {}
+
+  /** The bound changed (a grant from the store, its directive): settle the pool again. */
+  refresh(key: string): void {
+    const pool = this.pools.get(key)
+    if (pool !== undefined) this.settle(key, pool)
+    else this.bound?.settled(key, 0, 0, 0)
+  }
 
   want(worker: number, key: string, size: number, n: number): void {
     const pool = this.pool(key)
@@ -90,13 +119,42 @@ export class Ledger {
    * presses those that want nothing to give up idle servers.
    */
   private settle(key: string, pool: PoolLedger): void {
+    this.divide(key, pool)
+    if (this.bound === undefined) return
+    let used = 0
+    let want = 0
+    for (const n of pool.held.values()) used += n
+    for (const w of pool.want.values()) want += w.n
+    this.bound.settled(key, pool.size, used, want)
+  }
+
+  private divide(key: string, pool: PoolLedger): void {
+    const size = this.bound === undefined ? pool.size : Math.min(pool.size, this.bound.keep(key))
+    const capacity = this.bound === undefined ? size : Math.min(size, this.bound.granted(key))
+    const hostPressed = this.bound?.pressed(key) ?? false
     const held = (w: number) => pool.held.get(w) ?? 0
     const wanted = (w: number) => pool.want.get(w)?.n ?? 0
     let used = 0
     for (const n of pool.held.values()) used += n
     if (pool.want.size === 0) {
-      this.lift(key, pool)
-      if (pool.held.size === 0) this.pools.delete(key)
+      if (used > size || hostPressed) {
+        // Cluster mode: the store took permits back (keep) or another host waits (press): workers
+        // close idle servers, and those above their share of what the host may keep close busy
+        // ones at release, even though none of this host's workers waits.
+        const holders = [...pool.held.keys()]
+        const shares =
+          used > size
+            ? fairShares(
+                size,
+                holders.map(held),
+                holders.map((_, i) => i)
+              )
+            : undefined
+        for (const [i, worker] of holders.entries())
+          this.direct(key, pool, worker, { keep: shares?.[i] ?? null, press: hostPressed })
+        for (const worker of [...pool.directives.keys()]) if (!pool.held.has(worker)) this.direct(key, pool, worker)
+      } else this.lift(key, pool)
+      if (pool.held.size === 0 && pool.directives.size === 0) this.pools.delete(key)
       return
     }
     const workers = [...new Set([...pool.held.keys(), ...pool.want.keys()])]
@@ -108,14 +166,14 @@ export class Ledger {
     const rank = (i: number) => {
       const w = workers[i]!
       if (held(w) === 0 && wanted(w) > 0) return 0
-      if (held(w) > Math.floor(pool.size / workers.length)) return 1
+      if (held(w) > Math.floor(size / workers.length)) return 1
       return 2
     }
     const priority = workers
       .map((_, i) => i)
       .sort((a, b) => rank(a) - rank(b) || since(workers[a]!) - since(workers[b]!))
-    const shares = fairShares(pool.size, demands, priority)
-    let free = Math.max(0, pool.size - used)
+    const shares = fairShares(size, demands, priority)
+    let free = Math.max(0, capacity - used)
     for (const i of priority) {
       const worker = workers[i]!
       const want = pool.want.get(worker)
@@ -124,22 +182,31 @@ export class Ledger {
       if (g > 0) {
         free -= g
         want.n -= g
+        used += g
         pool.held.set(worker, held(worker) + g)
         this.send(worker, { t: "grant", key, n: g })
       }
       if (want.n === 0) pool.want.delete(worker)
     }
-    if (pool.want.size === 0) {
+    if (pool.want.size === 0 && used <= size && !hostPressed) {
       this.lift(key, pool)
       return
     }
     workers.forEach((worker, i) => {
-      const d = { keep: shares[i]!, press: !pool.want.has(worker) }
-      const before = pool.directives.get(worker)
-      if (before?.keep === d.keep && before.press === d.press) return
-      pool.directives.set(worker, d)
-      this.send(worker, { t: "directive", key, ...d })
+      this.direct(key, pool, worker, {
+        keep: pool.want.size === 0 && used <= size ? null : shares[i]!,
+        press: !pool.want.has(worker) || hostPressed
+      })
     })
+  }
+
+  /** Tells `worker` its directive if it changed (none: lifted). */
+  private direct(key: string, pool: PoolLedger, worker: number, d: Directive = { keep: null, press: false }): void {
+    const before = pool.directives.get(worker) ?? { keep: null, press: false }
+    if (before.keep === d.keep && before.press === d.press) return
+    if (d.keep === null && !d.press) pool.directives.delete(worker)
+    else pool.directives.set(worker, d)
+    this.send(worker, { t: "directive", key, ...d })
   }
 
   /** Nobody waits: every worker may keep what it holds again. */

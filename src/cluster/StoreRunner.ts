@@ -1,6 +1,8 @@
+import { randomUUID } from "node:crypto"
 import * as net from "node:net"
 import pg from "pg"
 import type { PoolPermits, TenantPool } from "../pool/index.ts"
+import type { PoolSeats } from "../pool/SeatGate.ts"
 import type { ServerConnection } from "../upstream/index.ts"
 import { type Claim, type Directive, divide } from "./PoolShares.ts"
 
@@ -20,6 +22,10 @@ import { type Claim, type Directive, divide } from "./PoolShares.ts"
 /** The advisory-lock namespace (first int4): runner locks are (NS, runner_id), pool locks (NS + 1, hashtext(key)). */
 const NS = 0x74696470
 const CHANNEL = "tidepool_permits"
+/** Seats (max_clients across hosts): a runner was asked to give back unused seats, or answered. */
+const SEAT_CHANNEL = "tidepool_seats"
+/** How long a login short of a seat waits for the other runners to give back their unused ones. */
+const SEAT_ANSWER_MS = 2_000
 /** Process ids in cluster mode: the runner's slot in bits 20–30, 20 random bits below. */
 export const SLOT_SHIFT = 20
 export const MAX_SLOT = 2 ** (31 - SLOT_SHIFT) - 1
@@ -47,6 +53,7 @@ const SCHEMA = [
     runner_id BIGSERIAL PRIMARY KEY,
     slot INT NOT NULL UNIQUE,
     address TEXT NOT NULL,
+    token TEXT NOT NULL DEFAULT '',
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     renewed_at TIMESTAMPTZ NOT NULL DEFAULT now()
   )`,
@@ -61,6 +68,20 @@ const SCHEMA = [
     PRIMARY KEY (pool_key, runner_id)
   )`,
   "CREATE INDEX IF NOT EXISTS tidepool_permits_runner ON tidepool_permits (runner_id)",
+  // Stores created before runners had a token. (ALTER TABLE … IF NOT EXISTS would take its table's
+  // exclusive lock even when the column is there.)
+  `DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_runners') AND attname = 'token' AND NOT attisdropped) THEN
+      ALTER TABLE tidepool_runners ADD COLUMN token TEXT NOT NULL DEFAULT '';
+    END IF;
+  END $$`,
+  `CREATE TABLE IF NOT EXISTS tidepool_seats (
+    pool_key TEXT NOT NULL,
+    runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
+    held INT NOT NULL,
+    reclaim BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (pool_key, runner_id)
+  )`,
   `CREATE TABLE IF NOT EXISTS tidepool_backends (
     runner_id BIGINT NOT NULL REFERENCES tidepool_runners ON DELETE CASCADE,
     host TEXT NOT NULL,
@@ -71,6 +92,17 @@ const SCHEMA = [
   )`
 ]
 
+/**
+ * Whether the ledger's tables are all there. The DDL runs only if not: even with IF NOT EXISTS,
+ * CREATE INDEX locks its table against writes, and at every registration that queued other
+ * runners' pool transactions behind it (two runners registering at once after a store restored
+ * empty deadlocked on it).
+ */
+const SCHEMA_PRESENT = `SELECT to_regclass('tidepool_runners') IS NOT NULL AND to_regclass('tidepool_permits') IS NOT NULL
+  AND to_regclass('tidepool_backends') IS NOT NULL AND to_regclass('tidepool_seats') IS NOT NULL
+  AND to_regclass('tidepool_permits_runner') IS NOT NULL
+  AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_runners') AND attname = 'token' AND NOT attisdropped) AS ok`
+
 export interface RunnerOptions {
   readonly url: string
   readonly leaseMs: number
@@ -79,9 +111,11 @@ export interface RunnerOptions {
   /** Bounds each cancel sent for a reclaimed runner's backend, and each store query. */
   readonly timeoutMs: number
   readonly log: (level: "debug" | "info" | "warning", message: string) => void
+  /** Told the runner's slot at every registration (a re-registration may have to take another). */
+  readonly onSlot?: (slot: number) => void
 }
 
-interface BackendRef {
+export interface BackendRef {
   readonly host: string
   readonly port: number
   readonly pid: number
@@ -89,9 +123,39 @@ interface BackendRef {
   readonly secret: string
 }
 
+/**
+ * What holds a pool's permits on this runner: a TenantPool (one process per host), or the
+ * supervisor's host ledger for one pool key (several workers per host, src/cluster/HostPermits.ts).
+ */
+export interface PermitHolder {
+  readonly settings: { readonly key: string; readonly size: number }
+  readonly isClosed: boolean
+  grant(n: number): void
+  direct(keep: number, press: boolean): void
+}
+
+/** A holder's line to the runner; a backend is undefined for a TLS upstream (never recorded). */
+export interface LinePermits {
+  readonly want: (size: number, n: number) => void
+  readonly release: (n: number) => void
+  readonly opened: (backend: BackendRef | undefined) => void
+  readonly closed: (backend: BackendRef | undefined) => void
+}
+
+/** A server's cancel key as the store records it; undefined for a TLS upstream, which may refuse a plaintext cancel. */
+export const backendRef = (server: ServerConnection): BackendRef | undefined =>
+  server.target.tls !== undefined
+    ? undefined
+    : {
+        host: server.target.host,
+        port: server.target.port,
+        pid: server.backendPid,
+        secret: server.backendSecret.toString("hex")
+      }
+
 interface PoolLine {
   /** The newest pool of this key; an older one closing still returns its permits under the key. */
-  pool: TenantPool | undefined
+  pool: PermitHolder | undefined
   size: number
   /** Permits this runner's pools hold (granted and not released). */
   held: number
@@ -110,6 +174,31 @@ interface PoolLine {
 }
 
 type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
+
+/** What holds a pool's client seats on this runner: a TenantPool, or a host's supervisor (HostSeats). */
+export interface SeatHolder {
+  readonly settings: { readonly key: string }
+  readonly isClosed: boolean
+  seatsGranted(n: number, spare: number): void
+  /** Gives back every unused seat, through `release(n, true)` (even 0), now or later. */
+  reclaimSeats(): void
+}
+
+/** A pool's client seats on this runner (max_clients across hosts, docs/scale-out.md#max_clients-across-hosts). */
+interface SeatLine {
+  pool: SeatHolder | undefined
+  /** Seats this runner holds: its clients, those reserved for logins on their way, its spare block. */
+  held: number
+  limit: number
+  /** The pool's open request: logins short of a seat (0: a spare block is welcome); undefined: none. */
+  need: number | undefined
+  /** Since when (monotonic ms) the request waits for other runners to give back unused seats; 0: it does not. */
+  askedAt: number
+  /** Other runners asked this one for its unused seats: the pool's answer is to be written. */
+  answered: boolean
+  /** The pool was asked for its unused seats and has not answered yet. */
+  reclaiming: boolean
+}
 
 const LIFTED: Directive = { keep: null, press: false }
 
@@ -147,9 +236,16 @@ export class StoreRunner {
   /** When the current store session began (monotonic ms): reclaiming needs a lease's worth of it. */
   private connectedAt = 0
   private runnerId: number | undefined
+  /**
+   * This registration's own mark on its row. A store restored empty restarts the runner_id
+   * sequence, so a runner id alone may name another runner's new row: every write checks the token.
+   */
+  private token = ""
   private slotNumber = 0
   private readonly lines = new Map<string, PoolLine>()
   private readonly dirty = new Set<string>()
+  private readonly seatLines = new Map<string, SeatLine>()
+  private readonly dirtySeats = new Set<string>()
   private backendOps: Array<BackendOp> = []
   /** Open servers' backends by host/port/pid, re-recorded after a re-registration. */
   private readonly backends = new Map<string, BackendRef>()
@@ -187,6 +283,16 @@ export class StoreRunner {
   readonly prefix = (): number => this.slotNumber << SLOT_SHIFT
 
   attach(pool: TenantPool): PoolPermits {
+    const line = this.attachHolder(pool)
+    return {
+      want: line.want,
+      release: line.release,
+      opened: (server) => line.opened(backendRef(server)),
+      closed: (server) => line.closed(backendRef(server))
+    }
+  }
+
+  attachHolder(pool: PermitHolder): LinePermits {
     const key = pool.settings.key
     const line = this.line(key)
     line.pool = pool
@@ -206,17 +312,169 @@ export class StoreRunner {
         this.touch(key)
         this.onHeldChange?.()
       },
-      opened: (server) => {
+      opened: (backend) => {
         if (line.fresh > 0 && --line.fresh === 0 && line.deferred > 0) {
           // After TenantPool has lent the new server (it does so right after telling us it opened).
           setImmediate(() => {
             if (line.deferred > 0) this.apply(line)
           })
         }
-        this.backendOp(true, server)
+        this.backendOp(true, backend)
       },
-      closed: (server) => this.backendOp(false, server)
+      closed: (backend) => this.backendOp(false, backend)
     }
+  }
+
+  /**
+   * max_clients across hosts: the pool's seats are counted in the store, taken in blocks (so a login
+   * costs a store transaction only when its runner's block is used up), and a login is refused only
+   * after every other runner holding seats has been asked for its unused ones.
+   */
+  attachSeats(pool: SeatHolder): PoolSeats {
+    const key = pool.settings.key
+    let line = this.seatLines.get(key)
+    if (line === undefined) {
+      line = { pool, held: 0, limit: 0, need: undefined, askedAt: 0, answered: false, reclaiming: false }
+      this.seatLines.set(key, line)
+    }
+    line.pool = pool
+    const seats = line
+    return {
+      want: (limit, need) => {
+        seats.limit = limit
+        seats.need = Math.max(seats.need ?? 0, need)
+        if (this.client === undefined) {
+          setImmediate(() => this.answerLocally(key, seats))
+          return
+        }
+        this.touchSeats(key)
+      },
+      release: (n, reclaimed) => {
+        seats.held -= n
+        if (reclaimed) {
+          seats.answered = true
+          seats.reclaiming = false
+        }
+        this.touchSeats(key)
+      }
+    }
+  }
+
+  private touchSeats(key: string): void {
+    this.dirtySeats.add(key)
+    this.pump()
+  }
+
+  /**
+   * Fail static for seats: while the store is away, logins are admitted up to the pool's limit on
+   * this host alone (as without cluster mode); once the store is back the seats held are written,
+   * and while the pool's rows add up to more than its limit nobody is granted a new one.
+   */
+  private answerLocally(key: string, line: SeatLine): void {
+    if (line.need === undefined) return
+    this.answerSeats(key, line, Math.min(line.need, Math.max(0, line.limit - line.held)), 0)
+  }
+
+  /** The answer to a pool's request: `n` seats more (maybe 0); keep about `spare` unused. */
+  private answerSeats(key: string, line: SeatLine, n: number, spare: number): void {
+    if (line.need === undefined) return
+    line.need = undefined
+    line.askedAt = 0
+    line.held += n
+    const pool = line.pool
+    if (pool === undefined || pool.isClosed) {
+      line.held -= n
+      if (n > 0) this.touchSeats(key)
+      return
+    }
+    pool.seatsGranted(n, spare)
+  }
+
+  /**
+   * One pool's seat transaction, under the pool's seat lock: write what this runner holds (the
+   * truth: its pools' count), answer a reclaim asked of it, and serve its pool's request — from the
+   * seats free, or, short of them, first asking every other runner holding seats to give back its
+   * unused ones and waiting (up to SEAT_ANSWER_MS, a runner that cannot answer being dead or cut
+   * off) until each has answered.
+   */
+  private async settleSeats(key: string): Promise<void> {
+    const line = this.seatLines.get(key)
+    if (line === undefined || this.runnerId === undefined) return
+    const me = this.runnerId
+    const sk = storeKey(key)
+    const need = line.need
+    const answered = line.answered
+    const now = performance.now()
+    const result = await this.transaction(async (c) => {
+      await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 2, sk])
+      await this.ours(c)
+      const rows = (
+        await c.query("SELECT runner_id, held, reclaim FROM tidepool_seats WHERE pool_key = $1", [sk])
+      ).rows.map((r) => ({ id: Number(r.runner_id), held: Number(r.held), reclaim: Boolean(r.reclaim) }))
+      const own = rows.find((r) => r.id === me)
+      const others = rows.filter((r) => r.id !== me)
+      const askedOfUs = own?.reclaim === true && !answered
+      let held = line.held
+      let notify = answered
+      let wait = false
+      let grant = 0
+      let spare = 0
+      if (need !== undefined) {
+        const runners = Number((await c.query("SELECT count(*) AS n FROM tidepool_runners")).rows[0].n)
+        spare = Math.floor(line.limit / (4 * Math.max(1, runners)))
+        const free = line.limit - held - others.reduce((sum, r) => sum + r.held, 0)
+        if (need > 0 && free < need) {
+          const unasked = others.filter((r) => r.held > 0 && !r.reclaim)
+          if (line.askedAt === 0 && unasked.length > 0) {
+            for (const r of unasked)
+              await c.query("UPDATE tidepool_seats SET reclaim = true WHERE pool_key = $1 AND runner_id = $2", [
+                sk,
+                r.id
+              ])
+            notify = true
+            wait = true
+          } else if (others.some((r) => r.reclaim) && (line.askedAt === 0 || now - line.askedAt < SEAT_ANSWER_MS)) {
+            wait = true
+          }
+        }
+        if (!wait) {
+          grant = Math.max(0, Math.min(free, need + spare))
+          held += grant
+        }
+      }
+      const reclaim = own?.reclaim === true && !answered
+      if (held <= 0 && !reclaim) {
+        if (own !== undefined)
+          await c.query("DELETE FROM tidepool_seats WHERE pool_key = $1 AND runner_id = $2", [sk, me])
+      } else if (own === undefined || own.held !== held || own.reclaim !== reclaim) {
+        await c.query(
+          `INSERT INTO tidepool_seats (pool_key, runner_id, held, reclaim) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (pool_key, runner_id) DO UPDATE SET held = $3, reclaim = $4`,
+          [sk, me, Math.max(0, held), reclaim]
+        )
+      }
+      if (notify) await c.query("SELECT pg_notify($1, $2)", [SEAT_CHANNEL, sk])
+      return { wait, grant, spare, askedOfUs }
+    })
+    if (answered) line.answered = false
+    if (need !== undefined) {
+      if (result.wait) {
+        if (line.askedAt === 0) line.askedAt = now
+      } else this.answerSeats(key, line, result.grant, result.spare)
+    }
+    if (result.askedOfUs && !line.reclaiming) {
+      line.reclaiming = true
+      const pool = line.pool
+      // The pool answers through `release(n, true)`, even with 0.
+      if (pool !== undefined && !pool.isClosed) pool.reclaimSeats()
+      else {
+        line.reclaiming = false
+        line.answered = true
+        this.touchSeats(key)
+      }
+    }
+    if ((line.pool === undefined || line.pool.isClosed) && line.held <= 0 && line.need === undefined)
+      this.seatLines.delete(key)
   }
 
   /** A CancelRequest for another runner's client: sent on to that runner's address, as an ordinary one. */
@@ -253,7 +511,7 @@ export class StoreRunner {
       if (this.client === undefined || this.runnerId === undefined || this.heldTotal() > 0) return
       await this.transaction(async (c) => {
         const keys = await c.query("SELECT pool_key FROM tidepool_permits WHERE runner_id = $1", [this.runnerId])
-        await c.query("DELETE FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+        await c.query("DELETE FROM tidepool_runners WHERE runner_id = $1 AND token = $2", [this.runnerId, this.token])
         for (const row of keys.rows) await c.query("SELECT pg_notify($1, $2)", [CHANNEL, row.pool_key])
       })
       this.options.log("info", `permit ledger: runner ${this.runnerId} left the store; its permits are free`)
@@ -310,15 +568,9 @@ export class StoreRunner {
     this.pump()
   }
 
-  private backendOp(add: boolean, server: ServerConnection): void {
+  private backendOp(add: boolean, ref: BackendRef | undefined): void {
     // A TLS upstream may refuse a plaintext cancel: its permit is reclaimed without one, as on one host.
-    if (server.target.tls !== undefined) return
-    const ref = {
-      host: server.target.host,
-      port: server.target.port,
-      pid: server.backendPid,
-      secret: server.backendSecret.toString("hex")
-    }
+    if (ref === undefined) return
     const id = `${ref.host}:${ref.port}:${ref.pid}`
     if (add) this.backends.set(id, ref)
     else this.backends.delete(id)
@@ -350,10 +602,15 @@ export class StoreRunner {
           this.dirty.delete(key)
           await this.settle(key)
         }
+        for (const key of [...this.dirtySeats]) {
+          if (this.client === undefined || this.runnerId === undefined) break
+          this.dirtySeats.delete(key)
+          await this.settleSeats(key)
+        }
       } finally {
         this.pumping = false
       }
-      if (this.dirty.size > 0 || this.backendOps.length > 0) this.pump()
+      if (this.dirty.size > 0 || this.dirtySeats.size > 0 || this.backendOps.length > 0) this.pump()
     })
   }
 
@@ -383,6 +640,9 @@ export class StoreRunner {
       "warning",
       "permit ledger: lost the tenant store; serving with the permits held (no new ones) until it is back"
     )
+    // Logins waiting for a seat are not kept waiting for the store.
+    for (const [key, seats] of this.seatLines)
+      if (seats.need !== undefined) setImmediate(() => this.answerLocally(key, seats))
     client.end().catch(() => undefined)
   }
 
@@ -402,7 +662,10 @@ export class StoreRunner {
     })
     client.on("notification", (n) => {
       const key = n.payload === undefined ? undefined : memoryKey(n.payload)
-      if (key !== undefined && this.lines.has(key)) this.touch(key)
+      if (key === undefined) return
+      if (n.channel === SEAT_CHANNEL) {
+        if (this.seatLines.has(key)) this.touchSeats(key)
+      } else if (this.lines.has(key)) this.touch(key)
     })
     await client.connect()
     try {
@@ -413,7 +676,7 @@ export class StoreRunner {
       await client.query(
         `SET tcp_keepalives_idle = ${probe}; SET tcp_keepalives_interval = ${probe}; SET tcp_keepalives_count = 3`
       )
-      await client.query(`LISTEN ${CHANNEL}`)
+      await client.query(`LISTEN ${CHANNEL}; LISTEN ${SEAT_CHANNEL}`)
     } catch (e) {
       await client.end().catch(() => undefined)
       throw e
@@ -442,8 +705,10 @@ export class StoreRunner {
     // The tables too: a store that came back empty (restored, replaced) gets them again.
     await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, -1)", [NS])
+      if ((await c.query(SCHEMA_PRESENT)).rows[0].ok) return
       for (const ddl of SCHEMA) await c.query(ddl)
     })
+    const token = randomUUID()
     const row = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, 0)", [NS])
       const used = new Set((await c.query("SELECT slot FROM tidepool_runners")).rows.map((r) => Number(r.slot)))
@@ -451,10 +716,24 @@ export class StoreRunner {
       for (let s = 1; slot === 0 && s <= MAX_SLOT; s++) if (!used.has(s)) slot = s
       if (slot === 0) throw new Error(`permit ledger: all ${MAX_SLOT} runner slots are taken`)
       const inserted = await c.query(
-        "INSERT INTO tidepool_runners (slot, address) VALUES ($1, $2) RETURNING runner_id",
-        [slot, this.options.address]
+        "INSERT INTO tidepool_runners (slot, address, token) VALUES ($1, $2, $3) RETURNING runner_id",
+        [slot, this.options.address, token]
       )
-      const id = Number(inserted.rows[0].runner_id)
+      let id = Number(inserted.rows[0].runner_id)
+      // The row's lock, taken without waiting: after a store restored empty, the sequence starts
+      // again, and a live runner that has not noticed yet still holds the lock of the id we got
+      // (waiting for it hung this registration, and the whole queue behind it). Skip such ids.
+      // (A session lock taken here outlives the transaction, as it must.)
+      for (let tries = 0; ; tries++) {
+        const locked = await c.query("SELECT pg_try_advisory_lock($1, $2::int) AS ok", [NS, id])
+        if (locked.rows[0].ok) break
+        if (tries === 100) throw new Error("permit ledger: no free runner lock")
+        const next = await c.query(
+          "UPDATE tidepool_runners SET runner_id = nextval(pg_get_serial_sequence('tidepool_runners', 'runner_id')) WHERE runner_id = $1 RETURNING runner_id",
+          [id]
+        )
+        id = Number(next.rows[0].runner_id)
+      }
       // Registering again after a reclaim: what the pools still hold is declared in the same
       // transaction, under each pool's lock, so no other runner is granted it in between.
       const holding = [...this.lines]
@@ -474,9 +753,10 @@ export class StoreRunner {
       }
       return { id, slot }
     })
-    await this.client!.query("SELECT pg_advisory_lock($1, $2::int)", [NS, row.id])
     this.runnerId = row.id
+    this.token = token
     this.slotNumber = row.slot
+    this.options.onSlot?.(row.slot)
     this.lastRenewal = performance.now()
     if (previous > 0 && previous !== row.slot)
       this.options.log(
@@ -507,6 +787,8 @@ export class StoreRunner {
         this.apply(line)
       }
     }
+    // A request waiting for other runners' answers looks again (its deadline, a lost notification).
+    for (const [key, seats] of this.seatLines) if (seats.askedAt > 0 || seats.answered) this.dirtySeats.add(key)
     this.pump()
     if (now - this.lastRenewal >= this.options.leaseMs / 3) {
       this.lastRenewal = now
@@ -536,6 +818,7 @@ export class StoreRunner {
     await this.renew()
     if (this.client !== undefined) {
       for (const [key, line] of this.lines) if (line.want > 0 || line.release > 0 || line.held > 0) this.dirty.add(key)
+      for (const key of this.seatLines.keys()) this.dirtySeats.add(key)
       this.pump()
     }
   }
@@ -543,9 +826,10 @@ export class StoreRunner {
   private async renew(): Promise<void> {
     const c = this.client
     if (c === undefined || this.runnerId === undefined) return
-    const renewed = await c.query("UPDATE tidepool_runners SET renewed_at = now() WHERE runner_id = $1", [
-      this.runnerId
-    ])
+    const renewed = await c.query(
+      "UPDATE tidepool_runners SET renewed_at = now() WHERE runner_id = $1 AND token = $2",
+      [this.runnerId, this.token]
+    )
     if (renewed.rowCount === 0) {
       await this.reclaimed()
       return
@@ -573,7 +857,7 @@ export class StoreRunner {
   private async reclaimed(): Promise<void> {
     if (this.client === undefined || this.runnerId === undefined) return
     const exists = await this.client
-      .query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1", [this.runnerId])
+      .query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1 AND token = $2", [this.runnerId, this.token])
       .catch((e: { code?: string }) => (e.code === "42P01" ? { rows: [] } : Promise.reject(e)))
     if (exists.rows.length > 0) return
     this.options.log(
@@ -587,6 +871,8 @@ export class StoreRunner {
       line.release = 0
       this.dirty.add(key)
     }
+    // Our seat rows went with the runner row: the next transaction of each writes what we hold.
+    for (const key of this.seatLines.keys()) this.dirtySeats.add(key)
     await this.register()
     for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
     this.pump()
@@ -635,12 +921,27 @@ export class StoreRunner {
     }
   }
 
+  /**
+   * Our row is still ours (its token, see `token`), and stays so until the transaction ends; if not
+   * (reclaimed, or the store restored empty and the id reused), the error makes the runner register
+   * again (`failed`) instead of writing into another runner's rows.
+   */
+  private async ours(c: pg.Client): Promise<void> {
+    const row = await c.query("SELECT 1 FROM tidepool_runners WHERE runner_id = $1 AND token = $2 FOR KEY SHARE", [
+      this.runnerId,
+      this.token
+    ])
+    if (row.rows.length === 0)
+      throw Object.assign(new Error("permit ledger: this runner's row is gone"), { code: "23503" })
+  }
+
   /** Writes the backends opened and closed since the last flush, in order. */
   private async flushBackends(): Promise<void> {
     const ops = this.backendOps
     this.backendOps = []
     const c = this.client!
     try {
+      await this.ours(c)
       for (let i = 0; i < ops.length; ) {
         const add = ops[i]!.add
         let j = i
@@ -682,6 +983,7 @@ export class StoreRunner {
     const holding = line.held
     const result = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, hashtext($2))", [NS + 1, sk])
+      await this.ours(c)
       const rows = (
         await c.query(
           "SELECT runner_id, held, want, want_since, keep, press FROM tidepool_permits WHERE pool_key = $1 ORDER BY runner_id",

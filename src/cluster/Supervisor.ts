@@ -1,19 +1,25 @@
 import { type ChildProcess, fork } from "node:child_process"
 import * as net from "node:net"
-import { Console, Deferred, Effect } from "effect"
+import { Console, Deferred, Effect, Redacted } from "effect"
 import type { AppConfigShape } from "../config/index.ts"
+import { advertisedHost } from "./ClusterLink.ts"
+import { HostPermits } from "./HostPermits.ts"
+import { HostSeats } from "./HostSeats.ts"
 import { Ledger } from "./Ledger.ts"
 import {
   type BackendRef,
   BEAT_ENV,
+  clusterOwnerOf,
   type GatheredPart,
   ownerOf,
+  SLOT_ENV,
   type ToSupervisor,
   type ToWorker,
   WORKER_ENV,
   type WorkerInfo
 } from "./messages.ts"
 import { SeatLedger } from "./Seats.ts"
+import { StoreRunner, slotOf } from "./StoreRunner.ts"
 
 /** A crashed worker is restarted after this long, doubled while it keeps crashing, up to RESTART_MAX_MS. */
 const RESTART_FIRST_MS = 500
@@ -35,7 +41,7 @@ interface Slot {
   startedAt: number
   restartDelayMs: number
   /** Backends its pools opened (plaintext upstreams), by pool key and backend pid. */
-  readonly backends: Map<string, BackendRef>
+  readonly backends: Map<string, { readonly key: string; readonly backend: BackendRef }>
   /** When its last heartbeat came (epoch ms); 0 before it is ready. */
   lastBeat: number
   /** Killed as hung: its exit is a crash, not a second hang. */
@@ -122,14 +128,58 @@ export const supervise = (config: AppConfigShape) =>
     }
     const instances = new Map<number, Slot>()
     let nextInstance = 0
-    const ledger = new Ledger((instance, message) => {
+    const toInstance = (instance: number, message: ToWorker) => {
       const slot = instances.get(instance)
       if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
-    })
-    const seats = new SeatLedger(config.workers, (instance, message) => {
-      const slot = instances.get(instance)
-      if (slot !== undefined && slot.instance === instance) toWorker(slot.index, message)
-    })
+    }
+    // Cluster mode (docs/scale-out.md#several-workers-on-each-of-several-hosts): the supervisor is
+    // the host's runner of the store ledger, registered before any worker starts (a host that cannot
+    // reach the store does not start), and its ledger shares out what the store granted the host.
+    let runner: StoreRunner | undefined
+    if (config.cluster) {
+      const host = advertisedHost(config.advertiseHost, config.listenAddr)
+      const address = `${host.includes(":") ? `[${host}]` : host}:${config.transactionPort}`
+      let announced = 0
+      runner = yield* Effect.tryPromise(() =>
+        StoreRunner.start({
+          url: Redacted.value(config.databaseUrl!),
+          leaseMs: config.leaseMs,
+          address,
+          timeoutMs: config.upstreamConnectTimeoutMs,
+          log: (level, message) =>
+            Effect.runSyncWith(context)(
+              level === "debug"
+                ? Effect.logDebug(message)
+                : level === "info"
+                  ? Effect.logInfo(message)
+                  : Effect.logWarning(message)
+            ),
+          onSlot: (slot) => {
+            // Workers issue process ids under the slot: a new one after a re-registration reaches them.
+            if (announced !== 0 && slot !== announced) for (const s of slots) toWorker(s.index, { t: "slot", slot })
+            announced = slot
+          }
+        })
+      ).pipe(
+        Effect.withSpan("cluster.register", { attributes: { address } }),
+        Effect.catch((e) =>
+          Effect.andThen(
+            Console.error(
+              `tidepool: cluster mode: registering with the permit ledger in the tenant store failed: ${e.cause instanceof Error ? e.cause.message : String(e.cause)}`
+            ),
+            Effect.sync(() => process.exit(1))
+          )
+        )
+      )
+    }
+    const store = runner
+    const hostPermits = store === undefined ? undefined : new HostPermits((h) => store.attachHolder(h), toInstance)
+    const ledger = hostPermits?.ledger ?? new Ledger(toInstance)
+    // Cluster mode: max_clients across hosts, the host's seats held in the store (HostSeats).
+    const seats =
+      store === undefined
+        ? new SeatLedger(config.workers, toInstance)
+        : new HostSeats((h) => store.attachSeats(h), config.workers, toInstance).ledger
     // The admin console's PAUSEs in force, replayed to a worker that starts later (a restart).
     let pausedAll = false
     const pausedNames = new Set<string>()
@@ -192,7 +242,7 @@ export const supervise = (config: AppConfigShape) =>
           seats.want(slot.instance, message.key, message.limit, message.need)
           break
         case "seat-release":
-          seats.release(slot.instance, message.key, message.n, message.reclaimed)
+          seats.release(slot.instance, message.key, message.n, message.reclaimed, message.round)
           break
         case "gather": {
           if (message.what.startsWith("admin-command:")) notePause(message.what)
@@ -221,13 +271,26 @@ export const supervise = (config: AppConfigShape) =>
           ledger.release(slot.instance, message.key, message.n)
           break
         case "opened":
-          slot.backends.set(`${message.key}\u0000${message.backend.pid}`, message.backend)
+          slot.backends.set(`${message.key}\u0000${message.backend.pid}`, {
+            key: message.key,
+            backend: message.backend
+          })
+          hostPermits?.opened(message.key, message.backend)
           break
-        case "closed":
-          slot.backends.delete(`${message.key}\u0000${message.pid}`)
+        case "closed": {
+          const id = `${message.key}\u0000${message.pid}`
+          const known = slot.backends.get(id)
+          slot.backends.delete(id)
+          if (known !== undefined) hostPermits?.closed(known.key, known.backend)
           break
+        }
         case "cancel": {
-          const owner = ownerOf(message.processId)
+          if (store !== undefined && slotOf(message.processId) !== store.slot) {
+            // Another host's client: sent on to that host's address, as an ordinary CancelRequest.
+            store.forwardCancel(message.processId, Buffer.from(message.secret, "hex"))
+            break
+          }
+          const owner = store === undefined ? ownerOf(message.processId) : clusterOwnerOf(message.processId)
           if (owner >= 0 && owner < slots.length) {
             toWorker(owner, message)
             Effect.runSyncWith(context)(
@@ -245,7 +308,12 @@ export const supervise = (config: AppConfigShape) =>
 
     const start = (slot: Slot) => {
       const child = fork(process.argv[1]!, process.argv.slice(2), {
-        env: { ...process.env, [WORKER_ENV]: String(slot.index), [BEAT_ENV]: String(beatMs) },
+        env: {
+          ...process.env,
+          [WORKER_ENV]: String(slot.index),
+          [BEAT_ENV]: String(beatMs),
+          ...(store === undefined ? {} : { [SLOT_ENV]: String(store.slot) })
+        },
         // Its own process group: a terminal's Ctrl+C reaches the supervisor only, which drains the workers once.
         detached: true,
         stdio: ["ignore", "inherit", "inherit", "ipc"]
@@ -282,7 +350,8 @@ export const supervise = (config: AppConfigShape) =>
       // Its servers' sockets are closed with the process, but a backend running a statement runs it to
       // the end unless cancelled: its permits are free only once nothing of it can be running.
       const instance = slot.instance
-      void Promise.all(backends.map((b) => cancelBackend(b, config.upstreamConnectTimeoutMs))).then(() => {
+      void Promise.all(backends.map((b) => cancelBackend(b.backend, config.upstreamConnectTimeoutMs))).then(() => {
+        for (const b of backends) hostPermits?.closed(b.key, b.backend)
         instances.delete(instance)
         ledger.forget(instance)
       })
@@ -380,8 +449,13 @@ export const supervise = (config: AppConfigShape) =>
     yield* Effect.uninterruptible(
       Effect.promise(() => Promise.race([allReady, Effect.runPromise(Deferred.await(done))]))
     )
+    // Cluster mode: once every worker is gone, the host's permits go back and its row leaves the store.
+    const leave = Effect.promise(() => store?.stop(config.shutdownTimeoutMs) ?? Promise.resolve()).pipe(
+      Effect.withSpan("cluster.leave"),
+      Effect.uninterruptible
+    )
     if (failed) {
-      yield* Deferred.await(done)
+      yield* Effect.uninterruptible(Effect.andThen(Deferred.await(done), leave))
       return yield* Effect.sync(() => process.exit(1))
     }
     if (!stopping)
@@ -392,6 +466,18 @@ export const supervise = (config: AppConfigShape) =>
     // Uninterruptible: SIGTERM also interrupts this fiber (the runtime's own signal handling), and
     // a supervisor that returned then would exit while its workers still drain — a service manager
     // takes the main process's exit for the end of the service and kills what is left.
-    yield* Effect.uninterruptible(Deferred.await(done))
-    log("info", `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`)
+    // Leaving the store is in the same region: an interruption pending since the signal would
+    // otherwise end the fiber right after the wait, before the host's row is deleted.
+    yield* Effect.uninterruptible(
+      Effect.andThen(Deferred.await(done), leave).pipe(
+        Effect.andThen(
+          Effect.sync(() =>
+            log(
+              "info",
+              `tidepool stopped: every worker exited; supervisor exiting after ${Math.round(process.uptime())} s`
+            )
+          )
+        )
+      )
+    )
   })

@@ -17,7 +17,8 @@ import { type PoolSeats, SeatGate } from "../pool/SeatGate.ts"
 import { PeerWorkers, SessionRegistry, TenantChanges } from "../session/index.ts"
 import { TenantRegistry, TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
 import { type Gathered, HostViews } from "./HostViews.ts"
-import { BEAT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
+import { BEAT_ENV, CLUSTER_WORKER_SHIFT, SLOT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
+import { SLOT_SHIFT } from "./StoreRunner.ts"
 
 /**
  * A worker's side of the supervisor's IPC channel (docs/scale-out.md#one-host-workers). Nothing
@@ -88,6 +89,8 @@ const seatGate = Layer.effect(
   Effect.gen(function* () {
     // The newest pool of each key: seats belong to the worker and the key, not to one pool object.
     const pools = new Map<string, TenantPool>()
+    // The reclaim being answered: `reclaimSeats` answers at once, through `release` below.
+    let round: number | undefined
     yield* onMessage((message) => {
       if (message.t !== "seats" && message.t !== "seat-reclaim") return
       const pool = pools.get(message.key)
@@ -96,8 +99,16 @@ const seatGate = Layer.effect(
         if (live === undefined) {
           if (message.n > 0) send({ t: "seat-release", key: message.key, n: message.n, reclaimed: false })
         } else live.seatsGranted(message.n, message.spare)
-      } else if (live === undefined) send({ t: "seat-release", key: message.key, n: 0, reclaimed: true })
-      else live.reclaimSeats()
+      } else if (live === undefined)
+        send({ t: "seat-release", key: message.key, n: 0, reclaimed: true, round: message.round })
+      else {
+        round = message.round
+        try {
+          live.reclaimSeats()
+        } finally {
+          round = undefined
+        }
+      }
     })
     return {
       attach: (pool: TenantPool): PoolSeats => {
@@ -105,7 +116,12 @@ const seatGate = Layer.effect(
         pools.set(key, pool)
         return {
           want: (limit, need) => send({ t: "seat-want", key, limit, need }),
-          release: (n, reclaimed) => send({ t: "seat-release", key, n, reclaimed })
+          release: (n, reclaimed) =>
+            send(
+              reclaimed && round !== undefined
+                ? { t: "seat-release", key, n, reclaimed, round }
+                : { t: "seat-release", key, n, reclaimed }
+            )
         }
       }
     }
@@ -171,17 +187,45 @@ const hostViews = (self: number) =>
     })
   )
 
-/** What a worker tells the others through the supervisor: cancels it does not own, terminates. */
-const peers = (self: number) =>
-  Layer.succeed(PeerWorkers, {
-    self,
-    forwardCancel: (processId, secretKey) => send({ t: "cancel", processId, secret: secretKey.toString("hex") }),
-    terminated: (id) => send({ t: "terminate", id })
-  })
+/**
+ * What a worker tells the others through the supervisor: cancels it does not own, terminates. In
+ * cluster mode its clients' process ids carry the host's runner slot and its number
+ * (docs/scale-out.md#cancelrequest-across-hosts); a cancel for any other goes to the supervisor,
+ * which routes it to the worker or sends it on to the owner host.
+ */
+const peers = (self: number, cluster: boolean) =>
+  cluster
+    ? Layer.effect(
+        PeerWorkers,
+        Effect.gen(function* () {
+          let slot = Number(process.env[SLOT_ENV] ?? 0)
+          yield* onMessage((message) => {
+            if (message.t === "slot") slot = message.slot
+          })
+          return {
+            self,
+            ids: {
+              shift: CLUSTER_WORKER_SHIFT,
+              prefix: () => (slot << SLOT_SHIFT) | ((self + 1) << CLUSTER_WORKER_SHIFT)
+            },
+            forwardCancel: (processId: number, secretKey: Buffer) =>
+              send({ t: "cancel", processId, secret: secretKey.toString("hex") }),
+            terminated: (id: string) => send({ t: "terminate", id })
+          }
+        })
+      )
+    : Layer.succeed(PeerWorkers, {
+        self,
+        forwardCancel: (processId, secretKey) => send({ t: "cancel", processId, secret: secretKey.toString("hex") }),
+        terminated: (id) => send({ t: "terminate", id })
+      })
 
 /** Provided under the data plane in worker mode: PoolRegistry and SessionRegistry pick them up. */
-export const workerServices = (self: number): Layer.Layer<PermitGate | SeatGate | PeerWorkers | HostViews> =>
-  Layer.mergeAll(permitGate, seatGate, peers(self), hostViews(self))
+export const workerServices = (
+  self: number,
+  cluster = false
+): Layer.Layer<PermitGate | SeatGate | PeerWorkers | HostViews> =>
+  Layer.mergeAll(permitGate, seatGate, peers(self, cluster), hostViews(self))
 
 /**
  * What other workers ask of this one: cancel a query of a client it serves, reload a tenant another
@@ -216,7 +260,8 @@ export const workerInbox = Layer.effectDiscard(
     }
     // The admin console's SHOW and pool commands of another worker (docs/admin-console.md#worker-mode).
     views?.provide("admin", (what) => adminViews[what]?.(snapshot()).rows ?? null)
-    const runPromise = Effect.runPromiseWith(yield* Effect.context<never>())
+    const context = yield* Effect.context<never>()
+    const runPromise = Effect.runPromiseWith(context)
     views?.provide("admin-command", (text) => {
       const [command = "", name] = text.split(" ", 2)
       if (!POOL_COMMANDS.has(command)) return null
@@ -241,7 +286,22 @@ export const workerInbox = Layer.effectDiscard(
       }
     })
     // Workers must not outlive their supervisor (its ledger is what keeps pool_size): drain and exit.
-    const onDisconnect = () => process.kill(process.pid, "SIGTERM")
+    // In cluster mode the supervisor was also the host's runner: its store session ended with it, so
+    // after the lease other hosts are given its permits (after cancelling its recorded backends'
+    // statements). A worker still draining then would hold servers beyond pool_size: it stops at
+    // once instead, as if the whole host had died (docs/scale-out.md#failure-table).
+    const onDisconnect = () => {
+      if (!config.cluster) {
+        process.kill(process.pid, "SIGTERM")
+        return
+      }
+      Effect.runSyncWith(context)(
+        Effect.logError(
+          `worker ${views?.worker ?? "?"}: the supervisor (this host's runner of the permit ledger) is gone; exiting at once, its clients disconnected`
+        )
+      )
+      process.exit(1)
+    }
     yield* Effect.acquireRelease(
       Effect.sync(() => process.once("disconnect", onDisconnect)),
       () => Effect.sync(() => process.off("disconnect", onDisconnect))

@@ -1,8 +1,11 @@
 export { advertisedHost, clusterServices } from "./ClusterLink.ts"
+export { HostPermits } from "./HostPermits.ts"
 export { type Gathered, HostViews } from "./HostViews.ts"
 export { fairShares, Ledger, type LedgerOut } from "./Ledger.ts"
 export {
   type BackendRef,
+  CLUSTER_WORKER_SHIFT,
+  clusterOwnerOf,
   type GatheredPart,
   ownerOf,
   type ToSupervisor,

@@ -45,8 +45,14 @@ export type ToSupervisor =
   | { readonly t: "terminate"; readonly id: string }
   /** Client seats (global max_clients): `need` logins wait for a seat; 0 asks for spare seats only. */
   | { readonly t: "seat-want"; readonly key: string; readonly limit: number; readonly need: number }
-  /** Seats given back; `reclaimed`: the answer to a `seat-reclaim` (sent even when n is 0). */
-  | { readonly t: "seat-release"; readonly key: string; readonly n: number; readonly reclaimed: boolean }
+  /** Seats given back; `reclaimed`: the answer to the `seat-reclaim` of `round` (sent even when n is 0). */
+  | {
+      readonly t: "seat-release"
+      readonly key: string
+      readonly n: number
+      readonly reclaimed: boolean
+      readonly round?: number
+    }
   /** Asks for every worker's `collected` answer to `what` (a host-wide view). */
   /** `timeoutMs` 0: wait for every worker (or its death), as commands do. */
   | { readonly t: "gather"; readonly id: number; readonly what: string; readonly timeoutMs: number }
@@ -60,9 +66,11 @@ export type ToWorker =
   | { readonly t: "terminate"; readonly id: string }
   /** The answer to a `seat-want`: `n` seats granted (maybe 0); keep about `spare` unused seats. */
   | { readonly t: "seats"; readonly key: string; readonly n: number; readonly spare: number }
-  /** Another worker needs a seat and none is free on the host: give back every unused seat. */
-  | { readonly t: "seat-reclaim"; readonly key: string }
+  /** Another worker needs a seat and none is free on the host: give back every unused seat (answer `round`). */
+  | { readonly t: "seat-reclaim"; readonly key: string; readonly round: number }
   | { readonly t: "collect"; readonly id: number; readonly what: string }
+  /** Cluster mode: the host's runner slot changed (a re-registration had to take another). */
+  | { readonly t: "slot"; readonly slot: number }
   | {
       readonly t: "gathered"
       readonly id: number
@@ -78,3 +86,17 @@ export const BEAT_ENV = "TIDEPOOL_WORKER_BEAT_MS"
 
 /** Bits 23–30 of a worker's client process ids: its number plus one (see SessionRegistry). */
 export const ownerOf = (processId: number): number => (processId >>> 23) - 1
+
+/**
+ * Cluster mode with workers: the host's runner slot, set by the supervisor in each worker's
+ * environment at its start (and told by a `slot` message when it changes).
+ */
+export const SLOT_ENV = "TIDEPOOL_RUNNER_SLOT"
+
+/**
+ * Cluster mode with workers (docs/scale-out.md#cancelrequest-across-hosts): a client's process id is
+ * the runner slot in bits 20–30 (as for a single-process runner, so any host finds the owner host),
+ * the worker's number plus one in bits 14–19, and 14 random bits.
+ */
+export const CLUSTER_WORKER_SHIFT = 14
+export const clusterOwnerOf = (processId: number): number => ((processId >>> CLUSTER_WORKER_SHIFT) & 63) - 1

@@ -798,6 +798,10 @@ const tlsPairProblems = (s: Settings): Array<ConfigProblem> => {
   ]
 }
 
+/** Cluster mode: workers per host, and client connections per worker (process ids: slot, worker, 14 random bits). */
+export const MAX_CLUSTER_WORKERS = 63
+export const MAX_CLUSTER_WORKER_CLIENTS = 12_288
+
 // Cluster mode keeps its ledger in the PostgreSQL store and tells other hosts where to forward
 // cancels: without either, it would silently be one host's pooler again.
 const clusterProblems = (s: Settings): Array<ConfigProblem> => {
@@ -809,10 +813,16 @@ const clusterProblems = (s: Settings): Array<ConfigProblem> => {
       path: settings.cluster.env,
       reason: `${why}: it needs a PostgreSQL tenant store (${settings.databaseUrl.env}), where the hosts share their permits`
     })
-  if (s.workers > 1)
+  // Process ids carry the runner slot, then the worker's number in 6 bits (docs/scale-out.md#cancelrequest-across-hosts).
+  if (s.workers > MAX_CLUSTER_WORKERS)
     problems.push({
       path: settings.workers.env,
-      reason: `${why}: several hosts each with several workers is not built yet; run one process per host (or one host with ${settings.workers.env})`
+      reason: `${why}: at most ${MAX_CLUSTER_WORKERS} workers per host (a client's process id carries the host's slot and the worker's number)`
+    })
+  if (s.workers > 1 && s.maxClientConnections > MAX_CLUSTER_WORKER_CLIENTS)
+    problems.push({
+      path: settings.maxClientConnections.env,
+      reason: `${why} with ${settings.workers.env} > 1: at most ${MAX_CLUSTER_WORKER_CLIENTS} client connections per worker (a process id has 14 bits of its own); run more workers instead`
     })
   if (s.transactionPort === 0)
     problems.push({
@@ -846,6 +856,13 @@ export const parseSettings = (
   }
   if (problems.length > 0) return Result.fail(problems)
   const parsed = out as Settings
+  // Cluster mode with workers: each worker's clients share 14 bits of process id; the default
+  // (from the file-descriptor and heap limits) is capped to fit, a value set higher is refused.
+  if (parsed.cluster && parsed.workers > 1 && raw.maxClientConnections === undefined)
+    (parsed as { maxClientConnections: number }).maxClientConnections = Math.min(
+      parsed.maxClientConnections,
+      MAX_CLUSTER_WORKER_CLIENTS
+    )
   const crossField = [...portProblems(parsed), ...tlsPairProblems(parsed), ...clusterProblems(parsed)]
   return crossField.length > 0 ? Result.fail(crossField) : Result.succeed(parsed)
 }

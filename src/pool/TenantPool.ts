@@ -248,13 +248,25 @@ export class TenantPool {
         resume(Effect.void)
         return
       }
+      // Bounded like a checkout: an answer that never comes (a supervisor or store away, a peer
+      // that cannot answer) must not hold the login, and its connection, for ever.
+      const timer = setTimeout(() => {
+        const i = this.seatWaiters.indexOf(waiter)
+        if (i < 0) return
+        this.seatWaiters.splice(i, 1)
+        resume(Effect.fail(this.seatRefusal()))
+      }, this.settings.checkoutTimeoutMs)
       const waiter = {
         asked: false,
-        done: (error: TidepoolError | undefined) => resume(error === undefined ? Effect.void : Effect.fail(error))
+        done: (error: TidepoolError | undefined) => {
+          clearTimeout(timer)
+          resume(error === undefined ? Effect.void : Effect.fail(error))
+        }
       }
       this.seatWaiters.push(waiter)
       this.askSeats()
       return Effect.sync(() => {
+        clearTimeout(timer)
         const i = this.seatWaiters.indexOf(waiter)
         if (i >= 0) this.seatWaiters.splice(i, 1)
       })
@@ -767,8 +779,17 @@ export class TenantPool {
       server.close("pool closed")
       return
     }
-    this.busy.add(server)
-    this.release(server)
+    // Worker and cluster mode: a server opened for a permit serves a waiting client before a
+    // directive can take it back (one that came while it connected). Without this, a pool smaller
+    // than the number of busy workers handed its permit round, each new server closed unused.
+    const first = gate !== undefined && !this.paused ? this.nextWaiter() : undefined
+    if (first !== undefined) {
+      server.lastUsedAt = Date.now()
+      this.lend(server, first)
+    } else {
+      this.busy.add(server)
+      this.release(server)
+    }
     // Connects went one at a time while failing: the clients still waiting need the rest now.
     if (recovered) this.grow()
   }

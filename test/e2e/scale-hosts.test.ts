@@ -30,13 +30,22 @@ interface Runner {
   readonly port: number
 }
 
-const writeTenantConfig = (name: string, db: PostgresServer, users: ReadonlyArray<readonly [string, number]>) =>
+const writeTenantConfig = (
+  name: string,
+  db: PostgresServer,
+  users: ReadonlyArray<readonly [string, number] | readonly [string, number, number]>
+) =>
   writeConfig(path.join(dir, name), [
     {
       external_id: "acme",
       db_host: db.host,
       db_port: db.port,
-      users: users.map(([user, size]) => ({ db_user: user, db_password: PASSWORD, pool_size: size }))
+      users: users.map(([user, size, maxClients]) => ({
+        db_user: user,
+        db_password: PASSWORD,
+        pool_size: size,
+        ...(maxClients === undefined ? {} : { max_clients: maxClients })
+      }))
     }
   ])
 
@@ -46,9 +55,6 @@ const startRunner = async (storeUrl: string, config: string | undefined, n: numb
   const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
     DATABASE_URL: storeUrl,
     TIDEPOOL_CLUSTER: "on",
-    // Cluster mode runs one process per host (workers per host are not built with it), also when
-    // the suite runs under TIDEPOOL_WORKERS=2 (npm run test:e2e:workers).
-    TIDEPOOL_WORKERS: "1",
     TIDEPOOL_LEASE_MS: String(LEASE_MS),
     PROXY_PORT_TRANSACTION: String(port),
     PROXY_PORT_SESSION: String(await freePort()),
@@ -59,7 +65,8 @@ const startRunner = async (storeUrl: string, config: string | undefined, n: numb
     TIDEPOOL_LOG_LEVEL: "debug",
     VAULT_ENC_KEY
   })
-  await cli.waitFor(/tidepool listening/)
+  // One process, or (under TIDEPOOL_WORKERS, npm run test:e2e:workers) a supervisor once every worker listens.
+  await cli.waitFor(/"msg":"(tidepool listening|tidepool supervisor: \d+ workers listening)/)
   return { cli, port }
 }
 
@@ -105,12 +112,16 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     db = await startPostgres({
       roles: [
         { name: "app", password: PASSWORD },
-        { name: "tiny", password: PASSWORD }
+        { name: "tiny", password: PASSWORD },
+        { name: "capped", password: PASSWORD },
+        { name: "blocks", password: PASSWORD }
       ]
     })
     const config = writeTenantConfig("hosts.yaml", db, [
       ["app", POOL],
-      ["tiny", 1]
+      ["tiny", 1],
+      ["capped", 3, 4],
+      ["blocks", 3, 12]
     ])
     runners.push(await startRunner(db.url(), config, 1))
     runners.push(...(await Promise.all([startRunner(db.url(), undefined, 2), startRunner(db.url(), undefined, 3)])))
@@ -170,6 +181,106 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     expect(other.cli.output()).toMatch(/CancelRequest for runner \d+ forwarded to 127\.0\.0\.1:/)
     await victim.end()
   }, 30_000)
+
+  it("max_clients holds across hosts: 4 admitted over two runners, the next refused EMAXCONN on any runner, a seat freed is taken again", async () => {
+    const admitted: Array<pg.Client> = []
+    const attempt = (port: number) =>
+      connect(port, "capped").then(
+        (client) => {
+          admitted.push(client)
+          return "admitted"
+        },
+        (e: Error) => e.message
+      )
+    try {
+      for (const r of [runners[0]!, runners[1]!, runners[0]!, runners[1]!])
+        expect(await attempt(r.port)).toBe("admitted")
+      // Full: whichever runner a login reaches, it is refused, after the others gave back what they do not use.
+      for (const r of [...runners, ...runners]) expect(await attempt(r.port)).toMatch(/^\(EMAXCONN\)/)
+      expect(admitted).toHaveLength(4)
+      await Promise.all(admitted.map((c) => c.query("SELECT 1")))
+      // One leaves on runner 1: the next login, on runner 2, takes its seat.
+      await admitted.shift()!.end()
+      expect(await attempt(runners[1]!.port)).toBe("admitted")
+      expect(await attempt(runners[2]!.port)).toMatch(/^\(EMAXCONN\)/)
+    } finally {
+      await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
+    }
+  }, 30_000)
+
+  // The block arithmetic of a single-process runner (under npm run test:e2e:workers a host's
+  // supervisor hands its workers blocks of its own, which this does not count).
+  it.skipIf(Number(process.env.TIDEPOOL_WORKERS ?? 1) > 1)(
+    "seats are taken in blocks, and a runner short of one takes back another runner's unused seats before refusing",
+    async () => {
+      // max_clients 12 over three runners: blocks of 12 / (4 × 3) = 1 spare seat.
+      const admitted: Array<pg.Client> = []
+      const attempt = (port: number) =>
+        connect(port, "blocks").then(
+          (client) => {
+            admitted.push(client)
+            return "admitted"
+          },
+          (e: Error) => e.message
+        )
+      try {
+        // Runner 1 holds a client and a spare seat; runner 2 takes the rest, one by one.
+        expect(await attempt(runners[0]!.port)).toBe("admitted")
+        const seats = async (runner: number) =>
+          Number(
+            (
+              await db.query(
+                "SELECT coalesce(sum(s.held), 0)::int AS n FROM tidepool_seats s JOIN tidepool_runners r USING (runner_id) WHERE s.pool_key LIKE '%\"blocks\"%' AND r.slot = $1",
+                [runner]
+              )
+            )[0].n
+          )
+        expect(await seats(1)).toBe(2)
+        for (let i = 0; i < 11; i++) expect(await attempt(runners[1]!.port)).toBe("admitted")
+        // The twelfth client on runner 2 got runner 1's spare seat back: the pool is full, not refused early.
+        expect(admitted).toHaveLength(12)
+        expect(await seats(1)).toBe(1)
+        for (const r of runners) expect(await attempt(r.port)).toMatch(/^\(EMAXCONN\)/)
+      } finally {
+        await Promise.all(admitted.map((c) => c.end().catch(() => undefined)))
+      }
+    },
+    30_000
+  )
+
+  it("the store restored empty: every runner registers again with what it holds, never above pool_size, and serves", async () => {
+    const marks = runners.map((r) => r.cli.output().length)
+    const clients = await Promise.all(runners.flatMap((r) => [connect(r.port), connect(r.port), connect(r.port)]))
+    let stop = false
+    const failures: Array<string> = []
+    const loops = clients.map(async (c) => {
+      while (!stop) await c.query("SELECT pg_sleep(0.01)").catch((e: Error) => failures.push(e.message))
+    })
+    let stopSampling: () => void = () => undefined
+    const sampling = sample(db, new Promise<void>((resolve) => (stopSampling = resolve)))
+    try {
+      // A restore from before the ledger existed (or a new, empty store): its tables are gone.
+      await db.query("DROP TABLE tidepool_backends, tidepool_permits, tidepool_seats, tidepool_runners")
+      for (const [i, r] of runners.entries()) {
+        await logged(r, marks[i]!, /lease was reclaimed while it was away/)
+        await logged(r, marks[i]!, /registered as slot \d+/)
+      }
+      // Each runner is its own row again (none took another's for its own), and each is served.
+      const rows = await db.query("SELECT runner_id, slot FROM tidepool_runners")
+      expect(rows).toHaveLength(runners.length)
+      const fresh = await Promise.all(runners.map((r) => connect(r.port)))
+      const ones = await Promise.all(fresh.map((c) => c.query("SELECT 1 AS one")))
+      expect(ones.map((r) => r.rows[0].one)).toEqual(fresh.map(() => 1))
+      await Promise.all(fresh.map((c) => c.end()))
+    } finally {
+      stop = true
+      stopSampling()
+      await Promise.all(loops)
+      await Promise.all(clients.map((c) => c.end().catch(() => undefined)))
+    }
+    expect((await sampling).max).toBeLessThanOrEqual(POOL)
+    expect(failures).toEqual([])
+  }, 40_000)
 
   it("kill -9 of a runner mid-load: the others keep serving, its share comes back after the lease, never above pool_size", async () => {
     const victim = runners[2]!
@@ -381,5 +492,6 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
       await store.stop()
       await db.stop()
     }
-  }, 60_000)
+    // Two hosts start inside the test: under TIDEPOOL_WORKERS each is three processes.
+  }, 120_000)
 })

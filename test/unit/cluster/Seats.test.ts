@@ -30,14 +30,14 @@ describe("SeatLedger", () => {
     expect(take()).toEqual([[1, { t: "seats", key: "k", n: 3, spare: 0 }]])
     // Worker 0 wants one more: none free; worker 1 is asked, answers with one it does not use.
     seats.want(0, "k", 4, 1)
-    expect(take()).toEqual([[1, { t: "seat-reclaim", key: "k" }]])
-    seats.release(1, "k", 1, true)
+    expect(take()).toEqual([[1, { t: "seat-reclaim", key: "k", round: 1 }]])
+    seats.release(1, "k", 1, true, 1)
     expect(take()).toEqual([[0, { t: "seats", key: "k", n: 1, spare: 0 }]])
     expect(total("k")).toBe(4)
     // Full, and nobody has a seat to spare: refused (0 granted) once worker 0 has answered too.
     seats.want(1, "k", 4, 1)
-    expect(take()).toEqual([[0, { t: "seat-reclaim", key: "k" }]])
-    seats.release(0, "k", 0, true)
+    expect(take()).toEqual([[0, { t: "seat-reclaim", key: "k", round: 2 }]])
+    seats.release(0, "k", 0, true, 2)
     expect(take()).toEqual([[1, { t: "seats", key: "k", n: 0, spare: 0 }]])
     expect(total("k")).toBe(4)
   })
@@ -48,10 +48,33 @@ describe("SeatLedger", () => {
     seats.want(1, "k", 2, 1)
     expect(take()).toEqual([
       [0, { t: "seats", key: "k", n: 2, spare: 0 }],
-      [0, { t: "seat-reclaim", key: "k" }]
+      [0, { t: "seat-reclaim", key: "k", round: 1 }]
     ])
     seats.forget(0)
     expect(take()).toEqual([[1, { t: "seats", key: "k", n: 1, spare: 0 }]])
     expect(total("k")).toBe(1)
+  })
+
+  it("an answer to an earlier reclaim does not end the current one", () => {
+    const { seats, take } = setup(3)
+    seats.want(1, "k", 4, 2)
+    seats.want(2, "k", 4, 2)
+    take()
+    // Worker 0 asks; 1 and 2 are asked (round 1); worker 0 dies before they answer.
+    seats.want(0, "k", 4, 1)
+    expect(take().map(([w, m]) => [w, m.t])).toEqual([
+      [1, "seat-reclaim"],
+      [2, "seat-reclaim"]
+    ])
+    seats.forget(0)
+    // Worker 1 asks now (round 2): only worker 2 holds seats besides it.
+    seats.want(1, "k", 4, 1)
+    expect(take()).toEqual([[2, { t: "seat-reclaim", key: "k", round: 2 }]])
+    // Worker 2's late answer to round 1 (nothing unused then) is not its answer to round 2 ...
+    seats.release(2, "k", 0, true, 1)
+    expect(take()).toEqual([])
+    // ... which gives back the seat of a client that left meanwhile: worker 1 gets it.
+    seats.release(2, "k", 1, true, 2)
+    expect(take()).toEqual([[1, { t: "seats", key: "k", n: 1, spare: 0 }]])
   })
 })

@@ -74,4 +74,25 @@ describe("PoolRegistry.get in worker mode", () => {
       )
     )
   })
+
+  it("a login whose seat never comes is refused at its checkout deadline, not kept waiting", async () => {
+    const { asked, layer } = supervisor()
+    const program = Effect.gen(function* () {
+      const registry = yield* PoolRegistry
+      // The supervisor (or the store) never answers.
+      const login = yield* Effect.forkChild(Effect.result(registry.get({ ...settings, checkoutTimeoutMs: 50 })))
+      yield* until("the pool to ask for a seat", () => asked.length === 1)
+      const outcome = yield* Fiber.join(login)
+      expect(outcome._tag).toBe("Failure")
+      expect((outcome as { failure?: { code?: string } }).failure?.code).toBe("EMAXCONN")
+      // Nothing is left waiting: a late answer serves nobody and the seat is given back as unused.
+      expect(asked[0]!.pool.stats.clients).toBe(0)
+    })
+    await Effect.runPromise(
+      program.pipe(
+        Effect.provide(PoolRegistry.layer.pipe(Layer.provide(layer), Layer.provide(AppConfig.layerFrom()))),
+        Effect.scoped
+      )
+    )
+  })
 })

@@ -1,0 +1,79 @@
+import type { PoolSeats } from "../pool/SeatGate.ts"
+import { SeatLedger, type SeatsOut } from "./Seats.ts"
+import type { SeatHolder } from "./StoreRunner.ts"
+
+interface HostPool {
+  /** Undefined only while it is being attached. */
+  line: PoolSeats | undefined
+  /** Seats the store granted this host (the runner's seat line's `held`). */
+  granted: number
+  /** The store's block: the host keeps about this many unused seats, no more than twice it. */
+  spare: number
+}
+
+/**
+ * max_clients across hosts of several workers (docs/scale-out.md#max_clients-across-hosts): the
+ * supervisor is the host's seat holder in the store, and its SeatLedger shares out among the workers
+ * the seats the store granted the host. A login short of a seat is refused only after the host's
+ * own workers, then (through the store) the other hosts, have given back their unused seats; a
+ * reclaim the store asks of this host is passed to every worker holding seats, and answered once
+ * each has. Pure and synchronous; the store is behind `attach`.
+ */
+export class HostSeats {
+  readonly ledger: SeatLedger
+  private readonly pools = new Map<string, HostPool>()
+
+  constructor(
+    private readonly attach: (holder: SeatHolder) => PoolSeats,
+    workers: number,
+    send: (worker: number, message: SeatsOut) => void
+  ) {
+    this.ledger = new SeatLedger(workers, send, {
+      granted: (key) => this.pools.get(key)?.granted ?? 0,
+      ask: (key, limit, need) => this.pool(key).line?.want(limit, need),
+      settled: (key, used) => {
+        const pool = this.pools.get(key)
+        const line = pool?.line
+        if (pool === undefined || line === undefined) return
+        // Hysteresis, as a worker's: a client leaving and the next arriving cost no store transaction.
+        const unused = pool.granted - used
+        if (unused > 2 * pool.spare) {
+          pool.granted -= unused - pool.spare
+          line.release(unused - pool.spare, false)
+        }
+      }
+    })
+  }
+
+  /** Seats the store granted this host (tests, views). */
+  grantedTo(key: string): number {
+    return this.pools.get(key)?.granted ?? 0
+  }
+
+  private pool(key: string): HostPool {
+    let pool = this.pools.get(key)
+    if (pool !== undefined) return pool
+    const fresh: HostPool = { line: undefined, granted: 0, spare: 0 }
+    pool = fresh
+    this.pools.set(key, fresh)
+    fresh.line = this.attach({
+      settings: { key },
+      // Never closed: the line lives as long as the supervisor (one per pool key ever used).
+      isClosed: false,
+      seatsGranted: (n, spare) => {
+        fresh.granted += n
+        fresh.spare = spare
+        this.ledger.stored(key)
+      },
+      reclaimSeats: () =>
+        this.ledger.reclaimAll(key, () => {
+          let used = 0
+          for (const n of this.ledger.heldBy(key).values()) used += n
+          const unused = Math.max(0, fresh.granted - used)
+          fresh.granted -= unused
+          fresh.line?.release(unused, true)
+        })
+    })
+    return fresh
+  }
+}
