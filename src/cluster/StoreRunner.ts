@@ -20,7 +20,7 @@ import { type Claim, type Directive, divide } from "./PoolShares.ts"
  */
 
 /** The advisory-lock namespace (first int4): runner locks are (NS, runner_id), pool locks (NS + 1, hashtext(key)). */
-const NS = 0x74696470
+export const NS = 0x74696470
 const CHANNEL = "tidepool_permits"
 /** Seats (max_clients across hosts): a runner was asked to give back unused seats, or answered. */
 const SEAT_CHANNEL = "tidepool_seats"

@@ -3,6 +3,7 @@ import type { SqlClient } from "effect/sql"
 import { AppConfig } from "../config/index.ts"
 import { PeerWorkers } from "../session/SessionRegistry.ts"
 import { TenantStore, withinDeadline } from "../tenants/TenantStore.ts"
+import { NS as RUNNER_LOCK_NS, SLOT_SHIFT } from "./StoreRunner.ts"
 
 /**
  * Cluster mode (docs/scale-out.md#several-hosts): what the store ledger says now, read from the
@@ -11,12 +12,6 @@ import { TenantStore, withinDeadline } from "../tenants/TenantStore.ts"
  * `VIEW_TIMEOUT_MS`, so a store outage answers a clear error instead of holding the console or
  * the scrape. Read-only: the ledger is StoreRunner's to write.
  */
-
-/**
- * StoreRunner's advisory-lock namespace: a runner's store session holds the lock (NS, runner_id)
- * for as long as it lives, so the store itself can say whether a runner is connected.
- */
-const RUNNER_LOCK_NS = 0x74696470
 
 /** The bound on one view's store read: past it the store counts as unreachable for that view. */
 export const VIEW_TIMEOUT_MS = 2_000
@@ -130,7 +125,8 @@ const permitRow = (r: PermitDbRow): PermitRow => ({
 
 /** The views over `sql`; `slot()` is this process's runner slot (its row's key). */
 export const makeStoreViews = (sql: SqlClient.SqlClient, slot: () => number): StoreViewsShape => {
-  // pg_locks shows a two-int4 advisory lock as (classid, objid) with objsubid 2.
+  // A runner's store session holds (RUNNER_LOCK_NS, runner_id) while it lives. pg_locks shows a
+  // two-int4 advisory lock as (classid, objid) with objsubid 2.
   const connected = sql.literal(`EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 2
     AND l.classid = ${RUNNER_LOCK_NS} AND l.objid = r.runner_id::int::oid AND l.granted)`)
   return {
@@ -210,5 +206,7 @@ export const storeViews: Effect.Effect<StoreViewsShape | undefined, never, AppCo
   const store = Option.getOrUndefined(yield* Effect.serviceOption(TenantStore))
   const ids = Option.getOrUndefined(yield* Effect.serviceOption(PeerWorkers))?.ids
   if (store?.sql === undefined || ids === undefined) return undefined
-  return makeStoreViews(store.sql, () => ids.prefix() >>> ids.shift)
+  // Bits 20–30 of every process id this process issues are the host runner's slot, with or without
+  // workers (a worker's number sits below them).
+  return makeStoreViews(store.sql, () => ids.prefix() >>> SLOT_SHIFT)
 })

@@ -608,9 +608,24 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
         ? ledger === undefined
           ? Effect.sync(() => render(tenant))
           : Effect.map(Effect.result(ledger.own), (own) => render(tenant, own))
-        : Effect.map(views.gather(tenant === undefined ? "metrics" : `metrics:${tenant}`), (gathered) =>
-            // The supervisor going away answers nothing: this worker's own view is better than none.
-            gathered.parts.length === 0 ? render(tenant) : mergeExpositions(gathered, tenant)
+        : Effect.map(
+            Effect.all(
+              [
+                views.gather(tenant === undefined ? "metrics" : `metrics:${tenant}`),
+                ledger === undefined ? Effect.succeed(undefined) : Effect.result(ledger.own)
+              ],
+              { concurrency: 2 }
+            ),
+            ([gathered, own]) => {
+              // The supervisor going away answers nothing: this worker's own view is better than none.
+              const text = gathered.parts.length === 0 ? render(tenant) : mergeExpositions(gathered, tenant)
+              if (own === undefined) return text
+              // The host's runner is the supervisor: its rows are the host's, exported once (not per
+              // worker, which would count them once per worker in a sum over hosts).
+              const out = new Exposition()
+              clusterSeries(out, Result.isSuccess(own) ? own.success : undefined, tenant)
+              return text + out.text()
+            }
           )
 
     return { render, scrape } as const

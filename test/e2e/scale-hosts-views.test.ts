@@ -14,8 +14,9 @@ import { type Exposition, parseExposition } from "../support/prometheus.ts"
 import { TEST_JWT_SECRET } from "../support/tidepool.ts"
 
 /**
- * TIDEPOOL_CLUSTER=on, two `tidepool serve` processes sharing one PostgreSQL store
- * (docs/scale-out.md#several-hosts), and a third host of two workers outside cluster mode on the
+ * TIDEPOOL_CLUSTER=on, two hosts sharing one PostgreSQL store (host A one process, host B a supervisor
+ * and two workers, the supervisor its runner;
+ * docs/scale-out.md#several-hosts), and a third host of two workers outside cluster mode on the
  * same store: the HTTP API answers the same on every host (a terminate through one ends the
  * tenant's clients on the others, every worker's), and operators see the store ledger on either host
  * (`SHOW RUNNERS`, `SHOW PERMITS`) and each host's own runner in its `/metrics`. Host A reaches the
@@ -35,16 +36,21 @@ interface Host {
 }
 
 /**
- * A host: `tidepool serve` on ports of its own, in cluster mode; or with `workers`, a host of that
- * many workers outside cluster mode on the same store (the API answers the same there too).
+ * A host: `tidepool serve` on ports of its own, of `workers` processes, in cluster mode or (`cluster`
+ * false) outside it on the same store (the API answers the same there too).
  */
-const startHost = async (storeUrl: string, config: string | undefined, n: number, workers = 1): Promise<Host> => {
+const startHost = async (
+  storeUrl: string,
+  config: string | undefined,
+  n: number,
+  workers = 1,
+  cluster = true
+): Promise<Host> => {
   const port = await freePort()
   const apiPort = await freePort()
   const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
     DATABASE_URL: storeUrl,
-    // Cluster mode runs one process per host, also under npm run test:e2e:workers.
-    ...(workers === 1 ? { TIDEPOOL_CLUSTER: "on" } : {}),
+    ...(cluster ? { TIDEPOOL_CLUSTER: "on" } : {}),
     TIDEPOOL_WORKERS: String(workers),
     PROXY_PORT_TRANSACTION: String(port),
     PROXY_PORT_SESSION: String(await freePort()),
@@ -174,7 +180,9 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
       }
     ])
     hosts.push(await startHost(link.url, config, 1))
-    hosts.push(...(await Promise.all([startHost(db.url(), undefined, 2), startHost(db.url(), undefined, 3, 2)])))
+    hosts.push(
+      ...(await Promise.all([startHost(db.url(), undefined, 2, 2), startHost(db.url(), undefined, 3, 2, false)]))
+    )
   }, 60_000)
 
   afterAll(async () => {
