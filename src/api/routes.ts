@@ -3,6 +3,7 @@ import { DateTime, Effect, Option, Redacted, Result, Schema } from "effect"
 import { HttpRouter, HttpServerRequest, HttpServerResponse } from "effect/http"
 import { CircuitBreaker } from "../auth/index.ts"
 import { HostViews } from "../cluster/HostViews.ts"
+import { storeViews } from "../cluster/StoreViews.ts"
 import {
   type AppConfig,
   formatPath,
@@ -425,24 +426,45 @@ export const routes: ReadonlyArray<Route> = [
     method: "GET",
     path: "/api/tenants/:id/pools",
     summary:
-      "This node's pools of the tenant (worker mode: every worker's, with its number): clients active and waiting, servers active and idle, longest wait",
+      "This node's pools of the tenant (worker mode: every worker's, with its number): clients active and waiting, servers active and idle, longest wait; in cluster mode also the store ledger's permits of its pools on every host",
     responses: {
       "200":
-        '{"data":[{"user","database","mode","pool_size","clients_active","clients_waiting","servers_active","servers_idle","servers_opening","longest_wait_ms","worker"?}]}',
+        '{"data":[{"user","database","mode","pool_size","clients_active","clients_waiting","servers_active","servers_idle","servers_opening","longest_wait_ms","worker"?}],"cluster"?:[{"user","database","mode","runner_id","slot","held","want","keep","press"}]|null,"cluster_error"?}',
       "404": '{"error":"not found"}'
     },
     handler: Effect.gen(function* () {
       const id = yield* idParam
       if ((yield* Tenants).get(id) === undefined) return notFound
       const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
-      if (host === undefined) return json(200, { data: tenantPoolRows((yield* PoolRegistry).poolsOf(id)) })
-      // Worker mode: every worker's pools, each row naming its worker (as SHOW POOLS does), so any
-      // worker the request reaches answers the same.
-      const gathered = yield* host.gather(`${TENANT_POOLS_VIEW}:${id}`)
       const data: Array<unknown> = []
-      for (const part of gathered.parts)
-        if (Array.isArray(part.data)) for (const row of part.data) data.push({ ...row, worker: part.worker })
-      return json(200, { data })
+      if (host === undefined) data.push(...tenantPoolRows((yield* PoolRegistry).poolsOf(id)))
+      else {
+        // Worker mode: every worker's pools, each row naming its worker (as SHOW POOLS does), so any
+        // worker the request reaches answers the same.
+        const gathered = yield* host.gather(`${TENANT_POOLS_VIEW}:${id}`)
+        for (const part of gathered.parts)
+          if (Array.isArray(part.data)) for (const row of part.data) data.push({ ...row, worker: part.worker })
+      }
+      const ledger = yield* storeViews
+      if (ledger === undefined) return json(200, { data })
+      // Cluster mode: `data` is this host's, `cluster` the store ledger's rows of the tenant's pools,
+      // the same whichever host answers (SHOW PERMITS, one tenant's part).
+      const permits = yield* Effect.result(ledger.permits)
+      if (Result.isFailure(permits)) return json(200, { data, cluster: null, cluster_error: permits.failure.message })
+      const cluster = permits.success
+        .filter((p) => p.tenant === id)
+        .map((p) => ({
+          user: p.user,
+          database: p.database,
+          mode: p.mode,
+          runner_id: p.runnerId,
+          slot: p.slot,
+          held: p.held,
+          want: p.want,
+          keep: p.keep,
+          press: p.press
+        }))
+      return json(200, { data, cluster })
     })
   }
 ]

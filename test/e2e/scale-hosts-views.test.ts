@@ -261,6 +261,18 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
       await adminB.end()
     }
 
+    // The API's pools: each host its own `data`, and the same store rows in `cluster` on every host.
+    const expected = [...heldBy].map(([slot, held]) =>
+      expect.objectContaining({ user: "app", database: "postgres", mode: "transaction", slot, held, want: 0 })
+    )
+    for (const host of [a, b]) {
+      const pools = await callApi(host, "GET", "/api/tenants/acme/pools")
+      expect(pools.status).toBe(200)
+      expect(pools.json.cluster).toEqual(expected)
+      expect(pools.json.data.length).toBeGreaterThanOrEqual(1)
+    }
+    expect((await callApi(hosts[2]!, "GET", "/api/tenants/acme/pools")).json.cluster).toBeUndefined()
+
     // Each host exports its own runner only: the sum over hosts is the store's.
     for (const [host, slot] of [
       [a, slotA],
