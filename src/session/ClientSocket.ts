@@ -293,7 +293,8 @@ export class ClientSocket {
    * its sockets that way, so the socket is given what the `onread` option would have given it
    * (`useReadBuffer`). Safe only while nothing is queued in the socket's stream and neither side has
    * ended. Otherwise (TLS, bytes queued, a client already gone) the socket stays as it is and 'data'
-   * events carry the reads (`reads` undefined).
+   * events carry the reads (`reads` undefined) — unless it has read through the shared buffer since
+   * the accept (`sharedReads`): then only the reads' receiver changes, in any state.
    *
    * Still Node internals on Node 24 (checked on 24.21): `net.createServer` takes no `onread`, and
    * no public API turns an accepted socket's reads into `onread` reads. So the socket's own `onread`
@@ -306,6 +307,17 @@ export class ClientSocket {
     this.handedOver = true
     const readAhead = this.detach()
     const old = this.socket as net.Socket & { _handle?: NodeHandle | null }
+    // Reading through the shared buffer since the accept: the reads only change hands, whatever is
+    // queued to write or whether the client has ended (its end reaches the socket as before). The
+    // 'data' path below would hear nothing, since `detach` left the socket reading into `drop`.
+    if (this.sharedReads && !old.destroyed) {
+      const reads = ReadBuffer.shared()
+      if (readInto(old, reads.onread.callback)) {
+        // Paused at the read-ahead limit: the relay reads on from here.
+        if (old.isPaused()) old.resume()
+        return { readAhead, reads }
+      }
+    }
     const handle = old._handle
     if (
       old instanceof TLSSocket ||
@@ -324,11 +336,6 @@ export class ClientSocket {
       return { readAhead, reads: undefined }
     }
     const reads = ReadBuffer.shared()
-    if (this.sharedReads && readInto(old, reads.onread.callback)) {
-      // Paused at the read-ahead limit: the relay reads on from here.
-      if (old.isPaused()) old.resume()
-      return { readAhead, reads }
-    }
     if (useReadBuffer(old, handle, reads)) return { readAhead, reads }
     const moved = new net.Socket({ handle, onread: reads.onread } as net.SocketConstructorOpts)
     // The old socket lets go of the handle (destroying it now closes nothing) and, being destroyed,

@@ -201,6 +201,28 @@ describe("ClientSocket.takeOver", () => {
     await relays(client, peer, reads)
   })
 
+  it("hands a socket reading through the shared buffer since the accept to the relay with writes still queued", async () => {
+    const { accepted, peer } = await pair()
+    const client = new ClientSocket(accepted, true)
+    expect(client.sharedReads).toBe(true)
+    // The client does not read: the greeting (here 32 MiB) stays queued in the pooler's socket.
+    peer.pause()
+    client.write(Buffer.alloc(32 * 1024 * 1024))
+    const { reads } = client.takeOver()
+    expect(accepted.writableLength).toBeGreaterThan(0)
+    expect(reads).toBeDefined()
+    const received: Array<string> = []
+    const got = new Promise<void>((resolve) => {
+      reads!.sink = (chunk) => {
+        received.push(chunk.toString())
+        if (received.join("") === "ping") resolve()
+      }
+    })
+    peer.write("ping")
+    await got
+    peer.destroy()
+  })
+
   it("keeps the socket (and 'data' events) when the client has already ended its side", async () => {
     const { accepted, peer } = await pair()
     const client = new ClientSocket(accepted)
