@@ -143,6 +143,9 @@ interface Sample {
   readonly held: ReadonlyMap<number, number>
   /** The pool's connections as PostgreSQL counts them. */
   readonly servers: number
+  /** Workers: SHOW STATS' total_xact_count per worker, and when it was read. */
+  readonly xacts?: ReadonlyMap<number, number>
+  readonly at?: number
 }
 
 /**
@@ -240,7 +243,11 @@ const pgbench = (endpoint: Endpoint, clients: number, seconds: number, workDir: 
     )
   )
 
-/** (a) TIDEPOOL_WORKERS=N: one port, the kernel spreads the clients over the workers. */
+/**
+ * (a) TIDEPOOL_WORKERS=N: one port, the kernel spreads the clients over the workers. Transactions
+ * per worker are counted between two SHOW STATS samples taken while pgbench runs: a worker's pool
+ * with no client and no server left is dropped a sweep after pgbench ends, and its totals with it.
+ */
 const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDir: string) =>
   Effect.gen(function* () {
     yield* progress(`workers: starting Tidepool with TIDEPOOL_WORKERS=${options.processes}`)
@@ -255,50 +262,56 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
       env: { TIDEPOOL_ADMIN_USERS: `${ADMIN.user}=${ADMIN.password}` }
     })
     const admin = yield* client({ ...tidepool.endpoint, ...ADMIN, database: "pgbouncer" })
-    const mine = (row: { database: string }) => row.database.startsWith(`${TENANT}/`)
-    const stats = query<{ database: string; worker: number; total_xact_count: string }>(admin, "SHOW STATS").pipe(
-      Effect.map((rows) => new Map(rows.filter(mine).map((row) => [row.worker, Number(row.total_xact_count)])))
-    )
-    const before = yield* stats
+    // A gathered view leaves out a worker that does not answer within 2 s, with a NOTICE: say so.
+    const notices: Array<string> = []
+    admin.on("notice", (notice) => notices.push(notice.message ?? ""))
+    const mine = (row: Record<string, string | number>) => String(row.database).startsWith(`${TENANT}/`)
     const clientsSeen = new Map<number, number>()
-    const result = yield* Effect.scoped(
-      Effect.gen(function* () {
-        const sampler = yield* sampleEverySecond(async () => {
-          const pools = (await admin.query("SHOW POOLS")).rows as Array<Record<string, string | number>>
-          const held = new Map<number, number>()
-          for (const row of pools) {
-            if (!mine(row as { database: string })) continue
-            const worker = Number(row.worker)
-            held.set(worker, Number(row.sv_active) + Number(row.sv_idle) + Number(row.sv_login))
-            const clients = Number(row.cl_active) + Number(row.cl_waiting)
-            clientsSeen.set(worker, Math.max(clientsSeen.get(worker) ?? 0, clients))
-          }
-          return { held, servers: await serversOf(db) }
-        })
-        const result = yield* pgbench(tidepool.endpoint, options.processes * options.clients, options.seconds, workDir)
-        yield* Effect.promise(() => sampler.stop())
-        return { result, samples: sampler.samples }
-      })
-    )
-    const after = yield* stats
-    const rows = [...after.keys()]
+    const sampler = yield* sampleEverySecond(async () => {
+      const pools = (await admin.query("SHOW POOLS")).rows as Array<Record<string, string | number>>
+      const stats = (await admin.query("SHOW STATS")).rows as Array<Record<string, string | number>>
+      const at = Date.now()
+      const held = new Map<number, number>()
+      for (const row of pools.filter(mine)) {
+        const worker = Number(row.worker)
+        held.set(worker, Number(row.sv_active) + Number(row.sv_idle) + Number(row.sv_login))
+        const clients = Number(row.cl_active) + Number(row.cl_waiting)
+        clientsSeen.set(worker, Math.max(clientsSeen.get(worker) ?? 0, clients))
+      }
+      const xacts = new Map(stats.filter(mine).map((row) => [Number(row.worker), Number(row.total_xact_count)]))
+      return { held, servers: await serversOf(db), xacts, at }
+    })
+    const result = yield* pgbench(tidepool.endpoint, options.processes * options.clients, options.seconds, workDir)
+    yield* Effect.promise(() => sampler.stop())
+    const whole = sampler.samples.filter((sample) => sample.xacts?.size === options.processes)
+    const [first, last] = [whole[0], whole.at(-1)]
+    if (first === undefined || last === undefined || last === first) {
+      return yield* new BenchError({ message: "SHOW STATS never had a row for every worker twice during the run" })
+    }
+    const rows = [...last.xacts!.keys()]
       .sort((a, b) => a - b)
       .map((worker) => ({
         name: `worker ${worker}`,
         // SO_REUSEPORT hashes connections over the workers: not necessarily an even split.
         clients: clientsSeen.get(worker) ?? 0,
-        transactions: (after.get(worker) ?? 0) - (before.get(worker) ?? 0),
-        seconds: result.result.measuredS,
-        meanHeld: meanHeld(result.samples, worker)
+        transactions: last.xacts!.get(worker)! - first.xacts!.get(worker)!,
+        seconds: (last.at! - first.at!) / 1000,
+        meanHeld: meanHeld(sampler.samples, worker)
       }))
-    const p50 = latency(result.result, 0.5)
-    const p99 = latency(result.result, 0.99)
-    return `${table(
-      `Workers: TIDEPOOL_WORKERS=${options.processes}, ${options.processes * options.clients} clients on one port, pool ${options.pool}`,
-      rows,
-      result.samples,
-      options.pool
-    )}\nLatency of all clients (pgbench cannot tell the workers apart): p50 ${fixed(p50, 2)} ms, p99 ${fixed(p99, 2)} ms.\n`
+    const p50 = latency(result, 0.5)
+    const p99 = latency(result, 0.99)
+    const workers = yield* query<{ worker: number; state: string; restarts: number }>(admin, "SHOW WORKERS")
+    return (
+      `${table(
+        `Workers: TIDEPOOL_WORKERS=${options.processes}, ${options.processes * options.clients} clients on one port, pool ${options.pool}`,
+        rows,
+        sampler.samples,
+        options.pool
+      )}\nTransactions per worker between SHOW STATS samples ${fixed(rows[0]!.seconds)} s apart; pgbench counted ${result.transactions} in ${fixed(result.measuredS)} s, ` +
+      `p50 ${fixed(p50, 2)} ms, p99 ${fixed(p99, 2)} ms over all clients (pgbench cannot tell the workers apart). ` +
+      `Console notices: ${notices.length === 0 ? "none" : [...new Set(notices)].join("; ")}. ` +
+      `SHOW WORKERS: ${workers.map((w) => `${w.worker} ${w.state} (${w.restarts} restarts)`).join(", ")}.\n`
+    )
   }).pipe(Effect.scoped)
 
 interface Runner {
