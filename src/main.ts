@@ -57,7 +57,17 @@ const withMemoryReclaim =
   <A, E, R>(command: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
     Effect.acquireUseRelease(
       Effect.flatMap(memoryReclaimSetting(configFile), (growthBytes) =>
-        Effect.sync(() => startMemoryReclaim({ growthBytes }))
+        Effect.try(() => startMemoryReclaim({ growthBytes })).pipe(
+          // A Node that will not hand over `gc` (it is V8's, not a public API) runs without the reclaim.
+          Effect.catch((e) =>
+            Effect.as(
+              Effect.logWarning(
+                `memory reclaim is off: ${e.cause instanceof Error ? e.cause.message : String(e.cause)}`
+              ),
+              () => undefined
+            )
+          )
+        )
       ),
       () => command,
       (stop) => Effect.sync(stop)

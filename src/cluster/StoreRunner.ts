@@ -573,7 +573,12 @@ export class StoreRunner {
     if (ref === undefined) return
     const id = `${ref.host}:${ref.port}:${ref.pid}`
     if (add) this.backends.set(id, ref)
-    else this.backends.delete(id)
+    else {
+      // Workers report over separate channels: a new backend that reuses a closed one's pid may be
+      // reported before the old one's close, which must then not remove the new one.
+      if (this.backends.get(id)?.secret !== ref.secret) return
+      this.backends.delete(id)
+    }
     this.backendOps.push({ add, ref })
     this.pump()
   }
@@ -597,15 +602,23 @@ export class StoreRunner {
     void this.enqueue(async () => {
       try {
         if (this.backendOps.length > 0) await this.flushBackends()
+        // A pool whose transaction fails stays dirty: an error that leaves the session alive (a
+        // statement or lock timeout, a deadlock) must not leave its want or seat request unasked.
         for (const key of [...this.dirty]) {
           if (this.client === undefined || this.runnerId === undefined) break
           this.dirty.delete(key)
-          await this.settle(key)
+          await this.settle(key).catch((e: unknown) => {
+            this.dirty.add(key)
+            throw e
+          })
         }
         for (const key of [...this.dirtySeats]) {
           if (this.client === undefined || this.runnerId === undefined) break
           this.dirtySeats.delete(key)
-          await this.settleSeats(key)
+          await this.settleSeats(key).catch((e: unknown) => {
+            this.dirtySeats.add(key)
+            throw e
+          })
         }
       } finally {
         this.pumping = false
@@ -628,7 +641,8 @@ export class StoreRunner {
     // The session is fine after an error PostgreSQL reported (the work is retried at the next tick),
     // except for those that end it (shutdown, connection exceptions).
     const state = e instanceof pg.DatabaseError ? (e.code ?? "") : ""
-    if (state === "" || state.startsWith("57P") || state.startsWith("08")) this.lost()
+    // Not registered (a registration that failed): only a reconnect registers again.
+    if (state === "" || state.startsWith("57P") || state.startsWith("08") || this.runnerId === undefined) this.lost()
   }
 
   /** The store session ended: fail static (keep what is held) until the tick reconnects. */
@@ -951,9 +965,9 @@ export class StoreRunner {
           add
             ? `INSERT INTO tidepool_backends (runner_id, host, port, pid, secret)
                SELECT $1, x.host, x.port, x.pid, x.secret FROM json_to_recordset($2) AS x(host text, port int, pid int, secret text)
-               ON CONFLICT DO NOTHING`
-            : `DELETE FROM tidepool_backends b USING json_to_recordset($2) AS x(host text, port int, pid int)
-               WHERE b.runner_id = $1 AND b.host = x.host AND b.port = x.port AND b.pid = x.pid`,
+               ON CONFLICT (runner_id, host, port, pid) DO UPDATE SET secret = EXCLUDED.secret`
+            : `DELETE FROM tidepool_backends b USING json_to_recordset($2) AS x(host text, port int, pid int, secret text)
+               WHERE b.runner_id = $1 AND b.host = x.host AND b.port = x.port AND b.pid = x.pid AND b.secret = x.secret`,
           [this.runnerId, refs]
         )
         i = j
