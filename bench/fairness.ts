@@ -143,6 +143,8 @@ interface Sample {
   readonly held: ReadonlyMap<number, number>
   /** The pool's connections as PostgreSQL counts them. */
   readonly servers: number
+  /** Backend pids of each process's servers: how many distinct ones a run saw shows server churn. */
+  readonly pids: ReadonlyMap<number, ReadonlyArray<number>>
   /** Workers: SHOW STATS' total_xact_count per worker, and when it was read. */
   readonly xacts?: ReadonlyMap<number, number>
   readonly at?: number
@@ -187,6 +189,7 @@ interface Row {
   readonly transactions: number
   readonly seconds: number
   readonly meanHeld: number
+  readonly serversSeen: number
   readonly result?: PgbenchResult
 }
 
@@ -196,6 +199,9 @@ const jain = (values: ReadonlyArray<number>) => {
   const squares = values.reduce((a, b) => a + b * b, 0)
   return squares === 0 ? Number.NaN : (sum * sum) / (values.length * squares)
 }
+
+const serversSeen = (samples: ReadonlyArray<Sample>, process: number) =>
+  new Set(samples.flatMap((s) => s.pids.get(process) ?? [])).size
 
 const meanHeld = (samples: ReadonlyArray<Sample>, process: number) =>
   samples.length === 0 ? Number.NaN : samples.reduce((sum, s) => sum + (s.held.get(process) ?? 0), 0) / samples.length
@@ -210,11 +216,11 @@ const table = (title: string, rows: ReadonlyArray<Row>, samples: ReadonlyArray<S
   const lines = [
     `### ${title}`,
     "",
-    "| process | clients | transactions | share | tx/s | tx/s per client | mean servers held | p50 ms | p99 ms |",
-    "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+    "| process | clients | transactions | share | tx/s | tx/s per client | mean servers held | servers seen | p50 ms | p99 ms |",
+    "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     ...rows.map(
       (row) =>
-        `| ${row.name} | ${row.clients} | ${row.transactions} | ${fixed((100 * row.transactions) / total)} % | ${fixed(row.transactions / row.seconds, 0)} | ${fixed(row.transactions / row.seconds / row.clients, 0)} | ${fixed(row.meanHeld)} | ${fixed(latency(row.result, 0.5), 2)} | ${fixed(latency(row.result, 0.99), 2)} |`
+        `| ${row.name} | ${row.clients} | ${row.transactions} | ${fixed((100 * row.transactions) / total)} % | ${fixed(row.transactions / row.seconds, 0)} | ${fixed(row.transactions / row.seconds / row.clients, 0)} | ${fixed(row.meanHeld)} | ${row.serversSeen} | ${fixed(latency(row.result, 0.5), 2)} | ${fixed(latency(row.result, 0.99), 2)} |`
     ),
     "",
     `Jain's index over the processes' throughput ${fixed(jain(rows.map((row) => row.transactions / row.seconds)), 3)}, ` +
@@ -270,6 +276,12 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
     const sampler = yield* sampleEverySecond(async () => {
       const pools = (await admin.query("SHOW POOLS")).rows as Array<Record<string, string | number>>
       const stats = (await admin.query("SHOW STATS")).rows as Array<Record<string, string | number>>
+      const servers = (await admin.query("SHOW SERVERS")).rows as Array<Record<string, string | number>>
+      const pids = new Map<number, Array<number>>()
+      for (const row of servers.filter(mine)) {
+        const worker = Number(row.worker)
+        pids.set(worker, [...(pids.get(worker) ?? []), Number(row.remote_pid)])
+      }
       const at = Date.now()
       const held = new Map<number, number>()
       for (const row of pools.filter(mine)) {
@@ -279,7 +291,7 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
         clientsSeen.set(worker, Math.max(clientsSeen.get(worker) ?? 0, clients))
       }
       const xacts = new Map(stats.filter(mine).map((row) => [Number(row.worker), Number(row.total_xact_count)]))
-      return { held, servers: await serversOf(db), xacts, at }
+      return { held, pids, servers: await serversOf(db), xacts, at }
     })
     const result = yield* pgbench(tidepool.endpoint, options.processes * options.clients, options.seconds, workDir)
     yield* Effect.promise(() => sampler.stop())
@@ -296,7 +308,8 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
         clients: clientsSeen.get(worker) ?? 0,
         transactions: last.xacts!.get(worker)! - first.xacts!.get(worker)!,
         seconds: (last.at! - first.at!) / 1000,
-        meanHeld: meanHeld(sampler.samples, worker)
+        meanHeld: meanHeld(sampler.samples, worker),
+        serversSeen: serversSeen(sampler.samples, worker)
       }))
     const p50 = latency(result, 0.5)
     const p99 = latency(result, 0.99)
@@ -356,7 +369,15 @@ const storeSample = (db: pg.Client, runners: ReadonlyArray<Runner>) => async ():
     const index = runners.findIndex((runner) => row.address.endsWith(`:${runner.endpoint.port}`))
     if (index >= 0) held.set(index, row.held)
   }
-  return { held, servers: await serversOf(db) }
+  const backends = await db.query(
+    "SELECT r.address, array_agg(b.pid) AS pids FROM tidepool_backends b JOIN tidepool_runners r USING (runner_id) GROUP BY r.address"
+  )
+  const pids = new Map<number, ReadonlyArray<number>>()
+  for (const row of backends.rows as Array<{ address: string; pids: Array<number> }>) {
+    const index = runners.findIndex((runner) => row.address.endsWith(`:${runner.endpoint.port}`))
+    if (index >= 0) pids.set(index, row.pids)
+  }
+  return { held, pids, servers: await serversOf(db) }
 }
 
 /** One pgbench per runner at once, `clients[i]` clients on runner i. */
@@ -381,6 +402,7 @@ const perRunner = (
       transactions: result.transactions,
       seconds: result.measuredS,
       meanHeld: meanHeld(sampler.samples, i),
+      serversSeen: serversSeen(sampler.samples, i),
       result
     }))
     return table(title, rows, sampler.samples, options.pool)
