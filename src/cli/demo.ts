@@ -90,6 +90,11 @@ const demoSecrets = (config: AppConfigShape) =>
 /** `tidepool demo`: the pooler in front of an embedded PostgreSQL registered as tenant `demo`. */
 export const demo = Effect.gen(function* () {
   const config = yield* demoSecrets(yield* AppConfig)
+  // The demo is one process around its own PostgreSQL: workers (and cluster mode) are `serve`'s.
+  if (config.workers > 1 || config.cluster)
+    yield* Console.log(
+      "tidepool demo runs one process: TIDEPOOL_WORKERS and TIDEPOOL_CLUSTER apply to tidepool serve only"
+    )
   yield* Console.log("starting embedded PostgreSQL …")
   const { port, dataDir } = yield* embeddedPostgres(config.dataDir)
   const tenant = yield* Schema.decodeUnknownEffect(Tenant)({

@@ -282,9 +282,11 @@ describe("tidepool serve", () => {
 describe("tidepool demo", () => {
   it("starts an embedded PostgreSQL and prints a string a client connects with", async () => {
     const env = await ports()
-    const cli = runCli(["demo"], { ...env, TIDEPOOL_DATA_DIR: path.join(dir, "demo") })
+    // Workers are serve's: the demo runs one process and says so.
+    const cli = runCli(["demo"], { ...env, TIDEPOOL_DATA_DIR: path.join(dir, "demo"), TIDEPOOL_WORKERS: "2" })
     try {
       await cli.waitFor(/Press Ctrl\+C/)
+      expect(cli.output()).toContain("tidepool demo runs one process")
       const urls = [...cli.output().matchAll(/psql '(postgresql:\/\/[^']+)'/g)].map((m) => m[1]!)
       expect(urls.map((u) => new URL(u).port)).toEqual([env.PROXY_PORT_TRANSACTION, env.PROXY_PORT_SESSION])
       for (const url of urls) {
