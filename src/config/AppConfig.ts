@@ -743,9 +743,11 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     fileKey: "memory_reclaim",
     type: "bytes (0 = off)",
     description:
-      "When the process goes quiet after its V8 heap has grown this much (a burst of logins), it gives the memory back to the OS: one young-generation collection, then V8's own incremental memory reducer (docs/operations.md#memory-after-a-burst)",
-    // About the young generation's full size: a burst that filled it is worth a collection at the next quiet second.
-    default: () => 64 * 1_048_576,
+      "When the process goes quiet after its V8 heap has grown this much (a burst of logins), it gives the memory back to the OS: one young-generation collection, then V8's own incremental memory reducer, whose compacting pause may land while transactions run (docs/operations.md#memory-after-a-burst); 0 = off",
+    // Off: once enabled, V8's reducer decides on the allocation rate alone, and the relay allocates
+    // nothing per message, so its compacting pause can land while transactions run
+    // (docs/operations.md#memory-after-a-burst). 64MB is the value for idle-heavy deployments.
+    default: () => 0,
     parse: bytes(0, 1_099_511_627_776)
   }
 }
