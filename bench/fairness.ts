@@ -211,7 +211,13 @@ const fixed = (n: number, digits = 1) => (Number.isFinite(n) ? n.toFixed(digits)
 const latency = (result: PgbenchResult | undefined, fraction: number) =>
   result === undefined ? Number.NaN : percentile(result.latencies.slice().sort(), fraction) / 1000
 
-const table = (title: string, rows: ReadonlyArray<Row>, samples: ReadonlyArray<Sample>, pool: number) => {
+const table = (
+  title: string,
+  rows: ReadonlyArray<Row>,
+  samples: ReadonlyArray<Sample>,
+  pool: number,
+  failed = rows.reduce((sum, row) => sum + (row.result?.failed ?? 0) + (row.result?.aborted ?? 0), 0)
+) => {
   const total = rows.reduce((sum, row) => sum + row.transactions, 0)
   const lines = [
     `### ${title}`,
@@ -226,7 +232,7 @@ const table = (title: string, rows: ReadonlyArray<Row>, samples: ReadonlyArray<S
     `Jain's index over the processes' throughput ${fixed(jain(rows.map((row) => row.transactions / row.seconds)), 3)}, ` +
       `over their throughput per client ${fixed(jain(rows.map((row) => row.transactions / row.seconds / row.clients)), 3)}; ` +
       `servers in pg_stat_activity at most ${Math.max(0, ...samples.map((s) => s.servers))} (pool_size ${pool}, ${samples.length} samples); ` +
-      `failed transactions ${rows.reduce((sum, row) => sum + (row.result?.failed ?? 0) + (row.result?.aborted ?? 0), 0)}.`,
+      `failed transactions ${failed}.`,
     ""
   ]
   return lines.join("\n")
@@ -319,7 +325,8 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
         `Workers: TIDEPOOL_WORKERS=${options.processes}, ${options.processes * options.clients} clients on one port, pool ${options.pool}`,
         rows,
         sampler.samples,
-        options.pool
+        options.pool,
+        result.failed + result.aborted
       )}\nTransactions per worker between SHOW STATS samples ${fixed(rows[0]!.seconds)} s apart; pgbench counted ${result.transactions} in ${fixed(result.measuredS)} s, ` +
       `p50 ${fixed(p50, 2)} ms, p99 ${fixed(p99, 2)} ms over all clients (pgbench cannot tell the workers apart). ` +
       `Console notices: ${notices.length === 0 ? "none" : [...new Set(notices)].join("; ")}. ` +
