@@ -165,10 +165,6 @@ interface PoolLine {
   release: number
   /** The directive last given to the pool. */
   directive: Directive
-  /** Permits granted whose server has not logged in yet. */
-  fresh: number
-  /** Since when (monotonic ms; 0: not) a lowering directive waits for fresh servers to serve once (see `apply`). */
-  deferred: number
   /** When its last transaction ran (monotonic ms): the once-a-second re-ask skips a pool just settled. */
   settledAt: number
 }
@@ -307,20 +303,11 @@ export class StoreRunner {
       },
       release: (n) => {
         line.held -= n
-        line.fresh = Math.min(line.fresh, line.held)
         line.release += n
         this.touch(key)
         this.onHeldChange?.()
       },
-      opened: (backend) => {
-        if (line.fresh > 0 && --line.fresh === 0 && line.deferred > 0) {
-          // After TenantPool has lent the new server (it does so right after telling us it opened).
-          setImmediate(() => {
-            if (line.deferred > 0) this.apply(line)
-          })
-        }
-        this.backendOp(true, backend)
-      },
+      opened: (backend) => this.backendOp(true, backend),
       closed: (backend) => this.backendOp(false, backend)
     }
   }
@@ -522,18 +509,16 @@ export class StoreRunner {
   }
 
   /**
-   * Gives the pool its directive. One that takes servers away waits while a server granted to this
-   * runner is still connecting: a new server serves one transaction before it is given up, or a
-   * pool smaller than the number of busy runners would hand its permit round without serving anyone.
+   * Gives the pool its directive at once. A server still connecting for a grant is not lost to it:
+   * the pool lends a server it opened for a permit to a waiting client before a directive can take
+   * it back (TenantPool.onOpened), so a pool smaller than the number of busy runners still serves
+   * someone at each hand-over. (A hold-back here, until the granted server had logged in, did the
+   * same job less well: a grant netted against a release opened no server, and the directive then
+   * waited for the 1 s fallback — an idle runner's first query took 2 s instead of 0.3 s,
+   * `npm run bench:fairness -- --parts uneven`.)
    */
   private apply(line: PoolLine): void {
     const d = line.directive
-    const lowers = d.press || (d.keep !== null && d.keep < line.held)
-    if (lowers && line.fresh > 0) {
-      if (line.deferred === 0) line.deferred = performance.now()
-      return
-    }
-    line.deferred = 0
     const pool = line.pool
     if (pool !== undefined && !pool.isClosed) pool.direct(d.keep ?? Number.POSITIVE_INFINITY, d.press)
   }
@@ -554,8 +539,6 @@ export class StoreRunner {
         want: 0,
         release: 0,
         directive: LIFTED,
-        fresh: 0,
-        deferred: 0,
         settledAt: 0
       }
       this.lines.set(key, line)
@@ -792,15 +775,9 @@ export class StoreRunner {
       return
     }
     const now = performance.now()
-    // Pools whose clients wait ask again (a lost notification); releases the store missed are retried;
-    // a directive held back for a server that never logged in applies now.
-    for (const [key, line] of this.lines) {
+    // Pools whose clients wait ask again (a lost notification); releases the store missed are retried.
+    for (const [key, line] of this.lines)
       if ((line.want > 0 || line.release > 0) && now - line.settledAt >= POLL_MS) this.dirty.add(key)
-      if (line.deferred > 0 && now - line.deferred >= POLL_MS) {
-        line.fresh = 0
-        this.apply(line)
-      }
-    }
     // A request waiting for other runners' answers looks again (its deadline, a lost notification).
     for (const [key, seats] of this.seatLines) if (seats.askedAt > 0 || seats.answered) this.dirtySeats.add(key)
     this.pump()
@@ -1082,10 +1059,7 @@ export class StoreRunner {
         line.held -= result.granted
         line.release += result.granted
         this.dirty.add(key)
-      } else {
-        line.fresh += result.granted
-        pool.grant(result.granted)
-      }
+      } else pool.grant(result.granted)
     }
     const d = result.directive
     if (result.granted > 0 || release > 0 || d.keep !== line.directive.keep || d.press !== line.directive.press)
