@@ -2,13 +2,21 @@ import { createServer } from "node:http"
 import * as NodeHttpServer from "@effect/platform-node/NodeHttpServer"
 import { Cause, Context, Data, Effect, Layer, Option } from "effect"
 import { HttpRouter, HttpServer, HttpServerError, HttpServerRequest, HttpServerResponse } from "effect/http"
+import { CircuitBreaker } from "../auth/index.ts"
 import { HostViews } from "../cluster/HostViews.ts"
 import { AppConfig, type AppConfigShape } from "../config/index.ts"
 import { PoolRegistry } from "../pool/index.ts"
 import { metricsRouter } from "../telemetry/index.ts"
 import { type JwtPolicy, verifyBearer } from "./JwtAuth.ts"
 import { openApiDocument } from "./OpenApi.ts"
-import { type Route, routes, TENANT_POOLS_VIEW, tenantPoolRows } from "./routes.ts"
+import {
+  NETWORK_BANS_CLEAR_VIEW,
+  NETWORK_BANS_VIEW,
+  type Route,
+  routes,
+  TENANT_POOLS_VIEW,
+  tenantPoolRows
+} from "./routes.ts"
 
 export class ApiListenError extends Data.TaggedError("ApiListenError")<{ readonly message: string }> {}
 
@@ -114,6 +122,13 @@ export class ApiServer extends Context.Service<ApiServer, { readonly port: numbe
       if (host !== undefined) {
         const registry = yield* PoolRegistry
         host.provide(TENANT_POOLS_VIEW, (id) => tenantPoolRows(registry.poolsOf(id)))
+        const breaker = yield* CircuitBreaker
+        host.provide(NETWORK_BANS_VIEW, (id) => Effect.runSync(breaker.bans(id)))
+        host.provide(NETWORK_BANS_CLEAR_VIEW, (arg) => {
+          const [id, addresses] = JSON.parse(arg) as [string, ReadonlyArray<string>]
+          Effect.runSync(breaker.clear(id, addresses))
+          return true
+        })
       }
       if (config.apiJwtSecret === undefined) {
         yield* Effect.logWarning(

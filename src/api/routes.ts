@@ -389,7 +389,8 @@ export const routes: ReadonlyArray<Route> = [
   {
     method: "GET",
     path: "/api/tenants/:id/network_bans",
-    summary: "Client addresses blocked by the authentication circuit breaker (IPv4 and IPv6)",
+    summary:
+      "Client addresses blocked by the authentication circuit breaker (IPv4 and IPv6); worker mode: every worker's",
     responses: {
       "200": '{"banned_ipv4_addresses":[{"banned_address":…,"banned_until":<unix s>}]}',
       "404": '{"error":"not found"}'
@@ -397,7 +398,7 @@ export const routes: ReadonlyArray<Route> = [
     handler: Effect.gen(function* () {
       const id = yield* idParam
       if ((yield* Tenants).get(id) === undefined) return notFound
-      return json(200, bansJson(yield* (yield* CircuitBreaker).bans(id)))
+      return json(200, bansJson(yield* hostBans(id)))
     })
   },
   {
@@ -417,9 +418,11 @@ export const routes: ReadonlyArray<Route> = [
       const decoded = validate(Addresses, input.success)
       if (Result.isFailure(decoded)) return fieldErrors(decoded.failure)
       if ((yield* Tenants).get(id) === undefined) return notFound
-      const breaker = yield* CircuitBreaker
-      yield* breaker.clear(id, decoded.success.ipv4_addresses)
-      return json(200, bansJson(yield* breaker.bans(id)))
+      const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+      if (host === undefined) yield* (yield* CircuitBreaker).clear(id, decoded.success.ipv4_addresses)
+      // Worker mode: each worker's breaker blocks on its own; the blocks are lifted on every one.
+      else yield* host.gather(`${NETWORK_BANS_CLEAR_VIEW}:${JSON.stringify([id, decoded.success.ipv4_addresses])}`)
+      return json(200, bansJson(yield* hostBans(id)))
     })
   },
   {
@@ -468,6 +471,27 @@ export const routes: ReadonlyArray<Route> = [
     })
   }
 ]
+
+/** Worker mode (registered by ApiServer): a worker's circuit-breaker blocks of a tenant, and lifting some. */
+export const NETWORK_BANS_VIEW = "network-bans"
+export const NETWORK_BANS_CLEAR_VIEW = "network-bans-clear"
+
+/**
+ * The blocks of `tenant`: this process's, or in worker mode every worker's (each breaker counts and
+ * blocks on its own), an address blocked by several listed once, until the latest.
+ */
+const hostBans = (tenant: string) =>
+  Effect.gen(function* () {
+    const host = Option.getOrUndefined(yield* Effect.serviceOption(HostViews))
+    if (host === undefined) return yield* (yield* CircuitBreaker).bans(tenant)
+    const gathered = yield* host.gather(`${NETWORK_BANS_VIEW}:${tenant}`)
+    const until = new Map<string, number>()
+    for (const part of gathered.parts)
+      if (Array.isArray(part.data))
+        for (const ban of part.data as ReadonlyArray<{ address: string; until: number }>)
+          until.set(ban.address, Math.max(until.get(ban.address) ?? 0, ban.until))
+    return [...until].map(([address, at]) => ({ address, until: at }))
+  })
 
 /** The gathered view behind `GET /api/tenants/:id/pools` in worker mode (registered by ApiServer). */
 export const TENANT_POOLS_VIEW = "tenant-pools"

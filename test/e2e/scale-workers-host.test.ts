@@ -1,5 +1,6 @@
 import { execFileSync } from "node:child_process"
 import { mkdtempSync, rmSync } from "node:fs"
+import * as http from "node:http"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
@@ -49,6 +50,44 @@ const scrape = async () => {
   })
   expect(response.status).toBe(200)
   return parseExposition(await response.text())
+}
+
+/**
+ * One API call on a connection of its own (no keep-alive): with SO_REUSEPORT each lands on a worker
+ * chosen by the kernel, so calls in a row ask both.
+ */
+// biome-ignore lint/suspicious/noExplicitAny: the answer has whatever shape the route sends
+const apiCall = async (method: string, route: string, body?: unknown): Promise<{ status: number; json: any }> => {
+  const token = await mintToken({}, { secret: TEST_JWT_SECRET })
+  return new Promise((resolve, reject) => {
+    const request = http.request(
+      {
+        host: "127.0.0.1",
+        port: apiPort,
+        method,
+        path: route,
+        agent: false,
+        headers: {
+          authorization: `Bearer ${token}`,
+          ...(body === undefined
+            ? {}
+            : { "content-type": "application/json", "content-length": Buffer.byteLength(JSON.stringify(body)) })
+        }
+      },
+      (response) => {
+        let text = ""
+        response.setEncoding("utf8")
+        response.on("data", (chunk: string) => {
+          text += chunk
+        })
+        response.on("end", () =>
+          resolve({ status: response.statusCode ?? 0, json: text === "" ? undefined : JSON.parse(text) })
+        )
+      }
+    )
+    request.on("error", reject)
+    request.end(body === undefined ? undefined : JSON.stringify(body))
+  })
 }
 
 const workerOf = (c: pg.Client): number => ownerOf((c as unknown as { processID: number }).processID) + 1
@@ -291,5 +330,40 @@ describe("TIDEPOOL_WORKERS=2: one host", () => {
     } finally {
       await next.end()
     }
+  }, 60_000)
+
+  it("network_bans answers for the whole host: a block made by either worker is listed by both, and DELETE lifts it on both", async () => {
+    // Wrong passwords from 127.0.0.1 until a worker's breaker blocks the address (each worker
+    // counts its own logins, so it is whichever reaches the limit first).
+    const blocked = deadline("a worker's circuit breaker to block 127.0.0.1")
+    for (;;) {
+      blocked()
+      const c = new pg.Client({
+        host: "127.0.0.1",
+        port: txPort,
+        user: "app.solo",
+        password: "wrong",
+        database: "postgres"
+      })
+      const refused = await c.connect().then(
+        () => undefined,
+        (e: Error) => e.message
+      )
+      if (refused === undefined) await c.end()
+      if (refused?.startsWith("(ECIRCUITBREAKER)")) break
+    }
+    // Eight calls, each on its own connection: both workers answer some, all with the block.
+    for (let i = 0; i < 8; i++) {
+      const listed = await apiCall("GET", "/api/tenants/solo/network_bans")
+      expect(listed.status).toBe(200)
+      expect(listed.json.banned_ipv4_addresses.map((b: { banned_address: string }) => b.banned_address)).toEqual([
+        "127.0.0.1"
+      ])
+    }
+    const cleared = await apiCall("DELETE", "/api/tenants/solo/network_bans", { ipv4_addresses: ["127.0.0.1"] })
+    expect(cleared.status).toBe(200)
+    expect(cleared.json.banned_ipv4_addresses).toEqual([])
+    for (let i = 0; i < 8; i++)
+      expect((await apiCall("GET", "/api/tenants/solo/network_bans")).json.banned_ipv4_addresses).toEqual([])
   }, 60_000)
 })
