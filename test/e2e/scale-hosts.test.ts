@@ -260,7 +260,20 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
     const sampling = sample(db, new Promise<void>((resolve) => (stopSampling = resolve)))
     try {
       // A restore from before the ledger existed (or a new, empty store): its tables are gone.
-      await db.query("DROP TABLE tidepool_backends, tidepool_permits, tidepool_seats, tidepool_runners")
+      // The runners' transactions hold row locks on these tables: PostgreSQL may pick the DROP as a
+      // deadlock's victim (seen in CI), so it is tried again, as an operator's restore would be.
+      for (let attempt = 1; ; attempt++) {
+        const dropped = await db
+          .query("DROP TABLE tidepool_backends, tidepool_permits, tidepool_seats, tidepool_runners")
+          .then(
+            () => true,
+            (e: Error & { code?: string }) => {
+              if (e.code !== "40P01" || attempt >= 5) throw e
+              return false
+            }
+          )
+        if (dropped) break
+      }
       for (const [i, r] of runners.entries()) {
         await logged(r, marks[i]!, /lease was reclaimed while it was away/)
         await logged(r, marks[i]!, /registered as slot \d+/)
