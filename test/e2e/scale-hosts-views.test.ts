@@ -11,6 +11,7 @@ import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type Exposition, parseExposition } from "../support/prometheus.ts"
+import { processIdOf } from "../support/scale.ts"
 import { TEST_JWT_SECRET } from "../support/tidepool.ts"
 
 /**
@@ -139,7 +140,7 @@ const connect = async (port: number, user = "app.acme", database = "postgres") =
   return c
 }
 
-const slotOfClient = (c: pg.Client): number => slotOf((c as unknown as { processID: number }).processID)
+const slotOfClient = (c: pg.Client): number => slotOf(processIdOf(c))
 
 const scrape = async (host: Host): Promise<Exposition> => {
   const response = await fetch(`http://127.0.0.1:${host.apiPort}/metrics`, {
@@ -294,7 +295,7 @@ describe("TIDEPOOL_CLUSTER=on: two hosts, the API and the store ledger's views",
     const [a, b, c] = [hosts[0]!, hosts[1]!, hosts[2]!]
     // Host C: clients until both of its workers have some (the kernel spreads them by a hash).
     const onC: Array<pg.Client> = []
-    while (new Set(onC.map((x) => ownerOf((x as unknown as { processID: number }).processID))).size < 2) {
+    while (new Set(onC.map((x) => ownerOf(processIdOf(x)))).size < 2) {
       if (onC.length === 16) throw new Error("16 clients of host C all landed on one worker")
       const client = await connect(c.port)
       clients.push(client)

@@ -9,6 +9,7 @@ import { type CliProcess, runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { processIdOf, sample, serversOf } from "../support/scale.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 /**
@@ -59,27 +60,6 @@ const connect = async (port: number, user = "app") => {
   c.on("error", () => undefined)
   await c.connect()
   return c
-}
-
-const processIdOf = (c: pg.Client): number => (c as unknown as { processID: number }).processID
-
-/** Connections of `user` as PostgreSQL sees them (the runners' store sessions are the superuser's). */
-const serversOf = async (db: PostgresServer, user = "app"): Promise<number> =>
-  Number((await db.query("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", [user]))[0].n)
-
-/** Samples `serversOf` until `stop` resolves; returns the largest count seen and how many samples. */
-const sample = async (db: PostgresServer, stop: Promise<unknown>, user = "app") => {
-  let done = false
-  void stop.finally(() => {
-    done = true
-  })
-  let max = 0
-  let samples = 0
-  while (!done) {
-    max = Math.max(max, await serversOf(db, user))
-    samples++
-  }
-  return { max, samples }
 }
 
 describe("TIDEPOOL_CLUSTER=on, TIDEPOOL_WORKERS=2: two hosts of two workers sharing one store", () => {

@@ -10,6 +10,7 @@ import { type CliProcess, runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { processIdOf, sample, serversOf } from "../support/scale.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 /**
@@ -85,25 +86,6 @@ const connect = async (port: number, user = "app") => {
   return c
 }
 
-/** Connections of `user` as PostgreSQL sees them (the runners' store sessions are the superuser's). */
-const serversOf = async (db: PostgresServer, user = "app"): Promise<number> =>
-  Number((await db.query("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", [user]))[0].n)
-
-/** Samples `serversOf` until `stop` resolves; returns the largest count seen and how many samples. */
-const sample = async (db: PostgresServer, stop: Promise<unknown>, user = "app") => {
-  let done = false
-  void stop.finally(() => {
-    done = true
-  })
-  let max = 0
-  let samples = 0
-  while (!done) {
-    max = Math.max(max, await serversOf(db, user))
-    samples++
-  }
-  return { max, samples }
-}
-
 describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
   let db: PostgresServer
   const runners: Array<Runner> = []
@@ -174,7 +156,7 @@ describe("TIDEPOOL_CLUSTER=on: three runners sharing one store", () => {
   it("a cancel sent to another runner than the client's cancels its query", async () => {
     const [owner, other] = [runners[0]!, runners[1]!]
     const victim = await connect(owner.port)
-    const processId = (victim as unknown as { processID: number }).processID
+    const processId = processIdOf(victim)
     expect(slotOf(processId)).toBeGreaterThan(0)
     const { victimCode } = await cancelWhileBusy({ db, port: other.port, victim })
     expect(victimCode).toBe("57014")

@@ -12,6 +12,7 @@ import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { parseExposition } from "../support/prometheus.ts"
+import { processIdOf } from "../support/scale.ts"
 import { TEST_JWT_SECRET } from "../support/tidepool.ts"
 
 /**
@@ -90,7 +91,7 @@ const apiCall = async (method: string, route: string, body?: unknown): Promise<{
   })
 }
 
-const workerOf = (c: pg.Client): number => ownerOf((c as unknown as { processID: number }).processID) + 1
+const workerOf = (c: pg.Client): number => ownerOf(processIdOf(c)) + 1
 
 const deadline = (what: string) => {
   const end = Date.now() + DEADLINE_MS

@@ -11,6 +11,7 @@ import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { parseExposition } from "../support/prometheus.ts"
+import { processIdOf, sample, serversOf } from "../support/scale.ts"
 import { TEST_JWT_SECRET } from "../support/tidepool.ts"
 import { hasTool, run } from "../support/tools.ts"
 
@@ -28,25 +29,6 @@ let dir: string
 let cli: CliProcess
 let port: number
 let apiPort: number
-
-/** The pool's servers as PostgreSQL sees them (the sampler's own connection is the superuser's). */
-const serversNow = async (user = "app"): Promise<number> =>
-  Number((await db.query("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", [user]))[0].n)
-
-/** Samples `serversNow` until `stop` resolves; returns the largest count seen and how many samples. */
-const sample = async (stop: Promise<unknown>, user = "app") => {
-  let done = false
-  void stop.finally(() => {
-    done = true
-  })
-  let max = 0
-  let samples = 0
-  while (!done) {
-    max = Math.max(max, await serversNow(user))
-    samples++
-  }
-  return { max, samples }
-}
 
 const url = (user = "app") => `postgresql://${user}.acme:${PASSWORD}@127.0.0.1:${port}/postgres`
 
@@ -109,7 +91,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
     "pgbench through all three workers never has more than pool_size servers",
     async () => {
       const bench = run("pgbench", ["-c", "24", "-j", "3", "-T", "6", "-n", url()])
-      const { max, samples } = await sample(bench)
+      const { max, samples } = await sample(db, bench)
       const { stdout } = await bench
       expect(stdout).toMatch(/number of failed transactions: 0 /)
       const done = Number(stdout.match(/number of transactions actually processed: (\d+)/)?.[1])
@@ -128,7 +110,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
     // The kernel picks the worker of each connection; twelve tries make "never another worker" a 1 in 500 000 event.
     for (let i = 0; i < 12; i++) {
       const victim = await client()
-      const owner = ownerOf((victim as unknown as { processID: number }).processID)
+      const owner = ownerOf(processIdOf(victim))
       expect(owner).toBeGreaterThanOrEqual(0)
       expect(owner).toBeLessThan(3)
       const { victimCode } = await cancelWhileBusy({ db, port, victim })
@@ -151,7 +133,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
         .reduce((sum, s) => sum + s.value, 0)
     }
     const clients = await Promise.all(Array.from({ length: 9 }, () => client("tiny")))
-    const owners = new Set(clients.map((c) => ownerOf((c as unknown as { processID: number }).processID)))
+    const owners = new Set(clients.map((c) => ownerOf(processIdOf(c))))
     // Nine connections on three workers all landing on one: a 1 in 2 000 event.
     expect(owners.size).toBeGreaterThan(1)
     const before = await opened()
@@ -165,7 +147,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
         for (let k = 0; k < 4; k++) served.add((await c.query("SELECT pg_backend_pid() AS pid")).rows[0].pid)
       })
     )
-    const { max } = await sample(work, "tiny")
+    const { max } = await sample(db, work, "tiny")
     await work
     expect(max).toBeLessThanOrEqual(1)
     // The permit rotated among the workers, and every server opened meanwhile served a query: none
@@ -213,7 +195,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
     }
     const clients = Array.from({ length: 30 }, loop)
     let stopSampling: () => void = () => undefined
-    const sampling = sample(new Promise<void>((resolve) => (stopSampling = resolve)))
+    const sampling = sample(db, new Promise<void>((resolve) => (stopSampling = resolve)))
     try {
       // Load reaches every worker before the kill.
       const deadline = Date.now() + 20_000
@@ -227,7 +209,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
       const servedAtKill = served
       // Its share returns: the survivors (and its replacement) get back to all 10 servers.
       for (;;) {
-        if ((await serversNow()) === POOL) break
+        if ((await serversOf(db)) === POOL) break
         if (Date.now() - killedAt > 10_000) throw new Error("the dead worker's permits never came back")
       }
       await cli.waitFor(new RegExp(`worker ${victimWorker} started \\(pid (?!${victimPid}\\))\\d+\\)`))
@@ -245,7 +227,7 @@ describe("TIDEPOOL_WORKERS=3", () => {
 
   it("a ban through the HTTP API (worker 1) ends the tenant's clients on every worker", async () => {
     const clients = await Promise.all(Array.from({ length: 9 }, client))
-    const owners = new Set(clients.map((c) => ownerOf((c as unknown as { processID: number }).processID)))
+    const owners = new Set(clients.map((c) => ownerOf(processIdOf(c))))
     // Nine connections on three workers all landing on one: a 1 in 2 000 event.
     expect(owners.size).toBeGreaterThan(1)
     const outcomes = clients.map((c) =>
