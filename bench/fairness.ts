@@ -19,7 +19,7 @@ import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import pg from "pg"
 import { startPostgres } from "../test/support/postgres.ts"
-import { buildMode, UsageError } from "./options.ts"
+import { benchMain, buildMode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, percentile, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
 import { type BuildMode, startTidepool } from "./tidepool.ts"
@@ -551,33 +551,7 @@ const bench = (options: Options) =>
     yield* Console.log(out.join("\n"))
   }).pipe(Effect.scoped)
 
-const main = Effect.suspend(() => {
-  let options: Options | undefined
-  try {
-    options = parseOptions(process.argv.slice(2))
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error
-    return Console.error(`${error.message}\n\n${HELP}`).pipe(
-      Effect.andThen(
-        Effect.sync(() => {
-          process.exitCode = 2
-        })
-      )
-    )
-  }
-  if (options === undefined) return Console.log(HELP)
-  return bench(options).pipe(
-    Effect.catchTag("BenchError", (error) =>
-      Console.error(`bench: ${error.message}`).pipe(
-        Effect.andThen(
-          Effect.sync(() => {
-            process.exitCode = 1
-          })
-        )
-      )
-    )
-  )
-})
+const main = benchMain(() => parseOptions(process.argv.slice(2)), HELP, bench)
 
 NodeRuntime.runMain(main, {
   teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) ? 0 : Cause.hasInterruptsOnly(exit.cause) ? 130 : 1)

@@ -3,7 +3,9 @@ import * as fs from "node:fs"
 import * as path from "node:path"
 import { fileURLToPath } from "node:url"
 import { parseArgs } from "node:util"
+import { Console, Effect } from "effect"
 import type { Protocol } from "./pgbench.ts"
+import type { BenchError } from "./process.ts"
 import type { BuildMode } from "./tidepool.ts"
 
 export const TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "direct", "node-relay"] as const
@@ -228,4 +230,41 @@ const parse = (argv: ReadonlyArray<string>) =>
       "node-flags": { type: "string" },
       help: { type: "boolean", short: "h" }
     }
+  })
+
+/**
+ * A bench command's main: its flags parsed by `parse` (a UsageError is printed with `help`, exit
+ * status 2; undefined means --help), then `run`, whose BenchError is printed with exit status 1.
+ */
+export const benchMain = <O>(
+  parse: () => O | undefined,
+  help: string,
+  run: (options: O) => Effect.Effect<void, BenchError>
+): Effect.Effect<void> =>
+  Effect.suspend(() => {
+    let options: O | undefined
+    try {
+      options = parse()
+    } catch (error) {
+      if (!(error instanceof UsageError)) throw error
+      return Console.error(`${error.message}\n\n${help}`).pipe(
+        Effect.andThen(
+          Effect.sync(() => {
+            process.exitCode = 2
+          })
+        )
+      )
+    }
+    if (options === undefined) return Console.log(help)
+    return run(options).pipe(
+      Effect.catchTag("BenchError", (error) =>
+        Console.error(`bench: ${error.message}`).pipe(
+          Effect.andThen(
+            Effect.sync(() => {
+              process.exitCode = 1
+            })
+          )
+        )
+      )
+    )
   })

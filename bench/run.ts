@@ -13,9 +13,9 @@ import * as path from "node:path"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import { type PostgresServer, startPostgres } from "../test/support/postgres.ts"
-import { CONNECT_HELP, type ConnectOptions, connections, parseConnectOptions } from "./connections.ts"
+import { CONNECT_HELP, connections, parseConnectOptions } from "./connections.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
-import { type BenchOptions, HELP, parseOptions, TARGETS, type TargetName, UsageError } from "./options.ts"
+import { type BenchOptions, benchMain, HELP, parseOptions, TARGETS, type TargetName } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
 import { pgbouncerVersion, startPgBouncer } from "./pgbouncer.ts"
 import { BenchError, scopedTempDir } from "./process.ts"
@@ -283,62 +283,9 @@ const bench = (options: BenchOptions) =>
     }
   }).pipe(Effect.scoped)
 
-const connectMode = Effect.suspend(() => {
-  let options: ConnectOptions | undefined
-  try {
-    options = parseConnectOptions(process.argv.slice(2))
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error
-    return Console.error(`${error.message}\n\n${CONNECT_HELP}`).pipe(
-      Effect.andThen(
-        Effect.sync(() => {
-          process.exitCode = 2
-        })
-      )
-    )
-  }
-  if (options === undefined) return Console.log(CONNECT_HELP)
-  return connections(options).pipe(
-    Effect.catchTag("BenchError", (error) =>
-      Console.error(`bench: ${error.message}`).pipe(
-        Effect.andThen(
-          Effect.sync(() => {
-            process.exitCode = 1
-          })
-        )
-      )
-    )
-  )
-})
-
-const main = Effect.suspend(() => {
-  if (process.argv.includes("--connect")) return connectMode
-  let options: BenchOptions | undefined
-  try {
-    options = parseOptions(process.argv.slice(2))
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error
-    return Console.error(`${error.message}\n\n${HELP}`).pipe(
-      Effect.andThen(
-        Effect.sync(() => {
-          process.exitCode = 2
-        })
-      )
-    )
-  }
-  if (options === undefined) return Console.log(HELP)
-  return bench(options).pipe(
-    Effect.catchTag("BenchError", (error) =>
-      Console.error(`bench: ${error.message}`).pipe(
-        Effect.andThen(
-          Effect.sync(() => {
-            process.exitCode = 1
-          })
-        )
-      )
-    )
-  )
-})
+const main = process.argv.includes("--connect")
+  ? benchMain(() => parseConnectOptions(process.argv.slice(2)), CONNECT_HELP, connections)
+  : benchMain(() => parseOptions(process.argv.slice(2)), HELP, bench)
 
 NodeRuntime.runMain(main, {
   teardown: (exit, onExit) => onExit(Exit.isSuccess(exit) ? 0 : Cause.hasInterruptsOnly(exit.cause) ? 130 : 1)
