@@ -143,21 +143,19 @@ interface Sample {
   readonly held: ReadonlyMap<number, number>
   /** The pool's connections as PostgreSQL counts them. */
   readonly servers: number
-  /** Backend pids of each process's servers: how many distinct ones a run saw shows server churn. */
-  readonly pids: ReadonlyMap<number, ReadonlyArray<number>>
   /** Workers: SHOW STATS' total_xact_count per worker, and when it was read. */
   readonly xacts?: ReadonlyMap<number, number>
   readonly at?: number
 }
 
 /**
- * Takes a sample once a second until stopped. Plain async on purpose: pacing a sampler is not
+ * Takes a sample every `ms` until stopped. Plain async on purpose: pacing a sampler is not
  * synchronisation, and a sample lost to a busy moment is just one fewer.
  */
-const sampleEverySecond = (take: () => Promise<Sample>) =>
+const sampleEvery = <S>(ms: number, take: () => Promise<S>) =>
   Effect.acquireRelease(
     Effect.sync(() => {
-      const samples: Array<Sample> = []
+      const samples: Array<S> = []
       let running = true
       const loop = (async () => {
         while (running) {
@@ -166,7 +164,7 @@ const sampleEverySecond = (take: () => Promise<Sample>) =>
             (sample) => samples.push(sample),
             () => undefined
           )
-          await new Promise((resolve) => setTimeout(resolve, Math.max(0, 1_000 - (Date.now() - started))))
+          await new Promise((resolve) => setTimeout(resolve, Math.max(0, ms - (Date.now() - started))))
         }
       })()
       return {
@@ -182,6 +180,30 @@ const sampleEverySecond = (take: () => Promise<Sample>) =>
 
 const serversOf = async (db: pg.Client) =>
   Number((await db.query("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", [ROLE])).rows[0].n)
+
+/** Backend pids per process, every 100 ms: servers that live shorter than that can be missed. */
+const PIDS_MS = 100
+
+/**
+ * Sessions PostgreSQL has started on the tenant database: every server any process opened (the
+ * bench's own connections use another database). Exact where the sampled pids are a lower bound;
+ * a backend reports its start with its next statistics flush (within a second, or at its exit).
+ */
+const sessionsOf = async (db: pg.Client) => {
+  await db.query("SELECT pg_stat_clear_snapshot()")
+  const { rows } = await db.query("SELECT sessions FROM pg_stat_database WHERE datname = $1", [DATABASE])
+  return Number(rows[0]?.sessions ?? Number.NaN)
+}
+
+/** Server connects during a part: the sessions counter's growth, read after a second for the last flushes. */
+const connectsDuring = <A, E, R>(db: pg.Client, run: Effect.Effect<A, E, R>) =>
+  Effect.gen(function* () {
+    const before = yield* Effect.promise(() => sessionsOf(db))
+    const result = yield* run
+    yield* Effect.sleep("1100 millis")
+    const after = yield* Effect.promise(() => sessionsOf(db))
+    return [result, after - before] as const
+  })
 
 interface Row {
   readonly name: string
@@ -200,8 +222,11 @@ const jain = (values: ReadonlyArray<number>) => {
   return squares === 0 ? Number.NaN : (sum * sum) / (values.length * squares)
 }
 
-const serversSeen = (samples: ReadonlyArray<Sample>, process: number) =>
-  new Set(samples.flatMap((s) => s.pids.get(process) ?? [])).size
+/** Backend pids of each process's servers (every PIDS_MS): how many distinct ones a run saw shows server churn. */
+type Pids = ReadonlyMap<number, ReadonlyArray<number>>
+
+const serversSeen = (samples: ReadonlyArray<Pids>, process: number) =>
+  new Set(samples.flatMap((s) => s.get(process) ?? [])).size
 
 const meanHeld = (samples: ReadonlyArray<Sample>, process: number) =>
   samples.length === 0 ? Number.NaN : samples.reduce((sum, s) => sum + (s.held.get(process) ?? 0), 0) / samples.length
@@ -216,6 +241,7 @@ const table = (
   rows: ReadonlyArray<Row>,
   samples: ReadonlyArray<Sample>,
   pool: number,
+  connects: number,
   failed = rows.reduce((sum, row) => sum + (row.result?.failed ?? 0) + (row.result?.aborted ?? 0), 0)
 ) => {
   const total = rows.reduce((sum, row) => sum + row.transactions, 0)
@@ -232,7 +258,8 @@ const table = (
     `Jain's index over the processes' throughput ${fixed(jain(rows.map((row) => row.transactions / row.seconds)), 3)}, ` +
       `over their throughput per client ${fixed(jain(rows.map((row) => row.transactions / row.seconds / row.clients)), 3)}; ` +
       `servers in pg_stat_activity at most ${Math.max(0, ...samples.map((s) => s.servers))} (pool_size ${pool}, ${samples.length} samples); ` +
-      `failed transactions ${failed}.`,
+      `failed transactions ${failed}; server connects ${connects} (sessions PostgreSQL started on the tenant database ` +
+      `during the run; servers seen: distinct backend pids sampled every ${PIDS_MS} ms, a lower bound per process).`,
     ""
   ]
   return lines.join("\n")
@@ -279,15 +306,9 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
     admin.on("notice", (notice) => notices.push(notice.message ?? ""))
     const mine = (row: Record<string, string | number>) => String(row.database).startsWith(`${TENANT}/`)
     const clientsSeen = new Map<number, number>()
-    const sampler = yield* sampleEverySecond(async () => {
+    const sampler = yield* sampleEvery(1_000, async (): Promise<Sample> => {
       const pools = (await admin.query("SHOW POOLS")).rows as Array<Record<string, string | number>>
       const stats = (await admin.query("SHOW STATS")).rows as Array<Record<string, string | number>>
-      const servers = (await admin.query("SHOW SERVERS")).rows as Array<Record<string, string | number>>
-      const pids = new Map<number, Array<number>>()
-      for (const row of servers.filter(mine)) {
-        const worker = Number(row.worker)
-        pids.set(worker, [...(pids.get(worker) ?? []), Number(row.remote_pid)])
-      }
       const at = Date.now()
       const held = new Map<number, number>()
       for (const row of pools.filter(mine)) {
@@ -297,10 +318,24 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
         clientsSeen.set(worker, Math.max(clientsSeen.get(worker) ?? 0, clients))
       }
       const xacts = new Map(stats.filter(mine).map((row) => [Number(row.worker), Number(row.total_xact_count)]))
-      return { held, pids, servers: await serversOf(db), xacts, at }
+      return { held, servers: await serversOf(db), xacts, at }
     })
-    const result = yield* pgbench(tidepool.endpoint, options.processes * options.clients, options.seconds, workDir)
-    yield* Effect.promise(() => sampler.stop())
+    // A second admin connection: the views are gathered from every worker, one round trip each.
+    const serversAdmin = yield* client({ ...tidepool.endpoint, ...ADMIN, database: "pgbouncer" })
+    const pidSampler = yield* sampleEvery(PIDS_MS, async (): Promise<Pids> => {
+      const servers = (await serversAdmin.query("SHOW SERVERS")).rows as Array<Record<string, string | number>>
+      const pids = new Map<number, Array<number>>()
+      for (const row of servers.filter(mine)) {
+        const worker = Number(row.worker)
+        pids.set(worker, [...(pids.get(worker) ?? []), Number(row.remote_pid)])
+      }
+      return pids
+    })
+    const [result, connects] = yield* connectsDuring(
+      db,
+      pgbench(tidepool.endpoint, options.processes * options.clients, options.seconds, workDir)
+    )
+    yield* Effect.promise(() => Promise.all([sampler.stop(), pidSampler.stop()]))
     const whole = sampler.samples.filter((sample) => sample.xacts?.size === options.processes)
     const [first, last] = [whole[0], whole.at(-1)]
     if (first === undefined || last === undefined || last === first) {
@@ -315,7 +350,7 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
         transactions: last.xacts!.get(worker)! - first.xacts!.get(worker)!,
         seconds: (last.at! - first.at!) / 1000,
         meanHeld: meanHeld(sampler.samples, worker),
-        serversSeen: serversSeen(sampler.samples, worker)
+        serversSeen: serversSeen(pidSampler.samples, worker)
       }))
     const p50 = latency(result, 0.5)
     const p99 = latency(result, 0.99)
@@ -326,6 +361,7 @@ const workersPart = (options: Options, upstream: Endpoint, db: pg.Client, workDi
         rows,
         sampler.samples,
         options.pool,
+        connects,
         result.failed + result.aborted
       )}\nTransactions per worker between SHOW STATS samples ${fixed(rows[0]!.seconds)} s apart; pgbench counted ${result.transactions} in ${fixed(result.measuredS)} s, ` +
       `p50 ${fixed(p50, 2)} ms, p99 ${fixed(p99, 2)} ms over all clients (pgbench cannot tell the workers apart). ` +
@@ -376,6 +412,11 @@ const storeSample = (db: pg.Client, runners: ReadonlyArray<Runner>) => async ():
     const index = runners.findIndex((runner) => row.address.endsWith(`:${runner.endpoint.port}`))
     if (index >= 0) held.set(index, row.held)
   }
+  return { held, servers: await serversOf(db) }
+}
+
+/** Backend pids per runner (its index) from the store's record of each runner's servers. */
+const storePids = (db: pg.Client, runners: ReadonlyArray<Runner>) => async (): Promise<Pids> => {
   const backends = await db.query(
     "SELECT r.address, array_agg(b.pid) AS pids FROM tidepool_backends b JOIN tidepool_runners r USING (runner_id) GROUP BY r.address"
   )
@@ -384,7 +425,7 @@ const storeSample = (db: pg.Client, runners: ReadonlyArray<Runner>) => async ():
     const index = runners.findIndex((runner) => row.address.endsWith(`:${runner.endpoint.port}`))
     if (index >= 0) pids.set(index, row.pids)
   }
-  return { held, pids, servers: await serversOf(db) }
+  return pids
 }
 
 /** One pgbench per runner at once, `clients[i]` clients on runner i. */
@@ -394,25 +435,32 @@ const perRunner = (
   runners: ReadonlyArray<Runner>,
   clients: ReadonlyArray<number>,
   db: pg.Client,
+  storeUrl: string,
   workDir: string
 ) =>
   Effect.gen(function* () {
-    const sampler = yield* sampleEverySecond(storeSample(db, runners))
-    const results = yield* Effect.all(
-      clients.map((n, i) => pgbench(runners[i]!.endpoint, n, options.seconds, workDir)),
-      { concurrency: "unbounded" }
+    const sampler = yield* sampleEvery(1_000, storeSample(db, runners))
+    // Its own connection, so a slow sample of the other kind does not space these out.
+    const pidsDb = yield* client({ connectionString: storeUrl })
+    const pidSampler = yield* sampleEvery(PIDS_MS, storePids(pidsDb, runners))
+    const [results, connects] = yield* connectsDuring(
+      db,
+      Effect.all(
+        clients.map((n, i) => pgbench(runners[i]!.endpoint, n, options.seconds, workDir)),
+        { concurrency: "unbounded" }
+      )
     )
-    yield* Effect.promise(() => sampler.stop())
+    yield* Effect.promise(() => Promise.all([sampler.stop(), pidSampler.stop()]))
     const rows = results.map((result, i) => ({
       name: `runner ${i + 1}`,
       clients: clients[i]!,
       transactions: result.transactions,
       seconds: result.measuredS,
       meanHeld: meanHeld(sampler.samples, i),
-      serversSeen: serversSeen(sampler.samples, i),
+      serversSeen: serversSeen(pidSampler.samples, i),
       result
     }))
-    return table(title, rows, sampler.samples, options.pool)
+    return table(title, rows, sampler.samples, options.pool, connects)
   }).pipe(Effect.scoped)
 
 const median = (values: ReadonlyArray<number>) => {
@@ -497,6 +545,7 @@ const clusterParts = (options: Options, upstream: Endpoint, storeUrl: string, db
           runners,
           runners.map(() => options.clients),
           db,
+          storeUrl,
           workDir
         )
       )
@@ -512,6 +561,7 @@ const clusterParts = (options: Options, upstream: Endpoint, storeUrl: string, db
           runners,
           [options.big, options.small],
           db,
+          storeUrl,
           workDir
         )
       )
