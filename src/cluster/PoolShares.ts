@@ -9,6 +9,8 @@ export interface Claim {
   readonly held: number
   readonly want: number
   readonly since: number
+  /** Its directive's `keep` now (null or absent: none): who was given the rounding's extra permit. */
+  readonly keep?: number | null
 }
 
 export interface Directive {
@@ -34,7 +36,7 @@ const LIFTED: Directive = { keep: null, press: false }
  * pool's claims, for the store ledger, where every runner computes it inside the pool's transaction:
  * shares by water-filling over held + want; the rounding's remainder first to a claim that waits
  * holding nothing (so a pool smaller than the number of busy holders rotates), then to one already
- * holding it (so shares do not flap), then to the longest waiting; free permits granted up to each
+ * holding it or told it (so shares do not flap), then to the longest waiting; free permits granted up to each
  * share in that order; and, while a want stays unmet, each holder's share as its `keep`, with those
  * that want nothing pressed.
  */
@@ -55,7 +57,11 @@ export const divide = (size: number, claims: ReadonlyArray<Claim>): Division => 
     return { shares: claims.map((c) => c.held), grants: claims.map(() => 0), directives: claims.map(() => LIFTED) }
   }
   const demands = claims.map((c) => c.held + Math.max(0, c.want))
-  const rank = (c: Claim) => (c.held === 0 && c.want > 0 ? 0 : c.held > Math.floor(size / n) ? 1 : 2)
+  // "Already holds it" counts the share it was told as well as what it holds: a holder that closed
+  // a server (a lifetime, a closed socket) and waits to open another keeps the extra permit instead
+  // of it moving to another holder, which would close a server to open one.
+  const above = Math.floor(size / n)
+  const rank = (c: Claim) => (c.held === 0 && c.want > 0 ? 0 : c.held > above || (c.keep ?? 0) > above ? 1 : 2)
   const since = (c: Claim) => (c.want > 0 ? c.since : Number.POSITIVE_INFINITY)
   const priority = claims
     .map((_, i) => i)

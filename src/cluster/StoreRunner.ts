@@ -1003,7 +1003,7 @@ export class StoreRunner {
       // runner at every hand-over, each time a server closed and another opened.)
       own.since = want > 0 ? (own.want > 0 && !(release > 0 && holding === 0) ? own.since : now) : 0
       own.want = want
-      const claims: Array<Claim> = rows.map((r) => ({ held: r.held, want: r.want, since: r.since }))
+      const claims: Array<Claim> = rows.map((r) => ({ held: r.held, want: r.want, since: r.since, keep: r.keep }))
       const division = divide(line.size, claims)
       const i = rows.indexOf(own)
       const granted = division.grants[i]!

@@ -84,7 +84,11 @@ export interface ServerView {
 const RETRY_FIRST_MS = 50
 /** … up to this: how late a pool whose clients wait notices that its database answers again. */
 const RETRY_MAX_MS = 1000
-/** Worker mode: a pressed pool's idle server unused this long is closed at the next sweep. */
+/**
+ * Worker and cluster mode: a pressed pool closes an idle server once it has gone unused this long.
+ * One that was used more recently is in use (its client's next transaction comes straight back
+ * for it): closing it made the pool reconnect at once (docs/scale-out.md#fairness-measured).
+ */
 const PRESSED_IDLE_MS = 500
 
 export interface Waiter {
@@ -157,6 +161,15 @@ export class TenantPool {
   /** Ledger directives: hold at most `keep` servers; `pressed`: another process waits, keep none idle. */
   private keep = Number.POSITIVE_INFINITY
   private pressed = false
+  /** While pressed: closes the next idle server to pass PRESSED_IDLE_MS unused. */
+  private pressTimer: NodeJS.Timeout | undefined = undefined
+  /**
+   * A checkout queued since the last sweep. "Want nothing" is judged over the sweep's interval, not
+   * at one instant: a pool whose clients queue now and then has, at most instants, nobody waiting
+   * (they are between transactions), and telling the ledger so had it pressed and its servers closed
+   * while its clients came straight back for them.
+   */
+  private queuedSinceSweep = false
 
   constructor(
     public settings: PoolSettings,
@@ -474,6 +487,7 @@ export class TenantPool {
     }
     const waiter: Waiter = { callback, since: now, deadline: now + this.settings.checkoutTimeoutMs, cancelled: false }
     this.waiters.push(waiter)
+    this.queuedSinceSweep = true
     this.armDeadline()
     if (!this.paused) this.grow()
     return waiter
@@ -502,11 +516,9 @@ export class TenantPool {
       this.afterShrink()
       return
     }
-    // Worker mode: above its share, or pressed (another worker waits) with a spare server idle already.
-    if (
-      this.gate !== undefined &&
-      (this.live >= this.keep || (this.pressed && this.waiters.length === 0 && this.idle.length > 0))
-    ) {
+    // Worker and cluster mode: above its share. (Pressed, a server coming back is not closed: it was
+    // just used; idle ones go once unused for PRESSED_IDLE_MS, `closeUnused`.)
+    if (this.gate !== undefined && this.live >= this.keep) {
       this.closeCounted(server, "permit returned to another worker", false)
       this.afterShrink()
       return
@@ -519,6 +531,8 @@ export class TenantPool {
     }
     this.watchIdle(server)
     this.idle.push(server)
+    // Pressed: it closes if it goes unused (at most one timer per PRESSED_IDLE_MS, not one per release).
+    if (this.pressed && this.pressTimer === undefined) this.pressTimer = setTimeout(this.onPressTimer, PRESSED_IDLE_MS)
   }
 
   /** Closes `server` and keeps counting it against the cap until its socket has really closed. */
@@ -609,6 +623,7 @@ export class TenantPool {
     if (this.gate !== undefined) {
       this.growServers(now)
       this.settlePermits(true)
+      this.queuedSinceSweep = this.waiters.length > 0
     }
   }
 
@@ -633,6 +648,7 @@ export class TenantPool {
     this.hub?.close()
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
     if (this.retryTimer !== undefined) clearTimeout(this.retryTimer)
+    if (this.pressTimer !== undefined) clearTimeout(this.pressTimer)
     for (const w of this.waiters.splice(0))
       w.callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
     for (const listener of this.quietListeners.splice(0)) listener()
@@ -848,9 +864,10 @@ export class TenantPool {
     if (want > this.wantSent) {
       this.wantSent = want
       gate.want(size, want)
-    } else if (want <= 0 && this.wantSent > 0 && (spare > 0 || fromSweep)) {
-      // "Want nothing" goes with permits given back, or at a sweep: a pool whose clients wait now
-      // and then would otherwise tell the ledger at every transaction.
+    } else if (want <= 0 && this.wantSent > 0 && (spare > 0 || fromSweep) && !this.queuedSinceSweep) {
+      // "Want nothing" goes with permits given back, or at a sweep, and only once no checkout has
+      // queued for a whole sweep interval (`queuedSinceSweep`): a pool whose clients wait now and
+      // then would otherwise tell the ledger at every transaction, or at every other sweep.
       this.wantSent = 0
       gate.want(size, 0)
     }
@@ -867,16 +884,55 @@ export class TenantPool {
     this.grow()
   }
 
-  /** The ledger's directive (docs/scale-out.md#the-permit-model): idle servers beyond it close now. */
+  /**
+   * The ledger's directive (docs/scale-out.md#the-permit-model): idle servers beyond `keep` close
+   * now; pressed, so do those unused for PRESSED_IDLE_MS, and the others as they pass it.
+   */
   direct(keep: number, pressed: boolean): void {
     this.keep = keep
     this.pressed = pressed
-    while (this.idle.length > 0 && (pressed || this.live > keep)) {
+    while (this.idle.length > 0 && this.live > keep) {
       const server = this.idle.shift()!
       server.handler = undefined
       this.closeCounted(server, "permit returned to another worker", false)
     }
+    this.closeUnused()
     this.grow()
+  }
+
+  /**
+   * Pressed: closes the idle servers unused for PRESSED_IDLE_MS (another process waits and this one
+   * has not needed them), and arms a timer for the next one to get there. A pool whose clients use
+   * every server it holds keeps them: its share is what it holds (water-filling), and what another
+   * process waits for is taken from pools that have servers to spare.
+   */
+  private closeUnused(): void {
+    if (this.pressTimer !== undefined) {
+      clearTimeout(this.pressTimer)
+      this.pressTimer = undefined
+    }
+    if (!this.pressed || this.closed) return
+    const now = Date.now()
+    let next = Number.POSITIVE_INFINITY
+    for (let i = 0; i < this.idle.length; ) {
+      const server = this.idle[i]!
+      const unusedFor = now - server.lastUsedAt
+      if (unusedFor >= PRESSED_IDLE_MS) {
+        this.idle.splice(i, 1)
+        server.handler = undefined
+        this.closeCounted(server, "permit returned to another worker", false)
+      } else {
+        next = Math.min(next, PRESSED_IDLE_MS - unusedFor)
+        i++
+      }
+    }
+    if (next !== Number.POSITIVE_INFINITY) this.pressTimer = setTimeout(this.onPressTimer, next)
+  }
+
+  private readonly onPressTimer = (): void => {
+    this.pressTimer = undefined
+    this.closeUnused()
+    this.afterShrink()
   }
 
   /** Permits held (worker mode), for tests and views. */
