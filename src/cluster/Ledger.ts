@@ -160,15 +160,16 @@ export class Ledger {
     const workers = [...new Set([...pool.held.keys(), ...pool.want.keys()])]
     const demands = workers.map((w) => held(w) + wanted(w))
     // Who gets the remainder of the division: first a worker that waits with nothing (so a pool
-    // smaller than the number of busy workers rotates), then whoever already holds it or was told it
-    // (so shares do not flap: a worker that closed a server and waits for another keeps its extra
-    // permit), then the longest waiting.
+    // smaller than the number of busy workers rotates), then whoever was told it or, told nothing,
+    // holds it (so shares do not flap: a worker that closed a server and waits for another keeps
+    // its extra permit, and one closing servers down to its share does not take it), then the
+    // longest waiting.
     const since = (w: number) => pool.want.get(w)?.since ?? Number.POSITIVE_INFINITY
     const above = Math.floor(size / workers.length)
     const rank = (i: number) => {
       const w = workers[i]!
       if (held(w) === 0 && wanted(w) > 0) return 0
-      if (held(w) > above || (pool.directives.get(w)?.keep ?? 0) > above) return 1
+      if ((pool.directives.get(w)?.keep ?? held(w)) > above) return 1
       return 2
     }
     const priority = workers

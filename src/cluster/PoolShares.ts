@@ -57,11 +57,12 @@ export const divide = (size: number, claims: ReadonlyArray<Claim>): Division => 
     return { shares: claims.map((c) => c.held), grants: claims.map(() => 0), directives: claims.map(() => LIFTED) }
   }
   const demands = claims.map((c) => c.held + Math.max(0, c.want))
-  // "Already holds it" counts the share it was told as well as what it holds: a holder that closed
-  // a server (a lifetime, a closed socket) and waits to open another keeps the extra permit instead
-  // of it moving to another holder, which would close a server to open one.
+  // "Already holds it" is the share it was told, while it has one, rather than what it holds now: a
+  // holder that closed a server (a lifetime, a closed socket) and waits to open another keeps the
+  // extra permit, and one still closing servers down to its share does not take it from the holder
+  // told it (each move closes a server on one side to open one on the other).
   const above = Math.floor(size / n)
-  const rank = (c: Claim) => (c.held === 0 && c.want > 0 ? 0 : c.held > above || (c.keep ?? 0) > above ? 1 : 2)
+  const rank = (c: Claim) => (c.held === 0 && c.want > 0 ? 0 : (c.keep ?? c.held) > above ? 1 : 2)
   const since = (c: Claim) => (c.want > 0 ? c.since : Number.POSITIVE_INFINITY)
   const priority = claims
     .map((_, i) => i)

@@ -100,6 +100,41 @@ describe("Ledger", () => {
     expect(new Set(holders)).toEqual(new Set([0, 1, 2]))
   })
 
+  it("keeps the rounding's extra permit with the worker told it while the others close down to their shares", () => {
+    const { ledger, take, grants, directives } = setup()
+    ledger.want(0, "p", 10, 6)
+    ledger.want(1, "p", 10, 6)
+    ledger.want(2, "p", 10, 6)
+    // Worker 2 came last holding nothing: it is told the extra permit (10 = 3 + 3 + 4); workers 0
+    // and 1 hold 6 and 4 and close servers as they come back.
+    expect(directives(take())).toMatchObject({ 0: { keep: 3 }, 1: { keep: 3 }, 2: { keep: 4 } })
+    const moves: Array<readonly [number, number]> = []
+    const directed: Array<unknown> = []
+    for (const worker of [0, 0, 1, 0]) {
+      ledger.release(worker, "p", 1)
+      const out = take()
+      moves.push(...grants(out))
+      if (Object.keys(directives(out)).length > 0) directed.push(directives(out))
+    }
+    // Every freed permit goes to worker 2 until it holds its 4, and nobody is told anything new:
+    // worker 1 holding 4 on its way down to 3 does not take the extra permit from worker 2 (which
+    // would have it close a server it just opened, and worker 1 keep one it was closing).
+    expect(moves).toEqual([
+      [2, 1],
+      [2, 1],
+      [2, 1],
+      [2, 1]
+    ])
+    expect(directed).toEqual([])
+    expect(ledger.heldBy("p")).toEqual(
+      new Map([
+        [0, 3],
+        [1, 3],
+        [2, 4]
+      ])
+    )
+  })
+
   it("a forgotten worker's permits go to those waiting", () => {
     const { ledger, take, grants } = setup()
     ledger.want(0, "p", 3, 3)

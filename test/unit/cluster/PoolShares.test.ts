@@ -61,6 +61,43 @@ describe("divide", () => {
     ).toEqual([0, 0])
   })
 
+  it("keeps the rounding's extra permit with the holder told it while it replaces a server", () => {
+    // 10 = 4 + 3 + 3, the 4 told to the first; it closed a server (a lifetime) and waits for another.
+    const d = divide(10, [
+      { held: 3, want: 3, since: 9, keep: 4 },
+      { held: 3, want: 5, since: 1, keep: 3 },
+      { held: 3, want: 5, since: 2, keep: 3 }
+    ])
+    // It gets the free permit back; the others' directives stay as they were (no server closed to
+    // open one elsewhere).
+    expect(d.shares).toEqual([4, 3, 3])
+    expect(d.grants).toEqual([1, 0, 0])
+    expect(d.directives.map((x) => x.keep)).toEqual([4, 3, 3])
+  })
+
+  it("a steady demand gets the same directives at every transaction; a burst moves capacity", () => {
+    const claims = [
+      { held: 4, want: 2, since: 1, keep: 4 },
+      { held: 3, want: 4, since: 2, keep: 3 },
+      { held: 3, want: 1, since: 3, keep: 3 }
+    ]
+    const steady = divide(10, claims)
+    expect(steady.grants).toEqual([0, 0, 0])
+    expect(steady.directives).toEqual(claims.map((c) => ({ keep: c.keep, press: false })))
+    // The third holder's clients stop waiting, and it holds servers it does not use: it is pressed
+    // (its spare servers close) and the first two keep their shares of the rest.
+    const quiet = divide(10, [claims[0]!, claims[1]!, { held: 3, want: 0, since: 0, keep: 3 }])
+    expect(quiet.directives).toEqual([
+      { keep: 4, press: false },
+      { keep: 3, press: false },
+      { keep: 3, press: true }
+    ])
+    // Pressed down to one server, its permits went to the others' shares.
+    const moved = divide(10, [claims[0]!, claims[1]!, { held: 1, want: 0, since: 0, keep: 3 }])
+    expect(moved.shares).toEqual([5, 4, 1])
+    expect(moved.grants).toEqual([1, 1, 0])
+  })
+
   it("never grants beyond the pool, whatever the claims", () => {
     for (let size = 1; size <= 6; size++) {
       for (let a = 0; a <= size; a++) {
