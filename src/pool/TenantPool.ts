@@ -858,8 +858,14 @@ export class TenantPool {
     const size = this.settings.size
     const need =
       this.closed || this.paused ? 0 : Math.max(0, Math.min(this.waiters.length - this.opening, size - this.total))
-    // Permits neither backing a server nor about to (within the share the ledger set) go back.
-    const spare = this.granted - this.total - Math.min(need, Math.max(0, this.keep - this.live))
+    // Permits neither backing a server nor about to (within the share the ledger set) go back. A
+    // pool whose clients queued since the last sweep keeps those within its share for the next
+    // checkout that queues: judged at one instant (a grant landing between two transactions), the
+    // busy process handed a permit back and asked for it again, several times in a row.
+    const within = Math.max(0, this.keep - this.live)
+    const kept =
+      this.queuedSinceSweep && !this.pressed && !this.closed && !this.paused ? within : Math.min(need, within)
+    const spare = Math.max(0, this.granted - this.total - kept)
     const want = need - (this.granted - this.total)
     if (want > this.wantSent) {
       this.wantSent = want

@@ -113,6 +113,51 @@ describe("a pool's demand, judged over the sweep's interval", () => {
   })
 })
 
+describe("a permit granted when nobody waits at that instant", () => {
+  it("is kept for the next checkout that queues while clients queued within the sweep interval", async () => {
+    await twoServers()
+    const c1 = await checkout()
+    const c2 = await checkout()
+    const queued = checkout()
+    expect(told).toEqual(["want 1"])
+    // A server comes back first and serves the waiting client; then the ledger's grant lands, with
+    // nobody waiting at that instant.
+    pool.release(c1)
+    const c3 = await queued
+    pool.grant(1)
+    expect(told).toEqual(["want 1"])
+    expect(pool.permits).toBe(3)
+    // The next checkout that queues opens a server at once with it: no round trip to the ledger.
+    const c4 = checkout()
+    const opened = await c4
+    expect(told).toEqual(["want 1"])
+    expect(pool.counters.serverConnects).toBe(3)
+    for (const s of [c2, c3, opened]) pool.release(s)
+    // Its three permits back three servers: nothing goes back at the sweeps (the grant met its want).
+    pool.maintain(Date.now())
+    pool.maintain(Date.now())
+    expect(told).toEqual(["want 1"])
+    expect(pool.permits).toBe(3)
+  })
+
+  it("goes back at the sweep after an interval in which nobody queued", async () => {
+    await twoServers()
+    const c1 = await checkout()
+    const c2 = await checkout()
+    const queued = checkout()
+    pool.release(c1)
+    pool.release(await queued)
+    pool.release(c2)
+    pool.grant(1)
+    expect(told).toEqual(["want 1"])
+    pool.maintain(Date.now())
+    expect(told).toEqual(["want 1"])
+    pool.maintain(Date.now())
+    expect(told).toEqual(["want 1", "release 1"])
+    expect(pool.permits).toBe(2)
+  })
+})
+
 describe("a pressed pool", () => {
   it("keeps servers its clients use and closes those that go unused", async () => {
     await twoServers()
