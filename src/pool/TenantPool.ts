@@ -87,7 +87,7 @@ const RETRY_MAX_MS = 1000
 /**
  * Worker and cluster mode: a pressed pool closes an idle server once it has gone unused this long.
  * One that was used more recently is in use (its client's next transaction comes straight back
- * for it): closing it made the pool reconnect at once (docs/scale-out.md#fairness-measured).
+ * for it): closing it made the pool reconnect at once (docs/scale-out.md#server-churn-explained-and-fixed).
  */
 const PRESSED_IDLE_MS = 500
 
@@ -158,7 +158,7 @@ export class TenantPool {
   private granted = 0
   /** The last `want` told to the ledger: it hears again only when this grows or drops to 0. */
   private wantSent = 0
-  /** Ledger directives: hold at most `keep` servers; `pressed`: another process waits, keep none idle. */
+  /** Ledger directives: hold at most `keep` servers; `pressed`: another process waits, keep none unused. */
   private keep = Number.POSITIVE_INFINITY
   private pressed = false
   /** While pressed: closes the next idle server to pass PRESSED_IDLE_MS unused. */
