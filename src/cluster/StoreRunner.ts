@@ -460,8 +460,6 @@ export class StoreRunner {
         this.touchSeats(key)
       }
     }
-    if ((line.pool === undefined || line.pool.isClosed) && line.held <= 0 && line.need === undefined)
-      this.seatLines.delete(key)
   }
 
   /** A CancelRequest for another runner's client: sent on to that runner's address, as an ordinary one. */
@@ -781,6 +779,11 @@ export class StoreRunner {
     // A request waiting for other runners' answers looks again (its deadline, a lost notification).
     for (const [key, seats] of this.seatLines) if (seats.askedAt > 0 || seats.answered) this.dirtySeats.add(key)
     this.pump()
+    // Lines of closed pools go once nothing of them is left (checked again in the queue).
+    let unused = false
+    for (const [key, line] of this.lines) if (this.unusedLine(key, line)) unused = true
+    for (const [key, line] of this.seatLines) if (this.unusedSeats(key, line)) unused = true
+    if (unused) void this.enqueue(async () => this.forgetUnused())
     if (now - this.lastRenewal >= this.options.leaseMs / 3) {
       this.lastRenewal = now
       void this.enqueue(() => this.renew())
@@ -1071,7 +1074,55 @@ export class StoreRunner {
       line.directive = d
       this.apply(line)
     }
-    if ((line.pool === undefined || line.pool.isClosed) && line.held === 0 && line.want === 0 && line.release === 0)
-      this.lines.delete(key)
+  }
+
+  /**
+   * Lines whose holder closed (a pool swept, a host's record of a key no worker uses any more) with
+   * nothing left: no permit held, wanted or to give back, no seat held, asked for or owed an
+   * answer, and no transaction pending. The store has no row of theirs then (a pool transaction
+   * deletes the row that would hold 0 and want 0; a seat transaction the row of 0 seats), so they
+   * go without one. Run as a store job: no pool transaction is under way meanwhile, so none can
+   * grant to a line it finds gone. A holder of the key attaching later gets a new line.
+   */
+  private forgetUnused(): void {
+    let lines = 0
+    for (const [key, line] of this.lines)
+      if (this.unusedLine(key, line)) {
+        this.lines.delete(key)
+        lines++
+      }
+    let seats = 0
+    for (const [key, line] of this.seatLines)
+      if (this.unusedSeats(key, line)) {
+        this.seatLines.delete(key)
+        seats++
+      }
+    if (lines + seats > 0)
+      this.options.log(
+        "debug",
+        `permit ledger: lines of unused pools removed (${lines} permit, ${seats} seat); ${this.lines.size} permit and ${this.seatLines.size} seat line(s) left`
+      )
+  }
+
+  private unusedLine(key: string, line: PoolLine): boolean {
+    return (
+      (line.pool === undefined || line.pool.isClosed) &&
+      line.held === 0 &&
+      line.want === 0 &&
+      line.release === 0 &&
+      !this.dirty.has(key)
+    )
+  }
+
+  private unusedSeats(key: string, line: SeatLine): boolean {
+    return (
+      (line.pool === undefined || line.pool.isClosed) &&
+      line.held <= 0 &&
+      line.need === undefined &&
+      line.askedAt === 0 &&
+      !line.answered &&
+      !line.reclaiming &&
+      !this.dirtySeats.has(key)
+    )
   }
 }
