@@ -35,6 +35,22 @@ const POLL_MS = 1_000
 export const slotOf = (processId: number): number => processId >>> SLOT_SHIFT
 
 /**
+ * The slot a registration takes: its previous one if free (a runner back from a reclaim keeps the
+ * ids its clients hold), else the first free one after `cursor` in cyclic order. The cursor moves
+ * with every registration (the runner-id sequence), so a slot freed by a reclaim is taken again
+ * only after the other slots have had their turn: a runner cut off from the store past its lease
+ * finds its slot still free when it comes back, and its clients' cancels still reach it.
+ */
+export const pickSlot = (used: ReadonlySet<number>, previous: number, cursor: number, max = MAX_SLOT): number => {
+  if (previous > 0 && previous <= max && !used.has(previous)) return previous
+  for (let i = 0; i < max; i++) {
+    const slot = ((((cursor + i) % max) + max) % max) + 1
+    if (!used.has(slot)) return slot
+  }
+  return 0
+}
+
+/**
  * A pool's name in the store: its key's parts (tenant, user, mode, database; NUL-separated in
  * memory, which PostgreSQL text cannot hold) as a JSON array, readable in `tidepool_permits`.
  */
@@ -707,8 +723,10 @@ export class StoreRunner {
     const row = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, 0)", [NS])
       const used = new Set((await c.query("SELECT slot FROM tidepool_runners")).rows.map((r) => Number(r.slot)))
-      let slot = previous > 0 && !used.has(previous) ? previous : 0
-      for (let s = 1; slot === 0 && s <= MAX_SLOT; s++) if (!used.has(s)) slot = s
+      const cursor = await c.query(
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('tidepool_runners', 'runner_id')::regclass), 0) AS n"
+      )
+      const slot = pickSlot(used, previous, Number(cursor.rows[0].n))
       if (slot === 0) throw new Error(`permit ledger: all ${MAX_SLOT} runner slots are taken`)
       const inserted = await c.query(
         "INSERT INTO tidepool_runners (slot, address, token) VALUES ($1, $2, $3) RETURNING runner_id",
@@ -756,7 +774,7 @@ export class StoreRunner {
     if (previous > 0 && previous !== row.slot)
       this.options.log(
         "warning",
-        `permit ledger: runner slot ${previous} was taken meanwhile; now slot ${row.slot} (cancels of clients from before reach them only on this host)`
+        `permit ledger: runner slot ${previous} was taken meanwhile; now slot ${row.slot} (CancelRequests of this host's clients from before name slot ${previous} and cancel nothing)`
       )
     this.options.log("info", `permit ledger: runner ${row.id} registered as slot ${row.slot} (${this.options.address})`)
   }
