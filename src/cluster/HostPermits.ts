@@ -12,9 +12,15 @@ interface HostPool {
   press: boolean
   /** The want last told to the store (less what it granted since, as the runner counts it). */
   wantSent: number
-  /** Workers' servers open (reported `opened`, not yet `closed`): their close must reach the store. */
-  backends: number
+  /**
+   * Workers' servers open (reported `opened`, not yet `closed`): their close must still reach the
+   * store's record of backends. By cancel key too: a new server may reuse a closed one's pid and
+   * be reported (by another worker) before the old one's close.
+   */
+  readonly backends: Set<string>
 }
+
+const backendId = (b: BackendRef): string => `${b.host}:${b.port}:${b.pid}:${b.secret}`
 
 /**
  * Several workers on each of several hosts (docs/scale-out.md#several-workers-on-each-of-several-hosts):
@@ -52,14 +58,14 @@ export class HostPermits {
   opened(key: string, backend: BackendRef): void {
     // A worker holds the permit, so the record is there; made again should a report come late.
     const pool = this.pools.get(key) ?? this.pool(key, 0)
-    pool.backends++
+    pool.backends.add(backendId(backend))
     pool.line?.opened(backend)
   }
 
   closed(key: string, backend: BackendRef): void {
     const pool = this.pools.get(key)
     if (pool === undefined) return
-    pool.backends = Math.max(0, pool.backends - 1)
+    pool.backends.delete(backendId(backend))
     pool.line?.closed(backend)
     this.removeIfUnused(key, pool)
   }
@@ -98,7 +104,7 @@ export class HostPermits {
   }
 
   private removeIfUnused(key: string, pool: HostPool): void {
-    if (pool.granted > 0 || pool.wantSent > 0 || pool.backends > 0 || this.ledger.has(key)) return
+    if (pool.granted > 0 || pool.wantSent > 0 || pool.backends.size > 0 || this.ledger.has(key)) return
     if (this.pools.get(key) !== pool) return
     this.pools.delete(key)
     // A grant or directive the runner has on its way for this holder is not ours any more: the
@@ -130,7 +136,7 @@ export class HostPermits {
       keep: Number.POSITIVE_INFINITY,
       press: false,
       wantSent: 0,
-      backends: 0
+      backends: new Set()
     }
     this.pools.set(key, pool)
     pool.line = this.attach(holder)

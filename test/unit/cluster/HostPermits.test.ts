@@ -162,4 +162,21 @@ describe("HostPermits", () => {
     expect(host.keys).toBe(0)
     expect(holders[1]!.isClosed).toBe(true)
   })
+
+  it("a server reusing a closed one's pid, reported before that close, keeps the record until its own close", () => {
+    const { host, ledger, store, heard } = setup()
+    ledger.want(0, "p", 10, 1)
+    ledger.want(1, "p", 10, 1)
+    store().grant(2)
+    host.opened("p", { host: "db", port: 5432, pid: 7, secret: "aa" })
+    ledger.release(0, "p", 1)
+    // Worker 1's new server got pid 7 too, and its report overtook worker 0's close.
+    host.opened("p", { host: "db", port: 5432, pid: 7, secret: "bb" })
+    host.closed("p", { host: "db", port: 5432, pid: 7, secret: "aa" })
+    ledger.release(1, "p", 1)
+    heard()
+    expect(host.keys).toBe(1)
+    host.closed("p", { host: "db", port: 5432, pid: 7, secret: "bb" })
+    expect(host.keys).toBe(0)
+  })
 })
