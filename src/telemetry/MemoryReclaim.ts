@@ -136,6 +136,12 @@ export const startMemoryReclaim = (options: MemoryReclaimOptions): (() => void) 
 const MB = (bytes: number) => (bytes / 1048576).toFixed(1)
 
 /**
+ * What the reclaim has done in this process, for the metrics exporter (read at scrape time):
+ * steps by kind, and the event loop's total pause in Tidepool's own collections.
+ */
+export const reclaimTotals = { minor: 0, major: 0, reclaimed: 0, pauseSeconds: 0 }
+
+/**
  * The reclaim for a serving node, from its AppConfig (`TIDEPOOL_MEMORY_RECLAIM`; 0, the default,
  * starts nothing), stopped with the layer. Each step is logged at info: what V8's heap was, what
  * it is, and the event loop's pause for the collections Tidepool ran itself.
@@ -146,7 +152,9 @@ export const MemoryReclaimLive: Layer.Layer<never, never, AppConfig> = Layer.eff
     if (memoryReclaimBytes <= 0) return
     const services = yield* Effect.context<never>()
     const log = Effect.runForkWith(services)
-    const onStep = (step: ReclaimStep) =>
+    const onStep = (step: ReclaimStep) => {
+      reclaimTotals[step.kind]++
+      reclaimTotals.pauseSeconds += step.pauseMs / 1000
       log(
         Effect.logInfo(
           step.kind === "reclaimed"
@@ -154,6 +162,7 @@ export const MemoryReclaimLive: Layer.Layer<never, never, AppConfig> = Layer.eff
             : `memory reclaim: ${step.kind} collection while quiet, ${MB(step.fromBytes)} -> ${MB(step.toBytes)} MB committed, ${step.pauseMs.toFixed(1)} ms pause`
         )
       )
+    }
     yield* Effect.acquireRelease(
       Effect.try(() => startMemoryReclaim({ growthBytes: memoryReclaimBytes, onStep })).pipe(
         // A Node that will not hand over `gc` (it is V8's, not a public API) runs without the reclaim.
