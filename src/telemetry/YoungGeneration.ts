@@ -7,7 +7,7 @@
  * 10 000 clients, 3.5 kB of it live. `--max-semi-space-size` caps it; a small young generation
  * costs more scavenges per login, and promotes a little more of each login's garbage, which V8's
  * ordinary incremental full collections then sweep during the burst rather than after it. Measured
- * in docs/benchmarks.md (#2026-12-06-idle-clients-at-8-kb-by-default-a-capped-young-generation).
+ * in docs/benchmarks.md (#2026-12-06-idle-clients-by-default-a-capped-young-generation).
  *
  * The size of the young generation is fixed when V8 sets up its heap: `v8.setFlagsFromString` after
  * start changes the flag, not the heap (measured on Node 24.21: `new_space` still grew to 128 MB).
@@ -20,7 +20,11 @@
  * supervisor's `execArgv`, so they start with the flag.
  */
 
-/** The young generation's cap Tidepool starts with: each semi-space at most this many MB. */
+/**
+ * The young generation's cap Tidepool starts with: each semi-space at most this many MB. 2, 4 and 8
+ * held 10 000 idle clients at 2.6–4.5 kB each; 1 did not (7.5–8.2 kB: a nursery that small
+ * promotes more of every login's garbage than the old generation's collections keep up with).
+ */
 export const DEFAULT_SEMI_SPACE_MB = 2
 
 /** Set in the re-executed process's environment (and removed at once): never re-execute twice. */
