@@ -242,6 +242,15 @@ interface SeatLine {
 
 const LIFTED: Directive = { keep: null, press: false }
 
+/** A recorded backend as its owner reported it. */
+const recordedRef = (b: RecordedBackend): BackendRef => ({
+  host: b.host,
+  port: b.port,
+  pid: b.pid,
+  secret: b.secret,
+  ...(b.tls ? { tls: true, tlsServerName: b.tls_server_name ?? b.host, tlsVerify: b.tls_verify } : {})
+})
+
 /** A row of `tidepool_backends`, as a reclaimer reads it. */
 interface RecordedBackend {
   readonly host: string
@@ -961,7 +970,7 @@ export class StoreRunner {
                 cas.set(b.tenant, ca)
               }
             }
-            return this.cancelBackend(id, b, await ca)
+            return this.cancelAsReached(`runner ${id}'s`, recordedRef(b), await ca)
           })
         )
         const failed = cancelled.filter((ok) => !ok).length
@@ -982,22 +991,39 @@ export class StoreRunner {
   }
 
   /**
-   * Cancels a reclaimed runner's backend the way its owner reached it: over TLS, with the server
-   * name and verification it used, when it used TLS. A cancel that fails is logged, and the reclaim
-   * goes on: the lease has already bounded the wait, and a permit held back for ever would be worse.
+   * Cancels a dead worker's backend of pool `key` (a host's supervisor, before the worker's permits
+   * go back) as a reclaimer would: over TLS with its tenant's CA when the worker used TLS. Resolves
+   * false, after a warning, if the cancel failed.
    */
-  private async cancelBackend(runner: number, b: RecordedBackend, ca: string | undefined): Promise<boolean> {
+  async cancelBackend(backend: BackendRef, key: string, owner: string): Promise<boolean> {
+    let ca: string | undefined
+    if (backend.tls === true && backend.tlsVerify === true) {
+      const tenant = key.split("\u0000")[0] ?? ""
+      // On the queue: the store connection may be inside one of the runner's transactions.
+      ca = await this.enqueue(() => this.tenantCa(this.client, tenant))
+      ca ??= this.globalCa()
+    }
+    return this.cancelAsReached(owner, backend, ca)
+  }
+
+  /**
+   * Cancels a backend the way its owner reached it: over TLS, with the server name and verification
+   * it used, when it used TLS. A cancel that fails is logged and the caller goes on freeing the
+   * permit: the lease (or the worker's exit) has already bounded the wait, and a permit held back
+   * for ever would be worse.
+   */
+  private async cancelAsReached(owner: string, b: BackendRef, ca: string | undefined): Promise<boolean> {
     const target: CancelTarget = {
       host: b.host,
       port: b.port,
       connectTimeoutMs: this.options.timeoutMs,
-      ...(b.tls ? { tls: { verify: b.tls_verify, ca }, serverName: b.tls_server_name ?? b.host } : {})
+      ...(b.tls === true ? { tls: { verify: b.tlsVerify === true, ca }, serverName: b.tlsServerName ?? b.host } : {})
     }
     const result = await Effect.runPromise(Effect.result(sendCancel(target, b.pid, Buffer.from(b.secret, "hex"))))
     if (Result.isSuccess(result)) return true
     this.options.log(
       "warning",
-      `permit ledger: the CancelRequest for runner ${runner}'s backend ${b.pid} at ${b.host}:${b.port}${b.tls ? ` (TLS, server name ${target.serverName})` : ""} failed (${result.failure.message}); its permit is reclaimed anyway`
+      `permit ledger: the CancelRequest for ${owner} backend ${b.pid} at ${b.host}:${b.port}${b.tls === true ? ` (TLS, server name ${target.serverName})` : ""} failed (${result.failure.message}); its permit is freed anyway`
     )
     return false
   }
@@ -1007,13 +1033,20 @@ export class StoreRunner {
    * record in the store (the one every host's pools read), else this host's GLOBAL_UPSTREAM_CA_PATH.
    */
   private async caOf(c: pg.Client, tenant: string): Promise<string | undefined> {
-    const own = await c
+    return (await this.tenantCa(c, tenant)) ?? this.globalCa()
+  }
+
+  private async tenantCa(c: pg.Client | undefined, tenant: string): Promise<string | undefined> {
+    if (c === undefined) return undefined
+    return c
       .query("SELECT config::jsonb ->> 'upstream_tls_ca' AS ca FROM tidepool_tenants WHERE external_id = $1", [tenant])
       .then(
         (r) => (r.rows[0]?.ca ?? undefined) as string | undefined,
         (e: { code?: string }) => (e.code === "42P01" ? undefined : Promise.reject(e))
       )
-    if (own !== undefined) return own
+  }
+
+  private globalCa(): string | undefined {
     const files = this.options.upstreamCaPath ?? ""
     if (files === "") return undefined
     try {
