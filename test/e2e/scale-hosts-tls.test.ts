@@ -120,9 +120,10 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
         users: [{ db_user: "app", db_password: PASSWORD, pool_size: 1 }]
       }
     ])
-    // The second reads the tenant from the store once the first has seeded it (the test uses it later).
-    runners.push(...(await Promise.all([startRunner(db.url(), config, 1), startRunner(db.url(), undefined, 2)])))
-  }, 60_000)
+    // One at a time: the first creates the store's tables and seeds the tenant.
+    runners.push(await startRunner(db.url(), config, 1))
+    runners.push(await startRunner(db.url(), undefined, 2))
+  }, 90_000)
 
   afterAll(async () => {
     if (process.env.SCALE_DEBUG)
