@@ -89,7 +89,7 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
       roles: [{ name: "app", password: PASSWORD }],
       settings: { ssl: "on", ssl_cert_file: certs.localhostOnly.cert, ssl_key_file: certs.localhostOnly.key },
       hba: ["hostssl all app 127.0.0.1/32 scram-sha-256", "hostnossl all app 127.0.0.1/32 reject"],
-      databases: ["oldstore"]
+      databases: ["oldstore", "failstore"]
     })
     gate = net.createServer((inbound) => {
       inbound.on("error", () => undefined)
@@ -240,6 +240,61 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
       }
     } finally {
       await old.end()
+    }
+  }, 20_000)
+
+  it("a reclaim whose cancels fail logs each at warning and frees the permits all the same", async () => {
+    const store = new pg.Client({ connectionString: db.url({ database: "failstore" }) })
+    await store.connect()
+    const closed = await freePort()
+    const logs: Array<string> = []
+    let runner: StoreRunner | undefined
+    try {
+      // The store's tables, then a dead runner's rows: expired, its lock free (no session holds it).
+      await (
+        await StoreRunner.start({
+          url: db.url({ database: "failstore" }),
+          leaseMs: 60_000,
+          address: "127.0.0.1:3",
+          timeoutMs: 2_000,
+          log: () => undefined
+        })
+      ).stop(1_000)
+      await store.query(`
+        INSERT INTO tidepool_runners (slot, address, token, renewed_at) VALUES (9, '127.0.0.1:4', 'dead', now() - interval '1 hour');
+        INSERT INTO tidepool_permits (pool_key, runner_id, held, want) SELECT '["ghost","app","transaction","postgres"]', runner_id, 2, 0 FROM tidepool_runners WHERE slot = 9;
+        INSERT INTO tidepool_backends (runner_id, host, port, pid, secret, tls, tls_server_name, tls_verify, tenant)
+          SELECT runner_id, '127.0.0.1', ${closed}, 111, '0000abcd', false, NULL, false, 'ghost' FROM tidepool_runners WHERE slot = 9
+          UNION ALL SELECT runner_id, 'localhost', ${db.port}, 222, '0000abce', true, 'localhost', true, 'ghost' FROM tidepool_runners WHERE slot = 9;
+      `)
+      runner = await StoreRunner.start({
+        url: db.url({ database: "failstore" }),
+        leaseMs: 300,
+        address: "127.0.0.1:5",
+        timeoutMs: 2_000,
+        log: (level, message) => logs.push(`${level}: ${message}`)
+      })
+      await until("the dead runner's reclaim", 10_000, async () =>
+        (await store.query("SELECT 1 FROM tidepool_runners WHERE slot = 9")).rows.length === 0 ? true : undefined
+      )
+      const warnings = logs.filter((l) => l.startsWith("warning: "))
+      // Refused in plaintext; over TLS, no CA to verify with: tenant "ghost" has no record, and no GLOBAL_UPSTREAM_CA_PATH.
+      expect(warnings).toEqual(
+        expect.arrayContaining([
+          expect.stringMatching(
+            new RegExp(`backend 111 at 127\\.0\\.0\\.1:${closed} failed \\(.*refused.*\\); its permit is freed anyway`)
+          ),
+          expect.stringMatching(
+            /backend 222 at localhost:\d+ \(TLS, server name localhost\) failed \(.*no CA is configured.*\); its permit is freed anyway/
+          )
+        ])
+      )
+      expect(logs.join("\n")).toMatch(
+        /reclaimed runner \d+ .*; 0 backend\(s\) cancelled \(2 cancel\(s\) failed\), 2 permit\(s\) freed/
+      )
+    } finally {
+      await runner?.stop(1_000)
+      await store.end()
     }
   }, 20_000)
 })
