@@ -162,6 +162,7 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
     try {
       victim.cli.child.kill("SIGKILL")
       await victim.cli.exited
+      const killedAt = Date.now()
       const served = await Promise.race([
         waiting,
         new Promise<never>((_, reject) =>
@@ -169,6 +170,8 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
         )
       ])
       expect(served).toBe(1)
+      if (process.env.SCALE_DEBUG)
+        console.log(`kill -9: the other runner's client served ${Date.now() - killedAt} ms after`)
     } finally {
       stopSampling()
     }
