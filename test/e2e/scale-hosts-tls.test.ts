@@ -222,7 +222,8 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
           grant: () => undefined,
           direct: () => undefined
         }
-        runner.attachHolder(holder).opened({
+        const line = runner.attachHolder(holder)
+        const tlsBackend = {
           host: "localhost",
           port: 5432,
           pid: 4321,
@@ -230,7 +231,8 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
           tls: true,
           tlsServerName: "localhost",
           tlsVerify: true
-        })
+        }
+        line.opened(tlsBackend)
         const row = await until("the TLS backend's row", 10_000, async () => {
           const { rows } = await old.query(
             "SELECT tls, tls_server_name, tls_verify, tenant FROM tidepool_backends WHERE pid = 4321"
@@ -238,6 +240,11 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
           return rows[0]
         })
         expect(row).toEqual({ tls: true, tls_server_name: "localhost", tls_verify: true, tenant: "acme" })
+        // Its close takes its row away, as a plaintext one's does.
+        line.closed(tlsBackend)
+        await until("the TLS backend's row gone", 10_000, async () =>
+          (await old.query("SELECT 1 FROM tidepool_backends WHERE pid = 4321")).rows.length === 0 ? true : undefined
+        )
       } finally {
         await runner.stop(1_000)
       }
