@@ -7,7 +7,7 @@ import type { AppConfig, Tenant } from "./config/index.ts"
 import { Listeners } from "./listener/index.ts"
 import { PoolRegistry } from "./pool/index.ts"
 import { IdleSweep, SessionRegistry, TenantChanges } from "./session/index.ts"
-import { EventCounters, Metrics } from "./telemetry/index.ts"
+import { EventCounters, MemoryReclaimLive, Metrics } from "./telemetry/index.ts"
 import { type TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "./tenants/index.ts"
 import { DownstreamTls, UpstreamTls } from "./tls/index.ts"
 
@@ -49,8 +49,8 @@ export const tidepoolLayer = (tenants: ReadonlyArray<Tenant>, options: TidepoolL
   )
   const front =
     worker === undefined
-      ? Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep)
-      : Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep, workerInbox)
+      ? Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep, MemoryReclaimLive)
+      : Layer.mergeAll(Listeners.layer, Metrics.layer, IdleSweep, MemoryReclaimLive, workerInbox)
   const base =
     worker !== undefined
       ? Layer.merge(tenantsLayer, workerServices(worker, options.cluster === true))

@@ -1,14 +1,21 @@
 #!/usr/bin/env node
-import { parseArgs } from "node:util"
-import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
-import { Cause, Console, Effect, Exit } from "effect"
-import { configCheck } from "./cli/configCheck.ts"
-import { demo } from "./cli/demo.ts"
-import { importPgbouncer, importSupavisor } from "./cli/import.ts"
-import { serve } from "./cli/serve.ts"
-import { configProviderFor, loadAppConfig, loadConfigFile, settings } from "./config/index.ts"
-import { startMemoryReclaim } from "./telemetry/MemoryReclaim.ts"
-import { VERSION } from "./version.ts"
+import type { Effect as EffectTypes } from "effect"
+import { relaunchWithCappedYoungGeneration } from "./telemetry/YoungGeneration.ts"
+
+// First, before anything else is loaded: a serving command re-executes itself here with V8's young
+// generation capped (src/telemetry/YoungGeneration.ts, docs/operations.md#memory-after-a-burst). The
+// rest is imported only after it, so the process that is replaced has not spent the CLI's start-up
+// (about 1 s of CPU for Effect and the pooler's modules) for nothing.
+relaunchWithCappedYoungGeneration()
+
+const { parseArgs } = await import("node:util")
+const NodeRuntime = await import("@effect/platform-node/NodeRuntime")
+const { Cause, Console, Effect, Exit } = await import("effect")
+const { configCheck } = await import("./cli/configCheck.ts")
+const { demo } = await import("./cli/demo.ts")
+const { importPgbouncer, importSupavisor } = await import("./cli/import.ts")
+const { serve } = await import("./cli/serve.ts")
+const { VERSION } = await import("./version.ts")
 
 const HELP = `tidepool ${VERSION} — multi-tenant PostgreSQL connection pooler
 
@@ -38,42 +45,7 @@ const usage = (message: string) =>
     Effect.sync(() => process.exit(2))
   )
 
-/**
- * TIDEPOOL_MEMORY_RECLAIM as `serve` will read it (environment, then the file's `server:` section).
- * A config that does not load is `serve`'s to report, in its own words; until then, the default.
- */
-const memoryReclaimSetting = (configFile: string | undefined) =>
-  Effect.gen(function* () {
-    const server = configFile === undefined ? {} : (yield* loadConfigFile(configFile)).server
-    return (yield* loadAppConfig(configProviderFor(server))).memoryReclaimBytes
-  }).pipe(Effect.orElseSucceed(() => settings.memoryReclaimBytes.default()))
-
-/**
- * A pooler's memory after a burst of logins is a process matter (V8's heap), so it is looked after
- * here, for the commands that serve clients, every worker process included.
- */
-const withMemoryReclaim =
-  (configFile: string | undefined) =>
-  <A, E, R>(command: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
-    Effect.acquireUseRelease(
-      Effect.flatMap(memoryReclaimSetting(configFile), (growthBytes) =>
-        Effect.try(() => startMemoryReclaim({ growthBytes })).pipe(
-          // A Node that will not hand over `gc` (it is V8's, not a public API) runs without the reclaim.
-          Effect.catch((e) =>
-            Effect.as(
-              Effect.logWarning(
-                `memory reclaim is off: ${e.cause instanceof Error ? e.cause.message : String(e.cause)}`
-              ),
-              () => undefined
-            )
-          )
-        )
-      ),
-      () => command,
-      (stop) => Effect.sync(stop)
-    )
-
-const main = Effect.suspend((): Effect.Effect<void, unknown> => {
+const main = Effect.suspend((): EffectTypes.Effect<void, unknown> => {
   const { values, positionals } = parseArgs({
     args: process.argv.slice(2),
     allowPositionals: true,
@@ -96,9 +68,9 @@ const main = Effect.suspend((): Effect.Effect<void, unknown> => {
   const configFile = typeof values.config === "string" ? values.config : process.env.TIDEPOOL_CONFIG
   switch (command) {
     case "serve":
-      return serve(configFile).pipe(withMemoryReclaim(configFile))
+      return serve(configFile)
     case "demo":
-      return demo.pipe(withMemoryReclaim(undefined))
+      return demo
     case "config":
       if (rest[0] === "check" && rest[1] !== undefined) return configCheck(rest[1])
       return usage("usage: tidepool config check FILE")

@@ -24,7 +24,8 @@ export interface Ban {
 interface KeyState {
   failures: Array<number>
   running: number
-  readonly waiting: Set<() => void>
+  /** Made when an attempt first waits: most keys (one refused login per address) never have one. */
+  waiting: Set<() => void> | undefined
 }
 
 class Breaker {
@@ -47,7 +48,7 @@ class Breaker {
   private state(key: string): KeyState {
     let state = this.keys.get(key)
     if (state === undefined) {
-      state = { failures: [], running: 0, waiting: new Set() }
+      state = { failures: [], running: 0, waiting: undefined }
       this.keys.set(key, state)
     }
     return state
@@ -75,9 +76,10 @@ class Breaker {
   /** Calls `wake` when a check of `key` ends or the key is cleared; returns how to stop waiting. */
   waitForRoom(key: string, wake: () => void): () => void {
     const state = this.state(key)
+    if (state.waiting === undefined) state.waiting = new Set()
     state.waiting.add(wake)
     return () => {
-      state.waiting.delete(wake)
+      state.waiting?.delete(wake)
       this.forgetIfIdle(key, state)
     }
   }
@@ -123,12 +125,12 @@ class Breaker {
     const state = this.keys.get(key)
     if (state === undefined) return
     // Every waiter tries again, oldest first; those that find no room wait again.
-    for (const wake of [...state.waiting]) wake()
+    if (state.waiting !== undefined && state.waiting.size > 0) for (const wake of [...state.waiting]) wake()
     this.forgetIfIdle(key, state)
   }
 
   private forgetIfIdle(key: string, state: KeyState): void {
-    if (state.running === 0 && state.waiting.size === 0 && state.failures.length === 0) this.keys.delete(key)
+    if (state.running === 0 && (state.waiting?.size ?? 0) === 0 && state.failures.length === 0) this.keys.delete(key)
   }
 
   /** Live blocks whose key starts with `prefix`. */

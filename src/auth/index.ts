@@ -16,6 +16,7 @@ export {
   type ClientCredentials,
   inSpan,
   matchUsers,
+  refusalError,
   withoutStack
 } from "./ClientAuth.ts"
 export { JitApi, looksLikeJwt, looksLikeToken, passwordKeys } from "./Jit.ts"

@@ -2,7 +2,7 @@ import { Ledger, type LedgerOut } from "./Ledger.ts"
 import type { BackendRef, LinePermits, PermitHolder } from "./StoreRunner.ts"
 
 interface HostPool {
-  readonly holder: PermitHolder & { settings: { key: string; size: number } }
+  readonly holder: PermitHolder & { settings: { key: string; size: number }; isClosed: boolean }
   /** Undefined only while it is being attached. */
   line: LinePermits | undefined
   /** Permits the store granted this host for the pool (the runner line's `held`). */
@@ -12,7 +12,15 @@ interface HostPool {
   press: boolean
   /** The want last told to the store (less what it granted since, as the runner counts it). */
   wantSent: number
+  /**
+   * Workers' servers open (reported `opened`, not yet `closed`): their close must still reach the
+   * store's record of backends. By cancel key too: a new server may reuse a closed one's pid and
+   * be reported (by another worker) before the old one's close.
+   */
+  readonly backends: Set<string>
 }
+
+const backendId = (b: BackendRef): string => `${b.host}:${b.port}:${b.pid}:${b.secret}`
 
 /**
  * Several workers on each of several hosts (docs/scale-out.md#several-workers-on-each-of-several-hosts):
@@ -22,6 +30,13 @@ interface HostPool {
  * holds (a permit idle in the supervisor is one another host may be waiting for), and its directive
  * `keep k` becomes the host Ledger's size k (workers above their share close servers, as on one
  * host), `press` presses every worker. Pure and synchronous; the store is behind `attach`.
+ *
+ * A pool's record lives while the host has anything of it: a worker holding or wanting permits (the
+ * Ledger's record), a permit granted by the store, a want told to it, a server open. It goes with
+ * the last of them, at once (the workers' own pools already wait out their idle timeouts before
+ * giving their last permit back, and a record is made again without a store round trip), and its
+ * holder is closed, so the runner drops its line and gives back any grant still on its way
+ * (StoreRunner). A pool key used once (a JIT token, a deleted tenant) thus leaves nothing behind.
  */
 export class HostPermits {
   readonly ledger: Ledger
@@ -41,16 +56,28 @@ export class HostPermits {
 
   /** A worker's server logged in / closed: recorded in the store, for a reclaim after this host dies. */
   opened(key: string, backend: BackendRef): void {
-    this.pools.get(key)?.line?.opened(backend)
+    // A worker holds the permit, so the record is there; made again should a report come late.
+    const pool = this.pools.get(key) ?? this.pool(key, 0)
+    pool.backends.add(backendId(backend))
+    pool.line?.opened(backend)
   }
 
   closed(key: string, backend: BackendRef): void {
-    this.pools.get(key)?.line?.closed(backend)
+    const pool = this.pools.get(key)
+    if (pool === undefined) return
+    pool.backends.delete(backendId(backend))
+    pool.line?.closed(backend)
+    this.removeIfUnused(key, pool)
   }
 
   /** Permits the store granted this host (tests, views). */
   grantedTo(key: string): number {
     return this.pools.get(key)?.granted ?? 0
+  }
+
+  /** Pool keys this host keeps a record of (tests, views). */
+  get keys(): number {
+    return this.pools.size
   }
 
   private settled(key: string, size: number, used: number, want: number): void {
@@ -73,12 +100,23 @@ export class HostPermits {
       pool.wantSent = want
       line.want(pool.holder.settings.size, want)
     }
+    this.removeIfUnused(key, pool)
+  }
+
+  private removeIfUnused(key: string, pool: HostPool): void {
+    if (pool.granted > 0 || pool.wantSent > 0 || pool.backends.size > 0 || this.ledger.has(key)) return
+    if (this.pools.get(key) !== pool) return
+    this.pools.delete(key)
+    // A grant or directive the runner has on its way for this holder is not ours any more: the
+    // runner gives a grant back (a closed holder's), and a record made again for the key gets
+    // the line's directive at its attach.
+    pool.holder.isClosed = true
   }
 
   private pool(key: string, size: number): HostPool {
     const holder = {
       settings: { key, size },
-      // Never closed: the line lives as long as the supervisor (one per pool key ever used).
+      // Until the record goes (removeIfUnused): then the runner drops its line.
       isClosed: false,
       grant: (n: number) => {
         pool.granted += n
@@ -97,7 +135,8 @@ export class HostPermits {
       granted: 0,
       keep: Number.POSITIVE_INFINITY,
       press: false,
-      wantSent: 0
+      wantSent: 0,
+      backends: new Set()
     }
     this.pools.set(key, pool)
     pool.line = this.attach(holder)

@@ -3,6 +3,7 @@ import { SeatLedger, type SeatsOut } from "./Seats.ts"
 import type { SeatHolder } from "./StoreRunner.ts"
 
 interface HostPool {
+  readonly holder: SeatHolder & { isClosed: boolean }
   /** Undefined only while it is being attached. */
   line: PoolSeats | undefined
   /** Seats the store granted this host (the runner's seat line's `held`). */
@@ -18,6 +19,11 @@ interface HostPool {
  * own workers, then (through the store) the other hosts, have given back their unused seats; a
  * reclaim the store asks of this host is passed to every worker holding seats, and answered once
  * each has. Pure and synchronous; the store is behind `attach`.
+ *
+ * A pool's record lives while the SeatLedger keeps one (a worker holds seats, a login waits, a
+ * reclaim is under way); when it goes — every worker's pool of the key closed, each having given its
+ * seats back — the host gives the store back every seat it kept spare (a closed pool keeps none, as
+ * on a worker), and the record goes at once, its holder closed so the runner drops its seat line.
  */
 export class HostSeats {
   readonly ledger: SeatLedger
@@ -35,6 +41,13 @@ export class HostSeats {
         const pool = this.pools.get(key)
         const line = pool?.line
         if (pool === undefined || line === undefined) return
+        if (!this.ledger.has(key)) {
+          // No worker has the pool open any more: nothing to keep spare for.
+          if (pool.granted > 0) line.release(pool.granted, false)
+          pool.granted = 0
+          this.remove(key, pool)
+          return
+        }
         // Hysteresis, as a worker's: a client leaving and the next arriving cost no store transaction.
         const unused = pool.granted - used
         if (unused > 2 * pool.spare) {
@@ -45,6 +58,19 @@ export class HostSeats {
     })
   }
 
+  /** Pool keys this host keeps a record of (tests, views). */
+  get keys(): number {
+    return this.pools.size
+  }
+
+  private remove(key: string, pool: HostPool): void {
+    if (this.pools.get(key) !== pool) return
+    this.pools.delete(key)
+    // Seats the runner has on their way for this holder go back (a closed holder's); a reclaim
+    // asked of it is answered by the runner; a record made again for the key attaches anew.
+    pool.holder.isClosed = true
+  }
+
   /** Seats the store granted this host (tests, views). */
   grantedTo(key: string): number {
     return this.pools.get(key)?.granted ?? 0
@@ -53,12 +79,9 @@ export class HostSeats {
   private pool(key: string): HostPool {
     let pool = this.pools.get(key)
     if (pool !== undefined) return pool
-    const fresh: HostPool = { line: undefined, granted: 0, spare: 0 }
-    pool = fresh
-    this.pools.set(key, fresh)
-    fresh.line = this.attach({
+    const holder: HostPool["holder"] = {
       settings: { key },
-      // Never closed: the line lives as long as the supervisor (one per pool key ever used).
+      // Until the record goes (`remove`): then the runner drops its seat line.
       isClosed: false,
       seatsGranted: (n, spare) => {
         fresh.granted += n
@@ -72,8 +95,13 @@ export class HostSeats {
           const unused = Math.max(0, fresh.granted - used)
           fresh.granted -= unused
           fresh.line?.release(unused, true)
+          if (fresh.granted === 0 && !this.ledger.has(key)) this.remove(key, fresh)
         })
-    })
+    }
+    const fresh: HostPool = { holder, line: undefined, granted: 0, spare: 0 }
+    pool = fresh
+    this.pools.set(key, fresh)
+    fresh.line = this.attach(holder)
     return fresh
   }
 }

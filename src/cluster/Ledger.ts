@@ -97,6 +97,15 @@ export class Ledger {
     return this.pools.get(key)?.held ?? new Map()
   }
 
+  /**
+   * Whether the ledger keeps a record of the pool: a worker holds or wants permits for it, or has a
+   * directive in force. The record goes with the last of them (see `divide`), so a pool key used
+   * once (a JIT token, a deleted tenant) leaves nothing behind.
+   */
+  has(key: string): boolean {
+    return this.pools.has(key)
+  }
+
   total(key: string): number {
     let sum = 0
     for (const n of this.heldBy(key).values()) sum += n

@@ -75,12 +75,14 @@ export class SeatLedger {
    * gives back its unused ones; `done` when each has answered (or died).
    */
   reclaimAll(key: string, done: () => void): void {
-    const pool = this.pool(key)
-    const asked = new Set([...pool.held].filter(([, n]) => n > 0).map(([w]) => w))
+    const held = this.pools.get(key)?.held ?? new Map<number, number>()
+    const asked = new Set([...held].filter(([, n]) => n > 0).map(([w]) => w))
     if (asked.size === 0) {
+      // Not `pool(key)`: a record made only to find nobody to ask would be kept for ever.
       done()
       return
     }
+    const pool = this.pool(key)
     pool.storeRound = ++this.rounds
     pool.storeAsked = asked
     pool.storeDone = done
@@ -123,6 +125,14 @@ export class SeatLedger {
       for (let i = pool.queue.length - 1; i >= 0; i--) if (pool.queue[i]!.worker === worker) pool.queue.splice(i, 1)
       this.serve(key, pool)
     }
+  }
+
+  /**
+   * Whether the ledger keeps a record of the pool: a worker holds seats, a request waits, or a
+   * reclaim is under way. It goes with the last of them (`serve`).
+   */
+  has(key: string): boolean {
+    return this.pools.has(key)
   }
 
   /** Seats held per worker (tests, views). */
@@ -190,7 +200,8 @@ export class SeatLedger {
     }
     let used = 0
     for (const n of pool.held.values()) used += n
-    this.bound?.settled(key, used)
+    // Before `settled`: the bound sees the record gone, and gives back what the host kept for it.
     if (pool.held.size === 0 && pool.asked === undefined && pool.storeAsked === undefined) this.pools.delete(key)
+    this.bound?.settled(key, used)
   }
 }

@@ -37,6 +37,22 @@ const POLL_MS = 1_000
 export const slotOf = (processId: number): number => processId >>> SLOT_SHIFT
 
 /**
+ * The slot a registration takes: its previous one if free (a runner back from a reclaim keeps the
+ * ids its clients hold), else the first free one after `cursor` in cyclic order. The cursor moves
+ * with every registration (the runner-id sequence), so a slot freed by a reclaim is taken again
+ * only after the other slots have had their turn: a runner cut off from the store past its lease
+ * finds its slot still free when it comes back, and its clients' cancels still reach it.
+ */
+export const pickSlot = (used: ReadonlySet<number>, previous: number, cursor: number, max = MAX_SLOT): number => {
+  if (previous > 0 && previous <= max && !used.has(previous)) return previous
+  for (let i = 0; i < max; i++) {
+    const slot = ((((cursor + i) % max) + max) % max) + 1
+    if (!used.has(slot)) return slot
+  }
+  return 0
+}
+
+/**
  * A pool's name in the store: its key's parts (tenant, user, mode, database; NUL-separated in
  * memory, which PostgreSQL text cannot hold) as a JSON array, readable in `tidepool_permits`.
  */
@@ -525,8 +541,6 @@ export class StoreRunner {
         this.touchSeats(key)
       }
     }
-    if ((line.pool === undefined || line.pool.isClosed) && line.held <= 0 && line.need === undefined)
-      this.seatLines.delete(key)
   }
 
   /** A CancelRequest for another runner's client: sent on to that runner's address, as an ordinary one. */
@@ -774,8 +788,10 @@ export class StoreRunner {
     const row = await this.transaction(async (c) => {
       await c.query("SELECT pg_advisory_xact_lock($1, 0)", [NS])
       const used = new Set((await c.query("SELECT slot FROM tidepool_runners")).rows.map((r) => Number(r.slot)))
-      let slot = previous > 0 && !used.has(previous) ? previous : 0
-      for (let s = 1; slot === 0 && s <= MAX_SLOT; s++) if (!used.has(s)) slot = s
+      const cursor = await c.query(
+        "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('tidepool_runners', 'runner_id')::regclass), 0) AS n"
+      )
+      const slot = pickSlot(used, previous, Number(cursor.rows[0].n))
       if (slot === 0) throw new Error(`permit ledger: all ${MAX_SLOT} runner slots are taken`)
       const inserted = await c.query(
         "INSERT INTO tidepool_runners (slot, address, token) VALUES ($1, $2, $3) RETURNING runner_id",
@@ -823,7 +839,7 @@ export class StoreRunner {
     if (previous > 0 && previous !== row.slot)
       this.options.log(
         "warning",
-        `permit ledger: runner slot ${previous} was taken meanwhile; now slot ${row.slot} (cancels of clients from before reach them only on this host)`
+        `permit ledger: runner slot ${previous} was taken meanwhile; now slot ${row.slot} (CancelRequests of this host's clients from before name slot ${previous} and cancel nothing)`
       )
     this.options.log("info", `permit ledger: runner ${row.id} registered as slot ${row.slot} (${this.options.address})`)
   }
@@ -846,6 +862,11 @@ export class StoreRunner {
     // A request waiting for other runners' answers looks again (its deadline, a lost notification).
     for (const [key, seats] of this.seatLines) if (seats.askedAt > 0 || seats.answered) this.dirtySeats.add(key)
     this.pump()
+    // Lines of closed pools go once nothing of them is left (checked again in the queue).
+    let unused = false
+    for (const [key, line] of this.lines) if (this.unusedLine(key, line)) unused = true
+    for (const [key, line] of this.seatLines) if (this.unusedSeats(key, line)) unused = true
+    if (unused) void this.enqueue(async () => this.forgetUnused())
     if (now - this.lastRenewal >= this.options.leaseMs / 3) {
       this.lastRenewal = now
       void this.enqueue(() => this.renew())
@@ -1224,7 +1245,55 @@ export class StoreRunner {
       line.directive = d
       this.apply(line)
     }
-    if ((line.pool === undefined || line.pool.isClosed) && line.held === 0 && line.want === 0 && line.release === 0)
-      this.lines.delete(key)
+  }
+
+  /**
+   * Lines whose holder closed (a pool swept, a host's record of a key no worker uses any more) with
+   * nothing left: no permit held, wanted or to give back, no seat held, asked for or owed an
+   * answer, and no transaction pending. The store has no row of theirs then (a pool transaction
+   * deletes the row that would hold 0 and want 0; a seat transaction the row of 0 seats), so they
+   * go without one. Run as a store job: no pool transaction is under way meanwhile, so none can
+   * grant to a line it finds gone. A holder of the key attaching later gets a new line.
+   */
+  private forgetUnused(): void {
+    let lines = 0
+    for (const [key, line] of this.lines)
+      if (this.unusedLine(key, line)) {
+        this.lines.delete(key)
+        lines++
+      }
+    let seats = 0
+    for (const [key, line] of this.seatLines)
+      if (this.unusedSeats(key, line)) {
+        this.seatLines.delete(key)
+        seats++
+      }
+    if (lines + seats > 0)
+      this.options.log(
+        "debug",
+        `permit ledger: lines of unused pools removed (${lines} permit, ${seats} seat); ${this.lines.size} permit and ${this.seatLines.size} seat line(s) left`
+      )
+  }
+
+  private unusedLine(key: string, line: PoolLine): boolean {
+    return (
+      (line.pool === undefined || line.pool.isClosed) &&
+      line.held === 0 &&
+      line.want === 0 &&
+      line.release === 0 &&
+      !this.dirty.has(key)
+    )
+  }
+
+  private unusedSeats(key: string, line: SeatLine): boolean {
+    return (
+      (line.pool === undefined || line.pool.isClosed) &&
+      line.held <= 0 &&
+      line.need === undefined &&
+      line.askedAt === 0 &&
+      !line.answered &&
+      !line.reclaiming &&
+      !this.dirtySeats.has(key)
+    )
   }
 }

@@ -743,10 +743,10 @@ export const settings: { readonly [K in SettingField]: SettingSpec<AppConfigShap
     fileKey: "memory_reclaim",
     type: "bytes (0 = off)",
     description:
-      "When the process goes quiet after its V8 heap has grown this much (a burst of logins), it gives the memory back to the OS: one young-generation collection, then V8's own incremental memory reducer, whose compacting pause may land while transactions run (docs/operations.md#memory-after-a-burst); 0 = off",
+      "When the process goes quiet after its V8 heap has grown this much (a burst of logins), it gives the memory back to the OS: one young-generation collection, then V8's own incremental memory reducer, whose compacting pause may land while transactions run; rarely needed, since the young generation is capped by default (docs/operations.md#memory-after-a-burst); 0 = off",
     // Off: once enabled, V8's reducer decides on the allocation rate alone, and the relay allocates
-    // nothing per message, so its compacting pause can land while transactions run
-    // (docs/operations.md#memory-after-a-burst). 64MB is the value for idle-heavy deployments.
+    // nothing per message, so its compacting pause can land while transactions run. The capped
+    // young generation (src/telemetry/YoungGeneration.ts) is what keeps idle memory down by default.
     default: () => 0,
     parse: bytes(0, 1_099_511_627_776)
   }

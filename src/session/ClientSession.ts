@@ -10,6 +10,7 @@ import {
   type ClientCredentials,
   inSpan,
   matchUsers,
+  refusalError,
   withoutStack
 } from "../auth/index.ts"
 import {
@@ -254,7 +255,7 @@ const serve = (
       answered = true
       events.error(log.tenant, error.code)
       ticket.over()
-      client.fail(error)
+      client.refuse(error)
       // Annotated here, not up front: tenant and user are learnt during the handshake. A blocked
       // address's refusals are a flood's: the block itself was logged once when it began.
       const line =
@@ -274,14 +275,15 @@ const serve = (
       if (timedOut) return login.fail(tidepoolError("EAUTHTIMEOUT"))
       answered = true
       ticket.over()
-      client.fail(tidepoolError("EADMINSHUTDOWN"))
+      client.refuse(tidepoolError("EADMINSHUTDOWN"))
       return Effect.void
     })
   }
 
   const ended = () => {
     clearTimeout(timer)
-    // A session handed to its relay lives on; anything else ends with its fiber.
+    // A session handed to its relay lives on; anything else ends with its fiber, destroyed once
+    // what was written has gone out (a refusal's error and FIN: `ClientSocket.refuse`).
     if (!client.handedOver) {
       client.flush()
       client.socket.destroySoon()
@@ -427,11 +429,7 @@ const identify = (login: Login, startup: Readonly<Record<string, string>>): Iden
   if ("_tag" in resolved) return new Refusal(resolved, false)
   const identity = resolved.tenant !== undefined ? resolved : { ...resolved, tenant: tenantBySni(client, tenants) }
   log.user = identity.user
-  if (identity.tenant === undefined)
-    return new Refusal(
-      withoutStack(() => tidepoolError("ENOIDENTIFIER")),
-      false
-    )
+  if (identity.tenant === undefined) return new Refusal(refusalError("ENOIDENTIFIER"), false)
   log.tenant = identity.tenant
   // Every refusal that depends on what exists is answered after the same delay, so timing tells a
   // prober nothing about which tenants and users exist, and guessing stays slow. Nothing more is
@@ -445,15 +443,12 @@ const identify = (login: Login, startup: Readonly<Record<string, string>>): Iden
   const notFound = (breakerKey: string) => {
     if (breaker.addressBlocked(breakerKey, log.peer_ip)) {
       events.loginFailed(identity.tenant, "none", "ECIRCUITBREAKER")
-      return new Refusal(
-        withoutStack(() => tidepoolError("ECIRCUITBREAKER", ADDRESS_BLOCKED)),
-        false
-      )
+      return new Refusal(refusalError("ECIRCUITBREAKER", ADDRESS_BLOCKED), false)
     }
     const tripped = breaker.addressFailed(breakerKey, log.peer_ip)
     events.loginFailed(identity.tenant, "none", "ENOTFOUND")
     return new Refusal(
-      withoutStack(() => tidepoolError("ENOTFOUND", identity.user, identity.tenant!)),
+      refusalError("ENOTFOUND", identity.user, identity.tenant!),
       true,
       tripped ? breakerKey : undefined
     )
@@ -463,14 +458,12 @@ const identify = (login: Login, startup: Readonly<Record<string, string>>): Iden
   const ban = withoutStack(() => banOf(tenant))
   if (ban !== undefined) return refuse(ban)
   // Before the user lookup, so an address outside the allow list learns nothing about the users.
-  if (!allowed(tenant, log.peer_ip)) return refuse(withoutStack(() => tidepoolError("EADDRNOTALLOWED", log.peer_ip)))
+  if (!allowed(tenant, log.peer_ip)) return refuse(refusalError("EADDRNOTALLOWED", log.peer_ip))
   const users = matchUsers(tenant, identity.user)
-  if (users.length > 1)
-    return refuse(withoutStack(() => tidepoolError("EMULTIPLEUSERS", identity.user, identity.tenant!)))
+  if (users.length > 1) return refuse(refusalError("EMULTIPLEUSERS", identity.user, identity.tenant!))
   const user = users[0]
   if (user === undefined) return notFound(tenant.external_id)
-  if (tenant.enforce_ssl && client.tls === undefined)
-    return refuse(withoutStack(() => tidepoolError("ESSLREQUIRED", identity.user)))
+  if (tenant.enforce_ssl && client.tls === undefined) return refuse(refusalError("ESSLREQUIRED", identity.user))
   return { tenant, user, identity }
 }
 

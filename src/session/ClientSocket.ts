@@ -287,6 +287,22 @@ export class ClientSocket {
   }
 
   /**
+   * A login's end without a session (refused, failed, timed out): the error (unless log-only) and
+   * our FIN. No lingering close, unlike `fail`: the login's fiber ends next and destroys the
+   * connection as soon as these are sent (`destroySoon` at 'finish'), which a lingering close's
+   * reads, timer and close listener would not outlast (docs/login-path.md, "Fifth round"). A refused
+   * client was told nothing more is read (`stopReading`) and nothing more is.
+   */
+  refuse(error: TidepoolError): void {
+    this.flush()
+    const socket = this.socket
+    if (!this.sharedReads) socket.off("data", this.onData)
+    this.stopSharedReads()
+    if (!this.closed && socket.writable && error.severity !== "LOG") socket.end(rendered(error))
+    else socket.end()
+  }
+
+  /**
    * Ends the control-plane phase: returns the bytes read ahead, which belong to the relay, and how
    * the relay reads from now on. A plaintext connection's socket switches, in place, to reading into
    * the shared `ReadBuffer` (the relay then copies what it keeps): Node's net.Server cannot make

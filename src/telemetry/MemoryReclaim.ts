@@ -22,6 +22,8 @@
 import { performance } from "node:perf_hooks"
 import * as v8 from "node:v8"
 import * as vm from "node:vm"
+import { Effect, Layer } from "effect"
+import { AppConfig } from "../config/AppConfig.ts"
 
 export interface MemoryReclaimOptions {
   /** Growth of the committed heap since the last reclaim that makes a quiet process reclaim; 0 = never. */
@@ -130,3 +132,48 @@ export const startMemoryReclaim = (options: MemoryReclaimOptions): (() => void) 
   timer.unref()
   return () => clearInterval(timer)
 }
+
+const MB = (bytes: number) => (bytes / 1048576).toFixed(1)
+
+/**
+ * What the reclaim has done in this process, for the metrics exporter (read at scrape time):
+ * steps by kind, and the event loop's total pause in Tidepool's own collections.
+ */
+export const reclaimTotals = { minor: 0, major: 0, reclaimed: 0, pauseSeconds: 0 }
+
+/**
+ * The reclaim for a serving node, from its AppConfig (`TIDEPOOL_MEMORY_RECLAIM`; 0, the default,
+ * starts nothing), stopped with the layer. Each step is logged at info: what V8's heap was, what
+ * it is, and the event loop's pause for the collections Tidepool ran itself.
+ */
+export const MemoryReclaimLive: Layer.Layer<never, never, AppConfig> = Layer.effectDiscard(
+  Effect.gen(function* () {
+    const { memoryReclaimBytes } = yield* AppConfig
+    if (memoryReclaimBytes <= 0) return
+    const services = yield* Effect.context<never>()
+    const log = Effect.runForkWith(services)
+    const onStep = (step: ReclaimStep) => {
+      reclaimTotals[step.kind]++
+      reclaimTotals.pauseSeconds += step.pauseMs / 1000
+      log(
+        Effect.logInfo(
+          step.kind === "reclaimed"
+            ? `memory reclaim: V8 gave back its heap, ${MB(step.fromBytes)} -> ${MB(step.toBytes)} MB committed`
+            : `memory reclaim: ${step.kind} collection while quiet, ${MB(step.fromBytes)} -> ${MB(step.toBytes)} MB committed, ${step.pauseMs.toFixed(1)} ms pause`
+        )
+      )
+    }
+    yield* Effect.acquireRelease(
+      Effect.try(() => startMemoryReclaim({ growthBytes: memoryReclaimBytes, onStep })).pipe(
+        // A Node that will not hand over `gc` (it is V8's, not a public API) runs without the reclaim.
+        Effect.catch((e) =>
+          Effect.as(
+            Effect.logWarning(`memory reclaim is off: ${e.cause instanceof Error ? e.cause.message : String(e.cause)}`),
+            () => undefined
+          )
+        )
+      ),
+      (stop) => Effect.sync(stop)
+    )
+  })
+)

@@ -6,6 +6,7 @@ import { type OwnView, type StoreViewError, storeViews } from "../cluster/StoreV
 import { LATENCY_BUCKETS_SECONDS, type LatencyHistogram, PoolRegistry, type TenantPool } from "../pool/index.ts"
 import { TenantRegistry } from "../tenants/index.ts"
 import { EventCounters, type LabelledCounts } from "./EventCounters.ts"
+import { reclaimTotals } from "./MemoryReclaim.ts"
 
 /** Prometheus text exposition format 0.0.4. */
 export const PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -453,6 +454,20 @@ export class Metrics extends Context.Service<Metrics>()("tidepool/Metrics", {
         loopDelay.count > 0 ? loopDelay.max / 1e9 : 0
       )
       loopDelay.reset()
+      // TIDEPOOL_MEMORY_RECLAIM (docs/operations.md#memory-after-a-burst): 0 while it is off.
+      out.family(
+        "tidepool_memory_reclaim_steps_total",
+        "counter",
+        "Steps of the memory reclaim: collections it ran while quiet (minor, major) and heaps V8 gave back (reclaimed)."
+      )
+      for (const kind of ["minor", "major", "reclaimed"] as const)
+        out.sample("tidepool_memory_reclaim_steps_total", labels(["kind"], [kind]), reclaimTotals[kind])
+      gauge(
+        "tidepool_memory_reclaim_pause_seconds_total",
+        "Event-loop time spent in the collections the memory reclaim ran, in seconds.",
+        reclaimTotals.pauseSeconds,
+        "counter"
+      )
       const resources = process.getActiveResourcesInfo()
       gauge(
         "tidepool_open_sockets",

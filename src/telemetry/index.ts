@@ -1,5 +1,6 @@
 export { EventCounters, type LabelledCounts } from "./EventCounters.ts"
 export { type LogFormat, loggerLayer, tenantLogLevel } from "./Logger.ts"
+export { MemoryReclaimLive, reclaimTotals } from "./MemoryReclaim.ts"
 export { Metrics, PROMETHEUS_CONTENT_TYPE } from "./Metrics.ts"
 export { type MetricsAuthorizer, metricsRouter } from "./MetricsHttp.ts"
 export { clientTraceParent } from "./TraceParent.ts"

@@ -467,9 +467,16 @@ describe("TIDEPOOL_CLUSTER=on: the store goes away", () => {
       const mark2 = runners[1]!.cli.output().length
       await links[1]!.down()
       await logged(runners[0]!, mark, /reclaimed runner \d+ \(slot 2,/)
+      // A runner that registers meanwhile does not take the freed slot (the lowest free one, as
+      // slots were chosen before): runner 2 gets it back, so its clients' keys still name it.
+      runners.push(await startRunner(store.url(), undefined, 13))
+      expect(runners[2]!.cli.output()).not.toMatch(/registered as slot 2\b/)
       await links[1]!.up()
       await logged(runners[1]!, mark2, /lease was reclaimed while it was away/)
       await logged(runners[1]!, mark2, /registered as slot 2/)
+      // A client of runner 2 from before the outage, cancelled through runner 1.
+      const { victimCode } = await cancelWhileBusy({ db, port: runners[0]!.port, victim: clients[2]! })
+      expect(victimCode).toBe("57014")
       const ofRunner1 = [clients[0]!, clients[1]!, clients[4]!, await connect(runners[0]!.port)]
       clients.push(ofRunner1[3]!)
       const busy = Promise.all(ofRunner1.map((c) => c.query("SELECT pg_sleep(0.5)")))

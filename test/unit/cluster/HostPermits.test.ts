@@ -11,9 +11,11 @@ const setup = () => {
   const sent: Array<[number, LedgerOut]> = []
   const store: Array<string> = []
   let holder: PermitHolder | undefined
+  const holders: Array<PermitHolder> = []
   const host = new HostPermits(
     (h): LinePermits => {
       holder = h
+      holders.push(h)
       return {
         want: (size, n) => store.push(`want ${n} of ${size}`),
         release: (n) => store.push(`release ${n}`),
@@ -31,7 +33,7 @@ const setup = () => {
     Object.fromEntries(
       messages.flatMap(([w, m]) => (m.t === "directive" ? [[w, { keep: m.keep, press: m.press }]] : []))
     )
-  return { host, ledger: host.ledger, store: () => holder!, take, heard, grants, directives }
+  return { host, ledger: host.ledger, store: () => holder!, holders, take, heard, grants, directives }
 }
 
 describe("HostPermits", () => {
@@ -101,5 +103,80 @@ describe("HostPermits", () => {
     ledger.forget(0)
     expect(grants(take())).toEqual([[1, 2]])
     expect(heard()).toEqual(["release 1", "want 0 of 10"])
+  })
+
+  it("a pool's record goes once no worker holds, wants or has a server open, and is made anew on re-use", () => {
+    const { host, ledger, store, holders, take, heard, grants } = setup()
+    const a = { host: "db", port: 5432, pid: 1, secret: "aa" }
+    const b = { host: "db", port: 5432, pid: 2, secret: "bb" }
+    ledger.want(0, "p", 10, 2)
+    store().grant(2)
+    host.opened("p", a)
+    host.opened("p", b)
+    take()
+    heard()
+    expect(host.keys).toBe(1)
+    // The permits come back when the servers' sockets have closed; their close reports may come
+    // later over IPC, and must still reach the store's record of backends.
+    ledger.release(0, "p", 2)
+    expect(heard()).toEqual(["release 2"])
+    expect(ledger.has("p")).toBe(false)
+    expect(host.keys).toBe(1)
+    host.closed("p", a)
+    expect(host.keys).toBe(1)
+    host.closed("p", b)
+    expect(host.keys).toBe(0)
+    // Its holder is closed: the runner drops the line, and gives back a grant still on its way.
+    expect(holders[0]!.isClosed).toBe(true)
+    // A worker's late "want 0" makes no record.
+    ledger.want(1, "p", 10, 0)
+    expect(host.keys).toBe(0)
+    expect(heard()).toEqual([])
+    // Re-used: a new record and holder, asking the store afresh, and the grant reaches the worker.
+    ledger.want(1, "p", 10, 1)
+    expect(holders).toHaveLength(2)
+    expect(holders[1]!.isClosed).toBe(false)
+    expect(heard()).toEqual(["want 1 of 10"])
+    holders[1]!.grant(1)
+    expect(grants(take())).toEqual([[1, 1]])
+    expect(host.grantedTo("p")).toBe(1)
+  })
+
+  it("a key whose record went while the store was granting: the new record takes the grant, gives back the surplus", () => {
+    const { host, ledger, holders, take, heard, grants } = setup()
+    ledger.want(0, "p", 10, 1)
+    // The worker's want ends (its client left) before the store answered: the record goes.
+    ledger.want(0, "p", 10, 0)
+    expect(heard()).toEqual(["want 1 of 10", "want 0 of 10"])
+    expect(host.keys).toBe(0)
+    expect(holders[0]!.isClosed).toBe(true)
+    // Used again at once: the runner's line (shared by the key's holders) hands the new holder the
+    // grant of its transaction under way, more than this one wants: the rest goes straight back.
+    ledger.want(1, "p", 10, 2)
+    expect(heard()).toEqual(["want 2 of 10"])
+    holders[1]!.grant(3)
+    expect(grants(take())).toEqual([[1, 2]])
+    expect(heard()).toEqual(["release 1"])
+    ledger.release(1, "p", 2)
+    expect(heard()).toEqual(["release 2"])
+    expect(host.keys).toBe(0)
+    expect(holders[1]!.isClosed).toBe(true)
+  })
+
+  it("a server reusing a closed one's pid, reported before that close, keeps the record until its own close", () => {
+    const { host, ledger, store, heard } = setup()
+    ledger.want(0, "p", 10, 1)
+    ledger.want(1, "p", 10, 1)
+    store().grant(2)
+    host.opened("p", { host: "db", port: 5432, pid: 7, secret: "aa" })
+    ledger.release(0, "p", 1)
+    // Worker 1's new server got pid 7 too, and its report overtook worker 0's close.
+    host.opened("p", { host: "db", port: 5432, pid: 7, secret: "bb" })
+    host.closed("p", { host: "db", port: 5432, pid: 7, secret: "aa" })
+    ledger.release(1, "p", 1)
+    heard()
+    expect(host.keys).toBe(1)
+    host.closed("p", { host: "db", port: 5432, pid: 7, secret: "bb" })
+    expect(host.keys).toBe(0)
   })
 })

@@ -12,9 +12,11 @@ const setup = () => {
   const sent: Array<[number, SeatsOut]> = []
   const store: Array<string> = []
   let holder: SeatHolder | undefined
+  const holders: Array<SeatHolder> = []
   const host = new HostSeats(
     (h) => {
       holder = h
+      holders.push(h)
       return {
         want: (limit, need) => store.push(`want ${need} of ${limit}`),
         release: (n, reclaimed) => store.push(`release ${n}${reclaimed ? " (reclaimed)" : ""}`)
@@ -23,7 +25,14 @@ const setup = () => {
     2,
     (worker, message) => sent.push([worker, message])
   )
-  return { host, seats: host.ledger, store: () => holder!, take: () => sent.splice(0), heard: () => store.splice(0) }
+  return {
+    host,
+    seats: host.ledger,
+    store: () => holder!,
+    holders,
+    take: () => sent.splice(0),
+    heard: () => store.splice(0)
+  }
 }
 
 describe("HostSeats", () => {
@@ -77,5 +86,46 @@ describe("HostSeats", () => {
     seats.release(1, "k", 0, true, 3)
     expect(heard()).toEqual(["release 0 (reclaimed)"])
     expect(host.grantedTo("k")).toBe(1)
+  })
+
+  it("once no worker holds seats, gives the store back the spare ones too, forgets the key, and makes it anew on re-use", () => {
+    const { host, seats, holders, take, heard } = setup()
+    seats.want(0, "k", 8, 1)
+    expect(heard()).toEqual(["want 1 of 8"])
+    // 8 / (4 × 2 workers): a block of 1 spare seat.
+    holders[0]!.seatsGranted(2, 1)
+    expect(take()).toEqual([[0, { t: "seats", key: "k", n: 2, spare: 1 }]])
+    // A client leaves: the host keeps a spare seat or two for the next login.
+    seats.release(0, "k", 1, false)
+    expect(heard()).toEqual([])
+    expect(host.keys).toBe(1)
+    // The worker's pool closes and gives back the rest: nothing is left to keep spare for.
+    seats.release(0, "k", 1, false)
+    expect(heard()).toEqual(["release 2"])
+    expect(seats.has("k")).toBe(false)
+    expect(host.keys).toBe(0)
+    expect(holders[0]!.isClosed).toBe(true)
+    // Used again: a new holder asks the store afresh.
+    seats.want(1, "k", 8, 1)
+    expect(heard()).toEqual(["want 1 of 8"])
+    expect(holders).toHaveLength(2)
+    holders[1]!.seatsGranted(1, 1)
+    expect(take()).toEqual([[1, { t: "seats", key: "k", n: 1, spare: 1 }]])
+    expect(host.grantedTo("k")).toBe(1)
+  })
+
+  it("a reclaim the store asks, answered by a worker whose last client left, gives the seat back and forgets the key", () => {
+    const { host, seats, holders, take, heard } = setup()
+    seats.want(0, "k", 8, 1)
+    holders[0]!.seatsGranted(1, 0)
+    take()
+    heard()
+    holders[0]!.reclaimSeats()
+    const [[worker, message]] = take() as [[number, SeatsOut]]
+    expect([worker, message.t]).toEqual([0, "seat-reclaim"])
+    seats.release(0, "k", 1, true, message.t === "seat-reclaim" ? message.round : -1)
+    expect(heard()).toEqual(["release 1 (reclaimed)"])
+    expect(host.keys).toBe(0)
+    expect(holders[0]!.isClosed).toBe(true)
   })
 })

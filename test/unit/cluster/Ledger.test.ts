@@ -109,4 +109,25 @@ describe("Ledger", () => {
     expect(grants(take())).toEqual([[1, 2]])
     expect(ledger.heldBy("p")).toEqual(new Map([[1, 2]]))
   })
+
+  it("keeps no record of a pool once no worker holds, wants or has a directive, and makes it anew on re-use", () => {
+    const { ledger, take, grants, directives } = setup()
+    ledger.want(0, "p", 1, 1)
+    ledger.want(1, "p", 1, 1)
+    take()
+    // Worker 1 waits: worker 0 is told its share; the record stays while any of that is so.
+    ledger.release(0, "p", 1)
+    expect(grants(take())).toEqual([[1, 1]])
+    ledger.want(0, "p", 1, 0)
+    expect(ledger.has("p")).toBe(true)
+    ledger.release(1, "p", 1)
+    expect(directives(take())).toEqual({})
+    expect(ledger.has("p")).toBe(false)
+    // A worker's "want 0" at its sweep makes no record.
+    ledger.want(0, "p", 1, 0)
+    expect(ledger.has("p")).toBe(false)
+    ledger.want(0, "p", 1, 1)
+    expect(grants(take())).toEqual([[0, 1]])
+    expect(ledger.has("p")).toBe(true)
+  })
 })

@@ -77,4 +77,26 @@ describe("SeatLedger", () => {
     seats.release(2, "k", 1, true, 2)
     expect(take()).toEqual([[1, { t: "seats", key: "k", n: 1, spare: 0 }]])
   })
+
+  it("keeps no record of a pool once no worker holds seats, none waits and no reclaim is under way", () => {
+    const { seats, take } = setup(2)
+    seats.want(0, "k", 2, 1)
+    seats.want(1, "k", 2, 2)
+    // At the limit: worker 0 is asked for its unused seats; the record stays until it answers.
+    take()
+    seats.release(0, "k", 1, true, 1)
+    expect(seats.has("k")).toBe(true)
+    expect(take()).toEqual([[1, { t: "seats", key: "k", n: 2, spare: 0 }]])
+    seats.release(1, "k", 2, false)
+    expect(seats.has("k")).toBe(false)
+    // A reclaim asked (by the store) where no worker holds seats is answered at once, and makes no record.
+    let done = 0
+    seats.reclaimAll("k", () => done++)
+    expect(done).toBe(1)
+    expect(seats.has("k")).toBe(false)
+    // Used again: made anew.
+    seats.want(1, "k", 2, 1)
+    expect(take()).toEqual([[1, { t: "seats", key: "k", n: 1, spare: 0 }]])
+    expect(seats.has("k")).toBe(true)
+  })
 })

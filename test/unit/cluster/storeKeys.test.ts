@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest"
 import { MAX_SLOT, SLOT_SHIFT, slotOf } from "../../../src/cluster/index.ts"
-import { storeKey } from "../../../src/cluster/StoreRunner.ts"
+import { pickSlot, storeKey } from "../../../src/cluster/StoreRunner.ts"
 
 /** What the store ledger writes and what cluster-mode BackendKeyData carries (docs/scale-out.md#several-hosts-the-ledger-in-the-store). */
 describe("store ledger names", () => {
@@ -21,5 +21,23 @@ describe("store ledger names", () => {
         expect(slotOf(processId)).toBe(slot)
       }
     }
+  })
+})
+
+describe("runner slots", () => {
+  it("a runner takes its previous slot back while it is free", () => {
+    expect(pickSlot(new Set([1, 3]), 2, 9)).toBe(2)
+  })
+
+  it("a new runner takes the first free slot after the cursor, not the lowest free one", () => {
+    // Slot 2 was freed by a reclaim; its runner may come back for it.
+    expect(pickSlot(new Set([1, 3]), 0, 3)).toBe(4)
+    expect(pickSlot(new Set([1, 3]), 0, 0)).toBe(2)
+  })
+
+  it("wraps around and skips taken slots", () => {
+    expect(pickSlot(new Set([5]), 0, 4, 5)).toBe(1)
+    expect(pickSlot(new Set([1, 2, 5]), 0, 4, 5)).toBe(3)
+    expect(pickSlot(new Set([1, 2, 3]), 2, 7, 3)).toBe(0)
   })
 })
