@@ -41,7 +41,8 @@ export const clusterServices: Layer.Layer<PermitGate | SeatGate | PeerWorkers, T
               leaseMs: config.leaseMs,
               address,
               timeoutMs: config.upstreamConnectTimeoutMs,
-              log
+              log,
+              upstreamCaPath: config.upstreamCaPath
             }),
           catch: (e) =>
             new TenantStoreError({

@@ -1,9 +1,11 @@
 import { randomUUID } from "node:crypto"
+import { readFileSync } from "node:fs"
 import * as net from "node:net"
+import { Effect, Result } from "effect"
 import pg from "pg"
 import type { PoolPermits, TenantPool } from "../pool/index.ts"
 import type { PoolSeats } from "../pool/SeatGate.ts"
-import type { ServerConnection } from "../upstream/index.ts"
+import { type CancelTarget, type ServerConnection, sendCancel } from "../upstream/index.ts"
 import { type Claim, type Directive, divide } from "./PoolShares.ts"
 
 /**
@@ -104,8 +106,21 @@ const SCHEMA = [
     port INT NOT NULL,
     pid INT NOT NULL,
     secret TEXT NOT NULL,
+    tls BOOLEAN NOT NULL DEFAULT false,
+    tls_server_name TEXT,
+    tls_verify BOOLEAN NOT NULL DEFAULT false,
+    tenant TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (runner_id, host, port, pid)
-  )`
+  )`,
+  // Stores created before TLS backends were recorded: their rows (all plaintext) keep the defaults.
+  `DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_backends') AND attname = 'tenant' AND NOT attisdropped) THEN
+      ALTER TABLE tidepool_backends ADD COLUMN IF NOT EXISTS tls BOOLEAN NOT NULL DEFAULT false,
+        ADD COLUMN IF NOT EXISTS tls_server_name TEXT,
+        ADD COLUMN IF NOT EXISTS tls_verify BOOLEAN NOT NULL DEFAULT false,
+        ADD COLUMN IF NOT EXISTS tenant TEXT NOT NULL DEFAULT '';
+    END IF;
+  END $$`
 ]
 
 /**
@@ -117,7 +132,8 @@ const SCHEMA = [
 const SCHEMA_PRESENT = `SELECT to_regclass('tidepool_runners') IS NOT NULL AND to_regclass('tidepool_permits') IS NOT NULL
   AND to_regclass('tidepool_backends') IS NOT NULL AND to_regclass('tidepool_seats') IS NOT NULL
   AND to_regclass('tidepool_permits_runner') IS NOT NULL
-  AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_runners') AND attname = 'token' AND NOT attisdropped) AS ok`
+  AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_runners') AND attname = 'token' AND NOT attisdropped)
+  AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('tidepool_backends') AND attname = 'tenant' AND NOT attisdropped) AS ok`
 
 export interface RunnerOptions {
   readonly url: string
@@ -129,14 +145,26 @@ export interface RunnerOptions {
   readonly log: (level: "debug" | "info" | "warning", message: string) => void
   /** Told the runner's slot at every registration (a re-registration may have to take another). */
   readonly onSlot?: (slot: number) => void
+  /**
+   * `GLOBAL_UPSTREAM_CA_PATH`: verifies a reclaimed TLS backend whose tenant has no `upstream_tls_ca`
+   * of its own, as this host's own server connections would be verified.
+   */
+  readonly upstreamCaPath?: string
 }
 
+/** A backend as a reclaimer needs it: where it is, its cancel key, and how its owner reached it. */
 export interface BackendRef {
   readonly host: string
   readonly port: number
   readonly pid: number
   /** The backend's cancel key, hex. */
   readonly secret: string
+  /** Its owner spoke TLS to it (tenant `upstream_ssl`); absent: plaintext. */
+  readonly tls?: boolean | undefined
+  /** The TLS server name its owner sent (SNI) and verified: the tenant's `db_host`. */
+  readonly tlsServerName?: string | undefined
+  /** Its owner verified the certificate (tenant `upstream_verify: peer`). */
+  readonly tlsVerify?: boolean | undefined
 }
 
 /**
@@ -150,7 +178,7 @@ export interface PermitHolder {
   direct(keep: number, press: boolean): void
 }
 
-/** A holder's line to the runner; a backend is undefined for a TLS upstream (never recorded). */
+/** A holder's line to the runner; a backend undefined is not recorded (one its worker could not report). */
 export interface LinePermits {
   readonly want: (size: number, n: number) => void
   readonly release: (n: number) => void
@@ -158,16 +186,19 @@ export interface LinePermits {
   readonly closed: (backend: BackendRef | undefined) => void
 }
 
-/** A server's cancel key as the store records it; undefined for a TLS upstream, which may refuse a plaintext cancel. */
-export const backendRef = (server: ServerConnection): BackendRef | undefined =>
-  server.target.tls !== undefined
-    ? undefined
-    : {
-        host: server.target.host,
-        port: server.target.port,
-        pid: server.backendPid,
-        secret: server.backendSecret.toString("hex")
-      }
+/**
+ * A server's cancel key as the store records it, with how it was reached: a TLS upstream (or a proxy
+ * in front of it) may refuse a plaintext cancel, so a reclaimer cancels over TLS as its owner would.
+ */
+export const backendRef = (server: ServerConnection): BackendRef => ({
+  host: server.target.host,
+  port: server.target.port,
+  pid: server.backendPid,
+  secret: server.backendSecret.toString("hex"),
+  ...(server.target.tls === undefined
+    ? {}
+    : { tls: true, tlsServerName: server.target.host, tlsVerify: server.target.tls.verify })
+})
 
 interface PoolLine {
   /** The newest pool of this key; an older one closing still returns its permits under the key. */
@@ -185,7 +216,20 @@ interface PoolLine {
   settledAt: number
 }
 
-type BackendOp = { readonly add: boolean; readonly ref: BackendRef }
+/** `tenant`: the pool key's tenant, whose record in the store gives a reclaimer its `upstream_tls_ca`. */
+type BackendOp = { readonly add: boolean; readonly ref: BackendRef; readonly tenant: string }
+
+/** A backend's row as `flushBackends` writes it (json_to_recordset's names). */
+const backendRow = ({ ref, tenant }: BackendOp) => ({
+  host: ref.host,
+  port: ref.port,
+  pid: ref.pid,
+  secret: ref.secret,
+  tls: ref.tls === true,
+  tls_server_name: ref.tls === true ? (ref.tlsServerName ?? ref.host) : null,
+  tls_verify: ref.tls === true && ref.tlsVerify === true,
+  tenant
+})
 
 /** What holds a pool's client seats on this runner: a TenantPool, or a host's supervisor (HostSeats). */
 export interface SeatHolder {
@@ -213,6 +257,27 @@ interface SeatLine {
 }
 
 const LIFTED: Directive = { keep: null, press: false }
+
+/** A recorded backend as its owner reported it. */
+const recordedRef = (b: RecordedBackend): BackendRef => ({
+  host: b.host,
+  port: b.port,
+  pid: b.pid,
+  secret: b.secret,
+  ...(b.tls ? { tls: true, tlsServerName: b.tls_server_name ?? b.host, tlsVerify: b.tls_verify } : {})
+})
+
+/** A row of `tidepool_backends`, as a reclaimer reads it. */
+interface RecordedBackend {
+  readonly host: string
+  readonly port: number
+  readonly pid: number
+  readonly secret: string
+  readonly tls: boolean
+  readonly tls_server_name: string | null
+  readonly tls_verify: boolean
+  readonly tenant: string
+}
 
 /** Sends a CancelRequest and resolves once the server has taken it (closed), or after `timeoutMs`. */
 export const sendCancelRequest = (
@@ -260,7 +325,7 @@ export class StoreRunner {
   private readonly dirtySeats = new Set<string>()
   private backendOps: Array<BackendOp> = []
   /** Open servers' backends by host/port/pid, re-recorded after a re-registration. */
-  private readonly backends = new Map<string, BackendRef>()
+  private readonly backends = new Map<string, BackendOp>()
   private addresses = new Map<number, string>()
   private queue: Promise<void> = Promise.resolve()
   private pumping = false
@@ -323,8 +388,8 @@ export class StoreRunner {
         this.touch(key)
         this.onHeldChange?.()
       },
-      opened: (backend) => this.backendOp(true, backend),
-      closed: (backend) => this.backendOp(false, backend)
+      opened: (backend) => this.backendOp(true, backend, key),
+      closed: (backend) => this.backendOp(false, backend, key)
     }
   }
 
@@ -565,18 +630,18 @@ export class StoreRunner {
     this.pump()
   }
 
-  private backendOp(add: boolean, ref: BackendRef | undefined): void {
-    // A TLS upstream may refuse a plaintext cancel: its permit is reclaimed without one, as on one host.
+  private backendOp(add: boolean, ref: BackendRef | undefined, key: string): void {
     if (ref === undefined) return
     const id = `${ref.host}:${ref.port}:${ref.pid}`
-    if (add) this.backends.set(id, ref)
+    const op: BackendOp = { add, ref, tenant: key.split("\u0000")[0] ?? "" }
+    if (add) this.backends.set(id, op)
     else {
       // Workers report over separate channels: a new backend that reuses a closed one's pid may be
       // reported before the old one's close, which must then not remove the new one.
-      if (this.backends.get(id)?.secret !== ref.secret) return
+      if (this.backends.get(id)?.ref.secret !== ref.secret) return
       this.backends.delete(id)
     }
-    this.backendOps.push({ add, ref })
+    this.backendOps.push(op)
     this.pump()
   }
 
@@ -815,7 +880,7 @@ export class StoreRunner {
     if (this.runnerId === undefined) {
       // Lost the store while registering again: finish that first.
       await this.register()
-      for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
+      for (const op of this.backends.values()) this.backendOps.push(op)
       for (const key of this.lines.keys()) this.dirty.add(key)
       this.pump()
       return
@@ -886,7 +951,7 @@ export class StoreRunner {
     // Our seat rows went with the runner row: the next transaction of each writes what we hold.
     for (const key of this.seatLines.keys()) this.dirtySeats.add(key)
     await this.register()
-    for (const ref of this.backends.values()) this.backendOps.push({ add: true, ref })
+    for (const op of this.backends.values()) this.backendOps.push(op)
     this.pump()
   }
 
@@ -910,13 +975,26 @@ export class StoreRunner {
       }
       try {
         const backends = (
-          await c.query("SELECT host, port, pid, secret FROM tidepool_backends WHERE runner_id = $1", [id])
-        ).rows as Array<BackendRef>
-        await Promise.all(
-          backends.map((b) =>
-            sendCancelRequest(b.host, b.port, b.pid, Buffer.from(b.secret, "hex"), this.options.timeoutMs)
+          await c.query(
+            "SELECT host, port, pid, secret, tls, tls_server_name, tls_verify, tenant FROM tidepool_backends WHERE runner_id = $1",
+            [id]
           )
+        ).rows as Array<RecordedBackend>
+        const cas = new Map<string, Promise<string | undefined>>()
+        const cancelled = await Promise.all(
+          backends.map(async (b) => {
+            let ca: Promise<string | undefined> | undefined
+            if (b.tls && b.tls_verify) {
+              ca = cas.get(b.tenant)
+              if (ca === undefined) {
+                ca = this.caOf(c, b.tenant)
+                cas.set(b.tenant, ca)
+              }
+            }
+            return this.cancelAsReached(`runner ${id}'s`, recordedRef(b), await ca)
+          })
         )
+        const failed = cancelled.filter((ok) => !ok).length
         const permits = await this.transaction(async (tx) => {
           const keys = await tx.query("SELECT pool_key, held FROM tidepool_permits WHERE runner_id = $1", [id])
           await tx.query("DELETE FROM tidepool_runners WHERE runner_id = $1", [id])
@@ -925,11 +1003,84 @@ export class StoreRunner {
         })
         this.options.log(
           "info",
-          `permit ledger: reclaimed runner ${id} (slot ${row.slot}, ${row.address}): lease expired and its store session gone; ${backends.length} backend(s) cancelled, ${permits} permit(s) freed`
+          `permit ledger: reclaimed runner ${id} (slot ${row.slot}, ${row.address}): lease expired and its store session gone; ${backends.length - failed} backend(s) cancelled${failed > 0 ? ` (${failed} cancel(s) failed)` : ""}, ${permits} permit(s) freed`
         )
       } finally {
         await c.query("SELECT pg_advisory_unlock($1, $2::int)", [NS, id])
       }
+    }
+  }
+
+  /**
+   * Cancels a dead worker's backend of pool `key` (a host's supervisor, before the worker's permits
+   * go back) as a reclaimer would: over TLS with its tenant's CA when the worker used TLS. Resolves
+   * false, after a warning, if the cancel failed.
+   */
+  async cancelBackend(backend: BackendRef, key: string, owner: string): Promise<boolean> {
+    let ca: string | undefined
+    if (backend.tls === true && backend.tlsVerify === true) {
+      const tenant = key.split("\u0000")[0] ?? ""
+      // On the queue: the store connection may be inside one of the runner's transactions.
+      ca = await this.enqueue(() => this.tenantCa(this.client, tenant))
+      ca ??= this.globalCa()
+    }
+    return this.cancelAsReached(owner, backend, ca)
+  }
+
+  /**
+   * Cancels a backend the way its owner reached it: over TLS, with the server name and verification
+   * it used, when it used TLS. A cancel that fails is logged and the caller goes on freeing the
+   * permit: the lease (or the worker's exit) has already bounded the wait, and a permit held back
+   * for ever would be worse.
+   */
+  private async cancelAsReached(owner: string, b: BackendRef, ca: string | undefined): Promise<boolean> {
+    const target: CancelTarget = {
+      host: b.host,
+      port: b.port,
+      connectTimeoutMs: this.options.timeoutMs,
+      ...(b.tls === true ? { tls: { verify: b.tlsVerify === true, ca }, serverName: b.tlsServerName ?? b.host } : {})
+    }
+    const result = await Effect.runPromise(Effect.result(sendCancel(target, b.pid, Buffer.from(b.secret, "hex"))))
+    if (Result.isSuccess(result)) return true
+    this.options.log(
+      "warning",
+      `permit ledger: the CancelRequest for ${owner} backend ${b.pid} at ${b.host}:${b.port}${b.tls === true ? ` (TLS, server name ${target.serverName})` : ""} failed (${result.failure.message}); its permit is freed anyway`
+    )
+    return false
+  }
+
+  /**
+   * The CA that verifies a TLS backend of `tenant`: the tenant's own `upstream_tls_ca`, from its
+   * record in the store (the one every host's pools read), else this host's GLOBAL_UPSTREAM_CA_PATH.
+   */
+  private async caOf(c: pg.Client, tenant: string): Promise<string | undefined> {
+    return (await this.tenantCa(c, tenant)) ?? this.globalCa()
+  }
+
+  private async tenantCa(c: pg.Client | undefined, tenant: string): Promise<string | undefined> {
+    if (c === undefined) return undefined
+    return c
+      .query("SELECT config::jsonb ->> 'upstream_tls_ca' AS ca FROM tidepool_tenants WHERE external_id = $1", [tenant])
+      .then(
+        (r) => (r.rows[0]?.ca ?? undefined) as string | undefined,
+        (e: { code?: string }) => (e.code === "42P01" ? undefined : Promise.reject(e))
+      )
+  }
+
+  private globalCa(): string | undefined {
+    const files = this.options.upstreamCaPath ?? ""
+    if (files === "") return undefined
+    try {
+      return files
+        .split(",")
+        .map((file) => readFileSync(file, "utf8"))
+        .join("\n")
+    } catch (e) {
+      this.options.log(
+        "warning",
+        `permit ledger: cannot read GLOBAL_UPSTREAM_CA_PATH: ${e instanceof Error ? e.message : e}`
+      )
+      return undefined
     }
   }
 
@@ -958,12 +1109,14 @@ export class StoreRunner {
         const add = ops[i]!.add
         let j = i
         while (j < ops.length && ops[j]!.add === add) j++
-        const refs = JSON.stringify(ops.slice(i, j).map((o) => o.ref))
+        const refs = JSON.stringify(ops.slice(i, j).map(backendRow))
         await c.query(
           add
-            ? `INSERT INTO tidepool_backends (runner_id, host, port, pid, secret)
-               SELECT $1, x.host, x.port, x.pid, x.secret FROM json_to_recordset($2) AS x(host text, port int, pid int, secret text)
-               ON CONFLICT (runner_id, host, port, pid) DO UPDATE SET secret = EXCLUDED.secret`
+            ? `INSERT INTO tidepool_backends (runner_id, host, port, pid, secret, tls, tls_server_name, tls_verify, tenant)
+               SELECT $1, x.host, x.port, x.pid, x.secret, x.tls, x.tls_server_name, x.tls_verify, x.tenant
+               FROM json_to_recordset($2) AS x(host text, port int, pid int, secret text, tls boolean, tls_server_name text, tls_verify boolean, tenant text)
+               ON CONFLICT (runner_id, host, port, pid) DO UPDATE SET secret = EXCLUDED.secret, tls = EXCLUDED.tls,
+                 tls_server_name = EXCLUDED.tls_server_name, tls_verify = EXCLUDED.tls_verify, tenant = EXCLUDED.tenant`
             : `DELETE FROM tidepool_backends b USING json_to_recordset($2) AS x(host text, port int, pid int, secret text)
                WHERE b.runner_id = $1 AND b.host = x.host AND b.port = x.port AND b.pid = x.pid AND b.secret = x.secret`,
           [this.runnerId, refs]

@@ -146,6 +146,7 @@ export const supervise = (config: AppConfigShape) =>
           leaseMs: config.leaseMs,
           address,
           timeoutMs: config.upstreamConnectTimeoutMs,
+          upstreamCaPath: config.upstreamCaPath,
           log: (level, message) =>
             Effect.runSyncWith(context)(
               level === "debug"
@@ -350,7 +351,15 @@ export const supervise = (config: AppConfigShape) =>
       // Its servers' sockets are closed with the process, but a backend running a statement runs it to
       // the end unless cancelled: its permits are free only once nothing of it can be running.
       const instance = slot.instance
-      void Promise.all(backends.map((b) => cancelBackend(b.backend, config.upstreamConnectTimeoutMs))).then(() => {
+      void Promise.all(
+        backends.map((b) =>
+          b.backend.tls !== true
+            ? cancelBackend(b.backend, config.upstreamConnectTimeoutMs)
+            : // Over TLS as the worker reached it, with its tenant's CA from the store (cluster mode); on
+              // one host there is no store to read that CA from: freed without a cancel, never in plaintext.
+              (store?.cancelBackend(b.backend, b.key, `worker ${slot.index + 1}'s`) ?? Promise.resolve())
+        )
+      ).then(() => {
         for (const b of backends) hostPermits?.closed(b.key, b.backend)
         instances.delete(instance)
         ledger.forget(instance)

@@ -18,7 +18,7 @@ import { PeerWorkers, SessionRegistry, TenantChanges } from "../session/index.ts
 import { TenantRegistry, TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
 import { type Gathered, HostViews } from "./HostViews.ts"
 import { BEAT_ENV, CLUSTER_WORKER_SHIFT, SLOT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
-import { SLOT_SHIFT } from "./StoreRunner.ts"
+import { backendRef, SLOT_SHIFT } from "./StoreRunner.ts"
 
 /**
  * A worker's side of the supervisor's IPC channel (docs/scale-out.md#one-host-workers). Nothing
@@ -60,23 +60,10 @@ const permitGate = Layer.effect(
         return {
           want: (size, n) => send({ t: "want", key, size, n }),
           release: (n) => send({ t: "release", key, n }),
-          opened: (server) => {
-            // A TLS upstream may refuse a plaintext cancel: the ledger then frees the permit without one.
-            if (server.target.tls !== undefined) return
-            send({
-              t: "opened",
-              key,
-              backend: {
-                pid: server.backendPid,
-                secret: server.backendSecret.toString("hex"),
-                host: server.target.host,
-                port: server.target.port
-              }
-            })
-          },
-          closed: (server) => {
-            if (server.target.tls === undefined) send({ t: "closed", key, pid: server.backendPid })
-          }
+          // TLS backends too, with how they were reached: a cluster host's runner records them in the
+          // store, so that a host reclaiming this one's permits cancels them over TLS.
+          opened: (server) => send({ t: "opened", key, backend: backendRef(server) }),
+          closed: (server) => send({ t: "closed", key, pid: server.backendPid })
         }
       }
     }

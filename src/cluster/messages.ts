@@ -3,13 +3,22 @@
  * `child_process` channel; none is sent per message or per transaction.
  */
 
-/** A backend the ledger can cancel should its worker die (plaintext upstreams only). */
+/**
+ * A backend the ledger can cancel should its worker die, or a cluster host should (recorded in the
+ * store: src/cluster/StoreRunner.ts `BackendRef`, the same shape).
+ */
 export interface BackendRef {
   readonly pid: number
   /** The backend's cancel key, hex. */
   readonly secret: string
   readonly host: string
   readonly port: number
+  /** Its worker spoke TLS to it (tenant `upstream_ssl`): a plaintext cancel may be refused. */
+  readonly tls?: boolean | undefined
+  /** The TLS server name sent (SNI) and verified: the tenant's `db_host`. */
+  readonly tlsServerName?: string | undefined
+  /** The certificate was verified (tenant `upstream_verify: peer`). */
+  readonly tlsVerify?: boolean | undefined
 }
 
 /** One worker's answer to a gather (docs/scale-out.md#views-of-the-whole-host), or its absence. */

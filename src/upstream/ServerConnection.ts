@@ -363,6 +363,7 @@ export class ServerConnection {
   readonly cancel: Effect.Effect<void> = Effect.suspend(() => {
     this.cancelsInFlight++
     return sendCancel(this.target, this.backendPid, this.backendSecret).pipe(
+      Effect.ignore,
       Effect.ensuring(
         Effect.sync(() => {
           if (--this.cancelsInFlight > 0) return
@@ -657,7 +658,7 @@ const annotateOutcome = <A, R>(self: Effect.Effect<A, TidepoolError, R>) =>
  * A connected socket to the target, TLS-upgraded when the target asks for it, within the connect
  * timeout. On failure nothing is left open.
  */
-const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<net.Socket, TidepoolError> =>
+const openSocket = (target: CancelTarget, reads?: ReadBuffer): Effect.Effect<net.Socket, TidepoolError> =>
   Effect.callback<net.Socket, TidepoolError>((resume) => {
     const s = net.connect({
       host: target.host,
@@ -679,7 +680,9 @@ const openSocket = (target: UpstreamTarget, reads?: ReadBuffer): Effect.Effect<n
   }).pipe(
     Effect.flatMap(
       (s): Effect.Effect<net.Socket, TidepoolError> =>
-        target.tls === undefined ? Effect.succeed(s) : startTls(s, target.host, target.tls, connectFailed)
+        target.tls === undefined
+          ? Effect.succeed(s)
+          : startTls(s, target.serverName ?? target.host, target.tls, connectFailed)
     ),
     Effect.timeoutOrElse({
       duration: target.connectTimeoutMs,
@@ -715,11 +718,28 @@ export const connect = Effect.fn("upstream.connect")(function* (target: Upstream
 }, annotateOutcome)
 
 /**
- * Sends a CancelRequest for `pid` on a fresh connection to the server's address — over TLS when the
- * server connection uses it, since such a server may refuse plaintext. Best effort; done when the
- * server closes that connection, i.e. has taken the cancel.
+ * Where a CancelRequest for a server goes, and how to reach it the way its connection did: an
+ * `UpstreamTarget` is one; so is what the cluster's store records of another host's backend
+ * (src/cluster/StoreRunner.ts), whose owner may be gone.
  */
-const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect.Effect<void> =>
+export interface CancelTarget {
+  readonly host: string
+  readonly port: number
+  /** undefined: plaintext. */
+  readonly tls?: UpstreamTlsOptions | undefined
+  /** The TLS server name (SNI, and the name verified); `host` when absent, as for a server connection. */
+  readonly serverName?: string | undefined
+  /** Bounds the whole cancel: connect, TLS, and PostgreSQL taking it. */
+  readonly connectTimeoutMs: number
+}
+
+/**
+ * Sends a CancelRequest for `pid` on a fresh connection to the server's address — over TLS when the
+ * server connection used it (SSLRequest first, same verification), since such a server, or a proxy
+ * in front of it, may refuse plaintext. Succeeds when the server closes that connection, i.e. has
+ * taken the cancel; fails with the reason (refused, TLS, timed out) otherwise.
+ */
+export const sendCancel = (target: CancelTarget, pid: number, secret: Buffer): Effect.Effect<void, TidepoolError> =>
   openSocket(target).pipe(
     Effect.flatMap((s) =>
       Effect.callback<void>((resume) => {
@@ -729,6 +749,8 @@ const sendCancel = (target: UpstreamTarget, pid: number, secret: Buffer): Effect
         return Effect.sync(() => s.destroy())
       })
     ),
-    Effect.timeout(target.connectTimeoutMs),
-    Effect.ignore
+    Effect.timeoutOrElse({
+      duration: target.connectTimeoutMs,
+      orElse: () => Effect.fail(connectFailed(`the cancel was not taken within ${target.connectTimeoutMs}ms`, true))
+    })
   )
