@@ -1109,7 +1109,16 @@ export class StoreRunner {
         const add = ops[i]!.add
         let j = i
         while (j < ops.length && ops[j]!.add === add) j++
-        const refs = JSON.stringify(ops.slice(i, j).map(backendRow))
+        // One row per backend: an upsert that names a row twice fails as a whole ("cannot affect
+        // row a second time"), and a re-registration queues every open backend again on top of
+        // reports still waiting, so the batch would fail for ever. The last report of each wins.
+        // (Deletes name the secret too, and a duplicate delete is harmless.)
+        const rows = new Map<string, ReturnType<typeof backendRow>>()
+        for (const [k, op] of ops.slice(i, j).entries()) {
+          const row = backendRow(op)
+          rows.set(add ? `${row.host}:${row.port}:${row.pid}` : String(k), row)
+        }
+        const refs = JSON.stringify([...rows.values()])
         await c.query(
           add
             ? `INSERT INTO tidepool_backends (runner_id, host, port, pid, secret, tls, tls_server_name, tls_verify, tenant)

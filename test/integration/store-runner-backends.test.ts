@@ -61,4 +61,23 @@ describe("StoreRunner: recorded backends", () => {
       { pid: 4243, secret: "0000000c" }
     ])
   }, 30_000)
+
+  it("a backend reported twice in one batch (a re-registration queues every open backend again) is written once", async () => {
+    const holder: PermitHolder = {
+      settings: { key: "acme\u0000app\u0000transaction\u0000twice", size: 2 },
+      isClosed: false,
+      grant: () => undefined,
+      direct: () => undefined
+    }
+    const line = runner.attachHolder(holder)
+    const first: BackendRef = { host: "127.0.0.1", port: 5432, pid: 5151, secret: "0000000d" }
+    line.opened(first)
+    line.opened({ ...first, secret: "0000000e" })
+    line.opened({ ...first, pid: 5152, secret: "0000000f" })
+    const rows = await recorded(10_000, (r) => r.some((row) => row.pid === 5152))
+    expect(rows.filter((row) => Number(row.pid) >= 5151)).toEqual([
+      { pid: 5151, secret: "0000000e" },
+      { pid: 5152, secret: "0000000f" }
+    ])
+  }, 30_000)
 })
