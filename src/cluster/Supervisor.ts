@@ -218,6 +218,31 @@ export const supervise = (config: AppConfigShape) =>
       if (g.asker.child !== undefined)
         toWorker(g.asker.index, { t: "gathered", id: g.askerId, parts, workers: workerInfo(Date.now()) })
     }
+    /** Cancels a dead worker's TLS backend through a live worker (one host); resolves when it answered, or after the connect timeout. */
+    const delegated = new Map<number, () => void>()
+    const delegateCancel = (dead: Slot, key: string, backend: BackendRef): Promise<void> =>
+      new Promise((resolve) => {
+        const helper = slots.find((s) => s !== dead && s.child?.connected === true && s.ready)
+        if (helper === undefined) {
+          log(
+            "warning",
+            `worker ${dead.index + 1}'s backend ${backend.pid} at ${backend.host}:${backend.port} (TLS) is freed without a CancelRequest: no other worker is up to send it over TLS`
+          )
+          resolve()
+          return
+        }
+        const id = nextGather++
+        const done = () => {
+          clearTimeout(timer)
+          delegated.delete(id)
+          resolve()
+        }
+        // The helper bounds its cancel by the connect timeout; this covers a helper that dies meanwhile.
+        const timer = setTimeout(done, config.upstreamConnectTimeoutMs + 1_000)
+        timer.unref()
+        delegated.set(id, done)
+        toWorker(helper.index, { t: "collect", id, what: `cancel-backend:${JSON.stringify({ key, backend })}` })
+      })
     const others = (from: number, message: ToWorker) => {
       for (const slot of slots) if (slot.index !== from) toWorker(slot.index, message)
     }
@@ -259,6 +284,11 @@ export const supervise = (config: AppConfigShape) =>
           break
         }
         case "collected": {
+          const cancelled = delegated.get(message.id)
+          if (cancelled !== undefined) {
+            cancelled()
+            break
+          }
           const g = gathers.get(message.id)
           if (g === undefined) break
           g.answers.set(slot.index, message.data)
@@ -355,9 +385,11 @@ export const supervise = (config: AppConfigShape) =>
         backends.map((b) =>
           b.backend.tls !== true
             ? cancelBackend(b.backend, config.upstreamConnectTimeoutMs)
-            : // Over TLS as the worker reached it, with its tenant's CA from the store (cluster mode); on
-              // one host there is no store to read that CA from: freed without a cancel, never in plaintext.
-              (store?.cancelBackend(b.backend, b.key, `worker ${slot.index + 1}'s`) ?? Promise.resolve())
+            : // Over TLS as the worker reached it, with its tenant's CA: from the store (cluster mode), or
+              // sent by a live worker, which has the tenant's record (one host). Never in plaintext.
+              store !== undefined
+              ? store.cancelBackend(b.backend, b.key, `worker ${slot.index + 1}'s`)
+              : delegateCancel(slot, b.key, b.backend)
         )
       ).then(() => {
         for (const b of backends) hostPermits?.closed(b.key, b.backend)

@@ -16,8 +16,17 @@ import { PermitGate, type PoolPermits, PoolRegistry, type TenantPool } from "../
 import { type PoolSeats, SeatGate } from "../pool/SeatGate.ts"
 import { PeerWorkers, SessionRegistry, TenantChanges } from "../session/index.ts"
 import { TenantRegistry, TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
+import { UpstreamTls } from "../tls/index.ts"
+import { type CancelTarget, sendCancel } from "../upstream/index.ts"
 import { type Gathered, HostViews } from "./HostViews.ts"
-import { BEAT_ENV, CLUSTER_WORKER_SHIFT, SLOT_ENV, type ToSupervisor, type ToWorker } from "./messages.ts"
+import {
+  type BackendRef,
+  BEAT_ENV,
+  CLUSTER_WORKER_SHIFT,
+  SLOT_ENV,
+  type ToSupervisor,
+  type ToWorker
+} from "./messages.ts"
 import { backendRef, SLOT_SHIFT } from "./StoreRunner.ts"
 
 /**
@@ -256,6 +265,37 @@ export const workerInbox = Layer.effectDiscard(
         Effect.andThen(
           runPoolCommand(pools, sessions, command as PoolCommand, name === "" ? undefined : name),
           Effect.succeed("done")
+        )
+      )
+    })
+    // A dead worker's backend on a TLS upstream (one host, docs/scale-out.md#one-host-workers): the
+    // supervisor keeps no tenant records, so it asks a live worker to cancel it the way the dead one
+    // reached it — over TLS, with its server name and verification, and the tenant's CA.
+    const upstreamTls = yield* UpstreamTls
+    views?.provide("cancel-backend", (arg) => {
+      const { key, backend } = JSON.parse(arg) as { key: string; backend: BackendRef }
+      const tenant = registry.get(key.split("\u0000")[0] ?? "")
+      const target: CancelTarget = {
+        host: backend.host,
+        port: backend.port,
+        connectTimeoutMs: config.upstreamConnectTimeoutMs,
+        tls: {
+          verify: backend.tlsVerify === true,
+          ca: (tenant === undefined ? undefined : upstreamTls.optionsFor(tenant)?.ca) ?? undefined
+        },
+        serverName: backend.tlsServerName ?? backend.host
+      }
+      return runPromise(
+        sendCancel(target, backend.pid, Buffer.from(backend.secret, "hex")).pipe(
+          Effect.as(true),
+          Effect.catch((e) =>
+            Effect.as(
+              Effect.logWarning(
+                `the CancelRequest for a dead worker's backend ${backend.pid} at ${backend.host}:${backend.port} (TLS, server name ${target.serverName}) failed (${e.message}); its permit is freed anyway`
+              ),
+              false
+            )
+          )
         )
       )
     })

@@ -4,7 +4,7 @@ import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { clusterOwnerOf } from "../../src/cluster/index.ts"
+import { clusterOwnerOf, ownerOf } from "../../src/cluster/index.ts"
 import { type PermitHolder, StoreRunner } from "../../src/cluster/StoreRunner.ts"
 import { SSL_REQUEST_CODE } from "../../src/protocol/index.ts"
 import { makeTestCerts, type TestCerts } from "../support/certs.ts"
@@ -87,9 +87,17 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
   beforeAll(async () => {
     certs = await makeTestCerts()
     db = await startPostgres({
-      roles: [{ name: "app", password: PASSWORD }],
+      roles: [
+        { name: "app", password: PASSWORD },
+        { name: "solo", password: PASSWORD }
+      ],
       settings: { ssl: "on", ssl_cert_file: certs.localhostOnly.cert, ssl_key_file: certs.localhostOnly.key },
-      hba: ["hostssl all app 127.0.0.1/32 scram-sha-256", "hostnossl all app 127.0.0.1/32 reject"],
+      hba: [
+        "hostssl all app 127.0.0.1/32 scram-sha-256",
+        "hostnossl all app 127.0.0.1/32 reject",
+        "hostssl all solo 127.0.0.1/32 scram-sha-256",
+        "hostnossl all solo 127.0.0.1/32 reject"
+      ],
       databases: ["oldstore", "failstore"]
     })
     gate = net.createServer((inbound) => {
@@ -184,6 +192,78 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
     // Nothing reached the upstream in plaintext.
     expect(refused).toEqual([])
   }, 40_000)
+
+  it("one host of two workers (no cluster): a dead worker's statement on the TLS upstream is cancelled over TLS, by a live worker, before its permit is given again", async () => {
+    const config = writeConfig(path.join(dir, "solo.yaml"), [
+      {
+        external_id: "solo",
+        db_host: "localhost",
+        db_port: (gate.address() as net.AddressInfo).port,
+        upstream_ssl: true,
+        upstream_verify: "peer",
+        upstream_tls_ca: certs.ca.certPem,
+        users: [{ db_user: "solo", db_password: PASSWORD, pool_size: 1 }]
+      }
+    ])
+    const port = await freePort()
+    const cli = runCli(["serve", "--config", config], {
+      TIDEPOOL_WORKERS: "2",
+      TIDEPOOL_CLUSTER: "off",
+      PROXY_PORT_TRANSACTION: String(port),
+      PROXY_PORT_SESSION: String(await freePort()),
+      PORT: String(await freePort()),
+      TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
+      TIDEPOOL_DATA_DIR: path.join(dir, "data-solo"),
+      VAULT_ENC_KEY
+    })
+    const host = { cli, port }
+    runners.push(host)
+    await cli.waitFor(/"msg":"tidepool supervisor: \d+ workers listening/)
+    const soloClient = async () => {
+      const c = new pg.Client({ connectionString: `postgresql://solo.solo:${PASSWORD}@127.0.0.1:${port}/postgres` })
+      c.on("error", () => undefined)
+      await c.connect()
+      return c
+    }
+    const sleeper = await soloClient()
+    const owner = ownerOf(processIdOf(sleeper))
+    void sleeper.query(SLEEP).catch(() => undefined)
+    const pid = await until("the sleeper's statement", 10_000, async () => {
+      const rows = await db.query(
+        "SELECT pid FROM pg_stat_activity WHERE usename = 'solo' AND query = $1 AND state = 'active'",
+        [SLEEP]
+      )
+      return rows[0]?.pid as number | undefined
+    })
+    const workerPid = Number(
+      [...cli.output().matchAll(/worker (\d+) started \(pid (\d+)\)/g)]
+        .filter((m) => Number(m[1]) === owner + 1)
+        .at(-1)![2]
+    )
+    let stopSampling: () => void = () => undefined
+    const sampling = sample(db, new Promise<void>((resolve) => (stopSampling = resolve)), "solo")
+    try {
+      process.kill(workerPid, "SIGKILL")
+      await cli.waitFor(new RegExp(`worker ${owner + 1} \\(pid ${workerPid}\\) died`))
+      // A client of the other worker (or of the restarted one) takes the permit.
+      const served = await Promise.race([
+        soloClient().then(async (c) => {
+          const { rows } = await c.query("SELECT 1 AS one")
+          await c.end()
+          return rows[0].one as number
+        }),
+        new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`never served:\n${cli.output()}`)), 15_000))
+      ])
+      expect(served).toBe(1)
+    } finally {
+      stopSampling()
+    }
+    // Never the sleeper's backend and the new one's at once: the cancel came before the permit moved.
+    expect((await sampling).max).toBeLessThanOrEqual(1)
+    expect(await db.query("SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", [pid])).toEqual([])
+    expect(cli.output()).not.toMatch(/freed without a CancelRequest|CancelRequest for a dead worker's backend/)
+    expect(refused).toEqual([])
+  }, 60_000)
 
   // A host of several workers (npm run test:e2e:workers): its supervisor cancels a dead worker's TLS backends.
   it.skipIf(Number(process.env.TIDEPOOL_WORKERS ?? 1) < 2)(
