@@ -64,9 +64,12 @@ export const withoutStack = <A>(make: () => A): A => {
  */
 const refusals = new Map<string, TidepoolError>()
 const REFUSALS_MAX = 1000
+const REFUSAL_KEY_MAX = 256
 
 export const refusalError = <C extends ErrorCode>(code: C, ...args: ErrorArgs<C>): TidepoolError => {
   const key = args.length === 0 ? code : `${code}\u0000${args.join("\u0000")}`
+  // A long name (a startup packet allows kilobytes) is made each time: a thousand of them kept would be megabytes.
+  if (key.length > REFUSAL_KEY_MAX) return withoutStack(() => tidepoolError(code, ...args))
   let error = refusals.get(key)
   if (error === undefined) {
     error = withoutStack(() => tidepoolError(code, ...args))

@@ -373,7 +373,8 @@ export class StoreRunner {
     const key = pool.settings.key
     const line = this.line(key)
     line.pool = pool
-    line.size = pool.settings.size
+    // A record made from a late report knows no size (0): the line keeps the one it has.
+    if (pool.settings.size > 0) line.size = pool.settings.size
     if (line.directive.keep !== null || line.directive.press)
       pool.direct(line.directive.keep ?? Number.POSITIVE_INFINITY, line.directive.press)
     return {
@@ -1063,7 +1064,15 @@ export class StoreRunner {
       .query("SELECT config::jsonb ->> 'upstream_tls_ca' AS ca FROM tidepool_tenants WHERE external_id = $1", [tenant])
       .then(
         (r) => (r.rows[0]?.ca ?? undefined) as string | undefined,
-        (e: { code?: string }) => (e.code === "42P01" ? undefined : Promise.reject(e))
+        // Never holds the reclaim back (a failed cancel does not either): the host's CA, if any, is tried.
+        (e: { code?: string; message?: string }) => {
+          if (e.code !== "42P01")
+            this.options.log(
+              "warning",
+              `permit ledger: tenant ${tenant}'s CA could not be read (${e.message}); trying GLOBAL_UPSTREAM_CA_PATH`
+            )
+          return undefined
+        }
       )
   }
 

@@ -598,12 +598,18 @@ export class TenantPool {
     for (let i = 0; i < this.idle.length; ) {
       const server = this.idle[i]!
       const idleTooLong = serverIdleTimeoutMs > 0 && now - server.lastUsedAt >= serverIdleTimeoutMs
-      // Pressed (worker mode): another worker waits, so an idle server unused since the last sweep goes.
+      // Pressed (several processes): another one waits, so an idle server its clients left unused
+      // for PRESSED_IDLE_MS goes.
       const unwanted = this.pressed && now - server.lastUsedAt >= PRESSED_IDLE_MS
-      if (this.expired(server, now) || unwanted || (idleTooLong && this.live > minSize)) {
+      const expired = this.expired(server, now)
+      if (expired || unwanted || (idleTooLong && this.live > minSize)) {
         this.idle.splice(i, 1)
         server.handler = undefined
-        this.closeCounted(server, idleTooLong ? "idle timeout" : "lifetime reached", false)
+        this.closeCounted(
+          server,
+          expired ? "lifetime reached" : unwanted ? "permit returned to another worker" : "idle timeout",
+          false
+        )
       } else {
         i++
       }

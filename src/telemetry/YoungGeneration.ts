@@ -85,7 +85,21 @@ export const relaunchWithCappedYoungGeneration = (): void => {
     delete process.env[RELAUNCHED_ENV]
     return
   }
+  // Started with an IPC channel (`node --watch`, a process manager's fork): the channel would not
+  // survive the re-execution (Node takes NODE_CHANNEL_FD out of the environment at start), so run
+  // uncapped; Tidepool's own workers are forked with the flag and never get here.
+  if (process.channel !== undefined) return
   const execve = (process as unknown as { execve?: Execve }).execve
-  if (typeof execve !== "function") return
-  execve.call(process, argv[0]!, argv, { ...process.env, [RELAUNCHED_ENV]: "1" })
+  // Windows and os400 have the function but throw; so does any thread but the main one.
+  if (
+    typeof execve !== "function" ||
+    (process.platform as string) === "win32" ||
+    (process.platform as string) === "os400"
+  )
+    return
+  try {
+    execve.call(process, argv[0]!, argv, { ...process.env, [RELAUNCHED_ENV]: "1" })
+  } catch {
+    // Not re-executed: Tidepool runs uncapped, as where execve is missing.
+  }
 }

@@ -65,7 +65,7 @@ const cmdlineOf = (pid: number) =>
     .filter((a) => a !== "")
 
 /** `tidepool serve` as an operator starts it (bin/tidepool.js), until it listens; its command line then. */
-const serveAndRead = async (env: Record<string, string>) => {
+const serveAndRead = async (env: Record<string, string>, ipc = false) => {
   const child = spawn(process.execPath, ["bin/tidepool.js", "serve"], {
     cwd: root,
     env: {
@@ -79,7 +79,7 @@ const serveAndRead = async (env: Record<string, string>) => {
       PORT: String(await freePort()),
       ...env
     },
-    stdio: ["ignore", "pipe", "pipe"]
+    stdio: ipc ? ["ignore", "pipe", "pipe", "ipc"] : ["ignore", "pipe", "pipe"]
   })
   let output = ""
   try {
@@ -110,6 +110,11 @@ describe("the launch path", () => {
 
   it("keeps the operator's NODE_OPTIONS cap and re-executes nothing", async () => {
     const { cmdline } = await serveAndRead({ NODE_OPTIONS: "--max-semi-space-size=16" })
+    expect(cmdline.filter((arg) => arg.includes("semi-space"))).toEqual([])
+  }, 60_000)
+
+  it("runs as started when it has an IPC channel (node --watch, a process manager's fork), which a re-execution would lose", async () => {
+    const { cmdline } = await serveAndRead({}, true)
     expect(cmdline.filter((arg) => arg.includes("semi-space"))).toEqual([])
   }, 60_000)
 
