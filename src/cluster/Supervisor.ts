@@ -58,6 +58,9 @@ interface Gather {
   readonly timer: NodeJS.Timeout | undefined
 }
 
+/** How long past its restart delay a dead worker's TLS cancels wait for a worker to send them, when none is up. */
+const HELPER_WAIT_MS = 10_000
+
 /** Sends a CancelRequest for `backend` and resolves when PostgreSQL has taken it (closed), or after `timeoutMs`. */
 const cancelBackend = (backend: BackendRef, timeoutMs: number): Promise<void> =>
   new Promise((resolve) => {
@@ -220,28 +223,39 @@ export const supervise = (config: AppConfigShape) =>
     }
     /** Cancels a dead worker's TLS backend through a live worker (one host); resolves when it answered, or after the connect timeout. */
     const delegated = new Map<number, () => void>()
+    /** Delegated cancels waiting for a worker to be ready (the dead one was the only one up). */
+    let awaitingHelper: Array<(helper: Slot) => void> = []
     const delegateCancel = (dead: Slot, key: string, backend: BackendRef): Promise<void> =>
       new Promise((resolve) => {
-        const helper = slots.find((s) => s !== dead && s.child?.connected === true && s.ready)
-        if (helper === undefined) {
-          log(
-            "warning",
-            `worker ${dead.index + 1}'s backend ${backend.pid} at ${backend.host}:${backend.port} (TLS) is freed without a CancelRequest: no other worker is up to send it over TLS`
-          )
-          resolve()
-          return
-        }
         const id = nextGather++
+        let sent = false
         const done = () => {
           clearTimeout(timer)
           delegated.delete(id)
           resolve()
         }
-        // The helper bounds its cancel by the connect timeout; this covers a helper that dies meanwhile.
-        const timer = setTimeout(done, config.upstreamConnectTimeoutMs + 1_000)
+        // The helper bounds its cancel by the connect timeout; this covers a helper that dies
+        // meanwhile, and the restart of the only worker (its delay, then its start).
+        const timer = setTimeout(
+          () => {
+            if (!sent)
+              log(
+                "warning",
+                `worker ${dead.index + 1}'s backend ${backend.pid} at ${backend.host}:${backend.port} (TLS) is freed without a CancelRequest: no worker came up to send it over TLS`
+              )
+            done()
+          },
+          config.upstreamConnectTimeoutMs + dead.restartDelayMs + HELPER_WAIT_MS
+        )
         timer.unref()
         delegated.set(id, done)
-        toWorker(helper.index, { t: "collect", id, what: `cancel-backend:${JSON.stringify({ key, backend })}` })
+        const send = (helper: Slot) => {
+          sent = true
+          toWorker(helper.index, { t: "collect", id, what: `cancel-backend:${JSON.stringify({ key, backend })}` })
+        }
+        const helper = slots.find((s) => s !== dead && s.child?.connected === true && s.ready)
+        if (helper !== undefined) send(helper)
+        else awaitingHelper.push(send)
       })
     const others = (from: number, message: ToWorker) => {
       for (const slot of slots) if (slot.index !== from) toWorker(slot.index, message)
@@ -250,10 +264,13 @@ export const supervise = (config: AppConfigShape) =>
 
     const handle = (slot: Slot, message: ToSupervisor) => {
       switch (message.t) {
-        case "ready":
+        case "ready": {
           slot.ready = true
           slot.everReady = true
           slot.lastBeat = Date.now()
+          const waiting = awaitingHelper
+          awaitingHelper = []
+          for (const send of waiting) send(slot)
           // Its answers (id -1) match no gather: nobody waits for a replayed PAUSE.
           if (pausedAll) toWorker(slot.index, { t: "collect", id: -1, what: "admin-command:PAUSE " })
           for (const name of pausedNames)
@@ -261,6 +278,7 @@ export const supervise = (config: AppConfigShape) =>
           if (slot.index === 0 && !started) startRest()
           if (slots.every((s) => s.ready)) onAllReady?.()
           break
+        }
         case "beat":
           slot.lastBeat = Date.now()
           break

@@ -245,15 +245,17 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
     try {
       process.kill(workerPid, "SIGKILL")
       await cli.waitFor(new RegExp(`worker ${owner + 1} \\(pid ${workerPid}\\) died`))
-      // A client of the other worker (or of the restarted one) takes the permit.
-      const served = await Promise.race([
-        soloClient().then(async (c) => {
-          const { rows } = await c.query("SELECT 1 AS one")
-          await c.end()
-          return rows[0].one as number
-        }),
-        new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`never served:\n${cli.output()}`)), 15_000))
-      ])
+      // A client of the other worker (or of the restarted one: refused until it listens) takes the permit.
+      const served = await until(`a client served:\n${cli.output()}`, 20_000, () =>
+        soloClient().then(
+          async (c) => {
+            const { rows } = await c.query("SELECT 1 AS one")
+            await c.end()
+            return rows[0].one as number
+          },
+          () => undefined
+        )
+      )
       expect(served).toBe(1)
     } finally {
       stopSampling()
