@@ -3,10 +3,9 @@ import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { type CliProcess, runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
-import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
+import { type ClusterHost, startClusterHost } from "../support/scale.ts"
 
 /**
  * TIDEPOOL_CLUSTER=on (docs/scale-out.md#how-per-key-records-live-and-go): a pool key used once —
@@ -18,40 +17,21 @@ import { type PostgresServer, startPostgres } from "../support/postgres.ts"
  */
 const PASSWORD = "app-secret"
 const USERS = Array.from({ length: 6 }, (_, i) => `u${i + 1}`)
-const VAULT_ENC_KEY = "0f".repeat(32)
 const dir = mkdtempSync(path.join(tmpdir(), "tidepool-hosts-keys-"))
 afterAll(() => rmSync(dir, { recursive: true, force: true }))
 
-interface Host {
-  readonly cli: CliProcess
-  readonly port: number
-}
+type Host = ClusterHost
 
-/** Starts a host; `seeded` when its tenants are in the store (the first worker listens), `ready` when all listen. */
-const startHost = async (storeUrl: string, config: string | undefined, n: number, workers: number) => {
-  const port = await freePort()
-  const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
-    DATABASE_URL: storeUrl,
-    TIDEPOOL_CLUSTER: "on",
-    TIDEPOOL_WORKERS: String(workers),
-    TIDEPOOL_LEASE_MS: "3000",
-    // A pool whose last client left closes at the next sweep (about a second).
-    TIDEPOOL_POOL_SHUTDOWN_AFTER: "0",
-    PROXY_PORT_TRANSACTION: String(port),
-    PROXY_PORT_SESSION: String(await freePort()),
-    PORT: String(await freePort()),
-    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
-    TIDEPOOL_DATA_DIR: path.join(dir, `data-${n}`),
-    TIDEPOOL_TENANT_REFRESH_MS: "1000",
-    TIDEPOOL_LOG_LEVEL: "debug",
-    VAULT_ENC_KEY
+/** Starts a host of `workers` workers; a pool whose last client left closes at the next sweep (about a second). */
+const startHost = (storeUrl: string, config: string | undefined, n: number, workers: number) =>
+  startClusterHost({
+    dir,
+    storeUrl,
+    config,
+    n,
+    leaseMs: 3_000,
+    env: { TIDEPOOL_WORKERS: String(workers), TIDEPOOL_POOL_SHUTDOWN_AFTER: "0" }
   })
-  const host: Host = { cli, port }
-  return {
-    seeded: cli.waitFor(/"msg":"(worker 1: )?tidepool listening/).then(() => host),
-    ready: cli.waitFor(/"msg":"(tidepool listening|tidepool supervisor: \d+ workers listening)/).then(() => host)
-  }
-}
 
 const connect = async (port: number, user: string) => {
   const c = new pg.Client({ connectionString: `postgresql://${user}.acme:${PASSWORD}@127.0.0.1:${port}/postgres` })

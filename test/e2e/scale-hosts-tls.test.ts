@@ -1,18 +1,25 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
-import * as net from "node:net"
+import type * as net from "node:net"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { clusterOwnerOf, ownerOf } from "../../src/cluster/index.ts"
 import { type PermitHolder, StoreRunner } from "../../src/cluster/StoreRunner.ts"
-import { SSL_REQUEST_CODE } from "../../src/protocol/index.ts"
 import { makeTestCerts, type TestCerts } from "../support/certs.ts"
-import { type CliProcess, runCli } from "../support/cli.ts"
+import { runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import { processIdOf, sample } from "../support/scale.ts"
+import {
+  CLUSTER_VAULT_KEY,
+  type ClusterHost,
+  processIdOf,
+  sample,
+  startClusterHost,
+  stopClusterHost
+} from "../support/scale.ts"
+import { tlsOnlyFront } from "../support/tlsFront.ts"
 
 /**
  * TIDEPOOL_CLUSTER=on with a TLS upstream (docs/scale-out.md#lease-timing): a runner that dies
@@ -23,40 +30,16 @@ import { processIdOf, sample } from "../support/scale.ts"
  */
 const PASSWORD = "app-secret"
 const LEASE_MS = 1_500
-const VAULT_ENC_KEY = "0f".repeat(32)
 const SLEEP = "SELECT pg_sleep(30)"
 const dir = mkdtempSync(path.join(tmpdir(), "tidepool-hosts-tls-"))
 afterAll(() => rmSync(dir, { recursive: true, force: true }))
 
-interface Runner {
-  readonly cli: CliProcess
-  readonly port: number
-}
+type Runner = ClusterHost
 
-const startRunner = async (storeUrl: string, config: string | undefined, n: number): Promise<Runner> => {
-  const port = await freePort()
-  const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
-    DATABASE_URL: storeUrl,
-    TIDEPOOL_CLUSTER: "on",
-    TIDEPOOL_LEASE_MS: String(LEASE_MS),
-    PROXY_PORT_TRANSACTION: String(port),
-    PROXY_PORT_SESSION: String(await freePort()),
-    PORT: String(await freePort()),
-    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
-    TIDEPOOL_DATA_DIR: path.join(dir, `data-${n}`),
-    TIDEPOOL_TENANT_REFRESH_MS: "1000",
-    TIDEPOOL_LOG_LEVEL: "debug",
-    VAULT_ENC_KEY
-  })
-  await cli.waitFor(/"msg":"(tidepool listening|tidepool supervisor: \d+ workers listening)/)
-  return { cli, port }
-}
+const startRunner = async (storeUrl: string, config: string | undefined, n: number): Promise<Runner> =>
+  (await startClusterHost({ dir, storeUrl, config, n, leaseMs: LEASE_MS })).ready
 
-const stopRunner = async (runner: Runner | undefined) => {
-  if (runner === undefined || runner.cli.child.exitCode !== null || runner.cli.child.signalCode !== null) return
-  runner.cli.child.kill("SIGTERM")
-  await runner.cli.exited
-}
+const stopRunner = stopClusterHost
 
 const connect = async (port: number) => {
   const c = new pg.Client({ connectionString: `postgresql://app.acme:${PASSWORD}@127.0.0.1:${port}/postgres` })
@@ -81,7 +64,7 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
   let db: PostgresServer
   /** TLS-only front of `db`: what it refused (the first packet's code). */
   let gate: net.Server
-  const refused: Array<number> = []
+  let refused: Array<number> = []
   const runners: Array<Runner> = []
 
   beforeAll(async () => {
@@ -100,23 +83,9 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
       ],
       databases: ["oldstore", "failstore"]
     })
-    gate = net.createServer((inbound) => {
-      inbound.on("error", () => undefined)
-      inbound.once("data", (first: Buffer) => {
-        if (first.length < 8 || first.readInt32BE(4) !== SSL_REQUEST_CODE) {
-          refused.push(first.length >= 8 ? first.readInt32BE(4) : -1)
-          inbound.destroy()
-          return
-        }
-        const outbound = net.connect(db.port, "127.0.0.1", () => outbound.write(first))
-        outbound.on("error", () => inbound.destroy())
-        inbound.on("close", () => outbound.destroy())
-        outbound.on("close", () => inbound.destroy())
-        inbound.pipe(outbound)
-        outbound.pipe(inbound)
-      })
-    })
-    await new Promise<void>((resolve) => gate.listen(0, "127.0.0.1", resolve))
+    const front = await tlsOnlyFront(db.port)
+    gate = front.server
+    refused = front.refused
     const config = writeConfig(path.join(dir, "tls.yaml"), [
       {
         external_id: "acme",
@@ -214,7 +183,7 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
       PORT: String(await freePort()),
       TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
       TIDEPOOL_DATA_DIR: path.join(dir, "data-solo"),
-      VAULT_ENC_KEY
+      VAULT_ENC_KEY: CLUSTER_VAULT_KEY
     })
     const host = { cli, port }
     runners.push(host)

@@ -5,11 +5,9 @@ import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { clusterOwnerOf, slotOf } from "../../src/cluster/index.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
-import { type CliProcess, runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
-import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import { processIdOf, sample, serversOf } from "../support/scale.ts"
+import { type ClusterHost, processIdOf, sample, serversOf, startClusterHost } from "../support/scale.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 /**
@@ -23,35 +21,14 @@ const hasPgbench = await hasTool("pgbench")
 const PASSWORD = "app-secret"
 const POOL = 10
 const LEASE_MS = 1_500
-const VAULT_ENC_KEY = "0f".repeat(32)
 const dir = mkdtempSync(path.join(tmpdir(), "tidepool-hosts-workers-"))
 afterAll(() => rmSync(dir, { recursive: true, force: true }))
 
-interface Host {
-  readonly cli: CliProcess
-  readonly port: number
-}
+type Host = ClusterHost
 
 /** A host: `tidepool serve` in cluster mode with two workers on ports of its own; only the first seeds the tenants. */
-const startHost = async (storeUrl: string, config: string | undefined, n: number): Promise<Host> => {
-  const port = await freePort()
-  const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
-    DATABASE_URL: storeUrl,
-    TIDEPOOL_CLUSTER: "on",
-    TIDEPOOL_WORKERS: "2",
-    TIDEPOOL_LEASE_MS: String(LEASE_MS),
-    PROXY_PORT_TRANSACTION: String(port),
-    PROXY_PORT_SESSION: String(await freePort()),
-    PORT: String(await freePort()),
-    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
-    TIDEPOOL_DATA_DIR: path.join(dir, `data-${n}`),
-    TIDEPOOL_TENANT_REFRESH_MS: "1000",
-    TIDEPOOL_LOG_LEVEL: "debug",
-    VAULT_ENC_KEY
-  })
-  await cli.waitFor(/2 workers listening/)
-  return { cli, port }
-}
+const startHost = async (storeUrl: string, config: string | undefined, n: number): Promise<Host> =>
+  (await startClusterHost({ dir, storeUrl, config, n, leaseMs: LEASE_MS, env: { TIDEPOOL_WORKERS: "2" } })).ready
 
 const url = (port: number, user = "app") => `postgresql://${user}.acme:${PASSWORD}@127.0.0.1:${port}/postgres`
 

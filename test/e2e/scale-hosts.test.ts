@@ -6,11 +6,17 @@ import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { slotOf } from "../../src/cluster/index.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
-import { type CliProcess, runCli } from "../support/cli.ts"
 import { writeConfig } from "../support/config.ts"
 import { freePort } from "../support/ports.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
-import { processIdOf, sample, serversOf } from "../support/scale.ts"
+import {
+  type ClusterHost,
+  processIdOf,
+  sample,
+  serversOf,
+  startClusterHost,
+  stopClusterHost
+} from "../support/scale.ts"
 import { hasTool, run } from "../support/tools.ts"
 
 /**
@@ -22,14 +28,10 @@ const hasPgbench = await hasTool("pgbench")
 const PASSWORD = "app-secret"
 const POOL = 10
 const LEASE_MS = 1_500
-const VAULT_ENC_KEY = "0f".repeat(32)
 const dir = mkdtempSync(path.join(tmpdir(), "tidepool-hosts-"))
 afterAll(() => rmSync(dir, { recursive: true, force: true }))
 
-interface Runner {
-  readonly cli: CliProcess
-  readonly port: number
-}
+type Runner = ClusterHost
 
 const writeTenantConfig = (
   name: string,
@@ -50,32 +52,11 @@ const writeTenantConfig = (
     }
   ])
 
-/** A runner: `tidepool serve` in cluster mode on ports of its own; only the first seeds the tenants. */
-const startRunner = async (storeUrl: string, config: string | undefined, n: number): Promise<Runner> => {
-  const port = await freePort()
-  const cli = runCli(config === undefined ? ["serve"] : ["serve", "--config", config], {
-    DATABASE_URL: storeUrl,
-    TIDEPOOL_CLUSTER: "on",
-    TIDEPOOL_LEASE_MS: String(LEASE_MS),
-    PROXY_PORT_TRANSACTION: String(port),
-    PROXY_PORT_SESSION: String(await freePort()),
-    PORT: String(await freePort()),
-    TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
-    TIDEPOOL_DATA_DIR: path.join(dir, `data-${n}`),
-    TIDEPOOL_TENANT_REFRESH_MS: "1000",
-    TIDEPOOL_LOG_LEVEL: "debug",
-    VAULT_ENC_KEY
-  })
-  // One process, or (under TIDEPOOL_WORKERS, npm run test:e2e:workers) a supervisor once every worker listens.
-  await cli.waitFor(/"msg":"(tidepool listening|tidepool supervisor: \d+ workers listening)/)
-  return { cli, port }
-}
+/** A runner: `tidepool serve` in cluster mode (or, under TIDEPOOL_WORKERS, a host of workers); only the first seeds the tenants. */
+const startRunner = async (storeUrl: string, config: string | undefined, n: number): Promise<Runner> =>
+  (await startClusterHost({ dir, storeUrl, config, n, leaseMs: LEASE_MS })).ready
 
-const stopRunner = async (runner: Runner | undefined) => {
-  if (runner === undefined || runner.cli.child.exitCode !== null || runner.cli.child.signalCode !== null) return
-  runner.cli.child.kill("SIGTERM")
-  await runner.cli.exited
-}
+const stopRunner = stopClusterHost
 
 const url = (port: number, user = "app") => `postgresql://${user}.acme:${PASSWORD}@127.0.0.1:${port}/postgres`
 

@@ -1,11 +1,11 @@
 import * as net from "node:net"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { SSL_REQUEST_CODE } from "../../src/protocol/index.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
 import { makeTestCerts, type TestCerts } from "../support/certs.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool } from "../support/tidepool.ts"
+import { tlsOnlyFront } from "../support/tlsFront.ts"
 
 let certs: TestCerts
 /** ssl = on with a certificate for `localhost` only; role `app` may only log in over TLS. */
@@ -17,7 +17,7 @@ let tidepool: RunningTidepool
 let noGlobalCa: RunningTidepool
 /** A TLS-only front for `db`: connections whose first packet is not an SSLRequest are dropped. */
 let gate: net.Server
-const gateRefused: Array<number> = []
+let gateRefused: Array<number> = []
 /** Answers an SSLRequest with `S` followed by injected plaintext. */
 let injector: net.Server
 
@@ -44,24 +44,9 @@ beforeAll(async () => {
     }),
     startPostgres({ roles: [{ name: "app", password: "app-secret" }] })
   ])
-  gate = await listen(
-    net.createServer((inbound) => {
-      inbound.on("error", () => undefined)
-      inbound.once("data", (first: Buffer) => {
-        if (first.length < 8 || first.readInt32BE(4) !== SSL_REQUEST_CODE) {
-          gateRefused.push(first.length >= 8 ? first.readInt32BE(4) : -1)
-          inbound.destroy()
-          return
-        }
-        const outbound = net.connect(db.port, "127.0.0.1", () => outbound.write(first))
-        outbound.on("error", () => inbound.destroy())
-        inbound.on("close", () => outbound.destroy())
-        outbound.on("close", () => inbound.destroy())
-        inbound.pipe(outbound)
-        outbound.pipe(inbound)
-      })
-    })
-  )
+  const front = await tlsOnlyFront(db.port)
+  gate = front.server
+  gateRefused = front.refused
   injector = await listen(
     net.createServer((socket) => {
       socket.on("error", () => undefined)
