@@ -1,5 +1,4 @@
 import { type ChildProcess, fork } from "node:child_process"
-import * as net from "node:net"
 import { Console, Deferred, Effect, Redacted } from "effect"
 import type { AppConfigShape } from "../config/index.ts"
 import { advertisedHost } from "./ClusterLink.ts"
@@ -19,7 +18,7 @@ import {
   type WorkerInfo
 } from "./messages.ts"
 import { SeatLedger } from "./Seats.ts"
-import { StoreRunner, slotOf } from "./StoreRunner.ts"
+import { StoreRunner, sendCancelRequest, slotOf } from "./StoreRunner.ts"
 
 /** A crashed worker is restarted after this long, doubled while it keeps crashing, up to RESTART_MAX_MS. */
 const RESTART_FIRST_MS = 500
@@ -60,25 +59,6 @@ interface Gather {
 
 /** How long past its restart delay a dead worker's TLS cancels wait for a worker to send them, when none is up. */
 const HELPER_WAIT_MS = 10_000
-
-/** Sends a CancelRequest for `backend` and resolves when PostgreSQL has taken it (closed), or after `timeoutMs`. */
-const cancelBackend = (backend: BackendRef, timeoutMs: number): Promise<void> =>
-  new Promise((resolve) => {
-    const secret = Buffer.from(backend.secret, "hex")
-    const packet = Buffer.alloc(12 + secret.length)
-    packet.writeInt32BE(packet.length, 0)
-    packet.writeInt32BE(80877102, 4)
-    packet.writeInt32BE(backend.pid, 8)
-    secret.copy(packet, 12)
-    const socket = net.connect({ host: backend.host, port: backend.port })
-    const timer = setTimeout(() => socket.destroy(), timeoutMs)
-    socket.on("error", () => undefined)
-    socket.on("close", () => {
-      clearTimeout(timer)
-      resolve()
-    })
-    socket.on("connect", () => socket.end(packet))
-  })
 
 /**
  * `tidepool serve` with TIDEPOOL_WORKERS > 1 (docs/scale-out.md#one-host-workers): starts the
@@ -402,7 +382,13 @@ export const supervise = (config: AppConfigShape) =>
       void Promise.all(
         backends.map((b) =>
           b.backend.tls !== true
-            ? cancelBackend(b.backend, config.upstreamConnectTimeoutMs)
+            ? sendCancelRequest(
+                b.backend.host,
+                b.backend.port,
+                b.backend.pid,
+                Buffer.from(b.backend.secret, "hex"),
+                config.upstreamConnectTimeoutMs
+              )
             : // Over TLS as the worker reached it, with its tenant's CA: from the store (cluster mode), or
               // sent by a live worker, which has the tenant's record (one host). Never in plaintext.
               store !== undefined
