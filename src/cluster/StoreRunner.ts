@@ -303,6 +303,14 @@ export const sendCancelRequest = (
     socket.on("connect", () => socket.end(packet))
   })
 
+/** Where and how to send a backend's CancelRequest: the way its owner reached it (TLS, server name, verification). */
+export const cancelTargetOf = (b: BackendRef, ca: string | undefined, timeoutMs: number): CancelTarget => ({
+  host: b.host,
+  port: b.port,
+  connectTimeoutMs: timeoutMs,
+  ...(b.tls === true ? { tls: { verify: b.tlsVerify === true, ca }, serverName: b.tlsServerName ?? b.host } : {})
+})
+
 const splitAddress = (address: string): { host: string; port: number } => {
   const at = address.lastIndexOf(":")
   return { host: address.slice(0, at).replace(/^\[|\]$/g, ""), port: Number(address.slice(at + 1)) }
@@ -1035,12 +1043,7 @@ export class StoreRunner {
    * for ever would be worse.
    */
   private async cancelAsReached(owner: string, b: BackendRef, ca: string | undefined): Promise<boolean> {
-    const target: CancelTarget = {
-      host: b.host,
-      port: b.port,
-      connectTimeoutMs: this.options.timeoutMs,
-      ...(b.tls === true ? { tls: { verify: b.tlsVerify === true, ca }, serverName: b.tlsServerName ?? b.host } : {})
-    }
+    const target = cancelTargetOf(b, ca, this.options.timeoutMs)
     const result = await Effect.runPromise(Effect.result(sendCancel(target, b.pid, Buffer.from(b.secret, "hex"))))
     if (Result.isSuccess(result)) return true
     this.options.log(

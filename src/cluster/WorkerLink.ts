@@ -17,7 +17,7 @@ import { type PoolSeats, SeatGate } from "../pool/SeatGate.ts"
 import { PeerWorkers, SessionRegistry, TenantChanges } from "../session/index.ts"
 import { TenantRegistry, TenantStore, type TenantStoreError, Tenants, tenantStoreLayer } from "../tenants/index.ts"
 import { UpstreamTls } from "../tls/index.ts"
-import { type CancelTarget, sendCancel } from "../upstream/index.ts"
+import { sendCancel } from "../upstream/index.ts"
 import { type Gathered, HostViews } from "./HostViews.ts"
 import {
   type BackendRef,
@@ -27,7 +27,7 @@ import {
   type ToSupervisor,
   type ToWorker
 } from "./messages.ts"
-import { backendRef, SLOT_SHIFT } from "./StoreRunner.ts"
+import { backendRef, cancelTargetOf, SLOT_SHIFT } from "./StoreRunner.ts"
 
 /**
  * A worker's side of the supervisor's IPC channel (docs/scale-out.md#one-host-workers). Nothing
@@ -275,16 +275,8 @@ export const workerInbox = Layer.effectDiscard(
     views?.provide("cancel-backend", (arg) => {
       const { key, backend } = JSON.parse(arg) as { key: string; backend: BackendRef }
       const tenant = registry.get(key.split("\u0000")[0] ?? "")
-      const target: CancelTarget = {
-        host: backend.host,
-        port: backend.port,
-        connectTimeoutMs: config.upstreamConnectTimeoutMs,
-        tls: {
-          verify: backend.tlsVerify === true,
-          ca: (tenant === undefined ? undefined : upstreamTls.optionsFor(tenant)?.ca) ?? undefined
-        },
-        serverName: backend.tlsServerName ?? backend.host
-      }
+      const ca = tenant === undefined ? undefined : upstreamTls.optionsFor(tenant)?.ca
+      const target = cancelTargetOf(backend, ca ?? undefined, config.upstreamConnectTimeoutMs)
       return runPromise(
         sendCancel(target, backend.pid, Buffer.from(backend.secret, "hex")).pipe(
           Effect.as(true),

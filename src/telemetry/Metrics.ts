@@ -381,7 +381,7 @@ const clusterSeries = (out: Exposition, own: OwnView | undefined, tenant: string
   )
   family(
     "tidepool_cluster_permits_pressed",
-    "1 while the ledger presses this host to close idle servers (it wants nothing while others wait).",
+    "1 while the ledger presses this host to close idle servers its clients leave unused for 0.5 s (it wants nothing while others wait).",
     (v) => v.press
   )
 }
