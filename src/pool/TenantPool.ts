@@ -103,6 +103,42 @@ export interface Waiter {
  * callbacks (docs/architecture.md#hot-path-rules): an idle server is lent at once, otherwise the caller joins a FIFO queue with
  * a deadline. Connects run as fibers in the pool's scope, so closing the pool interrupts them.
  */
+/**
+ * Servers lent while a waiter's callback runs, as (waiter, server) pairs: delivered once it returns.
+ * A waiter may give its server back inside its callback (a login that only learns the pool's
+ * parameters, a relay that ended meanwhile), which lends it to the next waiter, whose callback would
+ * run inside the first's: a queue of a thousand such waiters overflowed the stack, and the waiters
+ * past that point were never resumed, their server lent out for ever. Delivered in turn from the
+ * outermost lend instead, each callback still in the same tick and in the queue's order.
+ */
+const handoffs: Array<Waiter | ServerConnection> = []
+let handingOff = false
+
+const handOff = (waiter: Waiter, server: ServerConnection): void => {
+  handoffs.push(waiter, server)
+  if (handingOff) return
+  handingOff = true
+  let failed = false
+  let failure: unknown
+  try {
+    for (let i = 0; i < handoffs.length; i += 2) {
+      try {
+        ;(handoffs[i] as Waiter).callback(undefined, handoffs[i + 1] as ServerConnection)
+      } catch (cause) {
+        // A callback's bug must not keep the next waiters from their servers: raised once all are delivered.
+        if (!failed) {
+          failed = true
+          failure = cause
+        }
+      }
+    }
+  } finally {
+    handoffs.length = 0
+    handingOff = false
+  }
+  if (failed) throw failure
+}
+
 export class TenantPool {
   private readonly idle: Array<ServerConnection> = []
   private readonly waiters: Array<Waiter> = []
@@ -706,7 +742,7 @@ export class TenantPool {
     counters.checkoutWaitMs += waited
     counters.checkoutWait.observe(waited)
     if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, this.waiters.length, undefined)
-    waiter.callback(undefined, server)
+    handOff(waiter, server)
   }
 
   private nextWaiter(): Waiter | undefined {
