@@ -330,7 +330,12 @@ export class ScramServer {
 // Client side: the pooler logging in to an upstream server.
 
 export type ScramClientCredentials =
-  | { readonly password: string }
+  /**
+   * `known`: keys an earlier exchange derived from this password (`keys`). Used when the server
+   * gives the same salt and iteration count, which PostgreSQL does until the role's password changes:
+   * no PBKDF2, whose 4096 iterations block the event loop for a millisecond or more per login.
+   */
+  | { readonly password: string; readonly known?: ScramKeys | undefined }
   /** SCRAM pass-through: a ClientKey recovered by ScramServer; ServerKey (if known) verifies the server. */
   | { readonly clientKey: Buffer; readonly serverKey?: Buffer }
 
@@ -373,7 +378,7 @@ export class ScramClient {
     this.maxIterations = options.maxIterations ?? 1_000_000
   }
 
-  /** The keys used, once handleServerFirst has succeeded. */
+  /** The keys used, once handleServerFirst has succeeded (`known` itself when it applied). */
   get keys(): ScramKeys | undefined {
     return this.derived
   }
@@ -399,18 +404,19 @@ export class ScramClient {
     if (salt === undefined || salt.length === 0) return malformed("invalid salt")
     const iterations = Number(m[3])
     if (iterations < 1 || iterations > this.maxIterations) return malformed(`unsupported iteration count ${m[3]}`)
-    let clientKey: Buffer
-    let serverKey: Buffer | undefined
-    if ("password" in this.credentials) {
-      const salted = saltedPassword(this.credentials.password, salt, iterations)
-      clientKey = hmac(salted, "Client Key")
-      serverKey = hmac(salted, "Server Key")
-    } else {
-      clientKey = this.credentials.clientKey
-      serverKey = this.credentials.serverKey
-    }
+    const credentials = this.credentials
+    let keys: ScramKeys
+    if ("password" in credentials) {
+      const known = credentials.known
+      if (known !== undefined && known.iterations === iterations && known.salt.equals(salt)) keys = known
+      else {
+        const salted = saltedPassword(credentials.password, salt, iterations)
+        keys = { salt, iterations, clientKey: hmac(salted, "Client Key"), serverKey: hmac(salted, "Server Key") }
+      }
+    } else keys = { salt, iterations, clientKey: credentials.clientKey, serverKey: credentials.serverKey }
+    const { clientKey, serverKey } = keys
     if (clientKey.length !== KEY_LENGTH) return protocolError("invalid SCRAM client key")
-    this.derived = { salt, iterations, clientKey, serverKey }
+    this.derived = keys
     const withoutProof = `c=biws,r=${nonce}`
     const authMessage = `${this.clientFirstBare},${s},${withoutProof}`
     const proof = xor(clientKey, hmac(sha256(clientKey), authMessage))

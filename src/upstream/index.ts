@@ -9,5 +9,6 @@ export {
   type ServerObserver,
   sendCancel,
   type UpstreamTarget,
-  type UpstreamTlsOptions
+  type UpstreamTlsOptions,
+  upstreamScramKeys
 } from "./ServerConnection.ts"

@@ -1,5 +1,7 @@
+import { Effect, Redacted } from "effect"
 import pg from "pg"
 import { describe, expect, it } from "vitest"
+import { connect, type UpstreamTarget, upstreamScramKeys } from "../../src/upstream/index.ts"
 import { type PgAuthMethod, startPostgres } from "../support/postgres.ts"
 import { startTidepool, upstreamOf } from "../support/tidepool.ts"
 
@@ -33,4 +35,48 @@ describe("upstream login methods", () => {
       }
     })
   }
+})
+
+// A pool opening servers derives its SCRAM keys from the configured password once (PBKDF2, 4096
+// iterations: a millisecond or more of the event loop per server otherwise), and again only when
+// the salt changes, as it does when the role's password is changed upstream.
+describe("upstream SCRAM keys", () => {
+  it("are derived once per password and salt, and derived anew when the salt changes", async () => {
+    const db = await startPostgres({ auth: "scram-sha-256", roles: [{ name: "app", password: "keys-secret" }] })
+    const password = Redacted.make("keys-secret")
+    const target: UpstreamTarget = {
+      host: db.host,
+      port: db.port,
+      database: "postgres",
+      user: "app",
+      password,
+      connectTimeoutMs: 5_000
+    }
+    const login = () =>
+      Effect.runPromise(
+        Effect.flatMap(connect(target), (server) => Effect.sync(() => server.close("test"))).pipe(
+          Effect.as("logged in"),
+          Effect.catch((error) => Effect.succeed(error.message))
+        )
+      )
+    try {
+      expect(await login()).toBe("logged in")
+      const derived = upstreamScramKeys.get(password)
+      expect(derived).toBeDefined()
+      // The next server's login uses the kept keys: kept keys that are wrong make it fail.
+      const wrong = { ...derived!, clientKey: Buffer.alloc(32, 7), serverKey: undefined }
+      upstreamScramKeys.set(password, wrong)
+      expect(await login()).toMatch(/password authentication failed/)
+      upstreamScramKeys.set(password, derived!)
+      expect(await login()).toBe("logged in")
+      expect(upstreamScramKeys.get(password)).toBe(derived)
+      // The same password set again upstream: a new salt, so the kept keys no longer apply.
+      await db.query("ALTER ROLE app PASSWORD 'keys-secret'")
+      expect(await login()).toBe("logged in")
+      const again = upstreamScramKeys.get(password)
+      expect(again?.salt.equals(derived!.salt)).toBe(false)
+    } finally {
+      await db.stop()
+    }
+  })
 })
