@@ -104,26 +104,31 @@ export interface Waiter {
  * a deadline. Connects run as fibers in the pool's scope, so closing the pool interrupts them.
  */
 /**
- * Servers lent while a waiter's callback runs, as (waiter, server) pairs: delivered once it returns.
- * A waiter may give its server back inside its callback (a login that only learns the pool's
- * parameters, a relay that ended meanwhile), which lends it to the next waiter, whose callback would
- * run inside the first's: a queue of a thousand such waiters overflowed the stack, and the waiters
- * past that point were never resumed, their server lent out for ever. Delivered in turn from the
- * outermost lend instead, each callback still in the same tick and in the queue's order.
+ * Servers lent while a waiter's callback runs, as (pool, waiter, server) triples: delivered once it
+ * returns. A waiter may give its server back inside its callback (a login that only learns the
+ * pool's parameters, a relay that ended meanwhile), which lends it to the next waiter, whose callback
+ * would run inside the first's: a queue of a thousand such waiters overflowed the stack, and the
+ * waiters past that point were never resumed, their server lent out for ever. Delivered in turn from
+ * the outermost lend instead, each callback still in the same tick and in the queue's order. A waiter
+ * cancelled between its turn and its delivery (its client gone, its fiber interrupted, by an earlier
+ * callback) gets nothing: the server goes back to its pool.
  */
-const handoffs: Array<Waiter | ServerConnection> = []
+const handoffs: Array<TenantPool | Waiter | ServerConnection> = []
 let handingOff = false
 
-const handOff = (waiter: Waiter, server: ServerConnection): void => {
-  handoffs.push(waiter, server)
+const handOff = (pool: TenantPool, waiter: Waiter, server: ServerConnection): void => {
+  handoffs.push(pool, waiter, server)
   if (handingOff) return
   handingOff = true
   let failed = false
   let failure: unknown
   try {
-    for (let i = 0; i < handoffs.length; i += 2) {
+    for (let i = 0; i < handoffs.length; i += 3) {
+      const w = handoffs[i + 1] as Waiter
+      const lent = handoffs[i + 2] as ServerConnection
       try {
-        ;(handoffs[i] as Waiter).callback(undefined, handoffs[i + 1] as ServerConnection)
+        if (w.cancelled) (handoffs[i] as TenantPool).release(lent)
+        else w.callback(undefined, lent)
       } catch (cause) {
         // A callback's bug must not keep the next waiters from their servers: raised once all are delivered.
         if (!failed) {
@@ -742,7 +747,7 @@ export class TenantPool {
     counters.checkoutWaitMs += waited
     counters.checkoutWait.observe(waited)
     if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, this.waiters.length, undefined)
-    handOff(waiter, server)
+    handOff(this, waiter, server)
   }
 
   private nextWaiter(): Waiter | undefined {

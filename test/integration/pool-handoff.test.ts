@@ -88,4 +88,26 @@ describe("a server handed from waiter to waiter", () => {
     expect(servers.size).toBe(1)
     expect(pool.stats).toMatchObject({ busy: 0, idle: 1, waiting: 0 })
   })
+
+  it("goes back to the pool when the next waiter was cancelled after its turn came, before its delivery", async () => {
+    // The first waiter gives the server back, which makes it the second's turn; then, still inside
+    // the first callback, the second is cancelled (its client left, its login was interrupted):
+    // its callback must not run (nobody would keep the server), and the server must not stay lent.
+    pool.pause()
+    const heard: Array<string> = []
+    let second: ReturnType<TenantPool["checkout"]>
+    pool.checkout((error, server) => {
+      heard.push(error?.code ?? "first")
+      pool.release(server!)
+      pool.cancel(second!)
+    })
+    second = pool.checkout((error) => {
+      heard.push(error?.code ?? "second")
+    })
+    pool.resume()
+    const deadline = Date.now() + 20_000
+    while (heard.length === 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10))
+    expect(heard).toEqual(["first"])
+    expect(pool.stats).toMatchObject({ busy: 0, idle: 1, waiting: 0 })
+  })
 })
