@@ -533,6 +533,8 @@ export class ServerConnection {
       let scram: ScramClient | undefined
       let passthrough: PassthroughKeys | undefined
       let known: ScramKeys | undefined
+      /** The server proved it knows the password (SASLFinal's signature checked). */
+      let proven = false
       for (;;) {
         const m = yield* next
         if (m.type === E) {
@@ -555,6 +557,11 @@ export class ServerConnection {
         if (method !== undefined) yield* Effect.annotateCurrentSpan("tidepool.login_method", method)
         switch (auth._tag) {
           case "AuthenticationOk":
+            // PostgreSQL sends SASLFinal before AuthenticationOk: without it, whoever answers never
+            // proved it knows the password (libpq refuses this too).
+            if (scram !== undefined && !proven) {
+              return yield* connectFailed("the server ended the SCRAM exchange without proving it knows the password")
+            }
             break
           case "AuthenticationCleartextPassword":
             this.socket.write(serialize.password(yield* requirePassword(password, user)))
@@ -575,16 +582,18 @@ export class ServerConnection {
           case "AuthenticationSASLContinue": {
             const final = scram?.handleServerFirst(auth.data.toString("utf8"))
             if (typeof final !== "string") return yield* connectFailed("invalid SCRAM server-first message")
-            const keys = scram?.keys
-            if (passthrough === undefined && password !== undefined && keys !== undefined && keys !== known) {
-              upstreamScramKeys.set(password, keys)
-            }
             this.socket.write(serialize.sendSCRAMClientFinalMessage(final))
             break
           }
           case "AuthenticationSASLFinal": {
             const ok = scram?.verifyServerFinal(auth.data.toString("utf8"))
             if (ok !== true) return yield* connectFailed("server signature mismatch in SCRAM exchange")
+            proven = true
+            // Kept once the server has proved the keys right: a host that cannot prove it evicts nothing.
+            const keys = scram?.keys
+            if (passthrough === undefined && password !== undefined && keys !== undefined && keys !== known) {
+              upstreamScramKeys.set(password, keys)
+            }
             break
           }
           case "AuthenticationUnsupported":

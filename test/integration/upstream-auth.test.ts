@@ -1,3 +1,4 @@
+import * as net from "node:net"
 import { Effect, Redacted } from "effect"
 import pg from "pg"
 import { describe, expect, it } from "vitest"
@@ -76,6 +77,56 @@ describe("upstream SCRAM keys", () => {
       const again = upstreamScramKeys.get(password)
       expect(again?.salt.equals(derived!.salt)).toBe(false)
     } finally {
+      await db.stop()
+    }
+  })
+})
+
+// Between Tidepool and the database, something that drops the server's SASLFinal (the proof that
+// the server knows the password) and passes the rest: the login must fail, not go on unproven.
+describe("an upstream that skips the end of SCRAM", () => {
+  it("is refused: AuthenticationOk without SASLFinal", async () => {
+    const db = await startPostgres({ auth: "scram-sha-256", roles: [{ name: "app", password: "proof-secret" }] })
+    const middle = net.createServer((inbound) => {
+      const outbound = net.connect(db.port, db.host)
+      inbound.pipe(outbound)
+      let held = Buffer.alloc(0)
+      outbound.on("data", (chunk: Buffer) => {
+        held = Buffer.concat([held, chunk])
+        const out: Array<Buffer> = []
+        while (held.length >= 5 && held.length >= 1 + held.readInt32BE(1)) {
+          const end = 1 + held.readInt32BE(1)
+          const message = held.subarray(0, end)
+          held = held.subarray(end)
+          // AuthenticationSASLFinal: 'R', code 12.
+          if (!(message[0] === 0x52 && message.readInt32BE(5) === 12)) out.push(message)
+        }
+        inbound.write(Buffer.concat(out))
+      })
+      inbound.on("error", () => outbound.destroy())
+      outbound.on("error", () => inbound.destroy())
+      inbound.on("close", () => outbound.destroy())
+      outbound.on("close", () => inbound.destroy())
+    })
+    await new Promise<void>((resolve) => middle.listen(0, "127.0.0.1", resolve))
+    const target: UpstreamTarget = {
+      host: "127.0.0.1",
+      port: (middle.address() as net.AddressInfo).port,
+      database: "postgres",
+      user: "app",
+      password: Redacted.make("proof-secret"),
+      connectTimeoutMs: 5_000
+    }
+    try {
+      const outcome = await Effect.runPromise(
+        Effect.flatMap(connect(target), (server) => Effect.sync(() => server.close("test"))).pipe(
+          Effect.as("logged in"),
+          Effect.catch((error) => Effect.succeed(error.message))
+        )
+      )
+      expect(outcome).toMatch(/without proving it knows the password/)
+    } finally {
+      await new Promise((resolve) => middle.close(resolve))
       await db.stop()
     }
   })
