@@ -99,11 +99,6 @@ export interface Waiter {
 }
 
 /**
- * The pool of one (tenant, user, mode, database). Checkout and release are plain synchronous
- * callbacks (docs/architecture.md#hot-path-rules): an idle server is lent at once, otherwise the caller joins a FIFO queue with
- * a deadline. Connects run as fibers in the pool's scope, so closing the pool interrupts them.
- */
-/**
  * Servers lent while a waiter's callback runs, as (pool, waiter, server) triples: delivered once it
  * returns. A waiter may give its server back inside its callback (a login that only learns the
  * pool's parameters, a relay that ended meanwhile), which lends it to the next waiter, whose callback
@@ -144,6 +139,11 @@ const handOff = (pool: TenantPool, waiter: Waiter, server: ServerConnection): vo
   if (failed) throw failure
 }
 
+/**
+ * The pool of one (tenant, user, mode, database). Checkout and release are plain synchronous
+ * callbacks (docs/architecture.md#hot-path-rules): an idle server is lent at once, otherwise the caller joins a FIFO queue with
+ * a deadline. Connects run as fibers in the pool's scope, so closing the pool interrupts them.
+ */
 export class TenantPool {
   private readonly idle: Array<ServerConnection> = []
   private readonly waiters: Array<Waiter> = []
