@@ -3,8 +3,9 @@ import { Effect, Exit, Redacted, Scope } from "effect"
 import pg from "pg"
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest"
 import type { TidepoolError } from "../../src/errors/index.ts"
-import { ListenHub, type ListenSubscriber, makeTenantPool, type TenantPool } from "../../src/pool/index.ts"
+import { ListenHub, type ListenSubscriber, type TenantPool } from "../../src/pool/index.ts"
 import type { UpstreamTarget } from "../../src/upstream/index.ts"
+import { standalonePool } from "../support/pool.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 
 // The pool's listening connection, driven directly (docs/session-state.md#listen--notify): a real
@@ -78,23 +79,7 @@ beforeAll(async () => {
   notifier = new pg.Client({ connectionString: db.url() })
   await notifier.connect()
   scope = Effect.runSync(Scope.make())
-  pool = await Effect.runPromise(
-    makeTenantPool({
-      key: "acme/app/transaction/postgres",
-      tenant: "acme",
-      user: "app",
-      database: "postgres",
-      mode: "transaction",
-      size: 1,
-      maxClients: 10,
-      checkoutTimeoutMs: 5_000,
-      serverIdleTimeoutMs: 0,
-      minSize: 0,
-      serverLifetimeMs: 0,
-      connectBackoffMs: 1_000,
-      target: target(proxyPort())
-    }).pipe(Scope.provide(scope))
-  )
+  pool = await standalonePool(target(proxyPort()), scope)
 })
 
 afterAll(async () => {

@@ -1,7 +1,8 @@
-import { Effect, Exit, Redacted, Scope } from "effect"
+import { Effect, Exit, Scope } from "effect"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { makeTenantPool, type TenantPool } from "../../src/pool/index.ts"
+import type { TenantPool } from "../../src/pool/index.ts"
 import type { ServerConnection } from "../../src/upstream/index.ts"
+import { appTarget, standalonePool } from "../support/pool.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 
 // A server handed from waiter to waiter (TenantPool's `lend`), against a real PostgreSQL. A waiter
@@ -20,30 +21,10 @@ let pool: TenantPool
 beforeAll(async () => {
   db = await startPostgres({ roles: [{ name: "app", password: PASSWORD }] })
   scope = Effect.runSync(Scope.make())
-  pool = await Effect.runPromise(
-    makeTenantPool({
-      key: "acme/app/transaction/postgres",
-      tenant: "acme",
-      user: "app",
-      database: "postgres",
-      mode: "transaction",
-      size: 1,
-      maxClients: WAITERS,
-      checkoutTimeoutMs: 30_000,
-      serverIdleTimeoutMs: 0,
-      minSize: 0,
-      serverLifetimeMs: 0,
-      connectBackoffMs: 1_000,
-      target: {
-        host: db.host,
-        port: db.port,
-        database: "postgres",
-        user: "app",
-        password: Redacted.make(PASSWORD),
-        connectTimeoutMs: 5_000
-      }
-    }).pipe(Scope.provide(scope))
-  )
+  pool = await standalonePool(appTarget(db.host, db.port, PASSWORD), scope, {
+    maxClients: WAITERS,
+    checkoutTimeoutMs: 30_000
+  })
 })
 
 afterAll(async () => {

@@ -1,7 +1,8 @@
-import { Effect, Exit, Redacted, Scope } from "effect"
+import { Effect, Exit, Scope } from "effect"
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest"
-import { makeTenantPool, type PoolPermits, type TenantPool } from "../../src/pool/index.ts"
+import type { PoolPermits, TenantPool } from "../../src/pool/index.ts"
 import type { ServerConnection } from "../../src/upstream/index.ts"
+import { appTarget, standalonePool } from "../support/pool.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 
 // A pool's side of the permit ledger (docs/scale-out.md#fairness), driven directly against a real
@@ -28,30 +29,11 @@ afterAll(async () => {
 beforeEach(async () => {
   if (scope !== undefined) await Effect.runPromise(Scope.close(scope, Exit.void))
   scope = Effect.runSync(Scope.make())
-  pool = await Effect.runPromise(
-    makeTenantPool({
-      key: "acme/app/transaction/postgres",
-      tenant: "acme",
-      user: "app",
-      database: "postgres",
-      mode: "transaction",
-      size: 10,
-      maxClients: 100,
-      checkoutTimeoutMs: 10_000,
-      serverIdleTimeoutMs: 0,
-      minSize: 0,
-      serverLifetimeMs: 0,
-      connectBackoffMs: 1_000,
-      target: {
-        host: db.host,
-        port: db.port,
-        database: "postgres",
-        user: "app",
-        password: Redacted.make(PASSWORD),
-        connectTimeoutMs: 5_000
-      }
-    }).pipe(Scope.provide(scope))
-  )
+  pool = await standalonePool(appTarget(db.host, db.port, PASSWORD), scope, {
+    size: 10,
+    maxClients: 100,
+    checkoutTimeoutMs: 10_000
+  })
   told = []
   const gate: PoolPermits = {
     want: (_size, n) => told.push(`want ${n}`),
