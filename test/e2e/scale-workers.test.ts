@@ -3,6 +3,7 @@ import { tmpdir } from "node:os"
 import * as path from "node:path"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { LeanClient, ScramKeyCache } from "../../bench/leanClient.ts"
 import { ownerOf } from "../../src/cluster/index.ts"
 import { callApi, mintToken } from "../support/api.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
@@ -13,7 +14,7 @@ import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { parseExposition } from "../support/prometheus.ts"
 import { processIdOf, sample, serversOf } from "../support/scale.ts"
 import { TEST_JWT_SECRET } from "../support/tidepool.ts"
-import { hasTool, run } from "../support/tools.ts"
+import { deadline, hasTool, openFilesLimit, run } from "../support/tools.ts"
 
 /**
  * TIDEPOOL_WORKERS=3 (docs/scale-out.md): three worker processes share the ports and one pool of 10
@@ -23,6 +24,12 @@ const hasPgbench = await hasTool("pgbench")
 const PASSWORD = "app-secret"
 const POOL = 10
 const VAULT_ENC_KEY = "0f".repeat(32)
+
+/**
+ * Logins of the storm test: a thousand or so per worker. Each is a socket of this process (the
+ * workers are other processes), so a machine whose open-files limit is lower runs fewer.
+ */
+const STORM = Math.min(3000, openFilesLimit() - 500)
 
 let db: PostgresServer
 let dir: string
@@ -43,7 +50,8 @@ beforeAll(async () => {
   db = await startPostgres({
     roles: [
       { name: "app", password: PASSWORD },
-      { name: "tiny", password: PASSWORD }
+      { name: "tiny", password: PASSWORD },
+      { name: "crowd", password: PASSWORD }
     ]
   })
   dir = mkdtempSync(path.join(tmpdir(), "tidepool-scale-"))
@@ -54,7 +62,8 @@ beforeAll(async () => {
       db_port: db.port,
       users: [
         { db_user: "app", db_password: PASSWORD, pool_size: POOL },
-        { db_user: "tiny", db_password: PASSWORD, pool_size: 1 }
+        { db_user: "tiny", db_password: PASSWORD, pool_size: 1 },
+        { db_user: "crowd", db_password: PASSWORD, pool_size: 3, max_clients: 5000 }
       ]
     }
   ])
@@ -69,6 +78,7 @@ beforeAll(async () => {
     TIDEPOOL_LISTEN_ADDR: "127.0.0.1",
     TIDEPOOL_DATA_DIR: path.join(dir, "data"),
     TIDEPOOL_WORKERS: "3",
+    TIDEPOOL_ADMIN_USERS: `ops=${PASSWORD}`,
     TIDEPOOL_LOG_LEVEL: "debug",
     VAULT_ENC_KEY
   })
@@ -103,6 +113,40 @@ describe("TIDEPOOL_WORKERS=3", () => {
     },
     30_000
   )
+
+  it(`${STORM} logins at once on a new pool of 3 (one server a worker) are all greeted, then all answer`, async () => {
+    // Each worker's logins queue for its one server, which learns the new pool's parameters (here
+    // behind a PAUSE, so every one of them is queued), then are lent it in turn as it comes back: a
+    // long queue once overflowed the stack, and the logins past that point were never greeted
+    // (TenantPool's hand-off, docs/architecture.md).
+    const admin = new pg.Client({
+      connectionString: `postgresql://ops:${PASSWORD}@127.0.0.1:${port}/pgbouncer`
+    })
+    admin.on("error", () => undefined)
+    await admin.connect()
+    await admin.query("PAUSE acme")
+    const keys = new ScramKeyCache()
+    const target = { host: "127.0.0.1", port, user: "crowd.acme", password: PASSWORD, database: "postgres" }
+    const logins = Promise.all(Array.from({ length: STORM }, () => LeanClient.login(target, keys)))
+    logins.catch(() => undefined)
+    const waiting = async () => {
+      const { rows } = await admin.query("SHOW POOLS")
+      return rows.filter((row) => row.user === "crowd").reduce((n, row) => n + Number(row.cl_waiting), 0)
+    }
+    await deadline(
+      (async () => {
+        while ((await waiting()) < STORM) await new Promise((resolve) => setTimeout(resolve, 100))
+      })(),
+      60_000,
+      "logins not yet queued behind the PAUSE"
+    )
+    await admin.query("RESUME acme")
+    await admin.end()
+    const clients = await deadline(logins, 60_000, "logins still waiting for their greeting")
+    expect(clients).toHaveLength(STORM)
+    await deadline(Promise.all(clients.map((c) => c.query("select 1"))), 60_000, "queries still waiting")
+    for (const c of clients) c.terminate()
+  }, 150_000)
 
   it("a cancel reaching another worker than the client's cancels its query", async () => {
     let forwarded = 0

@@ -1,5 +1,4 @@
 import { once } from "node:events"
-import { readFileSync } from "node:fs"
 import * as net from "node:net"
 import { Effect } from "effect"
 import pg from "pg"
@@ -10,7 +9,7 @@ import { startupMessage } from "../../src/protocol/index.ts"
 import { EventCounters } from "../../src/telemetry/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
-import { hasTool, run } from "../support/tools.ts"
+import { hasTool, openFilesLimit, run } from "../support/tools.ts"
 import { errorFields, loginUntilOk, Wire } from "../support/wire.ts"
 
 // Connection storms: thousands of concurrent SCRAM logins all succeed; beyond the node's limits
@@ -22,19 +21,9 @@ import { errorFields, loginUntilOk, Wire } from "../support/wire.ts"
 const PASSWORD = "storm-secret"
 const hasPsql = await hasTool("psql")
 
-/**
- * Both ends of every connection are in this process (Tidepool runs in-process): two descriptors per
- * client. Node raises the soft open-files limit to the hard one at start, so the hard limit is what
- * counts; a CI machine whose hard limit is the old 1024 default runs a smaller storm, said in the
- * test's name, rather than fail on EMFILE.
- */
-const openFilesLimit = (): number => {
-  const line = readFileSync("/proc/self/limits", "utf8")
-    .split("\n")
-    .find((l) => l.startsWith("Max open files"))
-  const soft = line?.slice("Max open files".length).trim().split(/\s+/)[0]
-  return soft === undefined || soft === "unlimited" ? 1_000_000 : Number(soft)
-}
+// Both ends of every connection are in this process (Tidepool runs in-process): two descriptors per
+// client. A CI machine whose hard limit is the old 1024 default runs a smaller storm, said in the
+// test's name, rather than fail on EMFILE.
 const STORM = Math.min(2000, Math.floor((openFilesLimit() - 300) / 2))
 
 let db: PostgresServer
