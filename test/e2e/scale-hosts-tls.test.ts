@@ -64,6 +64,19 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
   let db: PostgresServer
   /** TLS-only front of `db`: what it refused (the first packet's code). */
   let gate: net.Server
+  /**
+   * A tenant reaching PostgreSQL only through the TLS-only front, by a name (`localhost`), so a cancel
+   * must carry the server name and verify the certificate for it.
+   */
+  const tlsTenant = (id: string, user: string) => ({
+    external_id: id,
+    db_host: "localhost",
+    db_port: (gate.address() as net.AddressInfo).port,
+    upstream_ssl: true,
+    upstream_verify: "peer",
+    upstream_tls_ca: certs.ca.certPem,
+    users: [{ db_user: user, db_password: PASSWORD, pool_size: 1 }]
+  })
   let refused: Array<number> = []
   const runners: Array<Runner> = []
 
@@ -86,18 +99,7 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
     const front = await tlsOnlyFront(db.port)
     gate = front.server
     refused = front.refused
-    const config = writeConfig(path.join(dir, "tls.yaml"), [
-      {
-        external_id: "acme",
-        // A name, so the cancel must carry the server name and verify the certificate for it.
-        db_host: "localhost",
-        db_port: (gate.address() as net.AddressInfo).port,
-        upstream_ssl: true,
-        upstream_verify: "peer",
-        upstream_tls_ca: certs.ca.certPem,
-        users: [{ db_user: "app", db_password: PASSWORD, pool_size: 1 }]
-      }
-    ])
+    const config = writeConfig(path.join(dir, "tls.yaml"), [tlsTenant("acme", "app")])
     // One at a time: the first creates the store's tables and seeds the tenant.
     runners.push(await startRunner(db.url(), config, 1))
     runners.push(await startRunner(db.url(), undefined, 2))
@@ -163,17 +165,7 @@ describe("TIDEPOOL_CLUSTER=on over a TLS-only upstream", () => {
   }, 40_000)
 
   it("one host of two workers (no cluster): a dead worker's statement on the TLS upstream is cancelled over TLS, by a live worker, before its permit is given again", async () => {
-    const config = writeConfig(path.join(dir, "solo.yaml"), [
-      {
-        external_id: "solo",
-        db_host: "localhost",
-        db_port: (gate.address() as net.AddressInfo).port,
-        upstream_ssl: true,
-        upstream_verify: "peer",
-        upstream_tls_ca: certs.ca.certPem,
-        users: [{ db_user: "solo", db_password: PASSWORD, pool_size: 1 }]
-      }
-    ])
+    const config = writeConfig(path.join(dir, "solo.yaml"), [tlsTenant("solo", "solo")])
     const port = await freePort()
     const cli = runCli(["serve", "--config", config], {
       TIDEPOOL_WORKERS: "2",
