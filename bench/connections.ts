@@ -48,14 +48,15 @@ const PASSWORD = "bench"
 const DATABASE = "bench"
 const TENANT = "bench"
 
-export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "login-floor"] as const
+export const CONNECT_TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "login-floor", "pool-floor"] as const
 type ConnectTarget = (typeof CONNECT_TARGETS)[number]
 
 const LABEL: Record<ConnectTarget, string> = {
   tidepool: "Tidepool",
   "tidepool-base": "Tidepool (base)",
   pgbouncer: "PgBouncer",
-  "login-floor": "Node login floor"
+  "login-floor": "Node login floor",
+  "pool-floor": "Node pool floor"
 }
 
 export interface ConnectOptions {
@@ -100,9 +101,12 @@ export const CONNECT_HELP = `npm run bench -- --connect [flags]
 Login costs, per pooler process: CPU per new connection (pgbench -S -C, SCRAM), CPU per refused
 login (wrong password; unknown tenant), resident memory per idle authenticated client.
 
-  --targets LIST       tidepool, tidepool-base, pgbouncer, login-floor (default tidepool,pgbouncer);
-                       login-floor: bench/loginFloor.ts, a bare Node.js server doing Tidepool's
-                       login (SCRAM with a cached verifier) and holding clients idle, no upstream
+  --targets LIST       tidepool, tidepool-base, pgbouncer, login-floor, pool-floor (default
+                       tidepool,pgbouncer); login-floor: bench/loginFloor.ts, a bare Node.js server
+                       doing Tidepool's login (SCRAM with a cached verifier) and holding clients
+                       idle, answering pgbench's query itself; pool-floor: the same with a pool of
+                       --pool PostgreSQL connections that the query goes to (Tidepool's "vs floor"
+                       is against it when it runs, else against login-floor)
   --baseline DIR       checkout for tidepool-base (as in the matrix); --baseline-node PATH its Node
                        (default: the node dev dependency's Node 24)
   --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
@@ -591,7 +595,10 @@ const refusedRun = (run: Run, target: Target, options: ConnectOptions, repetitio
       refusals(target, { ...target.endpoint, password: "not-the-password" }, options, offset)
     )
     run.wrongPasswordUs = wrong.us
-    const unknownUser = target.name === "pgbouncer" || target.name === "login-floor" ? "nosuch" : `${ROLE}.nosuch`
+    const unknownUser =
+      target.name === "pgbouncer" || target.name === "login-floor" || target.name === "pool-floor"
+        ? "nosuch"
+        : `${ROLE}.nosuch`
     const unknown = yield* Effect.promise(() =>
       refusals(target, { ...target.endpoint, user: unknownUser }, options, offset + options.refused)
     )
@@ -637,12 +644,14 @@ const render = (
   machine: ReadonlyArray<string>,
   startedAt: Date
 ) => {
+  // The pool floor when it ran: its pgbench -C query reaches PostgreSQL, as a pooler's must.
+  const floor: ConnectTarget = options.targets.includes("pool-floor") ? "pool-floor" : "login-floor"
   const metric = (name: ConnectTarget, f: (run: Run) => number | undefined) =>
     median((results.get(name) ?? []).map(f).filter((v): v is number => v !== undefined))
   const vs = (name: ConnectTarget, f: (run: Run) => number | undefined) => [
     name === "pgbouncer" ? "" : ratio(results.get(name), results.get("pgbouncer"), f),
     name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : "",
-    name === "tidepool" || name === "tidepool-base" ? ratio(results.get(name), results.get("login-floor"), f) : ""
+    name === "tidepool" || name === "tidepool-base" ? ratio(results.get(name), results.get(floor), f) : ""
   ]
   const names = options.targets
   const connect = (run: Run) => run.connectUs
@@ -837,8 +846,15 @@ export const connections = (options: ConnectOptions) =>
       Effect.gen(function* () {
         yield* progress(`starting ${LABEL[name]}`)
         const running =
-          name === "login-floor"
-            ? yield* startLoginFloor(ROLE, PASSWORD, DATABASE)
+          name === "login-floor" || name === "pool-floor"
+            ? yield* startLoginFloor(
+                ROLE,
+                PASSWORD,
+                DATABASE,
+                500,
+                "shared",
+                name === "pool-floor" ? { endpoint: direct, pool: options.pool } : undefined
+              )
             : name === "pgbouncer"
               ? yield* startPgBouncer({
                   upstream: direct,

@@ -13,6 +13,15 @@
  * what this spends above PgBouncer is out of reach for a Node.js pooler. The bench's `login-floor`
  * target (`--connect`) runs it beside Tidepool and PgBouncer.
  *
+ * **With an upstream** (`FLOOR_UPSTREAM=postgres://user:password@host:port/database`, `FLOOR_POOL=N`)
+ * it is the floor of a Node.js *transaction pooler*: N server connections opened at start, and a
+ * logged-in client's messages go to a free one (or wait, first come first served, for the next
+ * to be free), its replies come back as read, and the server is free again at ReadyForQuery
+ * outside a transaction. No prepared-statement handling, no session state, no pipelining across a
+ * transaction's end: enough for `pgbench -S` (simple or extended). The bench's `pool-floor` target
+ * runs it, so a pooler's login (`--connect`: the query of `pgbench -C` reaches PostgreSQL) and a
+ * pooled transaction under contention (`pgbench -c 1000` on a pool of 10) have a floor too.
+ *
  * Run as `node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS [stream]]` — Node 24 strips the
  * types itself, so no tsx (whose `__name` wrappers would add to every closure) is in the way.
  */
@@ -26,6 +35,7 @@ import {
   timingSafeEqual
 } from "node:crypto"
 import * as net from "node:net"
+import pg from "pg"
 
 const [portArg, user, password, delayArg, readsArg] = process.argv.slice(2)
 if (portArg === undefined || user === undefined || password === undefined) {
@@ -225,6 +235,11 @@ class Client {
       return
     }
     if (this.state === READY_STATE) {
+      if (servers.length > 0) {
+        // A copy: the read buffer is shared by every client.
+        this.forward(Buffer.from(chunk.subarray(start - 5, end)))
+        return
+      }
       if (type === 0x51) {
         const sql = chunk.subarray(start, end)
         this.socket.write(sql.indexOf(PARTSTRAT) >= 0 ? PGBENCH_PARTITIONS : SELECT_ONE)
@@ -281,6 +296,26 @@ class Client {
     )
   }
 
+  // ---- with an upstream: the pooled part ----
+
+  /** The server this client's transaction runs on. */
+  server: Server | undefined = undefined
+  /** Messages that arrived while it waited for a server. */
+  pending: Array<Buffer> | undefined = undefined
+
+  forward(message: Buffer): void {
+    if (this.server !== undefined) this.server.socket.write(message)
+    else if (this.pending !== undefined) this.pending.push(message)
+    else {
+      const free = idle.pop()
+      if (free !== undefined) free.lend(this, message)
+      else {
+        this.pending = [message]
+        waiting.push(this)
+      }
+    }
+  }
+
   /** Stops reading; answers after the failure delay, as Tidepool does. */
   refuse(error: Buffer): void {
     this.state = REFUSED
@@ -288,6 +323,87 @@ class Client {
     setTimeout(() => {
       this.socket.end(error)
     }, failureDelayMs)
+  }
+}
+
+// ---- the upstream pool (FLOOR_UPSTREAM) ---------------------------------------------------------------
+
+/** A server connection: lent to one client from its first message to ReadyForQuery 'I'. */
+class Server {
+  client: Client | undefined = undefined
+  /** The current message's header, while split across reads. */
+  readonly header = Buffer.allocUnsafe(5)
+  headerBytes = 0
+  /** Bytes of the current message's body still to come. */
+  bodyLeft = 0
+  type = 0
+  readonly socket: net.Socket
+
+  constructor(socket: net.Socket) {
+    this.socket = socket
+    socket.on("data", (chunk: Buffer) => this.read(chunk))
+  }
+
+  lend(client: Client, first: Buffer): void {
+    this.client = client
+    client.server = this
+    this.socket.write(first)
+  }
+
+  /** Passes the replies on as read, watching for the ReadyForQuery that frees the server. */
+  read(chunk: Buffer): void {
+    this.client?.socket.write(chunk)
+    let free = false
+    let at = 0
+    while (at < chunk.length) {
+      if (this.bodyLeft === 0) {
+        while (this.headerBytes < 5 && at < chunk.length) this.header[this.headerBytes++] = chunk[at++]!
+        if (this.headerBytes < 5) break
+        this.headerBytes = 0
+        this.type = this.header[0]!
+        this.bodyLeft = this.header.readInt32BE(1) - 4
+        continue
+      }
+      const n = Math.min(this.bodyLeft, chunk.length - at)
+      // ReadyForQuery's body is its one status byte: 'I' is outside a transaction.
+      if (this.type === 0x5a) free = chunk[at] === 0x49
+      at += n
+      this.bodyLeft -= n
+    }
+    if (free && this.bodyLeft === 0 && this.headerBytes === 0) this.release()
+  }
+
+  release(): void {
+    const client = this.client
+    if (client !== undefined) client.server = undefined
+    this.client = undefined
+    let next = waiting.shift()
+    while (next?.socket.destroyed) next = waiting.shift()
+    if (next === undefined) {
+      idle.push(this)
+      return
+    }
+    const pending = next.pending!
+    next.pending = undefined
+    this.lend(next, pending.length === 1 ? pending[0]! : Buffer.concat(pending))
+  }
+}
+
+const servers: Array<Server> = []
+const idle: Array<Server> = []
+const waiting: Array<Client> = []
+
+const upstream = process.env.FLOOR_UPSTREAM
+if (upstream !== undefined && upstream !== "") {
+  // pg logs in (SCRAM); then its socket is ours: pg's own reader is taken off it.
+  for (let i = 0; i < Number(process.env.FLOOR_POOL ?? 10); i++) {
+    const connection = new pg.Client({ connectionString: upstream })
+    await connection.connect()
+    const socket = (connection as unknown as { connection: { stream: net.Socket } }).connection.stream
+    socket.removeAllListeners("data")
+    const server = new Server(socket)
+    servers.push(server)
+    idle.push(server)
   }
 }
 

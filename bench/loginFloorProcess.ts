@@ -1,4 +1,7 @@
-/** The Node.js login floor (loginFloor.ts) as a child process, so its CPU time and memory are its own. */
+/**
+ * The Node.js login floor (loginFloor.ts) as a child process, so its CPU time and memory are its
+ * own; with an upstream, the pool floor.
+ */
 import { spawn } from "node:child_process"
 import { fileURLToPath } from "node:url"
 import { Effect, type Scope } from "effect"
@@ -8,6 +11,9 @@ import { BenchError, terminate } from "./process.ts"
 import { waitUntilServing } from "./ready.ts"
 
 const root = fileURLToPath(new URL("..", import.meta.url))
+
+const upstreamUrl = (endpoint: Endpoint) =>
+  `postgres://${encodeURIComponent(endpoint.user)}:${encodeURIComponent(endpoint.password)}@${endpoint.host}:${endpoint.port}/${encodeURIComponent(endpoint.database)}`
 
 /**
  * The floor for the enclosing scope, accepting `user`/`password` as the role (clients log in as
@@ -20,7 +26,9 @@ export const startLoginFloor = (
   database: string,
   failureDelayMs = 500,
   /** `stream`: read logins through 'data' events (see loginFloor.ts). */
-  reads: "shared" | "stream" = "shared"
+  reads: "shared" | "stream" = "shared",
+  /** The pool floor: logged-in clients' transactions pooled onto `pool` connections to `endpoint`. */
+  upstream?: { readonly endpoint: Endpoint; readonly pool: number }
 ): Effect.Effect<{ readonly endpoint: Endpoint; readonly pid: number }, BenchError, Scope.Scope> =>
   Effect.gen(function* () {
     const port = yield* Effect.promise(() => freePort())
@@ -28,7 +36,15 @@ export const startLoginFloor = (
       Effect.sync(() =>
         spawn(process.execPath, ["bench/loginFloor.ts", String(port), user, password, String(failureDelayMs), reads], {
           cwd: root,
-          stdio: ["ignore", "ignore", "pipe"]
+          stdio: ["ignore", "ignore", "pipe"],
+          env:
+            upstream === undefined
+              ? process.env
+              : {
+                  ...process.env,
+                  FLOOR_UPSTREAM: upstreamUrl(upstream.endpoint),
+                  FLOOR_POOL: String(upstream.pool)
+                }
         })
       ),
       (child) => Effect.promise(() => terminate(child))
@@ -42,8 +58,10 @@ export const startLoginFloor = (
         ? `exit ${child.exitCode ?? child.signalCode}\n${log}`
         : undefined
     const endpoint: Endpoint = { host: "127.0.0.1", port, user, password, database }
-    yield* waitUntilServing("the Node.js login floor", endpoint, exited).pipe(
-      Effect.mapError((error) => new BenchError({ message: error.message }))
-    )
+    yield* waitUntilServing(
+      upstream === undefined ? "the Node.js login floor" : "the Node.js pool floor",
+      endpoint,
+      exited
+    ).pipe(Effect.mapError((error) => new BenchError({ message: error.message })))
     return { endpoint, pid: child.pid! }
   })

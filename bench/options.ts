@@ -8,7 +8,7 @@ import type { Protocol } from "./pgbench.ts"
 import type { BenchError } from "./process.ts"
 import type { BuildMode } from "./tidepool.ts"
 
-export const TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "direct", "node-relay"] as const
+export const TARGETS = ["tidepool", "tidepool-base", "pgbouncer", "direct", "node-relay", "pool-floor"] as const
 /** What runs without `--targets`; `node-relay` (the floor of a Node.js relay) only on request. */
 export const DEFAULT_TARGETS: ReadonlyArray<TargetName> = ["tidepool", "pgbouncer", "direct"]
 export type TargetName = (typeof TARGETS)[number]
@@ -95,7 +95,9 @@ pooler CPU per transaction, Tidepool/PgBouncer ratios). Everything it starts it 
                            -M extended in the prepared rows: 1.18 cannot pool named statements)
   --targets LIST           tidepool, pgbouncer, direct (default: these three), node-relay (the
                            floor of a Node.js relay: bench/relayFloor.ts, no pooling, a
-                           server connection per client), tidepool-base (Tidepool from
+                           server connection per client), pool-floor (the floor of a Node.js
+                           transaction pooler: bench/loginFloor.ts with a pool of --pool
+                           PostgreSQL connections), tidepool-base (Tidepool from
                            --baseline DIR on --baseline-node, started like tidepool)
   --baseline DIR           checkout of another Tidepool build for tidepool-base, e.g. a git
                            worktree of main with its node_modules (required by tidepool-base)

@@ -120,7 +120,8 @@ const TARGET_LABEL: Record<TargetName, string> = {
   "tidepool-base": "Tidepool (base)",
   pgbouncer: "PgBouncer",
   direct: "direct",
-  "node-relay": "Node relay"
+  "node-relay": "Node relay",
+  "pool-floor": "Node pool floor"
 }
 
 export interface ReportContext {
@@ -230,6 +231,11 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
       (options.targets.includes("node-relay")
         ? " (and Node relay ÷ PgBouncer: the Node relay, bench/relayFloor.ts, gives each client a " +
           "PostgreSQL connection of its own and only copies bytes, the floor of what a Node.js relay costs)"
+        : "") +
+      (options.targets.includes("pool-floor")
+        ? " (and Node pool floor ÷ PgBouncer: bench/loginFloor.ts with a pool of the same size, lending a " +
+          "server from a client's first message to ReadyForQuery outside a transaction and copying bytes, " +
+          "the floor of what a Node.js transaction pooler costs)"
         : "") +
       (withBase
         ? `; CPU vs base is Tidepool ÷ Tidepool (base), the build in ${options.baseline} on ${options.baselineNode}`

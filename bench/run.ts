@@ -14,6 +14,7 @@ import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import { type PostgresServer, startPostgres } from "../test/support/postgres.ts"
 import { CONNECT_HELP, connections, parseConnectOptions } from "./connections.ts"
+import { startLoginFloor } from "./loginFloorProcess.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
 import { type BenchOptions, benchMain, HELP, parseOptions, TARGETS, type TargetName } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, pgbenchVersion, runPgbench } from "./pgbench.ts"
@@ -64,7 +65,7 @@ const postgres = (options: BenchOptions) =>
 const skipReason = (options: BenchOptions, target: TargetName, clients: number): string | undefined => {
   if (target === "direct" || target === "node-relay") {
     const pools = options.targets.filter(
-      (name) => name === "tidepool" || name === "tidepool-base" || name === "pgbouncer"
+      (name) => name === "tidepool" || name === "tidepool-base" || name === "pgbouncer" || name === "pool-floor"
     ).length
     const available = options.maxConnections - pools * options.pool - SPARE_CONNECTIONS
     return clients > available
@@ -251,6 +252,13 @@ const bench = (options: BenchOptions) =>
           mode: options.mode
         })
         targets.push({ name, ...running })
+      } else if (name === "pool-floor") {
+        yield* progress("starting the Node.js pool floor")
+        const floor = yield* startLoginFloor(ROLE, PASSWORD, DATABASE, 500, "shared", {
+          endpoint: direct,
+          pool: options.pool
+        })
+        targets.push({ name, ...floor })
       } else if (name === "node-relay") {
         yield* progress("starting the Node.js relay (floor)")
         targets.push({ name, ...(yield* startRelayFloor(direct)) })

@@ -25,7 +25,7 @@ const bench = (args: ReadonlyArray<string>) =>
 // once (a setting it did not pass). One second per cell, the targets CI has (no PgBouncer there).
 describe("npm run bench", () => {
   it.skipIf(!hasPgbench)(
-    "runs a smoke cell through Tidepool, the Node relay and direct, and reports it",
+    "runs a smoke cell through Tidepool, the Node relay, the Node pool floor and direct, and reports it",
     async () => {
       const { code, stdout, stderr } = await bench([
         "--duration",
@@ -35,14 +35,14 @@ describe("npm run bench", () => {
         "--protocols",
         "simple",
         "--targets",
-        "tidepool,direct,node-relay",
+        "tidepool,direct,node-relay,pool-floor",
         "--warmup",
         "0",
         "--scale",
         "1"
       ])
       expect(code, stderr).toBe(0)
-      for (const target of ["Tidepool", "direct", "Node relay"]) {
+      for (const target of ["Tidepool", "direct", "Node relay", "Node pool floor"]) {
         const row = stdout.split("\n").find((line) => line.startsWith(`| simple `) && line.includes(`| ${target} `))
         expect(row, `${target} row in:\n${stdout}`).toBeDefined()
         const cells = row!.split("|").map((cell) => cell.trim())
