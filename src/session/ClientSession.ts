@@ -48,7 +48,14 @@ import {
   SessionRegistry
 } from "./SessionRegistry.ts"
 import { type RelayEnd, SessionRelay } from "./SessionRelay.ts"
-import { clientSettings, FORWARDED_PARAMETERS, reportedParameters, settingsChange } from "./settings.ts"
+import {
+  clientSettings,
+  FORWARDED_PARAMETERS,
+  reportedParameters,
+  type StartSettings,
+  settingsChange,
+  shareSettings
+} from "./settings.ts"
 import { TransactionRelay } from "./TransactionRelay.ts"
 
 /** Fields every log line of this session carries. */
@@ -600,7 +607,7 @@ const attachSession = (live: LiveSession, startup: ReadonlyMap<string, string>) 
       live.held = server
     })
     yield* applySettings(server, startup)
-    return { settings: undefined, reported: [...server.parameters] } satisfies Attached
+    return { settings: undefined, greeting: greetingOf(server.parameters) } satisfies Attached
   })
 
 /**
@@ -636,16 +643,47 @@ const attachTransaction = (
   )
 }
 
+/**
+ * What a transaction-mode login starts with — its relay's settings and the greeting's ParameterStatus
+ * messages — by the pool's parameters (a pool's, kept until the pool forgets them) and the client's
+ * startup settings: a pool's clients nearly always log in with the same settings, so these are made
+ * once and shared (the settings map is read only: a relay copies it before its client's first change).
+ * Bounded per pool's parameters: endless distinct `application_name`s start it over.
+ */
+const transactionGreetings = new WeakMap<ReadonlyMap<string, string>, Map<string, Attached>>()
+const GREETINGS_MAX = 1000
+const NO_PARAMETERS: ReadonlyMap<string, string> = new Map()
+
 const transactionSettings = (pool: TenantPool, startup: ReadonlyMap<string, string>): Attached => {
-  const pristine = pool.parameters ?? new Map<string, string>()
-  const settings = clientSettings(pristine, startup)
-  return { settings, reported: reportedParameters(pristine, settings) }
+  const pristine = pool.parameters ?? NO_PARAMETERS
+  let known = transactionGreetings.get(pristine)
+  if (known === undefined) {
+    known = new Map()
+    transactionGreetings.set(pristine, known)
+  }
+  let key = ""
+  for (const [name, value] of startup) key += `${name}\u0000${value}\u0000`
+  let attached = known.get(key)
+  if (attached === undefined) {
+    const settings = clientSettings(pristine, startup)
+    attached = { settings: shareSettings(settings), greeting: greetingOf(reportedParameters(pristine, settings)) }
+    if (known.size >= GREETINGS_MAX) known.clear()
+    known.set(key, attached)
+  }
+  return attached
+}
+
+/** The ParameterStatus messages of a greeting, as one buffer. */
+const greetingOf = (reported: Iterable<readonly [string, string]>): Buffer => {
+  const messages: Array<Buffer> = []
+  for (const [name, value] of reported) messages.push(parameterStatus(name, value))
+  return Buffer.concat(messages)
 }
 
 /** What the greeting needs from attaching: the relay's settings (transaction mode) and the ParameterStatus to report. */
 interface Attached {
-  readonly settings: Map<string, string> | undefined
-  readonly reported: Iterable<readonly [string, string]>
+  readonly settings: StartSettings | undefined
+  readonly greeting: Buffer
 }
 
 /**
@@ -786,7 +824,7 @@ export class LiveSession implements SessionHandle, SessionInfo, IdleProbe {
    * Greeted: the relay takes the socket, in the same tick (once the handshake reader lets go,
    * unread bytes must reach the relay), and the session goes on without the login's fiber.
    */
-  start(settings: Map<string, string> | undefined, options: RelayOptions, ticket: LoginTicket): void {
+  start(settings: StartSettings | undefined, options: RelayOptions, ticket: LoginTicket): void {
     const { readAhead, reads } = this.client.takeOver()
     const r =
       settings === undefined
@@ -986,7 +1024,7 @@ const attach = (login: Login, auth: Authenticated, level: LogLevel.LogLevel | un
         supervisor,
         level
       )
-      const greet = ({ settings, reported }: Attached) => {
+      const greet = ({ settings, greeting }: Attached) => {
         live.key = sessions.register(live)
         // A login that ends while the pooler drains was registered too late to be drained: it is
         // told now, as a drained client would be, instead of being greeted and then held until the
@@ -994,7 +1032,7 @@ const attach = (login: Login, auth: Authenticated, level: LogLevel.LogLevel | un
         if (supervisor.draining()) return Effect.fail(tidepoolError("EADMINSHUTDOWN"))
         const revoked = revokedSince(tenants, tenant.external_id, auth.identity.user)
         if (revoked !== undefined) return Effect.fail(revoked)
-        for (const [name, value] of reported) client.write(parameterStatus(name, value))
+        client.write(greeting)
         client.write(backendKeyData(live.key.processId, live.key.secretKey))
         client.write(readyForQuery("I"))
         pool.counters.clientConnect.observe(Date.now() - startedAt)

@@ -21,9 +21,9 @@ import type { RelayEnd } from "./SessionRelay.ts"
 import {
   adoptSettings,
   STATEMENT_TIMEOUT,
+  type StartSettings,
   settingsChange,
   settingsKey,
-  sharedSettings,
   TRACKED_PARAMETERS
 } from "./settings.ts"
 
@@ -187,7 +187,7 @@ export class TransactionRelay implements ServerHandler {
     private readonly client: net.Socket,
     private readonly pool: TenantPool,
     maxMessageSize: number,
-    settings: Map<string, string>,
+    settings: StartSettings,
     private readonly onEnd: (end: RelayEnd) => void,
     statements: PreparedStatementOptions = defaultPreparedStatementOptions
   ) {
@@ -195,9 +195,9 @@ export class TransactionRelay implements ServerHandler {
     this.maxHeldParse = Math.max(statements.maxMemory, HOLD_WHOLE)
     this.renames = statements.rename
     this.maxMessageSize = maxMessageSize
-    // Both interned: the clients of a pool nearly always have the same settings (settings.ts).
-    this.settingsKey = settingsKey(settings)
-    this.settings = sharedSettings(this.settingsKey, settings)
+    // Both shared: the clients of a pool nearly always have the same settings (settings.ts).
+    this.settingsKey = settings.key
+    this.settings = settings.map
   }
 
   /**

@@ -110,11 +110,24 @@ export const settingsKey = (settings: ReadonlyMap<string, string>): string => {
 const interned = new Map<string, string>()
 const INTERNED_MAX = 4096
 
+/** A client's settings as it logged in, with their `settingsKey`: what its relay starts from. */
+export interface StartSettings {
+  /** Shared by the clients that logged in with the same settings: read only (a relay copies it first). */
+  readonly map: Map<string, string>
+  readonly key: string
+}
+
+/** `settings` as the relay starts from them: keyed, and the map shared with equal ones (`sharedSettings`). */
+export const shareSettings = (settings: Map<string, string>): StartSettings => {
+  const key = settingsKey(settings)
+  return { map: sharedSettings(key, settings), key }
+}
+
 /**
  * The settings map of clients that logged in with the settings `key` names: the first such map,
  * shared by the rest. Read only: a relay copies it before its client's first change.
  */
-export const sharedSettings = (key: string, settings: Map<string, string>): Map<string, string> => {
+const sharedSettings = (key: string, settings: Map<string, string>): Map<string, string> => {
   const known = sharedMaps.get(key)
   if (known !== undefined) return known
   if (sharedMaps.size >= INTERNED_MAX) sharedMaps.clear()

@@ -1,6 +1,7 @@
 import { Effect } from "effect"
 import pg from "pg"
 import { serialize } from "pg-protocol"
+import postgres from "postgres"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { PoolRegistry } from "../../src/pool/index.ts"
 import { cancelWhileBusy } from "../support/cancel.ts"
@@ -217,6 +218,31 @@ describe("transaction mode", () => {
     } finally {
       await a.end()
       await b.end()
+    }
+  })
+
+  it("greets each client with its own startup settings, however many share them", async () => {
+    // The greeting is made once per pool and set of startup settings, and shared (ClientSession).
+    const url = tidepool.url({ user: "pair.acme", password: PASSWORD, mode: "transaction" })
+    const opened: Array<postgres.Sql> = []
+    const connect = async (connection: Record<string, string>) => {
+      const sql = postgres(url, { max: 1, connection, onnotice: () => undefined })
+      opened.push(sql)
+      await sql`SELECT 1`
+      return sql.parameters
+    }
+    try {
+      const tokyo = await connect({ TimeZone: "Asia/Tokyo", application_name: "greet-a" })
+      const plain = await connect({ application_name: "greet-b" })
+      const tokyoAgain = await connect({ TimeZone: "Asia/Tokyo", application_name: "greet-a" })
+      const lima = await connect({ TimeZone: "America/Lima", application_name: "greet-a" })
+      expect(tokyo).toMatchObject({ TimeZone: "Asia/Tokyo", application_name: "greet-a" })
+      expect(plain.application_name).toBe("greet-b")
+      expect(plain.TimeZone).not.toBe("Asia/Tokyo")
+      expect(tokyoAgain).toEqual(tokyo)
+      expect(lima).toMatchObject({ TimeZone: "America/Lima", application_name: "greet-a" })
+    } finally {
+      await Promise.all(opened.map((sql) => sql.end()))
     }
   })
 

@@ -6,6 +6,7 @@ import { TenantPool } from "../../../src/pool/index.ts"
 import { errorResponse, MessageScanner, readyForQuery } from "../../../src/protocol/index.ts"
 import { PreparedStatements } from "../../../src/session/PreparedStatements.ts"
 import type { RelayEnd } from "../../../src/session/SessionRelay.ts"
+import { shareSettings } from "../../../src/session/settings.ts"
 import { TransactionRelay } from "../../../src/session/TransactionRelay.ts"
 import { ServerConnection } from "../../../src/upstream/index.ts"
 
@@ -228,11 +229,17 @@ const setup = async (options: Options = {}) => {
       onEnd = resolve
     })
     let calls = 0
-    const relay = new TransactionRelay(socket, pool, options.maxMessageSize ?? 1 << 20, new Map(), (end) => {
-      calls++
-      expect(calls).toBe(1)
-      onEnd(end)
-    })
+    const relay = new TransactionRelay(
+      socket,
+      pool,
+      options.maxMessageSize ?? 1 << 20,
+      shareSettings(new Map()),
+      (end) => {
+        calls++
+        expect(calls).toBe(1)
+        onEnd(end)
+      }
+    )
     const first = readAhead
     readAhead = Buffer.alloc(0)
     relay.start(first)
