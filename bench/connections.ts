@@ -644,14 +644,18 @@ const render = (
   machine: ReadonlyArray<string>,
   startedAt: Date
 ) => {
-  // The pool floor when it ran: its pgbench -C query reaches PostgreSQL, as a pooler's must.
-  const floor: ConnectTarget = options.targets.includes("pool-floor") ? "pool-floor" : "login-floor"
+  // The pool floor when it ran: its pgbench -C query reaches PostgreSQL, as a pooler's must. It is a
+  // transaction pooler: the session port is compared with the login floor.
+  const floor: ConnectTarget =
+    options.targets.includes("pool-floor") && options.mode === "transaction" ? "pool-floor" : "login-floor"
   const metric = (name: ConnectTarget, f: (run: Run) => number | undefined) =>
     median((results.get(name) ?? []).map(f).filter((v): v is number => v !== undefined))
   const vs = (name: ConnectTarget, f: (run: Run) => number | undefined) => [
     name === "pgbouncer" ? "" : ratio(results.get(name), results.get("pgbouncer"), f),
     name === "tidepool" ? ratio(results.get(name), results.get("tidepool-base"), f) : "",
-    name === "tidepool" || name === "tidepool-base" ? ratio(results.get(name), results.get(floor), f) : ""
+    name === "tidepool" || name === "tidepool-base"
+      ? ratio(results.get(name), results.get(floor), f) || ratio(results.get(name), results.get("login-floor"), f)
+      : ""
   ]
   const names = options.targets
   const connect = (run: Run) => run.connectUs

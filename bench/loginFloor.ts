@@ -17,8 +17,12 @@
  * it is the floor of a Node.js *transaction pooler*: N server connections opened at start, and a
  * logged-in client's messages go to a free one (or wait, first come first served, for the next
  * to be free), its replies come back as read, and the server is free again at ReadyForQuery
- * outside a transaction. No prepared-statement handling, no session state, no pipelining across a
- * transaction's end: enough for `pgbench -S` (simple or extended). The bench's `pool-floor` target
+ * outside a transaction (a transaction its client left open is rolled back first). No
+ * prepared-statement handling (named statements need `-M extended`, as with PgBouncer 1.18), no
+ * session state, no pipelining across a transaction's end: enough for `pgbench -S` (simple or
+ * extended). Each read of a client's whole messages is one write to its server, each read of a
+ * server's replies one write to its client, and servers read into one shared buffer, as Tidepool
+ * does. The bench's `pool-floor` target
  * runs it, so a pooler's login (`--connect`: the query of `pgbench -C` reaches PostgreSQL) and a
  * pooled transaction under contention (`pgbench -c 1000` on a pool of 10) have a floor too.
  *
@@ -174,6 +178,8 @@ class Client {
 
   constructor(socket: net.Socket) {
     this.socket = socket
+    // Gone while holding a server: the server is not left in the client's transaction.
+    if (servers.length > 0) socket.once("close", () => this.server?.orphan())
   }
 
   /** Handles every whole message in `chunk`, keeping a trailing partial one. */
@@ -192,6 +198,27 @@ class Client {
         this.startup(chunk, at + 4, at + length)
         at += length
         continue
+      }
+      if (this.state === READY_STATE && servers.length > 0) {
+        // A logged-in client's whole messages go on together: one copy (the read buffer is shared
+        // by every client), one write, as a relay forwards a read.
+        const from = at
+        let terminate = false
+        while (chunk.length - at >= 5) {
+          const length = chunk.readInt32BE(at + 1) + 1
+          if (chunk.length - at < length) break
+          if (chunk[at] === 0x58) {
+            terminate = true
+            break
+          }
+          at += length
+        }
+        if (at > from) this.forward(Buffer.from(chunk.subarray(from, at)))
+        if (terminate) {
+          this.socket.destroy()
+          return
+        }
+        break
       }
       if (chunk.length - at < 5) break
       const length = chunk.readInt32BE(at + 1) + 1
@@ -235,11 +262,6 @@ class Client {
       return
     }
     if (this.state === READY_STATE) {
-      if (servers.length > 0) {
-        // A copy: the read buffer is shared by every client.
-        this.forward(Buffer.from(chunk.subarray(start - 5, end)))
-        return
-      }
       if (type === 0x51) {
         const sql = chunk.subarray(start, end)
         this.socket.write(sql.indexOf(PARTSTRAT) >= 0 ? PGBENCH_PARTITIONS : SELECT_ONE)
@@ -304,7 +326,7 @@ class Client {
   pending: Array<Buffer> | undefined = undefined
 
   forward(message: Buffer): void {
-    if (this.server !== undefined) this.server.socket.write(message)
+    if (this.server !== undefined) this.server.send(message)
     else if (this.pending !== undefined) this.pending.push(message)
     else {
       const free = idle.pop()
@@ -331,6 +353,11 @@ class Client {
 /** A server connection: lent to one client from its first message to ReadyForQuery 'I'. */
 class Server {
   client: Client | undefined = undefined
+  /** A request is out; its reply ends with a ReadyForQuery. */
+  busy = false
+  /** The last ReadyForQuery's transaction status. */
+  status = 0x49
+  closed = false
   /** The current message's header, while split across reads. */
   readonly header = Buffer.allocUnsafe(5)
   headerBytes = 0
@@ -341,42 +368,73 @@ class Server {
 
   constructor(socket: net.Socket) {
     this.socket = socket
-    socket.on("data", (chunk: Buffer) => this.read(chunk))
+    socket.on("close", () => {
+      this.closed = true
+      const at = idle.indexOf(this)
+      if (at >= 0) idle.splice(at, 1)
+      this.client?.socket.destroy()
+    })
   }
 
   lend(client: Client, first: Buffer): void {
     this.client = client
     client.server = this
-    this.socket.write(first)
+    this.send(first)
   }
 
-  /** Passes the replies on as read, watching for the ReadyForQuery that frees the server. */
-  read(chunk: Buffer): void {
-    this.client?.socket.write(chunk)
-    let free = false
+  send(data: Buffer): void {
+    this.busy = true
+    this.socket.write(data)
+  }
+
+  /**
+   * Passes the replies on (a copy: `bytes` is the shared read buffer's), watching for the
+   * ReadyForQuery that frees the server.
+   */
+  read(bytes: Buffer): void {
+    const client = this.client
+    if (client !== undefined) client.socket.write(Buffer.from(bytes))
+    let ready = false
     let at = 0
-    while (at < chunk.length) {
+    while (at < bytes.length) {
       if (this.bodyLeft === 0) {
-        while (this.headerBytes < 5 && at < chunk.length) this.header[this.headerBytes++] = chunk[at++]!
+        while (this.headerBytes < 5 && at < bytes.length) this.header[this.headerBytes++] = bytes[at++]!
         if (this.headerBytes < 5) break
         this.headerBytes = 0
         this.type = this.header[0]!
         this.bodyLeft = this.header.readInt32BE(1) - 4
+        ready = false
         continue
       }
-      const n = Math.min(this.bodyLeft, chunk.length - at)
-      // ReadyForQuery's body is its one status byte: 'I' is outside a transaction.
-      if (this.type === 0x5a) free = chunk[at] === 0x49
+      const n = Math.min(this.bodyLeft, bytes.length - at)
+      // ReadyForQuery's body is its one status byte.
+      if (this.type === 0x5a) {
+        this.status = bytes[at]!
+        ready = true
+      }
       at += n
       this.bodyLeft -= n
     }
-    if (free && this.bodyLeft === 0 && this.headerBytes === 0) this.release()
+    if (!ready || this.bodyLeft > 0 || this.headerBytes > 0) return
+    this.busy = false
+    if (this.status === 0x49) this.release()
+    else if (client === undefined || client.socket.destroyed) this.orphan()
+  }
+
+  /** Its client went away: a transaction it left open is rolled back before the server is lent again. */
+  orphan(): void {
+    if (this.client !== undefined) this.client.server = undefined
+    this.client = undefined
+    if (this.busy) return // its ReadyForQuery decides
+    if (this.status === 0x49) this.release()
+    else this.send(ROLLBACK)
   }
 
   release(): void {
     const client = this.client
     if (client !== undefined) client.server = undefined
     this.client = undefined
+    if (this.closed) return
     let next = waiting.shift()
     while (next?.socket.destroyed) next = waiting.shift()
     if (next === undefined) {
@@ -389,19 +447,32 @@ class Server {
   }
 }
 
+const ROLLBACK = message("Q", cstring("ROLLBACK"))
 const servers: Array<Server> = []
 const idle: Array<Server> = []
 const waiting: Array<Client> = []
 
 const upstream = process.env.FLOOR_UPSTREAM
 if (upstream !== undefined && upstream !== "") {
-  // pg logs in (SCRAM); then its socket is ours: pg's own reader is taken off it.
+  const serverReads = Buffer.allocUnsafe(64 * 1024)
   for (let i = 0; i < Number(process.env.FLOOR_POOL ?? 10); i++) {
-    const connection = new pg.Client({ connectionString: upstream })
+    // pg logs in (SCRAM) on a socket that reads into one shared buffer, as Tidepool's servers do;
+    // until the login is over its reads are handed to pg as 'data' events, then to the Server.
+    let server: Server | undefined
+    const socket: net.Socket = new net.Socket({
+      onread: {
+        buffer: serverReads,
+        callback: (n: number) => {
+          if (server !== undefined) server.read(serverReads.subarray(0, n))
+          else socket.emit("data", Buffer.from(serverReads.subarray(0, n)))
+          return true
+        }
+      }
+    } as net.SocketConstructorOpts)
+    const connection = new pg.Client({ connectionString: upstream, stream: () => socket })
+    connection.on("error", () => undefined)
     await connection.connect()
-    const socket = (connection as unknown as { connection: { stream: net.Socket } }).connection.stream
-    socket.removeAllListeners("data")
-    const server = new Server(socket)
+    server = new Server(socket)
     servers.push(server)
     idle.push(server)
   }

@@ -174,6 +174,9 @@ export const renderReport = (measurements: ReadonlyArray<Measurement>, context: 
     if (protocol === "prepared" && target === "pgbouncer") {
       notes.push(`${where}: pgbench -M extended (PgBouncer before 1.21 cannot pool named prepared statements)`)
     }
+    if (protocol === "prepared" && target === "pool-floor") {
+      notes.push(`${where}: pgbench -M extended (the pool floor does not pool named prepared statements)`)
+    }
     for (const run of measurement.runs) {
       if (run.problem !== "") notes.push(`${where}: ${run.problem.split("\n")[0]}`)
       if (run.measuredS < 0.8 * options.duration) {

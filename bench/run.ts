@@ -73,6 +73,7 @@ const skipReason = (options: BenchOptions, target: TargetName, clients: number):
           `(max_connections ${options.maxConnections}, minus ${pools} × pool ${options.pool} and ${SPARE_CONNECTIONS} spare)`
       : undefined
   }
+  if (target === "pool-floor" && options.mode === "session") return "the pool floor is a transaction pooler"
   return options.mode === "session" && clients > options.pool
     ? `session mode holds a server per client, and ${clients} clients exceed the pool of ${options.pool}`
     : undefined
@@ -119,7 +120,9 @@ const runMatrix = (options: BenchOptions, targets: ReadonlyArray<Target>, workDi
         const result = yield* runPgbench({
           endpoint: target.endpoint,
           protocol,
-          ...(protocol === "prepared" && target.name === "pgbouncer" ? { pgbenchProtocol: "extended" as const } : {}),
+          ...(protocol === "prepared" && (target.name === "pgbouncer" || target.name === "pool-floor")
+            ? { pgbenchProtocol: "extended" as const }
+            : {}),
           clients,
           threads: options.threads,
           durationS,
