@@ -22,9 +22,9 @@
  * session state, no pipelining across a transaction's end: enough for `pgbench -S` (simple or
  * extended). Each read of a client's whole messages is one write to its server, each read of a
  * server's replies one write to its client, and servers read into one shared buffer, as Tidepool
- * does. The bench's `pool-floor` target
- * runs it, so a pooler's login (`--connect`: the query of `pgbench -C` reaches PostgreSQL) and a
- * pooled transaction under contention (`pgbench -c 1000` on a pool of 10) have a floor too.
+ * does. The bench's `pool-floor` target runs it, so a pooler's login (`--connect`: the query of
+ * `pgbench -C` reaches PostgreSQL) and a pooled transaction under contention (`pgbench -c 1000` on
+ * a pool of 10) have a floor too.
  *
  * Run as `node bench/loginFloor.ts PORT USER PASSWORD [FAILURE_DELAY_MS [stream]]` — Node 24 strips the
  * types itself, so no tsx (whose `__name` wrappers would add to every closure) is in the way.
