@@ -308,15 +308,30 @@ export class StressEnv {
    * The pool-size invariant, watched two ways while the run lasts: the pool's own count of servers
    * (idle, lent or opening) on every message a pooled client receives, and PostgreSQL's count of
    * backends on the pooled database, sampled. (The pool's `total` is not used: it also counts, on
-   * purpose, the cancel a discarded server's statement gets, so it may exceed the servers.)
+   * purpose, the cancel a discarded server's statement gets, so it may exceed the servers.) A
+   * backend whose server the pool held and has since closed is not counted: PostgreSQL lists it
+   * until its process has noticed the closed socket and exited, which on a loaded machine can be
+   * after the pool's replacement has logged in (a CI run saw that once).
    */
   watchCapacity(pool: number) {
     const problems: Array<string> = []
     let tenantPool: TenantPool | undefined
     let running = true
+    // Backend pids of the servers the pool has held, and of those it holds now.
+    const everHeld = new Set<number>()
+    const held = () => {
+      const now = new Set<number>()
+      for (const { server } of tenantPool?.servers() ?? []) {
+        if (server.backendPid === 0) continue
+        now.add(server.backendPid)
+        everHeld.add(server.backendPid)
+      }
+      return now
+    }
     const onMessage = () => {
       tenantPool ??= this.tenantPool(pool)
       if (tenantPool === undefined || problems.length > 0) return
+      held()
       const s = tenantPool.stats
       if (s.idle + s.busy + s.opening > pool) {
         problems.push(
@@ -328,7 +343,9 @@ export class StressEnv {
       let worst: Awaited<ReturnType<StressEnv["backends"]>> = []
       while (running) {
         onMessage()
-        const rows = await this.backends(`pooled${pool}`, this.sampler).catch(() => [])
+        const all = await this.backends(`pooled${pool}`, this.sampler).catch(() => [])
+        const holds = held()
+        const rows = all.filter((row) => holds.has(row.pid) || !everHeld.has(row.pid))
         if (rows.length > worst.length) worst = rows
         await sleep(20)
       }
