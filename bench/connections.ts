@@ -32,7 +32,9 @@ import * as path from "node:path"
 import { parseArgs } from "node:util"
 import { Effect, Fiber, type Scope } from "effect"
 import pg from "pg"
+import { freePort } from "../test/support/ports.ts"
 import { startPostgres } from "../test/support/postgres.ts"
+import { sampleAllocations } from "./allocations.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
 import { startLoginFloor } from "./loginFloorProcess.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
@@ -94,6 +96,8 @@ export interface ConnectOptions {
   readonly build: BuildMode
   /** Extra Node.js flags for the tidepool target only. */
   readonly nodeFlags: ReadonlyArray<string>
+  /** Also the bytes allocated per pgbench -C connection (Node.js targets, over the inspector). */
+  readonly alloc: boolean
 }
 
 export const CONNECT_HELP = `npm run bench -- --connect [flags]
@@ -111,6 +115,9 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
                        (default: the node dev dependency's Node 24)
   --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
   --node-flags="FLAGS" extra Node.js flags for the tidepool target only (e.g. "--optimize-for-size")
+  --alloc              also kB allocated per new connection (Tidepool and the Node floors): a second
+                       pgbench -C run as long as the first, V8's sampling heap profiler over the
+                       inspector counting what GC took too; steadier than CPU on a shared machine
   --repeat N           repetitions, targets in rotating order; medians reported (default 1)
   --clients N          pgbench -C clients (default 8)
   --duration, -T S     seconds of pgbench -C per run (default 10; 0 skips)
@@ -174,6 +181,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         out: { type: "string" },
         build: { type: "string" },
         "node-flags": { type: "string" },
+        alloc: { type: "boolean" },
         help: { type: "boolean", short: "h" }
       }
     }).values
@@ -229,7 +237,8 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     mode: modeOf(values.mode),
     out: values.out === undefined ? undefined : String(values.out),
     build: buildMode(values.build === undefined ? undefined : String(values.build)),
-    nodeFlags: nodeFlagsOf(values["node-flags"] === undefined ? undefined : String(values["node-flags"]))
+    nodeFlags: nodeFlagsOf(values["node-flags"] === undefined ? undefined : String(values["node-flags"])),
+    alloc: values.alloc === true
   }
 }
 
@@ -237,11 +246,15 @@ interface Target {
   readonly name: ConnectTarget
   readonly endpoint: Endpoint
   readonly pid: number
+  /** `--alloc`: the inspector's port (Node.js targets). */
+  readonly inspectPort?: number
 }
 
 interface Run {
   connectUs?: number
   connectsPerS?: number
+  /** `--alloc`: bytes allocated per pgbench -C connection. */
+  allocBytes?: number
   wrongPasswordUs?: number
   unknownTenantUs?: number
   /** RSS per idle client 3 s after the last login. */
@@ -535,6 +548,7 @@ const measure = (
   Effect.gen(function* () {
     const run: Run = { notes: [] }
     if (options.duration > 0) yield* connectRun(run, target, options, workDir)
+    if (options.duration > 0 && target.inspectPort !== undefined) yield* allocRun(run, target, options, workDir)
     if (options.refused > 0) yield* refusedRun(run, target, options, repetition)
     if (options.idle > 0) {
       // On a fresh process (warmed up like the first): a heap grown by an earlier 10 000 clients
@@ -585,6 +599,47 @@ const connectRun = (run: Run, target: Target, options: ConnectOptions, workDir: 
     yield* progress(
       `  ${target.name}: pgbench -C ${run.connectsPerS.toFixed(0)} conn/s, ${run.connectUs?.toFixed(0)} µs CPU per connection`
     )
+  })
+
+/**
+ * `--alloc`: another `pgbench -C` run as long as the CPU one, with the target's allocations sampled
+ * (a run of its own: the sampling costs CPU).
+ */
+const allocRun = (run: Run, target: Target, options: ConnectOptions, workDir: string) =>
+  Effect.gen(function* () {
+    let transactions = 0
+    const allocations = yield* Effect.tryPromise({
+      try: () =>
+        sampleAllocations(target.inspectPort!, async () => {
+          const result = await Effect.runPromise(
+            Effect.scoped(
+              runPgbench({
+                endpoint: target.endpoint,
+                protocol: "simple",
+                clients: options.clients,
+                threads: 2,
+                durationS: options.duration,
+                connectAllowanceS: 0,
+                workDir,
+                cpuPid: target.pid,
+                connectEach: true
+              })
+            )
+          )
+          transactions = result.transactions
+        }),
+      catch: (error) => new BenchError({ message: `--alloc: ${(error as Error).message}` })
+    })
+    if (transactions === 0) return
+    run.allocBytes = allocations.bytes / transactions
+    const top = [...allocations.byFile]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, 8)
+      .map(([file, bytes]) => `${file} ${(bytes / transactions / 1024).toFixed(1)}`)
+      .join(", ")
+    const note = `allocated per connection: ${(run.allocBytes / 1024).toFixed(1)} kB (kB by file: ${top})`
+    run.notes.push(note)
+    yield* progress(`  ${target.name}: ${note}`)
   })
 
 const refusedRun = (run: Run, target: Target, options: ConnectOptions, repetition: number) =>
@@ -684,12 +739,28 @@ const render = (
     ...(options.duration > 0
       ? [
           ...table(
-            ["target", "new conn/s", "CPU µs per connection", "vs PgBouncer", "vs base", "vs floor"],
+            [
+              "target",
+              "new conn/s",
+              "CPU µs per connection",
+              "vs PgBouncer",
+              "vs base",
+              "vs floor",
+              ...(options.alloc ? ["kB allocated per connection", "vs base"] : [])
+            ],
             names.map((name) => [
               LABEL[name],
               fmt(metric(name, (run) => run.connectsPerS)),
               fmt(metric(name, connect)),
-              ...vs(name, connect)
+              ...vs(name, connect),
+              ...(options.alloc
+                ? [
+                    fmt(metric(name, (run) => run.allocBytes) / 1024, 1),
+                    name === "tidepool"
+                      ? ratio(results.get(name), results.get("tidepool-base"), (run) => run.allocBytes)
+                      : ""
+                  ]
+                : [])
             ])
           ),
           ""
@@ -849,6 +920,9 @@ export const connections = (options: ConnectOptions) =>
     const start = (name: ConnectTarget): Effect.Effect<Target, BenchError, Scope.Scope> =>
       Effect.gen(function* () {
         yield* progress(`starting ${LABEL[name]}`)
+        // --alloc: the Node.js targets listen for the inspector (a port of their own each).
+        const inspectPort = options.alloc && name !== "pgbouncer" ? yield* Effect.promise(() => freePort()) : undefined
+        const inspect = inspectPort === undefined ? [] : [`--inspect=127.0.0.1:${inspectPort}`]
         const running =
           name === "login-floor" || name === "pool-floor"
             ? yield* startLoginFloor(
@@ -857,7 +931,8 @@ export const connections = (options: ConnectOptions) =>
                 DATABASE,
                 500,
                 "shared",
-                name === "pool-floor" ? { endpoint: direct, pool: options.pool } : undefined
+                name === "pool-floor" ? { endpoint: direct, pool: options.pool } : undefined,
+                inspect
               )
             : name === "pgbouncer"
               ? yield* startPgBouncer({
@@ -880,7 +955,7 @@ export const connections = (options: ConnectOptions) =>
                     TIDEPOOL_MAX_HANDSHAKES: String(Math.max(4096, options.storm))
                   },
                   build: options.build,
-                  ...(name === "tidepool" ? { nodeFlags: options.nodeFlags } : {}),
+                  nodeFlags: [...(name === "tidepool" ? options.nodeFlags : []), ...inspect],
                   ...(name === "tidepool-base"
                     ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
                     : {})
@@ -897,7 +972,7 @@ export const connections = (options: ConnectOptions) =>
           cpuPid: running.pid,
           connectEach: true
         })
-        return { name, ...running }
+        return { name, ...running, ...(inspectPort === undefined ? {} : { inspectPort }) }
       })
     const targets: Array<Target> = []
     for (const name of CONNECT_TARGETS.filter((target) => options.targets.includes(target))) {

@@ -28,24 +28,30 @@ export const startLoginFloor = (
   /** `stream`: read logins through 'data' events (see loginFloor.ts). */
   reads: "shared" | "stream" = "shared",
   /** The pool floor: logged-in clients' transactions pooled onto `pool` connections to `endpoint`. */
-  upstream?: { readonly endpoint: Endpoint; readonly pool: number }
+  upstream?: { readonly endpoint: Endpoint; readonly pool: number },
+  /** Node.js flags before the script (`--inspect=…` for `--alloc`). */
+  nodeFlags: ReadonlyArray<string> = []
 ): Effect.Effect<{ readonly endpoint: Endpoint; readonly pid: number }, BenchError, Scope.Scope> =>
   Effect.gen(function* () {
     const port = yield* Effect.promise(() => freePort())
     const child = yield* Effect.acquireRelease(
       Effect.sync(() =>
-        spawn(process.execPath, ["bench/loginFloor.ts", String(port), user, password, String(failureDelayMs), reads], {
-          cwd: root,
-          stdio: ["ignore", "ignore", "pipe"],
-          env:
-            upstream === undefined
-              ? process.env
-              : {
-                  ...process.env,
-                  FLOOR_UPSTREAM: upstreamUrl(upstream.endpoint),
-                  FLOOR_POOL: String(upstream.pool)
-                }
-        })
+        spawn(
+          process.execPath,
+          [...nodeFlags, "bench/loginFloor.ts", String(port), user, password, String(failureDelayMs), reads],
+          {
+            cwd: root,
+            stdio: ["ignore", "ignore", "pipe"],
+            env:
+              upstream === undefined
+                ? process.env
+                : {
+                    ...process.env,
+                    FLOOR_UPSTREAM: upstreamUrl(upstream.endpoint),
+                    FLOOR_POOL: String(upstream.pool)
+                  }
+          }
+        )
       ),
       (child) => Effect.promise(() => terminate(child))
     )

@@ -53,4 +53,39 @@ describe("npm run bench", () => {
     },
     120_000
   )
+
+  it.skipIf(!hasPgbench)(
+    "--connect --alloc reports what a login allocates, sampled over the inspector",
+    async () => {
+      const { code, stdout, stderr } = await bench([
+        "--connect",
+        "--targets",
+        "tidepool",
+        "--alloc",
+        "--duration",
+        "1",
+        "--refused",
+        "0",
+        "--idle",
+        "0",
+        "--storm",
+        "0",
+        "--wave",
+        "0"
+      ])
+      expect(code, stderr).toBe(0)
+      const header = stdout.split("\n").find((line) => line.startsWith("| target ") && line.includes("new conn/s"))
+      const row = stdout.split("\n").find((line) => line.startsWith("| Tidepool ") && !line.includes("refused"))
+      expect(header, stdout).toBeDefined()
+      expect(row, stdout).toBeDefined()
+      const column = header!
+        .split("|")
+        .map((cell) => cell.trim())
+        .indexOf("kB allocated per connection")
+      const kb = Number(row!.split("|").map((cell) => cell.trim())[column])
+      // A login allocates tens of kB (docs/login-path.md); the sampler must have seen them.
+      expect(kb).toBeGreaterThan(1)
+    },
+    120_000
+  )
 })
