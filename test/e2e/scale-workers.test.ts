@@ -127,26 +127,42 @@ describe("TIDEPOOL_WORKERS=3", () => {
     await admin.query("PAUSE acme")
     const keys = new ScramKeyCache()
     const target = { host: "127.0.0.1", port, user: "crowd.acme", password: PASSWORD, database: "postgres" }
-    const logins = Promise.all(Array.from({ length: STORM }, () => LeanClient.login(target, keys)))
+    // A login that fails is reported as itself, not as a queue that never fills.
+    let failed: unknown
+    const logins = Promise.all(
+      Array.from({ length: STORM }, () =>
+        LeanClient.login(target, keys).catch((error: unknown) => {
+          failed ??= error
+          throw error
+        })
+      )
+    )
     logins.catch(() => undefined)
     const waiting = async () => {
       const { rows } = await admin.query("SHOW POOLS")
       return rows.filter((row) => row.user === "crowd").reduce((n, row) => n + Number(row.cl_waiting), 0)
     }
-    await deadline(
-      (async () => {
-        while ((await waiting()) < STORM) await new Promise((resolve) => setTimeout(resolve, 100))
-      })(),
-      60_000,
-      "logins not yet queued behind the PAUSE"
-    )
-    await admin.query("RESUME acme")
-    await admin.end()
+    try {
+      await deadline(
+        (async () => {
+          while ((await waiting()) < STORM) {
+            if (failed !== undefined) throw failed
+            await new Promise((resolve) => setTimeout(resolve, 100))
+          }
+        })(),
+        90_000,
+        "logins not yet queued behind the PAUSE"
+      )
+    } finally {
+      // Whatever happened, the pool is not left paused for the tests after this one.
+      await admin.query("RESUME acme").catch(() => undefined)
+      await admin.end().catch(() => undefined)
+    }
     const clients = await deadline(logins, 60_000, "logins still waiting for their greeting")
     expect(clients).toHaveLength(STORM)
     await deadline(Promise.all(clients.map((c) => c.query("select 1"))), 60_000, "queries still waiting")
     for (const c of clients) c.terminate()
-  }, 150_000)
+  }, 240_000)
 
   it("a cancel reaching another worker than the client's cancels its query", async () => {
     let forwarded = 0
