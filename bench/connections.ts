@@ -579,19 +579,28 @@ const measure = (
     return run
   })
 
+/** `pgbench -S -C` through the target: every transaction a new connection, its login and one query. */
+const pgbenchConnect = (
+  target: { readonly endpoint: Endpoint; readonly pid: number },
+  options: ConnectOptions,
+  workDir: string,
+  durationS = options.duration
+) =>
+  runPgbench({
+    endpoint: target.endpoint,
+    protocol: "simple",
+    clients: options.clients,
+    threads: 2,
+    durationS,
+    connectAllowanceS: 0,
+    workDir,
+    cpuPid: target.pid,
+    connectEach: true
+  })
+
 const connectRun = (run: Run, target: Target, options: ConnectOptions, workDir: string) =>
   Effect.gen(function* () {
-    const result = yield* runPgbench({
-      endpoint: target.endpoint,
-      protocol: "simple",
-      clients: options.clients,
-      threads: 2,
-      durationS: options.duration,
-      connectAllowanceS: 0,
-      workDir,
-      cpuPid: target.pid,
-      connectEach: true
-    })
+    const result = yield* pgbenchConnect(target, options, workDir)
     if (result.cpuUsPerTx !== undefined) run.connectUs = result.cpuUsPerTx
     // With -C pgbench reports neither a connection-free TPS nor an initial connection time.
     run.connectsPerS = result.transactions / options.duration
@@ -611,21 +620,7 @@ const allocRun = (run: Run, target: Target, options: ConnectOptions, workDir: st
     const allocations = yield* Effect.tryPromise({
       try: () =>
         sampleAllocations(target.inspectPort!, async () => {
-          const result = await Effect.runPromise(
-            Effect.scoped(
-              runPgbench({
-                endpoint: target.endpoint,
-                protocol: "simple",
-                clients: options.clients,
-                threads: 2,
-                durationS: options.duration,
-                connectAllowanceS: 0,
-                workDir,
-                cpuPid: target.pid,
-                connectEach: true
-              })
-            )
-          )
+          const result = await Effect.runPromise(Effect.scoped(pgbenchConnect(target, options, workDir)))
           transactions = result.transactions
         }),
       catch: (error) => new BenchError({ message: `--alloc: ${(error as Error).message}` })
@@ -961,17 +956,7 @@ export const connections = (options: ConnectOptions) =>
                     : {})
                 })
         // Unmeasured: JIT and pools warmed up by a few seconds of logins.
-        yield* runPgbench({
-          endpoint: running.endpoint,
-          protocol: "simple",
-          clients: options.clients,
-          threads: 2,
-          durationS: 3,
-          connectAllowanceS: 0,
-          workDir,
-          cpuPid: running.pid,
-          connectEach: true
-        })
+        yield* pgbenchConnect(running, options, workDir, 3)
         return { name, ...running, ...(inspectPort === undefined ? {} : { inspectPort }) }
       })
     const targets: Array<Target> = []
