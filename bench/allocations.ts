@@ -24,7 +24,7 @@ const fileOf = (url: string): string => {
   const dependency = url.lastIndexOf("node_modules/")
   if (dependency >= 0) return url.slice(dependency + "node_modules/".length)
   const own = url.lastIndexOf("/dist/")
-  if (own >= 0 && !url.includes("node_modules")) return url.slice(own + "/dist/".length)
+  if (own >= 0) return url.slice(own + "/dist/".length)
   return url === "" ? "(native)" : url.replace(/^file:\/\/.*\//, "")
 }
 
@@ -42,7 +42,9 @@ export const sampleAllocations = async (port: number, during: () => Promise<void
   const pending = new Map<number, (result: unknown) => void>()
   socket.addEventListener("message", (event) => {
     const message = JSON.parse(String(event.data)) as { id?: number; result?: unknown }
-    if (message.id !== undefined) pending.get(message.id)?.(message.result)
+    if (message.id === undefined) return
+    pending.get(message.id)?.(message.result)
+    pending.delete(message.id)
   })
   const send = (method: string, params: object = {}) =>
     new Promise<unknown>((resolve) => {
