@@ -133,7 +133,7 @@ const handOff = (pool: TenantPool, waiter: Waiter, server: ServerConnection): vo
       }
     }
   } finally {
-    handoffs.length = 0
+    while (handoffs.length > 0) handoffs.pop()
     handingOff = false
   }
   if (failed) throw failure

@@ -56,7 +56,7 @@ export class FirstUseRetry {
   cancel(): void {
     this.state = RetryState.None
     this.seq = -1
-    this.kept.length = 0
+    while (this.kept.length > 0) this.kept.pop()
     this.bytes = 0
   }
 }

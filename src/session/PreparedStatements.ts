@@ -199,9 +199,9 @@ export class PreparedStatements {
     this.retryWatch.cancel()
     this.holdSeq = -1
     this.holdStatement = undefined
-    this.held = []
+    if (this.held.length > 0) this.held = []
     this.verdict = undefined
-    this.describedNow.length = 0
+    while (this.describedNow.length > 0) this.describedNow.pop()
   }
 
   // ---- client → server ------------------------------------------------------------------------
@@ -357,7 +357,7 @@ export class PreparedStatements {
       ok = true
       for (let i = 0; i < pieces.length; i++) ok = socket.write(pieces[i]!)
       socket.uncork()
-      pieces.length = 0
+      while (pieces.length > 0) pieces.pop()
     }
     return ok
   }
@@ -417,7 +417,7 @@ export class PreparedStatements {
     }
     const statements = this.statements
     const names = this.aloneNames
-    names.length = 0
+    while (names.length > 0) names.pop()
     let count = 0
     let memory = 0
     let size = 0
@@ -470,7 +470,7 @@ export class PreparedStatements {
       }
       pos = next
     }
-    names.length = 0
+    while (names.length > 0) names.pop()
     return this.client.write(reply) ? 1 : 0
   }
 
@@ -801,7 +801,7 @@ export class PreparedStatements {
       }
       pos = next
     }
-    statements.length = 0
+    while (statements.length > 0) statements.pop()
   }
 
   /**

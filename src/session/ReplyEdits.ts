@@ -93,7 +93,7 @@ export class ReplyEdits {
   /** The kept answers to the pooler's Describes, as one buffer of whole messages. */
   takeCaptured(): Buffer {
     const bytes = this.captured.length === 1 ? this.captured[0]! : Buffer.concat(this.captured)
-    this.captured.length = 0
+    while (this.captured.length > 0) this.captured.pop()
     return bytes
   }
 
@@ -115,16 +115,16 @@ export class ReplyEdits {
     if (fate === Withheld.Params) this.params = Buffer.concat(withheld)
     else if (fate === Withheld.Capture) this.captured.push(Buffer.concat(withheld))
     else if (fate === Withheld.Forward) for (let i = 0; i < withheld.length; i++) this.insert(0, withheld[i]!)
-    withheld.length = 0
+    while (withheld.length > 0) withheld.pop()
   }
 
   /** The server is gone or returned: nothing of its replies is pending. */
   reset(): void {
-    this.opAt.length = 0
-    this.opEnd.length = 0
-    this.opBuf.length = 0
-    this.withheld.length = 0
-    this.captured.length = 0
+    while (this.opAt.length > 0) this.opAt.pop()
+    while (this.opEnd.length > 0) this.opEnd.pop()
+    while (this.opBuf.length > 0) this.opBuf.pop()
+    while (this.withheld.length > 0) this.withheld.pop()
+    while (this.captured.length > 0) this.captured.pop()
     this.discardParams()
   }
 
@@ -182,9 +182,9 @@ export class ReplyEdits {
     }
     if (limit > pos) ok = client.write(chunk.subarray(pos, limit))
     client.uncork()
-    opAt.length = 0
-    opEnd.length = 0
-    opBuf.length = 0
+    while (opAt.length > 0) opAt.pop()
+    while (opEnd.length > 0) opEnd.pop()
+    while (opBuf.length > 0) opBuf.pop()
     return ok
   }
 }

@@ -588,14 +588,14 @@ export class TransactionRelay implements ServerHandler {
     const carry = this.carry
     if (carry.length > 1) {
       const flat = Buffer.concat(carry, this.carryHave)
-      carry.length = 0
+      while (carry.length > 0) carry.pop()
       carry.push(flat)
     }
     return carry[0]!
   }
 
   private clearCarry(): void {
-    this.carry.length = 0
+    while (this.carry.length > 0) this.carry.pop()
     this.carryHave = 0
     this.carryNeed = 0
   }
@@ -676,7 +676,7 @@ export class TransactionRelay implements ServerHandler {
       for (let i = 0; i < queue.length; i++) ok = this.statements!.write(server, queue[i]!)
       server.socket.uncork()
     }
-    queue.length = 0
+    while (queue.length > 0) queue.pop()
     if (!ok) this.blockOnServer(server)
   }
 
@@ -991,7 +991,7 @@ export class TransactionRelay implements ServerHandler {
     const waiting = this.notifications!
     let ok = true
     for (let i = 0; i < waiting.length; i++) ok = this.client.write(waiting[i]!)
-    waiting.length = 0
+    while (waiting.length > 0) waiting.pop()
     if (!ok) this.blockOnClient()
   }
 
@@ -1114,8 +1114,8 @@ export class TransactionRelay implements ServerHandler {
     }
     this.waiting = false
     this.backlog = false
-    this.queue.length = 0
-    this.carry.length = 0
+    while (this.queue.length > 0) this.queue.pop()
+    while (this.carry.length > 0) this.carry.pop()
     this.notifications = undefined
     if (this.pinReason !== undefined) this.pool.counters.pinnedClients-- // its server goes with it (giveBack)
     const subscriber = this.subscriber
