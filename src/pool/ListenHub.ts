@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import { Cause, Effect, Exit, Option } from "effect"
 import { serialize } from "pg-protocol"
 import { TidepoolError, tidepoolError } from "../errors/index.ts"

@@ -1,6 +1,7 @@
 import { Cause, Effect, Exit, FiberSet, Option, type Scope } from "effect"
 import { type TidepoolError, tidepoolError, upstreamError } from "../errors/index.ts"
 import { connect, ServerConnection, type UpstreamTarget } from "../upstream/index.ts"
+import { Fifo } from "./Fifo.ts"
 import { LatencyHistogram } from "./Histogram.ts"
 import { ListenHub } from "./ListenHub.ts"
 import type { PoolPermits } from "./PermitGate.ts"
@@ -98,6 +99,8 @@ export interface Waiter {
   cancelled: boolean
 }
 
+const isWaiting = (waiter: Waiter): boolean => !waiter.cancelled
+
 /**
  * Servers lent while a waiter's callback runs, as (pool, waiter, server) triples: delivered once it
  * returns. A waiter may give its server back inside its callback (a login that only learns the
@@ -146,7 +149,7 @@ const handOff = (pool: TenantPool, waiter: Waiter, server: ServerConnection): vo
  */
 export class TenantPool {
   private readonly idle: Array<ServerConnection> = []
-  private readonly waiters: Array<Waiter> = []
+  private readonly waiters = new Fifo<Waiter>()
   private readonly busy = new Set<ServerConnection>()
   private opening = 0
   /** Servers closed by the pool whose sockets have not closed yet: their backends may still be running. */
@@ -409,8 +412,8 @@ export class TenantPool {
 
   /** How long the oldest waiting checkout has waited, in ms (0 when nobody waits). */
   longestWaitMs(now: number = Date.now()): number {
-    for (const w of this.waiters) if (!w.cancelled) return now - w.since
-    return 0
+    const w = this.waiters.find(isWaiting)
+    return w === undefined ? 0 : now - w.since
   }
 
   /**
@@ -445,8 +448,7 @@ export class TenantPool {
 
   /** When the longest-waiting checkout started (epoch ms), if any is queued. */
   get oldestWaitSince(): number | undefined {
-    for (const w of this.waiters) if (!w.cancelled) return w.since
-    return undefined
+    return this.waiters.find(isWaiting)?.since
   }
 
   get isPaused(): boolean {
@@ -530,15 +532,14 @@ export class TenantPool {
     this.waiters.push(waiter)
     this.queuedSinceSweep = true
     this.armDeadline()
-    if (!this.paused) this.grow()
+    if (!this.paused) this.grow(now)
     return waiter
   }
 
   /** The client went away while waiting. */
   cancel(waiter: Waiter): void {
     waiter.cancelled = true
-    const i = this.waiters.indexOf(waiter)
-    if (i >= 0) this.waiters.splice(i, 1)
+    this.waiters.remove(waiter)
   }
 
   /** Returns a server that is idle and in a known state. Anything else must go through `discard`. */
@@ -552,7 +553,8 @@ export class TenantPool {
     this.busy.delete(server)
     if (this.quietListeners.length > 0) this.notifyQuiet()
     const stale = this.stale.size > 0 && this.stale.delete(server)
-    if (this.closed || stale || !server.isIdle || server.terminating || this.expired(server, Date.now())) {
+    const now = Date.now()
+    if (this.closed || stale || !server.isIdle || server.terminating || this.expired(server, now)) {
       this.closeCounted(server, stale ? "tenant reconfigured" : "released", false)
       this.afterShrink()
       return
@@ -564,10 +566,10 @@ export class TenantPool {
       this.afterShrink()
       return
     }
-    server.lastUsedAt = Date.now()
+    server.lastUsedAt = now
     const waiter = this.paused ? undefined : this.nextWaiter()
     if (waiter !== undefined) {
-      this.lend(server, waiter)
+      this.lend(server, waiter, now)
       return
     }
     this.watchIdle(server)
@@ -696,8 +698,7 @@ export class TenantPool {
     if (this.deadlineTimer !== undefined) clearTimeout(this.deadlineTimer)
     if (this.retryTimer !== undefined) clearTimeout(this.retryTimer)
     if (this.pressTimer !== undefined) clearTimeout(this.pressTimer)
-    for (const w of this.waiters.splice(0))
-      w.callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
+    for (const w of this.waiters.drain()) w.callback(tidepoolError("ESERVERCLOSED", "pool is shutting down"), undefined)
     for (const listener of this.quietListeners.splice(0)) listener()
     for (const s of this.idle.splice(0)) {
       s.handler = undefined
@@ -737,13 +738,13 @@ export class TenantPool {
     }
   }
 
-  private lend(server: ServerConnection, waiter: Waiter): void {
+  private lend(server: ServerConnection, waiter: Waiter, now: number = Date.now()): void {
     server.handler = undefined
     this.busy.add(server)
     const counters = this.counters
     counters.checkouts++
     counters.checkoutsWaited++
-    const waited = Date.now() - waiter.since
+    const waited = now - waiter.since
     counters.checkoutWaitMs += waited
     counters.checkoutWait.observe(waited)
     if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, this.waiters.length, undefined)
@@ -885,7 +886,7 @@ export class TenantPool {
     }
     // Nobody can be served soon if no server is alive: tell every waiter now instead of at their deadline.
     if (!alive) {
-      for (const w of this.waiters.splice(0)) if (!w.cancelled) w.callback(failure, undefined)
+      for (const w of this.waiters.drain()) if (!w.cancelled) w.callback(failure, undefined)
     } else {
       const w = this.nextWaiter()
       w?.callback(failure, undefined)
@@ -995,7 +996,7 @@ export class TenantPool {
 
   private armDeadline(): void {
     if (this.deadlineTimer !== undefined) return
-    const head = this.waiters.find((w) => !w.cancelled)
+    const head = this.waiters.find(isWaiting)
     if (head === undefined) return
     this.deadlineTimer = setTimeout(this.onDeadline, Math.max(0, head.deadline - Date.now()))
   }
@@ -1004,7 +1005,7 @@ export class TenantPool {
     this.deadlineTimer = undefined
     const now = Date.now()
     const mode = this.settings.mode === "session" ? "Session" : "Transaction"
-    while (this.waiters.length > 0 && this.waiters[0]!.deadline <= now) {
+    while (this.waiters.length > 0 && this.waiters.peek()!.deadline <= now) {
       const w = this.waiters.shift()!
       if (w.cancelled) continue
       this.counters.checkoutTimeouts++

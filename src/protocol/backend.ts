@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import { cstringEnd, decodeCString, readInt32 } from "./bytes.ts"
 import { ProtocolError } from "./ProtocolError.ts"
 

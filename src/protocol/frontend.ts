@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import { cstringEnd, readInt32 } from "./bytes.ts"
 import { ProtocolError } from "./ProtocolError.ts"
 import { CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_MAJOR, SSL_REQUEST_CODE } from "./startup.ts"

@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import type { BlockList } from "node:net"
 import { Cause, Context, Effect, Exit, type Fiber, LogLevel, References } from "effect"

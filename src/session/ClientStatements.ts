@@ -4,6 +4,7 @@
  * statement, which must follow it from server to server. What any server holds is
  * `ServerStatementCache`'s business; this table outlives every server the client is lent.
  */
+import { Buffer } from "node:buffer"
 import { createHash } from "node:crypto"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { StatementRegistry } from "../pool/StatementRegistry.ts"

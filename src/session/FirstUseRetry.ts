@@ -10,6 +10,8 @@
  * client sends, any other outcome of the request, or more than `MAX_BYTES` cancels it.
  */
 
+import { Buffer } from "node:buffer"
+
 export enum RetryState {
   None = 0,
   Watch = 1,

@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"

@@ -9,6 +9,7 @@
  * run again (`FirstUseRetry`): written only once the Describe's RowDescription or NoData shows it
  * succeeded, dropped otherwise, so a retried Describe does not answer twice.
  */
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import { Backend } from "../protocol/index.ts"
 import type { ServerConnection } from "../upstream/index.ts"

@@ -4,6 +4,7 @@
  * on its own account. Pure functions and constants, no state: what to send when is decided in
  * `PreparedStatements`.
  */
+import { Buffer } from "node:buffer"
 import { Backend, errorResponse, Frontend, readyForQuery, STATEMENT_TARGET } from "../protocol/index.ts"
 
 export const PARSE_COMPLETE_MESSAGE = Buffer.from([Backend.ParseComplete, 0, 0, 0, 4])

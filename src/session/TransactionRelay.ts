@@ -1,4 +1,6 @@
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
+import { performance } from "node:perf_hooks"
 import { type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { CheckoutCallback, ListenSubscriber, TenantPool } from "../pool/index.ts"
 import {

@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 
 /** As large as the reads Node makes for a socket by default. */

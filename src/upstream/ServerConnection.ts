@@ -1,3 +1,4 @@
+import { Buffer } from "node:buffer"
 import * as net from "node:net"
 import { Effect, Exit, Queue, Redacted } from "effect"
 import { serialize } from "pg-protocol"
