@@ -488,7 +488,6 @@ export class TenantPool {
         break
       }
       // takeIdle marked it busy; lend counts the checkout.
-      this.busy.delete(server)
       this.lend(server, waiter)
     }
     this.grow()
@@ -550,11 +549,10 @@ export class TenantPool {
       server.onCancelsDone = () => this.release(server)
       return
     }
-    this.busy.delete(server)
-    if (this.quietListeners.length > 0) this.notifyQuiet()
     const stale = this.stale.size > 0 && this.stale.delete(server)
     const now = Date.now()
     if (this.closed || stale || !server.isIdle || server.terminating || this.expired(server, now)) {
+      this.unlend(server)
       this.closeCounted(server, stale ? "tenant reconfigured" : "released", false)
       this.afterShrink()
       return
@@ -562,6 +560,7 @@ export class TenantPool {
     // Worker and cluster mode: above its share. (Pressed, a server coming back is not closed: it was
     // just used; idle ones go once unused for PRESSED_IDLE_MS, `closeUnused`.)
     if (this.gate !== undefined && this.live >= this.keep) {
+      this.unlend(server)
       this.closeCounted(server, "permit returned to another worker", false)
       this.afterShrink()
       return
@@ -569,9 +568,12 @@ export class TenantPool {
     server.lastUsedAt = now
     const waiter = this.paused ? undefined : this.nextWaiter()
     if (waiter !== undefined) {
+      // Straight to the next client: it stays in `busy` (a Set's delete and add cost more than the
+      // rest of a release), and the pool is not quiet meanwhile.
       this.lend(server, waiter, now)
       return
     }
+    this.unlend(server)
     this.watchIdle(server)
     this.idle.push(server)
     // Pressed: it closes if it goes unused (at most one timer per PRESSED_IDLE_MS, not one per release).
@@ -721,6 +723,12 @@ export class TenantPool {
     )
   }
 
+  /** A server leaves `busy` (back to idle, or closing). */
+  private unlend(server: ServerConnection): void {
+    this.busy.delete(server)
+    if (this.quietListeners.length > 0) this.notifyQuiet()
+  }
+
   private notifyQuiet(): void {
     if (this.busy.size > 0) return
     for (const listener of this.quietListeners.splice(0)) listener()
@@ -738,9 +746,9 @@ export class TenantPool {
     }
   }
 
+  /** Hands `server`, already in `busy`, to `waiter`. */
   private lend(server: ServerConnection, waiter: Waiter, now: number = Date.now()): void {
     server.handler = undefined
-    this.busy.add(server)
     const counters = this.counters
     counters.checkouts++
     counters.checkoutsWaited++
@@ -849,6 +857,7 @@ export class TenantPool {
     const first = gate !== undefined && !this.paused ? this.nextWaiter() : undefined
     if (first !== undefined) {
       server.lastUsedAt = Date.now()
+      this.busy.add(server)
       this.lend(server, first)
     } else {
       this.busy.add(server)
