@@ -30,15 +30,26 @@ export const startLoginFloor = (
   /** The pool floor: logged-in clients' transactions pooled onto `pool` connections to `endpoint`. */
   upstream?: { readonly endpoint: Endpoint; readonly pool: number },
   /** Node.js flags before the script (`--inspect=…` for `--alloc`). */
-  nodeFlags: ReadonlyArray<string> = []
+  nodeFlags: ReadonlyArray<string> = [],
+  /** A command that runs Node.js (valgrind for `bench/instructions.ts`), given longer to start. */
+  launcher: ReadonlyArray<string> = []
 ): Effect.Effect<{ readonly endpoint: Endpoint; readonly pid: number }, BenchError, Scope.Scope> =>
   Effect.gen(function* () {
     const port = yield* Effect.promise(() => freePort())
     const child = yield* Effect.acquireRelease(
       Effect.sync(() =>
         spawn(
-          process.execPath,
-          [...nodeFlags, "bench/loginFloor.ts", String(port), user, password, String(failureDelayMs), reads],
+          launcher[0] ?? process.execPath,
+          [
+            ...(launcher.length > 0 ? [...launcher.slice(1), process.execPath] : []),
+            ...nodeFlags,
+            "bench/loginFloor.ts",
+            String(port),
+            user,
+            password,
+            String(failureDelayMs),
+            reads
+          ],
           {
             cwd: root,
             stdio: ["ignore", "ignore", "pipe"],
@@ -67,7 +78,8 @@ export const startLoginFloor = (
     yield* waitUntilServing(
       upstream === undefined ? "the Node.js login floor" : "the Node.js pool floor",
       endpoint,
-      exited
+      exited,
+      launcher.length > 0 ? 300_000 : undefined
     ).pipe(Effect.mapError((error) => new BenchError({ message: error.message })))
     return { endpoint, pid: child.pid! }
   })

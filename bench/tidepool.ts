@@ -29,6 +29,11 @@ export interface TidepoolOptions {
   readonly env?: Readonly<Record<string, string>>
   /** Extra Node.js flags (e.g. `--cpu-prof`), before the entry point. */
   readonly nodeFlags?: ReadonlyArray<string>
+  /**
+   * A command and its arguments that run Node.js (e.g. valgrind, `bench/instructions.ts`): the child is
+   * `launcher… node nodeFlags… entry…`, and it is given longer to start.
+   */
+  readonly launcher?: ReadonlyArray<string>
   /** TIDEPOOL_WORKERS (`--workers`); 1 = one process. */
   readonly workers?: number
   /**
@@ -138,22 +143,21 @@ const launch = async (dir: string, options: TidepoolOptions) => {
   // --build tsx, as `npm run serve` (and the suite's runCli) start it, from the sources.
   const entry =
     (options.build ?? "dist") === "dist" ? [await buildTidepool(checkout)] : ["--import", "tsx", "src/main.ts"]
-  const child = spawn(
-    options.node ?? process.execPath,
-    [...(options.nodeFlags ?? []), ...entry, "serve", "--config", config],
-    {
-      cwd: checkout,
-      env: {
-        ...process.env,
-        TIDEPOOL_LOG_FORMAT: "json",
-        ...tidepoolEnv(dir, session, transaction, api),
-        ...options.env,
-        // The supervisor says when every worker listens, at info level.
-        ...((options.workers ?? 1) > 1 ? { TIDEPOOL_WORKERS: String(options.workers), TIDEPOOL_LOG_LEVEL: "info" } : {})
-      },
-      stdio: ["ignore", "pipe", "pipe"]
-    }
-  )
+  const node = options.node ?? process.execPath
+  const args = [...(options.nodeFlags ?? []), ...entry, "serve", "--config", config]
+  const [command, ...launcherArgs] = options.launcher ?? [node]
+  const child = spawn(command!, options.launcher === undefined ? args : [...launcherArgs, node, ...args], {
+    cwd: checkout,
+    env: {
+      ...process.env,
+      TIDEPOOL_LOG_FORMAT: "json",
+      ...tidepoolEnv(dir, session, transaction, api),
+      ...options.env,
+      // The supervisor says when every worker listens, at info level.
+      ...((options.workers ?? 1) > 1 ? { TIDEPOOL_WORKERS: String(options.workers), TIDEPOOL_LOG_LEVEL: "info" } : {})
+    },
+    stdio: ["ignore", "pipe", "pipe"]
+  })
   let output = ""
   const keep = (chunk: Buffer) => {
     output = (output + chunk.toString()).slice(-16_000)
@@ -224,7 +228,7 @@ export const startTidepool = (options: TidepoolOptions): Effect.Effect<RunningTi
       `${options.label ?? "Tidepool"} (${options.mode} port ${launched.port})`,
       endpoint,
       launched.exited,
-      60_000
+      options.launcher === undefined ? 60_000 : 300_000
     ).pipe(
       Effect.mapError((error) =>
         options.mode === "transaction"

@@ -4,12 +4,13 @@ import { describe, expect, it } from "vitest"
 import { hasTool } from "../support/tools.ts"
 
 const hasPgbench = await hasTool("pgbench")
+const hasValgrind = await hasTool("valgrind")
 const root = fileURLToPath(new URL("../..", import.meta.url))
 
 /** Runs `npm run bench -- …` as a user would; resolves with its exit code and output. */
-const bench = (args: ReadonlyArray<string>) =>
+const bench = (args: ReadonlyArray<string>, script = "bench/run.ts") =>
   new Promise<{ readonly code: number | null; readonly stdout: string; readonly stderr: string }>((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", ...args], { cwd: root })
+    const child = spawn(process.execPath, ["--import", "tsx", script, ...args], { cwd: root })
     let stdout = ""
     let stderr = ""
     child.stdout.on("data", (chunk: Buffer) => {
@@ -87,5 +88,27 @@ describe("npm run bench", () => {
       expect(kb).toBeGreaterThan(1)
     },
     120_000
+  )
+
+  it.skipIf(!hasPgbench || !hasValgrind)(
+    "npm run bench:instructions counts a transaction's and a login's instructions under callgrind",
+    async () => {
+      const { code, stdout, stderr } = await bench(
+        ["--runs", "1", "--clients", "4", "--transactions", "25", "--logins", "8", "--top", "3"],
+        "bench/instructions.ts"
+      )
+      expect(code, stderr).toBe(0)
+      const row = stdout.split("\n").find((line) => line.startsWith("| Tidepool |"))
+      expect(row, stdout).toBeDefined()
+      const [perTransaction, perLogin] = row!
+        .split("|")
+        .slice(2, 4)
+        .map((cell) => Number(cell.trim().split(" ")[0]!.replaceAll(",", "")))
+      // Thousands per transaction, hundreds of thousands per login (docs/benchmarks.md): counted, not zero.
+      expect(perTransaction).toBeGreaterThan(1000)
+      expect(perLogin).toBeGreaterThan(perTransaction!)
+      expect(stdout).toContain("where a transaction's instructions go")
+    },
+    600_000
   )
 })
