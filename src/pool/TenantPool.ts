@@ -559,7 +559,8 @@ export class TenantPool {
     }
     // Worker and cluster mode: above its share. (Pressed, a server coming back is not closed: it was
     // just used; idle ones go once unused for PRESSED_IDLE_MS, `closeUnused`.)
-    if (this.gate !== undefined && this.live >= this.keep) {
+    // `live` still counts this server (it leaves `busy` only below): above its share means more than `keep`.
+    if (this.gate !== undefined && this.live > this.keep) {
       this.unlend(server)
       this.closeCounted(server, "permit returned to another worker", false)
       this.afterShrink()

@@ -128,7 +128,15 @@ describe("tracing", () => {
       await tidepool.stop()
       receiver.close()
     }
-    const sampled = receiver.spans.filter((s) => s.name === "pool.checkout" && attrs(s)["tidepool.wait_ms"] === "0")
+    // No checkout waited after the warm one (asserted above), so every other pool.checkout span is a
+    // sampled immediate one. Its wait_ms is 0, or 1 when the millisecond clock ticked between the
+    // checkout and its span (seen once in a loaded CI run): not what this test is about.
+    const sampled = receiver.spans.filter(
+      (s) =>
+        s.name === "pool.checkout" &&
+        Number(attrs(s)["tidepool.wait_ms"]) <= 1 &&
+        attrs(s)["tidepool.queue_length"] === "0"
+    )
     expect(sampled.length).toBeGreaterThanOrEqual(3)
   })
 
