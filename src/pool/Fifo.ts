@@ -43,6 +43,7 @@ export class Fifo<T> {
     const i = this.items.indexOf(item, this.head)
     if (i < 0) return false
     this.items.splice(i, 1)
+    if (this.head === this.items.length) this.compact()
     return true
   }
 

@@ -549,6 +549,11 @@ export class TenantPool {
       server.onCancelsDone = () => this.release(server)
       return
     }
+    // A PAUSE waiting for quiet hears of a release that leaves no other server lent before the pool
+    // decides where this one goes: its fiber runs at once and may RESUME or RECONNECT, which the
+    // decision below then follows. Meanwhile the server still counts (a RESUME opens no server past
+    // the pool's size for the waiters it finds).
+    if (this.quietListeners.length > 0) this.notifyQuiet(server)
     const stale = this.stale.size > 0 && this.stale.delete(server)
     const now = Date.now()
     if (this.closed || stale || !server.isIdle || server.terminating || this.expired(server, now)) {
@@ -570,7 +575,7 @@ export class TenantPool {
     const waiter = this.paused ? undefined : this.nextWaiter()
     if (waiter !== undefined) {
       // Straight to the next client: it stays in `busy` (a Set's delete and add cost more than the
-      // rest of a release), and the pool is not quiet meanwhile.
+      // rest of a release).
       this.lend(server, waiter, now)
       return
     }
@@ -730,8 +735,10 @@ export class TenantPool {
     if (this.quietListeners.length > 0) this.notifyQuiet()
   }
 
-  private notifyQuiet(): void {
-    if (this.busy.size > 0) return
+  /** Quiet: no server lent, or only `releasing` (being released now). */
+  private notifyQuiet(releasing?: ServerConnection): void {
+    const busy = this.busy
+    if (busy.size > 1 || (busy.size === 1 && (releasing === undefined || !busy.has(releasing)))) return
     for (const listener of this.quietListeners.splice(0)) listener()
   }
 

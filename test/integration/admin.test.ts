@@ -2,6 +2,7 @@ import { Effect } from "effect"
 import pg from "pg"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { AdminControl } from "../../src/admin/index.ts"
+import { PoolRegistry } from "../../src/pool/index.ts"
 import { type PostgresServer, startPostgres } from "../support/postgres.ts"
 import { type RunningTidepool, startTidepool, upstreamOf } from "../support/tidepool.ts"
 import { hasTool, run } from "../support/tools.ts"
@@ -16,7 +17,10 @@ const user = { db_user: "app", db_password: "app-secret", pool_size: 2 }
 beforeAll(async () => {
   db = await startPostgres({ roles: [{ name: "app", password: "app-secret" }] })
   tidepool = await startTidepool({
-    tenants: ["acme", "beta"].map((id) => ({ external_id: id, ...upstreamOf(db), users: [user] })),
+    tenants: [
+      ...["acme", "beta"].map((id) => ({ external_id: id, ...upstreamOf(db), users: [user] })),
+      { external_id: "solo", ...upstreamOf(db), users: [{ ...user, pool_size: 1 }] }
+    ],
     config: { adminUsers: [{ name: "ops", secret: "ops-secret" }] }
   })
 })
@@ -94,8 +98,12 @@ describe("admin console", () => {
     expect(Object.keys(stats[0]!)).toEqual(
       expect.arrayContaining(["database", "total_xact_count", "total_query_count", "total_wait_time", "avg_xact_time"])
     )
-    expect((await psql("SHOW DATABASES")).map((r) => r.name)).toEqual(["acme/postgres", "beta/postgres"])
-    expect((await psql("SHOW USERS")).map((r) => r.name)).toEqual(["app.acme", "app.beta"])
+    expect((await psql("SHOW DATABASES")).map((r) => r.name)).toEqual([
+      "acme/postgres",
+      "beta/postgres",
+      "solo/postgres"
+    ])
+    expect((await psql("SHOW USERS")).map((r) => r.name)).toEqual(["app.acme", "app.beta", "app.solo"])
     const config = await psql("SHOW CONFIG")
     expect(config.find((r) => r.key === "admin_users")?.value).toBe("ops=********")
     expect(JSON.stringify(config)).not.toContain("ops-secret")
@@ -151,6 +159,38 @@ describe("admin console", () => {
       expect((await client.query("SELECT 2 AS two")).rows[0].two).toBe(2)
     } finally {
       await Promise.all([client.end(), console.end()])
+    }
+  })
+
+  it("PAUSE; RESUME in one query: the release that makes the pool quiet lends its server to the waiter, opening none", async () => {
+    const holder = await connect("app.solo", "app-secret")
+    const waiter = await connect("app.solo", "app-secret")
+    const console = await admin()
+    const watcher = await admin()
+    try {
+      await holder.query("BEGIN")
+      // The pool of one lends its only server to the open transaction; PAUSE waits for its end.
+      const both = console.query("PAUSE solo; RESUME solo")
+      for (;;) {
+        const { rows } = await watcher.query("SHOW DATABASES")
+        if (rows.find((r) => r.name === "solo/postgres")?.paused === 1) break
+      }
+      const held = waiter.query("SELECT 42 AS answer")
+      for (;;) {
+        const { rows } = await watcher.query("SHOW POOLS")
+        if (rows.find((r) => r.database === "solo/postgres")?.cl_waiting === 1) break
+      }
+      // The COMMIT's release makes the pool quiet: PAUSE answers, RESUME runs at once, and the
+      // server being released goes to the waiting query instead of a second one being opened for it.
+      await holder.query("COMMIT")
+      expect((await held).rows[0].answer).toBe(42)
+      await both
+      const pool = await tidepool.runtime.runPromise(
+        Effect.map(PoolRegistry, (registry) => registry.all().find((p) => p.settings.tenant === "solo")!)
+      )
+      expect(pool.total).toBe(1)
+    } finally {
+      await Promise.all([holder.end(), waiter.end(), console.end(), watcher.end()])
     }
   })
 

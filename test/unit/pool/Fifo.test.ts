@@ -40,4 +40,20 @@ describe("Fifo", () => {
     queue.push(items[0]!)
     expect(queue.shift()).toBe(items[0])
   })
+
+  it("removes the head and the last item left, and starts over after a drain", () => {
+    const queue = new Fifo<string>()
+    for (const item of ["a", "b", "c"]) queue.push(item)
+    expect(queue.shift()).toBe("a")
+    expect(queue.remove("b")).toBe(true) // the head
+    expect(queue.peek()).toBe("c")
+    expect(queue.remove("c")).toBe(true) // the last one queued
+    expect(queue.length).toBe(0)
+    expect(queue.shift()).toBeUndefined()
+    queue.push("d")
+    expect(queue.drain()).toEqual(["d"])
+    queue.push("e")
+    queue.push("f")
+    expect([queue.shift(), queue.shift(), queue.shift()]).toEqual(["e", "f", undefined])
+  })
 })
