@@ -36,6 +36,7 @@ of Tidepool, counted by valgrind's callgrind; needs valgrind and pgbench on the 
   --clients N         pgbench clients (default 20)
   --pool N            server connections (default 2)
   --transactions N    transactions per client per run (default 1000)
+  --protocol MODE     pgbench -M for the transactions: simple, extended or prepared (default simple)
   --logins N          logins per run, pgbench -C with 4 clients; 0 skips them (default 400)
   --top N             functions listed per target, by instructions (default 15; 0: none)
   --help              this text
@@ -52,6 +53,7 @@ interface Options {
   readonly clients: number
   readonly pool: number
   readonly transactions: number
+  readonly protocol: "simple" | "extended" | "prepared"
   readonly logins: number
   readonly top: number
 }
@@ -66,6 +68,7 @@ const parse = (): Options | undefined => {
       clients: { type: "string", default: "20" },
       pool: { type: "string", default: "2" },
       transactions: { type: "string", default: "1000" },
+      protocol: { type: "string", default: "simple" },
       logins: { type: "string", default: "400" },
       top: { type: "string", default: "15" },
       help: { type: "boolean", default: false }
@@ -77,7 +80,12 @@ const parse = (): Options | undefined => {
     if (!Number.isInteger(n) || n < min) throw new UsageError(`--${name} must be an integer ≥ ${min}, not ${value}`)
     return n
   }
+  const protocol = values.protocol
+  if (protocol !== "simple" && protocol !== "extended" && protocol !== "prepared") {
+    throw new UsageError(`--protocol must be simple, extended or prepared, not ${protocol}`)
+  }
   return {
+    protocol,
     baseline: values.baseline,
     floor: values.floor,
     runs: count("runs", values.runs, 1),
@@ -114,40 +122,66 @@ const pgbench = (endpoint: Endpoint, args: ReadonlyArray<string>) =>
 const control = (pid: number, ...args: Array<string>) =>
   runChecked("callgrind_control", [...args, String(pid)], { limit: "2 minutes" })
 
-/** The instruction total of callgrind's dump `file` (its `totals:` line), once the dump is written. */
-const totalOf = (file: string): Effect.Effect<number, BenchError> =>
+/**
+ * The newest dump callgrind wrote after dump number `after` (`outBase.N`), once complete (its
+ * `totals:` line): its number, file and instruction total.
+ */
+const nextDump = (outBase: string, after: number) =>
   Effect.gen(function* () {
+    const dir = path.dirname(outBase)
+    const prefix = `${path.basename(outBase)}.`
     for (let i = 0; i < 600; i++) {
-      const text = yield* Effect.promise(() => fs.readFile(file, "utf8").catch(() => ""))
-      const match = text.match(/^totals: (\d+)/m)
-      if (match !== null) return Number(match[1])
+      const names = yield* Effect.promise(() => fs.readdir(dir).catch(() => [] as Array<string>))
+      const newest = Math.max(
+        -1,
+        ...names.filter((name) => name.startsWith(prefix)).map((name) => Number(name.slice(prefix.length)))
+      )
+      if (newest > after) {
+        const file = `${outBase}.${newest}`
+        const text = yield* Effect.promise(() => fs.readFile(file, "utf8").catch(() => ""))
+        const match = text.match(/^totals: (\d+)/m)
+        if (match !== null) return { number: newest, file, total: Number(match[1]) }
+      }
       yield* Effect.sleep("100 millis")
     }
-    return yield* new BenchError({ message: `callgrind wrote no dump ${file}` })
+    return yield* new BenchError({ message: `callgrind wrote no dump after ${outBase}.${after}` })
   })
 
+interface Counted {
+  /** Instructions per unit of work, one per run. */
+  readonly counts: ReadonlyArray<number>
+  /** The last run's dump, and the number of the last dump so far. */
+  readonly lastFile: string
+  readonly lastNumber: number
+}
+
 /**
- * Counts the instructions of the process `pid` (under callgrind, writing `outBase.N`) during each
- * `runs` of `load`, divided by `per` (transactions or logins in one run).
+ * Counts the instructions of the process `pid` (under callgrind, writing `outBase.N`) during each of
+ * `runs` runs of `load`, divided by `per` (transactions or logins in one run).
  */
 const countRuns = (
+  label: string,
   pid: number,
   outBase: string,
-  firstDump: number,
+  after: number,
   runs: number,
   per: number,
   load: Effect.Effect<unknown, BenchError>
 ) =>
   Effect.gen(function* () {
     const counts: Array<number> = []
+    let last = { number: after, file: "" }
     for (let r = 0; r < runs; r++) {
       yield* control(pid, "-i", "on")
       yield* load
       yield* control(pid, "-i", "off")
       yield* control(pid, "-d")
-      counts.push((yield* totalOf(`${outBase}.${firstDump + r}`)) / per)
+      const dump = yield* nextDump(outBase, last.number)
+      counts.push(dump.total / per)
+      yield* Console.error(`${label}: ${Math.round(dump.total / per)} (dump ${dump.number})`)
+      last = dump
     }
-    return counts
+    return { counts, lastFile: last.file, lastNumber: last.number } satisfies Counted
   })
 
 /** The top `n` functions of a dump by self instructions, JIT-compiled ones named from Node's perf map. */
@@ -215,21 +249,46 @@ const measure = (
     const perfMap = `/tmp/perf-${pid}.map`
     yield* Effect.addFinalizer(() => Effect.promise(() => fs.rm(perfMap, { force: true })))
     const transactions = options.clients * options.transactions
-    const relay = pgbench(endpoint, ["-c", String(options.clients), "-j", "1", "-t", String(options.transactions)])
+    const relay = pgbench(endpoint, [
+      "-M",
+      options.protocol,
+      "-c",
+      String(options.clients),
+      "-j",
+      "1",
+      "-t",
+      String(options.transactions)
+    ])
     const logins = pgbench(endpoint, ["-C", "-c", "4", "-j", "1", "-t", String(options.logins / 4)])
     yield* Console.error(`${label}: warming up`)
     for (let i = 0; i < 2; i++) yield* relay
     // A login runs through far more code than a transaction, and tiers up later.
     if (options.logins > 0) for (let i = 0; i < 3; i++) yield* logins
     yield* Console.error(`${label}: counting ${options.runs} × ${transactions} transactions`)
-    const perTransaction = yield* countRuns(pid, outBase, 1, options.runs, transactions, relay)
-    const top = yield* topFunctions(`${outBase}.${options.runs}`, perfMap, options.top, transactions)
+    const relayRuns = yield* countRuns(
+      `${label}: instructions per transaction`,
+      pid,
+      outBase,
+      0,
+      options.runs,
+      transactions,
+      relay
+    )
+    const top = yield* topFunctions(relayRuns.lastFile, perfMap, options.top, transactions)
     let perLogin: ReadonlyArray<number> = []
     if (options.logins > 0) {
       yield* Console.error(`${label}: counting ${options.runs} × ${options.logins} logins`)
-      perLogin = yield* countRuns(pid, outBase, options.runs + 1, options.runs, options.logins, logins)
+      perLogin = (yield* countRuns(
+        `${label}: instructions per login`,
+        pid,
+        outBase,
+        relayRuns.lastNumber,
+        options.runs,
+        options.logins,
+        logins
+      )).counts
     }
-    return { label, perTransaction, perLogin, top } satisfies Measured
+    return { label, perTransaction: relayRuns.counts, perLogin, top } satisfies Measured
   }).pipe(Effect.scoped)
 
 const median = (xs: ReadonlyArray<number>) => {
@@ -254,7 +313,7 @@ const report = (options: Options, results: ReadonlyArray<Measured>, valgrind: st
     "## Instructions per transaction and per login (callgrind)",
     "",
     `Run ${new Date().toISOString()}; ${tidepoolRevision()}${options.baseline === undefined ? "" : `, base ${tidepoolRevision(options.baseline)}`}; ${valgrind}.`,
-    `Transactions: pgbench -S -c ${options.clients} -j 1 -t ${options.transactions} on a pool of ${options.pool} ` +
+    `Transactions: pgbench -S -M ${options.protocol} -c ${options.clients} -j 1 -t ${options.transactions} on a pool of ${options.pool} ` +
       `(${options.clients * options.transactions} per run). Logins: pgbench -S -C -c 4, ${options.logins} per run, ` +
       "each with its transaction and teardown. User-space instructions of the pooler's process; median (runs).",
     "",
