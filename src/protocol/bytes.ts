@@ -4,9 +4,19 @@
  * None of them throws: out-of-range reads are the caller's bounds to check.
  */
 
-/** Index of the NUL ending the C string at `start`, or -1 when there is none before `end`. */
+/** Bytes `cstringEnd` looks through itself before asking `Buffer.indexOf`. */
+const SHORT_SCAN = 64
+
+/**
+ * Index of the NUL ending the C string at `start`, or -1 when there is none before `end`. Names
+ * (statements, portals, parameters) are short: a loop over their bytes costs less than
+ * `Buffer.indexOf`'s call into C++; a long string (a statement's text) is left to it.
+ */
 export const cstringEnd = (buf: Buffer, start: number, end: number): number => {
-  const i = buf.indexOf(0, start)
+  const stop = Math.min(end, start + SHORT_SCAN)
+  for (let i = start; i < stop; i++) if (buf[i] === 0) return i
+  if (stop >= end) return -1
+  const i = buf.indexOf(0, stop)
   return i === -1 || i >= end ? -1 : i
 }
 

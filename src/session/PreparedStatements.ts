@@ -2,7 +2,7 @@ import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import { renderErrorResponse, type TidepoolError, tidepoolError } from "../errors/index.ts"
 import type { TenantPool } from "../pool/index.ts"
-import { Backend, Frontend, STATEMENT_TARGET, TxStatus } from "../protocol/index.ts"
+import { Backend, cstringEnd, Frontend, STATEMENT_TARGET, TxStatus } from "../protocol/index.ts"
 import { type ServerConnection, type ServerObserver, writeChunk } from "../upstream/index.ts"
 import { ClientStatements, type Statement } from "./ClientStatements.ts"
 import { Expect, type Expectation, ExpectationQueue } from "./ExpectationQueue.ts"
@@ -16,7 +16,6 @@ import {
   clientNamedError,
   closeStatement,
   commandTag,
-  cstringEnd,
   DESCRIBE_MISSING,
   describeStatement,
   FLUSH_MESSAGE,
@@ -82,6 +81,8 @@ const {
 const EMPTY = Buffer.alloc(0)
 /** The server-side name of a hidden Parse or Close of the client's unnamed statement (nothing to track). */
 const UNNAMED = ""
+/** Rewritten client bytes up to this size go to the server copied into one Buffer; larger ones corked. */
+const GATHER_MAX = 16 * 1024
 
 const IDLE = TxStatus.Idle
 const FAILED = TxStatus.Failed
@@ -353,11 +354,19 @@ export class PreparedStatements {
       ok = true // every message was answered by the pooler (a Parse the server already has)
     } else {
       if (end > runStart) pieces.push(runStart === 0 ? data : data.subarray(runStart, end))
-      const socket = server.socket
-      socket.cork()
-      ok = true
-      for (let i = 0; i < pieces.length; i++) ok = socket.write(pieces[i]!)
-      socket.uncork()
+      let total = 0
+      for (let i = 0; i < pieces.length; i++) total += pieces[i]!.length
+      if (total <= GATHER_MAX) {
+        // One write of one Buffer: a corked socket's writes are each a buffered request (an object,
+        // then a writev through the stream machinery), which costs more than copying a few messages.
+        ok = server.write(pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, total))
+      } else {
+        const socket = server.socket
+        socket.cork()
+        ok = true
+        for (let i = 0; i < pieces.length; i++) ok = socket.write(pieces[i]!)
+        socket.uncork()
+      }
       while (pieces.length > 0) pieces.pop()
     }
     return ok

@@ -13,12 +13,6 @@ export const READY_IDLE = readyForQuery("I")
 export const SYNC_MESSAGE = Buffer.from([Frontend.Sync, 0, 0, 0, 4])
 export const FLUSH_MESSAGE = Buffer.from([Frontend.Flush, 0, 0, 0, 4])
 
-/** End of the NUL-terminated string starting at `at` (the NUL's offset), or -1. */
-export const cstringEnd = (data: Buffer, at: number, end: number): number => {
-  const nul = data.indexOf(0, at)
-  return nul < 0 || nul >= end ? -1 : nul
-}
-
 /**
  * A request that always fails without side effects: Describe of a statement no one can have
  * prepared (longer than SQL identifiers may be, and clients' protocol-level names are renamed).
