@@ -18,10 +18,9 @@ import { parseArgs } from "node:util"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit } from "effect"
 import pg from "pg"
-import { startPostgres } from "../test/support/postgres.ts"
 import { benchMain, buildMode, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench, type PgbenchResult, percentile, pgbenchVersion, runPgbench } from "./pgbench.ts"
-import { BenchError, scopedTempDir } from "./process.ts"
+import { BenchError, benchPostgres, scopedTempDir } from "./process.ts"
 import { type BuildMode, startTidepool } from "./tidepool.ts"
 
 const HELP = `npm run bench:fairness -- [flags]
@@ -574,13 +573,7 @@ const bench = (options: Options) =>
   Effect.gen(function* () {
     yield* progress(yield* pgbenchVersion)
     const workDir = yield* scopedTempDir("tidepool-fairness-")
-    const server = yield* Effect.acquireRelease(
-      Effect.tryPromise({
-        try: () => startPostgres({ roles: [{ name: ROLE, password: PASSWORD }], databases: [DATABASE] }),
-        catch: (error) => new BenchError({ message: `PostgreSQL: ${(error as Error).message}` })
-      }),
-      (server) => Effect.promise(() => server.stop())
-    )
+    const server = yield* benchPostgres({ roles: [{ name: ROLE, password: PASSWORD }], databases: [DATABASE] })
     const upstream: Endpoint = {
       host: server.host,
       port: server.port,

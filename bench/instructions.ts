@@ -17,12 +17,11 @@ import * as path from "node:path"
 import { parseArgs } from "node:util"
 import * as NodeRuntime from "@effect/platform-node/NodeRuntime"
 import { Cause, Console, Effect, Exit, type Scope } from "effect"
-import { startPostgres } from "../test/support/postgres.ts"
 import { startLoginFloor } from "./loginFloorProcess.ts"
 import { tidepoolRevision } from "./machine.ts"
 import { benchMain, UsageError } from "./options.ts"
 import { type Endpoint, initPgbench } from "./pgbench.ts"
-import { BenchError, runChecked, runProcess, scopedTempDir } from "./process.ts"
+import { BenchError, benchPostgres, runChecked, runProcess, scopedTempDir } from "./process.ts"
 import { startTidepool } from "./tidepool.ts"
 
 const HELP = `npm run bench:instructions -- [options]
@@ -354,13 +353,7 @@ const program = (options: Options) =>
       Effect.map((finished) => finished.stdout.trim())
     )
     const dir = yield* scopedTempDir("tidepool-bench-instructions-")
-    const server = yield* Effect.acquireRelease(
-      Effect.tryPromise({
-        try: () => startPostgres({ roles: [{ name: ROLE, password: PASSWORD }], databases: [DATABASE] }),
-        catch: (error) => new BenchError({ message: `PostgreSQL: ${(error as Error).message}` })
-      }),
-      (server) => Effect.promise(() => server.stop())
-    )
+    const server = yield* benchPostgres({ roles: [{ name: ROLE, password: PASSWORD }], databases: [DATABASE] })
     const upstream: Endpoint = {
       host: "127.0.0.1",
       port: server.port,

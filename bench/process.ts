@@ -4,6 +4,7 @@ import * as fs from "node:fs/promises"
 import { tmpdir } from "node:os"
 import * as path from "node:path"
 import { Data, Duration, Effect } from "effect"
+import { type PostgresOptions, startPostgres } from "../test/support/postgres.ts"
 
 export class BenchError extends Data.TaggedError("BenchError")<{ readonly message: string }> {}
 
@@ -21,6 +22,16 @@ export const scopedTempDir = (prefix: string) =>
   Effect.acquireRelease(
     Effect.promise(() => fs.mkdtemp(path.join(tmpdir(), prefix))),
     (dir) => Effect.promise(() => fs.rm(dir, { recursive: true, force: true, maxRetries: 3 }))
+  )
+
+/** The test harness's PostgreSQL for the enclosing scope, stopped when it closes. */
+export const benchPostgres = (options: PostgresOptions) =>
+  Effect.acquireRelease(
+    Effect.tryPromise({
+      try: () => startPostgres(options),
+      catch: (error) => new BenchError({ message: `PostgreSQL: ${(error as Error).message}` })
+    }),
+    (server) => Effect.promise(() => server.stop())
   )
 
 const exited = (child: ChildProcess) => child.exitCode !== null || child.signalCode !== null
