@@ -153,8 +153,11 @@ const launch = async (dir: string, options: TidepoolOptions) => {
       TIDEPOOL_LOG_FORMAT: "json",
       ...tidepoolEnv(dir, session, transaction, api),
       ...options.env,
+      // One process unless asked: a TIDEPOOL_WORKERS in the bench's own environment (as
+      // `npm run test:e2e:workers` sets) would otherwise measure a supervisor that serves nothing.
+      TIDEPOOL_WORKERS: String(options.workers ?? 1),
       // The supervisor says when every worker listens, at info level.
-      ...((options.workers ?? 1) > 1 ? { TIDEPOOL_WORKERS: String(options.workers), TIDEPOOL_LOG_LEVEL: "info" } : {})
+      ...((options.workers ?? 1) > 1 ? { TIDEPOOL_LOG_LEVEL: "info" } : {})
     },
     stdio: ["ignore", "pipe", "pipe"]
   })
