@@ -20,7 +20,7 @@ import { Cause, Console, Effect, Exit, type Scope } from "effect"
 import { startLoginFloor } from "./loginFloorProcess.ts"
 import { tidepoolRevision } from "./machine.ts"
 import { benchMain, UsageError } from "./options.ts"
-import { type Endpoint, initPgbench } from "./pgbench.ts"
+import { clientEnv, connectionArgs, type Endpoint, initPgbench } from "./pgbench.ts"
 import { BenchError, benchPostgres, runChecked, runProcess, scopedTempDir } from "./process.ts"
 import { startTidepool } from "./tidepool.ts"
 
@@ -113,11 +113,10 @@ interface Measured {
 }
 
 const pgbench = (endpoint: Endpoint, args: ReadonlyArray<string>) =>
-  runChecked(
-    "pgbench",
-    ["-n", "-S", "-h", endpoint.host, "-p", String(endpoint.port), "-U", endpoint.user, ...args, endpoint.database],
-    { env: { ...process.env, PGPASSWORD: endpoint.password }, limit: "30 minutes" }
-  )
+  runChecked("pgbench", ["-n", "-S", ...args, ...connectionArgs(endpoint)], {
+    env: clientEnv(endpoint),
+    limit: "30 minutes"
+  })
 
 const control = (pid: number, ...args: Array<string>) =>
   runChecked("callgrind_control", [...args, String(pid)], { limit: "2 minutes" })

@@ -72,7 +72,7 @@ export interface PgbenchResult {
 }
 
 // libpq would otherwise try SSL and GSS encryption first; none of the targets offers them.
-const clientEnv = (endpoint: Endpoint) => ({
+export const clientEnv = (endpoint: Endpoint) => ({
   PATH: process.env.PATH ?? "/usr/bin:/bin",
   LANG: "C",
   LC_ALL: "C",
@@ -82,7 +82,7 @@ const clientEnv = (endpoint: Endpoint) => ({
   PGCONNECT_TIMEOUT: "30"
 })
 
-const connectionArgs = (endpoint: Endpoint) => [
+export const connectionArgs = (endpoint: Endpoint) => [
   "-h",
   endpoint.host,
   "-p",
