@@ -11,8 +11,7 @@ const nanos = (ms: number): bigint => BigInt(ms) * 1_000_000n
  */
 export const checkoutSpans =
   (tracer: Tracer.Tracer, settings: PoolSettings) =>
-  (since: number, queued: number, error: TidepoolError | undefined): void => {
-    const now = Date.now()
+  (since: number, ended: number, queued: number, error: TidepoolError | undefined): void => {
     const span = tracer.span({
       name: "pool.checkout",
       parent: Option.none(),
@@ -27,9 +26,9 @@ export const checkoutSpans =
     span.attribute("db.user", settings.user)
     span.attribute("db.name", settings.database)
     span.attribute("tidepool.mode", settings.mode)
-    span.attribute("tidepool.wait_ms", now - since)
+    span.attribute("tidepool.wait_ms", ended - since)
     span.attribute("tidepool.queue_length", queued)
     span.attribute("tidepool.outcome", error === undefined ? "ok" : "fail")
     if (error !== undefined) span.attribute("error.code", error.code)
-    span.end(nanos(now), error === undefined ? Exit.void : Exit.fail(error))
+    span.end(nanos(ended), error === undefined ? Exit.void : Exit.fail(error))
   }

@@ -188,7 +188,8 @@ export class TenantPool {
   readonly counters = new PoolCounters()
   readonly startedAt = Date.now()
   /** Told when a checkout that queued ends, lent or timed out (tracing: `pool.checkout` spans). */
-  onWaitEnded: ((since: number, queued: number, error: TidepoolError | undefined) => void) | undefined = undefined
+  onWaitEnded: ((since: number, ended: number, queued: number, error: TidepoolError | undefined) => void) | undefined =
+    undefined
   /** Also report every Nth immediate checkout to `onWaitEnded` (a sample, with no wait); 0: none. */
   sampleEvery = 0
   private sinceSample = 0
@@ -510,7 +511,8 @@ export class TenantPool {
       this.counters.checkouts++
       if (this.sampleEvery > 0 && ++this.sinceSample >= this.sampleEvery) {
         this.sinceSample = 0
-        this.onWaitEnded?.(Date.now(), this.waiters.length, undefined)
+        const now = Date.now()
+        this.onWaitEnded?.(now, now, this.waiters.length, undefined)
       }
       callback(undefined, server)
       return undefined
@@ -763,7 +765,7 @@ export class TenantPool {
     const waited = now - waiter.since
     counters.checkoutWaitMs += waited
     counters.checkoutWait.observe(waited)
-    if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, this.waiters.length, undefined)
+    if (this.onWaitEnded !== undefined) this.onWaitEnded(waiter.since, now, this.waiters.length, undefined)
     handOff(this, waiter, server)
   }
 
@@ -1031,7 +1033,7 @@ export class TenantPool {
         this.lastConnectError !== undefined && this.busy.size + this.idle.length === 0
           ? this.lastConnectError
           : tidepoolError("ECHECKOUTTIMEOUT", this.settings.checkoutTimeoutMs, mode)
-      if (this.onWaitEnded !== undefined) this.onWaitEnded(w.since, this.waiters.length, error)
+      if (this.onWaitEnded !== undefined) this.onWaitEnded(w.since, now, this.waiters.length, error)
       w.callback(error, undefined)
     }
     this.armDeadline()
