@@ -187,7 +187,13 @@ const countRuns = (
 const topFunctions = (dump: string, perfMap: string, n: number, per: number) =>
   Effect.gen(function* () {
     if (n === 0) return []
-    const annotated = yield* runChecked("callgrind_annotate", ["--threshold=100", dump], { limit: "2 minutes" })
+    // Into a file: a whole profile runs to megabytes, more than runChecked keeps of a command's
+    // output (its tail, which would hold only the smallest functions).
+    const listing = `${dump}.annotated`
+    yield* runChecked("sh", ["-c", 'exec callgrind_annotate --threshold=100 "$1" > "$2"', "sh", dump, listing], {
+      limit: "2 minutes"
+    })
+    const annotated = yield* Effect.promise(() => fs.readFile(listing, "utf8"))
     const map = yield* Effect.promise(() => fs.readFile(perfMap, "utf8").catch(() => ""))
     const ranges = map
       .split("\n")
@@ -214,7 +220,7 @@ const topFunctions = (dump: string, perfMap: string, n: number, per: number) =>
       return undefined
     }
     const rows: Array<readonly [number, string]> = []
-    for (const line of annotated.stdout.split("\n")) {
+    for (const line of annotated.split("\n")) {
       const match = line.match(/^\s*([\d,]+) \([\s\d.]+%\)\s+(.*)$/)
       if (match === null || match[2]!.startsWith("PROGRAM TOTALS")) continue
       let name = match[2]!
