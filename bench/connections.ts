@@ -96,6 +96,8 @@ export interface ConnectOptions {
   readonly build: BuildMode
   /** Extra Node.js flags for the tidepool target only. */
   readonly nodeFlags: ReadonlyArray<string>
+  /** TIDEPOOL_WORKERS for the tidepool target (1: one process). */
+  readonly workers: number
   /** Also the bytes allocated per pgbench -C connection (Node.js targets, over the inspector). */
   readonly alloc: boolean
 }
@@ -115,6 +117,8 @@ login (wrong password; unknown tenant), resident memory per idle authenticated c
                        (default: the node dev dependency's Node 24)
   --build MODE         dist (default: compiled first, as the Docker image runs it) or tsx
   --node-flags="FLAGS" extra Node.js flags for the tidepool target only (e.g. "--optimize-for-size")
+  --workers N          TIDEPOOL_WORKERS for the tidepool target (default 1): a supervisor and N
+                       workers on one port; CPU and RSS are the supervisor's plus its workers'
   --alloc              also kB allocated per new connection (Tidepool and the Node floors): a second
                        pgbench -C run as long as the first, V8's sampling heap profiler over the
                        inspector counting what GC took too; steadier than CPU on a shared machine
@@ -181,6 +185,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         out: { type: "string" },
         build: { type: "string" },
         "node-flags": { type: "string" },
+        workers: { type: "string" },
         alloc: { type: "boolean" },
         help: { type: "boolean", short: "h" }
       }
@@ -238,6 +243,7 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
     out: values.out === undefined ? undefined : String(values.out),
     build: buildMode(values.build === undefined ? undefined : String(values.build)),
     nodeFlags: nodeFlagsOf(values["node-flags"] === undefined ? undefined : String(values["node-flags"])),
+    workers: count("workers", 1),
     alloc: values.alloc === true
   }
 }
@@ -278,25 +284,52 @@ interface Run {
 
 const progress = (line: string) => Effect.sync(() => process.stderr.write(`${line}\n`))
 
+/** `pid` and its child processes (Tidepool's workers with `--workers`; none for one process). */
+const processesOf = (pid: number): Array<number> => {
+  try {
+    const children = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8")
+      .split(" ")
+      .filter((p) => p.trim() !== "")
+      .map(Number)
+    return [pid, ...children]
+  } catch {
+    return [pid]
+  }
+}
+
 /**
- * CPU time of all of `pid`'s threads in µs, from /proc/<pid>/task/<tid>/schedstat (nanoseconds,
- * where /proc/<pid>/stat counts 10 ms ticks: too coarse for a few hundred refused logins).
+ * CPU time of all the threads of `pid` and its child processes in µs, from
+ * /proc/<pid>/task/<tid>/schedstat (nanoseconds, where /proc/<pid>/stat counts 10 ms ticks: too
+ * coarse for a few hundred refused logins).
  */
 const cpuTimeUs = (pid: number): number => {
   let ns = 0
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+  for (const proc of processesOf(pid)) {
+    let tids: Array<string> = []
     try {
-      ns += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "utf8").split(" ")[0])
+      tids = readdirSync(`/proc/${proc}/task`)
     } catch {
-      // the thread has just exited
+      continue // the process has just exited
+    }
+    for (const tid of tids) {
+      try {
+        ns += Number(readFileSync(`/proc/${proc}/task/${tid}/schedstat`, "utf8").split(" ")[0])
+      } catch {
+        // the thread has just exited
+      }
     }
   }
   return ns / 1000
 }
 
+/** Resident memory of `pid` and its child processes. */
 const rssKb = async (pid: number): Promise<number> => {
-  const status = await fs.readFile(`/proc/${pid}/status`, "utf8")
-  return Number(status.match(/VmRSS:\s+(\d+)/)?.[1] ?? Number.NaN)
+  let kb = 0
+  for (const proc of processesOf(pid)) {
+    const status = await fs.readFile(`/proc/${proc}/status`, "utf8")
+    kb += Number(status.match(/VmRSS:\s+(\d+)/)?.[1] ?? Number.NaN)
+  }
+  return kb
 }
 
 /** The i-th loopback source address, 127.0.1.1 onwards (never 127.0.0.1, the readiness probes'). */
@@ -882,8 +915,8 @@ export const connections = (options: ConnectOptions) =>
     const loadAtStart = os.loadavg()[0]!
     const revision =
       options.baseline === undefined
-        ? `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}`
-        : `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
+        ? `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}${options.workers > 1 ? `, ${options.workers} workers` : ""}`
+        : `${tidepoolRevision()} ${buildLabel(options.build)}${flagsLabel(options.nodeFlags)}${options.workers > 1 ? `, ${options.workers} workers` : ""}; base: ${tidepoolRevision(options.baseline)} on Node ${nodeVersion(options.baselineNode)}`
     const pgbench = yield* pgbenchVersion
     const pgbouncer = options.targets.includes("pgbouncer") ? yield* pgbouncerVersion : undefined
     const workDir = yield* scopedTempDir("tidepool-bench-")
@@ -951,6 +984,7 @@ export const connections = (options: ConnectOptions) =>
                   },
                   build: options.build,
                   nodeFlags: [...(name === "tidepool" ? options.nodeFlags : []), ...inspect],
+                  workers: name === "tidepool" ? options.workers : 1,
                   ...(name === "tidepool-base"
                     ? { dir: options.baseline!, node: options.baselineNode, label: "Tidepool (base)" }
                     : {})
