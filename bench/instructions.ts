@@ -133,7 +133,10 @@ const nextDump = (outBase: string, after: number) =>
       const names = yield* Effect.promise(() => fs.readdir(dir).catch(() => [] as Array<string>))
       const newest = Math.max(
         -1,
-        ...names.filter((name) => name.startsWith(prefix)).map((name) => Number(name.slice(prefix.length)))
+        ...names
+          .filter((name) => name.startsWith(prefix))
+          .map((name) => Number(name.slice(prefix.length)))
+          .filter(Number.isInteger)
       )
       if (newest > after) {
         const file = `${outBase}.${newest}`
@@ -189,7 +192,8 @@ const topFunctions = (dump: string, perfMap: string, n: number, per: number) =>
     if (n === 0) return []
     // Into a file: a whole profile runs to megabytes, more than runChecked keeps of a command's
     // output (its tail, which would hold only the smallest functions).
-    const listing = `${dump}.annotated`
+    // Not named after the dump: `nextDump` takes every `callgrind.<label>.<n>` file for a dump.
+    const listing = path.join(path.dirname(dump), `annotated-${path.basename(dump)}.txt`)
     yield* runChecked("sh", ["-c", 'exec callgrind_annotate --threshold=100 "$1" > "$2"', "sh", dump, listing], {
       limit: "2 minutes"
     })
