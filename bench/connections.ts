@@ -223,6 +223,9 @@ export const parseConnectOptions = (argv: ReadonlyArray<string>): ConnectOptions
         `raise it (ulimit -Hn / ulimit -n, prlimit, LimitNOFILE=; docs/benchmarks.md) or lower --idle/--storm/--wave`
     )
   }
+  // The inspector would sample the supervisor, which serves no client.
+  if (values.alloc === true && count("workers", 1) > 1)
+    throw new UsageError("--alloc measures one process: drop --workers")
   return {
     targets: [...new Set(targets)] as Array<ConnectTarget>,
     baseline,
@@ -326,8 +329,10 @@ const cpuTimeUs = (pid: number): number => {
 const rssKb = async (pid: number): Promise<number> => {
   let kb = 0
   for (const proc of processesOf(pid)) {
-    const status = await fs.readFile(`/proc/${proc}/status`, "utf8")
-    kb += Number(status.match(/VmRSS:\s+(\d+)/)?.[1] ?? Number.NaN)
+    // A worker that has just exited has no status any more; the supervisor's is always there.
+    const status = await fs.readFile(`/proc/${proc}/status`, "utf8").catch(() => (proc === pid ? undefined : ""))
+    if (status === undefined) return Number.NaN
+    kb += Number(status.match(/VmRSS:\s+(\d+)/)?.[1] ?? (proc === pid ? Number.NaN : 0))
   }
   return kb
 }
