@@ -35,6 +35,7 @@ import pg from "pg"
 import { freePort } from "../test/support/ports.ts"
 import { startPostgres } from "../test/support/postgres.ts"
 import { sampleAllocations } from "./allocations.ts"
+import { childrenOf } from "./cpu.ts"
 import { LeanClient, type LeanTarget, ScramKeyCache, ServerError } from "./leanClient.ts"
 import { startLoginFloor } from "./loginFloorProcess.ts"
 import { describeMachine, nodeVersion, tidepoolRevision } from "./machine.ts"
@@ -288,17 +289,7 @@ interface Run {
 const progress = (line: string) => Effect.sync(() => process.stderr.write(`${line}\n`))
 
 /** `pid` and its child processes (Tidepool's workers with `--workers`; none for one process). */
-const processesOf = (pid: number): Array<number> => {
-  try {
-    const children = readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8")
-      .split(" ")
-      .filter((p) => p.trim() !== "")
-      .map(Number)
-    return [pid, ...children]
-  } catch {
-    return [pid]
-  }
-}
+const processesOf = (pid: number): Array<number> => [pid, ...childrenOf(pid)]
 
 /**
  * CPU time of all the threads of `pid` and its child processes in µs, from

@@ -31,7 +31,8 @@ export const cpuTimeUs = (pid: number): number => {
   return total
 }
 
-const childrenOf = (pid: number): Array<number> => {
+/** The live child processes of `pid` (a supervisor's workers), from /proc; none when it has none. */
+export const childrenOf = (pid: number): Array<number> => {
   try {
     return readFileSync(`/proc/${pid}/task/${pid}/children`, "utf8")
       .split(" ")

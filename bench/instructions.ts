@@ -22,6 +22,7 @@ import { tidepoolRevision } from "./machine.ts"
 import { benchMain, UsageError } from "./options.ts"
 import { clientEnv, connectionArgs, type Endpoint, initPgbench } from "./pgbench.ts"
 import { BenchError, benchPostgres, runChecked, runProcess, scopedTempDir } from "./process.ts"
+import { median } from "./report.ts"
 import { startTidepool } from "./tidepool.ts"
 
 const HELP = `npm run bench:instructions -- [options]
@@ -299,12 +300,6 @@ const measure = (
     }
     return { label, perTransaction: relayRuns.counts, perLogin, top } satisfies Measured
   }).pipe(Effect.scoped)
-
-const median = (xs: ReadonlyArray<number>) => {
-  const sorted = [...xs].sort((a, b) => a - b)
-  const mid = sorted.length >> 1
-  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2
-}
 
 const cell = (xs: ReadonlyArray<number>) =>
   xs.length === 0
